@@ -1,0 +1,71 @@
+"""Messages between the HTTP process and the engine (rank 0), and the engine's per-step outputs.
+
+Small typed dataclasses, pickled over zmq; ``tests/engine/test_io_struct.py`` round-trips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    """A tokenized request. ``rid`` is unique per engine; the HTTP side makes one per choice when n > 1."""
+
+    rid: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class AbortRequest:
+    rid: str
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """Incremental output of one request after one engine step.
+
+    ``new_token_ids`` are the tokens produced by this step (usually one). ``finished`` is set once, with
+    ``finish_reason`` in {"stop", "length", "abort", "error"}; ``error`` carries a message for the client.
+    ``matched_stop`` is the stop token id that ended the request, if any.
+    """
+
+    rid: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    matched_stop: int | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None  # set on the output carrying the first generated token
+
+
+class RequestRejected(ValueError):
+    """A request the engine cannot serve (too long for the context or the caches). ``code`` is
+    OpenAI-style, e.g. ``context_length_exceeded``."""
+
+    def __init__(self, message: str, code: str = "invalid_request"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    state_slots_used: int = 0
+    state_slots_total: int = 0
