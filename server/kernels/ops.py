@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.lightning_ref import (
     lightning_decode_ref,
     lightning_prefill_ref,
@@ -15,6 +16,31 @@ from server.kernels.lightning_ref import (
 from server.kernels.merge_state_ref import merge_states_ref
 
 LIGHTNING_BLOCK = 64
+
+# A run is ``(row_start, length, pos_start)``: rows row_start..row_start+length-1 hold the consecutive global
+# positions pos_start..pos_start+length-1. Queries and keys of one attention call are described as runs, so
+# a backend can classify every (query run, key run) pair as full, causal or skipped without a device sync.
+Run = tuple[int, int, int]
+
+
+def runs_to_positions(runs: list[Run], device: torch.device) -> torch.Tensor:
+    """Global position of every row described by ``runs`` (rows must be covered in order)."""
+    if not runs:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(p, p + n, device=device) for _, n, p in runs])
+
+
+def attention_runs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)``.
+
+    q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (GQA: ``Hq % Hk == 0``). Returns ``o [Nq, Hq, D]`` (q's dtype) and
+    ``lse [Nq, Hq]`` fp32 in base 2 (-inf for rows that see no key).
+    """
+    q_pos = runs_to_positions(q_runs, q.device)
+    k_pos = runs_to_positions(k_runs, q.device)
+    return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
 
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):
