@@ -1,0 +1,88 @@
+"""Engine configuration: one frozen dataclass shared by the offline API, the server flags and the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine (all of its ranks) needs to start.
+
+    ``model_path=None`` selects the built-in model (generated locally on first use). Sizes of the caches come
+    from ``mem_fraction_static`` of device memory on CUDA and from ``cpu_cache_gb`` on CPU.
+    """
+
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if fp32), float32 on CPU
+    load_format: str = "auto"
+    sp_size: int = 1
+    tp_size: int = 1
+    sp_min_tokens: int = 1024  # a prefill chunk with at least this many new tokens is split over the SP group
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_running_requests: int = 64
+    max_waiting_requests: int = 1024
+    chunked_prefill_size: int = 8192  # max new tokens per step (prefill chunk size); <= 0 disables chunking
+    page_size: int = 16
+    mem_fraction_static: float = 0.85
+    cpu_cache_gb: float = 1.0
+    attention_backend: str = "auto"
+    ring_mode: str = "ring"  # ring | allgather: how softmax layers see other SP ranks' KV during SP prefill
+    lasp_mode: str = "ring"  # ring | allgather (LASP-2): how lightning layers get their incoming state
+    seq_parallel_tp: bool = True  # long SP prefills keep the residual stream sharded over TP
+    seed: int = 0
+    dist_init_addr: str | None = None  # tcp://host:port for the workers' rendezvous; a free local port if None
+    nnodes: int = 1
+    node_rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.sp_size * self.tp_size
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag and what to change."""
+        checks = [
+            (self.sp_size >= 1, f"--sp-size must be >= 1, got {self.sp_size}"),
+            (self.tp_size >= 1, f"--tp-size must be >= 1, got {self.tp_size}"),
+            (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (self.load_format in LOAD_FORMATS, f"--load-format must be one of {LOAD_FORMATS}, got {self.load_format!r}"),
+            (self.attention_backend in ATTENTION_BACKENDS,
+             f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"),
+            (self.page_size >= 1 and (self.page_size & (self.page_size - 1)) == 0,
+             f"--page-size must be a power of two, got {self.page_size}"),
+            (0.0 < self.mem_fraction_static < 1.0, f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"),
+            (self.max_running_requests >= 1, f"--max-running-requests must be >= 1, got {self.max_running_requests}"),
+            (self.sp_min_tokens >= 1, f"--sp-min-tokens must be >= 1, got {self.sp_min_tokens}"),
+            (self.ring_mode in ("ring", "allgather"), f"--ring-mode must be ring or allgather, got {self.ring_mode!r}"),
+            (self.lasp_mode in ("ring", "allgather"), f"--lasp-mode must be ring or allgather, got {self.lasp_mode!r}"),
+            (self.max_model_len is None or self.max_model_len >= 1, "--max-model-len must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
+        if self.torch_device().type == "cuda" and self.world_size * self.nnodes > torch.cuda.device_count() * self.nnodes:
+            raise ValueError(
+                f"--sp-size {self.sp_size} x --tp-size {self.tp_size} needs {self.world_size} GPUs per node, "
+                f"but {torch.cuda.device_count()} are visible"
+            )
+        if self.attention_backend == "flashinfer" and self.torch_device().type != "cuda":
+            raise ValueError("--attention-backend flashinfer needs a CUDA device; use torch on CPU")
+
+    def with_(self, **kw) -> EngineConfig:
+        return replace(self, **kw)
