@@ -1,0 +1,301 @@
+"""Tokenizer of a Hugging Face model directory, and incremental detokenization with stop strings.
+
+Only `tokenizers` and `jinja2` are needed at run time: `tokenizer.json` holds the whole pipeline
+(normalizer, pre-tokenizer, model, post-processor, decoder); the JSON configs beside it add the special
+tokens, the chat template and the end-of-sequence ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_content(token: str | dict[str, Any] | None) -> str | None:
+    """A special token from tokenizer_config.json: a plain string or a serialized AddedToken dict."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+def _as_id_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _read_chat_template(path: str, tokenizer_config: dict[str, Any]) -> str | None:
+    """The model's chat template: `chat_template.jinja` (what recent transformers save), else the
+    `chat_template` of tokenizer_config.json (a string, or a list of named templates: take "default")."""
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    template = tokenizer_config.get("chat_template")
+    if template is None:
+        template = _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
+
+
+def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) become one string, joined by newlines."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"only text content parts are supported, got a part of type {kind!r}")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters (<, >, &, '), which chat templates do not expect.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def compile_chat_template(template: str) -> jinja2.Template:
+    """Compile a chat template in a sandbox with the environment Hugging Face templates are written for
+    (trimmed blocks, loop controls, `raise_exception`, `strftime_now`, a non-escaping `tojson`)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+class Tokenizer:
+    """Encode, decode and chat-format text for one model.
+
+    Built by `from_pretrained` from a Hugging Face directory. `eos_token_ids` is the union of every end
+    token the directory names (tokenizer_config.json, generation_config.json, config.json), so generation
+    stops on any of them, as `transformers`' `generate` does.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_bos_token: bool | None = None,
+        chat_template: str | None = None,
+        eos_token_ids: Sequence[int] = (),
+        model_max_length: int | None = None,
+        source: str = "<in memory>",
+    ) -> None:
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = backend.token_to_id(bos_token) if bos_token is not None else None
+        self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        self.source = source
+        eos = [backend.token_to_id(eos_token)] if eos_token is not None else []
+        self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in [*eos, *eos_token_ids] if i is not None))
+        self._compiled_template: jinja2.Template | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, chat_template: str | None = None) -> Tokenizer:
+        """Load the tokenizer of a Hugging Face model directory.
+
+        `chat_template` overrides the directory's template: a jinja string or the path of a file holding one.
+        """
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise ValueError(
+                f"no tokenizer.json in {path!r}: the model directory needs the Hugging Face fast-tokenizer file "
+                "(save it with transformers' tokenizer.save_pretrained, which writes tokenizer.json)"
+            )
+        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        tokenizer_config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        generation_config = _read_json(os.path.join(path, "generation_config.json"))
+        model_config = _read_json(os.path.join(path, "config.json"))
+        if chat_template is not None and os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        bos_token = _token_content(tokenizer_config.get("bos_token"))
+        if bos_token is None and model_config.get("bos_token_id") is not None:
+            bos_token = backend.id_to_token(model_config["bos_token_id"])
+        max_length = tokenizer_config.get("model_max_length")
+        return cls(
+            backend,
+            bos_token=bos_token,
+            eos_token=_token_content(tokenizer_config.get("eos_token")),
+            add_bos_token=tokenizer_config.get("add_bos_token"),
+            chat_template=chat_template or _read_chat_template(path, tokenizer_config),
+            eos_token_ids=_as_id_list(generation_config.get("eos_token_id"))
+            + _as_id_list(model_config.get("eos_token_id")),
+            model_max_length=int(max_length) if max_length is not None else None,
+            source=path,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (the model's embedding may be padded beyond it)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. With `add_special_tokens`, the post-processor of tokenizer.json adds its
+        special tokens, and BOS is prepended when tokenizer_config.json asks for it (`add_bos_token`) but the
+        post-processor does not add it. Encode a rendered chat template with `add_special_tokens=False`:
+        templates write their own BOS."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        chat_template: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template (or the given
+        `chat_template`). `extra` reaches the template as variables (e.g. `tools`, `enable_thinking`)."""
+        if chat_template is not None:
+            template = compile_chat_template(chat_template)
+        elif self.chat_template:
+            if self._compiled_template is None:
+                self._compiled_template = compile_chat_template(self.chat_template)
+            template = self._compiled_template
+        else:
+            raise ValueError(
+                f"the tokenizer of {self.source!r} has no chat template (no chat_template in tokenizer_config.json "
+                "and no chat_template.jinja): pass one (a jinja template string or file) as chat_template, "
+                "or send a plain-text prompt to the completions endpoint instead"
+            )
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **extra}
+        return template.render(
+            messages=[_flatten_content(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+
+class IncrementalDetokenizer:
+    """Turn a stream of generated token ids into text, releasing only text that can no longer change.
+
+    Byte-level BPE tokens may end inside a UTF-8 character, and decoders such as SentencePiece's drop the
+    leading space of the first token they see, so tokens are not decoded one by one: each step decodes the
+    window `ids[prefix_offset:]` and keeps what follows the decoding of `ids[prefix_offset:read_offset]`
+    (text already taken). While the window decodes to a trailing U+FFFD (an incomplete character), nothing
+    is taken and the window grows. The concatenation of the taken pieces equals one full `decode`.
+
+    Stop strings: text that could still be the start of a stop string is held back; once a stop string
+    appears, the text before it is the last output, `stopped` is set, `matched_stop` names the string and
+    later tokens are ignored. `flush()` returns what was held back when the request ends another way.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.skip_special_tokens = skip_special_tokens
+        self.text = ""
+        self.stopped = False
+        self.matched_stop: str | None = None
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._decoded = ""  # all text taken from the windows so far; self.text is a prefix of it
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        """Append generated tokens; return the newly final text ("" if nothing is final yet or after a stop)."""
+        if self.stopped:
+            return ""
+        self._ids.extend(token_ids)
+        self._take_decoded(final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """End of the request: return everything still held back (an unfinished character decodes to U+FFFD,
+        as a full decode would show it), still cut at a stop string if one appears."""
+        if self.stopped:
+            return ""
+        self._take_decoded(final=True)
+        return self._release(final=True)
+
+    def _take_decoded(self, final: bool) -> None:
+        if self._read_offset == len(self._ids):
+            return
+        decode = self.tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+        window_text = decode(self._ids[self._prefix_offset :], self.skip_special_tokens)
+        if len(window_text) > len(prefix_text) and (final or not window_text.endswith(_REPLACEMENT_CHAR)):
+            self._decoded += window_text[len(prefix_text) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+
+    def _release(self, final: bool) -> str:
+        # Text already released holds no stop string and ends in no stop-string prefix that was held back,
+        # so a stop string can only start in the unreleased part.
+        start = len(self.text)
+        pending = self._decoded[start:]
+        found = [(pending.find(s), s) for s in self.stop]
+        found = [(pos, s) for pos, s in found if pos >= 0]
+        if found:
+            pos, stop = min(found, key=lambda f: f[0])
+            self.stopped = True
+            self.matched_stop = stop
+            out = pending[:pos]
+        else:
+            out = pending if final else pending[: len(pending) - self._held_back(pending)]
+        self.text += out
+        return out
+
+    def _held_back(self, pending: str) -> int:
+        """Length of the longest suffix of `pending` that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(pending)), longest, -1):
+                if pending.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
