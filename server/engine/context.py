@@ -1,0 +1,151 @@
+"""Per-step metadata shared by every layer of one forward pass.
+
+The scheduler (rank 0) decides a :class:`StepPlan`; every rank receives the same plan and turns it into its own
+:class:`ForwardContext` (its local rows, KV write slots, page tables) with :func:`build_forward_context`.
+
+Placement of a request's new tokens in a step (DESIGN 5):
+- ``split``: zigzag over the SP group (2P chunks; rank r computes chunks r and 2P-1-r). KV stays where it is
+  computed. Softmax layers use the ring, lightning layers LASP.
+- not split (short prefills and decode): every SP rank computes all new tokens (replicated queries); only the
+  ``owner`` SP rank stores their KV. Softmax layers attend to each rank's local shard and merge over SP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.kernels.ops import Run
+from server.sp.groups import ParallelState
+from server.sp.partition import zigzag_chunks
+
+
+@dataclass
+class SeqStep:
+    """One request's share of a step, identical on every rank."""
+
+    rid: str
+    slot: int  # state-pool slot (lightning layers); same on every rank
+    start: int  # tokens already in the caches = global position of the first new token
+    token_ids: list[int]  # the new tokens
+    split: bool
+    owner: int  # SP rank that stores the new KV when not split
+    kv_runs: list[list[Run]]  # per SP rank: runs of its KV shard after this step (rows in shard order)
+    pages: list[list[int]]  # per SP rank: page table of its KV shard after this step
+    sample: bool  # rank 0 computes logits for the last new token
+
+    @property
+    def num_new(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StepPlan:
+    seqs: list[SeqStep]
+    seq_sharded: bool = False  # residual stream sharded over TP (long SP prefills)
+    zero_slots: list[int] = field(default_factory=list)  # state slots of requests starting fresh
+
+
+@dataclass
+class LocalSeq:
+    """This rank's view of one request in the step."""
+
+    step: SeqStep
+    row_start: int  # first row of this request in the rank's local batch
+    num_rows: int
+    q_runs: list[Run]  # rows relative to row_start
+    chunks: list[tuple[int, int, int]]  # (row_start rel., length, chunk index) when split
+    chunk_lens: list[int]  # all 2P chunk lengths when split
+    kv_write_rows: torch.Tensor | None  # local rows (relative) whose KV this rank stores, in storage order
+    kv_write_slots: torch.Tensor | None  # flat cache slots for those rows
+    page_table: torch.Tensor  # this rank's pages for the request
+    shard_len: int  # rows of this rank's KV shard after the step
+
+
+@dataclass
+class ForwardContext:
+    pstate: ParallelState
+    plan: StepPlan
+    seqs: list[LocalSeq]
+    input_ids: torch.Tensor  # [T] local rows (padded to a multiple of tp when seq_sharded)
+    positions: torch.Tensor  # [T]
+    num_rows: int  # T before padding
+    page_size: int
+    ring_mode: str = "ring"
+    lasp_mode: str = "ring"
+
+    @property
+    def seq_sharded(self) -> bool:
+        return self.plan.seq_sharded
+
+    def tp_shard_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This TP rank's slice of padded per-row data (the layout of a seq-sharded residual stream)."""
+        if not self.seq_sharded:
+            return x
+        n = x.shape[0] // self.pstate.tp_size
+        return x[self.pstate.tp_rank * n : (self.pstate.tp_rank + 1) * n]
+
+
+def _runs(pieces: list[tuple[int, int]]) -> list[Run]:
+    """Runs for rows that hold the given (pos_start, pos_end) pieces back to back; empty pieces dropped."""
+    out: list[Run] = []
+    row = 0
+    for s, e in pieces:
+        if e > s:
+            out.append((row, e - s, s))
+            row += e - s
+    return out
+
+
+def build_forward_context(plan: StepPlan, pstate: ParallelState, page_size: int, ring_mode: str = "ring",
+                          lasp_mode: str = "ring") -> ForwardContext:
+    dev = pstate.device
+    r = pstate.sp_rank
+    p = pstate.sp_size
+    ids: list[int] = []
+    pos: list[int] = []
+    seqs: list[LocalSeq] = []
+    for st in plan.seqs:
+        n = st.num_new
+        if st.split:
+            chunks = zigzag_chunks(n, p)
+            mine = [(chunks[r], r), (chunks[2 * p - 1 - r], 2 * p - 1 - r)]
+            pieces = [(st.start + a, st.start + b) for (a, b), _ in mine]
+            local_chunks, row = [], 0
+            for (a, b), c in mine:
+                local_chunks.append((row, b - a, c))
+                row += b - a
+            chunk_lens = [b - a for a, b in chunks]
+            stores = True
+        else:
+            pieces = [(st.start, st.start + n)]
+            local_chunks, chunk_lens = [], []
+            stores = st.owner == r
+        q_runs = _runs(pieces)
+        num_rows = sum(e - s for s, e in pieces)
+        for s, e in pieces:
+            ids.extend(st.token_ids[s - st.start : e - st.start])
+            pos.extend(range(s, e))
+        shard_len = sum(length for _, length, _ in st.kv_runs[r])
+        page_table = torch.tensor(st.pages[r], dtype=torch.long, device=dev)
+        write_rows = write_slots = None
+        if stores and num_rows:
+            first = shard_len - num_rows
+            shard_rows = torch.arange(first, shard_len)
+            pages = torch.tensor(st.pages[r], dtype=torch.long)
+            write_slots = (pages[shard_rows // page_size] * page_size + shard_rows % page_size).to(dev)
+            write_rows = torch.arange(num_rows, device=dev)
+        seqs.append(LocalSeq(st, len(pos) - num_rows, num_rows, q_runs, local_chunks, chunk_lens,
+                             write_rows, write_slots, page_table, shard_len))
+    num_rows = len(ids)
+    if plan.seq_sharded:
+        pad = (-num_rows) % pstate.tp_size
+        ids += [0] * pad
+        pos += [0] * pad
+    return ForwardContext(
+        pstate=pstate, plan=plan, seqs=seqs,
+        input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+        positions=torch.tensor(pos, dtype=torch.long, device=dev),
+        num_rows=num_rows, page_size=page_size, ring_mode=ring_mode, lasp_mode=lasp_mode,
+    )

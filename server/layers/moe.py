@@ -1,0 +1,70 @@
+"""Sparse mixture of experts (top-k softmax routing, renormalized; as MiniMax/Mixtral) with TP-sharded experts.
+
+Every TP rank holds each expert's slice of the intermediate dimension (gate/up column-split, down row-split),
+so a token's expert output is a partial sum that the caller's row reduction completes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.layers.linear import as_tensor, copy_into, divide
+from server.sp.groups import ParallelState
+
+
+class FusedMoE(nn.Module):
+    """x ``[T, hidden]`` -> partial ``[T, hidden]`` (sum over TP = the MoE output).
+
+    Weights: ``w13 [E, 2*I/tp, hidden]`` (gate rows then up rows), ``w2 [E, hidden, I/tp]``; router ``[E, hidden]``
+    replicated.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, pstate: ParallelState,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.pstate = pstate
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
+        self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.inter, dtype=dtype), requires_grad=False)
+        self.w13.weight_loader = self.w13_loader
+        self.w2.weight_loader = self.w2_loader
+
+    def w13_loader(self, param: nn.Parameter, loaded, shard_id: tuple[int, int]) -> None:
+        expert, part = shard_id  # part 0 = gate (w1), 1 = up (w3)
+        s = self.pstate.tp_rank * self.inter
+        dst = param.data[expert, part * self.inter : (part + 1) * self.inter]
+        copy_into(dst, as_tensor(loaded[s : s + self.inter]), f"expert {expert} gate/up")
+
+    def w2_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+        s = self.pstate.tp_rank * self.inter
+        copy_into(param.data[shard_id], as_tensor(loaded[:, s : s + self.inter]), f"expert {shard_id} down")
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        return weights / weights.sum(-1, keepdim=True), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        out = torch.zeros_like(x)
+        flat = experts.view(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // self.top_k
+        w_of = weights.view(-1)[order]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            idx = token_of[start : start + c]
+            h = F.linear(x[idx], self.w13[e])
+            h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
+            y = F.linear(h, self.w2[e]) * w_of[start : start + c].unsqueeze(-1).to(x.dtype)
+            out.index_add_(0, idx, y)
+            start += c
+        return out

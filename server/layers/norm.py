@@ -1,0 +1,45 @@
+"""RMSNorm (computed in fp32, as the reference models do)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.layers.linear import as_tensor, copy_into
+from server.sp.groups import ParallelState
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class TPRMSNorm(nn.Module):
+    """RMSNorm over a feature dimension that is split over TP (MiniMax's norm over all heads): the sum of
+    squares is all-reduced over TP so every rank normalizes by the full-width mean."""
+
+    def __init__(self, full_size: int, eps: float, pstate: ParallelState, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.pstate = pstate
+        self.eps = eps
+        self.full_size = full_size
+        self.per_rank = full_size // pstate.tp_size
+        self.weight = nn.Parameter(torch.ones(self.per_rank, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        s = self.pstate.tp_rank * self.per_rank
+        copy_into(param, as_tensor(loaded[s : s + self.per_rank]), "an all-heads RMSNorm")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        ss = self.pstate.tp_all_reduce(xf.pow(2).sum(-1, keepdim=True))
+        xf = xf * torch.rsqrt(ss / self.full_size + self.eps)
+        return self.weight * xf.to(x.dtype)

@@ -1,0 +1,101 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): GQA, RoPE, SwiGLU, optional qkv bias and q/k norm.
+
+Reads top to bottom: embedding -> N x (norm, attention, residual, norm, MLP, residual) -> norm -> LM head.
+Linear layers are the TP/sequence-parallel forms; ``ctx.seq_sharded`` says whether the residual stream holds
+this TP rank's 1/tp of the rows (long SP prefills) or all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.engine.context import ForwardContext
+from server.layers.attention import Attention
+from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from server.layers.linear import QKVSeqParallelLinear, RowSeqParallelLinear
+from server.layers.norm import RMSNorm
+from server.layers.rotary import RotaryEmbedding, rope_params_from_config
+from server.models.common import GatedMLP, head_dim_of, load_named_weights
+from server.sp.groups import ParallelState
+
+
+class LlamaAttentionBlock(nn.Module):
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        hidden, d = cfg["hidden_size"], head_dim_of(cfg)
+        self.qkv_proj = QKVSeqParallelLinear(hidden, d, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                             pstate, qkv_bias, dtype)
+        self.o_proj = RowSeqParallelLinear(cfg["num_attention_heads"] * d, hidden, pstate, False, dtype)
+        self.q_norm = RMSNorm(d, cfg["rms_norm_eps"], dtype) if qk_norm else None
+        self.k_norm = RMSNorm(d, cfg["rms_norm_eps"], dtype) if qk_norm else None
+        self.rotary = RotaryEmbedding(d, rope_params_from_config(cfg), cfg.get("max_position_embeddings", 4096))
+        self.nh, self.nkv, self.d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
+        self.attn = Attention(self.nh, self.nkv, d, d**-0.5)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x, ctx.seq_sharded)
+        q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q, k, v = q.view(-1, self.nh, self.d), k.view(-1, self.nkv, self.d), v.view(-1, self.nkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(ctx.positions, q, k)
+        o = self.attn(q, k, v, ctx)
+        return self.o_proj(o.view(o.shape[0], -1), ctx.seq_sharded)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.self_attn = LlamaAttentionBlock(cfg, pstate, dtype, qkv_bias, qk_norm)
+        self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], pstate, dtype, cfg.get("mlp_bias", False))
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Also serves Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm) checkpoints."""
+
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        qkv_bias = cfg.get("attention_bias", False) or arch == "Qwen2ForCausalLM"
+        qk_norm = arch == "Qwen3ForCausalLM"
+        self.pstate = pstate
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, pstate, dtype, qkv_bias, qk_norm) for _ in range(cfg["num_hidden_layers"])
+        )
+        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.tie = cfg.get("tie_word_embeddings", False)
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+
+    def forward(self, ctx: ForwardContext) -> torch.Tensor:
+        """Final hidden states of this rank's local rows ``[T, hidden]`` (all rows, also when seq-sharded)."""
+        x = self.embed_tokens(ctx.input_ids, ctx.seq_sharded)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        x = self.norm(x)
+        return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def load_weights(self, weights) -> None:
+        rules = [
+            (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
+            (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
+            (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
+            (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
+            (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
+        ]
+        weights = list(weights) if self.tie else weights
+        loaded = load_named_weights(self, weights, rules, ignore=("rotary_emb.inv_freq",))
+        if self.tie and "lm_head.weight" not in loaded:
+            emb = next(t for n, t in weights if n.endswith("embed_tokens.weight"))
+            self.lm_head.weight_loader(self.lm_head.weight, emb)

@@ -1,0 +1,89 @@
+"""Build a model from a Hugging Face directory (config.json + safetensors) or with dummy weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from server.models.llama import LlamaForCausalLM
+from server.models.minimax import MiniMaxForCausalLM
+from server.sp.groups import ParallelState
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MiniMaxForCausalLM": MiniMaxForCausalLM,
+    "MiniMaxText01ForCausalLM": MiniMaxForCausalLM,
+}
+
+
+def read_model_config(model_path: str) -> dict:
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_path!r} is not a model directory: it has no config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch not in MODEL_CLASSES:
+        raise ValueError(f"architecture {arch!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    cfg.setdefault("rms_norm_eps", 1e-6)
+    return cfg
+
+
+def checkpoint_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def resolve_dtype(dtype: str, cfg: dict, device: torch.device) -> torch.dtype:
+    """``auto``: fp32 on CPU; on CUDA the checkpoint's half dtype (bf16 if the checkpoint is fp32)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    ck = checkpoint_dtype(cfg)
+    return ck if ck in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def iterate_safetensors(model_path: str) -> Iterator[tuple[str, object]]:
+    """Every (name, lazy slice) of the directory's safetensors files, one file open at a time."""
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights for benchmarks at real shapes: N(0, 0.02) for matrices, ones for norms. Drawn on the
+    parameter's device; each rank's shard is plausible on its own (shards are not slices of one matrix)."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.fill_(1.0)
+            continue
+        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+        p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def build_model(model_path: str, cfg: dict, pstate: ParallelState, dtype: torch.dtype, load_format: str,
+                seed: int = 0) -> nn.Module:
+    cls = MODEL_CLASSES[cfg["architectures"][0]]
+    with torch.device(pstate.device):
+        model = cls(cfg, pstate, dtype)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        model.load_weights(iterate_safetensors(model_path))
+    return model.eval()

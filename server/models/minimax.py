@@ -1,0 +1,174 @@
+"""MiniMax hybrid decoder: lightning (linear) attention and softmax attention layers, MoE MLPs.
+
+Layer i is lightning or softmax by ``layer_types`` (real checkpoints: seven lightning layers, then one softmax).
+Blocks are post-norm with scaled residuals, as in the reference implementation:
+``h = norm(x); x = h * alpha + attn(h) * beta`` and likewise for the MoE.
+A lightning block: ``q, k, v = silu(x W_qkv)`` (per-head interleaved), lightning attention with per-head decay,
+RMSNorm over all heads (sum of squares reduced over TP), a sigmoid output gate, then the output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.engine.context import ForwardContext
+from server.layers.attention import Attention
+from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from server.layers.lightning import LightningAttention, minimax_slopes
+from server.layers.linear import (
+    ColumnSeqParallelLinear,
+    QKVSeqParallelLinear,
+    RowSeqParallelLinear,
+    divide,
+)
+from server.layers.moe import FusedMoE
+from server.layers.norm import RMSNorm, TPRMSNorm
+from server.layers.rotary import RotaryEmbedding, rope_params_from_config
+from server.models.common import head_dim_of, load_named_weights
+from server.sp.groups import ParallelState
+
+
+def minimax_layer_types(cfg: dict) -> list[str]:
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    if cfg.get("attn_type_list"):  # original MiniMax-Text-01 configs: 0 = lightning, 1 = softmax
+        return ["full_attention" if t else "linear_attention" for t in cfg["attn_type_list"]]
+    return ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(cfg["num_hidden_layers"])]
+
+
+class LightningBlock(nn.Module):
+    def __init__(self, cfg: dict, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        hidden, d, heads = cfg["hidden_size"], head_dim_of(cfg), cfg["num_attention_heads"]
+        self.pstate = pstate
+        self.d = d
+        self.h = divide(heads, pstate.tp_size, "the number of lightning attention heads")
+        self.qkv_proj = ColumnSeqParallelLinear(hidden, 3 * heads * d, pstate, False, dtype)
+        self.output_gate = ColumnSeqParallelLinear(hidden, heads * d, pstate, False, dtype)
+        self.out_proj = RowSeqParallelLinear(heads * d, hidden, pstate, False, dtype)
+        # The reference normalizes the lightning output with its default eps, not rms_norm_eps.
+        self.norm = TPRMSNorm(heads * d, 1e-6, pstate, dtype)
+        slopes = minimax_slopes(heads, layer_idx, cfg["num_hidden_layers"])
+        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h])
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.seq_sharded:  # gather the tokens once for both column layers
+            x = self.pstate.tp_all_gather(x, dim=0)
+        qkv = torch.nn.functional.silu(self.qkv_proj(x)).view(-1, self.h, 3 * self.d)
+        q, k, v = qkv.split(self.d, dim=-1)
+        o = self.attn(q.contiguous(), k.contiguous(), v.contiguous(), ctx)
+        o = self.norm(o.reshape(o.shape[0], -1))
+        o = torch.sigmoid(self.output_gate(x)) * o
+        return self.out_proj(o, ctx.seq_sharded)
+
+
+class SoftmaxBlock(nn.Module):
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        hidden, d = cfg["hidden_size"], head_dim_of(cfg)
+        self.qkv_proj = QKVSeqParallelLinear(hidden, d, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                             pstate, False, dtype)
+        self.o_proj = RowSeqParallelLinear(cfg["num_attention_heads"] * d, hidden, pstate, False, dtype)
+        self.rotary = RotaryEmbedding(d, rope_params_from_config(cfg), cfg.get("max_position_embeddings", 4096))
+        self.nh, self.nkv, self.d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
+        self.attn = Attention(self.nh, self.nkv, d, d**-0.5)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x, ctx.seq_sharded)
+        q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q, k = self.rotary(ctx.positions, q.view(-1, self.nh, self.d), k.view(-1, self.nkv, self.d))
+        o = self.attn(q, k, v.view(-1, self.nkv, self.d), ctx)
+        return self.o_proj(o.view(o.shape[0], -1), ctx.seq_sharded)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.pstate = pstate
+        self.experts = FusedMoE(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"],
+                                cfg["intermediate_size"], pstate, dtype)
+
+    def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
+        if seq_sharded:
+            return self.pstate.tp_reduce_scatter(self.experts(self.pstate.tp_all_gather(x, dim=0)))
+        return self.pstate.tp_all_reduce(self.experts(x))
+
+
+class MiniMaxDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict, layer_idx: int, layer_type: str, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.is_linear = layer_type == "linear_attention"
+        if self.is_linear:
+            self.self_attn = LightningBlock(cfg, layer_idx, pstate, dtype)
+            self.alpha, self.beta = cfg.get("linear_attn_alpha_factor", 1), cfg.get("linear_attn_beta_factor", 1)
+        else:
+            self.self_attn = SoftmaxBlock(cfg, pstate, dtype)
+            self.alpha, self.beta = cfg.get("full_attn_alpha_factor", 1), cfg.get("full_attn_beta_factor", 1)
+        self.mlp_alpha, self.mlp_beta = cfg.get("mlp_alpha_factor", 1), cfg.get("mlp_beta_factor", 1)
+        self.block_sparse_moe = MoEBlock(cfg, pstate, dtype)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        x = h * self.alpha + self.self_attn(h, ctx) * self.beta
+        h = self.post_attention_layernorm(x)
+        return h * self.mlp_alpha + self.block_sparse_moe(h, ctx.seq_sharded) * self.mlp_beta
+
+
+class MiniMaxForCausalLM(nn.Module):
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.pstate = pstate
+        self.cfg = cfg
+        self.layer_types = minimax_layer_types(cfg)
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+        self.layers = nn.ModuleList(
+            MiniMaxDecoderLayer(cfg, i, t, pstate, dtype) for i, t in enumerate(self.layer_types)
+        )
+        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.tie = cfg.get("tie_word_embeddings", False)
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+
+    def forward(self, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(ctx.input_ids, ctx.seq_sharded)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        x = self.norm(x)
+        return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def load_weights(self, weights) -> None:
+        rules = [
+            (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
+            (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
+            (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
+            (".block_sparse_moe.gate.weight", ".block_sparse_moe.experts.gate", None),
+        ]
+        weights = list(weights) if self.tie else weights
+        params = dict(self.named_parameters())
+
+        def expert_weights():
+            for name, t in weights:
+                base = name.removeprefix("model.")
+                if ".block_sparse_moe.experts." in base and base.endswith(".weight"):
+                    prefix, rest = base.split(".block_sparse_moe.experts.")
+                    expert, which, _ = rest.split(".")
+                    e = int(expert)
+                    if which == "w2":
+                        p = params[prefix + ".block_sparse_moe.experts.w2"]
+                        p.weight_loader(p, t, e)
+                    else:
+                        p = params[prefix + ".block_sparse_moe.experts.w13"]
+                        p.weight_loader(p, t, (e, 0 if which == "w1" else 1))
+                    continue
+                yield name, t
+
+        ignore = ("slope_rate", "query_decay", "key_decay", "diagonal_decay", "rotary_emb.inv_freq")
+        loaded = load_named_weights(self, expert_weights(), rules, ignore=ignore)
+        if self.tie and "lm_head.weight" not in loaded:
+            emb = next(t for n, t in weights if n.endswith("embed_tokens.weight"))
+            self.lm_head.weight_loader(self.lm_head.weight, emb)
