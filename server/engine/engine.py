@@ -1,0 +1,183 @@
+"""The engine on rank 0: scheduler, sampling, and the drive of every rank's forward step.
+
+The offline API (:class:`server.llm.LLM`) and the HTTP server's engine process both use it. Rank 0 runs in the
+calling process; ranks 1..W-1 are spawned as children that die with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.cache_manager import CacheManager
+from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected
+from server.engine.procutil import free_port
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
+from server.engine.worker import send_plan, setup_rank, worker_main
+from server.layers.sampler import SampleRequest, sample
+from server.models.builtin import builtin_model_path
+from server.models.loader import read_model_config
+from server.sp.groups import destroy_parallel_state
+
+log = logging.getLogger(__name__)
+
+
+def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
+    ids: list[int] = []
+    try:
+        from server.tokenizer import Tokenizer
+
+        ids = list(Tokenizer.from_pretrained(tokenizer_path).eos_token_ids)
+    except (ValueError, OSError):
+        pass  # a model without tokenizer files (dummy benchmarks) still has config.json's EOS
+    eos = cfg.get("eos_token_id")
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    return list(dict.fromkeys(ids))
+
+
+class Engine:
+    """Rank 0 of a ``sp_size x tp_size`` group. See ``add_request`` / ``step`` / ``abort_request``."""
+
+    def __init__(self, config: EngineConfig, log_level: str = "WARNING"):
+        config.validate()
+        self.config = config
+        self.model_path = config.model_path or builtin_model_path()
+        self.model_cfg = read_model_config(self.model_path)
+        self.tokenizer_path = config.tokenizer_path or self.model_path
+        limit = self.model_cfg.get("max_position_embeddings", 4096)
+        if self.model_cfg.get("sliding_window") and self.model_cfg.get("use_sliding_window", True):
+            limit = min(limit, self.model_cfg["sliding_window"])  # no sliding-window attention: cap the context
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)
+        init_method = config.dist_init_addr or f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=worker_main, args=(r, config, self.model_path, init_method, log_level), daemon=True)
+            for r in range(1, config.world_size)
+        ]
+        for p in self.procs:
+            p.start()
+        self.pstate, self.runner = setup_rank(config, 0, self.model_path, init_method)
+        self.device = self.pstate.device
+        num_pages = self.runner.attn_layers[0].cache.k.shape[0] if self.runner.attn_layers else 1
+        self.cache = CacheManager(num_pages, config.page_size, config.sp_size, self.runner.num_slots)
+        self.scheduler = Scheduler(config, self.cache, self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.pending: list[RequestOutput] = []
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.closed = False
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, req: GenerateRequest) -> None:
+        req.sampling_params.validate()
+        bad = [t for t in req.prompt_token_ids if not (0 <= t < self.model_cfg["vocab_size"])]
+        if bad:
+            raise RequestRejected(f"token id {bad[0]} is out of range [0, {self.model_cfg['vocab_size']})",
+                                  "invalid_token_id")
+        seq = Sequence(req.rid, list(req.prompt_token_ids), req.sampling_params, self.config.sp_size)
+        self.scheduler.add(seq)
+        self.seqs[req.rid] = seq
+
+    def abort_request(self, rid: str) -> None:
+        seq = self.seqs.pop(rid, None)
+        if seq is None:
+            return
+        self.scheduler.finish(seq)
+        self.generators.pop(rid, None)
+        self.pending.append(RequestOutput(rid, finished=True, finish_reason="abort",
+                                          prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.pending)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self.pending = self.pending, []
+        plan, seqs = self.scheduler.schedule()
+        if not plan.seqs:
+            return outputs
+        send_plan(self.pstate, plan)
+        logits = self.runner.run(plan)
+        self.scheduler.advance(seqs, plan)
+        sampled = [s for s, st in zip(seqs, plan.seqs) if st.sample]
+        if not sampled:
+            return outputs
+        reqs = [SampleRequest(s.params, self._generator(s), self._banned(s)) for s in sampled]
+        tokens, logprobs = sample(logits, reqs)
+        now = time.monotonic()
+        for seq, tok, lp in zip(sampled, tokens, logprobs):
+            outputs.append(self._append_token(seq, tok, lp, now))
+        return outputs
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.greedy:
+            return None
+        if seq.rid not in self.generators:
+            seed = seq.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
+            self.generators[seq.rid] = torch.Generator(device=self.device).manual_seed(seed)
+        return self.generators[seq.rid]
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        if len(seq.output_ids) >= seq.params.min_tokens:
+            return []
+        return list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_token_ids)
+
+    def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> RequestOutput:
+        ttft = None
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            ttft = now - seq.arrival
+        seq.output_ids.append(tok)
+        p = seq.params
+        reason, matched = None, None
+        if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
+                and len(seq.output_ids) >= p.min_tokens:
+            reason, matched = "stop", tok
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.rid, None)
+            self.generators.pop(seq.rid, None)
+        return RequestOutput(seq.rid, [tok], [lp] if lp is not None else None, reason is not None, reason, matched,
+                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), ttft_s=ttft)
+
+    # ---- status / lifetime ---------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_pages_used=self.cache.pages_used(), kv_pages_total=self.cache.num_pages * self.cache.sp_size,
+            state_slots_used=self.cache.num_slots - len(self.cache.free_slots), state_slots_total=self.cache.num_slots,
+        )
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if all(p.is_alive() for p in self.procs):
+                send_plan(self.pstate, None)
+                for p in self.procs:
+                    p.join(timeout=10)
+        finally:
+            for p in self.procs:
+                if p.is_alive():
+                    p.kill()
+            destroy_parallel_state(self.pstate)
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,87 @@
+"""One rank's model, caches and forward step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.context import StepPlan, build_forward_context
+from server.layers.attention import Attention, PagedKVCache
+from server.layers.lightning import LightningAttention, LightningStatePool
+from server.models.loader import build_model, resolve_dtype
+from server.sp.groups import ParallelState
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Builds the model for this rank, sizes and allocates its caches, and runs steps.
+
+    Only the SP group's rank 0 (``sp_rank == 0``; with its TP peers for the vocab-parallel head) computes
+    logits: every sampled request's last new token lives there (split requests end in chunk 2P-1, which
+    rank 0 owns; other requests are on every SP rank).
+    """
+
+    def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState):
+        self.config = config
+        self.pstate = pstate
+        self.device = pstate.device
+        self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.lightning_layers = [m for m in self.model.modules() if isinstance(m, LightningAttention)]
+        self.num_slots = config.max_running_requests
+
+    def cache_bytes_per_page(self) -> int:
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(2 * self.config.page_size * a.num_kv_heads * a.head_dim * itemsize for a in self.attn_layers)
+
+    def state_bytes_per_slot(self) -> int:
+        return sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
+
+    def head_dim_of(self, layer: LightningAttention) -> int:
+        return self.model.cfg.get("head_dim") or self.model.cfg["hidden_size"] // self.model.cfg["num_attention_heads"]
+
+    def available_cache_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Keep headroom for activations: the budget is a fraction of the whole device.
+            return max(0, int(total * self.config.mem_fraction_static) - used)
+        return int(self.config.cpu_cache_gb * (1 << 30))
+
+    def plan_cache(self) -> int:
+        """Number of KV pages this rank can hold after the state pool is taken out of the budget."""
+        budget = self.available_cache_bytes() - self.num_slots * self.state_bytes_per_slot()
+        per_page = self.cache_bytes_per_page()
+        if budget <= 0:
+            raise RuntimeError(
+                f"no memory left for caches on {self.device} after the weights and {self.num_slots} state slots; "
+                "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
+        return max(1, budget // per_page) if per_page else 1
+
+    def allocate_caches(self, num_pages: int) -> None:
+        for a in self.attn_layers:
+            a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
+                                   self.device)
+        for lt in self.lightning_layers:
+            lt.pool = LightningStatePool(self.num_slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
+        log.info("rank %d: %d KV pages of %d tokens, %d state slots", self.pstate.rank, num_pages,
+                 self.config.page_size, self.num_slots)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Forward one step. On SP rank 0 returns logits ``[num sampled requests, vocab]`` in plan order."""
+        ctx = build_forward_context(plan, self.pstate, self.config.page_size, self.config.ring_mode,
+                                    self.config.lasp_mode)
+        hidden = self.model(ctx)
+        if self.pstate.sp_rank != 0:
+            return None
+        rows = [s.row_start + s.num_rows - 1 for s in ctx.seqs if s.step.sample]
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])

@@ -1,0 +1,52 @@
+"""A request as the scheduler tracks it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from server.kernels.ops import Run
+from server.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass
+class Sequence:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sp_size: int
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose KV/state is in the caches
+    slot: int = -1  # lightning state slot
+    reserved_tokens: int = 0  # KV capacity reserved at admission (prompt + max_tokens)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    kv_runs: list[list[Run]] = field(default_factory=list)  # per SP rank, rows of its shard
+    pages: list[list[int]] = field(default_factory=list)  # per SP rank
+
+    def __post_init__(self) -> None:
+        self.kv_runs = [[] for _ in range(self.sp_size)]
+        self.pages = [[] for _ in range(self.sp_size)]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def shard_len(self, sp_rank: int) -> int:
+        return sum(n for _, n, _ in self.kv_runs[sp_rank])

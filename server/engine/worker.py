@@ -1,0 +1,70 @@
+"""Worker processes: one per device. Rank 0 lives in the engine; ranks 1..W-1 run :func:`worker_main`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from server.config import EngineConfig
+from server.engine.model_runner import ModelRunner
+from server.engine.procutil import die_with_parent
+from server.models.loader import read_model_config
+from server.sp.groups import ParallelState, init_parallel_state
+
+log = logging.getLogger(__name__)
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    dev = config.torch_device()
+    if dev.type == "cuda":
+        local = rank % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return dev
+
+
+def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: str) -> tuple[ParallelState, ModelRunner]:
+    """Join the groups, build this rank's model, agree on the cache size with every rank, allocate caches."""
+    device = rank_device(config, rank)
+    pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method)
+    if device.type == "cpu":
+        # Several ranks share the CPU: one intra-op thread each avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+    runner = ModelRunner(config, model_path, read_model_config(model_path), pstate)
+    pages = torch.tensor([runner.plan_cache()], dtype=torch.long)
+    if pstate.world_size > 1:
+        dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=pstate.world_cpu_group)
+    runner.allocate_caches(int(pages.item()))
+    return pstate, runner
+
+
+def receive_plan(pstate: ParallelState):
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=pstate.world_cpu_group)
+    return box[0]
+
+
+def send_plan(pstate: ParallelState, plan) -> None:
+    if pstate.world_size > 1:
+        dist.broadcast_object_list([plan], src=0, group=pstate.world_cpu_group)
+
+
+def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: str, log_level: str = "WARNING") -> None:
+    """Ranks 1..W-1: run every step rank 0 broadcasts, until it broadcasts ``None``."""
+    die_with_parent()
+    logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(message)s")
+    try:
+        pstate, runner = setup_rank(config, rank, model_path, init_method)
+        while True:
+            plan = receive_plan(pstate)
+            if plan is None:
+                break
+            runner.run(plan)
+        dist.destroy_process_group()
+    except Exception:
+        log.error("worker rank %d failed:\n%s", rank, traceback.format_exc())
+        os._exit(1)

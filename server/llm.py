@@ -1,0 +1,128 @@
+"""Offline API: ``LLM(...).generate(prompts, SamplingParams(...))`` on the same engine the server uses."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from server.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.io_struct import GenerateRequest, TokenLogprob
+from server.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    """One finished request: generated ``text`` and ``token_ids``, ``finish_reason`` ("stop" or "length"),
+    and per-token ``logprobs`` when asked."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    ttft_s: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.prompt or ''}{self.text}"
+
+
+@dataclass
+class _Pending:
+    out: CompletionOutput
+    detok: object | None
+    pieces: list[str] = field(default_factory=list)
+
+
+class LLM:
+    """Loads a model (``model_path=None``: the built-in model) on ``device`` with ``sp_size x tp_size`` ranks.
+
+    Extra keyword arguments are :class:`server.config.EngineConfig` fields (``page_size``,
+    ``chunked_prefill_size``, ``sp_min_tokens``, ``ring_mode``, ``lasp_mode``, ...).
+    """
+
+    def __init__(self, model_path: str | None = None, device: str = "auto", dtype: str = "auto",
+                 load_format: str = "auto", sp_size: int = 1, tp_size: int = 1, **kwargs):
+        self.config = EngineConfig(model_path=model_path, device=device, dtype=dtype, load_format=load_format,
+                                   sp_size=sp_size, tp_size=tp_size, **kwargs)
+        self.engine = Engine(self.config)
+        self.tokenizer = None
+        try:
+            from server.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_pretrained(self.engine.tokenizer_path)
+        except (ValueError, OSError):
+            pass  # token-id prompts still work (dummy benchmark models ship no tokenizer)
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[CompletionOutput]:
+        """``prompts``: a string, a list of strings, a list of token ids, or a list of token-id lists.
+        Returns one :class:`CompletionOutput` per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        pending: dict[str, _Pending] = {}
+        order = []
+        for prompt, sp in zip(prompts, params):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("this model has no tokenizer files; pass token-id lists as prompts")
+                ids, text = self.tokenizer.encode(prompt), prompt
+            else:
+                ids, text = list(prompt), None
+            rid = f"offline-{next(self._ids)}"
+            sp = SamplingParams(**vars(sp))  # the engine may clamp max_tokens; keep the caller's object intact
+            detok = None
+            if self.tokenizer is not None:
+                from server.tokenizer import IncrementalDetokenizer
+
+                detok = IncrementalDetokenizer(self.tokenizer, stop=sp.stop, skip_special_tokens=sp.skip_special_tokens)
+            pending[rid] = _Pending(CompletionOutput(text, ids, "", [], None,
+                                                     [] if sp.logprobs is not None else None), detok)
+            self.engine.add_request(GenerateRequest(rid, ids, sp))
+            order.append(rid)
+        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm or len(order) < 2)
+        remaining = set(order)
+        while remaining:
+            for o in self.engine.step():
+                if o.rid not in remaining:
+                    continue
+                p = pending[o.rid]
+                p.out.token_ids.extend(o.new_token_ids)
+                if o.ttft_s is not None:
+                    p.out.ttft_s = o.ttft_s
+                if o.new_logprobs and p.out.logprobs is not None:
+                    p.out.logprobs.extend(o.new_logprobs)
+                if p.detok is not None and not p.detok.stopped:
+                    p.pieces.append(p.detok.add(o.new_token_ids))
+                    if p.detok.stopped and not o.finished:
+                        self.engine.abort_request(o.rid)
+                        o.finished, o.finish_reason = True, "stop"
+                if o.finished:
+                    if p.detok is not None:
+                        if p.detok.stopped:
+                            o.finish_reason = "stop"
+                        else:
+                            p.pieces.append(p.detok.flush())
+                        p.out.text = "".join(p.pieces)
+                    p.out.finish_reason = o.finish_reason
+                    remaining.discard(o.rid)
+                    bar.update(1)
+        bar.close()
+        return [pending[r].out for r in order]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
