@@ -1,0 +1,205 @@
+"""Softmax attention over KV sharded across the SP group (DESIGN 5.2 and 6).
+
+Every function here returns the partial-attention pair ``(o, lse)``: ``o [Nq, Hq, Dv]`` in q's dtype and
+``lse [Nq, Hq]`` fp32 in base 2 (-inf where a query sees no key), exactly what one ``attn_fn`` call over the
+union of all ranks' KV would return. Visibility is by global position (key j is visible to query i iff
+``pos(k_j) <= pos(q_i)``), described by runs ``(row_start, length, pos_start)`` (:data:`server.kernels.ops.Run`).
+
+- :func:`ring_attention`: pass-KV ring, the default for SP prefill. Each rank sends on the block it holds while
+  it attends to it; partials are merged in fp32 as they arrive.
+- :func:`allgather_kv_attention`: all-gather every rank's KV, then one attention call (what SGLang/vLLM ship);
+  a comparison mode.
+- :func:`sharded_kv_attention`: every rank has the same queries (decode, prompts not split over SP) and
+  attends to its local shard; one all-gather of ``(o, lse)`` and a merge.
+
+Each TP rank holds its own KV heads, so all traffic stays inside the SP group (peers with the same tp_rank).
+K and V travel as one packed ``[N, Hk * (D + Dv)]`` tensor: one message per step instead of two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from server.kernels import ops
+from server.kernels.ops import Run
+from server.sp.groups import ParallelState
+
+# attn_fn(q, k, v, q_runs, k_runs, scale) -> (o, lse): the contract of ops.attention_runs.
+AttnFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, list[Run], list[Run], float], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def _n_rows(runs: list[Run]) -> int:
+    return sum(n for _, n, _ in runs)
+
+
+def _shard_rows(k: torch.Tensor, kv_runs_per_rank: list[list[Run]], pstate: ParallelState) -> list[int]:
+    """Rows of every SP rank's KV shard; checks that the local shard matches its runs."""
+    if len(kv_runs_per_rank) != pstate.sp_size:
+        raise ValueError(f"kv_runs_per_rank has {len(kv_runs_per_rank)} entries, expected sp_size={pstate.sp_size}")
+    rows = [_n_rows(runs) for runs in kv_runs_per_rank]
+    if k.shape[0] != rows[pstate.sp_rank]:
+        raise ValueError(f"local KV has {k.shape[0]} rows but kv_runs_per_rank[{pstate.sp_rank}] describes "
+                         f"{rows[pstate.sp_rank]}")
+    return rows
+
+
+def _any_visible(q_runs: list[Run], k_runs: list[Run]) -> bool:
+    """Whether some key is visible to some query: the earliest key is not after the latest query."""
+    last_q = max((p + n - 1 for _, n, p in q_runs if n > 0), default=-1)
+    first_k = min((p for _, n, p in k_runs if n > 0), default=math.inf)
+    return first_k <= last_q
+
+
+def _no_keys(q: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial of an empty key set: o = 0, lse = -inf (weight 0 in any merge)."""
+    return q.new_zeros(q.shape[0], q.shape[1], dv), torch.full(q.shape[:2], -math.inf, device=q.device)
+
+
+def _merge_fp32(
+    acc: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running two-way merge; the accumulator stays fp32 so rounding does not build up over P steps."""
+    o, lse = part
+    if acc is None:
+        return o.float(), lse
+    return ops.merge_states(torch.stack([acc[0], o.float()]), torch.stack([acc[1], lse]))
+
+
+def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    n, hk = k.shape[:2]  # sizes spelled out: a shard may have 0 rows
+    return torch.cat([k.reshape(n, hk * k.shape[2]), v.reshape(n, hk * v.shape[2])], dim=1)
+
+
+def _unpack_kv(kv: torch.Tensor, hk: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, dv = kv.shape[0], kv.shape[1] // hk - d
+    return kv[:, : hk * d].view(n, hk, d), kv[:, hk * d :].view(n, hk, dv)
+
+
+def _post_ring_transfer(block: torch.Tensor, incoming: torch.Tensor, pstate: ParallelState) -> list[dist.Work]:
+    """Send ``block`` to the next SP rank and receive the previous rank's block into ``incoming``.
+
+    Every rank posts both ops every step, empty blocks included, so the ring stays in lock-step.
+    """
+    r = pstate.sp_rank
+    ops_ = [
+        dist.P2POp(dist.isend, block, pstate.sp_peer(r + 1), pstate.sp_group),
+        dist.P2POp(dist.irecv, incoming, pstate.sp_peer(r - 1), pstate.sp_group),
+    ]
+    return dist.batch_isend_irecv(ops_)
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_runs: list[Run],
+    kv_runs_per_rank: list[list[Run]],
+    scale: float,
+    pstate: ParallelState,
+    attn_fn: AttnFn = ops.attention_runs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass-KV ring attention of this rank's queries to the KV of every SP rank.
+
+    q ``[Nq, Hq, D]`` described by ``q_runs``; k/v ``[Nk_r, Hk, D|Dv]``, this rank's shard, described by
+    ``kv_runs_per_rank[sp_rank]``. Every rank passes the runs of every rank (they size the receive buffers and
+    decide which blocks to skip without looking at data). P steps: at step s this rank holds the KV of rank
+    ``(r - s) mod P``, posts its transfer to rank r+1, and attends to it unless none of its keys is visible to
+    any local query (such a block is forwarded but never computed nor merged).
+    """
+    rows = _shard_rows(k, kv_runs_per_rank, pstate)
+    p, r = pstate.sp_size, pstate.sp_rank
+    if p == 1:
+        return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
+    hk, d = k.shape[1], k.shape[2]
+    block = _pack_kv(k, v)
+    acc = None
+    for step in range(p):
+        src = (r - step) % p
+        transfer: list[dist.Work] = []
+        incoming = None
+        if step < p - 1:
+            incoming = block.new_empty(rows[(src - 1) % p], block.shape[1])
+            transfer = _post_ring_transfer(block, incoming, pstate)
+        if _any_visible(q_runs, kv_runs_per_rank[src]):
+            kb, vb = _unpack_kv(block, hk, d)
+            acc = _merge_fp32(acc, attn_fn(q, kb, vb, q_runs, kv_runs_per_rank[src], scale))
+        for work in transfer:
+            work.wait()
+        block = incoming
+    if acc is None:
+        return _no_keys(q, v.shape[2])
+    return acc[0].to(q.dtype), acc[1]
+
+
+def allgather_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_runs: list[Run],
+    kv_runs_per_rank: list[list[Run]],
+    scale: float,
+    pstate: ParallelState,
+    attn_fn: AttnFn = ops.attention_runs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather KV variant of :func:`ring_attention` (same arguments, same results).
+
+    Shards are padded to the longest one (``all_gather`` needs equal shapes), then the visible shards are
+    concatenated and attended to in one call. Holds the whole sequence's KV at once on every rank.
+    """
+    rows = _shard_rows(k, kv_runs_per_rank, pstate)
+    if pstate.sp_size == 1:
+        return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
+    hk, d = k.shape[1], k.shape[2]
+    packed = _pack_kv(k, v)
+    padded = packed.new_zeros(max(rows), packed.shape[1])
+    padded[: packed.shape[0]] = packed
+    shards = pstate.sp_all_gather(padded)
+    blocks, runs = [], []
+    offset = 0
+    for shard, n, shard_runs in zip(shards, rows, kv_runs_per_rank, strict=True):
+        if not _any_visible(q_runs, shard_runs):
+            continue
+        blocks.append(shard[:n])
+        runs.extend((row + offset, length, pos) for row, length, pos in shard_runs)
+        offset += n
+    if not blocks:
+        return _no_keys(q, v.shape[2])
+    kb, vb = _unpack_kv(torch.cat(blocks), hk, d)
+    return attn_fn(q, kb, vb, q_runs, runs, scale)
+
+
+def sharded_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_runs: list[Run],
+    kv_runs: list[Run],
+    scale: float,
+    pstate: ParallelState,
+    attn_fn: AttnFn = ops.attention_runs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries replicated on every SP rank to KV sharded over the SP group (decode, DESIGN 6).
+
+    q ``[Nq, Hq, D]`` is the same on every SP rank; k/v ``[Nk_r, Hk, D|Dv]`` with ``kv_runs`` is the local
+    shard (possibly empty). Each rank attends to its shard; ``(o, lse)`` of all ranks travel in one all-gather
+    (packed as fp32 ``[Nq, Hq * (Dv + 1)]``) and are merged in fp32. Every rank returns the same result.
+    """
+    if pstate.sp_size == 1:
+        return attn_fn(q, k, v, q_runs, kv_runs, scale)
+    nq, hq, dv = q.shape[0], q.shape[1], v.shape[2]
+    if _any_visible(q_runs, kv_runs):
+        o, lse = attn_fn(q, k, v, q_runs, kv_runs, scale)
+    else:
+        o, lse = _no_keys(q, dv)
+    packed = torch.cat([o.float().reshape(nq, hq * dv), lse.reshape(nq, hq)], dim=1)
+    parts = torch.stack(pstate.sp_all_gather(packed))
+    o_all = parts[:, :, : hq * dv].reshape(-1, nq, hq, dv)
+    lse_all = parts[:, :, hq * dv :]
+    o, lse = ops.merge_states(o_all, lse_all)
+    return o.to(q.dtype), lse
