@@ -145,13 +145,10 @@ class Tokenizer:
         if chat_template is not None and os.path.isfile(chat_template):
             with open(chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
-        bos_token = _token_content(tokenizer_config.get("bos_token"))
-        if bos_token is None and model_config.get("bos_token_id") is not None:
-            bos_token = backend.id_to_token(model_config["bos_token_id"])
         max_length = tokenizer_config.get("model_max_length")
         return cls(
             backend,
-            bos_token=bos_token,
+            bos_token=_token_content(tokenizer_config.get("bos_token")),
             eos_token=_token_content(tokenizer_config.get("eos_token")),
             add_bos_token=tokenizer_config.get("add_bos_token"),
             chat_template=chat_template or _read_chat_template(path, tokenizer_config),
@@ -227,7 +224,9 @@ class IncrementalDetokenizer:
     leading space of the first token they see, so tokens are not decoded one by one: each step decodes the
     window `ids[prefix_offset:]` and keeps what follows the decoding of `ids[prefix_offset:read_offset]`
     (text already taken). While the window decodes to a trailing U+FFFD (an incomplete character), nothing
-    is taken and the window grows. The concatenation of the taken pieces equals one full `decode`.
+    is taken and the window grows. The concatenation of the taken pieces equals one full `decode`; the one
+    exception is invalid UTF-8 from byte-fallback tokens (`<0xE4>`), which a full decode turns into U+FFFD for
+    the whole run of byte tokens, so a later byte can change text that was already final.
 
     Stop strings: text that could still be the start of a stop string is held back; once a stop string
     appears, the text before it is the last output, `stopped` is set, `matched_stop` names the string and
