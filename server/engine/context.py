@@ -45,6 +45,7 @@ class StepPlan:
     seqs: list[SeqStep]
     seq_sharded: bool = False  # residual stream sharded over TP (long SP prefills)
     zero_slots: list[int] = field(default_factory=list)  # state slots of requests starting fresh
+    all_logits: bool = False  # return logits of every new token (prompt scoring), not just the sampled ones
 
 
 @dataclass

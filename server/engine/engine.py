@@ -22,6 +22,7 @@ from server.engine.worker import send_plan, setup_rank, worker_main
 from server.layers.sampler import SampleRequest, sample
 from server.models.builtin import builtin_model_path
 from server.models.loader import read_model_config
+from server.sampling_params import SamplingParams
 from server.sp.groups import destroy_parallel_state
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,26 @@ class Engine:
         for seq, tok, lp in zip(sampled, tokens, logprobs):
             outputs.append(self._append_token(seq, tok, lp, now))
         return outputs
+
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits ``[len(prompt), vocab]`` of every prompt position (prompt scoring), computed with the same
+        chunking and SP placement as a normal prefill. Runs alone: call it with no other requests in flight."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("prompt_logits runs alone; finish or abort the other requests first")
+        seq = Sequence(f"score-{time.monotonic_ns()}", list(prompt_ids), SamplingParams(max_tokens=1),
+                       self.config.sp_size)
+        self.scheduler.add(seq)
+        parts = []
+        try:
+            while seq.prefilling:
+                plan, seqs = self.scheduler.schedule()
+                plan.all_logits = True
+                send_plan(self.pstate, plan)
+                parts.append(self.runner.run(plan))
+                self.scheduler.advance(seqs, plan)
+        finally:
+            self.scheduler.finish(seq)
+        return torch.cat(parts)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.greedy:

@@ -79,9 +79,33 @@ class ModelRunner:
         ctx = build_forward_context(plan, self.pstate, self.config.page_size, self.config.ring_mode,
                                     self.config.lasp_mode)
         hidden = self.model(ctx)
+        if plan.all_logits:
+            return self._all_logits(hidden[: ctx.num_rows], ctx.positions[: ctx.num_rows], ctx)
         if self.pstate.sp_rank != 0:
             return None
         rows = [s.row_start + s.num_rows - 1 for s in ctx.seqs if s.step.sample]
         if not rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    def _all_logits(self, hidden: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
+        """Logits of every new token of the step, request by request in position order (on SP rank 0)."""
+        ps = self.pstate
+        seq_ids = torch.cat([torch.full((s.num_rows,), i, device=hidden.device) for i, s in enumerate(ctx.seqs)])
+        if ps.sp_size > 1:  # bring every SP rank's rows to rank 0 (padded to the longest)
+            sizes = [int(t) for t in ps.sp_all_gather(torch.tensor([hidden.shape[0]], device=hidden.device))]
+            pad = max(sizes) - hidden.shape[0]
+            padded = torch.nn.functional.pad(hidden, (0, 0, 0, pad))
+            meta = torch.nn.functional.pad(torch.stack([seq_ids, positions]), (0, pad))
+            hs, ms = ps.sp_all_gather(padded), ps.sp_all_gather(meta)
+            hidden = torch.cat([h[:n] for h, n in zip(hs, sizes)])
+            seq_ids, positions = (torch.cat([m[i, :n] for m, n in zip(ms, sizes)]) for i in range(2))
+        if ps.sp_rank != 0:
+            return None
+        order = torch.argsort(seq_ids * (1 << 40) + positions)
+        if ps.sp_size > 1:  # replicated (not split) requests arrive once per SP rank: keep one copy
+            key = (seq_ids * (1 << 40) + positions)[order]
+            keep = torch.ones_like(key, dtype=torch.bool)
+            keep[1:] = key[1:] != key[:-1]
+            order = order[keep]
+        return self.model.compute_logits(hidden[order])
