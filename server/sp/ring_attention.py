@@ -13,7 +13,7 @@ union of all ranks' KV would return. Visibility is by global position (key j is 
   attends to its local shard; one all-gather of ``(o, lse)`` and a merge.
 
 Each TP rank holds its own KV heads, so all traffic stays inside the SP group (peers with the same tp_rank).
-K and V travel as one packed ``[N, Hk * (D + Dv)]`` tensor: one message per step instead of two.
+K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received.
 """
 
 from __future__ import annotations
@@ -71,26 +71,22 @@ def _merge_fp32(
     return ops.merge_states(torch.stack([acc[0], o.float()]), torch.stack([acc[1], lse]))
 
 
-def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    n, hk = k.shape[:2]  # sizes spelled out: a shard may have 0 rows
-    return torch.cat([k.reshape(n, hk * k.shape[2]), v.reshape(n, hk * v.shape[2])], dim=1)
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    out = x.new_zeros(n, *x.shape[1:])
+    out[: x.shape[0]] = x
+    return out
 
 
-def _unpack_kv(kv: torch.Tensor, hk: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, dv = kv.shape[0], kv.shape[1] // hk - d
-    return kv[:, : hk * d].view(n, hk, d), kv[:, hk * d :].view(n, hk, dv)
+def _post_ring_transfer(
+    kv: tuple[torch.Tensor, torch.Tensor], incoming: tuple[torch.Tensor, torch.Tensor], pstate: ParallelState
+) -> list[dist.Work]:
+    """Send the block ``kv`` to the next SP rank and receive the previous rank's block into ``incoming``.
 
-
-def _post_ring_transfer(block: torch.Tensor, incoming: torch.Tensor, pstate: ParallelState) -> list[dist.Work]:
-    """Send ``block`` to the next SP rank and receive the previous rank's block into ``incoming``.
-
-    Every rank posts both ops every step, empty blocks included, so the ring stays in lock-step.
+    Every rank posts all four ops every step, empty blocks included, so the ring stays in lock-step.
     """
-    r = pstate.sp_rank
-    ops_ = [
-        dist.P2POp(dist.isend, block, pstate.sp_peer(r + 1), pstate.sp_group),
-        dist.P2POp(dist.irecv, incoming, pstate.sp_peer(r - 1), pstate.sp_group),
-    ]
+    nxt, prev = pstate.sp_peer(pstate.sp_rank + 1), pstate.sp_peer(pstate.sp_rank - 1)
+    ops_ = [dist.P2POp(dist.isend, t, nxt, pstate.sp_group) for t in kv]
+    ops_ += [dist.P2POp(dist.irecv, t, prev, pstate.sp_group) for t in incoming]
     return dist.batch_isend_irecv(ops_)
 
 
@@ -116,22 +112,21 @@ def ring_attention(
     p, r = pstate.sp_size, pstate.sp_rank
     if p == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    hk, d = k.shape[1], k.shape[2]
-    block = _pack_kv(k, v)
+    kv = (k.contiguous(), v.contiguous())
     acc = None
     for step in range(p):
         src = (r - step) % p
         transfer: list[dist.Work] = []
-        incoming = None
+        incoming = kv
         if step < p - 1:
-            incoming = block.new_empty(rows[(src - 1) % p], block.shape[1])
-            transfer = _post_ring_transfer(block, incoming, pstate)
+            n_in = rows[(src - 1) % p]
+            incoming = (k.new_empty(n_in, *k.shape[1:]), v.new_empty(n_in, *v.shape[1:]))
+            transfer = _post_ring_transfer(kv, incoming, pstate)
         if _any_visible(q_runs, kv_runs_per_rank[src]):
-            kb, vb = _unpack_kv(block, hk, d)
-            acc = _merge_fp32(acc, attn_fn(q, kb, vb, q_runs, kv_runs_per_rank[src], scale))
+            acc = _merge_fp32(acc, attn_fn(q, kv[0], kv[1], q_runs, kv_runs_per_rank[src], scale))
         for work in transfer:
             work.wait()
-        block = incoming
+        kv = incoming
     if acc is None:
         return _no_keys(q, v.shape[2])
     return acc[0].to(q.dtype), acc[1]
@@ -155,23 +150,17 @@ def allgather_kv_attention(
     rows = _shard_rows(k, kv_runs_per_rank, pstate)
     if pstate.sp_size == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    hk, d = k.shape[1], k.shape[2]
-    packed = _pack_kv(k, v)
-    padded = packed.new_zeros(max(rows), packed.shape[1])
-    padded[: packed.shape[0]] = packed
-    shards = pstate.sp_all_gather(padded)
-    blocks, runs = [], []
-    offset = 0
-    for shard, n, shard_runs in zip(shards, rows, kv_runs_per_rank, strict=True):
-        if not _any_visible(q_runs, shard_runs):
-            continue
-        blocks.append(shard[:n])
-        runs.extend((row + offset, length, pos) for row, length, pos in shard_runs)
-        offset += n
-    if not blocks:
+    k_shards, v_shards = (pstate.sp_all_gather(_pad_rows(t, max(rows))) for t in (k, v))
+    visible = [i for i, shard_runs in enumerate(kv_runs_per_rank) if _any_visible(q_runs, shard_runs)]
+    if not visible:
         return _no_keys(q, v.shape[2])
-    kb, vb = _unpack_kv(torch.cat(blocks), hk, d)
-    return attn_fn(q, kb, vb, q_runs, runs, scale)
+    runs, offset = [], 0
+    for i in visible:
+        runs.extend((row + offset, length, pos) for row, length, pos in kv_runs_per_rank[i])
+        offset += rows[i]
+    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible])
+    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible])
+    return attn_fn(q, k_all, v_all, q_runs, runs, scale)
 
 
 def sharded_kv_attention(
