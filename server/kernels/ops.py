@@ -1,6 +1,9 @@
 """Kernel dispatch: the fast kernel on CUDA where one exists, the plain-torch reference otherwise.
 
 Every op here has the signature and semantics of its ``*_ref`` twin; callers never pick a backend.
+On CUDA: lightning attention and merges run the Triton kernels (merge_state on flashinfer where installed),
+attention_runs runs flashinfer for fp16/bf16 where installed. The fast modules are imported on first CUDA use,
+so CPU processes never build Triton kernels.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from server.kernels.lightning_ref import (
     lightning_prefill_ref,
     lightning_state_correction_ref,
 )
-from server.kernels.merge_state_ref import merge_states_ref
+from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
 
 LIGHTNING_BLOCK = 64
 
@@ -38,6 +41,11 @@ def attention_runs(
     q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (GQA: ``Hq % Hk == 0``). Returns ``o [Nq, Hq, D]`` (q's dtype) and
     ``lse [Nq, Hq]`` fp32 in base 2 (-inf for rows that see no key).
     """
+    if q.is_cuda:
+        from server.kernels.flashinfer_attention import attention_runs_flashinfer, flashinfer_supports
+
+        if flashinfer_supports(q, k):
+            return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale)
     q_pos = runs_to_positions(q_runs, q.device)
     k_pos = runs_to_positions(k_runs, q.device)
     return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
@@ -45,19 +53,44 @@ def attention_runs(
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):
     """See :func:`server.kernels.lightning_ref.lightning_prefill_ref`."""
+    if q.is_cuda:
+        from server.kernels.lightning import lightning_prefill_triton
+
+        return lightning_prefill_triton(q, k, v, slopes, cu_seqlens, initial_states)
     return lightning_prefill_ref(q, k, v, slopes, cu_seqlens, initial_states, LIGHTNING_BLOCK)
 
 
 def lightning_state_correction(o, q, slopes, cu_seqlens, states):
     """See :func:`server.kernels.lightning_ref.lightning_state_correction_ref`."""
+    if q.is_cuda:
+        from server.kernels.lightning import lightning_state_correction_triton
+
+        return lightning_state_correction_triton(o, q, slopes, cu_seqlens, states)
     return lightning_state_correction_ref(o, q, slopes, cu_seqlens, states)
 
 
 def lightning_decode(q, k, v, slopes, state_pool, slots):
     """See :func:`server.kernels.lightning_ref.lightning_decode_ref`."""
+    if q.is_cuda:
+        from server.kernels.lightning import lightning_decode_triton
+
+        return lightning_decode_triton(q, k, v, slopes, state_pool, slots)
     return lightning_decode_ref(q, k, v, slopes, state_pool, slots)
 
 
 def merge_states(o: torch.Tensor, lse: torch.Tensor):
     """See :func:`server.kernels.merge_state_ref.merge_states_ref`."""
+    if o.is_cuda:
+        from server.kernels.merge_state import merge_states as merge_states_fast
+
+        return merge_states_fast(o, lse)
     return merge_states_ref(o, lse)
+
+
+def merge_state(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
+    """See :func:`server.kernels.merge_state_ref.merge_state_ref`."""
+    if o_a.is_cuda:
+        from server.kernels.merge_state import merge_state as merge_state_fast
+
+        return merge_state_fast(o_a, lse_a, o_b, lse_b)
+    return merge_state_ref(o_a, lse_a, o_b, lse_b)

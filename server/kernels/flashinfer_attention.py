@@ -1,0 +1,141 @@
+"""Position-run attention (``ops.attention_runs``) on flashinfer's prefill kernel.
+
+A run is ``(row_start, length, pos_start)``; key j is visible to query i iff ``pos(k_j) <= pos(q_i)``. Every
+(query run, key run) pair splits by position into at most two rectangles that flashinfer computes natively:
+
+- query rows at or after the key run's last position see every key: a *full* piece;
+- query rows inside the key run's span see a prefix of it. flashinfer's causal mask is aligned bottom-right
+  (query i of Lq sees keys ``j <= i + Lk - Lq``), so the piece takes the keys up to the last of those queries'
+  positions, which makes the ends of both ranges meet: a *causal* piece;
+- query rows before the key run see nothing: skipped, never computed, never merged.
+
+Pieces that share query rows are merged by their base-2 LSE in fp32. :func:`attention_runs_by_pieces` holds the
+decomposition and takes the per-piece kernel as an argument, so the same code runs on a reference on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from server.kernels.merge_state import merge_state_into
+
+Run = tuple[int, int, int]
+# (q [Lq, Hq, D], k [Lk, Hk, D], v [Lk, Hk, D], causal, scale) -> (o [Lq, Hq, D], lse [Lq, Hq] fp32 base 2)
+PieceAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class AttentionPiece:
+    """Query rows ``q_start..q_start+q_len`` against key rows ``k_start..k_start+k_len``; ``causal`` means the
+    bottom-right aligned causal mask, otherwise every key is visible."""
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+    causal: bool
+
+
+def coalesce_runs(runs: list[Run]) -> list[Run]:
+    """Join neighbouring runs that continue each other in both rows and positions; drop empty runs."""
+    out: list[Run] = []
+    for row, n, pos in runs:
+        if n <= 0:
+            continue
+        if out and out[-1][0] + out[-1][1] == row and out[-1][2] + out[-1][1] == pos:
+            out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
+        else:
+            out.append((row, n, pos))
+    return out
+
+
+def decompose_runs(q_runs: list[Run], k_runs: list[Run]) -> list[AttentionPiece]:
+    """The full and causal pieces that together cover exactly the visible (query, key) pairs."""
+    pieces = []
+    for q_row, q_n, q_pos in coalesce_runs(q_runs):
+        for k_row, k_n, k_pos in coalesce_runs(k_runs):
+            k_end = k_pos + k_n  # first position after the key run
+            # Queries at positions [c0, c1) see keys [k_pos, q_pos_i]: causal, keys cut at c1 so the ends meet.
+            c0, c1 = max(q_pos, k_pos), min(q_pos + q_n, k_end)
+            if c1 > c0:
+                pieces.append(AttentionPiece(q_row + c0 - q_pos, c1 - c0, k_row, c1 - k_pos, causal=True))
+            # Queries at positions >= k_end see the whole key run.
+            f0 = max(q_pos, k_end)
+            if q_pos + q_n > f0:
+                pieces.append(AttentionPiece(q_row + f0 - q_pos, q_pos + q_n - f0, k_row, k_n, causal=False))
+    return pieces
+
+
+def attention_runs_by_pieces(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_runs: list[Run],
+    k_runs: list[Run],
+    scale: float,
+    piece_attention: PieceAttention,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_runs`` semantics with each piece computed by ``piece_attention``.
+
+    q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]``. Returns ``o [Nq, Hq, D]`` (q's dtype) and ``lse [Nq, Hq]`` fp32 base 2,
+    ``-inf`` (and o = 0) for rows that see no key.
+    """
+    nq, hq = q.shape[:2]
+    pieces = decompose_runs(q_runs, k_runs)
+    if len(pieces) == 1 and pieces[0].q_start == 0 and pieces[0].q_len == nq:
+        p = pieces[0]
+        return piece_attention(q, k[p.k_start:p.k_start + p.k_len], v[p.k_start:p.k_start + p.k_len], p.causal, scale)
+    # Several pieces (or uncovered rows): accumulate in fp32 so that merging adds no half-precision rounding.
+    o_acc = torch.zeros(nq, hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse_acc = torch.full((nq, hq), -math.inf, dtype=torch.float32, device=q.device)
+    for p in pieces:
+        qs, ks = slice(p.q_start, p.q_start + p.q_len), slice(p.k_start, p.k_start + p.k_len)
+        o_p, lse_p = piece_attention(q[qs], k[ks], v[ks], p.causal, scale)
+        merge_state_into(o_acc[qs], lse_acc[qs], o_p, lse_p)
+    return o_acc.to(q.dtype), lse_acc
+
+
+@functools.cache
+def flashinfer_module():
+    """The ``flashinfer`` package, or None where it is not installed."""
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    return flashinfer
+
+
+def flashinfer_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True when flashinfer is importable and takes these inputs (CUDA, fp16/bf16, head dim 64/128/256)."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and k.dtype == q.dtype
+        and q.shape[-1] in FLASHINFER_HEAD_DIMS
+        and q.shape[1] % k.shape[1] == 0
+        and flashinfer_module() is not None
+    )
+
+
+def flashinfer_piece(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece on ``flashinfer.single_prefill_with_kv_cache`` (NHD layout, LSE in base 2)."""
+    o, lse = flashinfer_module().single_prefill_with_kv_cache(
+        q, k, v, causal=causal, sm_scale=scale, kv_layout="NHD", return_lse=True
+    )
+    return o, lse
+
+
+def attention_runs_flashinfer(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`server.kernels.ops.attention_runs` on flashinfer (see :func:`flashinfer_supports` for the inputs)."""
+    return attention_runs_by_pieces(q, k, v, q_runs, k_runs, scale, flashinfer_piece)
