@@ -1,0 +1,118 @@
+"""Command-line flags of ``launch_server.py``: the HTTP side's own flags plus one flag per ``EngineConfig`` field."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+from server.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig
+
+BUILTIN_MODEL_NAME = "builtin"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """What the HTTP process needs: where to listen, how to name the model, and the engine's configuration."""
+
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str = BUILTIN_MODEL_NAME
+    api_key: str | None = None
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag and what to change (engine flags included)."""
+        self.engine.validate()
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if not self.served_model_name:
+            raise ValueError("--served-model-name must not be empty")
+        if self.api_key == "":
+            raise ValueError("--api-key must not be empty; leave it out to serve without a key")
+        if self.engine.max_waiting_requests < 0:
+            raise ValueError(f"--max-waiting-requests must be >= 0, got {self.engine.max_waiting_requests}")
+        if self.engine.cpu_cache_gb <= 0:
+            raise ValueError(f"--cpu-cache-gb must be > 0, got {self.engine.cpu_cache_gb}")
+        if self.engine.nnodes < 1 or not 0 <= self.engine.node_rank < self.engine.nnodes:
+            raise ValueError(
+                f"--node-rank must be in [0, --nnodes), got --node-rank {self.engine.node_rank} "
+                f"--nnodes {self.engine.nnodes}"
+            )
+        for flag, path in (("--model-path", self.engine.model_path), ("--tokenizer-path", self.engine.tokenizer_path)):
+            if path is not None and not os.path.isdir(path):
+                raise ValueError(f"{flag} {path!r} is not a directory (expected a Hugging Face model directory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch_server.py",
+        description="OpenAI-compatible LLM server with sequence-parallel prefill.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = EngineConfig()
+    srv = p.add_argument_group("HTTP server")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=30000, help="port to listen on (0 picks a free one)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients send; default: --model-path as given, or 'builtin'")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /generate")
+    srv.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+    mdl = p.add_argument_group("model")
+    mdl.add_argument("--model-path", default=None,
+                     help="Hugging Face model directory; default: the small built-in model (random weights)")
+    mdl.add_argument("--tokenizer-path", default=None, help="tokenizer directory; default: the model's")
+    mdl.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    mdl.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
+                     help="dummy: random weights of the checkpoint's shapes (benchmarks)")
+    mdl.add_argument("--max-model-len", type=int, default=None,
+                     help="longest prompt + completion in tokens; default: the model's max_position_embeddings")
+    mdl.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights and of unseeded sampling")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--sp-size", type=int, default=d.sp_size, help="sequence-parallel group size")
+    par.add_argument("--tp-size", type=int, default=d.tp_size, help="tensor-parallel group size")
+    par.add_argument("--sp-min-tokens", type=int, default=d.sp_min_tokens,
+                     help="a prefill chunk with at least this many new tokens is split over the SP group")
+    par.add_argument("--ring-mode", default=d.ring_mode, choices=("ring", "allgather"),
+                     help="how softmax layers see the other SP ranks' KV during SP prefill")
+    par.add_argument("--lasp-mode", default=d.lasp_mode, choices=("ring", "allgather"),
+                     help="how lightning-attention layers get their incoming state (allgather = LASP-2)")
+    par.add_argument("--disable-seq-parallel-tp", dest="seq_parallel_tp", action="store_false",
+                     help="keep the residual stream replicated over TP during long SP prefills")
+    par.add_argument("--dist-init-addr", default=None, help="tcp://host:port of the workers' rendezvous")
+    par.add_argument("--nnodes", type=int, default=d.nnodes)
+    par.add_argument("--node-rank", type=int, default=d.node_rank)
+
+    run = p.add_argument_group("runtime")
+    run.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"))
+    run.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
+    run.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    run.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
+                     help="requests queued beyond the running ones; more are answered 429 with Retry-After")
+    run.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
+                     help="max new tokens per step; <= 0 disables chunking")
+    run.add_argument("--page-size", type=int, default=d.page_size, help="KV cache page size in tokens")
+    run.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static,
+                     help="fraction of GPU memory for weights and caches")
+    run.add_argument("--cpu-cache-gb", type=float, default=d.cpu_cache_gb, help="cache budget on CPU, in GiB")
+    return p
+
+
+def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
+    """Parse ``argv`` (argparse exits 2 on unknown flags or bad values); ``ServerArgs.validate`` is left to the
+    caller so that it can print its one-line error."""
+    ns = vars(build_parser().parse_args(argv))
+    engine = EngineConfig(**{f.name: ns[f.name] for f in fields(EngineConfig) if f.name in ns})
+    name = ns["served_model_name"] or (ns["model_path"] or BUILTIN_MODEL_NAME)
+    return ServerArgs(
+        engine=engine,
+        host=ns["host"],
+        port=ns["port"],
+        served_model_name=name,
+        api_key=ns["api_key"],
+        log_level=ns["log_level"],
+    )

@@ -1,0 +1,125 @@
+"""The engine process: builds the Engine (rank 0, which starts ranks 1..W-1) and serves it over zmq.
+
+It PULLs ``GenerateRequest`` / ``AbortRequest`` from the HTTP process and PUSHes back, after every step, one
+``EngineOutputs`` (new tokens, rejections, stats). The first message it sends is ``EngineReady`` (every rank is
+up) or ``EngineStartFailed``; an exception in the serving loop is reported as ``EngineCrashed`` before exiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+import zmq
+
+from server.config import EngineConfig
+from server.engine.io_struct import AbortRequest, EngineStats, GenerateRequest, RequestOutput, RequestRejected
+from server.engine.procutil import die_with_parent
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 1000
+
+
+@dataclass
+class EngineReady:
+    pid: int
+    worker_pids: list[int]  # ranks 1..W-1
+    tokenizer_path: str
+    max_model_len: int
+
+
+@dataclass
+class EngineStartFailed:
+    message: str  # one line for the user
+    traceback: str
+
+
+@dataclass
+class EngineCrashed:
+    message: str
+    traceback: str
+
+
+@dataclass
+class Rejection:
+    rid: str
+    message: str
+    code: str
+
+
+@dataclass
+class EngineOutputs:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    stats: EngineStats = field(default_factory=EngineStats)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # unwinds through the `finally` that shuts the engine (and its workers) down
+
+
+def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: str, log_level: str) -> None:
+    """Entry point of the spawned engine process."""
+    die_with_parent()
+    # Its own process group: the workers the Engine starts join it, so the server can end them all at once,
+    # and a Ctrl-C in the terminal reaches only the server, which then shuts the engine down in order.
+    os.setpgrp()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s engine: %(message)s")
+
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.connect(outputs_addr)
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(requests_addr)
+    try:
+        from server.engine.engine import Engine
+
+        engine = Engine(config, log_level=log_level.upper())
+    except Exception as e:
+        out.send_pyobj(EngineStartFailed(f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc()))
+        out.close(linger=2000)
+        sys.exit(1)
+    try:
+        out.send_pyobj(EngineReady(os.getpid(), list(engine.worker_pids()), engine.tokenizer_path,
+                                   engine.max_model_len))
+        serve_engine(engine, inp, out)
+    except Exception as e:
+        logger.exception("engine loop failed")
+        out.send_pyobj(EngineCrashed(f"{type(e).__name__}: {e}", traceback.format_exc()))
+        sys.exit(1)
+    finally:
+        engine.shutdown()
+        out.close(linger=2000)
+        inp.close(linger=0)
+
+
+def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket) -> None:
+    """Forever: take every queued message, run one step if anything is unfinished, send what changed."""
+    last_stats: EngineStats | None = None
+    while True:
+        if not engine.has_unfinished():
+            inp.poll(IDLE_POLL_MS)
+        rejected = []
+        while True:
+            try:
+                msg = inp.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if isinstance(msg, GenerateRequest):
+                try:
+                    engine.add_request(msg)
+                except RequestRejected as e:
+                    rejected.append(Rejection(msg.rid, str(e), e.code))
+            elif isinstance(msg, AbortRequest):
+                engine.abort_request(msg.rid)
+        outputs = engine.step() if engine.has_unfinished() else []
+        stats = engine.stats()
+        if outputs or rejected or stats != last_stats:
+            out.send_pyobj(EngineOutputs(outputs, rejected, stats))
+            last_stats = stats

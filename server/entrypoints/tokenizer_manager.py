@@ -1,0 +1,371 @@
+"""The HTTP process's side of the engine.
+
+``TokenizerManager`` starts the engine process, tokenizes prompts, sends ``GenerateRequest`` / ``AbortRequest``
+over zmq, detokenizes the engine's outputs incrementally (stop strings included: a matched stop string ends
+the choice here and aborts it in the engine, which frees its caches) and hands each HTTP handler the events of
+its choices. It also watches the engine process and every worker: a death fails every in-flight request at
+once and keeps ``healthy`` false for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from server.engine.io_struct import AbortRequest, GenerateRequest, RequestOutput, TokenLogprob
+from server.entrypoints.args import ServerArgs
+from server.entrypoints.engine_process import (
+    EngineCrashed,
+    EngineOutputs,
+    EngineReady,
+    EngineStartFailed,
+    Rejection,
+    run_engine_process,
+)
+from server.entrypoints.metrics import ServerMetrics
+from server.entrypoints.protocol import APIError
+from server.sampling_params import SamplingParams
+from server.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.2
+ENGINE_STOP_TIMEOUT_S = 10.0
+REJECTION_STATUS = {"queue_full": 429}  # every other engine rejection is the client's request: 400
+
+
+@dataclass
+class ChoiceEvent:
+    """What one engine output adds to choice ``index``: newly final text, new tokens and their logprobs.
+
+    A ``finish_reason`` ("stop" or "length") or an ``error`` ends the choice. ``completion_tokens`` counts
+    every token generated so far; ``matched_stop`` is the stop string or stop token id that ended it.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    error: APIError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Generation:
+    """The choices of one HTTP request, in flight. Iterate for their events (in arrival order) until every
+    choice is done; ``abort()`` cancels the unfinished ones (a client that went away)."""
+
+    def __init__(self, manager: TokenizerManager, rids: list[str]):
+        self.rids = rids
+        self.queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+        self._manager = manager
+        self._open = set(range(len(rids)))
+
+    async def __aiter__(self) -> AsyncIterator[ChoiceEvent]:
+        while self._open:
+            event = await self.queue.get()
+            if event.done:
+                self._open.discard(event.index)
+            yield event
+
+    def abort(self) -> None:
+        self._manager.abort([self.rids[i] for i in sorted(self._open)])
+        self._open.clear()
+
+
+@dataclass
+class _Choice:
+    rid: str
+    index: int
+    generation: Generation
+    detokenizer: IncrementalDetokenizer
+    prompt_tokens: int
+    arrival: float
+    last_token_time: float | None = None
+    completion_tokens: int = 0
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a dead child its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+class TokenizerManager:
+    """See the module docstring. ``start()`` returns at once; ``healthy`` turns true once every rank is ready."""
+
+    def __init__(self, args: ServerArgs, metrics: ServerMetrics):
+        self.args = args
+        self.metrics = metrics
+        self.tokenizer: Tokenizer | None = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self.dead_reason: str | None = None
+        self._ready = False
+        self._choices: dict[str, _Choice] = {}
+        self._worker_pids: list[int] = []
+        self._proc: mp.process.BaseProcess | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._on_fatal: Callable[[str], None] = lambda message: None
+
+    @property
+    def healthy(self) -> bool:
+        return self._ready and self.dead_reason is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._choices)
+
+    # ---- lifetime --------------------------------------------------------------------------------------------
+    async def start(self, on_fatal: Callable[[str], None]) -> None:
+        """Start the engine process; ``on_fatal(message)`` is called if it fails before it is ready."""
+        self._on_fatal = on_fatal
+        self._ipc_dir = tempfile.mkdtemp(prefix="server-zmq-")
+        requests_addr = f"ipc://{self._ipc_dir}/requests"
+        outputs_addr = f"ipc://{self._ipc_dir}/outputs"
+        self._sync_ctx = zmq.Context()
+        self._to_engine = self._sync_ctx.socket(zmq.PUSH)
+        self._to_engine.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a busy engine
+        self._to_engine.bind(requests_addr)
+        self._async_ctx = zmq.asyncio.Context()
+        self._from_engine = self._async_ctx.socket(zmq.PULL)
+        self._from_engine.setsockopt(zmq.RCVHWM, 0)
+        self._from_engine.bind(outputs_addr)
+        self._proc = mp.get_context("spawn").Process(
+            target=run_engine_process,
+            args=(self.args.engine, requests_addr, outputs_addr, self.args.log_level),
+            name="engine",
+        )
+        self._proc.start()
+        logger.info("engine process %d started; loading the model", self._proc.pid)
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch_loop())]
+
+    async def shutdown(self) -> None:
+        """Fail what is in flight, stop the engine process and every worker, remove the sockets."""
+        for task in self._tasks:
+            task.cancel()
+        self._fail_all(APIError(503, "The server is shutting down.", type="server_error", code="shutting_down"))
+        self._ready = False
+        if self._proc is not None:
+            await asyncio.to_thread(self._stop_engine_process)
+        self._to_engine.close(linger=0)
+        self._from_engine.close(linger=0)
+        self._sync_ctx.term()
+        self._async_ctx.term()
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    def _stop_engine_process(self) -> None:
+        proc = self._proc
+        if proc.is_alive():
+            proc.terminate()  # SIGTERM: the engine shuts its workers down in order
+            proc.join(ENGINE_STOP_TIMEOUT_S)
+        # Whatever is left of its process group (workers of an engine that hung or died) is killed outright.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in self._worker_pids:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.join(ENGINE_STOP_TIMEOUT_S)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # a template's raise_exception, a missing template
+            raise APIError(400, f"The chat template could not format the messages: {e}", param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 -- one manager per process, lives as long as it
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def check_available(self) -> None:
+        """503 while the engine is loading or after it died."""
+        if self.dead_reason is not None:
+            raise APIError(503, f"The engine is not running ({self.dead_reason}).", type="server_error",
+                           code="engine_dead")
+        if not self._ready:
+            raise APIError(503, "The model is still loading; retry shortly.", type="server_error",
+                           code="engine_loading", headers={"Retry-After": "5"})
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], arrival: float) -> Generation:
+        """Send one request per choice (``prompts[i]`` with ``params[i]``). 429 when the queue is full."""
+        self.check_available()
+        limit = self.args.engine.max_running_requests + self.args.engine.max_waiting_requests
+        if len(self._choices) + len(params) > limit:
+            raise APIError(429, f"The server is busy ({len(self._choices)} requests in flight, at most {limit}); "
+                           "retry later.", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        rids = [uuid.uuid4().hex for _ in params]
+        gen = Generation(self, rids)
+        for i, (rid, ids, sp) in enumerate(zip(rids, prompts, params, strict=True)):
+            detok = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens)
+            self._choices[rid] = _Choice(rid, i, gen, detok, len(ids), arrival)
+            self._send(GenerateRequest(rid, ids, sp))
+        self.metrics.in_flight.set(len(self._choices))
+        return gen
+
+    def abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            if self._choices.pop(rid, None) is not None:
+                self.metrics.requests.inc(finish_reason="abort")
+                self._send(AbortRequest(rid))
+        self.metrics.in_flight.set(len(self._choices))
+
+    def _send(self, msg: GenerateRequest | AbortRequest) -> None:
+        if self.dead_reason is not None:
+            return
+        try:
+            self._to_engine.send_pyobj(msg, zmq.NOBLOCK)
+        except zmq.Again:  # no engine connected any more: the watcher is about to notice
+            self._on_death("the engine process stopped accepting requests")
+
+    # ---- engine messages -------------------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            msg = await self._from_engine.recv_pyobj()
+            if isinstance(msg, EngineOutputs):
+                self._on_outputs(msg)
+            elif isinstance(msg, EngineReady):
+                await self._on_ready(msg)
+            elif isinstance(msg, EngineStartFailed):
+                logger.debug("engine start-up failed:\n%s", msg.traceback)
+                self._fatal(f"the engine failed to start: {msg.message}")
+            elif isinstance(msg, EngineCrashed):
+                logger.error("engine crashed:\n%s", msg.traceback)
+                self._on_death(f"engine crashed: {msg.message}")
+
+    async def _on_ready(self, msg: EngineReady) -> None:
+        path = self.args.engine.tokenizer_path or msg.tokenizer_path
+        try:
+            self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
+        except Exception as e:
+            self._fatal(f"could not load the tokenizer from {path!r}: {e}")
+            return
+        self.max_model_len = msg.max_model_len
+        self.vocab_size = self.tokenizer.vocab_size
+        self._worker_pids = msg.worker_pids
+        self._ready = True
+        self.metrics.healthy.set(1)
+        logger.info("engine ready: %d rank(s), max_model_len %d; serving %r", 1 + len(msg.worker_pids),
+                    msg.max_model_len, self.args.served_model_name)
+
+    def _on_outputs(self, msg: EngineOutputs) -> None:
+        now = time.monotonic()
+        for out in msg.outputs:
+            choice = self._choices.get(out.rid)
+            if choice is not None:
+                self._on_output(choice, out, now)
+        for rej in msg.rejected:
+            choice = self._choices.pop(rej.rid, None)
+            if choice is not None:
+                self._finish(choice, self._rejection_event(choice, rej), "rejected")
+        self.metrics.set_engine_stats(msg.stats)
+        self.metrics.in_flight.set(len(self._choices))
+
+    def _on_output(self, choice: _Choice, out: RequestOutput, now: float) -> None:
+        n_new = len(out.new_token_ids)
+        if n_new:
+            if choice.last_token_time is None:
+                self.metrics.ttft.observe(now - choice.arrival)
+            else:
+                for _ in range(n_new):
+                    self.metrics.itl.observe((now - choice.last_token_time) / n_new)
+            choice.last_token_time = now
+            choice.completion_tokens += n_new
+            self.metrics.generation_tokens.inc(n_new)
+        detok = choice.detokenizer
+        event = ChoiceEvent(choice.index, detok.add(out.new_token_ids), list(out.new_token_ids), out.new_logprobs,
+                            choice.prompt_tokens, choice.completion_tokens)
+        if detok.stopped:
+            event.finish_reason, event.matched_stop = "stop", detok.matched_stop
+            if not out.finished:
+                self._send(AbortRequest(choice.rid))  # free its caches now; its abort output is ignored
+        elif out.finished and out.finish_reason in ("stop", "length"):
+            event.text += detok.flush()
+            event.finish_reason, event.matched_stop = out.finish_reason, out.matched_stop
+        elif out.finished:
+            event.error = APIError(500, f"The engine ended the request: {out.error or out.finish_reason}.",
+                                   type="server_error", code=out.finish_reason)
+        if event.done:
+            del self._choices[choice.rid]
+            self._finish(choice, event, event.finish_reason or "error")
+        else:
+            choice.generation.queue.put_nowait(event)
+
+    def _rejection_event(self, choice: _Choice, rej: Rejection) -> ChoiceEvent:
+        status = REJECTION_STATUS.get(rej.code, 400)
+        error = APIError(status, rej.message[:1].upper() + rej.message[1:], code=rej.code,
+                         type="rate_limit_error" if status == 429 else "invalid_request_error",
+                         headers={"Retry-After": "1"} if status == 429 else None)
+        return ChoiceEvent(choice.index, "", [], None, choice.prompt_tokens, 0, error=error)
+
+    def _finish(self, choice: _Choice, event: ChoiceEvent, reason: str) -> None:
+        e2e = time.monotonic() - choice.arrival if event.error is None else None
+        self.metrics.on_finish(reason, choice.prompt_tokens, e2e)
+        choice.generation.queue.put_nowait(event)
+
+    # ---- failures --------------------------------------------------------------------------------------------
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if not self._proc.is_alive():
+                if not self._ready:
+                    await asyncio.sleep(1.0)  # let the receive loop deliver the engine's own last words first
+                    self._fatal(f"the engine process exited with code {self._proc.exitcode} before it was ready")
+                else:
+                    self._on_death(f"the engine process exited with code {self._proc.exitcode}")
+                return
+            dead = [pid for pid in self._worker_pids if not pid_alive(pid)]
+            if dead:
+                self._on_death(f"worker process {dead[0]} died")
+                return
+
+    def _fatal(self, message: str) -> None:
+        """The engine never became ready: the server cannot serve and exits."""
+        if self.dead_reason is None:
+            self.dead_reason = message
+            self._on_fatal(message)
+
+    def _on_death(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        self.metrics.healthy.set(0)
+        logger.error("%s; failing %d in-flight request(s); /health now fails", reason, len(self._choices))
+        self._fail_all(APIError(500, f"The engine failed: {reason}.", type="server_error", code="engine_dead"))
+
+    def _fail_all(self, error: APIError) -> None:
+        choices, self._choices = self._choices, {}
+        for choice in choices.values():
+            event = ChoiceEvent(choice.index, "", [], None, choice.prompt_tokens, choice.completion_tokens,
+                                error=error)
+            self._finish(choice, event, "error")
+        self.metrics.in_flight.set(0)

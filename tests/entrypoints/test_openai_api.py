@@ -1,0 +1,357 @@
+"""The OpenAI API of a real ``launch_server.py`` (built-in model, CPU), driven by the official ``openai`` client
+and by raw HTTP; greedy outputs are checked against the offline ``LLM`` API on the same model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from server import LLM, SamplingParams
+from server.models.builtin import builtin_model_path
+from server.tokenizer import Tokenizer
+from tests.entrypoints.server_testing import prometheus_value, start_server
+
+PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
+CACHE_GB = "0.25"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(["--device", "cpu", "--cpu-cache-gb", CACHE_GB], tmp_path_factory.mktemp("srv") / "log")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    llm = LLM(device="cpu", cpu_cache_gb=float(CACHE_GB))
+    yield llm
+    llm.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_pretrained(builtin_model_path())
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def sse_events(raw: bytes) -> list[str]:
+    """Split an SSE body into its ``data:`` payloads, asserting OpenAI's exact framing."""
+    text = raw.decode()
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    blocks = text.split("\n\n")
+    assert blocks[-1] == ""
+    payloads = []
+    for block in blocks[:-1]:
+        assert block.startswith("data: ") and "\n" not in block, repr(block)
+        payloads.append(block[len("data: "):])
+    assert payloads.count("[DONE]") == 1
+    return payloads[:-1]
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["builtin"]
+    assert models.data[0].model_extra["max_model_len"] == 8192
+
+
+def test_completions_greedy_match_offline_llm(client, offline):
+    ref = offline.generate(PROMPTS, greedy(12), use_tqdm=False)
+    for prompt, want in zip(PROMPTS, ref, strict=True):
+        out = client.completions.create(model="builtin", prompt=prompt, max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want.text
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 12
+        assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+    # A list of prompts in one request gives one choice per prompt, in order.
+    out = client.completions.create(model="builtin", prompt=PROMPTS, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == list(range(len(PROMPTS)))
+    assert [c.text for c in out.choices] == [r.text for r in ref]
+    assert out.usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in ref)
+
+
+def test_token_id_prompts_and_native_generate(server, client, offline, tokenizer):
+    ids = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    ref = offline.generate(ids, greedy(8), use_tqdm=False)
+    out = client.completions.create(model="builtin", prompt=ids, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert [c.text for c in out.choices] == [r.text for r in ref]
+    body = {"input_ids": ids[0], "sampling_params": {"temperature": 0, "max_tokens": 8, "ignore_eos": True}}
+    native = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    assert native["output_ids"] == ref[0].token_ids
+    assert native["text"] == ref[0].text
+    assert native["meta_info"]["finish_reason"] == "length"
+    with httpx.stream("POST", f"{server.url}/generate", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(e) for e in sse_events(r.read())]
+    assert sum((e["output_ids"] for e in events), []) == ref[0].token_ids
+    assert "".join(e["text"] for e in events) == ref[0].text
+
+
+def test_chat_streaming_and_not(client, offline, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the library?"}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    [ref] = offline.generate([prompt], greedy(10), use_tqdm=False)
+    out = client.chat.completions.create(model="builtin", messages=messages, max_completion_tokens=10,
+                                         temperature=0, extra_body={"ignore_eos": True})
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == 10
+
+    chunks = list(client.chat.completions.create(
+        model="builtin", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sse_framing_raw(server):
+    body = {"model": "builtin", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(e) for e in sse_events(r.read())]
+    assert all(e["object"] == "text_completion" and "usage" not in e for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+
+
+def test_n_choices_and_seeds(client):
+    kw = dict(model="builtin", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, extra_body={"ignore_eos": True})
+    a = client.completions.create(n=3, seed=1234, **kw)
+    b = client.completions.create(n=3, seed=1234, **kw)
+    c = client.completions.create(n=3, seed=99, **kw)
+    assert [x.index for x in a.choices] == [0, 1, 2]
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    assert len({x.text for x in a.choices}) == 3  # seed + i per choice
+    assert [x.text for x in a.choices] != [x.text for x in c.choices]
+    assert a.usage.completion_tokens == 30
+    # Choice 0 with seed s is the single request with seed s.
+    single = client.completions.create(n=1, seed=1234, **kw)
+    assert single.choices[0].text == a.choices[0].text
+
+    chat = client.chat.completions.create(model="builtin", messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          seed=5, max_tokens=6, stream=True, extra_body={"ignore_eos": True})
+    finished = {}
+    for chunk in chat:
+        for ch in chunk.choices:
+            if ch.finish_reason:
+                finished[ch.index] = ch.finish_reason
+    assert finished == {0: "length", 1: "length"}
+
+
+def test_stop_strings(server, client, offline):
+    [full] = offline.generate([PROMPTS[2]], greedy(24), use_tqdm=False)
+    words = full.text.split()
+    stop = next(w for w in words[2:] if full.text.index(w) > 0)
+    want = full.text[: full.text.index(stop)]
+    kw = dict(model="builtin", prompt=PROMPTS[2], max_tokens=24, temperature=0, stop=[stop, "\u2603never"],
+              extra_body={"ignore_eos": True})
+    out = client.completions.create(**kw)
+    assert out.choices[0].text == want
+    assert out.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == want
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    # The engine was told to abort: nothing keeps running or holding cache pages.
+    assert _wait_idle(server)
+
+
+def test_logprobs(client, offline):
+    [ref] = offline.generate([PROMPTS[3]], greedy(6, logprobs=3), use_tqdm=False)
+    out = client.completions.create(model="builtin", prompt=PROMPTS[3], max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 3
+        assert chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the most likely token
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    chat = client.chat.completions.create(model="builtin", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)
+        assert bytes(entry.bytes).decode() == entry.token
+
+
+def test_echo_and_unknown_fields(server, client):
+    out = client.completions.create(model="builtin", prompt=PROMPTS[0], max_tokens=3, echo=True, temperature=0,
+                                    extra_body={"frobnicate": {"x": 1}, "user": "me", "presence_penalty": 0})
+    assert out.choices[0].text.startswith(PROMPTS[0])
+
+
+async def _stream_one(http: httpx.AsyncClient, prompt: str) -> str:
+    body = {"model": "builtin", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [json.loads(e) for e in sse_events(await r.aread())]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    return "".join(e["choices"][0]["text"] for e in events)
+
+
+def test_32_concurrent_streams_match_sequential(server):
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
+
+    async def run_all() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+            return await asyncio.gather(*(_stream_one(http, p) for p in prompts))
+
+    concurrent = asyncio.run(run_all())
+    sequential = []
+    for p in prompts:
+        body = {"model": "builtin", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        sequential.append(r.json()["choices"][0]["text"])
+    assert concurrent == sequential
+
+
+def _metrics(server) -> str:
+    return httpx.get(f"{server.url}/metrics", timeout=10).text
+
+
+def _wait_idle(server, kv_pages: float = 0.0, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = _metrics(server)
+        if (prometheus_value(m, "server_num_requests_running") == 0
+                and prometheus_value(m, "server_num_requests_waiting") == 0
+                and prometheus_value(m, "server_requests_in_flight") == 0
+                and prometheus_value(m, "server_kv_cache_pages_used") == kv_pages
+                and prometheus_value(m, "server_state_pool_slots_used") == 0):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_client_disconnect_frees_the_request(server):
+    assert _wait_idle(server)
+    before = prometheus_value(_metrics(server), "server_kv_cache_pages_used")
+    body = {"model": "builtin", "prompt": PROMPTS[0] * 20, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                assert next(lines).startswith("data: ")
+                next(lines)
+            m = _metrics(server)
+            assert prometheus_value(m, "server_num_requests_running") == 1
+            assert prometheus_value(m, "server_kv_cache_pages_used") > before
+    assert _wait_idle(server, before)  # the stream was closed mid-way: the engine aborted it and freed its pages
+    # The same for a non-streaming request whose client gives up.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=2)
+    assert _wait_idle(server, before)
+    m = _metrics(server)
+    assert prometheus_value(m, "server_requests_total{finish_reason=\"abort\"}") >= 2
+
+
+def test_metrics_exposition(server):
+    r = httpx.get(f"{server.url}/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    m = r.text
+    assert prometheus_value(m, "server_generation_tokens_total") > 0
+    assert prometheus_value(m, "server_time_to_first_token_seconds_count") > 0
+    assert prometheus_value(m, "server_inter_token_latency_seconds_count") > 0
+    assert prometheus_value(m, "server_kv_cache_pages_total") > 0
+    assert prometheus_value(m, "server_state_pool_slots_total") > 0
+    assert prometheus_value(m, "server_engine_healthy") == 1
+    assert 'server_time_to_first_token_seconds_bucket{le="+Inf"}' in m
+
+
+GOOD = {"model": "builtin", "prompt": "hi", "max_tokens": 1}
+CHAT = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+BAD_INPUTS = {
+    # id: (method, path, body (bytes = raw), status, param, code)
+    "malformed-json": ("POST", "/v1/completions", b'{"prompt": "hi",', 400, None, "invalid_json"),
+    "body-not-object": ("POST", "/v1/completions", b"[1, 2]", 400, None, None),
+    "missing-prompt": ("POST", "/v1/completions", {"model": "builtin"}, 400, "prompt", None),
+    "missing-messages": ("POST", "/v1/chat/completions", {"model": "builtin"}, 400, "messages", None),
+    "negative-max-tokens": ("POST", "/v1/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens", None),
+    "zero-max-tokens": ("POST", "/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", None),
+    "huge-max-tokens": ("POST", "/v1/completions", {**GOOD, "max_tokens": 10**9}, 400, "prompt",
+                        "context_length_exceeded"),
+    "max-tokens-string": ("POST", "/v1/completions", {**GOOD, "max_tokens": "ten"}, 400, "max_tokens",
+                          "invalid_type"),
+    "max-tokens-float": ("POST", "/v1/completions", {**GOOD, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
+    "negative-temperature": ("POST", "/v1/completions", {**GOOD, "temperature": -0.1}, 400, "temperature", None),
+    "temperature-string": ("POST", "/v1/completions", {**GOOD, "temperature": "hot"}, 400, "temperature",
+                           "invalid_type"),
+    "top-p-zero": ("POST", "/v1/completions", {**GOOD, "top_p": 0}, 400, "top_p", None),
+    "top-p-above-one": ("POST", "/v1/completions", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
+    "top-k-negative": ("POST", "/v1/completions", {**GOOD, "top_k": -3}, 400, "top_k", None),
+    "n-zero": ("POST", "/v1/completions", {**GOOD, "n": 0}, 400, "n", None),
+    "token-id-too-large": ("POST", "/v1/completions", {**GOOD, "prompt": [5, 10**7]}, 400, "prompt",
+                           "invalid_token_id"),
+    "token-id-negative": ("POST", "/v1/completions", {**GOOD, "prompt": [[5, -1]]}, 400, "prompt",
+                          "invalid_token_id"),
+    "mixed-prompt-list": ("POST", "/v1/completions", {**GOOD, "prompt": ["a", 5]}, 400, "prompt", None),
+    "empty-prompt": ("POST", "/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", None),
+    "empty-prompt-list": ("POST", "/v1/completions", {**GOOD, "prompt": []}, 400, "prompt", None),
+    "unknown-model": ("POST", "/v1/completions", {**GOOD, "model": "gpt-17"}, 400, "model", "model_not_found"),
+    "prompt-over-context": ("POST", "/v1/completions", {**GOOD, "prompt": [7] * 8192}, 400, "prompt",
+                            "context_length_exceeded"),
+    "stop-not-string": ("POST", "/v1/completions", {**GOOD, "stop": 5}, 400, "stop", None),
+    "min-tokens-over-max": ("POST", "/v1/completions", {**GOOD, "min_tokens": 3}, 400, "min_tokens", None),
+    "logprobs-too-many": ("POST", "/v1/completions", {**GOOD, "logprobs": 21}, 400, "logprobs", None),
+    "echo-with-logprobs": ("POST", "/v1/completions", {**GOOD, "echo": True, "logprobs": 1}, 400, "echo", None),
+    "stream-not-bool": ("POST", "/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
+    "chat-empty-messages": ("POST", "/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", None),
+    "chat-bad-role": ("POST", "/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]},
+                      400, "messages.0.role", "invalid_type"),
+    "chat-image-part": ("POST", "/v1/chat/completions",
+                        {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                        400, "messages.0.content", None),
+    "chat-top-logprobs-alone": ("POST", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs",
+                                None),
+    "chat-over-context": ("POST", "/v1/chat/completions", {**CHAT, "max_completion_tokens": 9000}, 400, "messages",
+                          "context_length_exceeded"),
+    "generate-text-and-ids": ("POST", "/generate", {"text": "a", "input_ids": [1]}, 400, "text", None),
+    "generate-bad-sampling": ("POST", "/generate", {"text": "a", "sampling_params": {"temperature": -1}}, 400,
+                              "sampling_params", None),
+    "unknown-route": ("POST", "/v1/engines", {}, 404, None, "not_found"),
+    "wrong-method": ("GET", "/v1/completions", None, 405, None, "method_not_allowed"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_gets_error_envelope_and_server_stays_healthy(server, case):
+    method, path, body, status, param, code = BAD_INPUTS[case]
+    kw = {"content": body} if isinstance(body, bytes) else ({"json": body} if body is not None else {})
+    r = httpx.request(method, f"{server.url}{path}", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param and err["code"] == code, err
+    if code == "context_length_exceeded":
+        assert "maximum context length is 8192 tokens" in err["message"]
+    good = httpx.post(f"{server.url}/v1/completions", json=GOOD, timeout=60)
+    assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
