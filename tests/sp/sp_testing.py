@@ -1,4 +1,5 @@
-"""Run a function on every rank of a real SP x TP group: spawned processes, gloo on CPU, a free local port."""
+"""Run a function on every rank of a real SP x TP group: spawned processes on a free local port, gloo on CPU or
+NCCL with one GPU per rank."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[[ParallelState], None], sp: int, tp: int, port: int) -> None:
+def _entry(rank: int, fn: Callable[[ParallelState], None], sp: int, tp: int, port: int, device_type: str) -> None:
     torch.set_num_threads(1)  # W processes share the machine's cores
-    pstate = init_parallel_state(rank, sp, tp, torch.device("cpu"), f"tcp://127.0.0.1:{port}", timeout_s=60)
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    pstate = init_parallel_state(rank, sp, tp, device, f"tcp://127.0.0.1:{port}", timeout_s=120)
     try:
         fn(pstate)
     except BaseException:
@@ -33,9 +38,10 @@ def _entry(rank: int, fn: Callable[[ParallelState], None], sp: int, tp: int, por
         destroy_parallel_state(pstate)
 
 
-def run_on_group(fn: Callable[[ParallelState], None], sp: int, tp: int = 1) -> None:
+def run_on_group(fn: Callable[[ParallelState], None], sp: int, tp: int = 1, device_type: str = "cpu") -> None:
     """Call ``fn(pstate)`` on all ``sp * tp`` ranks; an exception on any rank fails the caller.
 
-    ``fn`` must be a module-level function (it is pickled into the spawned processes).
+    ``fn`` must be a module-level function (it is pickled into the spawned processes); ``pstate.device`` is
+    the rank's device (``cuda:rank`` with ``device_type="cuda"``).
     """
-    mp.spawn(_entry, args=(fn, sp, tp, free_port()), nprocs=sp * tp, join=True)
+    mp.spawn(_entry, args=(fn, sp, tp, free_port(), device_type), nprocs=sp * tp, join=True)

@@ -37,6 +37,7 @@ CASES = [
     Case(n=5, d=8, cached_prefix=True, seed=2),
     Case(n=8 * (LIGHTNING_BLOCK + 2) + 3, d=16, cached_prefix=True, seed=3),  # chunks cross kernel blocks
 ]
+GPU_CASES = [Case(n=1000, d=128, cached_prefix=True, seed=4)]
 
 
 def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
@@ -58,8 +59,10 @@ def _check_case(pstate: ParallelState, case: Case) -> None:
     chunk_lens = [e - s for s, e in zigzag_chunks(case.n, sp)]
     results = {}
     for mode in LASP_MODES:
-        o, state = lasp_prefill(q[rows][:, hs], k[rows][:, hs], v[rows][:, hs], SLOPES[hs], local_chunks, chunk_lens,
-                                init[hs], pstate, mode=mode)
+        q_loc, k_loc, v_loc = (t[rows][:, hs].to(pstate.device) for t in (q, k, v))
+        o, state = lasp_prefill(q_loc, k_loc, v_loc, SLOPES[hs].to(pstate.device), local_chunks, chunk_lens,
+                                init[hs].to(pstate.device), pstate, mode=mode)
+        o, state = o.cpu(), state.cpu()
         msg = lambda m, mode=mode: f"rank {pstate.rank} {mode} {case}: {m}"
         assert o.dtype == torch.float32 and state.dtype == torch.float32
         torch.testing.assert_close(o, ref_o[rows][:, hs].float(), **FP32_TOL, msg=msg)
@@ -73,10 +76,21 @@ def _worker(pstate: ParallelState) -> None:
         _check_case(pstate, case)
 
 
+def _gpu_worker(pstate: ParallelState) -> None:
+    for case in CASES + GPU_CASES:
+        _check_case(pstate, case)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("sp", "tp"), [(2, 1), (4, 1), (2, 2)])
 def test_lasp_matches_fp64_recurrence(sp: int, tp: int) -> None:
     run_on_group(_worker, sp, tp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_lasp_over_nccl() -> None:
+    run_on_group(_gpu_worker, 2, 1, device_type="cuda")
 
 
 def test_sp_size_one_is_one_prefill_from_the_initial_state() -> None:

@@ -40,6 +40,11 @@ RING_CASES = [
     Case(n_new=6, n_prefix=45, hq=4, hk=4, d=8, seed=3),  # short prompt after a long prefix
     Case(n_new=41, n_prefix=13, hq=4, hk=2, d=8, seed=4, dtype=torch.bfloat16),
 ]
+# Shapes the fast GPU backend takes (flashinfer: half precision, head dim 128).
+GPU_CASES = [
+    Case(n_new=301, n_prefix=77, hq=8, hk=2, d=128, seed=5, dtype=torch.bfloat16),
+    Case(n_new=3, n_prefix=20, hq=8, hk=2, d=128, seed=6, dtype=torch.bfloat16),
+]
 
 
 def _spread(positions: list[int], sp: int, g: torch.Generator) -> list[list[tuple[int, int]]]:
@@ -83,6 +88,10 @@ def _full_tensors(case: Case, n_tok: int, pstate: ParallelState):
     return (q, k, v), (q[:, qs], k[:, ks], v[:, ks]), qs, g
 
 
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return FP32_TOL if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
 class CountingAttention:
     """``attention_runs`` that records calls and fails on a call where no key is visible to any query."""
 
@@ -110,17 +119,17 @@ def _check_prefill_case(pstate: ParallelState, case: Case) -> None:
     new = [[(case.n_prefix + s, e - s) for s, e in chunks] for chunks in zigzag_partition(case.n_new, sp)]
     kv_runs = [_runs(prefix[i] + new[i]) for i in range(sp)]
     q_runs = _runs(new[r])
-    q = _rows(local[0], q_runs).to(case.dtype)
-    k, v = (_rows(t, kv_runs[r]).to(case.dtype) for t in local[1:])
+    q = _rows(local[0], q_runs).to(pstate.device, case.dtype)
+    k, v = (_rows(t, kv_runs[r]).to(pstate.device, case.dtype) for t in local[1:])
     want_o, want_lse = _rows(ref_o, q_runs, case.n_prefix), _rows(ref_lse, q_runs, case.n_prefix)
     counter = CountingAttention()
-    o_ring, lse_ring = ring_attention(q, k, v, q_runs, kv_runs, scale, pstate, attn_fn=counter)
-    o_ag, lse_ag = allgather_kv_attention(q, k, v, q_runs, kv_runs, scale, pstate)
+    o_ring, lse_ring = (t.cpu() for t in ring_attention(q, k, v, q_runs, kv_runs, scale, pstate, attn_fn=counter))
+    o_ag, lse_ag = (t.cpu() for t in allgather_kv_attention(q, k, v, q_runs, kv_runs, scale, pstate))
 
     visible = [_sees(q_runs, kv) for kv in kv_runs]
     assert counter.calls == sum(visible), f"rank {pstate.rank}: {counter.calls} attention calls, visible {visible}"
     assert o_ring.dtype == case.dtype and lse_ring.dtype == torch.float32
-    tol = FP32_TOL if case.dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    tol = _tolerance(case.dtype)
     for o, lse in ((o_ring, lse_ring), (o_ag, lse_ag)):
         torch.testing.assert_close(o.float(), want_o, **tol, msg=lambda m: f"rank {pstate.rank} {case}: {m}")
         torch.testing.assert_close(lse, want_lse, **tol, msg=lambda m: f"rank {pstate.rank} {case}: {m}")
@@ -141,25 +150,41 @@ def _check_decode_case(pstate: ParallelState, case: Case, n_queries: int, all_on
     spread = [[(0, total)]] + [[] for _ in range(sp - 1)] if all_on_rank0 else _spread(list(range(total)), sp, g)
     kv_runs = _runs(spread[r])
     q_runs = [(0, n_queries, total - n_queries)]
-    o, lse = sharded_kv_attention(local[0][q_pos], _rows(local[1], kv_runs), _rows(local[2], kv_runs), q_runs,
-                                  kv_runs, scale, pstate)
-    torch.testing.assert_close(o, ref_o[:, qs], **FP32_TOL, msg=lambda m: f"rank {pstate.rank} {case}: {m}")
-    torch.testing.assert_close(lse, ref_lse[:, qs], **FP32_TOL, msg=lambda m: f"rank {pstate.rank} {case}: {m}")
+    q = local[0][q_pos].to(pstate.device, case.dtype)
+    k, v = (_rows(t, kv_runs).to(pstate.device, case.dtype) for t in local[1:])
+    o, lse = (t.cpu() for t in sharded_kv_attention(q, k, v, q_runs, kv_runs, scale, pstate))
+    assert o.dtype == case.dtype
+    tol = _tolerance(case.dtype)
+    torch.testing.assert_close(o.float(), ref_o[:, qs], **tol, msg=lambda m: f"rank {pstate.rank} {case}: {m}")
+    torch.testing.assert_close(lse, ref_lse[:, qs], **tol, msg=lambda m: f"rank {pstate.rank} {case}: {m}")
+
+
+def _check_cases(pstate: ParallelState, cases: list[Case]) -> None:
+    for case in cases:
+        _check_prefill_case(pstate, case)
+        _check_decode_case(pstate, case, n_queries=1, all_on_rank0=False)
+        _check_decode_case(pstate, case, n_queries=3, all_on_rank0=False)
+    _check_decode_case(pstate, cases[-1], n_queries=1, all_on_rank0=True)
 
 
 def _worker(pstate: ParallelState) -> None:
-    for case in RING_CASES:
-        _check_prefill_case(pstate, case)
-    for case in RING_CASES[:4]:
-        _check_decode_case(pstate, case, n_queries=1, all_on_rank0=False)
-        _check_decode_case(pstate, case, n_queries=3, all_on_rank0=False)
-    _check_decode_case(pstate, RING_CASES[2], n_queries=1, all_on_rank0=True)
+    _check_cases(pstate, RING_CASES)
+
+
+def _gpu_worker(pstate: ParallelState) -> None:
+    _check_cases(pstate, RING_CASES + GPU_CASES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sp", "tp"), [(2, 1), (4, 1), (2, 2)])
 def test_sp_attention_matches_full_sequence_reference(sp: int, tp: int) -> None:
     run_on_group(_worker, sp, tp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_sp_attention_over_nccl() -> None:
+    run_on_group(_gpu_worker, 2, 1, device_type="cuda")
 
 
 def test_sp_size_one_is_one_attention_call() -> None:
