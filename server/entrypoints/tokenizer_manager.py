@@ -260,7 +260,8 @@ class TokenizerManager:
                 self._fatal(f"the engine failed to start: {msg.message}")
             elif isinstance(msg, EngineCrashed):
                 logger.error("engine crashed:\n%s", msg.traceback)
-                self._on_death(f"engine crashed: {msg.message}")
+                # A dead worker makes rank 0's next collective fail: name the cause, not the symptom.
+                self._on_death(self._dead_process() or f"engine crashed: {msg.message.splitlines()[0][:300]}")
 
     async def _on_ready(self, msg: EngineReady) -> None:
         path = self.args.engine.tokenizer_path or msg.tokenizer_path
@@ -333,20 +334,23 @@ class TokenizerManager:
         choice.generation.queue.put_nowait(event)
 
     # ---- failures --------------------------------------------------------------------------------------------
+    def _dead_process(self) -> str | None:
+        """Which of the engine's processes died, if any."""
+        dead = [pid for pid in self._worker_pids if not pid_alive(pid)]
+        if dead:
+            return f"worker process {dead[0]} died"
+        if not self._proc.is_alive():
+            return f"the engine process exited with code {self._proc.exitcode}"
+        return None
+
     async def _watch_loop(self) -> None:
-        while True:
+        while self.dead_reason is None:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            if not self._proc.is_alive():
-                if not self._ready:
-                    await asyncio.sleep(1.0)  # let the receive loop deliver the engine's own last words first
-                    self._fatal(f"the engine process exited with code {self._proc.exitcode} before it was ready")
-                else:
-                    self._on_death(f"the engine process exited with code {self._proc.exitcode}")
-                return
-            dead = [pid for pid in self._worker_pids if not pid_alive(pid)]
-            if dead:
-                self._on_death(f"worker process {dead[0]} died")
-                return
+            if not self._proc.is_alive() and not self._ready:
+                await asyncio.sleep(1.0)  # let the receive loop deliver the engine's own last words first
+                self._fatal(f"the engine process exited with code {self._proc.exitcode} before it was ready")
+            elif (reason := self._dead_process()) is not None:
+                self._on_death(reason)
 
     def _fatal(self, message: str) -> None:
         """The engine never became ready: the server cannot serve and exits."""

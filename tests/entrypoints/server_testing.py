@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,3 +102,73 @@ def prometheus_value(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
+
+
+def sse_events(raw: bytes) -> list[str]:
+    """Split an SSE body into its ``data:`` payloads, asserting OpenAI's exact framing."""
+    text = raw.decode()
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    blocks = text.split("\n\n")
+    assert blocks[-1] == ""
+    payloads = []
+    for block in blocks[:-1]:
+        assert block.startswith("data: ") and "\n" not in block, repr(block)
+        payloads.append(block[len("data: "):])
+    assert payloads.count("[DONE]") == 1
+    return payloads[:-1]
+
+
+def engine_pid(server_pid: int) -> int:
+    """The engine process: the server's spawned child that leads its own process group."""
+    [pid] = [p for p in descendants(server_pid) if os.getpgid(p) == p and b"spawn_main" in _cmdline(p)]
+    return pid
+
+
+def worker_pids(engine: int) -> list[int]:
+    """Ranks 1..W-1: the engine's spawned children."""
+    return sorted(p for p in descendants(engine) if b"spawn_main" in _cmdline(p))
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def kill_and_check_in_flight_requests_fail(srv: ServerProcess, victim: int) -> None:
+    """With one streaming and one non-streaming request in flight, SIGKILL ``victim``: both get an error within
+    seconds, /health turns 503 and stays there, new requests get 503; then SIGTERM leaves no process behind."""
+    body = {"prompt": "The town sits " * 20, "max_tokens": 4000, "ignore_eos": True}
+    blocking: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: blocking.setdefault(
+        "r", httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)))
+    t.start()
+    tree = descendants(srv.proc.pid)
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        while prometheus_value(httpx.get(f"{srv.url}/metrics").text, "server_requests_in_flight") < 2:
+            time.sleep(0.05)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert time.monotonic() - killed_at < 10
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["type"] == "server_error" and error["code"] == "engine_dead"
+    t.join(timeout=10)
+    assert blocking["r"].status_code == 500 and blocking["r"].json()["error"]["code"] == "engine_dead"
+    for _ in range(2):
+        health = httpx.get(f"{srv.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        again = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+        time.sleep(0.5)
+    assert srv.stop(signal.SIGTERM) == 0
+    assert wait_gone(tree) == []

@@ -14,7 +14,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import prometheus_value, start_server
+from tests.entrypoints.server_testing import prometheus_value, sse_events, start_server
 
 PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
 CACHE_GB = "0.25"
@@ -46,20 +46,6 @@ def tokenizer() -> Tokenizer:
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-def sse_events(raw: bytes) -> list[str]:
-    """Split an SSE body into its ``data:`` payloads, asserting OpenAI's exact framing."""
-    text = raw.decode()
-    assert text.endswith("data: [DONE]\n\n"), text[-200:]
-    blocks = text.split("\n\n")
-    assert blocks[-1] == ""
-    payloads = []
-    for block in blocks[:-1]:
-        assert block.startswith("data: ") and "\n" not in block, repr(block)
-        payloads.append(block[len("data: "):])
-    assert payloads.count("[DONE]") == 1
-    return payloads[:-1]
 
 
 def test_health_and_models(server, client):

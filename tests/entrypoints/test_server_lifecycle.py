@@ -1,0 +1,64 @@
+"""Start-up errors, the death of the engine process, and shutdown of a real ``launch_server.py``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.entrypoints.server_testing import (
+    REPO,
+    ServerProcess,
+    descendants,
+    engine_pid,
+    kill_and_check_in_flight_requests_fail,
+    start_server,
+    wait_gone,
+)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--page-size", "3"], "--page-size"),
+        (["--mem-fraction-static", "1.5"], "--mem-fraction-static"),
+        (["--max-waiting-requests", "-1"], "--max-waiting-requests"),
+        (["--model-path", "/nonexistent/model"], "--model-path"),
+    ],
+)
+def test_invalid_flags_exit_2_with_one_line(args, flag):
+    r = subprocess.run([sys.executable, "launch_server.py", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch_server.py: error: ") and flag in lines[0], r.stderr
+
+
+def test_engine_that_cannot_start_exits_nonzero(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "vocab_size": 10}))
+    srv = ServerProcess(["--device", "cpu", "--model-path", str(model)], tmp_path / "log")
+    assert srv.proc.wait(timeout=300) == 1
+    errors = [line for line in srv.log().splitlines() if line.startswith("launch_server.py: error:")]
+    assert len(errors) == 1 and "NoSuchForCausalLM" in errors[0], srv.log()
+    srv.stop()
+
+
+def test_engine_process_death_fails_requests_and_health(tmp_path):
+    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1"], tmp_path / "log")
+    try:
+        kill_and_check_in_flight_requests_fail(srv, engine_pid(srv.proc.pid))
+    finally:
+        srv.stop()
+
+
+def test_sigint_stops_everything(tmp_path):
+    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1"], tmp_path / "log")
+    tree = descendants(srv.proc.pid)
+    assert tree
+    assert srv.stop(signal.SIGINT) == 0, srv.log()
+    assert wait_gone(tree) == []
