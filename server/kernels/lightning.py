@@ -42,8 +42,8 @@ def _lightning_prefill_kernel(
     i_bh = pid // NV
     i_b = i_bh // H
     i_h = i_bh % H
-    bos = tl.load(CU_SEQLENS + i_b).to(tl.int64)
-    seq_len = tl.load(CU_SEQLENS + i_b + 1).to(tl.int64) - bos
+    bos = tl.load(CU_SEQLENS + i_b)
+    seq_len = tl.load(CU_SEQLENS + i_b + 1) - bos
     n_seg = tl.maximum(tl.cdiv(seq_len, SEG_LEN), 1)
     # The last segment's M is never needed: its state goes to S_FINAL in the main pass.
     n_prog_seg = n_seg
@@ -52,8 +52,15 @@ def _lightning_prefill_kernel(
     if i_seg >= n_prog_seg:
         return
     seg_start = i_seg * SEG_LEN
-    seg_end = tl.minimum(seg_start + SEG_LEN, seq_len)
+    seg_n = tl.minimum(seq_len - seg_start, SEG_LEN)
     slope = tl.load(SLOPES + i_h).to(tl.float32)
+    # 64-bit base pointers at the segment start, 32-bit offsets inside it (the wrapper bounds SEG_LEN so they
+    # fit): wide per-element address arithmetic would cost registers the tiles need.
+    first_row = (bos + seg_start).to(tl.int64)
+    Q += first_row * stride_qt + i_h * stride_qh
+    K += first_row * stride_kt + i_h * stride_kh
+    V += first_row * stride_vt + i_h * stride_vh
+    OUT += (first_row * H + i_h) * DV
 
     offs_c = tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BK)
@@ -75,29 +82,26 @@ def _lightning_prefill_kernel(
             m_i = tl.load(m_ptr, mask=state_mask, other=0.0)
             state += m_i * tl.exp(-slope * ((i_seg - 1 - i) * SEG_LEN).to(tl.float32))
 
-    # Loop invariants: intra-block decay lambda^(i-j) (j <= i) and the inter decay lambda^(i+1).
+    # Loop invariants: the inter decay lambda^(i+1) and the intra decay lambda^(i-j) for j <= i.
+    q_decay = tl.exp(-slope * (offs_c + 1).to(tl.float32))
     diff = offs_c[:, None] - offs_c[None, :]
     intra_decay = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    q_decay = tl.exp(-slope * (offs_c + 1).to(tl.float32))
 
-    for start in range(seg_start, seg_end, BLOCK):
+    for start in range(0, seg_n, BLOCK):
         offs_t = start + offs_c
-        mask_t = offs_t < seg_end
-        rows = bos + offs_t
-        k = tl.load(K + rows[:, None] * stride_kt + i_h * stride_kh + offs_k[None, :],
-                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        v = tl.load(V + rows[:, None] * stride_vt + i_h * stride_vh + offs_v[None, :],
-                    mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+        mask_t = offs_t < seg_n
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        k = tl.load(K + offs_t[:, None] * stride_kt + offs_k[None, :], mask=mask_tk, other=0.0)
+        mask_tv = mask_t[:, None] & mask_v[None, :]
+        v = tl.load(V + offs_t[:, None] * stride_vt + offs_v[None, :], mask=mask_tv, other=0.0)
         if not STATE_ONLY:
-            q = tl.load(Q + rows[:, None] * stride_qt + i_h * stride_qh + offs_k[None, :],
-                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            q = tl.load(Q + offs_t[:, None] * stride_qt + offs_k[None, :], mask=mask_tk, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra_decay
             out = tl.dot(q, state.to(q.dtype), input_precision=PRECISION) * q_decay[:, None]
             out = tl.dot(scores.to(v.dtype), v, out, input_precision=PRECISION)
-            o_ptr = OUT + (rows[:, None] * H + i_h) * DV + offs_v[None, :]
-            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+            tl.store(OUT + offs_t[:, None] * (H * DV) + offs_v[None, :], out.to(OUT.dtype.element_ty), mask=mask_tv)
         # S <- lambda^n S + sum_i lambda^(n-1-i) k_i^T v_i for the n valid rows of this block.
-        n_blk = tl.minimum(seg_end - start, BLOCK)
+        n_blk = tl.minimum(seg_n - start, BLOCK)
         v_decay = tl.exp(-slope * tl.maximum(n_blk - 1 - offs_c, 0).to(tl.float32))
         v_dec = (v * v_decay[:, None]).to(v.dtype)
         state = state * tl.exp(-slope * n_blk.to(tl.float32))
@@ -248,6 +252,9 @@ def lightning_prefill_triton(
         num_segments = 1 if 10 * programs >= 9 * sms else triton.cdiv(2 * sms, programs)
     # Every sequence holds at most n_tok tokens, so segments of this length number at most num_segments.
     seg_len = block * max(1, triton.cdiv(triton.cdiv(max(n_tok, 1), num_segments), block))
+    # The kernel addresses rows inside a segment with 32-bit offsets: cap the segment so they cannot overflow.
+    max_stride = max(q.stride(0), k.stride(0), v.stride(0), h * dv)
+    seg_len = min(seg_len, block * ((2**31 - 1) // max_stride // block - 1))
     num_segments = triton.cdiv(max(n_tok, 1), seg_len)
     s0 = initial_states.to(device=dev, dtype=torch.float32).contiguous() if initial_states is not None else final
     m_seg = final

@@ -1,0 +1,387 @@
+"""Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention.
+
+    python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
+
+Writes ``kernels_<device>.json`` (command, device, versions, date, every measurement) after each section and
+``kernels_<device>.md`` (the tables printed at the end). Times are medians of ``triton.testing.do_bench``
+(CUDA events, L2 flushed between runs). FLOP and byte counts are stated in the JSON ``counting`` field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.kernels.lightning import (  # noqa: E402
+    lightning_decode_triton,
+    lightning_prefill_triton,
+)
+from server.kernels.lightning_ref import lightning_prefill_ref  # noqa: E402
+from server.kernels.merge_state import flashinfer_cascade, merge_state_triton, merge_states_triton  # noqa: E402
+
+HEAD_DIM = 128
+FLOP_BLOCK = 64
+COUNTING = {
+    "lightning_prefill_flops": (
+        "per token and head 2*C*(Dk+Dv) (intra block: Q K^T and P V over full C x C blocks) + 2*Dk*Dv (Q @ S) "
+        "+ 2*Dk*Dv (state update K^T V), C = 64; the same count for ours and fla, so the ratio is the time ratio"
+    ),
+    "lightning_prefill_bytes": "q, k, v read once and o written once (bf16); states ignored",
+    "lightning_decode_bytes": "fp32 state read + written (2 * B*H*Dk*Dv*4) + q, k, v, o (bf16)",
+    "merge_bytes": "K partial o (bf16) + lse (fp32) read, one o + lse written",
+    "attention_flops": "4 * Hq * D per visible (query, key) pair (QK^T and PV); causal counts the lower triangle",
+    "copy_bandwidth": "device-to-device copy of 1 GiB, bytes read + bytes written",
+}
+# Lightning prefill variants swept per shape; "default" is what ops.lightning_prefill runs.
+PREFILL_CONFIGS: dict[str, dict] = {
+    "default": {},
+    "b64_v64_w8": dict(block=64, block_v=64, num_warps=8),
+    "b64_v64_w4_s3": dict(block=64, block_v=64, num_warps=4, num_stages=3),
+    "b64_v128_w8": dict(block=64, block_v=128, num_warps=8),
+    "b64_v32_w4": dict(block=64, block_v=32, num_warps=4),
+    "b64_v32_w8": dict(block=64, block_v=32, num_warps=8),
+    "b128_v64_w8": dict(block=128, block_v=64, num_warps=8),
+    "seg1": dict(num_segments=1),
+    "seg2": dict(num_segments=2),
+    "seg4": dict(num_segments=4),
+    "seg16": dict(num_segments=16),
+}
+
+
+class Budget:
+    """Wall-clock budget: sections skip their remaining cases once it is spent (results so far are kept)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def bench_ms(fn: Callable[[], object], rep: int = 60) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def device_slug(name: str) -> str:
+    m = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", name.lower())).lower()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0),
+        "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "driver": driver,
+        "git_commit": commit or None,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "flashinfer": package_version("flashinfer-python"),
+            "fla": package_version("fla-core"),
+        },
+    }
+
+
+def ceilings(res: dict, budget: Budget) -> None:
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench_ms(partial(dst.copy_, src))
+    res["copy_gbps"] = 2 * src.numel() * 2 / ms / 1e6
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(partial(torch.matmul, a, b))
+    res["matmul_bf16_tflops"] = 2 * 8192**3 / ms / 1e9
+
+
+def minimax_slopes(total_heads: int, heads: int) -> torch.Tensor:
+    """ALiBi-style slopes of MiniMax's first layer; a tp rank holds the first ``heads`` of them."""
+    return torch.tensor([2 ** (-8 * (i + 1) / total_heads) for i in range(heads)], device="cuda")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def lightning_prefill(rows: list, budget: Budget, heads: list[int], tokens: list[int], configs: list[str]) -> None:
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as e:
+        chunk_simple_gla = None
+        print(f"fla not importable ({e}); timing ours only", file=sys.stderr)
+    cases = [(h, t) for t in tokens for h in heads]
+    for h, t in tqdm(cases, desc="lightning prefill", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"heads": h, "tokens": t, "skipped": "time budget"})
+            continue
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(t, h, HEAD_DIM, device="cuda", generator=g).mul_(0.5).to(torch.bfloat16)
+                   for _ in range(3))
+        slopes = minimax_slopes(64, h)
+        s0 = torch.randn(1, h, HEAD_DIM, HEAD_DIM, device="cuda", generator=g) * 0.1
+        cu = torch.tensor([0, t], device="cuda", dtype=torch.int32)
+        flops = t * h * (2 * FLOP_BLOCK * 2 * HEAD_DIM + 4 * HEAD_DIM * HEAD_DIM)
+        nbytes = 4 * t * h * HEAD_DIM * 2
+        row: dict = {"heads": h, "tokens": t, "gflop": flops / 1e9, "ours_ms": {}}
+        with torch.inference_mode():
+            for name in configs:
+                kw = PREFILL_CONFIGS[name]
+                try:
+                    row["ours_ms"][name] = bench_ms(partial(lightning_prefill_triton, q, k, v, slopes, cu, s0, **kw))
+                except Exception as e:  # a config the device cannot run (e.g. out of shared memory)
+                    row["ours_ms"][name] = None
+                    row.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            ok = {n: ms for n, ms in row["ours_ms"].items() if ms is not None}
+            if ok:
+                best = min(ok, key=ok.get)
+                row["best_config"] = best
+                row["ours_default_tflops"] = flops / ok["default"] / 1e9 if "default" in ok else None
+                row["ours_best_tflops"] = flops / ok[best] / 1e9
+                row["ours_best_gbps"] = nbytes / ok[best] / 1e6
+            if chunk_simple_gla is not None:
+                fla_call = partial(chunk_simple_gla, q[None], k[None], v[None], g_gamma=-slopes, scale=1.0,
+                                   initial_state=s0, output_final_state=True)
+
+                try:
+                    fla_ms = bench_ms(fla_call)
+                    row["fla_ms"] = fla_ms
+                    row["fla_tflops"] = flops / fla_ms / 1e9
+                    if "default" in ok:
+                        row["speedup_default_vs_fla"] = fla_ms / ok["default"]
+                        row["speedup_best_vs_fla"] = fla_ms / ok[best]
+                    if t == min(tokens):  # agreement of the two implementations (and with the fp32 reference)
+                        o, st = lightning_prefill_triton(q, k, v, slopes, cu, s0)
+                        fo, fst = fla_call()
+                        ro, rst = lightning_prefill_ref(q.float(), k.float(), v.float(), slopes, cu, s0)
+                        row["rel_err"] = {"ours_vs_ref_o": rel_err(o, ro), "ours_vs_ref_state": rel_err(st, rst),
+                                          "fla_vs_ref_o": rel_err(fo[0], ro), "fla_vs_ref_state": rel_err(fst, rst)}
+                except Exception as e:
+                    row["fla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def lightning_decode(rows: list, budget: Budget) -> None:
+    for b, h in tqdm([(64, 64), (256, 64), (64, 8), (256, 8)], desc="lightning decode", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"batch": b, "heads": h, "skipped": "time budget"})
+            continue
+        q, k, v = (torch.randn(b, h, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        pool = torch.randn(2 * b, h, HEAD_DIM, HEAD_DIM, device="cuda")
+        slots = torch.randperm(2 * b, device="cuda")[:b]
+        slopes = minimax_slopes(64, h)
+        ms = bench_ms(partial(lightning_decode_triton, q, k, v, slopes, pool, slots))
+        nbytes = 2 * b * h * HEAD_DIM * HEAD_DIM * 4 + 4 * b * h * HEAD_DIM * 2
+        rows.append({"batch": b, "heads": h, "ms": ms, "gbps": nbytes / ms / 1e6})
+        del pool
+        torch.cuda.empty_cache()
+
+
+def merge_state(rows: list, budget: Budget) -> None:
+    cascade = flashinfer_cascade()
+    h, d = 32, HEAD_DIM
+    for k_parts, n in tqdm([(2, 65536), (4, 32768), (8, 16384)], desc="merge_state", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"parts": k_parts, "rows": n, "skipped": "time budget"})
+            continue
+        o = torch.randn(k_parts, n, h, d, device="cuda", dtype=torch.bfloat16)
+        lse = torch.randn(k_parts, n, h, device="cuda") * 4
+        nbytes = (k_parts + 1) * n * h * (d * 2 + 4)
+        row: dict = {"parts": k_parts, "tokens": n, "heads": h, "head_dim": d, "gbps": {}}
+        if k_parts == 2:
+            impls = {"triton": partial(merge_state_triton, o[0], lse[0], o[1], lse[1])}
+            if cascade is not None:
+                impls["flashinfer"] = partial(cascade.merge_state, o[0], lse[0], o[1], lse[1])
+        else:
+            impls = {"triton": partial(merge_states_triton, o, lse)}
+            if cascade is not None:
+                impls["flashinfer_NKHD"] = partial(cascade.merge_states, o.transpose(0, 1).contiguous(),
+                                                   lse.transpose(0, 1).contiguous())
+                impls["flashinfer_with_transpose"] = partial(merge_states_transposing, cascade.merge_states, o, lse)
+        for name, fn in impls.items():
+            row["gbps"][name] = nbytes / bench_ms(fn) / 1e6
+        rows.append(row)
+        del o, lse
+        torch.cuda.empty_cache()
+
+
+def merge_states_transposing(merge: Callable, o: torch.Tensor, lse: torch.Tensor):
+    """flashinfer's K-way merge fed from our ``[K, N, H, D]`` layout: it wants ``[N, K, H, D]``."""
+    return merge(o.transpose(0, 1).contiguous(), lse.transpose(0, 1).contiguous())
+
+
+def ring_attention(rows: list, budget: Budget, tokens: list[int]) -> None:
+    from server.kernels.flashinfer_attention import attention_runs_flashinfer, flashinfer_module
+
+    fi = flashinfer_module()
+    if fi is None:
+        rows.append({"skipped": "flashinfer not importable"})
+        return
+    hq, hk, d = 32, 8, HEAD_DIM
+    scale = d**-0.5
+    per_pair = 4 * hq * d
+    cases = []
+    for n in tokens:
+        c = n // 2  # zigzag, P = 4: rank 1 holds chunks 1 and 6 (of 8) of size c
+        cases += [
+            (n, "causal block", [(0, n, 0)], [(0, n, 0)], per_pair * n * (n + 1) / 2),
+            (n, "full block", [(0, n, n)], [(0, n, 0)], per_pair * n * n),
+            (n, "zigzag step 0 (own KV)", [(0, c, c), (c, c, 6 * c)], [(0, c, c), (c, c, 6 * c)],
+             per_pair * (c * (c + 1) + c * c)),
+            (n, "zigzag step 1 (earlier rank)", [(0, c, c), (c, c, 6 * c)], [(0, c, 0), (c, c, 7 * c)],
+             per_pair * 2 * c * c),
+        ]
+    for n, name, q_runs, k_runs, flops in tqdm(cases, desc="ring-step attention", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"tokens": n, "case": name, "skipped": "time budget"})
+            continue
+        q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(n, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ms = bench_ms(partial(attention_runs_flashinfer, q, k, v, q_runs, k_runs, scale))
+        row = {"tokens": n, "case": name, "q_heads": hq, "kv_heads": hk, "head_dim": d, "ms": ms,
+               "tflops": flops / ms / 1e9}
+        if name in ("causal block", "full block"):  # the bare kernel, to show the wrapper's overhead
+            raw = bench_ms(partial(fi.single_prefill_with_kv_cache, q, k, v, causal=name == "causal block",
+                                   sm_scale=scale, return_lse=True))
+            row["raw_single_prefill_tflops"] = flops / raw / 1e9
+        rows.append(row)
+
+
+def render_markdown(res: dict) -> str:
+    env = res["environment"]
+    lines = [f"# Kernel benchmarks on {env['device']}", "",
+             f"{env['date']}, `{env['command']}`; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), ""]
+    ceil = res.get("ceilings", {})
+    if "copy_gbps" in ceil:
+        lines += [f"Measured ceilings: copy {ceil['copy_gbps']:.0f} GB/s (read + write), "
+                  f"bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s.", ""]
+    pre = [r for r in res.get("lightning_prefill", []) if "gflop" in r]
+    if pre:
+        lines += ["## Lightning prefill (bf16, d = 128, one sequence, initial state in, final state out)", "",
+                  "TFLOP/s by the count in `counting`; the same count for both, so the ratio is the time ratio.", "",
+                  "| heads | tokens | ours default | ours best (config) | fla chunk_simple_gla | best / fla |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in pre:
+            fla = r.get("fla_tflops")
+            best = r.get("ours_best_tflops")
+            lines.append(
+                f"| {r['heads']} | {r['tokens']} | {fmt(r.get('ours_default_tflops'))} | "
+                f"{fmt(best)} ({r.get('best_config')}) | {fmt(fla)} | "
+                f"{fmt(best / fla if best and fla else None, 2)}x |")
+        lines.append("")
+    dec = [r for r in res.get("lightning_decode", []) if "gbps" in r]
+    if dec:
+        copy = ceil.get("copy_gbps")
+        lines += ["## Lightning decode (fp32 state pool, in place)", "", "| batch | heads | GB/s | of copy |",
+                  "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch']} | {r['heads']} | {r['gbps']:.0f} | {fmt(r['gbps'] / copy if copy else None, 2)} |"
+                  for r in dec]
+        lines.append("")
+    mer = [r for r in res.get("merge_state", []) if "gbps" in r]
+    if mer:
+        copy = ceil.get("copy_gbps")
+        lines += ["## merge_state (bf16 o, fp32 lse; 32 heads x 128)", "", "| parts | tokens | impl | GB/s | of copy |",
+                  "| ---: | ---: | --- | ---: | ---: |"]
+        for r in mer:
+            for name, g in r["gbps"].items():
+                frac = fmt(g / copy if copy else None, 2)
+                lines.append(f"| {r['parts']} | {r['tokens']} | {name} | {g:.0f} | {frac} |")
+        lines.append("")
+    ring = [r for r in res.get("ring_attention", []) if "tflops" in r]
+    if ring:
+        lines += ["## Ring-step attention on flashinfer (bf16, 32 q heads / 8 kv heads, d = 128)", "",
+                  "| tokens per side | case | TFLOP/s (attention_runs) | TFLOP/s (bare single_prefill) |",
+                  "| ---: | --- | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['case']} | {r['tflops']:.0f} | {fmt(r.get('raw_single_prefill_tflops'))} |"
+                  for r in ring]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode", "ring_attention",
+                                                      "lightning_prefill"])
+    p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
+    p.add_argument("--ring-tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later cases are skipped once spent")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    budget = Budget(args.time_budget)
+    res = {"environment": environment(), "counting": COUNTING}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"kernels_{device_slug(res['environment']['device'])}"
+    runners = {
+        "ceilings": lambda r: ceilings(r, budget),
+        "lightning_prefill": lambda r: lightning_prefill(r, budget, args.heads, args.tokens, args.configs),
+        "ring_attention": lambda r: ring_attention(r, budget, args.ring_tokens),
+        "merge_state": lambda r: merge_state(r, budget),
+        "lightning_decode": lambda r: lightning_decode(r, budget),
+    }
+    for section in args.sections:
+        res[section] = {} if section == "ceilings" else []
+        try:
+            runners[section](res[section])
+        except Exception as e:  # keep the other sections' results
+            res[f"{section}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"{section} failed: {res[f'{section}_error']}", file=sys.stderr)
+        tmp = stem.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, stem.with_suffix(".json"))
+    md = render_markdown(res)
+    stem.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
