@@ -1,0 +1,41 @@
+"""Smoke run of ``benchmarks/bench_serving.py`` against a real CPU server (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from server.models.builtin import builtin_model_path
+from tests.entrypoints.server_testing import REPO, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1"], tmp_path_factory.mktemp("srv") / "log")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.mark.parametrize("mode", [
+    ["--max-concurrency", "4"],
+    ["--request-rate", "50", "--prompt-format", "text", "--tokenizer-path", builtin_model_path()],
+], ids=["concurrency-ids", "rate-text"])
+def test_bench_serving_smoke(server, tmp_path, mode):
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "benchmarks/bench_serving.py", "--base-url", server.url, "--num-prompts", "6",
+           "--input-len", "24", "--output-len", "5", "--output-file", str(out), "--disable-tqdm", *mode]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == result
+    assert result["completed"] == 6 and result["failed"] == 0, result["errors"]
+    assert result["total_output_tokens"] == 6 * 5
+    if "--prompt-format" not in mode:  # token-id prompts have exactly --input-len tokens
+        assert result["total_input_tokens"] == 6 * 24
+    for metric in ("ttft", "tpot", "itl", "e2e_latency"):
+        for stat in ("mean", "median", "p99"):
+            assert result[f"{stat}_{metric}_ms"] > 0
+    assert result["request_throughput"] > 0 and result["output_throughput"] > 0
