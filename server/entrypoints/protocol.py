@@ -151,30 +151,23 @@ def _is_token_ids(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The messages as the chat template expects them (text content only)."""
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as the chat template expects them; content is a string or a list of text parts (which the
+    tokenizer joins), and only an assistant turn may leave it out."""
     if not req.messages:
         raise bad_request("'messages' must contain at least one message.", param="messages")
     out = []
     for i, m in enumerate(req.messages):
         content = m.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise bad_request(
-                        "Only text content parts ({'type': 'text', 'text': ...}) are supported.",
-                        param=f"messages.{i}.content",
-                    )
-                parts.append(part["text"])
-            content = "".join(parts)
-        elif content is None:
-            if m.role != "assistant":
-                raise bad_request(f"A '{m.role}' message must have content.", param=f"messages.{i}.content")
+        if content is None and m.role == "assistant":
             content = ""
-        elif not isinstance(content, str):
-            raise bad_request("Message content must be a string or a list of text parts.",
-                              param=f"messages.{i}.content")
+        text_parts = isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+        if not (isinstance(content, str) or text_parts):
+            raise bad_request(
+                "Message content must be a string or a list of text parts ({'type': 'text', 'text': ...}).",
+                param=f"messages.{i}.content",
+            )
         out.append({"role": m.role, "content": content})
     return out
 

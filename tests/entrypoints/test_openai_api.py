@@ -111,6 +111,15 @@ def test_chat_streaming_and_not(client, offline, tokenizer):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_chat_text_parts_are_joined_by_newlines(client):
+    kw = dict(model="builtin", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    parts = [{"type": "text", "text": "Where is"}, {"type": "text", "text": "the library?"}]
+    a = client.chat.completions.create(messages=[{"role": "user", "content": parts}], **kw)
+    b = client.chat.completions.create(messages=[{"role": "user", "content": "Where is\nthe library?"}], **kw)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
 def test_sse_framing_raw(server):
     body = {"model": "builtin", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "stream": True,
             "ignore_eos": True}

@@ -62,3 +62,14 @@ def test_sigint_stops_everything(tmp_path):
     assert tree
     assert srv.stop(signal.SIGINT) == 0, srv.log()
     assert wait_gone(tree) == []
+
+
+def test_killed_server_takes_engine_and_ranks_along(tmp_path):
+    """SIGKILL gives the server no chance to clean up: the parent-death signal ends the engine, then its ranks."""
+    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1", "--sp-size", "2"], tmp_path / "log")
+    tree = descendants(srv.proc.pid)
+    assert len(tree) >= 2  # the engine (rank 0) and rank 1
+    srv.proc.kill()
+    srv.proc.wait()
+    assert wait_gone(tree) == []
+    srv.stop()

@@ -1,0 +1,74 @@
+"""Request parsing and sampling-parameter resolution, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.entrypoints.protocol import (
+    SEED_MODULUS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_messages,
+    normalize_prompt,
+    parse_body,
+    sampling_params_for,
+)
+
+
+def parse(body: dict, model=CompletionRequest):
+    return parse_body(json.dumps(body).encode(), model)
+
+
+def resolve(body: dict, prompt_len: int = 10, n: int = 1, max_model_len: int = 100):
+    req = parse({"prompt": "x", **body})
+    return sampling_params_for(req, max_tokens=req.max_tokens, logprobs=None, prompt_len=prompt_len,
+                               max_model_len=max_model_len, n=n, vocab_size=50)
+
+
+def test_strict_types_and_ignored_fields():
+    assert parse({"prompt": "x", "temperature": 1, "no_such_field": [1]}).temperature == 1.0
+    for field, value in [("max_tokens", True), ("max_tokens", "3"), ("temperature", "0.5"), ("echo", 1)]:
+        with pytest.raises(APIError) as e:
+            parse({"prompt": "x", field: value})
+        assert (e.value.status, e.value.param, e.value.code) == (400, field, "invalid_type")
+
+
+def test_defaults_fill_the_context_and_seeds_wrap():
+    [p] = resolve({})
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (90, 1.0, 1.0, -1, None, [])
+    params = resolve({"seed": SEED_MODULUS - 1, "top_k": 0, "stop": "\n"}, n=3)
+    assert [p.seed for p in params] == [SEED_MODULUS - 1, 0, 1]
+    assert all(p.top_k == -1 and p.stop == ["\n"] for p in params)
+    assert resolve({"seed": -1})[0].seed == SEED_MODULUS - 1
+
+
+@pytest.mark.parametrize("body, prompt_len", [({"max_tokens": 91}, 10), ({}, 100)])
+def test_context_length_exceeded(body, prompt_len):
+    with pytest.raises(APIError) as e:
+        resolve(body, prompt_len=prompt_len)
+    assert e.value.code == "context_length_exceeded"
+    assert "maximum context length is 100 tokens" in e.value.message
+
+
+def test_prompt_shapes():
+    assert normalize_prompt("a", 50) == ["a"]
+    assert normalize_prompt([1, 2], 50) == [[1, 2]]
+    assert normalize_prompt([[1], [2, 3]], 50) == [[1], [2, 3]]
+    assert normalize_prompt(["a", "b"], 50) == ["a", "b"]
+    for bad in ([True, 2], ["a", 1], [[]], [50], {"a": 1}, None):
+        with pytest.raises(APIError):
+            normalize_prompt(bad, 50)
+
+
+def test_chat_content_forms():
+    req = parse({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                              {"role": "assistant", "content": None}]}, ChatCompletionRequest)
+    assert chat_messages(req) == [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                                  {"role": "assistant", "content": ""}]
+    req = parse({"messages": [{"role": "user", "content": None}]}, ChatCompletionRequest)
+    with pytest.raises(APIError) as e:
+        chat_messages(req)
+    assert e.value.param == "messages.0.content"
