@@ -36,11 +36,6 @@ class ServerArgs:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.engine.max_waiting_requests}")
         if self.engine.cpu_cache_gb <= 0:
             raise ValueError(f"--cpu-cache-gb must be > 0, got {self.engine.cpu_cache_gb}")
-        if self.engine.nnodes < 1 or not 0 <= self.engine.node_rank < self.engine.nnodes:
-            raise ValueError(
-                f"--node-rank must be in [0, --nnodes), got --node-rank {self.engine.node_rank} "
-                f"--nnodes {self.engine.nnodes}"
-            )
         for flag, path in (("--model-path", self.engine.model_path), ("--tokenizer-path", self.engine.tokenizer_path)):
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"{flag} {path!r} is not a directory (expected a Hugging Face model directory)")
@@ -59,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None,
                      help="the model name clients send; default: --model-path as given, or 'builtin'")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /generate")
-    srv.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    srv.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="also the engine's and the ranks'")
 
     mdl = p.add_argument_group("model")
     mdl.add_argument("--model-path", default=None,
                      help="Hugging Face model directory; default: the small built-in model (random weights)")
     mdl.add_argument("--tokenizer-path", default=None, help="tokenizer directory; default: the model's")
-    mdl.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    mdl.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                     help="auto: the checkpoint's dtype on CUDA (bfloat16 for float32 checkpoints), float32 on CPU")
     mdl.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
                      help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     mdl.add_argument("--max-model-len", type=int, default=None,
@@ -82,15 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--lasp-mode", default=d.lasp_mode, choices=("ring", "allgather"),
                      help="how lightning-attention layers get their incoming state (allgather = LASP-2)")
     par.add_argument("--disable-seq-parallel-tp", dest="seq_parallel_tp", action="store_false",
+                     default=argparse.SUPPRESS,
                      help="keep the residual stream replicated over TP during long SP prefills")
-    par.add_argument("--dist-init-addr", default=None, help="tcp://host:port of the workers' rendezvous")
-    par.add_argument("--nnodes", type=int, default=d.nnodes)
-    par.add_argument("--node-rank", type=int, default=d.node_rank)
+    par.add_argument("--dist-init-addr", default=None,
+                     help="tcp://host:port for the ranks' rendezvous; default: a free local port")
 
     run = p.add_argument_group("runtime")
-    run.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"))
-    run.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
-    run.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    run.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"), help="auto: cuda if available")
+    run.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS,
+                     help="auto: flashinfer on CUDA if installed, torch otherwise")
+    run.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                     help="requests decoded together in one batch")
     run.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
                      help="requests queued beyond the running ones; more are answered 429 with Retry-After")
     run.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
