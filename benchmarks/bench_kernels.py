@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.kernels.lightning import (  # noqa: E402
     lightning_decode_triton,
     lightning_prefill_triton,
+    lightning_state_correction_triton,
 )
 from server.kernels.lightning_ref import lightning_prefill_ref  # noqa: E402
 from server.kernels.merge_state import flashinfer_cascade, merge_state_triton, merge_states_triton  # noqa: E402
@@ -45,24 +46,22 @@ COUNTING = {
         "+ 2*Dk*Dv (state update K^T V), C = 64; the same count for ours and fla, so the ratio is the time ratio"
     ),
     "lightning_prefill_bytes": "q, k, v read once and o written once (bf16); states ignored",
+    "lightning_correction_bytes": "q and o read, corrected o written (bf16); states ignored",
     "lightning_decode_bytes": "fp32 state read + written (2 * B*H*Dk*Dv*4) + q, k, v, o (bf16)",
     "merge_bytes": "K partial o (bf16) + lse (fp32) read, one o + lse written",
     "attention_flops": "4 * Hq * D per visible (query, key) pair (QK^T and PV); causal counts the lower triangle",
     "copy_bandwidth": "device-to-device copy of 1 GiB, bytes read + bytes written",
 }
-# Lightning prefill variants swept per shape; "default" is what ops.lightning_prefill runs.
+# Lightning prefill variants swept per shape: "default" is what ops.lightning_prefill runs (block 64, value slice
+# 64, 4 warps, 3 stages, segments for about one program per SM); the others change one knob of it.
 PREFILL_CONFIGS: dict[str, dict] = {
     "default": {},
-    "b64_v64_w8": dict(block=64, block_v=64, num_warps=8),
-    "b64_v64_w4_s3": dict(block=64, block_v=64, num_warps=4, num_stages=3),
-    "b64_v128_w8": dict(block=64, block_v=128, num_warps=8),
-    "b64_v32_w4": dict(block=64, block_v=32, num_warps=4),
-    "b64_v32_w8": dict(block=64, block_v=32, num_warps=8),
-    "b128_v64_w8": dict(block=128, block_v=64, num_warps=8),
-    "seg1": dict(num_segments=1),
-    "seg2": dict(num_segments=2),
-    "seg4": dict(num_segments=4),
-    "seg16": dict(num_segments=16),
+    "s2": dict(num_stages=2),
+    "s4": dict(num_stages=4),
+    "w8": dict(num_warps=8),
+    "v128_w8": dict(block_v=128, num_warps=8),
+    "v32_s4": dict(block_v=32, num_stages=4),
+    **{f"seg{n}": dict(num_segments=n) for n in (1, 2, 4, 8, 16)},
 }
 
 
@@ -176,6 +175,7 @@ def lightning_prefill(rows: list, budget: Budget, heads: list[int], tokens: list
                 best = min(ok, key=ok.get)
                 row["best_config"] = best
                 row["ours_default_tflops"] = flops / ok["default"] / 1e9 if "default" in ok else None
+                row["ours_default_gbps"] = nbytes / ok["default"] / 1e6 if "default" in ok else None
                 row["ours_best_tflops"] = flops / ok[best] / 1e9
                 row["ours_best_gbps"] = nbytes / ok[best] / 1e6
             if chunk_simple_gla is not None:
@@ -199,6 +199,20 @@ def lightning_prefill(rows: list, budget: Budget, heads: list[int], tokens: list
                     row["fla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         del q, k, v
+        torch.cuda.empty_cache()
+
+
+def lightning_correction(rows: list, budget: Budget) -> None:
+    for h, t in tqdm([(64, 32768), (64, 131072), (8, 32768), (8, 131072)], desc="lightning correction", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"heads": h, "tokens": t, "skipped": "time budget"})
+            continue
+        q, o = (torch.randn(t, h, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        states = torch.randn(1, h, HEAD_DIM, HEAD_DIM, device="cuda")
+        cu = torch.tensor([0, t], device="cuda", dtype=torch.int32)
+        ms = bench_ms(partial(lightning_state_correction_triton, o, q, minimax_slopes(64, h), cu, states))
+        rows.append({"heads": h, "tokens": t, "ms": ms, "gbps": 3 * t * h * HEAD_DIM * 2 / ms / 1e6})
+        del q, o
         torch.cuda.empty_cache()
 
 
@@ -298,17 +312,28 @@ def render_markdown(res: dict) -> str:
                   f"bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s.", ""]
     pre = [r for r in res.get("lightning_prefill", []) if "gflop" in r]
     if pre:
+        copy = ceil.get("copy_gbps")
         lines += ["## Lightning prefill (bf16, d = 128, one sequence, initial state in, final state out)", "",
-                  "TFLOP/s by the count in `counting`; the same count for both, so the ratio is the time ratio.", "",
-                  "| heads | tokens | ours default | ours best (config) | fla chunk_simple_gla | best / fla |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "TFLOP/s by the count in `counting` (the same for both, so ratios are time ratios); GB/s counts",
+                  "q, k, v, o once each.", "",
+                  "| heads | tokens | ours (default) | fla chunk_simple_gla | ours / fla | ours GB/s (of copy) "
+                  "| best variant |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in pre:
-            fla = r.get("fla_tflops")
-            best = r.get("ours_best_tflops")
+            ours, fla, gbps = r.get("ours_default_tflops"), r.get("fla_tflops"), r.get("ours_default_gbps")
             lines.append(
-                f"| {r['heads']} | {r['tokens']} | {fmt(r.get('ours_default_tflops'))} | "
-                f"{fmt(best)} ({r.get('best_config')}) | {fmt(fla)} | "
-                f"{fmt(best / fla if best and fla else None, 2)}x |")
+                f"| {r['heads']} | {r['tokens']} | {fmt(ours)} | {fmt(fla)} | "
+                f"{fmt(ours / fla if ours and fla else None, 2)}x | {fmt(gbps)} "
+                f"({fmt(gbps / copy if gbps and copy else None, 2)}) | {r.get('best_config')} "
+                f"{fmt(r.get('ours_best_tflops'))} |")
+        lines.append("")
+    cor = [r for r in res.get("lightning_correction", []) if "gbps" in r]
+    if cor:
+        copy = ceil.get("copy_gbps")
+        lines += ["## LASP state correction (bf16)", "", "| heads | tokens | GB/s | of copy |",
+                  "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['heads']} | {r['tokens']} | {r['gbps']:.0f} | {fmt(r['gbps'] / copy if copy else None, 2)} |"
+                  for r in cor]
         lines.append("")
     dec = [r for r in res.get("lightning_decode", []) if "gbps" in r]
     if dec:
@@ -346,8 +371,8 @@ def fmt(x: float | None, digits: int = 0) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode", "ring_attention",
-                                                      "lightning_prefill"])
+    p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
+                                                      "lightning_correction", "ring_attention", "lightning_prefill"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
@@ -367,6 +392,7 @@ def main() -> None:
         "ring_attention": lambda r: ring_attention(r, budget, args.ring_tokens),
         "merge_state": lambda r: merge_state(r, budget),
         "lightning_decode": lambda r: lightning_decode(r, budget),
+        "lightning_correction": lambda r: lightning_correction(r, budget),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []

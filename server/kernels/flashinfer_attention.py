@@ -19,6 +19,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -92,13 +93,20 @@ def attention_runs_by_pieces(
     if len(pieces) == 1 and pieces[0].q_start == 0 and pieces[0].q_len == nq:
         p = pieces[0]
         return piece_attention(q, k[p.k_start:p.k_start + p.k_len], v[p.k_start:p.k_start + p.k_len], p.causal, scale)
-    # Several pieces (or uncovered rows): accumulate in fp32 so that merging adds no half-precision rounding.
-    o_acc = torch.zeros(nq, hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    # Pieces on disjoint rows are written in place; rows several pieces share are merged in fp32, so that
+    # merging adds no half-precision rounding.
+    spans = sorted((p.q_start, p.q_start + p.q_len) for p in pieces)
+    disjoint = all(end <= nxt for (_, end), (nxt, _) in pairwise(spans))
+    acc_dtype = q.dtype if disjoint else torch.float32
+    o_acc = torch.zeros(nq, hq, v.shape[-1], dtype=acc_dtype, device=q.device)
     lse_acc = torch.full((nq, hq), -math.inf, dtype=torch.float32, device=q.device)
     for p in pieces:
         qs, ks = slice(p.q_start, p.q_start + p.q_len), slice(p.k_start, p.k_start + p.k_len)
         o_p, lse_p = piece_attention(q[qs], k[ks], v[ks], p.causal, scale)
-        merge_state_into(o_acc[qs], lse_acc[qs], o_p, lse_p)
+        if disjoint:
+            o_acc[qs], lse_acc[qs] = o_p, lse_p
+        else:
+            merge_state_into(o_acc[qs], lse_acc[qs], o_p, lse_p)
     return o_acc.to(q.dtype), lse_acc
 
 

@@ -221,14 +221,14 @@ def lightning_prefill_triton(
     block_v: int | None = None,
     num_segments: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen lightning prefill. q/k ``[T, H, Dk]``, v ``[T, H, Dv]`` packed by ``cu_seqlens [B+1]``;
     slopes ``[H]``; initial_states ``[B, H, Dk, Dv]`` fp32 or None (zeros, the LASP ``M`` mode).
 
     Returns ``o [T, H, Dv]`` in q's dtype and final states ``[B, H, Dk, Dv]`` fp32.
     ``block`` is the intra block (>= 16, power of 2), ``block_v`` the value slice per program;
-    ``num_segments`` cuts each sequence for parallelism (default: enough programs for two per SM).
+    ``num_segments`` cuts each sequence for parallelism (default: about one program per SM).
     """
     _check_last_dim_contiguous(q=q, k=k, v=v)
     n_tok, h, dk = q.shape
@@ -246,10 +246,9 @@ def lightning_prefill_triton(
     nv = triton.cdiv(dv, bv)
     programs = b * h * nv
     if num_segments is None:
-        # About one program per SM already keeps the device busy; fewer get cut to about two per SM, at
-        # the price of a first pass that reads k and v once more.
-        sms = _sm_count_of(dev)
-        num_segments = 1 if 10 * programs >= 9 * sms else triton.cdiv(2 * sms, programs)
+        # A program holds a whole SM (3-stage pipelined tiles fill its shared memory), so aim for one wave of
+        # one program per SM; cutting costs a first pass that reads k and v of all but the last segment.
+        num_segments = max(1, _sm_count_of(dev) // programs)
     # Every sequence holds at most n_tok tokens, so segments of this length number at most num_segments.
     seg_len = block * max(1, triton.cdiv(triton.cdiv(max(n_tok, 1), num_segments), block))
     # The kernel addresses rows inside a segment with 32-bit offsets: cap the segment so they cannot overflow.

@@ -23,15 +23,16 @@ from server.kernels.merge_state_ref import merge_state_ref
 @triton.jit
 def _merge_states_kernel(
     O_FIRST, LSE_FIRST, O_REST, LSE_REST, O_OUT, LSE_OUT,
-    n_rows, H, D, num_rest,
+    n_rows, H, D,
     s_of_n, s_of_h, s_lf_n, s_lf_h,
     s_or_k, s_or_n, s_or_h, s_lr_k, s_lr_n, s_lr_h,
     s_oo_n, s_oo_h, s_lo_n, s_lo_h,
-    BLOCK_R: tl.constexpr, BD: tl.constexpr,
+    NUM_REST: tl.constexpr, BLOCK_R: tl.constexpr, BD: tl.constexpr,
 ):
     """Rows are (n, h) pairs, ``BLOCK_R`` of them per program, each a full head dim. o tensors ``[N, H, D]`` with
     a contiguous last dim (the rest ``[K-1, N, H, D]``), lse tensors ``[N, H]`` fp32 (rest ``[K-1, N, H]``).
-    The output may alias the first input: each program reads its rows before writing them."""
+    The output may alias the first input: each program reads its rows before writing them. NUM_REST is a
+    compile-time count so the loop unrolls and all parts' loads are in flight together."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < n_rows
     n = (rows // H).to(tl.int64)
@@ -45,7 +46,7 @@ def _merge_states_kernel(
     den = tl.exp2(m - m_safe)
     acc = tl.load(O_FIRST + n[:, None] * s_of_n + h[:, None] * s_of_h + offs_d[None, :], mask=mask, other=0.0)
     acc = acc.to(tl.float32) * den[:, None]
-    for k in range(0, num_rest):
+    for k in tl.static_range(NUM_REST):
         lse = tl.load(LSE_REST + k * s_lr_k + n * s_lr_n + h * s_lr_h, mask=mask_r, other=float("-inf"))
         o = tl.load(O_REST + k * s_or_k + n[:, None] * s_or_n + h[:, None] * s_or_h + offs_d[None, :],
                     mask=mask, other=0.0).to(tl.float32)
@@ -79,11 +80,11 @@ def _launch(o_first, lse_first, o_rest, lse_rest, num_rest, o_out, lse_out) -> N
         else (0, *lse_rest.stride())
     _merge_states_kernel[(triton.cdiv(n * h, block_r),)](
         o_first, lse_first, o_rest, lse_rest, o_out, lse_out,
-        n * h, h, d, num_rest,
+        n * h, h, d,
         o_first.stride(0), o_first.stride(1), lse_first.stride(0), lse_first.stride(1),
         *rest_o, *rest_l,
         o_out.stride(0), o_out.stride(1), lse_out.stride(0), lse_out.stride(1),
-        BLOCK_R=block_r, BD=bd, num_warps=4,
+        NUM_REST=num_rest, BLOCK_R=block_r, BD=bd, num_warps=4,
     )
 
 
