@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from server.config import EngineConfig
-from server.engine.io_struct import AbortRequest, EngineStats, GenerateRequest, RequestOutput, RequestRejected
+from server.engine.io_struct import AbortRequest, EngineStats, GenerateRequest, RequestOutput
 from server.engine.procutil import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket) -> None:
             if isinstance(msg, GenerateRequest):
                 try:
                     engine.add_request(msg)
-                except RequestRejected as e:
-                    rejected.append(Rejection(msg.rid, str(e), e.code))
+                except ValueError as e:  # RequestRejected, or parameters the engine refuses
+                    rejected.append(Rejection(msg.rid, str(e), getattr(e, "code", "invalid_request")))
             elif isinstance(msg, AbortRequest):
                 engine.abort_request(msg.rid)
         outputs = engine.step() if engine.has_unfinished() else []

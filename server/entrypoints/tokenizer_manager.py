@@ -251,24 +251,32 @@ class TokenizerManager:
     async def _receive_loop(self) -> None:
         while True:
             msg = await self._from_engine.recv_pyobj()
-            if isinstance(msg, EngineOutputs):
-                self._on_outputs(msg)
-            elif isinstance(msg, EngineReady):
-                await self._on_ready(msg)
-            elif isinstance(msg, EngineStartFailed):
-                logger.debug("engine start-up failed:\n%s", msg.traceback)
-                self._fatal(f"the engine failed to start: {msg.message}")
-            elif isinstance(msg, EngineCrashed):
-                logger.error("engine crashed:\n%s", msg.traceback)
-                # A dead worker makes rank 0's next collective fail: name the cause, not the symptom.
-                self._on_death(self._dead_process() or f"engine crashed: {msg.message.splitlines()[0][:300]}")
+            try:
+                await self._on_message(msg)
+            except Exception as e:  # a bug here must not leave every waiting client hanging
+                logger.exception("failed to handle %s from the engine", type(msg).__name__)
+                self._on_death(f"internal error in the server: {type(e).__name__}: {e}")
+                return
+
+    async def _on_message(self, msg: object) -> None:
+        if isinstance(msg, EngineOutputs):
+            self._on_outputs(msg)
+        elif isinstance(msg, EngineReady):
+            await self._on_ready(msg)
+        elif isinstance(msg, EngineStartFailed):
+            logger.debug("engine start-up failed:\n%s", msg.traceback)
+            self._on_death(f"the engine failed to start: {msg.message}")
+        elif isinstance(msg, EngineCrashed):
+            logger.error("engine crashed:\n%s", msg.traceback)
+            # A dead worker makes rank 0's next collective fail: name the cause, not the symptom.
+            self._on_death(self._dead_process() or f"engine crashed: {msg.message.splitlines()[0][:300]}")
 
     async def _on_ready(self, msg: EngineReady) -> None:
         path = self.args.engine.tokenizer_path or msg.tokenizer_path
         try:
             self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
         except Exception as e:
-            self._fatal(f"could not load the tokenizer from {path!r}: {e}")
+            self._on_death(f"could not load the tokenizer from {path!r}: {e}")
             return
         self.max_model_len = msg.max_model_len
         self.vocab_size = self.tokenizer.vocab_size
@@ -346,22 +354,22 @@ class TokenizerManager:
     async def _watch_loop(self) -> None:
         while self.dead_reason is None:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            if not self._proc.is_alive() and not self._ready:
-                await asyncio.sleep(1.0)  # let the receive loop deliver the engine's own last words first
-                self._fatal(f"the engine process exited with code {self._proc.exitcode} before it was ready")
-            elif (reason := self._dead_process()) is not None:
+            reason = self._dead_process()
+            if reason is not None:
+                if not self._ready:
+                    await asyncio.sleep(1.0)  # let the receive loop deliver the engine's own last words first
+                    reason += " before it was ready"
                 self._on_death(reason)
 
-    def _fatal(self, message: str) -> None:
-        """The engine never became ready: the server cannot serve and exits."""
-        if self.dead_reason is None:
-            self.dead_reason = message
-            self._on_fatal(message)
-
     def _on_death(self, reason: str) -> None:
+        """The engine is gone for good. Before it was ready the server cannot serve at all and exits; after,
+        it fails what is in flight and keeps answering /health with 503."""
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
+        if not self._ready:
+            self._on_fatal(reason)
+            return
         self.metrics.healthy.set(0)
         logger.error("%s; failing %d in-flight request(s); /health now fails", reason, len(self._choices))
         self._fail_all(APIError(500, f"The engine failed: {reason}.", type="server_error", code="engine_dead"))
