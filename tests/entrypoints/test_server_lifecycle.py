@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
 from tests.entrypoints.server_testing import (
@@ -42,6 +46,15 @@ def test_engine_that_cannot_start_exits_nonzero(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "vocab_size": 10}))
     srv = ServerProcess(["--device", "cpu", "--model-path", str(model)], tmp_path / "log")
+    health = []  # /health while the engine is starting (and failing): never 200
+    deadline = time.monotonic() + 300
+    while srv.proc.poll() is None and time.monotonic() < deadline:
+        if m := re.search(r"listening on (http://[\d.]+:\d+)", srv.log()):
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"{m.group(1)}/health", timeout=5)
+                health.append((r.status_code, r.json()["status"]))
+        time.sleep(0.05)
+    assert health and set(health) <= {(503, "loading"), (503, "failed")}, health
     assert srv.proc.wait(timeout=300) == 1
     errors = [line for line in srv.log().splitlines() if line.startswith("launch_server.py: error:")]
     assert len(errors) == 1 and "NoSuchForCausalLM" in errors[0], srv.log()
