@@ -136,10 +136,6 @@ class TokenizerManager:
     def healthy(self) -> bool:
         return self._ready and self.dead_reason is None
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._choices)
-
     # ---- lifetime --------------------------------------------------------------------------------------------
     async def start(self, on_fatal: Callable[[str], None]) -> None:
         """Start the engine process; ``on_fatal(message)`` is called if it fails before it is ready."""
