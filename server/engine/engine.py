@@ -18,7 +18,7 @@ from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput,
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.engine.worker import send_plan, setup_rank, worker_main
+from server.engine.worker import MEMORY_STATS, gather_memory_stats, send_plan, setup_rank, worker_main
 from server.layers.sampler import SampleRequest, sample
 from server.models.builtin import builtin_model_path
 from server.models.loader import read_model_config
@@ -178,6 +178,11 @@ class Engine:
             kv_pages_used=self.cache.pages_used(), kv_pages_total=self.cache.num_pages * self.cache.sp_size,
             state_slots_used=self.cache.num_slots - len(self.cache.free_slots), state_slots_total=self.cache.num_slots,
         )
+
+    def memory_stats(self, reset: bool = True) -> list[dict]:
+        """Every rank's device memory (peak allocated since the last reset, allocated now), by rank."""
+        send_plan(self.pstate, (MEMORY_STATS, reset))
+        return gather_memory_stats(self.pstate, reset)
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.procs]

@@ -53,6 +53,30 @@ def send_plan(pstate: ParallelState, plan) -> None:
         dist.broadcast_object_list([plan], src=0, group=pstate.world_cpu_group)
 
 
+MEMORY_STATS = "memory_stats"  # control message: every rank reports its peak device memory
+
+
+def memory_stats(pstate: ParallelState, reset: bool) -> dict:
+    """This rank's device memory: peak allocated since the last reset, and currently allocated (bytes)."""
+    dev = pstate.device
+    if dev.type != "cuda":
+        return {"rank": pstate.rank, "peak_bytes": 0, "allocated_bytes": 0}
+    out = {"rank": pstate.rank, "peak_bytes": torch.cuda.max_memory_allocated(dev),
+           "allocated_bytes": torch.cuda.memory_allocated(dev)}
+    if reset:
+        torch.cuda.reset_peak_memory_stats(dev)
+    return out
+
+
+def gather_memory_stats(pstate: ParallelState, reset: bool) -> list[dict] | None:
+    mine = memory_stats(pstate, reset)
+    if pstate.world_size == 1:
+        return [mine]
+    box = [None] * pstate.world_size if pstate.is_driver else None
+    dist.gather_object(mine, box, dst=0, group=pstate.world_cpu_group)
+    return box
+
+
 def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: str, log_level: str = "WARNING") -> None:
     """Ranks 1..W-1: run every step rank 0 broadcasts, until it broadcasts ``None``."""
     die_with_parent()
@@ -63,6 +87,9 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
             plan = receive_plan(pstate)
             if plan is None:
                 break
+            if isinstance(plan, tuple) and plan[0] == MEMORY_STATS:
+                gather_memory_stats(pstate, plan[1])
+                continue
             runner.run(plan)
         dist.destroy_process_group()
     except Exception:

@@ -1,0 +1,181 @@
+"""Long-context prefill benchmark: context x sp x tp grid on dummy weights at real model shapes.
+
+Reports TTFT (one request, max_tokens=1), prefill tokens/s, speedup and parallel efficiency against sp=1 at
+the same tp, MFU against the device's dense bf16 peak, and per-GPU memory (peak allocated, and the activation
+peak above the weights + cache pool). Results: JSON (``--out``), a PNG plot (``--plot``) and a printed table.
+
+    python benchmarks/bench_prefill.py --model llama3-8b minimax-hybrid --context 32768 131072 --sp-size 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.model_shapes import SHAPES, prefill_flops, shape_dir  # noqa: E402
+from server import LLM, SamplingParams  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
+
+
+def device_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
+    try:
+        import flashinfer
+
+        info["flashinfer"] = flashinfer.__version__
+    except ImportError:
+        info["flashinfer"] = None
+    import triton
+
+    info["triton"] = triton.__version__
+    return info
+
+
+def peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def model_dir(model: str) -> str:
+    return shape_dir(model) if model in SHAPES else model
+
+
+def model_config(model: str) -> dict:
+    with open(os.path.join(model_dir(model), "config.json")) as f:
+        return json.load(f)
+
+
+def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], args) -> list[dict]:
+    rows = []
+    cfg = model_config(model)
+    kw = dict(device=args.device, load_format="dummy", sp_size=sp, tp_size=tp, max_running_requests=2,
+              chunked_prefill_size=args.chunk or max(contexts), sp_min_tokens=args.sp_min_tokens,
+              ring_mode=args.ring_mode, lasp_mode=args.lasp_mode, mem_fraction_static=args.mem_fraction,
+              max_model_len=max(contexts) + 8)
+    with LLM(path, **kw) as llm:
+        eng = llm.engine
+        capacity = eng.cache.capacity_tokens
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        warm = min(4096, min(contexts))
+        llm.generate([list(range(warm))], params)  # JIT compiles, allocator warm-up
+        base = {s["rank"]: s["allocated_bytes"] for s in eng.memory_stats(reset=True)}
+        for n in contexts:
+            row = dict(model=os.path.basename(model.rstrip("/")), sp=sp, tp=tp, context=n, ring_mode=args.ring_mode, lasp_mode=args.lasp_mode,
+                       kv_capacity_tokens=capacity)
+            if n + 1 + eng.config.sp_size * eng.config.page_size > capacity:
+                row["error"] = f"does not fit: KV capacity {capacity} tokens"
+                rows.append(row)
+                continue
+            ids = torch.randint(0, cfg["vocab_size"], (n,)).tolist()
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                llm.generate([ids], params)
+                times.append(time.perf_counter() - t0)
+            mem = eng.memory_stats(reset=True)
+            ttft = min(times)
+            flops = prefill_flops(cfg, n)
+            peak = peak_tflops()
+            row.update(ttft_s=ttft, ttft_all_s=times, tokens_per_s=n / ttft, tflops_per_gpu=flops / ttft / sp / tp / 1e12,
+                       mfu=(flops / ttft / (sp * tp) / (peak * 1e12)) if peak else None,
+                       peak_mem_gib=[round(m["peak_bytes"] / 2**30, 2) for m in mem],
+                       activation_peak_gib=[round((m["peak_bytes"] - base[m["rank"]]) / 2**30, 2) for m in mem])
+            rows.append(row)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    ref = {(r["model"], r["tp"], r["context"]): r["ttft_s"] for r in rows if r["sp"] == 1 and "ttft_s" in r}
+    for r in rows:
+        base = ref.get((r["model"], r["tp"], r["context"]))
+        if base and "ttft_s" in r:
+            r["speedup"] = base / r["ttft_s"]
+            r["efficiency"] = r["speedup"] / r["sp"]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':16} {'sp':>2} {'tp':>2} {'context':>8} {'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} "
+          f"{'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}")
+    for r in rows:
+        if "ttft_s" not in r:
+            print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8}  {r.get('error')}")
+            continue
+        mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
+        print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8} {r['ttft_s']:>8.3f} "
+              f"{r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} {r.get('efficiency', float('nan')):>5.2f} "
+              f"{mfu:>5} {max(r['peak_mem_gib']):>13.1f} {max(r['activation_peak_gib']):>8.1f}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for sp, tp in sorted({(r["sp"], r["tp"]) for r in rows if r["model"] == m}):
+            pts = sorted((r["context"], r["ttft_s"]) for r in rows
+                         if r["model"] == m and r["sp"] == sp and r["tp"] == tp and "ttft_s" in r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"sp={sp} tp={tp}")
+        ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (s)", title=m)
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["llama3-8b"],
+                    help=f"built-in shapes {sorted(SHAPES)} or model directories (their config.json is used)")
+    ap.add_argument("--context", nargs="+", type=int, default=[32768, 131072])
+    ap.add_argument("--sp-size", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--tp-size", nargs="+", type=int, default=[1])
+    ap.add_argument("--ring-mode", default="ring", choices=["ring", "allgather"])
+    ap.add_argument("--lasp-mode", default="ring", choices=["ring", "allgather"])
+    ap.add_argument("--chunk", type=int, default=0, help="chunked prefill size (0: the largest context)")
+    ap.add_argument("--sp-min-tokens", type=int, default=1024)
+    ap.add_argument("--mem-fraction", type=float, default=0.85)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--plot", default=None, help="PNG plot file")
+    args = ap.parse_args()
+    grid = [(m, sp, tp) for m in args.model for tp in args.tp_size for sp in args.sp_size]
+    rows: list[dict] = []
+    for m, sp, tp in tqdm(grid, desc="configs"):
+        try:
+            rows += run_config(m, model_dir(m), sp, tp, sorted(args.context), args)
+        except Exception as e:  # one failing config (e.g. out of memory) must not lose the others
+            rows.append(dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}"))
+    add_speedups(rows)
+    print_table(rows)
+    result = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "device": device_info(), "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
