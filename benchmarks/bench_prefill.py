@@ -63,10 +63,19 @@ def model_config(model: str) -> dict:
 def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], args) -> list[dict]:
     rows = []
     cfg = model_config(model)
-    kw = dict(device=args.device, load_format="dummy", sp_size=sp, tp_size=tp, max_running_requests=2,
-              chunked_prefill_size=args.chunk or max(contexts), sp_min_tokens=args.sp_min_tokens,
-              ring_mode=args.ring_mode, lasp_mode=args.lasp_mode, mem_fraction_static=args.mem_fraction,
-              max_model_len=max(contexts) + 8)
+    kw = dict(
+        device=args.device,
+        load_format="dummy",
+        sp_size=sp,
+        tp_size=tp,
+        max_running_requests=2,
+        chunked_prefill_size=args.chunk or max(contexts),
+        sp_min_tokens=args.sp_min_tokens,
+        ring_mode=args.ring_mode,
+        lasp_mode=args.lasp_mode,
+        mem_fraction_static=args.mem_fraction,
+        max_model_len=max(contexts) + 8,
+    )
     with LLM(path, **kw) as llm:
         eng = llm.engine
         capacity = eng.cache.capacity_tokens
@@ -75,8 +84,15 @@ def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], arg
         llm.generate([list(range(warm))], params)  # JIT compiles, allocator warm-up
         base = {s["rank"]: s["allocated_bytes"] for s in eng.memory_stats(reset=True)}
         for n in contexts:
-            row = dict(model=os.path.basename(model.rstrip("/")), sp=sp, tp=tp, context=n, ring_mode=args.ring_mode, lasp_mode=args.lasp_mode,
-                       kv_capacity_tokens=capacity)
+            row = dict(
+                model=os.path.basename(model.rstrip("/")),
+                sp=sp,
+                tp=tp,
+                context=n,
+                ring_mode=args.ring_mode,
+                lasp_mode=args.lasp_mode,
+                kv_capacity_tokens=capacity,
+            )
             if n + 1 + eng.config.sp_size * eng.config.page_size > capacity:
                 row["error"] = f"does not fit: KV capacity {capacity} tokens"
                 rows.append(row)
@@ -91,10 +107,15 @@ def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], arg
             ttft = min(times)
             flops = prefill_flops(cfg, n)
             peak = peak_tflops()
-            row.update(ttft_s=ttft, ttft_all_s=times, tokens_per_s=n / ttft, tflops_per_gpu=flops / ttft / sp / tp / 1e12,
-                       mfu=(flops / ttft / (sp * tp) / (peak * 1e12)) if peak else None,
-                       peak_mem_gib=[round(m["peak_bytes"] / 2**30, 2) for m in mem],
-                       activation_peak_gib=[round((m["peak_bytes"] - base[m["rank"]]) / 2**30, 2) for m in mem])
+            row.update(
+                ttft_s=ttft,
+                ttft_all_s=times,
+                tokens_per_s=n / ttft,
+                tflops_per_gpu=flops / ttft / sp / tp / 1e12,
+                mfu=(flops / ttft / (sp * tp) / (peak * 1e12)) if peak else None,
+                peak_mem_gib=[round(m["peak_bytes"] / 2**30, 2) for m in mem],
+                activation_peak_gib=[round((m["peak_bytes"] - base[m["rank"]]) / 2**30, 2) for m in mem],
+            )
             rows.append(row)
     return rows
 
@@ -109,16 +130,21 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':16} {'sp':>2} {'tp':>2} {'context':>8} {'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} "
-          f"{'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}")
+    print(
+        f"{'model':16} {'sp':>2} {'tp':>2} {'context':>8} {'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} "
+        f"{'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
+    )
     for r in rows:
         if "ttft_s" not in r:
             print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8}  {r.get('error')}")
             continue
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
-        print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8} {r['ttft_s']:>8.3f} "
-              f"{r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} {r.get('efficiency', float('nan')):>5.2f} "
-              f"{mfu:>5} {max(r['peak_mem_gib']):>13.1f} {max(r['activation_peak_gib']):>8.1f}")
+        print(
+            f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8} {r['ttft_s']:>8.3f} "
+            f"{r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} "
+            f"{r.get('efficiency', float('nan')):>5.2f} "
+            f"{mfu:>5} {max(r['peak_mem_gib']):>13.1f} {max(r['activation_peak_gib']):>8.1f}"
+        )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -131,8 +157,11 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
         for sp, tp in sorted({(r["sp"], r["tp"]) for r in rows if r["model"] == m}):
-            pts = sorted((r["context"], r["ttft_s"]) for r in rows
-                         if r["model"] == m and r["sp"] == sp and r["tp"] == tp and "ttft_s" in r)
+            pts = sorted(
+                (r["context"], r["ttft_s"])
+                for r in rows
+                if r["model"] == m and r["sp"] == sp and r["tp"] == tp and "ttft_s" in r
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"sp={sp} tp={tp}")
         ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (s)", title=m)
@@ -144,8 +173,12 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="+", default=["llama3-8b"],
-                    help=f"built-in shapes {sorted(SHAPES)} or model directories (their config.json is used)")
+    ap.add_argument(
+        "--model",
+        nargs="+",
+        default=["llama3-8b"],
+        help=f"built-in shapes {sorted(SHAPES)} or model directories (their config.json is used)",
+    )
     ap.add_argument("--context", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--sp-size", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--tp-size", nargs="+", type=int, default=[1])
@@ -168,8 +201,12 @@ def main() -> None:
             rows.append(dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}"))
     add_speedups(rows)
     print_table(rows)
-    result = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": device_info(), "rows": rows}
+    result = {
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": device_info(),
+        "rows": rows,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -8,22 +8,54 @@ import tempfile
 
 SHAPES = {
     "llama3-8b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 1048576, "tie_word_embeddings": False,
-        "rope_theta": 500000.0, "torch_dtype": "bfloat16",
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 1048576,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "torch_dtype": "bfloat16",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     },
     # A MiniMax-style hybrid small enough for one GPU: 7:1 lightning:softmax, hidden 4096, 4 experts (top-2).
     "minimax-hybrid": {
-        "architectures": ["MiniMaxForCausalLM"], "model_type": "minimax", "vocab_size": 200064, "hidden_size": 4096,
-        "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 4194304, "tie_word_embeddings": False,
-        "rope_theta": 10000000.0, "torch_dtype": "bfloat16", "num_local_experts": 4, "num_experts_per_tok": 2,
-        "block_size": 256, "layer_types": (["linear_attention"] * 7 + ["full_attention"]) * 2,
-        "full_attn_alpha_factor": 1.0, "full_attn_beta_factor": 1.0, "linear_attn_alpha_factor": 1.0,
-        "linear_attn_beta_factor": 1.0, "mlp_alpha_factor": 1.0, "mlp_beta_factor": 1.0,
+        "architectures": ["MiniMaxForCausalLM"],
+        "model_type": "minimax",
+        "vocab_size": 200064,
+        "hidden_size": 4096,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4194304,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000000.0,
+        "torch_dtype": "bfloat16",
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "block_size": 256,
+        "layer_types": (["linear_attention"] * 7 + ["full_attention"]) * 2,
+        "full_attn_alpha_factor": 1.0,
+        "full_attn_beta_factor": 1.0,
+        "linear_attn_alpha_factor": 1.0,
+        "linear_attn_beta_factor": 1.0,
+        "mlp_alpha_factor": 1.0,
+        "mlp_beta_factor": 1.0,
     },
 }
 
@@ -51,7 +83,9 @@ def prefill_flops(cfg: dict, n: int) -> float:
         if t == "linear_attention":
             proj = 2 * n * h * (3 * nh * d + nh * d + nh * d)  # qkv, output gate, out
             blk = cfg.get("block_size", 256)
-            attn = nh * (2 * n * blk * d + 2 * n * d * d * 2 + 2 * n * d * d)  # intra (avg blk/2, 2 products), inter, state
+            attn = nh * (
+                2 * n * blk * d + 2 * n * d * d * 2 + 2 * n * d * d
+            )  # intra (avg blk/2, 2 products), inter, state
         else:
             proj = 2 * n * h * (nh * d + 2 * nkv * d + nh * d)
             attn = nh * 2 * 2 * d * n * n / 2  # causal: half of QK^T and PV

@@ -59,12 +59,22 @@ class EngineConfig:
             (self.tp_size >= 1, f"--tp-size must be >= 1, got {self.tp_size}"),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),
             (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
-            (self.load_format in LOAD_FORMATS, f"--load-format must be one of {LOAD_FORMATS}, got {self.load_format!r}"),
-            (self.attention_backend in ATTENTION_BACKENDS,
-             f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"),
-            (self.page_size >= 1 and (self.page_size & (self.page_size - 1)) == 0,
-             f"--page-size must be a power of two, got {self.page_size}"),
-            (0.0 < self.mem_fraction_static < 1.0, f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"),
+            (
+                self.load_format in LOAD_FORMATS,
+                f"--load-format must be one of {LOAD_FORMATS}, got {self.load_format!r}",
+            ),
+            (
+                self.attention_backend in ATTENTION_BACKENDS,
+                f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+            ),
+            (
+                self.page_size >= 1 and (self.page_size & (self.page_size - 1)) == 0,
+                f"--page-size must be a power of two, got {self.page_size}",
+            ),
+            (
+                0.0 < self.mem_fraction_static < 1.0,
+                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}",
+            ),
             (self.max_running_requests >= 1, f"--max-running-requests must be >= 1, got {self.max_running_requests}"),
             (self.sp_min_tokens >= 1, f"--sp-min-tokens must be >= 1, got {self.sp_min_tokens}"),
             (self.ring_mode in ("ring", "allgather"), f"--ring-mode must be ring or allgather, got {self.ring_mode!r}"),
@@ -76,7 +86,10 @@ class EngineConfig:
                 raise ValueError(msg)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
-        if self.torch_device().type == "cuda" and self.world_size * self.nnodes > torch.cuda.device_count() * self.nnodes:
+        if (
+            self.torch_device().type == "cuda"
+            and self.world_size * self.nnodes > torch.cuda.device_count() * self.nnodes
+        ):
             raise ValueError(
                 f"--sp-size {self.sp_size} x --tp-size {self.tp_size} needs {self.world_size} GPUs per node, "
                 f"but {torch.cuda.device_count()} are visible"

@@ -100,13 +100,21 @@ def init_parallel_state(
     Every rank must call this with the same sizes: ``new_group`` is collective over the world.
     """
     world = sp_size * tp_size
-    state = ParallelState(sp_size=sp_size, tp_size=tp_size, sp_rank=rank // tp_size, tp_rank=rank % tp_size, device=device)
+    state = ParallelState(
+        sp_size=sp_size, tp_size=tp_size, sp_rank=rank // tp_size, tp_rank=rank % tp_size, device=device
+    )
     if world == 1:
         return state
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
     grid = torch.arange(world).view(sp_size, tp_size)
     state.world_cpu_group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
     for row in grid.tolist():  # TP groups
