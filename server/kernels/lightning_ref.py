@@ -63,7 +63,9 @@ def lightning_recurrence_fp64(
     """Token-by-token recurrence in fp64: the ground truth for tests. Shapes as above; outputs fp64."""
     n_tok, h, d = q.shape
     lam = torch.exp(-slopes.double()).view(h, 1, 1)
-    state = torch.zeros(h, d, v.shape[-1], dtype=torch.float64) if initial_state is None else initial_state.double().clone()
+    state = (
+        torch.zeros(h, d, v.shape[-1], dtype=torch.float64) if initial_state is None else initial_state.double().clone()
+    )
     out = torch.empty(n_tok, h, v.shape[-1], dtype=torch.float64)
     for t in range(n_tok):
         kt, vt, qt = k[t].double(), v[t].double(), q[t].double()
@@ -119,7 +121,12 @@ def lightning_state_correction_ref(
 
 
 def lightning_decode_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, state_pool: torch.Tensor, slots: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    state_pool: torch.Tensor,
+    slots: torch.Tensor,
 ) -> torch.Tensor:
     """One token per request: q/k/v ``[B, H, D]``; updates ``state_pool[slots]`` (fp32 ``[S, H, D, D]``) in place
     and returns ``o [B, H, D]`` in q's dtype."""

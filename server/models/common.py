@@ -38,7 +38,8 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], 
     ``rules`` are ``(checkpoint_fragment, param_fragment, shard_id)``: a checkpoint name (without its ``model.``
     prefix) containing the fragment loads into the parameter named by replacing it, through that parameter's
     ``weight_loader`` with ``shard_id``; other names load into the parameter of the same name. Names
-    containing any of ``ignore`` are skipped. Returns the parameter names that were loaded; raises on names that match no parameter.
+    containing any of ``ignore`` are skipped. Returns the parameter names that were loaded; raises on names
+    that match no parameter.
     """
     params = dict(model.named_parameters())
     loaded: set[str] = set()
