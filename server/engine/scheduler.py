@@ -45,7 +45,8 @@ class Scheduler:
                 f"the {self.cache.capacity_tokens} tokens the cache holds; lower max_tokens, shorten the prompt, "
                 "or start the server with more cache memory (--mem-fraction-static, --cpu-cache-gb, --sp-size)",
                 "cache_full")
-        if len(self.waiting) >= self.config.max_waiting_requests:
+        free_running = max(0, self.config.max_running_requests - len(self.running))
+        if len(self.waiting) - free_running >= self.config.max_waiting_requests:
             raise RequestRejected("the request queue is full; retry later", "queue_full")
         self.waiting.append(seq)
 
