@@ -98,7 +98,8 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         driver = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = git.stdout.strip() if git.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         commit = None
     props = torch.cuda.get_device_properties(0)
@@ -109,7 +110,7 @@ def environment() -> dict:
         "sm_count": props.multi_processor_count,
         "memory_gib": round(props.total_memory / 2**30, 1),
         "driver": driver,
-        "git_commit": commit or None,
+        "git_commit": commit,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
