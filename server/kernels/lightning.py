@@ -205,8 +205,9 @@ def _check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
 
 def _sm_count_of(device: torch.device) -> int:
     """Streaming multiprocessors to fill: the device's on CUDA; 1 elsewhere (the interpreter needs no split)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 1
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def lightning_prefill_triton(
