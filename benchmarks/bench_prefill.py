@@ -136,7 +136,7 @@ def print_table(rows: list[dict]) -> None:
     )
     for r in rows:
         if "ttft_s" not in r:
-            print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8}  {r.get('error')}")
+            print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context'] or '-':>8}  {r.get('error')}")
             continue
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
         print(
@@ -196,9 +196,12 @@ def main() -> None:
     rows: list[dict] = []
     for m, sp, tp in tqdm(grid, desc="configs"):
         try:
-            rows += run_config(m, model_dir(m), sp, tp, sorted(args.context), args)
+            new = run_config(m, model_dir(m), sp, tp, sorted(args.context), args)
         except Exception as e:  # one failing config (e.g. out of memory) must not lose the others
-            rows.append(dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}"))
+            new = [dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}")]
+        for r in new:  # partial results survive a run cut short
+            print(json.dumps(r), flush=True)
+        rows += new
     add_speedups(rows)
     print_table(rows)
     result = {

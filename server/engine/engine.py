@@ -201,6 +201,7 @@ class Engine:
                 if p.is_alive():
                     p.kill()
             destroy_parallel_state(self.pstate)
+            self.runner.release()
 
     def __del__(self):
         try:

@@ -73,6 +73,17 @@ class ModelRunner:
         log.info("rank %d: %d KV pages of %d tokens, %d state slots", self.pstate.rank, num_pages,
                  self.config.page_size, self.num_slots)
 
+    def release(self) -> None:
+        """Drop the model and caches so the device memory returns to the allocator's free pool."""
+        for a in self.attn_layers:
+            a.cache = None
+        for lt in self.lightning_layers:
+            lt.pool = None
+        self.model = None
+        self.attn_layers, self.lightning_layers = [], []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Forward one step. On SP rank 0 returns logits ``[num sampled requests, vocab]`` in plan order."""
