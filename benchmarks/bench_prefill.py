@@ -98,11 +98,16 @@ def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], arg
                 rows.append(row)
                 continue
             ids = torch.randint(0, cfg["vocab_size"], (n,)).tolist()
-            times = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                llm.generate([ids], params)
-                times.append(time.perf_counter() - t0)
+            try:
+                times = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    llm.generate([ids], params)
+                    times.append(time.perf_counter() - t0)
+            except torch.OutOfMemoryError as e:  # the next (longer) context will not fit either
+                row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0]}"
+                rows.append(row)
+                break
             mem = eng.memory_stats(reset=True)
             ttft = min(times)
             flops = prefill_flops(cfg, n)

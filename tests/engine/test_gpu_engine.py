@@ -1,11 +1,12 @@
-"""The engine on CUDA in bf16 (flashinfer attention, Triton lightning kernels) against transformers in fp32,
-and SP/TP over NCCL against the single-GPU engine.
+"""The engine on CUDA (Triton lightning kernels; flashinfer attention in bf16) against transformers, and
+SP/TP over NCCL.
 
-bf16 tolerances: bf16 keeps 8 significant bits (relative rounding 2^-9 per op); over a few layers of matmuls
-the logits of these tiny models drift by a few percent of their range, so logits must agree to
-``atol = 0.05 * max|logit|``. Greedy tokens in bf16 may legitimately differ from fp32 where the reference's best
-two tokens are closer than that tolerance, so each generated token must be a near-argmax of the fp32 reference
-(teacher-forced on our own tokens): ``ref[token] >= ref.max() - atol``.
+- fp32 on the GPU: the same tolerance as the CPU parity tests (fp32 kernels, different summation orders).
+- bf16: the tolerance is transformers' own bf16 error on the same model and prompt. These tiny random models
+  amplify rounding (large init, MoE routing decided by near-ties), so a fixed bf16 tolerance is either too
+  loose for Llama or too tight for MiniMax; instead our bf16 logits must be no further from the fp32
+  reference than transformers' bf16 logits are (mean 1.5x, max 2x, plus a few bf16 ulps). Greedy tokens must
+  be near-argmaxes of the fp32 reference (teacher-forced on our tokens) within the same per-row bound.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.models.test_parity import prompt
+from tests.models.test_parity import assert_logits_close, prompt
 from tests.tiny_models import hf_model, save_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -22,57 +23,69 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 ARCHS = ["llama", "qwen2", "qwen3", "minimax_alt", "minimax_7to1"]
-BF16_REL = 0.05
-
-
-def close_bf16(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    atol = BF16_REL * ref.abs().max().item()
-    torch.testing.assert_close(ours.float().cpu(), ref.float().cpu(), atol=atol, rtol=BF16_REL)
-
-
-def near_argmax(tokens: list[int], ref_logits: torch.Tensor) -> None:
-    """ref_logits[i] predicts tokens[i]."""
-    for i, t in enumerate(tokens):
-        row = ref_logits[i].float()
-        assert row[t] >= row.max() - BF16_REL * row.abs().max(), f"token {i}: {t} is not a near-argmax"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ckpt"))
-    # head_dim 64: a size every flashinfer build ships
-    return {a: save_tiny_model(a, root, head_dim=64) for a in ARCHS}
+    return {a: save_tiny_model(a, root, head_dim=64) for a in ARCHS}  # 64: a head size flashinfer ships
+
+
+def references(path: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' fp32 logits and its own bf16 error per row (|bf16 - fp32| max over the vocabulary)."""
+    ref = hf_model(path).cuda()
+    x = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        fp32 = ref(x).logits[0].float()
+        bf16 = ref.to(torch.bfloat16)(x).logits[0].float()
+    return fp32, (bf16 - fp32).abs()
+
+
+def check_bf16(ours: torch.Tensor, fp32: torch.Tensor, hf_err: torch.Tensor) -> None:
+    err = (ours.float() - fp32).abs()
+    ulps = 4 * 2**-8 * fp32.abs().max().item()
+    assert err.mean() <= 1.5 * hf_err.mean() + ulps / 16, (err.mean().item(), hf_err.mean().item())
+    assert err.max() <= 2 * hf_err.max() + ulps, (err.max().item(), hf_err.max().item())
+
+
+def check_tokens(tokens: list[int], fp32: torch.Tensor, hf_err: torch.Tensor) -> None:
+    """fp32[i] / hf_err[i] predict tokens[i]."""
+    for i, t in enumerate(tokens):
+        assert fp32[i, t] >= fp32[i].max() - 2 * hf_err[i].max() - 1e-3, f"token {i}: {t} is not a near-argmax"
 
 
 @needs_cuda
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_cuda_matches_transformers_fp32(models, arch):
+def test_fp32_cuda_matches_transformers(models, arch):
     ids = prompt(300)  # several lightning blocks plus a remainder
-    ref = hf_model(models[arch]).cuda()
+    with LLM(models[arch], device="cuda", dtype="float32", chunked_prefill_size=128) as llm:
+        ours = llm.engine.prompt_logits(ids)
+    fp32, _ = references(models[arch], ids)
+    assert_logits_close(ours.cpu(), fp32.cpu())
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_cuda_within_transformers_bf16_error(models, arch):
+    ids = prompt(300)
     with LLM(models[arch], device="cuda", dtype="bfloat16", chunked_prefill_size=128) as llm:
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
-    with torch.no_grad():
-        full = ref(torch.tensor([ids + out], device="cuda")).logits[0]
-    close_bf16(ours, full[: len(ids)])
-    near_argmax(out, full[len(ids) - 1 : -1])
+    fp32, hf_err = references(models[arch], ids + out)
+    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)])
+    check_tokens(out, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
 
 
 @needs_2_gpus
 @pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])
-@pytest.mark.parametrize("sp,tp,modes", [(2, 1, ("ring", "ring")), (2, 1, ("allgather", "allgather")), (1, 2, None)])
-def test_nccl_sp_tp_matches_single_gpu(models, arch, sp, tp, modes):
+@pytest.mark.parametrize("sp,tp,mode", [(2, 1, "ring"), (2, 1, "allgather"), (1, 2, "ring")])
+def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode):
     ids = prompt(1000)
-    kw = dict(device="cuda", dtype="bfloat16", sp_min_tokens=256, chunked_prefill_size=600)
-    if modes:
-        kw.update(ring_mode=modes[0], lasp_mode=modes[1])
-    with LLM(models[arch], **kw) as llm:
-        ref = llm.engine.prompt_logits(ids)
+    kw = dict(device="cuda", dtype="bfloat16", sp_min_tokens=256, chunked_prefill_size=600, ring_mode=mode,
+              lasp_mode=mode)
     with LLM(models[arch], sp_size=sp, tp_size=tp, **kw) as llm:
-        got = llm.engine.prompt_logits(ids)
+        ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids, prompt(7)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    close_bf16(got, ref)
-    hf = hf_model(models[arch]).cuda()
-    with torch.no_grad():
-        full = hf(torch.tensor([ids + out[0].token_ids], device="cuda")).logits[0]
-    near_argmax(out[0].token_ids, full[len(ids) - 1 : -1])
+    fp32, hf_err = references(models[arch], ids + out[0].token_ids)
+    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)])
+    check_tokens(out[0].token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
