@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")
+ATTENTION_BACKENDS = ("auto", "flashinfer", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 

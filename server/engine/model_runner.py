@@ -8,6 +8,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.context import StepPlan, build_forward_context
+from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
 from server.layers.lightning import LightningAttention, LightningStatePool
 from server.models.loader import build_model, resolve_dtype
@@ -29,6 +30,7 @@ class ModelRunner:
         self.pstate = pstate
         self.device = pstate.device
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
+        ops.set_kernel_backend(config.attention_backend)
         torch.manual_seed(config.seed)
         self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

@@ -20,6 +20,27 @@ from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
 
 LIGHTNING_BLOCK = 64
 
+# Process-wide backend choice (``--attention-backend``): "auto" uses the fast kernels on CUDA, "flashinfer"
+# requires flashinfer for softmax attention, "torch" runs the plain references everywhere (debugging, parity).
+_backend = "auto"
+
+
+def set_kernel_backend(name: str) -> None:
+    global _backend
+    if name not in ("auto", "flashinfer", "torch"):
+        raise ValueError(f"unknown kernel backend {name!r}")
+    if name == "flashinfer":
+        try:
+            import flashinfer  # noqa: F401
+        except ImportError as e:
+            raise ValueError("--attention-backend flashinfer was given but flashinfer is not installed "
+                             "(pip install -e '.[gpu]'), or use auto/torch") from e
+    _backend = name
+
+
+def _fast(x: torch.Tensor) -> bool:
+    return x.is_cuda and _backend != "torch"
+
 # A run is ``(row_start, length, pos_start)``: rows row_start..row_start+length-1 hold the consecutive global
 # positions pos_start..pos_start+length-1. Queries and keys of one attention call are described as runs, so
 # a backend can classify every (query run, key run) pair as full, causal or skipped without a device sync.
@@ -41,7 +62,7 @@ def attention_runs(
     q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (GQA: ``Hq % Hk == 0``). Returns ``o [Nq, Hq, D]`` (q's dtype) and
     ``lse [Nq, Hq]`` fp32 in base 2 (-inf for rows that see no key).
     """
-    if q.is_cuda:
+    if _fast(q):
         from server.kernels.flashinfer_attention import attention_runs_flashinfer, flashinfer_supports
 
         if flashinfer_supports(q, k):
@@ -53,7 +74,7 @@ def attention_runs(
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):
     """See :func:`server.kernels.lightning_ref.lightning_prefill_ref`."""
-    if q.is_cuda:
+    if _fast(q):
         from server.kernels.lightning import lightning_prefill_triton
 
         return lightning_prefill_triton(q, k, v, slopes, cu_seqlens, initial_states)
@@ -62,7 +83,7 @@ def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):
 
 def lightning_state_correction(o, q, slopes, cu_seqlens, states):
     """See :func:`server.kernels.lightning_ref.lightning_state_correction_ref`."""
-    if q.is_cuda:
+    if _fast(q):
         from server.kernels.lightning import lightning_state_correction_triton
 
         return lightning_state_correction_triton(o, q, slopes, cu_seqlens, states)
@@ -71,7 +92,7 @@ def lightning_state_correction(o, q, slopes, cu_seqlens, states):
 
 def lightning_decode(q, k, v, slopes, state_pool, slots):
     """See :func:`server.kernels.lightning_ref.lightning_decode_ref`."""
-    if q.is_cuda:
+    if _fast(q):
         from server.kernels.lightning import lightning_decode_triton
 
         return lightning_decode_triton(q, k, v, slopes, state_pool, slots)
@@ -80,7 +101,7 @@ def lightning_decode(q, k, v, slopes, state_pool, slots):
 
 def merge_states(o: torch.Tensor, lse: torch.Tensor):
     """See :func:`server.kernels.merge_state_ref.merge_states_ref`."""
-    if o.is_cuda:
+    if _fast(o):
         from server.kernels.merge_state import merge_states as merge_states_fast
 
         return merge_states_fast(o, lse)
@@ -89,7 +110,7 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor):
 
 def merge_state(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
     """See :func:`server.kernels.merge_state_ref.merge_state_ref`."""
-    if o_a.is_cuda:
+    if _fast(o_a):
         from server.kernels.merge_state import merge_state as merge_state_fast
 
         return merge_state_fast(o_a, lse_a, o_b, lse_b)
