@@ -8,8 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from server.layers.linear import MergedColumnSeqParallelLinear, RowSeqParallelLinear, default_weight_loader
+from server.layers.norm import RMSNorm
 from server.sp.groups import ParallelState
+
+# q/k/v checkpoint tensors load into one fused QKV parameter
+QKV_RULES = [
+    (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
+    (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
+    (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
+]
 
 
 def head_dim_of(cfg: dict) -> int:
@@ -59,3 +68,36 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], 
         loader(param, tensor, shard) if shard is not None else loader(param, tensor)
         loaded.add(target)
     return loaded
+
+
+class CausalLM(nn.Module):
+    """Embedding -> decoder layers -> final norm -> LM head, shared by the model files; subclasses build
+    ``self.layers`` (each ``layer(x, ctx) -> x``)."""
+
+    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.pstate = pstate
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.tie = cfg.get("tie_word_embeddings", False)
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+
+    def forward(self, ctx) -> torch.Tensor:
+        """Final hidden states of this rank's local rows ``[T, hidden]`` (all rows, also when seq-sharded)."""
+        x = self.embed_tokens(ctx.input_ids, ctx.seq_sharded)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        x = self.norm(x)
+        return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def load_checkpoint(self, weights: Iterable[tuple[str, object]], rules, ignore: tuple[str, ...] = ()) -> None:
+        """:func:`load_named_weights`, then the LM head from the embedding when the two are tied."""
+        weights = list(weights) if self.tie else weights
+        loaded = load_named_weights(self, weights, rules, ignore)
+        if self.tie and "lm_head.weight" not in loaded:
+            emb = next(t for n, t in weights if n.endswith("embed_tokens.weight"))
+            self.lm_head.weight_loader(self.lm_head.weight, emb)

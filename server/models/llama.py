@@ -12,11 +12,10 @@ from torch import nn
 
 from server.engine.context import ForwardContext
 from server.layers.attention import Attention
-from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from server.layers.linear import QKVSeqParallelLinear, RowSeqParallelLinear
 from server.layers.norm import RMSNorm
 from server.layers.rotary import RotaryEmbedding, rope_params_from_config
-from server.models.common import GatedMLP, head_dim_of, load_named_weights
+from server.models.common import QKV_RULES, CausalLM, GatedMLP, head_dim_of
 from server.sp.groups import ParallelState
 
 
@@ -57,45 +56,18 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Also serves Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm) checkpoints."""
 
     def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
-        super().__init__()
+        super().__init__(cfg, pstate, dtype)
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         qkv_bias = cfg.get("attention_bias", False) or arch == "Qwen2ForCausalLM"
         qk_norm = arch == "Qwen3ForCausalLM"
-        self.pstate = pstate
-        self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, pstate, dtype, qkv_bias, qk_norm) for _ in range(cfg["num_hidden_layers"])
         )
-        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        self.tie = cfg.get("tie_word_embeddings", False)
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
-
-    def forward(self, ctx: ForwardContext) -> torch.Tensor:
-        """Final hidden states of this rank's local rows ``[T, hidden]`` (all rows, also when seq-sharded)."""
-        x = self.embed_tokens(ctx.input_ids, ctx.seq_sharded)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        x = self.norm(x)
-        return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights) -> None:
-        rules = [
-            (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
-            (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
-            (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
-            (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-            (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
-        ]
-        weights = list(weights) if self.tie else weights
-        loaded = load_named_weights(self, weights, rules, ignore=("rotary_emb.inv_freq",))
-        if self.tie and "lm_head.weight" not in loaded:
-            emb = next(t for n, t in weights if n.endswith("embed_tokens.weight"))
-            self.lm_head.weight_loader(self.lm_head.weight, emb)
+        rules = QKV_RULES + [(".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]
+        self.load_checkpoint(weights, rules, ignore=("rotary_emb.inv_freq",))

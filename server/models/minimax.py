@@ -14,7 +14,6 @@ from torch import nn
 
 from server.engine.context import ForwardContext
 from server.layers.attention import Attention
-from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from server.layers.lightning import LightningAttention, minimax_slopes
 from server.layers.linear import (
     ColumnSeqParallelLinear,
@@ -25,7 +24,7 @@ from server.layers.linear import (
 from server.layers.moe import FusedMoE
 from server.layers.norm import RMSNorm, TPRMSNorm
 from server.layers.rotary import RotaryEmbedding, rope_params_from_config
-from server.models.common import head_dim_of, load_named_weights
+from server.models.common import QKV_RULES, CausalLM, head_dim_of
 from server.sp.groups import ParallelState
 
 
@@ -117,41 +116,20 @@ class MiniMaxDecoderLayer(nn.Module):
         return h * self.mlp_alpha + self.block_sparse_moe(h, ctx.seq_sharded) * self.mlp_beta
 
 
-class MiniMaxForCausalLM(nn.Module):
+class MiniMaxForCausalLM(CausalLM):
     def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
-        super().__init__()
-        self.pstate = pstate
-        self.cfg = cfg
+        super().__init__(cfg, pstate, dtype)
         self.layer_types = minimax_layer_types(cfg)
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
         self.layers = nn.ModuleList(
             MiniMaxDecoderLayer(cfg, i, t, pstate, dtype) for i, t in enumerate(self.layer_types)
         )
-        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        self.tie = cfg.get("tie_word_embeddings", False)
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
-
-    def forward(self, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(ctx.input_ids, ctx.seq_sharded)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        x = self.norm(x)
-        return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights) -> None:
-        rules = [
-            (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
-            (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
-            (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
-            (".block_sparse_moe.gate.weight", ".block_sparse_moe.experts.gate", None),
-        ]
-        weights = list(weights) if self.tie else weights
+        rules = QKV_RULES + [(".block_sparse_moe.gate.weight", ".block_sparse_moe.experts.gate", None)]
         params = dict(self.named_parameters())
 
-        def expert_weights():
+        def dispatch_experts(weights):
+            """Per-expert w1/w3 (gate/up) and w2 (down) tensors go to the stacked expert parameters."""
             for name, t in weights:
                 base = name.removeprefix("model.")
                 if ".block_sparse_moe.experts." in base and base.endswith(".weight"):
@@ -168,7 +146,4 @@ class MiniMaxForCausalLM(nn.Module):
                 yield name, t
 
         ignore = ("slope_rate", "query_decay", "key_decay", "diagonal_decay", "rotary_emb.inv_freq")
-        loaded = load_named_weights(self, expert_weights(), rules, ignore=ignore)
-        if self.tie and "lm_head.weight" not in loaded:
-            emb = next(t for n, t in weights if n.endswith("embed_tokens.weight"))
-            self.lm_head.weight_loader(self.lm_head.weight, emb)
+        self.load_checkpoint(dispatch_experts(weights), rules, ignore)
