@@ -2,8 +2,12 @@
 
 Workers hold the tensors; the scheduler decides which pages and slots each request uses and sends the page
 tables with every step. TP ranks of one SP rank share its page numbering (each stores its own KV heads).
-Admission reserves a request's worst case (prompt + max_tokens, plus one partial page per SP rank), so a running
-request never waits for memory and nothing is half-run.
+
+Admission reserves a request's worst case on every SP rank it will use, so a running request never waits for
+memory and nothing is half-run:
+- a request with a home rank (short prompt, DESIGN 5.5) keeps all of its KV there;
+- an SP request spreads its split prompt chunks evenly (zigzag rounding adds at most 2 tokens per chunk and
+  rank) and keeps its short tail chunk and its decode tokens on its ``decode_rank``.
 """
 
 from __future__ import annotations
@@ -13,32 +17,60 @@ from server.kernels.ops import Run
 
 
 class CacheManager:
-    def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int):
+    def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int, split_threshold: int,
+                 chunk_budget: int):
         self.num_pages = num_pages
         self.page_size = page_size
         self.sp_size = sp_size
         self.num_slots = num_slots
+        self.split_threshold = split_threshold
+        self.chunk_budget = chunk_budget
         self.free_pages = [list(range(num_pages - 1, -1, -1)) for _ in range(sp_size)]
         self.free_slots = list(range(num_slots - 1, -1, -1))
-        self.reserved = 0  # tokens reserved by admitted requests, all SP ranks together
+        self.reserved = [0] * sp_size  # tokens reserved by admitted requests, per SP rank
+
+    @property
+    def capacity_per_rank(self) -> int:
+        return self.num_pages * self.page_size
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_pages * self.page_size * self.sp_size
+        return self.capacity_per_rank * self.sp_size
 
-    def reservation(self, seq: Sequence) -> int:
-        return len(seq.prompt_ids) + seq.params.max_tokens + self.sp_size * self.page_size
+    def is_short(self, seq: Sequence) -> bool:
+        """Short prompts are prefilled whole on one SP rank (their home)."""
+        return self.sp_size > 1 and len(seq.prompt_ids) < self.split_threshold
+
+    def reservation(self, seq: Sequence, rank: int) -> list[int]:
+        """Tokens to reserve per SP rank if ``seq`` is homed (short) or decodes (SP request) on ``rank``."""
+        n, m, page = len(seq.prompt_ids), seq.params.max_tokens, self.page_size
+        res = [0] * self.sp_size
+        if self.sp_size == 1 or self.is_short(seq):
+            res[rank] = n + m + page
+            return res
+        chunks = -(-n // self.chunk_budget)
+        share = -(-n // self.sp_size) + 2 * chunks + page
+        res = [share] * self.sp_size
+        res[rank] += m + min(n, self.split_threshold)
+        return res
 
     def can_ever_fit(self, seq: Sequence) -> bool:
-        return self.reservation(seq) <= self.capacity_tokens
+        return max(self.reservation(seq, 0)) <= self.capacity_per_rank
+
+    def least_reserved_rank(self) -> int:
+        return min(range(self.sp_size), key=lambda r: self.reserved[r])
 
     def can_admit(self, seq: Sequence) -> bool:
-        return bool(self.free_slots) and self.reserved + self.reservation(seq) <= self.capacity_tokens
+        res = self.reservation(seq, self.least_reserved_rank())
+        return bool(self.free_slots) and all(a + b <= self.capacity_per_rank for a, b in zip(self.reserved, res))
 
     def admit(self, seq: Sequence) -> None:
+        rank = self.least_reserved_rank()
         seq.slot = self.free_slots.pop()
-        seq.reserved_tokens = self.reservation(seq)
-        self.reserved += seq.reserved_tokens
+        seq.home = rank if self.is_short(seq) else None
+        seq.decode_rank = rank
+        seq.reserved_tokens = self.reservation(seq, rank)
+        self.reserved = [a + b for a, b in zip(self.reserved, seq.reserved_tokens)]
 
     def release(self, seq: Sequence) -> None:
         for r in range(self.sp_size):
@@ -48,8 +80,9 @@ class CacheManager:
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)
             seq.slot = -1
-        self.reserved -= seq.reserved_tokens
-        seq.reserved_tokens = 0
+        if seq.reserved_tokens:
+            self.reserved = [a - b for a, b in zip(self.reserved, seq.reserved_tokens)]
+            seq.reserved_tokens = []
 
     def pages_needed(self, seq: Sequence, sp_rank: int, new_tokens: int) -> int:
         total = seq.shard_len(sp_rank) + new_tokens
@@ -71,9 +104,6 @@ class CacheManager:
             runs[-1] = (r0, n0 + length, p0)
         else:
             runs.append((row, length, pos_start))
-
-    def most_free_rank(self) -> int:
-        return max(range(self.sp_size), key=lambda r: len(self.free_pages[r]))
 
     def pages_used(self) -> int:
         return sum(self.num_pages - len(f) for f in self.free_pages)

@@ -6,8 +6,11 @@ The scheduler (rank 0) decides a :class:`StepPlan`; every rank receives the same
 Placement of a request's new tokens in a step (DESIGN 5):
 - ``split``: zigzag over the SP group (2P chunks; rank r computes chunks r and 2P-1-r). KV stays where it is
   computed. Softmax layers use the ring, lightning layers LASP.
-- not split (short prefills and decode): every SP rank computes all new tokens (replicated queries); only the
-  ``owner`` SP rank stores their KV. Softmax layers attend to each rank's local shard and merge over SP.
+- ``home``: a short request lives on one SP rank (``owner``), which computes and stores all of it; the other
+  SP ranks have no rows for it and run no collective for it.
+- otherwise (the tail chunk and the decode tokens of an SP request): every SP rank computes all new tokens
+  (replicated queries); only the ``owner`` SP rank stores their KV. Softmax layers attend to each rank's local
+  shard and merge over SP; lightning layers continue from the state every SP rank holds after LASP.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ class SeqStep:
     owner: int  # SP rank that stores the new KV when not split
     kv_runs: list[list[Run]]  # per SP rank: runs of its KV shard after this step (rows in shard order)
     pages: list[list[int]]  # per SP rank: page table of its KV shard after this step
-    sample: bool  # rank 0 computes logits for the last new token
+    sample: bool  # the last new token is sampled (its logits are computed on SP rank 0)
+    home: bool = False  # the whole request lives on SP rank ``owner``
+
+    @property
+    def holder(self) -> int:
+        """SP rank holding the hidden state of the last new token (split: chunk 2P-1 is rank 0's)."""
+        return self.owner if self.home else 0
 
     @property
     def num_new(self) -> int:
@@ -119,6 +128,8 @@ def build_forward_context(plan: StepPlan, pstate: ParallelState, page_size: int,
                 row += b - a
             chunk_lens = [b - a for a, b in chunks]
             stores = True
+        elif st.home and st.owner != r:
+            pieces, local_chunks, chunk_lens, stores = [], [], [], False
         else:
             pieces = [(st.start, st.start + n)]
             local_chunks, chunk_lens = [], []

@@ -13,7 +13,6 @@ import time
 import torch
 
 from server.config import EngineConfig
-from server.engine.cache_manager import CacheManager
 from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
@@ -66,8 +65,8 @@ class Engine:
         self.pstate, self.runner = setup_rank(config, 0, self.model_path, init_method)
         self.device = self.pstate.device
         num_pages = self.runner.attn_layers[0].cache.k.shape[0] if self.runner.attn_layers else 1
-        self.cache = CacheManager(num_pages, config.page_size, config.sp_size, self.runner.num_slots)
-        self.scheduler = Scheduler(config, self.cache, self.max_model_len)
+        self.scheduler = Scheduler(config, num_pages, self.runner.num_slots, self.max_model_len)
+        self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.pending: list[RequestOutput] = []

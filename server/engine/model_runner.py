@@ -21,8 +21,8 @@ class ModelRunner:
     """Builds the model for this rank, sizes and allocates its caches, and runs steps.
 
     Only the SP group's rank 0 (``sp_rank == 0``; with its TP peers for the vocab-parallel head) computes
-    logits: every sampled request's last new token lives there (split requests end in chunk 2P-1, which
-    rank 0 owns; other requests are on every SP rank).
+    logits. Split requests end in chunk 2P-1, which rank 0 owns, replicated tokens are on every SP rank, and
+    requests homed elsewhere send their last hidden row to rank 0.
     """
 
     def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState):
@@ -94,12 +94,32 @@ class ModelRunner:
         hidden = self.model(ctx)
         if plan.all_logits:
             return self._all_logits(hidden[: ctx.num_rows], ctx.positions[: ctx.num_rows], ctx)
-        if self.pstate.sp_rank != 0:
+        return self._sampled_logits(hidden, ctx)
+
+    def _sampled_logits(self, hidden: torch.Tensor, ctx) -> torch.Tensor | None:
+        """Logits of the last new token of every sampled request, in plan order, on SP rank 0. Requests homed
+        on other SP ranks send their hidden row to rank 0 first (one SP all-gather, only when there are any)."""
+        ps = self.pstate
+        sampled = [s for s in ctx.seqs if s.step.sample]
+        if not sampled:
             return None
-        rows = [s.row_start + s.num_rows - 1 for s in ctx.seqs if s.step.sample]
-        if not rows:
+        counts = [sum(1 for s in sampled if s.step.holder == r) for r in range(ps.sp_size)]
+        mine = [s.row_start + s.num_rows - 1 for s in sampled if s.step.holder == ps.sp_rank]
+        rows = hidden[torch.tensor(mine, dtype=torch.long, device=hidden.device)]
+        if any(counts[1:]):
+            padded = torch.zeros(max(counts), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+            padded[: len(mine)] = rows
+            parts = ps.sp_all_gather(padded)
+            taken = [0] * ps.sp_size
+            ordered = []
+            for s in sampled:
+                r = s.step.holder
+                ordered.append(parts[r][taken[r]])
+                taken[r] += 1
+            rows = torch.stack(ordered)
+        if ps.sp_rank != 0:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        return self.model.compute_logits(rows)
 
     def _all_logits(self, hidden: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         """Logits of every new token of the step, request by request in position order (on SP rank 0)."""

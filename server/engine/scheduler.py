@@ -3,8 +3,10 @@
 Each step has a budget of new tokens (``chunked_prefill_size``). Running requests that finished their prompt
 decode one token each; the rest of the budget goes to prompt chunks, first of requests already prefilling, then
 of waiting requests admitted in arrival order while a state slot and their reserved KV capacity are free. A
-prompt chunk with at least ``sp_min_tokens`` (and at least 2P) new tokens is split zigzag over the SP group;
-smaller chunks and decode tokens are computed on every SP rank and stored by the SP rank with the most free pages.
+prompt with fewer than ``sp_min_tokens`` (or 2P) tokens gets a home SP rank that computes and stores all of it,
+prefill and decode (DESIGN 5.5: P short prompts proceed in parallel on the P ranks). A longer prompt's chunks of at
+least that size are split zigzag over the SP group; its shorter tail chunk and its decode tokens are computed on
+every SP rank (they need the SP-sharded KV) and stored by its decode rank.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from server.sp.partition import zigzag_chunks
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, cache: CacheManager, max_model_len: int):
+    def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int):
         self.config = config
-        self.cache = cache
         self.max_model_len = max_model_len
         self.sp = config.sp_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else max_model_len
+        self.split_threshold = max(config.sp_min_tokens, 2 * self.sp)
+        self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold, self.budget)
 
     def add(self, seq: Sequence) -> None:
         n = len(seq.prompt_ids)
@@ -62,17 +65,20 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _place(self, seq: Sequence, n: int) -> SeqStep | None:
-        """Decide where ``n`` new tokens of ``seq`` go, record them in the cache bookkeeping, or None if the
-        pages for this placement are not free right now."""
+        """Decide where ``n`` new tokens of ``seq`` go and record them in the cache bookkeeping; None if this
+        placement cannot run now (its pages are not free, or a split-size chunk does not fit the budget)."""
         start = seq.num_computed
-        split = self.sp > 1 and n >= max(self.config.sp_min_tokens, 2 * self.sp)
+        home = seq.home is not None
+        split = not home and self.sp > 1 and n >= self.split_threshold
+        if not home and not split and self.sp > 1 and len(seq.prompt_ids) - start >= self.split_threshold:
+            return None  # wait for a step with budget for a split chunk (the reservation assumes one)
         if split:
             chunks = zigzag_chunks(n, self.sp)
             mine = [[chunks[r], chunks[2 * self.sp - 1 - r]] for r in range(self.sp)]
             per_rank = [sum(b - a for a, b in m) for m in mine]
             owner = 0
         else:
-            owner = self.cache.most_free_rank()
+            owner = seq.home if home else seq.decode_rank
             per_rank = [n if r == owner else 0 for r in range(self.sp)]
         if not self.cache.fits(seq, per_rank):
             return None
@@ -85,7 +91,7 @@ class Scheduler:
         ids = seq.all_ids[start : start + n]
         sample = start + n >= len(seq.prompt_ids)
         return SeqStep(seq.rid, seq.slot, start, ids, split, owner, self.cache.snapshot_runs(seq),
-                       [list(p) for p in seq.pages], sample)
+                       [list(p) for p in seq.pages], sample, home)
 
     def schedule(self) -> tuple[StepPlan, list[Sequence]]:
         """The next step's plan and its requests (in plan order)."""

@@ -26,7 +26,9 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV/state is in the caches
     slot: int = -1  # lightning state slot
-    reserved_tokens: int = 0  # KV capacity reserved at admission (prompt + max_tokens)
+    home: int | None = None  # SP rank that computes and stores the whole request (short prompts)
+    decode_rank: int = 0  # SP rank that stores this request's unsplit chunks and decode tokens
+    reserved_tokens: list[int] = field(default_factory=list)  # KV tokens reserved per SP rank at admission
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     kv_runs: list[list[Run]] = field(default_factory=list)  # per SP rank, rows of its shard

@@ -3,8 +3,9 @@
 For each request in the step: the new K/V rows this rank stores are written to its pages, the rank's KV shard
 is read back, and the request's queries attend to all of the request's KV, wherever it lives:
 - split requests (zigzag over SP): pass-KV ring (or the all-gather-KV comparison mode) over the SP group;
-- other requests (replicated queries, decode): each SP rank attends to its shard and the partial results are
-  merged by their base-2 LSE over the SP group.
+- requests homed on one SP rank: plain attention there over the local KV;
+- other requests (replicated queries: an SP request's tail chunk and decode tokens): each SP rank attends to
+  its shard and the partial results are merged by their base-2 LSE over the SP group.
 With sp = 1 both reduce to one attention call over the local KV.
 """
 
@@ -51,6 +52,8 @@ class Attention(nn.Module):
         out = torch.zeros_like(q)
         ps = ctx.pstate
         for seq in ctx.seqs:
+            if seq.num_rows == 0:  # a request homed on another SP rank
+                continue
             rows = slice(seq.row_start, seq.row_start + seq.num_rows)
             qs, ks, vs = q[rows], k[rows], v[rows]
             if seq.kv_write_slots is not None:
@@ -60,6 +63,8 @@ class Attention(nn.Module):
             if seq.step.split and ps.sp_size > 1:
                 fn = ring_attention if ctx.ring_mode == "ring" else allgather_kv_attention
                 o, _ = fn(qs, k_shard, v_shard, seq.q_runs, kv_runs, self.scale, ps, attn_fn=ops.attention_runs)
+            elif seq.step.home:  # all of the request's KV is here
+                o, _ = ops.attention_runs(qs, k_shard, v_shard, seq.q_runs, kv_runs[ps.sp_rank], self.scale)
             else:
                 o, _ = sharded_kv_attention(qs, k_shard, v_shard, seq.q_runs, kv_runs[ps.sp_rank], self.scale, ps,
                                             attn_fn=ops.attention_runs)

@@ -1,9 +1,10 @@
 """Lightning attention core (MiniMax linear attention with per-head decay), local or with LASP.
 
 Per request: split requests run LASP over the SP group (the incoming state is passed in chunk order, or
-combined from all-gathered chunk messages, DESIGN 5.3); other requests (replicated on every SP rank) continue
-from their state in the pool, as a varlen prefill or, for one new token each, the decode kernel. Every SP rank
-ends the step with each request's state in the same pool slot. States are fp32 ``[H_local, D, D]``.
+combined from all-gathered chunk messages, DESIGN 5.3) and every SP rank ends with the final state; other
+requests continue from their state in the pool, as a varlen prefill or, for one new token each, the decode
+kernel: on every SP rank for an SP request's replicated tokens, on its home rank only for a short request.
+States are fp32 ``[H_local, D, D]``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class LightningAttention(nn.Module):
         out = torch.zeros_like(q)
         ps = ctx.pstate
         lasp = [s for s in ctx.seqs if s.step.split and ps.sp_size > 1]
-        local = [s for s in ctx.seqs if not (s.step.split and ps.sp_size > 1)]
+        local = [s for s in ctx.seqs if not (s.step.split and ps.sp_size > 1) and s.num_rows > 0]
         for seq in lasp:
             rows = slice(seq.row_start, seq.row_start + seq.num_rows)
             o, final = lasp_prefill(q[rows], k[rows], v[rows], self.slopes, seq.chunks, seq.chunk_lens,

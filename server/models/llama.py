@@ -40,7 +40,7 @@ class LlamaAttentionBlock(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(ctx.positions, q, k)
         o = self.attn(q, k, v, ctx)
-        return self.o_proj(o.view(o.shape[0], -1), ctx.seq_sharded)
+        return self.o_proj(o.flatten(1), ctx.seq_sharded)
 
 
 class LlamaDecoderLayer(nn.Module):

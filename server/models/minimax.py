@@ -57,7 +57,7 @@ class LightningBlock(nn.Module):
         qkv = torch.nn.functional.silu(self.qkv_proj(x)).view(-1, self.h, 3 * self.d)
         q, k, v = qkv.split(self.d, dim=-1)
         o = self.attn(q.contiguous(), k.contiguous(), v.contiguous(), ctx)
-        o = self.norm(o.reshape(o.shape[0], -1))
+        o = self.norm(o.flatten(1))
         o = torch.sigmoid(self.output_gate(x)) * o
         return self.out_proj(o, ctx.seq_sharded)
 
@@ -78,7 +78,7 @@ class SoftmaxBlock(nn.Module):
         q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q, k = self.rotary(ctx.positions, q.view(-1, self.nh, self.d), k.view(-1, self.nkv, self.d))
         o = self.attn(q, k, v.view(-1, self.nkv, self.d), ctx)
-        return self.o_proj(o.view(o.shape[0], -1), ctx.seq_sharded)
+        return self.o_proj(o.flatten(1), ctx.seq_sharded)
 
 
 class MoEBlock(nn.Module):
