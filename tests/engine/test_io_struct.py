@@ -1,0 +1,19 @@
+"""The messages between the HTTP process and the engine survive a pickle round trip (what zmq carries)."""
+
+from __future__ import annotations
+
+import pickle
+
+from server.engine.io_struct import AbortRequest, EngineStats, GenerateRequest, RequestOutput, TokenLogprob
+from server.sampling_params import SamplingParams
+
+
+def test_messages_round_trip():
+    msgs = [
+        GenerateRequest("r1", [1, 2, 3], SamplingParams(temperature=0.5, top_k=4, stop=["x"], seed=7, logprobs=2)),
+        AbortRequest("r1"),
+        RequestOutput("r1", [5], [TokenLogprob(5, -0.1, [(5, -0.1), (9, -2.5)])], True, "stop", 5, None, 3, 1, 0.25),
+        EngineStats(1, 2, 3, 4, 5, 6),
+    ]
+    for m in msgs:
+        assert pickle.loads(pickle.dumps(m)) == m
