@@ -47,6 +47,11 @@ class EngineConfig:
     def world_size(self) -> int:
         return self.sp_size * self.tp_size
 
+    @property
+    def local_world_size(self) -> int:
+        """Ranks per node: node k runs ranks ``k * local_world_size ..`` (TP inside a node, SP across nodes)."""
+        return self.world_size // self.nnodes
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,12 +91,17 @@ class EngineConfig:
                 raise ValueError(msg)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
-        if (
-            self.torch_device().type == "cuda"
-            and self.world_size * self.nnodes > torch.cuda.device_count() * self.nnodes
-        ):
+        if self.nnodes < 1 or self.world_size % self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} must divide --sp-size x --tp-size = {self.world_size}")
+        if self.nnodes > 1 and self.tp_size > self.local_world_size:
+            raise ValueError(f"--tp-size {self.tp_size} must fit in one node ({self.local_world_size} ranks per node)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr tcp://HOST:PORT of node 0, the same on every node")
+        if self.torch_device().type == "cuda" and self.local_world_size > torch.cuda.device_count():
             raise ValueError(
-                f"--sp-size {self.sp_size} x --tp-size {self.tp_size} needs {self.world_size} GPUs per node, "
+                f"--sp-size {self.sp_size} x --tp-size {self.tp_size} needs {self.local_world_size} GPUs per node, "
                 f"but {torch.cuda.device_count()} are visible"
             )
         if self.attention_backend == "flashinfer" and self.torch_device().type != "cuda":

@@ -56,9 +56,12 @@ class Engine:
         self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)
         init_method = config.dist_init_addr or f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
-        self.procs = [
+        if config.node_rank != 0:
+            raise ValueError("the engine (rank 0) runs on node 0; start other nodes with --node-rank k, which runs "
+                             "only their worker ranks")
+        self.procs = [  # this node's ranks; other nodes start their own (run_worker_node)
             ctx.Process(target=worker_main, args=(r, config, self.model_path, init_method, log_level), daemon=True)
-            for r in range(1, config.world_size)
+            for r in range(1, config.local_world_size)
         ]
         for p in self.procs:
             p.start()

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
     dev = config.torch_device()
     if dev.type == "cuda":
-        local = rank % max(1, torch.cuda.device_count())
+        local = rank % config.local_world_size
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return dev
@@ -95,3 +95,24 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
     except Exception:
         log.error("worker rank %d failed:\n%s", rank, traceback.format_exc())
         os._exit(1)
+
+
+def node_ranks(config: EngineConfig) -> range:
+    """Global ranks that run on this node."""
+    first = config.node_rank * config.local_world_size
+    return range(first, first + config.local_world_size)
+
+
+def run_worker_node(config: EngineConfig, model_path: str, log_level: str = "WARNING") -> int:
+    """A node other than node 0 (``--node-rank k > 0``): run this node's ranks until rank 0 ends them.
+    Returns 0 if every rank exited cleanly."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, args=(r, config, model_path, config.dist_init_addr, log_level))
+             for r in node_ranks(config)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return max((p.exitcode or 0) for p in procs)

@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                      default=argparse.SUPPRESS,
                      help="keep the residual stream replicated over TP during long SP prefills")
     par.add_argument("--dist-init-addr", default=None,
-                     help="tcp://host:port for the ranks' rendezvous; default: a free local port")
+                     help="tcp://host:port for the ranks' rendezvous (node 0's address with --nnodes > 1); "
+                          "default: a free local port")
+    par.add_argument("--nnodes", type=int, default=d.nnodes,
+                     help="nodes of one server; each runs sp x tp / nnodes ranks (TP inside a node)")
+    par.add_argument("--node-rank", type=int, default=d.node_rank,
+                     help="this node's index; node 0 serves HTTP, the others run only their worker ranks")
 
     run = p.add_argument_group("runtime")
     run.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"), help="auto: cuda if available")

@@ -28,7 +28,7 @@ IDLE_POLL_MS = 1000
 @dataclass
 class EngineReady:
     pid: int
-    worker_pids: list[int]  # ranks 1..W-1
+    worker_pids: list[int]  # this node's ranks 1.. (other nodes watch their own)
     tokenizer_path: str
     max_model_len: int
 
