@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -106,6 +106,3 @@ class EngineConfig:
             )
         if self.attention_backend == "flashinfer" and self.torch_device().type != "cuda":
             raise ValueError("--attention-backend flashinfer needs a CUDA device; use torch on CPU")
-
-    def with_(self, **kw) -> EngineConfig:
-        return replace(self, **kw)

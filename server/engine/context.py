@@ -89,13 +89,6 @@ class ForwardContext:
     def seq_sharded(self) -> bool:
         return self.plan.seq_sharded
 
-    def tp_shard_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This TP rank's slice of padded per-row data (the layout of a seq-sharded residual stream)."""
-        if not self.seq_sharded:
-            return x
-        n = x.shape[0] // self.pstate.tp_size
-        return x[self.pstate.tp_rank * n : (self.pstate.tp_rank + 1) * n]
-
 
 def _runs(pieces: list[tuple[int, int]]) -> list[Run]:
     """Runs for rows that hold the given (pos_start, pos_end) pieces back to back; empty pieces dropped."""

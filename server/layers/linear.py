@@ -19,10 +19,6 @@ from torch import nn
 from server.sp.groups import ParallelState
 
 
-def loaded_shape(loaded) -> tuple[int, ...]:
-    return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
-
-
 def as_tensor(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
