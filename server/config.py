@@ -91,6 +91,9 @@ class EngineConfig:
                 raise ValueError(msg)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
+        if self.sp_size > 1 and 0 < self.chunked_prefill_size < 2 * self.sp_size:
+            raise ValueError(f"--chunked-prefill-size must be at least 2 x --sp-size ({2 * self.sp_size}) so that a "
+                             f"prompt chunk can be split over the SP group, got {self.chunked_prefill_size}")
         if self.nnodes < 1 or self.world_size % self.nnodes:
             raise ValueError(f"--nnodes {self.nnodes} must divide --sp-size x --tp-size = {self.world_size}")
         if self.nnodes > 1 and self.tp_size > self.local_world_size:

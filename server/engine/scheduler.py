@@ -29,7 +29,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else max_model_len
-        self.split_threshold = max(config.sp_min_tokens, 2 * self.sp)
+        # A split chunk must fit one step's budget, or long prompts could never be scheduled.
+        self.split_threshold = max(min(config.sp_min_tokens, self.budget), 2 * self.sp)
         self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold, self.budget)
 
     def add(self, seq: Sequence) -> None:

@@ -82,3 +82,14 @@ def test_admission_rejects_what_never_fits_and_releases_reservations():
     assert sum(s.cache.reserved) > 0
     s.finish(a)
     assert s.cache.reserved == [0, 0] and s.cache.pages_used() == 0 and not s.has_unfinished()
+
+
+def test_budget_below_sp_min_tokens_still_splits_long_prompts():
+    s = make(sp=2, budget=32, sp_min=1000)  # chunks can never reach sp_min_tokens: split at the budget instead
+    s.add(seq("long", 100, 2))
+    steps = []
+    while sum(n for n, _ in steps) < 100:
+        plan, seqs = s.schedule()
+        steps.append((plan.seqs[0].num_new, plan.seqs[0].split))
+        s.advance(seqs, plan)
+    assert steps == [(32, True), (32, True), (32, True), (4, False)]  # the short tail is not split

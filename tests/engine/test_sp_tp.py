@@ -29,15 +29,16 @@ def reference(tmp_path_factory):
     for arch in ("llama", "minimax_7to1"):
         path = save_tiny_model(arch, root)
         with LLM(path, **ENGINE) as llm:
-            out[arch] = (path, llm.engine.prompt_logits(LONG),
+            out[arch] = (path, llm.engine.prompt_logits(LONG), llm.engine.prompt_logits(BATCH[1]),
                          [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)])
     return out
 
 
 def check(reference, arch: str, **kw) -> None:
-    path, logits, tokens = reference[arch]
+    path, logits, short_logits, tokens = reference[arch]
     with LLM(path, **{**ENGINE, **kw}) as llm:
         assert_logits_close(llm.engine.prompt_logits(LONG), logits)
+        assert_logits_close(llm.engine.prompt_logits(BATCH[1]), short_logits)  # homed on one SP rank
         assert [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)] == tokens
         assert llm.generate([LONG], GREEDY)[0].token_ids == tokens[0]
         # a short request alone: homed on one SP rank while the others run steps with no rows at all
