@@ -38,8 +38,9 @@ def tiny_config(arch: str, **over):
         cfg = tf.Qwen3Config(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, **over})
     elif arch.startswith("minimax"):
         n = 8 if arch == "minimax_7to1" else 4
-        types = (["linear_attention"] * 7 + ["full_attention"]) if arch == "minimax_7to1" else \
-            ["linear_attention", "full_attention"] * (n // 2)
+        types = {"minimax_7to1": ["linear_attention"] * 7 + ["full_attention"],
+                 "minimax_linear": ["linear_attention"] * n}.get(arch,
+                                                                  ["linear_attention", "full_attention"] * (n // 2))
         cfg = tf.MiniMaxConfig(**{**COMMON, "head_dim": 24, "num_hidden_layers": n, "layer_types": types,
                                   "num_local_experts": 4, "num_experts_per_tok": 2, "block_size": 16,
                                   "full_attn_alpha_factor": 1.1, "full_attn_beta_factor": 0.9,

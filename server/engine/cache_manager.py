@@ -25,7 +25,10 @@ class CacheManager:
         self.num_slots = num_slots
         self.split_threshold = split_threshold
         self.chunk_budget = chunk_budget
-        self.free_pages = [list(range(num_pages - 1, -1, -1)) for _ in range(sp_size)]
+        # Pages never handed out are counted, not listed: a model without softmax layers has no KV and an
+        # effectively unbounded page count.
+        self.next_page = [0] * sp_size
+        self.freed: list[list[int]] = [[] for _ in range(sp_size)]
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.reserved = [0] * sp_size  # tokens reserved by admitted requests, per SP rank
 
@@ -74,7 +77,7 @@ class CacheManager:
 
     def release(self, seq: Sequence) -> None:
         for r in range(self.sp_size):
-            self.free_pages[r].extend(reversed(seq.pages[r]))
+            self.freed[r].extend(reversed(seq.pages[r]))
             seq.pages[r] = []
             seq.kv_runs[r] = []
         if seq.slot >= 0:
@@ -89,14 +92,23 @@ class CacheManager:
         return max(0, -(-total // self.page_size) - len(seq.pages[sp_rank]))
 
     def fits(self, seq: Sequence, per_rank_tokens: list[int]) -> bool:
-        return all(self.pages_needed(seq, r, n) <= len(self.free_pages[r]) for r, n in enumerate(per_rank_tokens))
+        return all(self.pages_needed(seq, r, n) <= self.free_count(r) for r, n in enumerate(per_rank_tokens))
+
+    def free_count(self, sp_rank: int) -> int:
+        return self.num_pages - self.next_page[sp_rank] + len(self.freed[sp_rank])
+
+    def take_page(self, sp_rank: int) -> int:
+        if self.freed[sp_rank]:
+            return self.freed[sp_rank].pop()
+        self.next_page[sp_rank] += 1
+        return self.next_page[sp_rank] - 1
 
     def append(self, seq: Sequence, sp_rank: int, pos_start: int, length: int) -> None:
         """Store positions ``pos_start..pos_start+length-1`` at the end of the rank's shard."""
         if length == 0:
             return
         for _ in range(self.pages_needed(seq, sp_rank, length)):
-            seq.pages[sp_rank].append(self.free_pages[sp_rank].pop())
+            seq.pages[sp_rank].append(self.take_page(sp_rank))
         runs = seq.kv_runs[sp_rank]
         row = seq.shard_len(sp_rank)
         if runs and runs[-1][2] + runs[-1][1] == pos_start:  # extends the last run
@@ -106,7 +118,7 @@ class CacheManager:
             runs.append((row, length, pos_start))
 
     def pages_used(self) -> int:
-        return sum(self.num_pages - len(f) for f in self.free_pages)
+        return sum(self.num_pages - self.free_count(r) for r in range(self.sp_size))
 
     def snapshot_runs(self, seq: Sequence) -> list[list[Run]]:
         return [list(r) for r in seq.kv_runs]

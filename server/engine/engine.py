@@ -67,8 +67,7 @@ class Engine:
             p.start()
         self.pstate, self.runner = setup_rank(config, 0, self.model_path, init_method)
         self.device = self.pstate.device
-        num_pages = self.runner.attn_layers[0].cache.k.shape[0] if self.runner.attn_layers else 1
-        self.scheduler = Scheduler(config, num_pages, self.runner.num_slots, self.max_model_len)
+        self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -175,10 +174,14 @@ class Engine:
 
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        kv_total = self.cache.num_pages * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_pages_used=self.cache.pages_used(), kv_pages_total=self.cache.num_pages * self.cache.sp_size,
-            state_slots_used=self.cache.num_slots - len(self.cache.free_slots), state_slots_total=self.cache.num_slots,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_pages_used=self.cache.pages_used() if kv_total else 0,
+            kv_pages_total=kv_total,
+            state_slots_used=self.cache.num_slots - len(self.cache.free_slots),
+            state_slots_total=self.cache.num_slots,
         )
 
     def memory_stats(self, reset: bool = True) -> list[dict]:

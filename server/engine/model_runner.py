@@ -16,6 +16,8 @@ from server.sp.groups import ParallelState
 
 log = logging.getLogger(__name__)
 
+NO_KV_PAGES = 1 << 40  # a model without softmax layers stores no KV: pages are bookkeeping only
+
 
 class ModelRunner:
     """Builds the model for this rank, sizes and allocates its caches, and runs steps.
@@ -64,9 +66,10 @@ class ModelRunner:
             raise RuntimeError(
                 f"no memory left for caches on {self.device} after the weights and {self.num_slots} state slots; "
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
-        return max(1, budget // per_page) if per_page else 1
+        return max(1, budget // per_page) if per_page else NO_KV_PAGES
 
     def allocate_caches(self, num_pages: int) -> None:
+        self.num_pages = num_pages
         for a in self.attn_layers:
             a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
                                    self.device)
