@@ -20,6 +20,9 @@ from server.sp.groups import ParallelState
 
 
 class LlamaAttentionBlock(nn.Module):
+    """Softmax attention block: fused QKV (optional bias), optional q/k RMSNorm, RoPE, attention, output
+    projection. Also MiniMax's softmax layers."""
+
     def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         hidden, d = cfg["hidden_size"], head_dim_of(cfg)

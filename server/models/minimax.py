@@ -13,18 +13,16 @@ import torch
 from torch import nn
 
 from server.engine.context import ForwardContext
-from server.layers.attention import Attention
 from server.layers.lightning import LightningAttention, minimax_slopes
 from server.layers.linear import (
     ColumnSeqParallelLinear,
-    QKVSeqParallelLinear,
     RowSeqParallelLinear,
     divide,
 )
 from server.layers.moe import FusedMoE
 from server.layers.norm import RMSNorm, TPRMSNorm
-from server.layers.rotary import RotaryEmbedding, rope_params_from_config
 from server.models.common import QKV_RULES, CausalLM, head_dim_of
+from server.models.llama import LlamaAttentionBlock
 from server.sp.groups import ParallelState
 
 
@@ -62,25 +60,6 @@ class LightningBlock(nn.Module):
         return self.out_proj(o, ctx.seq_sharded)
 
 
-class SoftmaxBlock(nn.Module):
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
-        super().__init__()
-        hidden, d = cfg["hidden_size"], head_dim_of(cfg)
-        self.qkv_proj = QKVSeqParallelLinear(hidden, d, cfg["num_attention_heads"], cfg["num_key_value_heads"],
-                                             pstate, False, dtype)
-        self.o_proj = RowSeqParallelLinear(cfg["num_attention_heads"] * d, hidden, pstate, False, dtype)
-        self.rotary = RotaryEmbedding(d, rope_params_from_config(cfg), cfg.get("max_position_embeddings", 4096))
-        self.nh, self.nkv, self.d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
-        self.attn = Attention(self.nh, self.nkv, d, d**-0.5)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(x, ctx.seq_sharded)
-        q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q, k = self.rotary(ctx.positions, q.view(-1, self.nh, self.d), k.view(-1, self.nkv, self.d))
-        o = self.attn(q, k, v.view(-1, self.nkv, self.d), ctx)
-        return self.o_proj(o.flatten(1), ctx.seq_sharded)
-
-
 class MoEBlock(nn.Module):
     def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
@@ -102,7 +81,7 @@ class MiniMaxDecoderLayer(nn.Module):
             self.self_attn = LightningBlock(cfg, layer_idx, pstate, dtype)
             self.alpha, self.beta = cfg.get("linear_attn_alpha_factor", 1), cfg.get("linear_attn_beta_factor", 1)
         else:
-            self.self_attn = SoftmaxBlock(cfg, pstate, dtype)
+            self.self_attn = LlamaAttentionBlock(cfg, pstate, dtype, qkv_bias=False, qk_norm=False)
             self.alpha, self.beta = cfg.get("full_attn_alpha_factor", 1), cfg.get("full_attn_beta_factor", 1)
         self.mlp_alpha, self.mlp_beta = cfg.get("mlp_alpha_factor", 1), cfg.get("mlp_beta_factor", 1)
         self.block_sparse_moe = MoEBlock(cfg, pstate, dtype)
