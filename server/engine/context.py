@@ -67,8 +67,7 @@ class LocalSeq:
     q_runs: list[Run]  # rows relative to row_start
     chunks: list[tuple[int, int, int]]  # (row_start rel., length, chunk index) when split
     chunk_lens: list[int]  # all 2P chunk lengths when split
-    kv_write_rows: torch.Tensor | None  # local rows (relative) whose KV this rank stores, in storage order
-    kv_write_slots: torch.Tensor | None  # flat cache slots for those rows
+    kv_write_slots: torch.Tensor | None  # flat cache slots of the request's rows, if this rank stores their KV
     page_table: torch.Tensor  # this rank's pages for the request
     shard_len: int  # rows of this rank's KV shard after the step
 
@@ -82,6 +81,7 @@ class ForwardContext:
     positions: torch.Tensor  # [T]
     num_rows: int  # T before padding
     page_size: int
+    zero_slots: torch.Tensor | None = None  # state slots to clear before this step (fresh requests)
     ring_mode: str = "ring"
     lasp_mode: str = "ring"
 
@@ -134,15 +134,14 @@ def build_forward_context(plan: StepPlan, pstate: ParallelState, page_size: int,
             pos.extend(range(s, e))
         shard_len = sum(length for _, length, _ in st.kv_runs[r])
         page_table = torch.tensor(st.pages[r], dtype=torch.long, device=dev)
-        write_rows = write_slots = None
+        write_slots = None
         if stores and num_rows:
             first = shard_len - num_rows
             shard_rows = torch.arange(first, shard_len)
             pages = torch.tensor(st.pages[r], dtype=torch.long)
             write_slots = (pages[shard_rows // page_size] * page_size + shard_rows % page_size).to(dev)
-            write_rows = torch.arange(num_rows, device=dev)
         seqs.append(LocalSeq(st, len(pos) - num_rows, num_rows, q_runs, local_chunks, chunk_lens,
-                             write_rows, write_slots, page_table, shard_len))
+                             write_slots, page_table, shard_len))
     num_rows = len(ids)
     if plan.seq_sharded:
         pad = (-num_rows) % pstate.tp_size
@@ -153,4 +152,5 @@ def build_forward_context(plan: StepPlan, pstate: ParallelState, page_size: int,
         input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
         positions=torch.tensor(pos, dtype=torch.long, device=dev),
         num_rows=num_rows, page_size=page_size, ring_mode=ring_mode, lasp_mode=lasp_mode,
+        zero_slots=torch.tensor(plan.zero_slots, dtype=torch.long, device=dev) if plan.zero_slots else None,
     )

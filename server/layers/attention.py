@@ -57,7 +57,7 @@ class Attention(nn.Module):
             rows = slice(seq.row_start, seq.row_start + seq.num_rows)
             qs, ks, vs = q[rows], k[rows], v[rows]
             if seq.kv_write_slots is not None:
-                self.cache.write(seq.kv_write_slots, ks[seq.kv_write_rows], vs[seq.kv_write_rows])
+                self.cache.write(seq.kv_write_slots, ks, vs)
             k_shard, v_shard = self.cache.read(seq.page_table, seq.shard_len)
             kv_runs = seq.step.kv_runs
             if seq.step.split and ps.sp_size > 1:

@@ -43,8 +43,8 @@ class LightningAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         states = self.pool.states
-        if ctx.plan.zero_slots:
-            states[torch.tensor(ctx.plan.zero_slots, device=states.device)] = 0
+        if ctx.zero_slots is not None:
+            states[ctx.zero_slots] = 0
         out = torch.zeros_like(q)
         ps = ctx.pstate
         lasp = [s for s in ctx.seqs if s.step.split and ps.sp_size > 1]
