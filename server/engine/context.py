@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.kernels.ops import Run
+from server.kernels.paged_attention import KINDS, AttentionBatch, make_batch
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_chunks
 
@@ -67,9 +68,20 @@ class LocalSeq:
     q_runs: list[Run]  # rows relative to row_start
     chunks: list[tuple[int, int, int]]  # (row_start rel., length, chunk index) when split
     chunk_lens: list[int]  # all 2P chunk lengths when split
-    kv_write_slots: torch.Tensor | None  # flat cache slots of the request's rows, if this rank stores their KV
-    page_table: torch.Tensor  # this rank's pages for the request
+    stores: bool  # this rank stores the KV of the request's new rows
+    page_table: torch.Tensor | None  # this rank's pages for the request (ring requests: the shard is read back)
     shard_len: int  # rows of this rank's KV shard after the step
+
+
+@dataclass
+class AttentionMetadata:
+    """This rank's softmax-attention work in one step, built once and shared by every softmax layer."""
+
+    write_rows: torch.Tensor | None  # local rows whose K/V this rank stores ...
+    write_slots: torch.Tensor | None  # ... and their flat cache slots
+    ring_seqs: list[LocalSeq]  # split requests (sp > 1): pass-KV ring over the SP group, one by one
+    batches: list[AttentionBatch]  # everything else, one batch per kind (server.kernels.paged_attention)
+    merge_rows: torch.Tensor | None  # replicated rows, merged over SP by LSE; same order on every SP rank
 
 
 @dataclass
@@ -81,6 +93,7 @@ class ForwardContext:
     positions: torch.Tensor  # [T]
     num_rows: int  # T before padding
     page_size: int
+    attn: AttentionMetadata | None = None
     zero_slots: torch.Tensor | None = None  # state slots to clear before this step (fresh requests)
     ring_mode: str = "ring"
     lasp_mode: str = "ring"
@@ -133,15 +146,10 @@ def build_forward_context(plan: StepPlan, pstate: ParallelState, page_size: int,
             ids.extend(st.token_ids[s - st.start : e - st.start])
             pos.extend(range(s, e))
         shard_len = sum(length for _, length, _ in st.kv_runs[r])
-        page_table = torch.tensor(st.pages[r], dtype=torch.long, device=dev)
-        write_slots = None
-        if stores and num_rows:
-            first = shard_len - num_rows
-            shard_rows = torch.arange(first, shard_len)
-            pages = torch.tensor(st.pages[r], dtype=torch.long)
-            write_slots = (pages[shard_rows // page_size] * page_size + shard_rows % page_size).to(dev)
+        ring = st.split and p > 1
+        page_table = torch.tensor(st.pages[r], dtype=torch.long, device=dev) if ring and num_rows else None
         seqs.append(LocalSeq(st, len(pos) - num_rows, num_rows, q_runs, local_chunks, chunk_lens,
-                             write_slots, page_table, shard_len))
+                             stores and num_rows > 0, page_table, shard_len))
     num_rows = len(ids)
     if plan.seq_sharded:
         pad = (-num_rows) % pstate.tp_size
@@ -152,5 +160,50 @@ def build_forward_context(plan: StepPlan, pstate: ParallelState, page_size: int,
         input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
         positions=torch.tensor(pos, dtype=torch.long, device=dev),
         num_rows=num_rows, page_size=page_size, ring_mode=ring_mode, lasp_mode=lasp_mode,
+        attn=build_attention_metadata(seqs, pstate, page_size),
         zero_slots=torch.tensor(plan.zero_slots, dtype=torch.long, device=dev) if plan.zero_slots else None,
+    )
+
+
+def build_attention_metadata(seqs: list[LocalSeq], pstate: ParallelState, page_size: int) -> AttentionMetadata:
+    """Sort the step's requests into the ring, the per-kind local batches and the SP merge (see
+    :mod:`server.layers.attention`), and compute every KV write slot, all on the host, once per step."""
+    dev, r, p = pstate.device, pstate.sp_rank, pstate.sp_size
+    write_rows: list[int] = []
+    write_slots: list[int] = []
+    ring_seqs: list[LocalSeq] = []
+    entries: dict[str, list] = {kind: [] for kind in KINDS}
+    merge_rows: list[int] = []
+    for ls in seqs:
+        st = ls.step
+        if ls.num_rows == 0:  # homed on another SP rank
+            continue
+        rows = list(range(ls.row_start, ls.row_start + ls.num_rows))
+        pages = st.pages[r]
+        if ls.stores:  # the new rows are the last rows of the shard
+            write_rows += rows
+            write_slots += [pages[i // page_size] * page_size + i % page_size
+                            for i in range(ls.shard_len - ls.num_rows, ls.shard_len)]
+        if st.split and p > 1:
+            ring_seqs.append(ls)
+            continue
+        if p > 1 and not st.split and not st.home:  # replicated queries over SP-sharded KV
+            merge_rows += rows
+        if ls.shard_len == 0:  # no keys here: (o, lse) = (0, -inf)
+            continue
+        if ls.num_rows == 1:
+            kind = "decode"
+        elif ls.stores:
+            kind = "ragged" if ls.shard_len == ls.num_rows else "paged_causal"
+        else:
+            kind = "paged_full"
+        entries[kind].append((rows, pages, ls.num_rows if kind == "ragged" else ls.shard_len))
+
+    def tensor(values: list[int]) -> torch.Tensor | None:
+        return torch.tensor(values, dtype=torch.long, device=dev) if values else None
+
+    return AttentionMetadata(
+        write_rows=tensor(write_rows), write_slots=tensor(write_slots), ring_seqs=ring_seqs,
+        batches=[make_batch(kind, page_size, e, dev) for kind, e in entries.items() if e],
+        merge_rows=tensor(merge_rows),
     )

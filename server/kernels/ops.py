@@ -17,6 +17,7 @@ from server.kernels.lightning_ref import (
     lightning_state_correction_ref,
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
+from server.kernels.paged_attention import AttentionBatch, batch_attention_ref
 
 LIGHTNING_BLOCK = 64
 
@@ -70,6 +71,22 @@ def attention_runs(
     q_pos = runs_to_positions(q_runs, q.device)
     k_pos = runs_to_positions(k_runs, q.device)
     return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
+
+
+def batch_attention(
+    batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's batch of local attention entries (see :mod:`server.kernels.paged_attention`): q ``[rows, Hq, D]``
+    of the batch, k/v the same rows (read by ``ragged`` entries), the layer's page caches. Returns ``(o, lse)``
+    like :func:`attention_runs`."""
+    if _fast(q):
+        from server.kernels.flashinfer_attention import flashinfer_supports
+        from server.kernels.paged_attention import batch_attention_flashinfer
+
+        if flashinfer_supports(q, k_cache[0]):  # [page_size, Hk, D]
+            return batch_attention_flashinfer(batch, q, k, v, k_cache, v_cache, scale)
+    return batch_attention_ref(batch, q, k, v, k_cache, v_cache, scale)
 
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):

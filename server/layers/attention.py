@@ -1,22 +1,27 @@
 """Softmax attention over the paged KV cache, local or sequence-parallel.
 
-For each request in the step: the new K/V rows this rank stores are written to its pages, the rank's KV shard
-is read back, and the request's queries attend to all of the request's KV, wherever it lives:
-- split requests (zigzag over SP): pass-KV ring (or the all-gather-KV comparison mode) over the SP group;
-- requests homed on one SP rank: plain attention there over the local KV;
-- other requests (replicated queries: an SP request's tail chunk and decode tokens): each SP rank attends to
-  its shard and the partial results are merged by their base-2 LSE over the SP group.
-With sp = 1 both reduce to one attention call over the local KV.
+Per step (one :class:`~server.engine.context.AttentionMetadata`, built once and shared by all layers): the new
+K/V rows this rank stores are written to its pages in one scatter, then every query row attends to all of its
+request's KV, wherever it lives:
+- split requests (zigzag over SP): pass-KV ring (or the all-gather-KV comparison mode) over the SP group, the
+  rank's KV shard read back from its pages;
+- everything else attends to the KV on this rank in one batched call per mask kind (ragged causal on the step's
+  own rows, paged causal after a cached prefix, paged full, paged decode: :mod:`server.kernels.paged_attention`);
+- the replicated rows of SP requests (tail chunk, decode tokens: the same queries on every SP rank, KV sharded
+  over SP) then merge their partial results by base-2 LSE over the SP group, all requests in one all-gather.
+With sp = 1 only the batched local calls remain.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from server.engine.context import ForwardContext
 from server.kernels import ops
-from server.sp.ring_attention import allgather_kv_attention, ring_attention, sharded_kv_attention
+from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
 
 
 class PagedKVCache:
@@ -49,24 +54,29 @@ class Attention(nn.Module):
         self.cache: PagedKVCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        out = torch.zeros_like(q)
+        meta = ctx.attn
         ps = ctx.pstate
-        for seq in ctx.seqs:
-            if seq.num_rows == 0:  # a request homed on another SP rank
-                continue
-            rows = slice(seq.row_start, seq.row_start + seq.num_rows)
-            qs, ks, vs = q[rows], k[rows], v[rows]
-            if seq.kv_write_slots is not None:
-                self.cache.write(seq.kv_write_slots, ks, vs)
-            k_shard, v_shard = self.cache.read(seq.page_table, seq.shard_len)
-            kv_runs = seq.step.kv_runs
-            if seq.step.split and ps.sp_size > 1:
-                fn = ring_attention if ctx.ring_mode == "ring" else allgather_kv_attention
-                o, _ = fn(qs, k_shard, v_shard, seq.q_runs, kv_runs, self.scale, ps, attn_fn=ops.attention_runs)
-            elif seq.step.home:  # all of the request's KV is here
-                o, _ = ops.attention_runs(qs, k_shard, v_shard, seq.q_runs, kv_runs[ps.sp_rank], self.scale)
+        if meta.write_rows is not None:
+            self.cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows])
+        out = torch.zeros_like(q)
+        lse = None
+        if meta.merge_rows is not None:
+            lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
+        for batch in meta.batches:
+            o_b, lse_b = ops.batch_attention(batch, batch.take(q), batch.take(k), batch.take(v), self.cache.k,
+                                             self.cache.v, self.scale)
+            if batch.row_range is not None:
+                out[batch.row_range[0] : batch.row_range[1]] = o_b
             else:
-                o, _ = sharded_kv_attention(qs, k_shard, v_shard, seq.q_runs, kv_runs[ps.sp_rank], self.scale, ps,
-                                            attn_fn=ops.attention_runs)
-            out[rows] = o
+                out[batch.rows] = o_b
+            if lse is not None:
+                lse[batch.rows] = lse_b
+        for seq in meta.ring_seqs:
+            rows = slice(seq.row_start, seq.row_start + seq.num_rows)
+            k_shard, v_shard = self.cache.read(seq.page_table, seq.shard_len)
+            fn = ring_attention if ctx.ring_mode == "ring" else allgather_kv_attention
+            out[rows], _ = fn(q[rows], k_shard, v_shard, seq.q_runs, seq.step.kv_runs, self.scale, ps,
+                              attn_fn=ops.attention_runs)
+        if meta.merge_rows is not None:
+            out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
         return out

@@ -176,19 +176,27 @@ def sharded_kv_attention(
     """Attention of queries replicated on every SP rank to KV sharded over the SP group (decode, DESIGN 6).
 
     q ``[Nq, Hq, D]`` is the same on every SP rank; k/v ``[Nk_r, Hk, D|Dv]`` with ``kv_runs`` is the local
-    shard (possibly empty). Each rank attends to its shard; ``(o, lse)`` of all ranks travel in one all-gather
-    (packed as fp32 ``[Nq, Hq * (Dv + 1)]``) and are merged in fp32. Every rank returns the same result.
+    shard (possibly empty). Each rank attends to its shard, then :func:`merge_over_sp`. Every rank returns the
+    same result.
     """
     if pstate.sp_size == 1:
         return attn_fn(q, k, v, q_runs, kv_runs, scale)
-    nq, hq, dv = q.shape[0], q.shape[1], v.shape[2]
     if _any_visible(q_runs, kv_runs):
         o, lse = attn_fn(q, k, v, q_runs, kv_runs, scale)
     else:
-        o, lse = _no_keys(q, dv)
+        o, lse = _no_keys(q, v.shape[2])
+    return merge_over_sp(o, lse, pstate)
+
+
+def merge_over_sp(o: torch.Tensor, lse: torch.Tensor, pstate: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge every SP rank's partial ``(o, lse)`` of the same query rows: ``(o, lse)`` of all ranks travel in one
+    all-gather (packed as fp32 ``[Nq, Hq * (Dv + 1)]``) and are merged in fp32. Every rank returns the same."""
+    if pstate.sp_size == 1:
+        return o, lse
+    nq, hq, dv = o.shape
     packed = torch.cat([o.float().reshape(nq, hq * dv), lse.reshape(nq, hq)], dim=1)
     parts = torch.stack(pstate.sp_all_gather(packed))
     o_all = parts[:, :, : hq * dv].reshape(-1, nq, hq, dv)
     lse_all = parts[:, :, hq * dv :]
-    o, lse = ops.merge_states(o_all, lse_all)
-    return o.to(q.dtype), lse
+    merged, merged_lse = ops.merge_states(o_all, lse_all)
+    return merged.to(o.dtype), merged_lse
