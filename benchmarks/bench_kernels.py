@@ -51,6 +51,7 @@ COUNTING = {
     "merge_bytes": "K partial o (bf16) + lse (fp32) read, one o + lse written",
     "attention_flops": "4 * Hq * D per visible (query, key) pair (QK^T and PV); causal counts the lower triangle",
     "copy_bandwidth": "device-to-device copy of 1 GiB, bytes read + bytes written",
+    "decode_bytes": "K and V of every request read once (bf16); q and o ignored",
 }
 # Lightning prefill variants swept per shape: "default" is what ops.lightning_prefill runs (block 64, value slice
 # 64, 4 warps, 3 stages, segments for about one program per SM); the others change one knob of it.
@@ -303,6 +304,88 @@ def ring_attention(rows: list, budget: Budget, tokens: list[int]) -> None:
         rows.append(row)
 
 
+def _paged_cache(num_tokens: list[int], hk: int, d: int, page: int):
+    """Caches holding requests of the given lengths on shuffled pages, and their page tables."""
+    counts = [math.ceil(n / page) for n in num_tokens]
+    perm = torch.randperm(sum(counts)).tolist()
+    tables, used = [], 0
+    for c in counts:
+        tables.append(perm[used : used + c])
+        used += c
+    k, v = (torch.randn(sum(counts), page, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return k, v, tables
+
+
+def _gathered_attention(q, k_cache, v_cache, pages, kv_len: int, q_runs, scale: float):
+    """The per-request path the batched calls replaced: gather the pages, then attention_runs."""
+    from server.kernels.flashinfer_attention import attention_runs_flashinfer
+
+    ks = k_cache[pages].flatten(0, 1)[:kv_len]
+    vs = v_cache[pages].flatten(0, 1)[:kv_len]
+    return attention_runs_flashinfer(q, ks, vs, q_runs, [(0, kv_len, 0)], scale)
+
+
+def _gathered_decode_loop(q, k_cache, v_cache, tables, kv_len: int, scale: float) -> None:
+    for i, pages in enumerate(tables):
+        _gathered_attention(q[i : i + 1], k_cache, v_cache, pages, kv_len, [(0, 1, kv_len)], scale)
+
+
+def paged_attention(rows: list, budget: Budget) -> None:
+    """The engine's batched local attention (server/kernels/paged_attention.py) against the per-request path
+    it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
+    from server.kernels.flashinfer_attention import flashinfer_module
+    from server.kernels.paged_attention import batch_attention_flashinfer, make_batch
+
+    fi = flashinfer_module()
+    if fi is None:
+        rows.append({"skipped": "flashinfer not importable"})
+        return
+    hq, hk, d, page = 32, 8, HEAD_DIM, 16
+    scale = d**-0.5
+    dev = torch.device("cuda")
+    per_pair = 4 * hq * d
+    prefill_cases = [(n, prefix) for n in (8192, 32768) for prefix in (0, 3 * n)]
+    for n, prefix in tqdm(prefill_cases, desc="paged prefill", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"case": "prefill", "tokens": n, "prefix": prefix, "skipped": "time budget"})
+            continue
+        total = n + prefix
+        kc, vc, (table,) = _paged_cache([total], hk, d, page)
+        q, k, v = (torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hk, hk))
+        flops = per_pair * (n * prefix + n * (n + 1) / 2)
+        kind = "ragged" if prefix == 0 else "paged_causal"
+        t0 = time.perf_counter()
+        batch = make_batch(kind, page, [(list(range(n)), table, n if prefix == 0 else total)], dev)
+        batch_attention_flashinfer(batch, q, k, v, kc, vc, scale)
+        torch.cuda.synchronize()
+        first_ms = (time.perf_counter() - t0) * 1e3
+        ms = bench_ms(partial(batch_attention_flashinfer, batch, q, k, v, kc, vc, scale))
+        pages_t = torch.tensor(table, device="cuda")
+        old = bench_ms(partial(_gathered_attention, q, kc, vc, pages_t, total, [(0, n, prefix)], scale))
+        rows.append({"case": "prefill", "kind": kind, "tokens": n, "prefix": prefix, "ms": ms,
+                     "tflops": flops / ms / 1e9, "old_path_tflops": flops / old / 1e9,
+                     "first_call_ms_incl_plan": first_ms})
+        del kc, vc
+        torch.cuda.empty_cache()
+    for b, kv_len in tqdm([(64, 4096), (256, 4096), (64, 32768)], desc="paged decode", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"case": "decode", "batch": b, "kv_len": kv_len, "skipped": "time budget"})
+            continue
+        kc, vc, tables = _paged_cache([kv_len] * b, hk, d, page)
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        batch = make_batch("decode", page, [([i], t, kv_len) for i, t in enumerate(tables)], dev)
+        plan_host_ms = (time.perf_counter() - t0) * 1e3
+        ms = bench_ms(partial(batch_attention_flashinfer, batch, q, q, q, kc, vc, scale))
+        nbytes = 2 * b * kv_len * hk * d * 2
+        tables_t = [torch.tensor(t, device="cuda") for t in tables]
+        old = bench_ms(partial(_gathered_decode_loop, q, kc, vc, tables_t, kv_len, scale), rep=20)
+        rows.append({"case": "decode", "batch": b, "kv_len": kv_len, "ms": ms, "gbps": nbytes / ms / 1e6,
+                     "old_loop_ms": old, "make_batch_ms": plan_host_ms})
+        del kc, vc
+        torch.cuda.empty_cache()
+
+
 def render_markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"# Kernel benchmarks on {env['device']}", "",
@@ -362,6 +445,24 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['tokens']} | {r['case']} | {r['tflops']:.0f} | {fmt(r.get('raw_single_prefill_tflops'))} |"
                   for r in ring]
         lines.append("")
+    paged = [r for r in res.get("paged_attention", []) if "ms" in r]
+    if paged:
+        copy = ceil.get("copy_gbps")
+        lines += ["## Batched local attention over the paged cache (bf16, 32 q / 8 kv heads, d = 128, page 16)", "",
+                  "Prefill: one request of `tokens` new tokens after `prefix` cached ones. `old path` gathers the "
+                  "request's pages into contiguous K/V and runs `attention_runs` (what each layer did per request).",
+                  "", "| tokens | prefix | kind | TFLOP/s | old path TFLOP/s | first call incl. plan (ms) |",
+                  "| ---: | ---: | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['prefix']} | {r['kind']} | {r['tflops']:.0f} | {r['old_path_tflops']:.0f} "
+                  f"| {r['first_call_ms_incl_plan']:.1f} |" for r in paged if r["case"] == "prefill"]
+        lines += ["", "Decode: one query per request; `old loop` is one gathered call per request.", "",
+                  "| batch | kv_len | ms | GB/s (of copy) | old loop ms | batch metadata (ms, host) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch']} | {r['kv_len']} | {r['ms']:.3f} | {r['gbps']:.0f} "
+                  f"({fmt(r['gbps'] / copy if copy else None, 2)}) | {r['old_loop_ms']:.2f} "
+                  f"| {r['make_batch_ms']:.2f} |"
+                  for r in paged if r["case"] == "decode"]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -373,7 +474,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
-                                                      "lightning_correction", "ring_attention", "lightning_prefill"])
+                                                      "lightning_correction", "ring_attention", "paged_attention",
+                                                      "lightning_prefill"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
@@ -394,6 +496,7 @@ def main() -> None:
         "merge_state": lambda r: merge_state(r, budget),
         "lightning_decode": lambda r: lightning_decode(r, budget),
         "lightning_correction": lambda r: lightning_correction(r, budget),
+        "paged_attention": lambda r: paged_attention(r, budget),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []

@@ -5,6 +5,11 @@ the same tp, MFU against the device's dense bf16 peak, and per-GPU memory (peak 
 peak above the weights + cache pool). Results: JSON (``--out``), a PNG plot (``--plot``) and a printed table.
 
     python benchmarks/bench_prefill.py --model llama3-8b minimax-hybrid --context 32768 131072 --sp-size 1 2
+
+Contexts run shortest first; the first failure of a config (out of memory, or no KV capacity) ends that config,
+so a rising list ``--context 98304 114688 131072 ...`` finds the longest prompt that fits. ``--num-prompts N``
+submits N prompts of each context together (short-prompt throughput: with ``--sp-min-tokens 1`` every prompt is
+split over the SP group, with the default each short prompt is placed whole on one SP rank).
 """
 
 from __future__ import annotations
@@ -60,16 +65,16 @@ def model_config(model: str) -> dict:
         return json.load(f)
 
 
-def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], args) -> list[dict]:
-    rows = []
+def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], args, emit) -> None:
+    """Run one (model, sp, tp) config over ``contexts``; every row goes to ``emit`` as soon as it is measured."""
     cfg = model_config(model)
     kw = dict(
         device=args.device,
         load_format="dummy",
         sp_size=sp,
         tp_size=tp,
-        max_running_requests=2,
-        chunked_prefill_size=args.chunk or max(contexts),
+        max_running_requests=max(2, args.num_prompts),
+        chunked_prefill_size=args.chunk or max(contexts) * args.num_prompts,
         sp_min_tokens=args.sp_min_tokens,
         ring_mode=args.ring_mode,
         lasp_mode=args.lasp_mode,
@@ -91,44 +96,48 @@ def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], arg
                 context=n,
                 ring_mode=args.ring_mode,
                 lasp_mode=args.lasp_mode,
+                num_prompts=args.num_prompts,
+                sp_min_tokens=args.sp_min_tokens,
                 kv_capacity_tokens=capacity,
             )
-            if n + 1 + eng.config.sp_size * eng.config.page_size > capacity:
+            if args.num_prompts * (n + 1 + eng.config.sp_size * eng.config.page_size) > capacity:
                 row["error"] = f"does not fit: KV capacity {capacity} tokens"
-                rows.append(row)
-                continue
-            ids = torch.randint(0, cfg["vocab_size"], (n,)).tolist()
+                emit(row)
+                break
+            prompts = [torch.randint(0, cfg["vocab_size"], (n,)).tolist() for _ in range(args.num_prompts)]
             try:
                 times = []
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
-                    llm.generate([ids], params)
+                    llm.generate(prompts, params, use_tqdm=False)
                     times.append(time.perf_counter() - t0)
-            except torch.OutOfMemoryError as e:  # the next (longer) context will not fit either
-                row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0]}"
-                rows.append(row)
+            except Exception as e:  # out of memory (on any rank): a longer context will not fit either
+                row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                emit(row)
                 break
             mem = eng.memory_stats(reset=True)
             ttft = min(times)
-            flops = prefill_flops(cfg, n)
+            flops = prefill_flops(cfg, n) * args.num_prompts
             peak = peak_tflops()
             row.update(
                 ttft_s=ttft,
                 ttft_all_s=times,
-                tokens_per_s=n / ttft,
+                tokens_per_s=n * args.num_prompts / ttft,
                 tflops_per_gpu=flops / ttft / sp / tp / 1e12,
                 mfu=(flops / ttft / (sp * tp) / (peak * 1e12)) if peak else None,
                 peak_mem_gib=[round(m["peak_bytes"] / 2**30, 2) for m in mem],
                 activation_peak_gib=[round((m["peak_bytes"] - base[m["rank"]]) / 2**30, 2) for m in mem],
             )
-            rows.append(row)
-    return rows
+            emit(row)
 
 
 def add_speedups(rows: list[dict]) -> None:
-    ref = {(r["model"], r["tp"], r["context"]): r["ttft_s"] for r in rows if r["sp"] == 1 and "ttft_s" in r}
+    def key(r: dict) -> tuple:
+        return r["model"], r["tp"], r["context"], r.get("num_prompts", 1)
+
+    ref = {key(r): r["ttft_s"] for r in rows if r["sp"] == 1 and "ttft_s" in r}
     for r in rows:
-        base = ref.get((r["model"], r["tp"], r["context"]))
+        base = ref.get(key(r))
         if base and "ttft_s" in r:
             r["speedup"] = base / r["ttft_s"]
             r["efficiency"] = r["speedup"] / r["sp"]
@@ -136,20 +145,28 @@ def add_speedups(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':16} {'sp':>2} {'tp':>2} {'context':>8} {'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} "
-        f"{'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
+        f"{'model':16} {'sp':>2} {'tp':>2} {'context':>8} {'n':>3} {'mode':>10} {'TTFT s':>8} {'tok/s':>9} "
+        f"{'speedup':>7} {'eff':>5} {'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
     )
     for r in rows:
+        mode = f"{r.get('ring_mode', '-')[:4]}/{r.get('lasp_mode', '-')[:4]}"
+        head = (f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context'] or '-':>8} {r.get('num_prompts', 1):>3} "
+                f"{mode:>10}")
         if "ttft_s" not in r:
-            print(f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context'] or '-':>8}  {r.get('error')}")
+            print(f"{head}  {r.get('error')}")
             continue
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
         print(
-            f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context']:>8} {r['ttft_s']:>8.3f} "
-            f"{r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} "
+            f"{head} {r['ttft_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} "
             f"{r.get('efficiency', float('nan')):>5.2f} "
             f"{mfu:>5} {max(r['peak_mem_gib']):>13.1f} {max(r['activation_peak_gib']):>8.1f}"
         )
+
+
+def default_modes(r: dict) -> bool:
+    """One prompt, pass-KV ring and LASP ring: the rows the plot shows."""
+    modes = (r.get("ring_mode", "ring"), r.get("lasp_mode", "ring"))
+    return r.get("num_prompts", 1) == 1 and modes == ("ring", "ring")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -165,7 +182,7 @@ def plot(rows: list[dict], path: str) -> None:
             pts = sorted(
                 (r["context"], r["ttft_s"])
                 for r in rows
-                if r["model"] == m and r["sp"] == sp and r["tp"] == tp and "ttft_s" in r
+                if r["model"] == m and r["sp"] == sp and r["tp"] == tp and "ttft_s" in r and default_modes(r)
             )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"sp={sp} tp={tp}")
@@ -191,33 +208,44 @@ def main() -> None:
     ap.add_argument("--lasp-mode", default="ring", choices=["ring", "allgather"])
     ap.add_argument("--chunk", type=int, default=0, help="chunked prefill size (0: the largest context)")
     ap.add_argument("--sp-min-tokens", type=int, default=1024)
+    ap.add_argument("--num-prompts", type=int, default=1, help="prompts of each context submitted together")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--plot", default=None, help="PNG plot file")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="no runs: combine these result files (speedups across them), print, write --out/--plot")
     args = ap.parse_args()
-    grid = [(m, sp, tp) for m in args.model for tp in args.tp_size for sp in args.sp_size]
-    rows: list[dict] = []
+    if args.merge:
+        rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
+        commands = [json.load(open(path))["command"] for path in args.merge]
+    else:
+        rows, commands = [], [" ".join(sys.argv)]
+    results = dict(command=commands if args.merge else commands[0],
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device_info(), rows=rows)
+
+    def save() -> None:
+        add_speedups(rows)
+        if args.out:
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(tmp, args.out)
+
+    def emit(row: dict) -> None:  # every row is printed and saved at once: a run cut short keeps what it measured
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    grid = [] if args.merge else [(m, sp, tp) for m in args.model for tp in args.tp_size for sp in args.sp_size]
     for m, sp, tp in tqdm(grid, desc="configs"):
         try:
-            new = run_config(m, model_dir(m), sp, tp, sorted(args.context), args)
-        except Exception as e:  # one failing config (e.g. out of memory) must not lose the others
-            new = [dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}")]
-        for r in new:  # partial results survive a run cut short
-            print(json.dumps(r), flush=True)
-        rows += new
-    add_speedups(rows)
+            run_config(m, model_dir(m), sp, tp, sorted(args.context), args, emit)
+        except Exception as e:  # one failing config (e.g. out of memory while loading) must not lose the others
+            emit(dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}"))
+    save()
     print_table(rows)
-    result = {
-        "command": " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "device": device_info(),
-        "rows": rows,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 

@@ -31,3 +31,25 @@ def test_bench_prefill_runs_on_cpu(tmp_path):
     assert {(r["sp"], r["context"]) for r in rows} == {(1, 200), (1, 500), (2, 200), (2, 500)}
     assert all(r["ttft_s"] > 0 and r["speedup"] > 0 for r in rows)
     assert png.stat().st_size > 0
+    # --merge combines result files without running anything
+    merged = tmp_path / "m.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--merge", str(out),
+                    "--out", str(merged)], check=True, timeout=120, cwd=ROOT)
+    assert json.loads(merged.read_text())["rows"] == rows
+
+
+def test_bench_prefill_many_short_prompts_on_cpu(tmp_path):
+    """``--num-prompts``: prompts below --sp-min-tokens are placed whole on one SP rank; all of them finish."""
+    cfg = dict(SHAPES["llama3-8b"], hidden_size=64, intermediate_size=64, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=300, num_hidden_layers=2)
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
+           "--context", "40", "--num-prompts", "5", "--sp-size", "1", "2", "--device", "cpu", "--sp-min-tokens",
+           "64", "--repeat", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sp"], r["num_prompts"]) for r in rows] == [(1, 5), (2, 5)]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)

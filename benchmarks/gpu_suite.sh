@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, step by step, from the repository root on a CUDA host (flashinfer installed).
+# Logs and result files go to $WORK (default /tmp/gpu-suite); with $ARCHIVE set, they end up in that one .tgz.
+#
+#   benchmarks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
+#   benchmarks/gpu_suite.sh prefill placement modes  # bench_prefill: contexts up to the memory limit, short
+#                                                    # prompts, comm modes (2 GPUs)
+set -u
+WORK=${WORK:-/tmp/gpu-suite}
+mkdir -p "$WORK"
+BP="python benchmarks/bench_prefill.py"
+
+# bench_prefill in its own process with a time limit, so that a rank that runs out of memory mid-collective
+# costs only its own config: $1 = seconds, $2 = result name, the rest = arguments.
+prefill() {
+    local limit=$1 name=$2
+    shift 2
+    timeout -k 10 "$limit" $BP "$@" --out "$WORK/pf_$name.json" >"$WORK/pf_$name.log" 2>&1
+    echo "$name: exit $? ($(grep -c '"model"' "$WORK/pf_$name.log") rows)"
+}
+
+for step in "$@"; do
+    echo "== $step $(date -u +%T)"
+    case $step in
+    warm)
+        python benchmarks/warm_flashinfer.py 2>&1 | tee "$WORK/warm.log"
+        ;;
+    tests)  # the engine and SP on the GPU(s), and the flashinfer attention paths
+        timeout 420 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/engine tests/sp \
+            tests/kernels/test_paged_attention.py tests/kernels/test_flashinfer_attention.py 2>&1 |
+            tee "$WORK/gpu_tests.log" | tail -40
+        ;;
+    kernel-tests)  # Triton lightning and merge_state kernels
+        timeout 420 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/kernels 2>&1 |
+            tee "$WORK/gpu_kernel_tests.log" | tail -20
+        ;;
+    jit-cache)  # the compiled flashinfer modules, to bring to a fresh host (unpack into ~/.cache)
+        (cd ~/.cache && find flashinfer -name '*.so' | tar -czf "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}" -T -)
+        ls -la "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}"
+        ;;
+    kernels)
+        timeout 300 python benchmarks/bench_kernels.py --out-dir "$WORK" --sections ceilings paged_attention \
+            ring_attention --ring-tokens 32768 2>&1 | tail -40
+        ;;
+    prefill)  # contexts rise until the first that does not fit (one prefill step, default memory settings)
+        prefill 240 llama_sp1 --model llama3-8b --sp-size 1 --repeat 1 --context 32768 98304 114688 131072 147456 163840
+        prefill 300 llama_sp2 --model llama3-8b --sp-size 2 --repeat 1 \
+            --context 32768 131072 196608 262144 294912 327680 360448
+        prefill 180 minimax_sp1 --model minimax-hybrid --sp-size 1 --repeat 1 \
+            --context 32768 131072 163840 196608 229376 262144 294912
+        prefill 240 minimax_sp2 --model minimax-hybrid --sp-size 2 --repeat 1 \
+            --context 32768 131072 262144 327680 393216 458752 524288
+        ;;
+    placement)  # 64 short prompts at once: each whole on one SP rank (default) vs split over the SP group
+        prefill 150 place_sp1 --model llama3-8b --sp-size 1 --context 1024 4096 --num-prompts 64
+        prefill 150 place_home --model llama3-8b --sp-size 2 --context 1024 4096 --num-prompts 64
+        prefill 150 place_split --model llama3-8b --sp-size 2 --context 1024 4096 --num-prompts 64 --sp-min-tokens 1
+        ;;
+    modes)  # all-gather KV vs the ring, LASP-2 (all-gather of M) vs the LASP ring, at sp = 2
+        prefill 150 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
+        prefill 150 minimax_allgather --model minimax-hybrid --sp-size 2 --context 32768 131072 \
+            --ring-mode allgather --lasp-mode allgather
+        prefill 150 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather
+        ;;
+    esac
+done
+ls "$WORK"/pf_*.json >/dev/null 2>&1 && $BP --merge "$WORK"/pf_*.json --out "$WORK/prefill_all.json" | tail -60
+echo "== done $(date -u +%T)"
+[ -n "${ARCHIVE:-}" ] && tar -czf "$ARCHIVE" -C "$WORK" .
