@@ -344,7 +344,8 @@ def paged_attention(rows: list, budget: Budget) -> None:
     scale = d**-0.5
     dev = torch.device("cuda")
     per_pair = 4 * hq * d
-    prefill_cases = [(n, prefix) for n in (8192, 32768) for prefix in (0, 3 * n)]
+    prefill_cases = [(8192, 0), (32768, 0), (64, 32768), (256, 32768), (1024, 32768), (8192, 24576),
+                     (32768, 98304)]
     for n, prefix in tqdm(prefill_cases, desc="paged prefill", mininterval=5):
         if budget.left() < 0:
             rows.append({"case": "prefill", "tokens": n, "prefix": prefix, "skipped": "time budget"})
@@ -353,18 +354,15 @@ def paged_attention(rows: list, budget: Budget) -> None:
         kc, vc, (table,) = _paged_cache([total], hk, d, page)
         q, k, v = (torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hk, hk))
         flops = per_pair * (n * prefix + n * (n + 1) / 2)
-        kind = "ragged" if prefix == 0 else "paged_causal"
-        t0 = time.perf_counter()
-        batch = make_batch(kind, page, [(list(range(n)), table, n if prefix == 0 else total)], dev)
-        batch_attention_flashinfer(batch, q, k, v, kc, vc, scale)
-        torch.cuda.synchronize()
-        first_ms = (time.perf_counter() - t0) * 1e3
-        ms = bench_ms(partial(batch_attention_flashinfer, batch, q, k, v, kc, vc, scale))
+        row = {"case": "prefill", "tokens": n, "prefix": prefix, "tflops": {}}
+        for kind in ["ragged"] if prefix == 0 else ["paged_causal", "gathered_causal"]:
+            batch = make_batch(kind, page, [(list(range(n)), table, n if prefix == 0 else total)], dev)
+            ms = bench_ms(partial(batch_attention_flashinfer, batch, q, k, v, kc, vc, scale))
+            row["tflops"][kind] = flops / ms / 1e9
         pages_t = torch.tensor(table, device="cuda")
         old = bench_ms(partial(_gathered_attention, q, kc, vc, pages_t, total, [(0, n, prefix)], scale))
-        rows.append({"case": "prefill", "kind": kind, "tokens": n, "prefix": prefix, "ms": ms,
-                     "tflops": flops / ms / 1e9, "old_path_tflops": flops / old / 1e9,
-                     "first_call_ms_incl_plan": first_ms})
+        row["tflops"]["per-request gather + attention_runs"] = flops / old / 1e9
+        rows.append(row)
         del kc, vc
         torch.cuda.empty_cache()
     for b, kv_len in tqdm([(64, 4096), (256, 4096), (64, 32768)], desc="paged decode", mininterval=5):
@@ -445,16 +443,16 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['tokens']} | {r['case']} | {r['tflops']:.0f} | {fmt(r.get('raw_single_prefill_tflops'))} |"
                   for r in ring]
         lines.append("")
-    paged = [r for r in res.get("paged_attention", []) if "ms" in r]
+    paged = [r for r in res.get("paged_attention", []) if "ms" in r or "tflops" in r]
     if paged:
         copy = ceil.get("copy_gbps")
+        names = list(dict.fromkeys(n for r in paged if r["case"] == "prefill" for n in r["tflops"]))
         lines += ["## Batched local attention over the paged cache (bf16, 32 q / 8 kv heads, d = 128, page 16)", "",
-                  "Prefill: one request of `tokens` new tokens after `prefix` cached ones. `old path` gathers the "
-                  "request's pages into contiguous K/V and runs `attention_runs` (what each layer did per request).",
-                  "", "| tokens | prefix | kind | TFLOP/s | old path TFLOP/s | first call incl. plan (ms) |",
-                  "| ---: | ---: | --- | ---: | ---: | ---: |"]
-        lines += [f"| {r['tokens']} | {r['prefix']} | {r['kind']} | {r['tflops']:.0f} | {r['old_path_tflops']:.0f} "
-                  f"| {r['first_call_ms_incl_plan']:.1f} |" for r in paged if r["case"] == "prefill"]
+                  "Prefill: one request of `tokens` new tokens after `prefix` cached ones, TFLOP/s by kind. "
+                  "`per-request gather` is what each layer did per request before the batched calls.", "",
+                  "| tokens | prefix | " + " | ".join(names) + " |", "| ---: | ---: |" + " ---: |" * len(names)]
+        lines += [f"| {r['tokens']} | {r['prefix']} | " + " | ".join(fmt(r["tflops"].get(n)) for n in names) + " |"
+                  for r in paged if r["case"] == "prefill"]
         lines += ["", "Decode: one query per request; `old loop` is one gathered call per request.", "",
                   "| batch | kv_len | ms | GB/s (of copy) | old loop ms | batch metadata (ms, host) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.kernels.ops import Run
-from server.kernels.paged_attention import KINDS, AttentionBatch, make_batch
+from server.kernels.paged_attention import KINDS, AttentionBatch, local_kind, make_batch
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_chunks
 
@@ -170,7 +170,7 @@ def build_attention_metadata(seqs: list[LocalSeq], pstate: ParallelState, page_s
     :mod:`server.layers.attention`), and compute every KV write slot, all on the host, once per step."""
     dev, r, p = pstate.device, pstate.sp_rank, pstate.sp_size
     write_rows: list[int] = []
-    write_slots: list[int] = []
+    write_slots: list[torch.Tensor] = []
     ring_seqs: list[LocalSeq] = []
     entries: dict[str, list] = {kind: [] for kind in KINDS}
     merge_rows: list[int] = []
@@ -182,8 +182,9 @@ def build_attention_metadata(seqs: list[LocalSeq], pstate: ParallelState, page_s
         pages = st.pages[r]
         if ls.stores:  # the new rows are the last rows of the shard
             write_rows += rows
-            write_slots += [pages[i // page_size] * page_size + i % page_size
-                            for i in range(ls.shard_len - ls.num_rows, ls.shard_len)]
+            shard_rows = torch.arange(ls.shard_len - ls.num_rows, ls.shard_len)
+            table = torch.tensor(pages[: ls.shard_len // page_size + 1], dtype=torch.long)
+            write_slots.append(table[shard_rows // page_size] * page_size + shard_rows % page_size)
         if st.split and p > 1:
             ring_seqs.append(ls)
             continue
@@ -191,19 +192,15 @@ def build_attention_metadata(seqs: list[LocalSeq], pstate: ParallelState, page_s
             merge_rows += rows
         if ls.shard_len == 0:  # no keys here: (o, lse) = (0, -inf)
             continue
-        if ls.num_rows == 1:
-            kind = "decode"
-        elif ls.stores:
-            kind = "ragged" if ls.shard_len == ls.num_rows else "paged_causal"
-        else:
-            kind = "paged_full"
+        kind = local_kind(ls.num_rows, ls.shard_len, ls.stores)
         entries[kind].append((rows, pages, ls.num_rows if kind == "ragged" else ls.shard_len))
 
     def tensor(values: list[int]) -> torch.Tensor | None:
         return torch.tensor(values, dtype=torch.long, device=dev) if values else None
 
     return AttentionMetadata(
-        write_rows=tensor(write_rows), write_slots=tensor(write_slots), ring_seqs=ring_seqs,
+        write_rows=tensor(write_rows), write_slots=torch.cat(write_slots).to(dev) if write_slots else None,
+        ring_seqs=ring_seqs,
         batches=[make_batch(kind, page_size, e, dev) for kind, e in entries.items() if e],
         merge_rows=tensor(merge_rows),
     )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from server.kernels import ops
 from server.kernels.flashinfer_attention import flashinfer_module
-from server.kernels.paged_attention import make_batch
+from server.kernels.paged_attention import GATHER_MIN_ROWS, local_kind, make_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
@@ -37,7 +37,7 @@ def make_case(kind: str, hq: int, hk: int, d: int, dtype, seed: int):
         q_lens = [1] * len(kv_lens)
     elif kind == "ragged":
         q_lens = list(kv_lens)
-    elif kind == "paged_causal":  # the queries are the last rows of the request's KV
+    elif kind.endswith("_causal"):  # the queries are the last rows of the request's KV
         q_lens = [min(n, m) for n, m in zip(kv_lens, [1, 3, PAGE, 2, 30, 9], strict=True)]
     else:
         q_lens = [1, 4, 2, PAGE + 1, 11, 5]
@@ -73,7 +73,7 @@ def expected(kind: str, entries, qkv, caches, scale: float):
             k, v = k_cache[slots], v_cache[slots]
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if kind in ("ragged", "paged_causal"):  # query i sits at position nk - nq + i
+        if kind == "ragged" or kind.endswith("_causal"):  # query i sits at position nk - nq + i
             mask = torch.arange(nk)[None, :] <= torch.arange(nk - nq, nk)[:, None]
         else:
             mask = torch.ones(nq, nk, dtype=torch.bool)
@@ -94,7 +94,7 @@ def run_batch(kind, entries, qkv, caches, scale, device):
                                       v_cache, scale)
 
 
-KINDS = ["ragged", "paged_causal", "paged_full", "decode"]
+KINDS = ["ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_full", "decode"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -118,6 +118,15 @@ def test_contiguous_rows_are_a_view_and_metadata_is_csr() -> None:
     assert b.kv_indptr.tolist() == [0, 2, 5]
     assert b.kv_indices.tolist() == [7, 3, 5, 9, 2]
     assert b.last_page_len.tolist() == [2, 1]
+
+
+def test_local_kind() -> None:
+    assert local_kind(1, 50, stores=False) == local_kind(1, 50, stores=True) == "decode"
+    assert local_kind(300, 300, stores=True) == "ragged"  # no KV before this step
+    assert local_kind(GATHER_MIN_ROWS, 900, stores=True) == "gathered_causal"
+    assert local_kind(GATHER_MIN_ROWS - 1, 900, stores=True) == "paged_causal"
+    assert local_kind(GATHER_MIN_ROWS, 900, stores=False) == "gathered_full"
+    assert local_kind(5, 900, stores=False) == "paged_full"
 
 
 @pytest.mark.parametrize(
