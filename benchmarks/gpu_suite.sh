@@ -3,8 +3,9 @@
 # Logs and result files go to $WORK (default /tmp/gpu-suite); with $ARCHIVE set, they end up in that one .tgz.
 #
 #   benchmarks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
-#   benchmarks/gpu_suite.sh prefill placement modes  # bench_prefill: contexts up to the memory limit, short
-#                                                    # prompts, comm modes (2 GPUs)
+#   benchmarks/gpu_suite.sh prefill prefill-at-limit modes placement
+#       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
+# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them to bring along.
 set -u
 WORK=${WORK:-/tmp/gpu-suite}
 mkdir -p "$WORK"
@@ -39,8 +40,8 @@ for step in "$@"; do
         ls -la "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}"
         ;;
     kernels)
-        timeout 300 python benchmarks/bench_kernels.py --out-dir "$WORK" --sections ceilings paged_attention \
-            ring_attention --ring-tokens 32768 2>&1 | tail -40
+        timeout 120 python benchmarks/bench_kernels.py --out-dir "$WORK" --sections ceilings paged_attention \
+            2>&1 | tail -30
         ;;
     prefill)  # contexts rise until the first that does not fit (one prefill step, default memory settings)
         prefill 240 llama_sp1 --model llama3-8b --sp-size 1 --repeat 1 --context 32768 98304 114688 131072 147456 163840
@@ -51,16 +52,18 @@ for step in "$@"; do
         prefill 240 minimax_sp2 --model minimax-hybrid --sp-size 2 --repeat 1 \
             --context 32768 131072 262144 327680 393216 458752 524288
         ;;
-    placement)  # 64 short prompts at once: each whole on one SP rank (default) vs split over the SP group
-        prefill 150 place_sp1 --model llama3-8b --sp-size 1 --context 1024 4096 --num-prompts 64
-        prefill 150 place_home --model llama3-8b --sp-size 2 --context 1024 4096 --num-prompts 64
-        prefill 150 place_split --model llama3-8b --sp-size 2 --context 1024 4096 --num-prompts 64 --sp-min-tokens 1
+    prefill-at-limit)  # sp = 2 at the longest contexts sp = 1 fitted (114688, 163840), and past sp = 2's first limit
+        prefill 150 llama_sp2_limit --model llama3-8b --sp-size 2 --repeat 1 --context 114688 262144
+        prefill 100 minimax_sp2_limit --model minimax-hybrid --sp-size 2 --repeat 1 --context 163840
         ;;
-    modes)  # all-gather KV vs the ring, LASP-2 (all-gather of M) vs the LASP ring, at sp = 2
-        prefill 150 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
-        prefill 150 minimax_allgather --model minimax-hybrid --sp-size 2 --context 32768 131072 \
-            --ring-mode allgather --lasp-mode allgather
-        prefill 150 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather
+    placement)  # 64 short prompts at once: each whole on one SP rank (default) vs split over the SP group
+        prefill 100 place_home --model llama3-8b --sp-size 2 --context 1024 --num-prompts 64
+        prefill 100 place_split --model llama3-8b --sp-size 2 --context 1024 --num-prompts 64 --sp-min-tokens 1
+        prefill 100 place_sp1 --model llama3-8b --sp-size 1 --context 1024 --num-prompts 64
+        ;;
+    modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
+        prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
+        prefill 100 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather
         ;;
     esac
 done

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from server.kernels import ops
+from server.kernels.merge_state import merge_state_into
 from server.kernels.ops import Run
 from server.sp.groups import ParallelState
 
@@ -64,11 +65,13 @@ def _no_keys(q: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _merge_fp32(
     acc: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running two-way merge; the accumulator stays fp32 so rounding does not build up over P steps."""
+    """Running two-way merge into an fp32 accumulator, in place, so that rounding does not build up over P steps
+    and the merge needs no memory beyond the accumulator (one fp32 copy of the local output)."""
     o, lse = part
     if acc is None:
-        return o.float(), lse
-    return ops.merge_states(torch.stack([acc[0], o.float()]), torch.stack([acc[1], lse]))
+        return o.float(), lse.float().clone()
+    merge_state_into(acc[0], acc[1], o, lse)
+    return acc
 
 
 def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
