@@ -98,11 +98,7 @@ def environment() -> dict:
                                 capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         driver = None
-    try:
-        git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = os.environ.get("GIT_COMMIT")  # the host's copy of the tree may carry a stale .git
     props = torch.cuda.get_device_properties(0)
     return {
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),

@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -36,11 +35,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 def device_info() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = os.environ.get("GIT_COMMIT")  # the host's copy of the tree may carry a stale .git
     if torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
     try:
@@ -69,6 +64,14 @@ def model_dir(model: str) -> str:
 def model_config(model: str) -> dict:
     with open(os.path.join(model_dir(model), "config.json")) as f:
         return json.load(f)
+
+
+def placement(n: int, sp: int, config) -> str:
+    """Where the scheduler puts a prompt of n tokens: whole on one SP rank below the split threshold."""
+    if sp == 1:
+        return "local"
+    budget = config.chunked_prefill_size
+    return "home" if n < max(min(config.sp_min_tokens, budget), 2 * sp) else "split"
 
 
 def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], args, emit) -> None:
@@ -104,6 +107,7 @@ def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], arg
                 lasp_mode=args.lasp_mode,
                 num_prompts=args.num_prompts,
                 sp_min_tokens=args.sp_min_tokens,
+                placement=placement(n, sp, eng.config),
                 kv_capacity_tokens=capacity,
             )
             if args.num_prompts * (n + 1 + eng.config.sp_size * eng.config.page_size) > capacity:

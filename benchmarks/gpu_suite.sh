@@ -6,6 +6,7 @@
 #   benchmarks/gpu_suite.sh prefill prefill-at-limit modes placement
 #       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
 # A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them to bring along.
+# Results record $GIT_COMMIT (set it to the checkout's commit: the host's .git may be stale).
 set -u
 WORK=${WORK:-/tmp/gpu-suite}
 mkdir -p "$WORK"
@@ -56,10 +57,10 @@ for step in "$@"; do
         prefill 150 llama_sp2_limit --model llama3-8b --sp-size 2 --repeat 1 --context 114688 262144
         prefill 100 minimax_sp2_limit --model minimax-hybrid --sp-size 2 --repeat 1 --context 163840
         ;;
-    placement)  # 64 short prompts at once: each whole on one SP rank (default) vs split over the SP group
-        prefill 100 place_home --model llama3-8b --sp-size 2 --context 1024 --num-prompts 64
-        prefill 100 place_split --model llama3-8b --sp-size 2 --context 1024 --num-prompts 64 --sp-min-tokens 1
-        prefill 100 place_sp1 --model llama3-8b --sp-size 1 --context 1024 --num-prompts 64
+    placement)  # 64 short prompts at once: each whole on one SP rank (below --sp-min-tokens 1024) vs split
+        prefill 100 place_home --model llama3-8b --sp-size 2 --context 1000 --num-prompts 64
+        prefill 100 place_split --model llama3-8b --sp-size 2 --context 1000 --num-prompts 64 --sp-min-tokens 1
+        prefill 100 place_sp1 --model llama3-8b --sp-size 1 --context 1000 --num-prompts 64
         ;;
     modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
         prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather

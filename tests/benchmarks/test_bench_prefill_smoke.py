@@ -51,5 +51,5 @@ def test_bench_prefill_many_short_prompts_on_cpu(tmp_path):
            "64", "--repeat", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["sp"], r["num_prompts"]) for r in rows] == [(1, 5), (2, 5)]
+    assert [(r["sp"], r["num_prompts"], r["placement"]) for r in rows] == [(1, 5, "local"), (2, 5, "home")]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
