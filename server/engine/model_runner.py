@@ -87,6 +87,9 @@ class ModelRunner:
         self.model = None
         self.attn_layers, self.lightning_layers = [], []
         if self.device.type == "cuda":
+            from server.kernels.paged_attention import release_wrappers
+
+            release_wrappers(self.device)
             torch.cuda.empty_cache()
 
     @torch.inference_mode()

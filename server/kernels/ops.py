@@ -74,11 +74,11 @@ def attention_runs(
 
 
 def batch_attention(
-    batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
     v_cache: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's batch of local attention entries (see :mod:`server.kernels.paged_attention`): q ``[rows, Hq, D]``
-    of the batch, k/v the same rows (read by ``ragged`` entries), the layer's page caches. Returns ``(o, lse)``
+    of the batch, k/v the same rows (read by ``ragged`` batches only), the layer's page caches. Returns ``(o, lse)``
     like :func:`attention_runs`."""
     if _fast(q):
         from server.kernels.flashinfer_attention import flashinfer_supports
@@ -132,3 +132,15 @@ def merge_state(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b
 
         return merge_state_fast(o_a, lse_a, o_b, lse_b)
     return merge_state_ref(o_a, lse_a, o_b, lse_b)
+
+
+def merge_state_into(o_acc: torch.Tensor, lse_acc: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge ``(o, lse)`` into the accumulator ``(o_acc, lse_acc)`` in place (o_acc typically fp32)."""
+    if _fast(o_acc):
+        from server.kernels.merge_state import merge_state_into as merge_state_into_fast
+
+        merge_state_into_fast(o_acc, lse_acc, o, lse)
+        return
+    merged, merged_lse = merge_state_ref(o_acc, lse_acc, o.to(o_acc.dtype), lse.float())
+    o_acc.copy_(merged)
+    lse_acc.copy_(merged_lse)

@@ -132,22 +132,33 @@ def make_batch(kind: str, page_size: int, entries: list[tuple[list[int], list[in
     )
 
 
-def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
     """The batch on the position-mask reference. q ``[rows, Hq, D]`` (the batch's rows, in order); k/v the
-    batch's rows of the step (ragged only); caches ``[pages, page_size, Hk, D]``. Returns ``(o, lse base 2)``."""
+    batch's rows of the step (read by ``ragged`` only); caches ``[pages, page_size, Hk, D]``. Returns
+    ``(o, lse base 2)``. Keys are located through the arrays the flashinfer kernels read (``kv_indptr``,
+    ``kv_indices``, ``last_page_len``; ``gather_slots`` for gathered kinds), so this checks them too."""
     outs, lses = [], []
     qo, kvp = batch.qo_indptr.tolist(), batch.kv_indptr.tolist()
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    for i, (nq, nk) in enumerate(zip(batch.q_lens, batch.kv_lens, strict=True)):
+    last = batch.last_page_len.tolist()
+    flat_k = k_cache.flatten(0, 1)
+    flat_v = v_cache.flatten(0, 1)
+    gathered_start = 0
+    for i, nq in enumerate(batch.q_lens):
         qs = q[qo[i] : qo[i + 1]]
         if batch.kind == "ragged":
             ks, vs = k[qo[i] : qo[i + 1]], v[qo[i] : qo[i + 1]]
         else:
             pages = batch.kv_indices[kvp[i] : kvp[i + 1]].to(device=k_cache.device, dtype=torch.long)
-            slots = (pages[:, None] * batch.page_size + torch.arange(batch.page_size, device=pages.device)).flatten()
-            ks, vs = flat_k[slots[:nk]], flat_v[slots[:nk]]
+            nk = (len(pages) - 1) * batch.page_size + last[i]
+            if batch.gathered:
+                slots = batch.gather_slots[gathered_start : gathered_start + nk]
+                gathered_start += nk
+            else:
+                slots = (pages[:, None] * batch.page_size + torch.arange(batch.page_size, device=pages.device))
+                slots = slots.flatten()[:nk]
+            ks, vs = flat_k[slots], flat_v[slots]
+        nk = ks.shape[0]
         k_pos = torch.arange(nk, device=q.device)
         # Bottom-right causal: query i is at position nk - nq + i; full: every query after every key.
         q_pos = torch.arange(nk - nq, nk, device=q.device) if batch.causal else torch.full((nq,), nk, device=q.device)
@@ -161,6 +172,13 @@ def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor,
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
 _wrappers: dict[tuple[torch.device, str], object] = {}
+
+
+def release_wrappers(device: torch.device) -> None:
+    """Drop this device's flashinfer wrappers and workspace (the engine releases its memory)."""
+    for key in [key for key in _wrappers if key[0] == device]:
+        del _wrappers[key]
+    _workspaces.pop(device, None)
 
 
 def _wrapper(kind: str, device: torch.device):

@@ -63,8 +63,10 @@ class Attention(nn.Module):
         if meta.merge_rows is not None:
             lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
         for batch in meta.batches:
-            o_b, lse_b = ops.batch_attention(batch, batch.take(q), batch.take(k), batch.take(v), self.cache.k,
-                                             self.cache.v, self.scale)
+            ragged = batch.kind == "ragged"  # the only kind that reads the step's own k/v rows
+            o_b, lse_b = ops.batch_attention(batch, batch.take(q), batch.take(k) if ragged else None,
+                                             batch.take(v) if ragged else None, self.cache.k, self.cache.v,
+                                             self.scale)
             if batch.row_range is not None:
                 out[batch.row_range[0] : batch.row_range[1]] = o_b
             else:

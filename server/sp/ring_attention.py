@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from server.kernels import ops
-from server.kernels.merge_state import merge_state_into
 from server.kernels.ops import Run
 from server.sp.groups import ParallelState
 
@@ -70,7 +69,7 @@ def _merge_fp32(
     o, lse = part
     if acc is None:
         return o.float(), lse.float().clone()
-    merge_state_into(acc[0], acc[1], o, lse)
+    ops.merge_state_into(acc[0], acc[1], o, lse)
     return acc
 
 
