@@ -33,7 +33,7 @@ import torch
 from server.kernels.attention_ref import attention_with_lse_ref
 
 KINDS = ("ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_full", "decode")
-GATHER_MIN_ROWS = 128  # entries with at least this many query rows read a gathered copy of their KV
+GATHER_MIN_ROWS = 64  # entries with at least this many query rows read a gathered copy of their KV
 WORKSPACE_BYTES = 256 << 20  # flashinfer's split-KV scratch, shared by all wrappers of a device
 
 _serial = itertools.count()
