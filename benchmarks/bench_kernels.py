@@ -380,6 +380,17 @@ def paged_attention(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
+def _bandwidth_table(rows: list[dict], copy: float | None, title: str, keys: tuple[str, str]) -> list[str]:
+    """A GB/s table (with the fraction of the copy bandwidth) of the measured rows, keyed by two columns."""
+    rows = [r for r in rows if "gbps" in r]
+    if not rows:
+        return []
+    lines = [f"## {title}", "", f"| {keys[0]} | {keys[1]} | GB/s | of copy |", "| ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r[keys[0]]} | {r[keys[1]]} | {r['gbps']:.0f} | {fmt(r['gbps'] / copy if copy else None, 2)} |"
+              for r in rows]
+    return [*lines, ""]
+
+
 def render_markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"# Kernel benchmarks on {env['device']}", "",
@@ -405,22 +416,10 @@ def render_markdown(res: dict) -> str:
                 f"({fmt(gbps / copy if gbps and copy else None, 2)}) | {r.get('best_config')} "
                 f"{fmt(r.get('ours_best_tflops'))} |")
         lines.append("")
-    cor = [r for r in res.get("lightning_correction", []) if "gbps" in r]
-    if cor:
-        copy = ceil.get("copy_gbps")
-        lines += ["## LASP state correction (bf16)", "", "| heads | tokens | GB/s | of copy |",
-                  "| ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['heads']} | {r['tokens']} | {r['gbps']:.0f} | {fmt(r['gbps'] / copy if copy else None, 2)} |"
-                  for r in cor]
-        lines.append("")
-    dec = [r for r in res.get("lightning_decode", []) if "gbps" in r]
-    if dec:
-        copy = ceil.get("copy_gbps")
-        lines += ["## Lightning decode (fp32 state pool, in place)", "", "| batch | heads | GB/s | of copy |",
-                  "| ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['batch']} | {r['heads']} | {r['gbps']:.0f} | {fmt(r['gbps'] / copy if copy else None, 2)} |"
-                  for r in dec]
-        lines.append("")
+    lines += _bandwidth_table(res.get("lightning_correction", []), ceil.get("copy_gbps"),
+                              "LASP state correction (bf16)", ("heads", "tokens"))
+    lines += _bandwidth_table(res.get("lightning_decode", []), ceil.get("copy_gbps"),
+                              "Lightning decode (fp32 state pool, in place)", ("batch", "heads"))
     mer = [r for r in res.get("merge_state", []) if "gbps" in r]
     if mer:
         copy = ceil.get("copy_gbps")

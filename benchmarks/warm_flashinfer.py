@@ -41,7 +41,7 @@ def warm(kind: str, dtype_name: str, head_dim: int) -> tuple[str, float, str]:
         elif kind == "merge":
             ops.merge_state(q, torch.zeros(32, hq, device=dev), q, torch.zeros(32, hq, device=dev))
         else:
-            rows = list(range(1)) if kind == "decode" else list(range(20))
+            rows = list(range(1 if kind == "decode" else 20))
             kv_len = len(rows) if kind == "ragged" else 40
             batch = make_batch(kind, page, [(rows, [2, 0, 3], kv_len)], dev)
             batch_attention_flashinfer(batch, q[: len(rows)], k[: len(rows)], k[: len(rows)], cache, cache, 0.1)

@@ -23,7 +23,7 @@ from itertools import pairwise
 
 import torch
 
-from server.kernels.merge_state import merge_state_into
+from server.kernels import ops
 
 Run = tuple[int, int, int]
 # (q [Lq, Hq, D], k [Lk, Hk, D], v [Lk, Hk, D], causal, scale) -> (o [Lq, Hq, D], lse [Lq, Hq] fp32 base 2)
@@ -106,7 +106,7 @@ def attention_runs_by_pieces(
         if disjoint:
             o_acc[qs], lse_acc[qs] = o_p, lse_p
         else:
-            merge_state_into(o_acc[qs], lse_acc[qs], o_p, lse_p)
+            ops.merge_state_into(o_acc[qs], lse_acc[qs], o_p, lse_p)
     return o_acc.to(q.dtype), lse_acc
 
 

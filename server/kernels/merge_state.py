@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from server.kernels.merge_state_ref import merge_state_ref
-
 
 @triton.jit
 def _merge_states_kernel(
@@ -154,14 +152,3 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
     """K-way merge (see :func:`merge_states_triton`). Always Triton: flashinfer's ``merge_states`` wants
     ``[N, K, H, D]`` and a transposing copy would double the bytes moved (see docs/kernels.md)."""
     return merge_states_triton(o, lse.float())
-
-
-def merge_state_into(o_acc: torch.Tensor, lse_acc: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge ``(o, lse)`` into the accumulator ``(o_acc, lse_acc)`` in place: Triton on CUDA, the reference
-    elsewhere. o_acc is typically fp32 while o is the attention kernel's dtype."""
-    if o_acc.is_cuda:
-        merge_state_triton(o_acc, lse_acc, o, lse.float(), out=o_acc, out_lse=lse_acc)
-        return
-    merged, merged_lse = merge_state_ref(o_acc, lse_acc, o.to(o_acc.dtype), lse.float())
-    o_acc.copy_(merged)
-    lse_acc.copy_(merged_lse)

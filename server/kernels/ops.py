@@ -137,9 +137,9 @@ def merge_state(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b
 def merge_state_into(o_acc: torch.Tensor, lse_acc: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge ``(o, lse)`` into the accumulator ``(o_acc, lse_acc)`` in place (o_acc typically fp32)."""
     if _fast(o_acc):
-        from server.kernels.merge_state import merge_state_into as merge_state_into_fast
+        from server.kernels.merge_state import merge_state_triton
 
-        merge_state_into_fast(o_acc, lse_acc, o, lse)
+        merge_state_triton(o_acc, lse_acc, o, lse.float(), out=o_acc, out_lse=lse_acc)
         return
     merged, merged_lse = merge_state_ref(o_acc, lse_acc, o.to(o_acc.dtype), lse.float())
     o_acc.copy_(merged)

@@ -9,8 +9,8 @@ union of all ranks' KV would return. Visibility is by global position (key j is 
   it attends to it; partials are merged in fp32 as they arrive.
 - :func:`allgather_kv_attention`: all-gather every rank's KV, then one attention call (what SGLang/vLLM ship);
   a comparison mode.
-- :func:`sharded_kv_attention`: every rank has the same queries (decode, prompts not split over SP) and
-  attends to its local shard; one all-gather of ``(o, lse)`` and a merge.
+- :func:`merge_over_sp`: every rank has the same queries (decode, the tail chunk of an SP prompt) and has
+  attended to its local shard; one all-gather of ``(o, lse)`` and a merge.
 
 Each TP rank holds its own KV heads, so all traffic stays inside the SP group (peers with the same tp_rank).
 K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received.
@@ -163,31 +163,6 @@ def allgather_kv_attention(
     k_all = torch.cat([k_shards[i][: rows[i]] for i in visible])
     v_all = torch.cat([v_shards[i][: rows[i]] for i in visible])
     return attn_fn(q, k_all, v_all, q_runs, runs, scale)
-
-
-def sharded_kv_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_runs: list[Run],
-    kv_runs: list[Run],
-    scale: float,
-    pstate: ParallelState,
-    attn_fn: AttnFn = ops.attention_runs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of queries replicated on every SP rank to KV sharded over the SP group (decode, DESIGN 6).
-
-    q ``[Nq, Hq, D]`` is the same on every SP rank; k/v ``[Nk_r, Hk, D|Dv]`` with ``kv_runs`` is the local
-    shard (possibly empty). Each rank attends to its shard, then :func:`merge_over_sp`. Every rank returns the
-    same result.
-    """
-    if pstate.sp_size == 1:
-        return attn_fn(q, k, v, q_runs, kv_runs, scale)
-    if _any_visible(q_runs, kv_runs):
-        o, lse = attn_fn(q, k, v, q_runs, kv_runs, scale)
-    else:
-        o, lse = _no_keys(q, v.shape[2])
-    return merge_over_sp(o, lse, pstate)
 
 
 def merge_over_sp(o: torch.Tensor, lse: torch.Tensor, pstate: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
