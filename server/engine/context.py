@@ -193,7 +193,7 @@ def build_attention_metadata(seqs: list[LocalSeq], pstate: ParallelState, page_s
         if ls.shard_len == 0:  # no keys here: (o, lse) = (0, -inf)
             continue
         kind = local_kind(ls.num_rows, ls.shard_len, ls.stores)
-        entries[kind].append((rows, pages, ls.num_rows if kind == "ragged" else ls.shard_len))
+        entries[kind].append((rows, pages, ls.shard_len))
 
     def tensor(values: list[int]) -> torch.Tensor | None:
         return torch.tensor(values, dtype=torch.long, device=dev) if values else None

@@ -71,6 +71,13 @@ class AttentionBatch:
             return x[self.row_range[0] : self.row_range[1]]
         return x[self.rows]
 
+    def put(self, x: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` into this batch's rows of ``x``."""
+        if self.row_range is not None:
+            x[self.row_range[0] : self.row_range[1]] = values
+        else:
+            x[self.rows] = values
+
 
 def _int32(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32)

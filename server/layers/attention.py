@@ -5,8 +5,8 @@ K/V rows this rank stores are written to its pages in one scatter, then every qu
 request's KV, wherever it lives:
 - split requests (zigzag over SP): pass-KV ring (or the all-gather-KV comparison mode) over the SP group, the
   rank's KV shard read back from its pages;
-- everything else attends to the KV on this rank in one batched call per mask kind (ragged causal on the step's
-  own rows, paged causal after a cached prefix, paged full, paged decode: :mod:`server.kernels.paged_attention`);
+- everything else attends to the KV on this rank in one batched call per kind (the step's own rows, KV gathered
+  from the pages or read in place, decode: :mod:`server.kernels.paged_attention`);
 - the replicated rows of SP requests (tail chunk, decode tokens: the same queries on every SP rank, KV sharded
   over SP) then merge their partial results by base-2 LSE over the SP group, all requests in one all-gather.
 With sp = 1 only the batched local calls remain.
@@ -67,12 +67,9 @@ class Attention(nn.Module):
             o_b, lse_b = ops.batch_attention(batch, batch.take(q), batch.take(k) if ragged else None,
                                              batch.take(v) if ragged else None, self.cache.k, self.cache.v,
                                              self.scale)
-            if batch.row_range is not None:
-                out[batch.row_range[0] : batch.row_range[1]] = o_b
-            else:
-                out[batch.rows] = o_b
+            batch.put(out, o_b)
             if lse is not None:
-                lse[batch.rows] = lse_b
+                batch.put(lse, lse_b)
         for seq in meta.ring_seqs:
             rows = slice(seq.row_start, seq.row_start + seq.num_rows)
             k_shard, v_shard = self.cache.read(seq.page_table, seq.shard_len)
