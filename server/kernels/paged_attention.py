@@ -122,14 +122,12 @@ def make_batch(kind: str, page_size: int, entries: list[tuple[list[int], list[in
             raise ValueError("a page table is shorter than its kv_len")
         pages = _int32(list(itertools.chain.from_iterable(e[1][:p] for e, p in zip(entries, n_pages, strict=True))))
         last = [n - (p - 1) * page_size for n, p in zip(kv_lens, n_pages, strict=True)]
-        if kind.startswith("gathered_"):
+        if kind.startswith("gathered_"):  # every page's slots, cut to each entry's kv_len
             slots = (pages.long()[:, None] * page_size + torch.arange(page_size)).flatten()
-            keep = torch.ones(len(slots), dtype=torch.bool)  # drop the unused tail of each last page
-            ends = torch.tensor(list(itertools.accumulate(n_pages)), dtype=torch.long) * page_size
-            for end, tail in zip(ends.tolist(), [page_size - x for x in last], strict=True):
-                keep[end - tail : end] = False
-            gather_slots = slots[keep].to(device)
-    contiguous = bool(rows) and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1))
+            firsts = [0, *itertools.accumulate(n_pages)][:-1]
+            gather_slots = torch.cat([slots[f * page_size : f * page_size + n]
+                                      for f, n in zip(firsts, kv_lens, strict=True)]).to(device)
+    contiguous = bool(rows) and rows == list(range(rows[0], rows[0] + len(rows)))
     return AttentionBatch(
         kind=kind, page_size=page_size, q_lens=q_lens,
         rows=torch.tensor(rows, dtype=torch.long, device=device),
