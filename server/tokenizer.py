@@ -125,6 +125,10 @@ class Tokenizer:
         eos = [backend.token_to_id(eos_token)] if eos_token is not None else []
         self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in [*eos, *eos_token_ids] if i is not None))
         self._compiled_template: jinja2.Template | None = None
+        self.control_tokens = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+        # A twin that encodes control-token strings as plain text (kept apart: the switch is not thread-safe).
+        self._literal = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._literal.encode_special_tokens = True
 
     @classmethod
     def from_pretrained(cls, path: str, chat_template: str | None = None) -> Tokenizer:
@@ -183,6 +187,33 @@ class Tokenizer:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id, *ids]
         return ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of `text` with control-token strings (``<|im_start|>``...) encoded as plain text."""
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                    control_tokens_in_content: bool = False, **extra: Any) -> list[int]:
+        """Render `messages` with the chat template and encode them, so that message content cannot become
+        control tokens: the template's own special tokens are the only ones (unless
+        `control_tokens_in_content`, for trusted clients). Content holding a control-token string is encoded as
+        plain text where the template placed it verbatim; if the template changed such content, ValueError."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        contents = [_flatten_content(m).get("content") or "" for m in messages]
+        risky = [c for c in contents if any(t in c for t in self.control_tokens)]
+        if control_tokens_in_content or not risky:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pos = 0
+        for content in risky:
+            start = text.find(content, pos)
+            if start < 0:
+                token = next(t for t in self.control_tokens if t in content)
+                raise ValueError(f"a message contains the control token {token!r}, which the chat template does not "
+                                 "keep verbatim; remove it from the message")
+            ids += self.encode(text[pos:start], add_special_tokens=False) + self.encode_literal(content)
+            pos = start + len(content)
+        return ids + self.encode(text[pos:], add_special_tokens=False)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -2,17 +2,23 @@
 
 The offline API (:class:`server.llm.LLM`) and the HTTP server's engine process both use it. Rank 0 runs in the
 calling process; ranks 1..W-1 are spawned as children that die with it.
+
+Faults: a fault caused by one request's data (sampling, the stop checks) ends that request with
+``finish_reason="error"`` and frees its caches; the engine goes on. A fault of the forward step (a worker that
+died, a device error) is the engine's and propagates.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.process
 import time
 
 import torch
 
 from server.config import EngineConfig
+from server.engine.faults import inject_fault
 from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
@@ -20,11 +26,15 @@ from server.engine.sequence import Sequence
 from server.engine.worker import MEMORY_STATS, gather_memory_stats, send_plan, setup_rank, worker_main
 from server.layers.sampler import SampleRequest, sample
 from server.models.builtin import builtin_model_path
-from server.models.loader import read_model_config
+from server.models.loader import check_model_parallelism, read_model_config
 from server.sampling_params import SamplingParams
 from server.sp.groups import destroy_parallel_state
 
 log = logging.getLogger(__name__)
+
+MAIN_GUARD_HINT = (
+    "the engine's worker processes are spawned, and each one imports the __main__ script: create the LLM / "
+    "engine under `if __name__ == \"__main__\":` in a script, or the workers start it again")
 
 
 def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
@@ -45,9 +55,12 @@ class Engine:
 
     def __init__(self, config: EngineConfig, log_level: str = "WARNING"):
         config.validate()
+        if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+            raise RuntimeError(f"an engine is being created while a worker process starts: {MAIN_GUARD_HINT}")
         self.config = config
         self.model_path = config.model_path or builtin_model_path()
         self.model_cfg = read_model_config(self.model_path)
+        check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format)
         self.tokenizer_path = config.tokenizer_path or self.model_path
         limit = self.model_cfg.get("max_position_embeddings", 4096)
         if self.model_cfg.get("sliding_window") and self.model_cfg.get("use_sliding_window", True):
@@ -65,7 +78,12 @@ class Engine:
         ]
         for p in self.procs:
             p.start()
-        self.pstate, self.runner = setup_rank(config, 0, self.model_path, init_method)
+        try:
+            self.pstate, self.runner = setup_rank(config, 0, self.model_path, init_method, self._check_workers)
+        except BaseException:
+            for p in self.procs:
+                p.kill()
+            raise
         self.device = self.pstate.device
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len)
         self.cache = self.scheduler.cache
@@ -75,9 +93,19 @@ class Engine:
         self.rng = torch.Generator().manual_seed(config.seed)
         self.closed = False
 
+    def _check_workers(self) -> None:
+        """Raise if a worker this process started has exited (called while rank 0 waits for them at start)."""
+        for rank, p in enumerate(self.procs, start=1):
+            if p.exitcode is not None:
+                raise RuntimeError(f"worker rank {rank} exited with code {p.exitcode} during start-up (its log says "
+                                   f"why); if this runs from a script, note that {MAIN_GUARD_HINT}")
+
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, req: GenerateRequest) -> None:
-        req.sampling_params.validate()
+        try:
+            req.sampling_params.check_vocab(self.model_cfg["vocab_size"])
+        except ValueError as e:
+            raise RequestRejected(str(e), "invalid_token_id") from None
         bad = [t for t in req.prompt_token_ids if not (0 <= t < self.model_cfg["vocab_size"])]
         if bad:
             raise RequestRejected(f"token id {bad[0]} is out of range [0, {self.model_cfg['vocab_size']})",
@@ -110,12 +138,46 @@ class Engine:
         sampled = [s for s, st in zip(seqs, plan.seqs) if st.sample]
         if not sampled:
             return outputs
-        reqs = [SampleRequest(s.params, self._generator(s), self._banned(s)) for s in sampled]
-        tokens, logprobs = sample(logits, reqs)
+        results = self._sample(logits, sampled)
         now = time.monotonic()
-        for seq, tok, lp in zip(sampled, tokens, logprobs):
-            outputs.append(self._append_token(seq, tok, lp, now))
+        for seq, result in zip(sampled, results):
+            if isinstance(result, Exception):
+                outputs.append(self._fail_request(seq, "sampling", result))
+                continue
+            try:
+                outputs.append(self._append_token(seq, *result, now))
+            except Exception as e:
+                outputs.append(self._fail_request(seq, "the stop checks", e))
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
+        """``(token, logprob)`` per request, or the exception that request's sampling raised: the batch is
+        sampled at once, and request by request only when the batch fails, to find whose data caused it."""
+        def requests(batch: list[Sequence]) -> list[SampleRequest]:
+            for s in batch:
+                inject_fault("sample", s.params.seed)
+            return [SampleRequest(s.params, self._generator(s), self._banned(s)) for s in batch]
+
+        try:
+            return list(zip(*sample(logits, requests(seqs))))
+        except Exception:
+            results: list[tuple | Exception] = []
+            for i, s in enumerate(seqs):
+                try:
+                    results += list(zip(*sample(logits[i : i + 1], requests([s]))))
+                except Exception as e:
+                    results.append(e)
+            return results
+
+    def _fail_request(self, seq: Sequence, stage: str, error: Exception) -> RequestOutput:
+        """End one request whose own data made ``stage`` fail; its caches are freed, the engine goes on."""
+        log.error("request %s failed in %s: %s: %s", seq.rid, stage, type(error).__name__, error)
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.rid, None)
+        self.generators.pop(seq.rid, None)
+        return RequestOutput(seq.rid, finished=True, finish_reason="error",
+                             error=f"{stage} failed: {type(error).__name__}: {error}",
+                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
 
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """Logits ``[len(prompt), vocab]`` of every prompt position (prompt scoring), computed with the same
@@ -141,7 +203,7 @@ class Engine:
         if seq.params.greedy:
             return None
         if seq.rid not in self.generators:
-            seed = seq.params.seed
+            seed = seq.params.generator_seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
             self.generators[seq.rid] = torch.Generator(device=self.device).manual_seed(seed)
@@ -157,6 +219,7 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = now
             ttft = now - seq.arrival
+        inject_fault("stop_check", seq.params.seed)
         seq.output_ids.append(tok)
         p = seq.params
         reason, matched = None, None

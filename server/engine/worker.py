@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,17 +29,26 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return dev
 
 
-def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: str) -> tuple[ParallelState, ModelRunner]:
-    """Join the groups, build this rank's model, agree on the cache size with every rank, allocate caches."""
+def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: str,
+               check_ranks: Callable[[], None] | None = None) -> tuple[ParallelState, ModelRunner]:
+    """Join the groups, build this rank's model, agree on the cache size with every rank, allocate caches.
+
+    Rank 0 passes ``check_ranks`` (raises if a rank it started has died): it is called while rank 0 waits for
+    the others, so a rank that fails during start-up is an error at once instead of a wait for the timeout."""
     device = rank_device(config, rank)
-    pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method)
+    pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method,
+                                 check_ranks=check_ranks)
     if device.type == "cpu":
         # Several ranks share the CPU: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
     runner = ModelRunner(config, model_path, read_model_config(model_path), pstate)
     pages = torch.tensor([runner.plan_cache()], dtype=torch.long)
     if pstate.world_size > 1:
-        dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=pstate.world_cpu_group)
+        work = dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=pstate.world_cpu_group, async_op=True)
+        while check_ranks is not None and not work.is_completed():
+            check_ranks()
+            time.sleep(0.02)
+        work.wait()
     runner.allocate_caches(int(pages.item()))
     return pstate, runner
 
@@ -92,8 +103,10 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
                 continue
             runner.run(plan)
         dist.destroy_process_group()
-    except Exception:
-        log.error("worker rank %d failed:\n%s", rank, traceback.format_exc())
+    except Exception as e:
+        # One line: rank 0 fails the same way (or reports this rank's death); the traceback is for --log-level debug.
+        log.error("worker rank %d failed: %s: %s", rank, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.debug("%s", traceback.format_exc())
         os._exit(1)
 
 

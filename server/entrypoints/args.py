@@ -22,9 +22,14 @@ class ServerArgs:
     served_model_name: str = BUILTIN_MODEL_NAME
     api_key: str | None = None
     log_level: str = "info"
+    max_request_bytes: int = 64 << 20
+    allow_control_tokens_in_chat: bool = False
+    shutdown_grace_period: float = 5.0
+    watchdog_timeout: float = 300.0
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the flag and what to change (engine flags included)."""
+        """Raise ``ValueError`` naming the flag and what to change (engine flags included), and check that the
+        model directory holds a model that can be split over ``--tp-size``, before anything starts."""
         self.engine.validate()
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
@@ -36,9 +41,23 @@ class ServerArgs:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.engine.max_waiting_requests}")
         if self.engine.cpu_cache_gb <= 0:
             raise ValueError(f"--cpu-cache-gb must be > 0, got {self.engine.cpu_cache_gb}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
+        if not self.shutdown_grace_period >= 0:
+            raise ValueError(f"--shutdown-grace-period must be >= 0, got {self.shutdown_grace_period}")
+        if not self.watchdog_timeout > 0:
+            raise ValueError(f"--watchdog-timeout must be > 0, got {self.watchdog_timeout}")
         for flag, path in (("--model-path", self.engine.model_path), ("--tokenizer-path", self.engine.tokenizer_path)):
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"{flag} {path!r} is not a directory (expected a Hugging Face model directory)")
+        from server.models.builtin import VOCAB_SIZE, builtin_config
+        from server.models.loader import check_model_parallelism, read_model_config
+
+        path = self.engine.model_path
+        if path is None:  # the built-in model's shapes, without generating it
+            check_model_parallelism("<built-in model>", builtin_config(VOCAB_SIZE, 0, 1), self.engine.tp_size, "dummy")
+        else:
+            check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the model name clients send; default: --model-path as given, or 'builtin'")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /generate")
     srv.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="also the engine's and the ranks'")
+    srv.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                     help="larger request bodies are answered 413")
+    srv.add_argument("--allow-control-tokens-in-chat", action="store_true",
+                     help="let chat message content contain control tokens such as <|im_start|> (trusted clients "
+                          "only: such content can forge turns); by default it is encoded as plain text")
+    srv.add_argument("--shutdown-grace-period", type=float, default=5.0,
+                     help="seconds that requests in flight get to finish after SIGTERM/SIGINT before they are ended "
+                          "with an error")
+    srv.add_argument("--watchdog-timeout", type=float, default=300.0,
+                     help="seconds an engine step may take; a longer one (a hung or stopped worker) fails the requests "
+                          "in it and marks the server unhealthy")
 
     mdl = p.add_argument_group("model")
     mdl.add_argument("--model-path", default=None,
@@ -118,4 +148,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
         served_model_name=name,
         api_key=ns["api_key"],
         log_level=ns["log_level"],
+        max_request_bytes=ns["max_request_bytes"],
+        allow_control_tokens_in_chat=ns["allow_control_tokens_in_chat"],
+        shutdown_grace_period=ns["shutdown_grace_period"],
+        watchdog_timeout=ns["watchdog_timeout"],
     )

@@ -3,6 +3,11 @@
 It PULLs ``GenerateRequest`` / ``AbortRequest`` from the HTTP process and PUSHes back, after every step, one
 ``EngineOutputs`` (new tokens, rejections, stats). The first message it sends is ``EngineReady`` (every rank is
 up) or ``EngineStartFailed``; an exception in the serving loop is reported as ``EngineCrashed`` before exiting.
+
+A watchdog thread watches every step: one that has not completed after ``--watchdog-timeout`` seconds (a hung or
+stopped worker, a collective that never returns) is reported as ``EngineStalled``; the HTTP side then fails the
+requests in flight, marks itself unhealthy and ends the engine's processes. A request the engine refuses, or whose
+admission raises unexpectedly, is rejected alone; the loop goes on.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -46,6 +53,11 @@ class EngineCrashed:
 
 
 @dataclass
+class EngineStalled:
+    message: str
+
+
+@dataclass
 class Rejection:
     rid: str
     message: str
@@ -63,7 +75,31 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)  # unwinds through the `finally` that shuts the engine (and its workers) down
 
 
-def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: str, log_level: str) -> None:
+class StepWatchdog:
+    """Reports a step that runs longer than ``timeout_s`` (once) over its own zmq socket: the serving loop's
+    socket is not thread-safe, and the loop itself is what is stuck."""
+
+    def __init__(self, ctx: zmq.Context, outputs_addr: str, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.step_started: float | None = None  # set by the serving loop around every step
+        self._sock = ctx.socket(zmq.PUSH)
+        self._sock.connect(outputs_addr)
+        threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            started = self.step_started
+            if started is not None and time.monotonic() - started > self.timeout_s:
+                message = (f"an engine step did not complete within {self.timeout_s:g} s (--watchdog-timeout); "
+                           "a worker is hung or stopped")
+                logger.error(message)
+                self._sock.send_pyobj(EngineStalled(message))
+                return
+
+
+def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: str, log_level: str,
+                       watchdog_timeout_s: float = 300.0) -> None:
     """Entry point of the spawned engine process."""
     die_with_parent()
     # Its own process group: the workers the Engine starts join it, so the server can end them all at once,
@@ -88,7 +124,7 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
     try:
         out.send_pyobj(EngineReady(os.getpid(), list(engine.worker_pids()), engine.tokenizer_path,
                                    engine.max_model_len))
-        serve_engine(engine, inp, out)
+        serve_engine(engine, inp, out, StepWatchdog(ctx, outputs_addr, watchdog_timeout_s))
     except Exception as e:
         logger.exception("engine loop failed")
         out.send_pyobj(EngineCrashed(f"{type(e).__name__}: {e}", traceback.format_exc()))
@@ -99,7 +135,7 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
         inp.close(linger=0)
 
 
-def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket) -> None:
+def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket, watchdog: StepWatchdog | None = None) -> None:
     """Forever: take every queued message, run one step if anything is unfinished, send what changed."""
     last_stats: EngineStats | None = None
     while True:
@@ -116,9 +152,20 @@ def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket) -> None:
                     engine.add_request(msg)
                 except ValueError as e:  # RequestRejected, or parameters the engine refuses
                     rejected.append(Rejection(msg.rid, str(e), getattr(e, "code", "invalid_request")))
+                except Exception as e:  # a fault of this request's admission: refuse it alone
+                    logger.exception("request %s could not be admitted", msg.rid)
+                    engine.abort_request(msg.rid)
+                    rejected.append(Rejection(msg.rid, f"the engine could not admit the request: "
+                                              f"{type(e).__name__}: {e}", "internal_error"))
             elif isinstance(msg, AbortRequest):
                 engine.abort_request(msg.rid)
-        outputs = engine.step() if engine.has_unfinished() else []
+        outputs = []
+        if engine.has_unfinished():
+            if watchdog is not None:
+                watchdog.step_started = time.monotonic()
+            outputs = engine.step()
+            if watchdog is not None:
+                watchdog.step_started = None
         stats = engine.stats()
         if outputs or rejected or stats != last_stats:
             out.send_pyobj(EngineOutputs(outputs, rejected, stats))

@@ -3,10 +3,16 @@
 The engine process starts in the app's lifespan; the app answers ``/health`` with 503 until every rank is
 ready, and for good after any of them dies. If the engine cannot start, the server prints one line and
 ``run_server`` returns 1.
+
+Shutdown (SIGTERM/SIGINT): new requests get 503 at once, requests in flight get ``--shutdown-grace-period``
+seconds to finish, then the rest end with an error (a stream gets an error event and ``[DONE]``), the engine and
+its workers stop, and the process exits 0; a second signal skips the grace period. Request bodies larger than
+``--max-request-bytes`` are answered 413 without being read whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import signal
@@ -24,7 +30,7 @@ from server.entrypoints.args import ServerArgs
 from server.entrypoints.metrics import ServerMetrics
 from server.entrypoints.protocol import APIError
 from server.entrypoints.serving import OpenAIServing
-from server.entrypoints.tokenizer_manager import TokenizerManager
+from server.entrypoints.tokenizer_manager import SHUTTING_DOWN, TokenizerManager
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,39 @@ HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than {limit} bytes (--max-request-bytes).",
+                    code="request_too_large")
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, from its Content-Length or, for a chunked body, as
+    soon as the bytes received pass the limit (the handler's read raises an ``APIError``)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await error_response(_too_large(self.limit))(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _too_large(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def build_app(args: ServerArgs) -> FastAPI:
@@ -58,6 +97,7 @@ def build_app(args: ServerArgs) -> FastAPI:
             await tm.shutdown()
 
     app = FastAPI(title="LLM server (OpenAI-compatible)", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, limit=args.max_request_bytes)
     app.state.exit_code = 0
     app.state.uvicorn_server = None
     app.state.tokenizer_manager = tm
@@ -109,8 +149,10 @@ def build_app(args: ServerArgs) -> FastAPI:
     async def health() -> JSONResponse:
         if tm.healthy:
             return JSONResponse({"status": "ok"})
-        status = "loading" if tm.dead_reason is None else "failed"
-        return JSONResponse({"status": status, "reason": tm.dead_reason}, status_code=503)
+        if tm.dead_reason is not None:
+            return JSONResponse({"status": "failed", "reason": tm.dead_reason}, status_code=503)
+        status = "shutting_down" if tm.draining else "loading"
+        return JSONResponse({"status": status, "reason": None}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> PlainTextResponse:
@@ -131,6 +173,41 @@ def _ignore_signal(signum: int, frame: object) -> None:
     pass
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose first SIGTERM/SIGINT starts a drain (:meth:`drain`) instead of closing connections at once;
+    a second signal, or the end of the drain, shuts down."""
+
+    def __init__(self, config: uvicorn.Config, tm: TokenizerManager, grace_s: float):
+        super().__init__(config)
+        self.tm = tm
+        self.grace_s = grace_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: bool | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._drain_task is not None or self.loop is None or self.should_exit:
+            return super().handle_exit(sig, frame)
+        name = signal.Signals(sig).name
+        self._drain_task = True  # set at once: a second signal arriving before the task starts skips the drain
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.drain(name)))
+
+    async def drain(self, signame: str) -> None:
+        tm = self.tm
+        logger.info("%s: shutting down; %d request(s) in flight get up to %g s to finish", signame,
+                    tm.num_in_flight, self.grace_s)
+        tm.draining = True
+        deadline = time.monotonic() + self.grace_s
+        while tm.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        tm.fail_in_flight(SHUTTING_DOWN)
+        await asyncio.sleep(0.2)  # let the streams write their error event and [DONE]
+        self.should_exit = True
+
+
 def run_server(args: ServerArgs) -> int:
     """Serve until SIGINT/SIGTERM (returns 0) or until the engine fails to start (returns 1)."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -142,7 +219,7 @@ def run_server(args: ServerArgs) -> int:
     app = build_app(args)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.tokenizer_manager, args.shutdown_grace_period)
     app.state.uvicorn_server = server
     # uvicorn handles SIGINT/SIGTERM while it runs and re-raises the signal once it has shut down; by then
     # everything is stopped in order, so the re-raised signal is ignored and the process exits normally.

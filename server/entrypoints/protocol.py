@@ -1,24 +1,50 @@
 """OpenAI-compatible request bodies, their validation, and the error envelope.
 
-Request bodies are parsed strictly (a string is not a number, a bool is not an int) but unknown fields are
-ignored, as OpenAI clients send fields this server does not implement. Every rejection is an ``APIError``,
-which the HTTP layer answers with ``{"error": {"message", "type", "param", "code"}}``.
+The boundary of the server: every byte a client sends is checked here before anything else sees it.
+- JSON: malformed JSON, ``NaN``/``Infinity``, integers of more than ``MAX_INT_DIGITS`` digits, nesting deeper
+  than ``MAX_JSON_DEPTH`` and strings that are not valid Unicode (lone surrogates, escaped or raw) are a 400.
+- Types are strict (a string is not a number, a bool is not an int, a float is not an int); ranges come from the
+  shared declarations in :mod:`server.sampling_params`.
+- Fields: every field a body accepts is implemented. ``IGNORED_FIELDS`` do not change the output and are
+  accepted; ``NEUTRAL_ONLY_FIELDS`` (OpenAI parameters this server does not implement) are accepted only at
+  their neutral value; any other field is a 400 naming it, as OpenAI answers.
+Every rejection is an ``APIError``, which the HTTP layer answers with
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.sampling_params import SamplingParams
+from server.sampling_params import (
+    SEED_MODULUS,
+    Logprobs,
+    MaxTokens,
+    MinTokens,
+    SamplingParams,
+    Seed,
+    StopStrings,
+    StopTokenIds,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 MAX_N = 128
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
-SEED_MODULUS = 2**63  # seeds (and seed + i for n > 1) are taken modulo this, so every int64 seed is valid
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 40  # more than any int64/uint64 needs
+MAX_PROMPTS = 1024  # prompts of one completions request (each is one choice or more)
+
+# Accepted and ignored: they do not change what is generated.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+# OpenAI parameters that would change the output and are not implemented: accepted only at their neutral value.
+NEUTRAL_ONLY_FIELDS: dict[str, Any] = {
+    "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "best_of": 1,
+    "suffix": "", "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "min_p": 0,
+}
 
 
 class APIError(Exception):
@@ -50,11 +76,63 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+# ---- JSON ------------------------------------------------------------------------------------------------------
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise bad_request(f"The body holds an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted.",
+                          code="invalid_json")
+    return int(text)
+
+
+def _no_constant(name: str) -> float:
+    raise bad_request(f"{name} is not valid JSON.", code="invalid_json")
+
+
+def _check_tree(obj: Any, depth: int = 0) -> None:
+    """Depth limit, and valid Unicode in every string and key (json decodes ``\\ud800`` to a lone surrogate)."""
+    if depth > MAX_JSON_DEPTH:
+        raise bad_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("The body holds a string that is not valid Unicode (a lone surrogate).",
+                              code="invalid_unicode") from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_tree(k, depth + 1)
+            _check_tree(v, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_tree(v, depth + 1)
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """Decode a request body that must be a JSON object, within the limits in the module docstring."""
+    try:
+        obj = json.loads(raw, parse_int=_parse_int, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"We could not parse the JSON body of your request ({e}).", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                          code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"The request body must be a JSON object, got {type(obj).__name__}.")
+    _check_tree(obj)
+    return obj
+
+
+# ---- bodies ----------------------------------------------------------------------------------------------------
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
-class StreamOptions(_Body):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -62,15 +140,15 @@ class _SamplingBody(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions. ``None`` means "the default"."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_tokens: int | None = None
-    n: int | None = None
-    stop: Any = None  # str | list[str]; checked by hand for a clear message
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_tokens: MinTokens | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    stop: StopStrings | str | None = None
+    stop_token_ids: StopTokenIds | None = None
+    seed: Seed | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None
@@ -79,47 +157,121 @@ class _SamplingBody(_Body):
 
 class CompletionRequest(_SamplingBody):
     prompt: Any  # str | list[str] | list[int] | list[list[int]]; checked by normalize_prompt
-    logprobs: int | None = None
+    logprobs: Logprobs | None = None
     echo: bool | None = None
 
 
-class ChatMessage(_Body):
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # name / tool_calls / tool_call_id / reasoning_content reach the chat template as the client sent them.
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None  # str | list of {"type": "text", "text": str} | None (assistant turns)
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(_SamplingBody):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Logprobs | None = None
+
+
+class NativeSamplingParams(BaseModel):
+    """``sampling_params`` of the native ``/generate``: :class:`SamplingParams` fields by name, plus SGLang's
+    ``max_new_tokens`` / ``min_new_tokens`` spellings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    max_tokens: MaxTokens | None = None
+    max_new_tokens: MaxTokens | None = None
+    min_tokens: MinTokens | None = None
+    min_new_tokens: MinTokens | None = None
+    seed: Seed | None = None
+    stop: StopStrings | str | None = None
+    stop_token_ids: StopTokenIds | None = None
+    ignore_eos: bool | None = None
+    logprobs: Logprobs | None = None
+    skip_special_tokens: bool | None = None
 
 
 class GenerateRequestBody(_Body):
-    """Native ``POST /generate``: ``text`` or ``input_ids``, and SamplingParams fields by name."""
+    """Native ``POST /generate``: ``text`` or ``input_ids``, and ``sampling_params``."""
 
     text: str | None = None
     input_ids: list[int] | None = None
-    sampling_params: dict[str, Any] | None = None
+    sampling_params: NativeSamplingParams | None = None
     stream: bool | None = None
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
+
+
+def _union_tag_at(loc: tuple) -> int | None:
+    """Index of the first union-member tag in a pydantic error location (``list[...]``, ``str``...), if any."""
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and (not p.isidentifier() or p in _TYPE_TAGS):
+            return i
+    return None
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """A pydantic validation failure as a 400 naming the parameter (``messages.0.role``); a value that matches
+    none of a union's forms names the union's field and its forms."""
+    err = e.errors()[0]
+    loc = err["loc"]
+    cut = _union_tag_at(loc)
+    param = ".".join(str(p) for p in loc[:cut]) or None
+    if err["type"] == "missing" and cut is None:
+        return bad_request(f"Missing required parameter: '{param}'.", param=param)
+    if err["type"] == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}.", param=param,
+                           code="unrecognized_parameter")
+    if cut is not None:
+        forms = list(dict.fromkeys(str(x["loc"][cut]) for x in e.errors()
+                                   if len(x["loc"]) > cut and x["loc"][:cut] == loc[:cut]))
+        return bad_request(f"Invalid value for '{param}': it matches none of the accepted forms ({', '.join(forms)}).",
+                           param=param, code="invalid_type")
+    code = "invalid_type" if err["type"].endswith(("_type", "_parsing", "literal_error")) else "invalid_value"
+    return bad_request(f"Invalid value for '{param}': {err['msg']}.", param=param, code=code)
+
+
+def _check_extra_fields(body: BaseModel) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in IGNORED_FIELDS:
+            continue
+        if name in NEUTRAL_ONLY_FIELDS:
+            neutral = NEUTRAL_ONLY_FIELDS[name]
+            if value is None or value == neutral:
+                continue
+            raise bad_request(f"'{name}' is not supported by this server (only {json.dumps(neutral)} is accepted).",
+                              param=name, code="unsupported_parameter")
+        raise bad_request(f"Unrecognized request argument supplied: {name}.", param=name,
+                          code="unrecognized_parameter")
+
+
 def parse_body(raw: bytes, model: type[_Body]) -> Any:
-    """Decode a JSON object into ``model``; malformed JSON, a non-object or a wrong type is a 400."""
+    """Decode and validate a request body (see the module docstring); every failure is an ``APIError`` 400."""
+    obj = parse_json_object(raw)
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"We could not parse the JSON body of your request ({e}).", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise bad_request(f"The request body must be a JSON object, got {type(obj).__name__}.")
-    try:
-        return model.model_validate(obj)
+        body = model.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "missing":
-            raise bad_request(f"Missing required parameter: '{param}'.", param=param) from None
-        raise bad_request(f"Invalid value for '{param}': {err['msg']}.", param=param, code="invalid_type") from None
+        raise validation_error(e) from None
+    _check_extra_fields(body)
+    return body
+
+
+# ---- resolution ------------------------------------------------------------------------------------------------
 
 
 def normalize_prompt(prompt: Any, vocab_size: int) -> list[str | list[int]]:
@@ -133,6 +285,9 @@ def normalize_prompt(prompt: Any, vocab_size: int) -> list[str | list[int]]:
             "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists.",
             param="prompt",
         )
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} are accepted per request.",
+                          param="prompt")
     for p in prompts:
         if len(p) == 0:
             raise bad_request("'prompt' must not be empty.", param="prompt")
@@ -152,23 +307,18 @@ def _is_token_ids(x: Any) -> bool:
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The messages as the chat template expects them; content is a string or a list of text parts (which the
-    tokenizer joins), and only an assistant turn may leave it out."""
-    if not req.messages:
-        raise bad_request("'messages' must contain at least one message.", param="messages")
+    """The messages as the chat template expects them: content is a string or a list of text parts (which the
+    tokenizer joins); only assistant turns (and tool-calling turns) may leave it out."""
     out = []
     for i, m in enumerate(req.messages):
         content = m.content
-        if content is None and m.role == "assistant":
+        if content is None:
+            if m.role != "assistant":
+                raise bad_request(f"Messages with role '{m.role}' need a 'content'.", param=f"messages.{i}.content")
             content = ""
-        text_parts = isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
-        if not (isinstance(content, str) or text_parts):
-            raise bad_request(
-                "Message content must be a string or a list of text parts ({'type': 'text', 'text': ...}).",
-                param=f"messages.{i}.content",
-            )
-        out.append({"role": m.role, "content": content})
+        msg = m.model_dump(exclude_none=True)
+        msg["content"] = content if isinstance(content, str) else [p.model_dump() for p in content]
+        out.append(msg)
     return out
 
 
@@ -181,20 +331,34 @@ def check_model(name: str | None, served_model_name: str) -> None:
         )
 
 
-def _stop_strings(stop: Any) -> list[str]:
+def _stop_list(stop: list[str] | str | None) -> list[str]:
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
-        raise bad_request("'stop' must be a non-empty string or a list of non-empty strings.", param="stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise bad_request(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", param="stop")
-    return stops
+    return [stop] if isinstance(stop, str) else list(stop)
 
 
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise bad_request(message, param=param)
+
+
+def check_stop_token_ids(ids: list[int], vocab_size: int, param: str = "stop_token_ids") -> None:
+    bad = [t for t in ids if t >= vocab_size]
+    _check(not bad, param, f"Token id {bad[0] if bad else 0} in '{param}' is out of range: ids must be in "
+                           f"[0, {vocab_size}).")
+
+
+def make_sampling_params(param_names: dict[str, str] | None = None, **fields: Any) -> SamplingParams:
+    """``SamplingParams(**fields)`` with a validation error turned into a 400 naming the request's parameter
+    (``param_names`` maps SamplingParams field names to the request's names where they differ)."""
+    try:
+        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "min_tokens"  # the only cross-field check
+        param = (param_names or {}).get(field, field)
+        raise bad_request(f"Invalid value for '{param}': {err['msg'].removeprefix('Value error, ')}.",
+                          param=param) from None
 
 
 def sampling_params_for(
@@ -209,41 +373,22 @@ def sampling_params_for(
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (``n`` of them; seed + i for choice i). ``max_tokens=None`` fills the
     context. Raises 400 ``context_length_exceeded`` when prompt + max_tokens does not fit ``max_model_len``."""
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    top_k = -1 if req.top_k is None or req.top_k == 0 else req.top_k
-    min_tokens = req.min_tokens or 0
-    _check(math.isfinite(temperature) and temperature >= 0, "temperature",
-           f"'temperature' must be >= 0, got {temperature}.")
-    _check(0 < top_p <= 1, "top_p", f"'top_p' must be in (0, 1], got {top_p}.")
-    _check(top_k >= 1 or top_k == -1, "top_k", f"'top_k' must be -1 (disabled) or >= 1, got {top_k}.")
-    _check(max_tokens is None or max_tokens >= 1, "max_tokens", f"'max_tokens' must be >= 1, got {max_tokens}.")
-    _check(min_tokens >= 0, "min_tokens", f"'min_tokens' must be >= 0, got {min_tokens}.")
-    _check(max_tokens is None or min_tokens <= max_tokens, "min_tokens",
-           f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens}).")
-    stop_ids = req.stop_token_ids or []
-    _check(all(0 <= t < vocab_size for t in stop_ids), "stop_token_ids",
-           f"'stop_token_ids' must be in [0, {vocab_size}).")
-    stop = _stop_strings(req.stop)
-
+    check_stop_token_ids(req.stop_token_ids or [], vocab_size)
+    is_chat = isinstance(req, ChatCompletionRequest)
     if max_tokens is None:
         max_tokens = max(max_model_len - prompt_len, 1)
-    check_context_length(prompt_len, max_tokens, max_model_len,
-                         "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
+    check_context_length(prompt_len, max_tokens, max_model_len, "messages" if is_chat else "prompt")
+    names = {"max_tokens": "max_completion_tokens" if is_chat and req.max_completion_tokens is not None
+             else "max_tokens", "logprobs": "top_logprobs" if is_chat else "logprobs"}
+    base = make_sampling_params(
+        names,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
+        min_tokens=req.min_tokens, stop=_stop_list(req.stop), stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+    )
     return [
-        SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_tokens=max_tokens,
-            min_tokens=min_tokens,
-            seed=None if req.seed is None else (req.seed + i) % SEED_MODULUS,
-            stop=list(stop),
-            stop_token_ids=list(stop_ids),
-            ignore_eos=bool(req.ignore_eos),
-            logprobs=logprobs,
-            skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
-        )
+        SamplingParams(**{**vars(base), "seed": None if req.seed is None else (req.seed + i) % SEED_MODULUS,
+                          "stop": list(base.stop), "stop_token_ids": list(base.stop_token_ids)})
         for i in range(n)
     ]
 
@@ -261,34 +406,38 @@ def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, p
 
 
 def choice_count(n: int | None) -> int:
-    n = 1 if n is None else n
-    _check(1 <= n <= MAX_N, "n", f"'n' must be in [1, {MAX_N}], got {n}.")
-    return n
+    return 1 if n is None else n
 
 
 def completion_logprobs(req: CompletionRequest) -> int | None:
-    lp = req.logprobs
-    _check(lp is None or 0 <= lp <= MAX_LOGPROBS, "logprobs", f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {lp}.")
-    if lp is not None and req.echo:
+    if req.logprobs is not None and req.echo:
         raise bad_request("'echo' together with 'logprobs' is not supported (prompt logprobs are not computed).",
                           param="echo")
-    return lp
+    return req.logprobs
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
-    top = req.top_logprobs
-    _check(top is None or 0 <= top <= MAX_LOGPROBS, "top_logprobs",
-           f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}.")
-    _check(top is None or bool(req.logprobs), "top_logprobs", "'top_logprobs' requires 'logprobs': true.")
-    return (top or 0) if req.logprobs else None
+    _check(req.top_logprobs is None or bool(req.logprobs), "top_logprobs", "'top_logprobs' requires 'logprobs': true.")
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def native_sampling_params(fields: dict[str, Any] | None) -> SamplingParams:
-    """SamplingParams from the native API's ``sampling_params`` object (its field names, unknown ones ignored)."""
-    known = {k: v for k, v in (fields or {}).items() if k in SamplingParams.__dataclass_fields__}
-    try:
-        params = SamplingParams(**known)
-        params.validate()
-    except (TypeError, ValueError) as e:
-        raise bad_request(f"Invalid 'sampling_params': {e}.", param="sampling_params") from None
-    return params
+def check_stream_options(req: _SamplingBody) -> None:
+    _check(req.stream_options is None or bool(req.stream), "stream_options",
+           "'stream_options' is only allowed when 'stream' is true.")
+
+
+def native_sampling_params(fields: NativeSamplingParams | None, vocab_size: int) -> SamplingParams:
+    """SamplingParams from the native API's ``sampling_params`` object (SGLang's spellings accepted)."""
+    f = fields or NativeSamplingParams()
+    for a, b in (("max_tokens", "max_new_tokens"), ("min_tokens", "min_new_tokens")):
+        _check(getattr(f, a) is None or getattr(f, b) is None, f"sampling_params.{b}",
+               f"Give at most one of 'sampling_params.{a}' and 'sampling_params.{b}'.")
+    check_stop_token_ids(f.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
+    values = f.model_dump(exclude={"max_new_tokens", "min_new_tokens"})
+    values["max_tokens"] = f.max_tokens if f.max_tokens is not None else f.max_new_tokens
+    values["min_tokens"] = f.min_tokens if f.min_tokens is not None else f.min_new_tokens
+    values["stop"] = _stop_list(f.stop)
+    names = {k: f"sampling_params.{k}" for k in values}
+    if f.max_new_tokens is not None:
+        names["max_tokens"] = "sampling_params.max_new_tokens"
+    return make_sampling_params(names, **values)

@@ -29,6 +29,7 @@ from server.entrypoints.protocol import (
     chat_messages,
     check_context_length,
     check_model,
+    check_stream_options,
     choice_count,
     completion_logprobs,
     native_sampling_params,
@@ -136,17 +137,18 @@ class OpenAIServing:
         req = parse_body(await request.body(), CompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
+        check_stream_options(req)
         n = choice_count(req.n)
         logprobs = completion_logprobs(req)
         prompts = normalize_prompt(req.prompt, self.tm.vocab_size)
-        prompt_ids = [self.tm.encode(p) for p in prompts]
+        prompt_ids = [await self.tm.encode(p) for p in prompts]
         ids, params, echo = [], [], []
         for p, p_ids in zip(prompts, prompt_ids, strict=True):
             params += sampling_params_for(req, max_tokens=req.max_tokens, logprobs=logprobs, prompt_len=len(p_ids),
                                           max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
             ids += [p_ids] * n
-            text = p if isinstance(p, str) else self.tm.tokenizer.decode(p)
-            echo += [text if req.echo else ""] * n
+            text = "" if not req.echo else p if isinstance(p, str) else await self.tm.decode(p)
+            echo += [text] * n
         prompt_tokens = sum(len(p) for p in prompt_ids)
         gen = self.tm.submit(ids, params, arrival)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -209,9 +211,10 @@ class OpenAIServing:
         req = parse_body(await request.body(), ChatCompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
+        check_stream_options(req)
         n = choice_count(req.n)
         logprobs = chat_logprobs(req)
-        prompt_ids = self.tm.encode_chat(chat_messages(req))
+        prompt_ids = await self.tm.encode_chat(chat_messages(req))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params_for(req, max_tokens=max_tokens, logprobs=logprobs, prompt_len=len(prompt_ids),
                                      max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
@@ -274,8 +277,8 @@ class OpenAIServing:
         if (req.text is None) == (req.input_ids is None):
             raise bad_request("Give exactly one of 'text' and 'input_ids'.", param="text")
         prompt = normalize_prompt(req.text if req.text is not None else req.input_ids, self.tm.vocab_size)[0]
-        prompt_ids = self.tm.encode(prompt)
-        params = native_sampling_params(req.sampling_params)
+        prompt_ids = await self.tm.encode(prompt)
+        params = native_sampling_params(req.sampling_params, self.tm.vocab_size)
         check_context_length(len(prompt_ids), params.max_tokens, self.tm.max_model_len, "text")
         gen = self.tm.submit([prompt_ids], [params], arrival)
         rid = gen.rids[0]

@@ -3,8 +3,12 @@
 ``TokenizerManager`` starts the engine process, tokenizes prompts, sends ``GenerateRequest`` / ``AbortRequest``
 over zmq, detokenizes the engine's outputs incrementally (stop strings included: a matched stop string ends
 the choice here and aborts it in the engine, which frees its caches) and hands each HTTP handler the events of
-its choices. It also watches the engine process and every worker: a death fails every in-flight request at
-once and keeps ``healthy`` false for good.
+its choices. It also watches the engine process and every worker: a death, or a step that outlives the
+watchdog timeout, fails every in-flight request at once and keeps ``healthy`` false for good.
+
+Tokenization and chat-template rendering run on a small thread pool (``tokenizers`` releases the GIL), so a huge
+prompt never stalls the event loop. A fault while handling one request's output (detokenization, a stop-string
+check) ends that request with an error; the other requests and the server go on.
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 
+from server.engine.faults import inject_fault
 from server.engine.io_struct import AbortRequest, GenerateRequest, RequestOutput, TokenLogprob
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.engine_process import (
     EngineCrashed,
     EngineOutputs,
     EngineReady,
+    EngineStalled,
     EngineStartFailed,
     Rejection,
     run_engine_process,
@@ -45,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.2
 ENGINE_STOP_TIMEOUT_S = 10.0
-REJECTION_STATUS = {"queue_full": 429}  # every other engine rejection is the client's request: 400
+REJECTION_STATUS = {"queue_full": 429, "internal_error": 500}  # every other engine rejection: the request, 400
+TOKENIZER_THREADS = 4
 
 
 @dataclass
@@ -101,8 +109,12 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     prompt_tokens: int
     arrival: float
+    seed: int | None = None
     last_token_time: float | None = None
     completion_tokens: int = 0
+
+
+SHUTTING_DOWN = APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
 
 
 def pid_alive(pid: int) -> bool:
@@ -125,16 +137,22 @@ class TokenizerManager:
         self.max_model_len = 0
         self.vocab_size = 0
         self.dead_reason: str | None = None
+        self.draining = False  # shutting down: new requests get 503, in-flight ones finish within the grace period
         self._ready = False
         self._choices: dict[str, _Choice] = {}
         self._worker_pids: list[int] = []
         self._proc: mp.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
         self._on_fatal: Callable[[str], None] = lambda message: None
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
 
     @property
     def healthy(self) -> bool:
-        return self._ready and self.dead_reason is None
+        return self._ready and self.dead_reason is None and not self.draining
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._choices)
 
     # ---- lifetime --------------------------------------------------------------------------------------------
     async def start(self, on_fatal: Callable[[str], None]) -> None:
@@ -153,7 +171,7 @@ class TokenizerManager:
         self._from_engine.bind(outputs_addr)
         self._proc = mp.get_context("spawn").Process(
             target=run_engine_process,
-            args=(self.args.engine, requests_addr, outputs_addr, self.args.log_level),
+            args=(self.args.engine, requests_addr, outputs_addr, self.args.log_level, self.args.watchdog_timeout),
             name="engine",
         )
         self._proc.start()
@@ -164,10 +182,11 @@ class TokenizerManager:
         """Fail what is in flight, stop the engine process and every worker, remove the sockets."""
         for task in self._tasks:
             task.cancel()
-        self._fail_all(APIError(503, "The server is shutting down.", type="server_error", code="shutting_down"))
+        self._fail_all(SHUTTING_DOWN)
         self._ready = False
         if self._proc is not None:
             await asyncio.to_thread(self._stop_engine_process)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._to_engine.close(linger=0)
         self._from_engine.close(linger=0)
         self._sync_ctx.term()
@@ -179,32 +198,50 @@ class TokenizerManager:
         if proc.is_alive():
             proc.terminate()  # SIGTERM: the engine shuts its workers down in order
             proc.join(ENGINE_STOP_TIMEOUT_S)
-        # Whatever is left of its process group (workers of an engine that hung or died) is killed outright.
+        self._kill_engine_tree()
+        proc.join(ENGINE_STOP_TIMEOUT_S)
+
+    def _kill_engine_tree(self) -> None:
+        """SIGKILL the engine and its workers (a hung or stopped process, or what is left after a death)."""
+        proc = self._proc
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in self._worker_pids:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-        proc.join(ENGINE_STOP_TIMEOUT_S)
+
+    def fail_in_flight(self, error: APIError) -> None:
+        """End every in-flight request with ``error`` (shutdown after the grace period)."""
+        for rid in list(self._choices):
+            self._send(AbortRequest(rid))
+        self._fail_all(error)
 
     # ---- requests --------------------------------------------------------------------------------------------
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+    async def _in_pool(self, fn: Callable, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else await self._in_pool(self.tokenizer.encode, prompt)
+
+    async def decode(self, ids: list[int]) -> str:
+        return await self._in_pool(self.tokenizer.decode, ids)
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # a template's raise_exception, a missing template
+            return await self._in_pool(self.tokenizer.encode_chat, messages, add_generation_prompt=True,
+                                       control_tokens_in_content=self.args.allow_control_tokens_in_chat)
+        except Exception as e:  # a template's raise_exception, a missing template, a forged control token
             raise APIError(400, f"The chat template could not format the messages: {e}", param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 -- one manager per process, lives as long as it
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def check_available(self) -> None:
-        """503 while the engine is loading or after it died."""
+        """503 while the engine is loading, after it died, and while the server shuts down."""
+        if self.draining:
+            raise SHUTTING_DOWN
         if self.dead_reason is not None:
             raise APIError(503, f"The engine is not running ({self.dead_reason}).", type="server_error",
                            code="engine_dead")
@@ -213,9 +250,14 @@ class TokenizerManager:
                            code="engine_loading", headers={"Retry-After": "5"})
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], arrival: float) -> Generation:
-        """Send one request per choice (``prompts[i]`` with ``params[i]``). 429 when the queue is full."""
+        """Send one request per choice (``prompts[i]`` with ``params[i]``). 400 when the request alone can never
+        fit the server's queue, 429 when it is full now."""
         self.check_available()
         limit = self.args.engine.max_running_requests + self.args.engine.max_waiting_requests
+        if len(params) > limit:
+            raise APIError(400, f"The request asks for {len(params)} completions (prompts x n); this server holds at "
+                           f"most {limit} at once (--max-running-requests + --max-waiting-requests). Split it.",
+                           param="n", code="too_many_completions")
         if len(self._choices) + len(params) > limit:
             raise APIError(429, f"The server is busy ({len(self._choices)} requests in flight, at most {limit}); "
                            "retry later.", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
@@ -223,7 +265,7 @@ class TokenizerManager:
         gen = Generation(self, rids)
         for i, (rid, ids, sp) in enumerate(zip(rids, prompts, params, strict=True)):
             detok = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.skip_special_tokens)
-            self._choices[rid] = _Choice(rid, i, gen, detok, len(ids), arrival)
+            self._choices[rid] = _Choice(rid, i, gen, detok, len(ids), arrival, sp.seed)
             self._send(GenerateRequest(rid, ids, sp))
         self.metrics.in_flight.set(len(self._choices))
         return gen
@@ -246,7 +288,13 @@ class TokenizerManager:
     # ---- engine messages -------------------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
         while True:
-            msg = await self._from_engine.recv_pyobj()
+            try:
+                msg = await self._from_engine.recv_pyobj()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a message that does not unpickle: drop it, keep serving
+                logger.exception("dropped a message from the engine that could not be read")
+                continue
             try:
                 await self._on_message(msg)
             except Exception as e:  # a bug here must not leave every waiting client hanging
@@ -262,6 +310,9 @@ class TokenizerManager:
         elif isinstance(msg, EngineStartFailed):
             logger.debug("engine start-up failed:\n%s", msg.traceback)
             self._on_death(f"the engine failed to start: {msg.message}")
+        elif isinstance(msg, EngineStalled):
+            self._on_death(msg.message)
+            await asyncio.to_thread(self._kill_engine_tree)
         elif isinstance(msg, EngineCrashed):
             logger.error("engine crashed:\n%s", msg.traceback)
             # A dead worker makes rank 0's next collective fail: name the cause, not the symptom.
@@ -286,8 +337,18 @@ class TokenizerManager:
         now = time.monotonic()
         for out in msg.outputs:
             choice = self._choices.get(out.rid)
-            if choice is not None:
+            if choice is None:
+                continue
+            try:
                 self._on_output(choice, out, now)
+            except Exception as e:  # this request's fault (detokenization, stop strings): end it alone
+                logger.exception("request %s failed while handling its output", out.rid)
+                if self._choices.pop(out.rid, None) is not None:
+                    self._send(AbortRequest(out.rid))
+                    error = APIError(500, f"The request failed while its output was processed: {type(e).__name__}: "
+                                     f"{e}", type="server_error", code="internal_error")
+                    self._finish(choice, ChoiceEvent(choice.index, "", [], None, choice.prompt_tokens,
+                                                     choice.completion_tokens, error=error), "error")
         for rej in msg.rejected:
             choice = self._choices.pop(rej.rid, None)
             if choice is not None:
@@ -307,6 +368,7 @@ class TokenizerManager:
             choice.completion_tokens += n_new
             self.metrics.generation_tokens.inc(n_new)
         detok = choice.detokenizer
+        inject_fault("detokenize", choice.seed)
         event = ChoiceEvent(choice.index, detok.add(out.new_token_ids), list(out.new_token_ids), out.new_logprobs,
                             choice.prompt_tokens, choice.completion_tokens)
         if detok.stopped:

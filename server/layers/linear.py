@@ -35,7 +35,7 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 
 def divide(a: int, b: int, what: str) -> int:
     if a % b:
-        raise ValueError(f"{what} ({a}) must be divisible by the tensor-parallel size ({b})")
+        raise ValueError(f"{what} ({a}) must be divisible by the tensor-parallel size (--tp-size {b})")
     return a // b
 
 

@@ -20,7 +20,7 @@ class SampleRequest:
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits ``[B, V]`` (one row per request) -> chosen token ids and, where asked, their logprobs
     (of the model's distribution, before temperature and filters)."""
-    logits = logits.float()
+    logits = logits.to(torch.float32, copy=True)  # masked in place below; the caller's tensor stays intact
     for i, r in enumerate(reqs):
         if r.banned:
             logits[i, r.banned] = float("-inf")

@@ -39,6 +39,21 @@ def read_model_config(model_path: str) -> dict:
     return cfg
 
 
+def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_format: str) -> None:
+    """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
+    own shape check runs before any process starts: a model that cannot be split this way, or a config that
+    lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the
+    weights exist unless they are random (``dummy``)."""
+    arch = cfg["architectures"][0]
+    try:
+        with torch.device("meta"):
+            MODEL_CLASSES[arch](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")), torch.float32)
+    except KeyError as e:
+        raise ValueError(f"{os.path.join(model_path, 'config.json')} has no {e} entry, which {arch} needs") from None
+    if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
+        raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
+
+
 def checkpoint_dtype(cfg: dict) -> torch.dtype:
     name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)

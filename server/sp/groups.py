@@ -3,11 +3,21 @@
 Layout: ``rank = sp_rank * tp_size + tp_rank``. TP groups are the rows of ``arange(W).view(sp, tp)``
 (adjacent devices), SP groups are its columns. Every device group has a gloo twin for control messages.
 Layers receive a :class:`ParallelState` explicitly; nothing in a layer asks the world for its size.
+
+The rendezvous store (torch's TCPStore, which has no authentication) listens only on the host that
+``init_method`` names: the loopback address for one node. On one node gloo and NCCL open their sockets on the
+loopback interface too, so nothing the workers open is reachable from the network.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +97,47 @@ class ParallelState:
         return self.sp_ranks[sp_rank % self.sp_size]
 
 
+def _host_port(init_method: str) -> tuple[str, int]:
+    url = urllib.parse.urlparse(init_method)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"the rendezvous address must be tcp://HOST:PORT, got {init_method!r}")
+    return url.hostname, url.port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_store(rank: int, world: int, init_method: str, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The rendezvous store; rank 0 serves it on a socket bound to ``init_method``'s host only (torch's own
+    server would listen on every interface)."""
+    host, port = _host_port(init_method)
+    if rank != 0:
+        return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=max(128, world))
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
+
+
+def wait_for_ranks(store: dist.TCPStore, world: int, timeout_s: float, check: Callable[[], None]) -> None:
+    """Rank 0: wait until every rank has joined the store, calling ``check`` (which raises if a rank this
+    process started has died) between polls, so that a rank that never comes is an error, not a hang."""
+    keys = [f"joined/{r}" for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        check()
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world) if not store.check([f"joined/{r}"])]
+            raise TimeoutError(f"ranks {missing} did not join the rendezvous within {timeout_s:g} s")
+        time.sleep(0.02)
+
+
 def init_parallel_state(
     rank: int,
     sp_size: int,
@@ -94,10 +145,12 @@ def init_parallel_state(
     device: torch.device,
     init_method: str,
     timeout_s: float = 600.0,
+    check_ranks: Callable[[], None] | None = None,
 ) -> ParallelState:
     """Join the world and build the SP/TP groups (device backend + gloo twins).
 
-    Every rank must call this with the same sizes: ``new_group`` is collective over the world.
+    Every rank must call this with the same sizes: ``new_group`` is collective over the world. Rank 0 may pass
+    ``check_ranks`` (see :func:`wait_for_ranks`).
     """
     world = sp_size * tp_size
     state = ParallelState(
@@ -107,9 +160,16 @@ def init_parallel_state(
         return state
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    if is_loopback(_host_port(init_method)[0]):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    store = create_store(rank, world, init_method, timeout)
+    store.set(f"joined/{rank}", "1")
+    if rank == 0 and check_ranks is not None:
+        wait_for_ranks(store, world, timeout_s, check_ranks)
     dist.init_process_group(
         backend,
-        init_method=init_method,
+        store=store,
         rank=rank,
         world_size=world,
         timeout=timeout,

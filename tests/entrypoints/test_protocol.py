@@ -28,12 +28,52 @@ def resolve(body: dict, prompt_len: int = 10, n: int = 1, max_model_len: int = 1
                                max_model_len=max_model_len, n=n, vocab_size=50)
 
 
-def test_strict_types_and_ignored_fields():
-    assert parse({"prompt": "x", "temperature": 1, "no_such_field": [1]}).temperature == 1.0
-    for field, value in [("max_tokens", True), ("max_tokens", "3"), ("temperature", "0.5"), ("echo", 1)]:
+def test_strict_types_and_extra_fields():
+    assert parse({"prompt": "x", "temperature": 1, "user": "u", "best_of": 1}).temperature == 1.0
+    for field, value in [("max_tokens", True), ("max_tokens", "3"), ("temperature", "0.5"), ("echo", 1),
+                         ("top_k", 2.5), ("seed", "7"), ("stop", [5]), ("skip_special_tokens", "no")]:
         with pytest.raises(APIError) as e:
             parse({"prompt": "x", field: value})
-        assert (e.value.status, e.value.param, e.value.code) == (400, field, "invalid_type")
+        assert (e.value.status, e.value.param, e.value.code) == (400, field, "invalid_type"), field
+    for field, value, code in [("no_such_field", [1], "unrecognized_parameter"),
+                               ("logit_bias", {"5": 3}, "unsupported_parameter")]:
+        with pytest.raises(APIError) as e:
+            parse({"prompt": "x", field: value})
+        assert (e.value.status, e.value.param, e.value.code) == (400, field, code)
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b'{"prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}", "invalid_json"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "invalid_json"),
+    (b'{"prompt": "x", "temperature": NaN}', "invalid_json"),
+    (b'{"prompt": "x", "temperature": Infinity}', "invalid_json"),
+    (b'{"prompt": "\\ud800"}', "invalid_unicode"),
+    (b'{"prompt": "\xed\xa0\x80"}', "invalid_unicode"),  # a surrogate encoded in raw UTF-8
+    (b'{"model": "\\udfff", "prompt": "x"}', "invalid_unicode"),
+    (b'{"prompt": "x"} trailing', "invalid_json"),
+])
+def test_hostile_json_is_a_400(raw, code):
+    with pytest.raises(APIError) as e:
+        parse_body(raw, CompletionRequest)
+    assert (e.value.status, e.value.code) == (400, code)
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e300), ("temperature", -0.1), ("top_p", 0),
+                                          ("seed", 2**64), ("seed", -(2**63) - 1), ("logprobs", 21),
+                                          ("stop", ["a"] * 17), ("stop", [""]), ("stop_token_ids", [-1]),
+                                          ("n", 0), ("n", 129), ("max_tokens", 0)])
+def test_out_of_range_is_a_400_naming_the_field(field, value):
+    with pytest.raises(APIError) as e:
+        parse({"prompt": "x", field: value})
+    assert e.value.status == 400
+    assert e.value.param == field or e.value.param.startswith(f"{field}."), e.value.param  # stop_token_ids.0
+
+
+def test_tiny_temperatures_are_greedy_and_huge_seeds_wrap():
+    [p] = resolve({"temperature": 1e-300, "seed": 2**64 - 1})
+    assert p.greedy and p.generator_seed == (2**64 - 1) % SEED_MODULUS
+    [p] = resolve({"temperature": 1e-5})
+    assert not p.greedy
 
 
 def test_defaults_fill_the_context_and_seeds_wrap():
