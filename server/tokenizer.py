@@ -182,7 +182,8 @@ class Tokenizer:
         special tokens, and BOS is prepended when tokenizer_config.json asks for it (`add_bos_token`) but the
         post-processor does not add it. Encode a rendered chat template with `add_special_tokens=False`:
         templates write their own BOS."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a long text never stalls other threads.
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id, *ids]
@@ -190,7 +191,7 @@ class Tokenizer:
 
     def encode_literal(self, text: str) -> list[int]:
         """Token ids of `text` with control-token strings (``<|im_start|>``...) encoded as plain text."""
-        return self._literal.encode(text, add_special_tokens=False).ids
+        return self._literal.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                     control_tokens_in_content: bool = False, **extra: Any) -> list[int]:

@@ -145,6 +145,8 @@ class TokenizerManager:
         self._tasks: list[asyncio.Task] = []
         self._on_fatal: Callable[[str], None] = lambda message: None
         self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        for _ in range(TOKENIZER_THREADS):  # start the threads now: starting one waits for the GIL
+            self._pool.submit(time.sleep, 0.01)
 
     @property
     def healthy(self) -> bool:

@@ -81,7 +81,7 @@ def test_defaults_fill_the_context_and_seeds_wrap():
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (90, 1.0, 1.0, -1, None, [])
     params = resolve({"seed": SEED_MODULUS - 1, "top_k": 0, "stop": "\n"}, n=3)
     assert [p.seed for p in params] == [SEED_MODULUS - 1, 0, 1]
-    assert all(p.top_k == -1 and p.stop == ["\n"] for p in params)
+    assert all(p.top_k <= 0 and p.stop == ["\n"] for p in params)  # 0 and -1 both disable top-k
     assert resolve({"seed": -1})[0].seed == SEED_MODULUS - 1
 
 
