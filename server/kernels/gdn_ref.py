@@ -203,9 +203,10 @@ def causal_conv1d_prefill_ref(
     for i in range(b):
         s, e = cu[i], cu[i + 1]
         seq = torch.cat([old[i].to(x.dtype), x[s:e].t()], dim=1)  # [C, K-1+n]
-        conv = F.conv1d(seq.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), bias, groups=c)[0]
-        y[s:e] = conv.t().to(x.dtype)
         new[i] = seq[:, seq.shape[1] - (kw - 1):]
+        if e > s:  # an empty sequence (an empty SP chunk) keeps its state
+            conv = F.conv1d(seq.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), bias, groups=c)[0]
+            y[s:e] = conv.t().to(x.dtype)
     return y, new
 
 
