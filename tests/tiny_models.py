@@ -46,6 +46,20 @@ def tiny_config(arch: str, **over):
                                   "full_attn_alpha_factor": 1.1, "full_attn_beta_factor": 0.9,
                                   "linear_attn_alpha_factor": 0.8, "linear_attn_beta_factor": 1.2,
                                   "mlp_alpha_factor": 1.05, "mlp_beta_factor": 0.95, **over})
+    elif arch.startswith(("qwen3_5", "qwen3_next")):
+        # GDN: 2 key heads serve 6 value heads, key dim != value dim != attention head dim; two full-attention
+        # layers in a row in qwen3_5, the real 3:1 layout and a dense layer among MoE ones in qwen3_next
+        gdn = dict(linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=16,
+                   linear_value_head_dim=12, linear_conv_kernel_dim=4, head_dim=40)
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40)
+        if arch == "qwen3_next":
+            cfg = tf.Qwen3NextConfig(**{**COMMON, **gdn, **moe, "num_hidden_layers": 4, "mlp_only_layers": [1],
+                                        "layer_types": ["linear_attention"] * 3 + ["full_attention"], **over})
+        else:
+            types = ["linear_attention", "full_attention", "full_attention", "linear_attention"]
+            cls = tf.Qwen3_5MoeTextConfig if arch == "qwen3_5_moe" else tf.Qwen3_5TextConfig
+            cfg = cls(**{**COMMON, **gdn, **(moe if arch == "qwen3_5_moe" else {}), "num_hidden_layers": 4,
+                         "layer_types": types, **over})
     else:
         raise ValueError(arch)
     return cfg
