@@ -10,6 +10,7 @@ from server.config import EngineConfig
 from server.engine.context import StepPlan, build_forward_context
 from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
+from server.layers.gdn import GDNAttention, GDNStatePool
 from server.layers.lightning import LightningAttention, LightningStatePool
 from server.models.loader import build_model, resolve_dtype
 from server.sp.groups import ParallelState
@@ -37,6 +38,7 @@ class ModelRunner:
         self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.lightning_layers = [m for m in self.model.modules() if isinstance(m, LightningAttention)]
+        self.gdn_layers = [m for m in self.model.modules() if isinstance(m, GDNAttention)]
         self.num_slots = config.max_running_requests
 
     def cache_bytes_per_page(self) -> int:
@@ -44,7 +46,8 @@ class ModelRunner:
         return sum(2 * self.config.page_size * a.num_kv_heads * a.head_dim * itemsize for a in self.attn_layers)
 
     def state_bytes_per_slot(self) -> int:
-        return sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
+        gdn = sum(g.state_bytes(self.dtype) for g in self.gdn_layers)
+        return gdn + sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
 
     def head_dim_of(self, layer: LightningAttention) -> int:
         return self.model.cfg.get("head_dim") or self.model.cfg["hidden_size"] // self.model.cfg["num_attention_heads"]
@@ -75,6 +78,9 @@ class ModelRunner:
                                    self.device)
         for lt in self.lightning_layers:
             lt.pool = LightningStatePool(self.num_slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
+        for g in self.gdn_layers:
+            g.pool = GDNStatePool(self.num_slots, g.hv, g.dk, g.dv, g.conv_channels, g.conv_width, self.dtype,
+                                  self.device)
         log.info("rank %d: %d KV pages of %d tokens, %d state slots", self.pstate.rank, num_pages,
                  self.config.page_size, self.num_slots)
 
@@ -82,10 +88,10 @@ class ModelRunner:
         """Drop the model and caches so the device memory returns to the allocator's free pool."""
         for a in self.attn_layers:
             a.cache = None
-        for lt in self.lightning_layers:
+        for lt in self.lightning_layers + self.gdn_layers:
             lt.pool = None
         self.model = None
-        self.attn_layers, self.lightning_layers = [], []
+        self.attn_layers, self.lightning_layers, self.gdn_layers = [], [], []
         if self.device.type == "cuda":
             from server.kernels.paged_attention import release_wrappers
 

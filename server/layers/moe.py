@@ -1,4 +1,5 @@
-"""Sparse mixture of experts (top-k softmax routing, renormalized; as MiniMax/Mixtral) with TP-sharded experts.
+"""Sparse mixture of experts (top-k softmax routing, renormalized; as MiniMax/Mixtral) with TP-sharded experts,
+optionally beside a sigmoid-gated shared expert (Qwen3-Next, Qwen3.5-MoE).
 
 Every TP rank holds each expert's slice of the intermediate dimension (gate/up column-split, down row-split),
 so a token's expert output is a partial sum that the caller's row reduction completes.
@@ -22,11 +23,12 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, pstate: ParallelState,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, renormalize: bool = True):
         super().__init__()
         self.pstate = pstate
         self.num_experts = num_experts
         self.top_k = top_k
+        self.renormalize = renormalize
         self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
@@ -47,7 +49,7 @@ class FusedMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        return weights / weights.sum(-1, keepdim=True), experts
+        return (weights / weights.sum(-1, keepdim=True) if self.renormalize else weights), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
@@ -68,3 +70,35 @@ class FusedMoE(nn.Module):
             out.index_add_(0, idx, y)
             start += c
         return out
+
+
+class SharedExpertMoE(nn.Module):
+    """Routed experts plus an always-on shared expert scaled by ``sigmoid(x w_gate)``: x ``[T, hidden]`` -> partial
+    ``[T, hidden]`` (sum over TP = the output). The gate is a per-token scalar, replicated, so it can scale each
+    rank's partial shared-expert sum before the one reduction the caller does for both."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, shared_intermediate: int,
+                 pstate: ParallelState, dtype: torch.dtype | None = None, renormalize: bool = True):
+        super().__init__()
+        self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, pstate, dtype, renormalize)
+        self.shared_inter = divide(shared_intermediate, pstate.tp_size, "the shared expert intermediate size")
+        self.shared_w13 = nn.Parameter(torch.empty(2 * self.shared_inter, hidden, dtype=dtype), requires_grad=False)
+        self.shared_w2 = nn.Parameter(torch.empty(hidden, self.shared_inter, dtype=dtype), requires_grad=False)
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden, dtype=dtype), requires_grad=False)
+        self.pstate = pstate
+        self.shared_w13.weight_loader = self.shared_w13_loader
+        self.shared_w2.weight_loader = self.shared_w2_loader
+
+    def shared_w13_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+        n, s = self.shared_inter, self.pstate.tp_rank * self.shared_inter
+        copy_into(param.data[shard_id * n : (shard_id + 1) * n], as_tensor(loaded[s : s + n]),
+                  "the shared expert gate/up")
+
+    def shared_w2_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        s = self.pstate.tp_rank * self.shared_inter
+        copy_into(param, as_tensor(loaded[:, s : s + self.shared_inter]), "the shared expert down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.shared_w13)
+        shared = F.linear(F.silu(h[:, : self.shared_inter]) * h[:, self.shared_inter :], self.shared_w2)
+        return self.experts(x) + torch.sigmoid(F.linear(x, self.shared_gate)) * shared
