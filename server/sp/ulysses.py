@@ -143,9 +143,9 @@ def seq_to_heads(x: torch.Tensor, counts: list[int], group: dist.ProcessGroup | 
     group of one). Returns ``[sum(counts), H / U, *rest]``: heads ``[rank * H / U, (rank + 1) * H / U)`` of every
     rank's rows, in group-rank order, each rank's rows in its local order.
     """
+    if x.shape[1] % len(counts):
+        raise _heads_error("heads", x.shape[1], len(counts))
     u, rank = _group_size_and_rank(counts, group)
-    if x.shape[1] % u:
-        raise _heads_error("heads", x.shape[1], u)
     if x.shape[0] != counts[rank]:
         raise ValueError(f"rank {rank} of the Ulysses group has {x.shape[0]} rows but counts={counts}")
     if u == 1:
