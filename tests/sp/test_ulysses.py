@@ -60,6 +60,9 @@ ATTN_CASES = [
     AttnCase(n_new=41, n_prefix=13, hq=8, hk=2, d=8, seed=3, dtype=torch.bfloat16),
 ]
 
+# Shapes the fast GPU kernels take (half precision, head dim 128).
+GPU_ATTN_CASES = [AttnCase(n_new=301, n_prefix=77, hq=8, hk=2, d=128, seed=4, dtype=torch.bfloat16)]
+
 
 @dataclass
 class LightningCase:
@@ -74,6 +77,7 @@ LIGHTNING_CASES = [
     LightningCase(n=5, d=8, cached_prefix=True, seed=1),  # fewer tokens than 2P on sp = 4
     LightningCase(n=2 * (LIGHTNING_BLOCK + 3) + 5, d=8, cached_prefix=True, seed=2),  # chunks cross kernel blocks
 ]
+GPU_LIGHTNING_CASES = [LightningCase(n=1000, d=128, cached_prefix=True, seed=3)]
 
 
 def _runs(pieces: list[tuple[int, int]]) -> list[Run]:
@@ -98,7 +102,7 @@ def _check_mesh(pstate: ParallelState, mesh: UlyssesMesh) -> None:
     uly = [(g * u + i) * tp + t for i in range(u)]
     ring = [(i * u + j) * tp + t for i in range(pstate.sp_size // u)]
     assert list(mesh.ulysses_ranks) == uly and list(mesh.ring.sp_ranks) == ring
-    me = torch.tensor([[pstate.rank]])
+    me = torch.tensor([[pstate.rank]], device=pstate.device)
     assert gather_heads(me, mesh.ulysses_group).flatten().tolist() == uly
     assert [int(x) for x in mesh.ring.sp_all_gather(me)] == ring
 
@@ -111,7 +115,7 @@ def _check_repartition(pstate: ParallelState, mesh: UlyssesMesh) -> None:
 
     def rows_of_member(i: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
         g = torch.Generator().manual_seed(1000 * pstate.tp_rank + 10 * mesh.group_sp_ranks(mesh.ring_rank)[i] + heads)
-        return torch.randn(counts[i], heads, 3, generator=g).to(dtype)
+        return torch.randn(counts[i], heads, 3, generator=g).to(pstate.device, dtype)
 
     for dtype in (torch.float32, torch.bfloat16):
         h = 2 * u
@@ -172,14 +176,18 @@ def _check_attention(pstate: ParallelState, mesh: UlyssesMesh, case: AttnCase) -
     if case.n_prefix:
         prefix_runs = [_runs(pieces) for pieces in _spread(case.n_prefix, r_deg, g)]
         prefix_rows = runs_to_positions(prefix_runs[mesh.ring_rank], torch.device("cpu"))
-        prefix = HeadShardedKV(k[prefix_rows][:, mine], v[prefix_rows][:, mine], prefix_runs)
-    out = ulysses_attention(q[rows], k[rows], v[rows], runs_per_rank, scale, mesh, prefix, return_lse=True)
+        prefix = HeadShardedKV(k[prefix_rows][:, mine].to(pstate.device), v[prefix_rows][:, mine].to(pstate.device),
+                               prefix_runs)
+    dev = pstate.device
+    out = ulysses_attention(q[rows].to(dev), k[rows].to(dev), v[rows].to(dev), runs_per_rank, scale, mesh, prefix,
+                            return_lse=True)
+    out_o, out_lse, out_k, out_v = (t.cpu() for t in (out.o, out.lse, out.kv.k, out.kv.v))
 
     tol = FP32_TOL if case.dtype == torch.float32 else BF16_TOL
     msg = lambda m: f"rank {pstate.rank} {case}: {m}"  # noqa: E731
-    assert out.o.dtype == case.dtype and out.lse.dtype == torch.float32
-    torch.testing.assert_close(out.o.double(), ref_o[rows - case.n_prefix], **tol, msg=msg)
-    torch.testing.assert_close(out.lse.double(), ref_lse[rows - case.n_prefix], **tol, msg=msg)
+    assert out_o.dtype == case.dtype and out_lse.dtype == torch.float32
+    torch.testing.assert_close(out_o.double(), ref_o[rows - case.n_prefix], **tol, msg=msg)
+    torch.testing.assert_close(out_lse.double(), ref_lse[rows - case.n_prefix], **tol, msg=msg)
     # The new KV, head-sharded: this rank's KV heads of its ring group's tokens, in position order (two runs).
     for ring_idx, kv_runs in enumerate(out.kv.runs_per_ring):
         group_pos = torch.cat([runs_to_positions(runs_per_rank[s], torch.device("cpu"))
@@ -187,7 +195,7 @@ def _check_attention(pstate: ParallelState, mesh: UlyssesMesh, case: AttnCase) -
         assert torch.equal(runs_to_positions(kv_runs, torch.device("cpu")), group_pos.sort().values)
         assert len(kv_runs) <= 2 and [row for row, _, _ in kv_runs] == [0, *accumulate(n for _, n, _ in kv_runs)][:-1]
     kv_pos = runs_to_positions(out.kv.runs_per_ring[mesh.ring_rank], torch.device("cpu"))
-    assert torch.equal(out.kv.k, k[kv_pos][:, mine]) and torch.equal(out.kv.v, v[kv_pos][:, mine])
+    assert torch.equal(out_k, k[kv_pos][:, mine]) and torch.equal(out_v, v[kv_pos][:, mine])
 
 
 def _check_lightning(pstate: ParallelState, mesh: UlyssesMesh, case: LightningCase) -> None:
@@ -204,21 +212,23 @@ def _check_lightning(pstate: ParallelState, mesh: UlyssesMesh, case: LightningCa
     rows = torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)])
     chunk_lens = [e - s for s, e in zigzag_chunks(case.n, p)]
     for mode in LASP_MODES:
-        o, state = ulysses_lightning_prefill(q[rows][:, hs], k[rows][:, hs], v[rows][:, hs], SLOPES[hs], chunk_lens,
-                                             init[hu], mesh, mode=mode)
+        q_loc, k_loc, v_loc = (t[rows][:, hs].to(pstate.device) for t in (q, k, v))
+        o, state = ulysses_lightning_prefill(q_loc, k_loc, v_loc, SLOPES[hs].to(pstate.device), chunk_lens,
+                                             init[hu].to(pstate.device), mesh, mode=mode)
+        o, state = o.cpu(), state.cpu()
         msg = lambda m, mode=mode: f"rank {pstate.rank} {mode} {case}: {m}"  # noqa: E731
         assert o.dtype == torch.float32 and state.dtype == torch.float32
         torch.testing.assert_close(o.double(), ref_o[rows][:, hs], **FP32_TOL, msg=msg)
         torch.testing.assert_close(state.double(), ref_state[hu], **FP32_TOL, msg=msg)
 
 
-def _worker(pstate: ParallelState, ulysses_degree: int) -> None:
+def _worker(pstate: ParallelState, ulysses_degree: int, gpu_cases: bool = False) -> None:
     mesh = init_ulysses_mesh(pstate, ulysses_degree)
     _check_mesh(pstate, mesh)
     _check_repartition(pstate, mesh)
-    for case in ATTN_CASES:
+    for case in ATTN_CASES + (GPU_ATTN_CASES if gpu_cases else []):
         _check_attention(pstate, mesh, case)
-    for case in LIGHTNING_CASES:
+    for case in LIGHTNING_CASES + (GPU_LIGHTNING_CASES if gpu_cases else []):
         _check_lightning(pstate, mesh, case)
 
 
@@ -226,6 +236,12 @@ def _worker(pstate: ParallelState, ulysses_degree: int) -> None:
 @pytest.mark.parametrize(("sp", "ulysses_degree", "tp"), MESHES)
 def test_ulysses_matches_full_sequence_references(sp: int, ulysses_degree: int, tp: int) -> None:
     run_on_group(functools.partial(_worker, ulysses_degree=ulysses_degree), sp, tp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_ulysses_over_nccl() -> None:
+    run_on_group(functools.partial(_worker, ulysses_degree=2, gpu_cases=True), 2, 1, device_type="cuda")
 
 
 def test_single_rank_mesh_is_one_attention_call() -> None:
