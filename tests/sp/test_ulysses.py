@@ -23,6 +23,7 @@ from server.kernels.ops import LIGHTNING_BLOCK, Run, attention_runs, runs_to_pos
 from server.sp.groups import ParallelState
 from server.sp.lasp import LASP_MODES
 from server.sp.partition import zigzag_chunks, zigzag_partition
+from server.sp.ring_attention import merge_over_sp
 from server.sp.ulysses import (
     UlyssesMesh,
     gather_heads,
@@ -30,6 +31,7 @@ from server.sp.ulysses import (
     init_ulysses_mesh,
     qkv_seq_to_heads,
     seq_to_heads,
+    stack_runs,
     ulysses_kv_heads,
 )
 from server.sp.ulysses_attention import HeadShardedKV, ulysses_attention
@@ -196,6 +198,21 @@ def _check_attention(pstate: ParallelState, mesh: UlyssesMesh, case: AttnCase) -
         assert len(kv_runs) <= 2 and [row for row, _, _ in kv_runs] == [0, *accumulate(n for _, n, _ in kv_runs)][:-1]
     kv_pos = runs_to_positions(out.kv.runs_per_ring[mesh.ring_rank], torch.device("cpu"))
     assert torch.equal(out_k, k[kv_pos][:, mine]) and torch.equal(out_v, v[kv_pos][:, mine])
+    _check_decode(pstate, mesh, q, out.kv, prefix, scale, tol, ref_o[-3:], msg)
+
+
+def _check_decode(pstate, mesh, q, kv, prefix, scale, tol, ref_o, msg) -> None:
+    """Decode from the layout the prefill left: the last 3 positions' queries on every rank, this rank's query heads
+    against its KV (its heads, its ring group's tokens), merged over the ring group, heads gathered over Ulysses."""
+    h_u = q.shape[1] // mesh.ulysses_degree
+    q_dec = q[-3:, mesh.ulysses_rank * h_u : (mesh.ulysses_rank + 1) * h_u].to(pstate.device)
+    k_loc, v_loc, runs = kv.k, kv.v, kv.runs_per_ring[mesh.ring_rank]
+    if prefix is not None:
+        k_loc, v_loc = torch.cat([prefix.k, k_loc]), torch.cat([prefix.v, v_loc])
+        runs = stack_runs([prefix.runs_per_ring[mesh.ring_rank], runs])
+    o, lse = attention_runs(q_dec, k_loc, v_loc, [(0, 3, q.shape[0] - 3)], runs, scale)
+    o, _ = merge_over_sp(o, lse, mesh.ring)
+    torch.testing.assert_close(gather_heads(o, mesh.ulysses_group).cpu().double(), ref_o, **tol, msg=msg)
 
 
 def _check_lightning(pstate: ParallelState, mesh: UlyssesMesh, case: LightningCase) -> None:
