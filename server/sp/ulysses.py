@@ -74,25 +74,26 @@ def init_ulysses_mesh(pstate: ParallelState, ulysses_degree: int, timeout_s: flo
     timeout = datetime.timedelta(seconds=timeout_s)
     grid = torch.arange(p * tp).view(r, u, tp)  # [ring index, Ulysses index, tp_rank] -> global rank
 
-    def own_group(groups_ranks: list[list[int]]) -> tuple[dist.ProcessGroup | None, tuple[int, ...]]:
-        mine: tuple[dist.ProcessGroup | None, tuple[int, ...]] = (None, ())
-        for ranks in groups_ranks:
+    def new_groups(rows: list[list[int]]) -> dist.ProcessGroup | None:
+        """One group per row of ranks; returns the one holding this rank."""
+        mine = None
+        for ranks in rows:
             group = dist.new_group(ranks, timeout=timeout)
             if pstate.rank in ranks:
-                mine = (group, tuple(ranks))
+                mine = group
         return mine
 
-    uly_ranks = tuple(grid[ring_idx, :, pstate.tp_rank].tolist())
-    ring_ranks = tuple(grid[:, uly_idx, pstate.tp_rank].tolist())
     uly_group = ring_group = None
     if u == p:
         uly_group = pstate.sp_group
     elif u > 1:
-        uly_group, uly_ranks = own_group(grid.permute(0, 2, 1).reshape(-1, u).tolist())
+        uly_group = new_groups(grid.permute(0, 2, 1).reshape(-1, u).tolist())
     if u == 1:
         ring_group = pstate.sp_group
     elif r > 1:
-        ring_group, ring_ranks = own_group(grid.permute(1, 2, 0).reshape(-1, r).tolist())
+        ring_group = new_groups(grid.permute(1, 2, 0).reshape(-1, r).tolist())
+    uly_ranks = tuple(grid[ring_idx, :, pstate.tp_rank].tolist())
+    ring_ranks = tuple(grid[:, uly_idx, pstate.tp_rank].tolist())
     ring = dataclasses.replace(pstate, sp_size=r, sp_rank=ring_idx, sp_group=ring_group, sp_ranks=ring_ranks,
                                sp_cpu_group=pstate.sp_cpu_group if u == 1 else None)
     return UlyssesMesh(u, uly_idx, uly_group, uly_ranks, ring)
@@ -248,8 +249,8 @@ def rows_of(runs: list[Run], device: torch.device) -> torch.Tensor | None:
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """``x[index]`` (``x`` itself for the identity, None)."""
-    return x if index is None else x[index]
+    """``x[index]``, contiguous (no copy for the identity, None, if x is contiguous already)."""
+    return x.contiguous() if index is None else x[index]
 
 
 def put_rows(y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
