@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 
@@ -137,7 +138,9 @@ def _check_repartition(pstate: ParallelState, mesh: UlyssesMesh) -> None:
     assert torch.equal(v_h, 2 * k_h)
 
 
-def _attention_reference(q, k, v, q_pos, k_pos, scale):
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 softmax attention with the position mask, GQA by repeating KV heads; lse in base 2."""
     rep = q.shape[1] // k.shape[1]
     qd, kd, vd = (x.double().transpose(0, 1) for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
@@ -201,7 +204,10 @@ def _check_attention(pstate: ParallelState, mesh: UlyssesMesh, case: AttnCase) -
     _check_decode(pstate, mesh, q, out.kv, prefix, scale, tol, ref_o[-3:], msg)
 
 
-def _check_decode(pstate, mesh, q, kv, prefix, scale, tol, ref_o, msg) -> None:
+def _check_decode(
+    pstate: ParallelState, mesh: UlyssesMesh, q: torch.Tensor, kv: HeadShardedKV, prefix: HeadShardedKV | None,
+    scale: float, tol: dict[str, float], ref_o: torch.Tensor, msg: Callable[[str], str],
+) -> None:
     """Decode from the layout the prefill left: the last 3 positions' queries on every rank, this rank's query heads
     against its KV (its heads, its ring group's tokens), merged over the ring group, heads gathered over Ulysses."""
     h_u = q.shape[1] // mesh.ulysses_degree
