@@ -26,7 +26,6 @@ from server.kernels.lightning_ref import (
     lightning_state_correction_ref,
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
-from server.kernels.paged_attention import AttentionBatch, batch_attention_ref
 
 LIGHTNING_BLOCK = 64
 
@@ -67,35 +66,15 @@ def runs_to_positions(runs: list[Run], device: torch.device) -> torch.Tensor:
 def attention_runs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)``.
+    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)`` (the reference; backends
+    bring their own, see :meth:`server.backends.attention.AttentionBackend.attention_runs`).
 
     q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (GQA: ``Hq % Hk == 0``). Returns ``o [Nq, Hq, D]`` (q's dtype) and
     ``lse [Nq, Hq]`` fp32 in base 2 (-inf for rows that see no key).
     """
-    if _fast(q):
-        from server.kernels.flashinfer_attention import attention_runs_flashinfer, flashinfer_supports
-
-        if flashinfer_supports(q, k):
-            return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale)
     q_pos = runs_to_positions(q_runs, q.device)
     k_pos = runs_to_positions(k_runs, q.device)
     return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
-
-
-def batch_attention(
-    batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's batch of local attention entries (see :mod:`server.kernels.paged_attention`): q ``[rows, Hq, D]``
-    of the batch, k/v the same rows (read by ``ragged`` batches only), the layer's page caches. Returns ``(o, lse)``
-    like :func:`attention_runs`."""
-    if _fast(q):
-        from server.kernels.flashinfer_attention import flashinfer_supports
-        from server.kernels.paged_attention import batch_attention_flashinfer
-
-        if flashinfer_supports(q, k_cache[0]):  # [page_size, Hk, D]
-            return batch_attention_flashinfer(batch, q, k, v, k_cache, v_cache, scale)
-    return batch_attention_ref(batch, q, k, v, k_cache, v_cache, scale)
 
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):

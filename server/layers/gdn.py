@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.context import ForwardContext
+from server.forward.context import ForwardContext
 from server.kernels import ops
 from server.layers.linear import as_tensor, copy_into
 from server.sp.gdn_sp import conv_halo_exchange, gdn_sp_prefill
@@ -76,33 +76,29 @@ class GDNAttention(nn.Module):
                 x[:, 2 * qk :].reshape(-1, self.hv, self.dv))
 
     def forward(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        pool, w, ps = self.pool, self.conv_weight, ctx.pstate
-        if ctx.zero_slots is not None:
-            pool.states[ctx.zero_slots] = 0
-            pool.conv[ctx.zero_slots] = 0
+        meta, pool, w, ps = ctx.linear, self.pool, self.conv_weight, ctx.pstate
+        if meta.zero_slots is not None:
+            pool.states[meta.zero_slots] = 0
+            pool.conv[meta.zero_slots] = 0
         out = mixed.new_zeros(mixed.shape[0], self.hv, self.dv)
-        split = [s for s in ctx.seqs if s.step.split and ps.sp_size > 1]
-        local = [s for s in ctx.seqs if not (s.step.split and ps.sp_size > 1) and s.num_rows > 0]
-        for seq in split:
-            rows = slice(seq.row_start, seq.row_start + seq.num_rows)
-            slot = seq.step.slot
-            halos, conv_final = conv_halo_exchange(mixed[rows], seq.chunks, seq.chunk_lens, pool.conv[slot], ps)
-            cu = torch.tensor([0] + [row + n for row, n, _ in seq.chunks], device=mixed.device)
+        for e in meta.split:
+            rows = slice(e.row_start, e.row_start + e.num_rows)
+            halos, conv_final = conv_halo_exchange(mixed[rows], e.chunks, e.chunk_lens, pool.conv[e.slot], ps)
+            cu = torch.tensor([0] + [row + n for row, n, _ in e.chunks], device=mixed.device)
             conv_out, _ = ops.causal_conv1d_prefill(mixed[rows], w, None, cu, halos)
-            o, final = gdn_sp_prefill(*self._qkv(conv_out), g[rows], beta[rows], seq.chunks, seq.chunk_lens,
-                                      pool.states[slot], ps, mode=ctx.lasp_mode)
+            o, final = gdn_sp_prefill(*self._qkv(conv_out), g[rows], beta[rows], e.chunks, e.chunk_lens,
+                                      pool.states[e.slot], ps, mode=meta.mode)
             out[rows] = o
-            pool.states[slot], pool.conv[slot] = final, conv_final
-        if not local:
+            pool.states[e.slot], pool.conv[e.slot] = final, conv_final
+        if meta.local_rows is None:
             return out
-        rows = torch.cat([torch.arange(s.row_start, s.row_start + s.num_rows) for s in local]).to(mixed.device)
-        slots = torch.tensor([s.step.slot for s in local], device=mixed.device)
-        if all(s.num_rows == 1 for s in local):
+        rows, slots = meta.local_rows, meta.local_slots
+        if meta.all_decode:
             q, k, v = self._qkv(ops.causal_conv1d_decode(mixed[rows], w, None, pool.conv, slots))
             out[rows] = ops.gdn_decode(q, k, v, g[rows], beta[rows], pool.states, slots)
             return out
-        cu = torch.tensor([0] + [s.num_rows for s in local]).cumsum(0).to(mixed.device)
-        conv_out, pool.conv[slots] = ops.causal_conv1d_prefill(mixed[rows], w, None, cu, pool.conv[slots])
-        o, pool.states[slots] = ops.gdn_prefill(*self._qkv(conv_out), g[rows], beta[rows], cu, pool.states[slots])
+        conv_out, pool.conv[slots] = ops.causal_conv1d_prefill(mixed[rows], w, None, meta.local_cu, pool.conv[slots])
+        o, pool.states[slots] = ops.gdn_prefill(*self._qkv(conv_out), g[rows], beta[rows], meta.local_cu,
+                                                pool.states[slots])
         out[rows] = o
         return out

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.context import ForwardContext
+from server.forward.context import ForwardContext
 from server.layers.attention import Attention
 from server.layers.gdn import GDNAttention
 from server.layers.linear import (
