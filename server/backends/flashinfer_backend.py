@@ -87,12 +87,12 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
         """Backends for CUDA-graph decode steps, one per batch-size bucket: each runs its decode batch on a wrapper
-        over fixed index buffers (shared by the buckets, the indices sized for every page of the pool)."""
+        over fixed index buffers (shared by the buckets; ``max_pages``: the longest page table of a request)."""
         dev = self.pstate.device
         top = max(buckets)
         indptr_buf = torch.zeros(top + 1, dtype=torch.int32, device=dev)
         last_buf = torch.zeros(top, dtype=torch.int32, device=dev)
-        indices_buf = torch.zeros(max_pages, dtype=torch.int32, device=dev)
+        indices_buf = torch.zeros(top * max_pages, dtype=torch.int32, device=dev)
         out = {}
         for bs in buckets:
             w = self.fi.BatchDecodeWithPagedKVCacheWrapper(

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from server.backends.attention import AttentionBackend, AttentionBatch
@@ -57,3 +59,45 @@ class TorchAttentionBackend(AttentionBackend):
 
     def attention_runs(self, q, k, v, q_runs, k_runs, scale):
         return ops.attention_runs(q, k, v, q_runs, k_runs, scale)
+
+    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
+        """Backends for CUDA-graph decode steps, one per bucket (``max_pages``: the longest page table)."""
+        return {bs: TorchGraphDecode(self, bs, max_pages) for bs in buckets}
+
+
+class TorchGraphDecode(AttentionBackend):
+    """Decode batches of one CUDA-graph bucket on the reference, over static device buffers: every row's page
+    table (padded to ``max_pages``) and KV length. Planning copies them in; the attention itself has no host work,
+    so it can be captured (fp32 models on a GPU, and the graph form on any device)."""
+
+    name = "torch-graph"
+
+    def __init__(self, parent: TorchAttentionBackend, bucket: int, max_pages: int):
+        super().__init__(parent.pstate, parent.page_size)
+        dev = parent.pstate.device
+        self.pages = torch.zeros(bucket, max_pages, dtype=torch.long, device=dev)
+        self.kv_lens = torch.ones(bucket, dtype=torch.long, device=dev)
+
+    def plan_batches(self, batches: list[AttentionBatch]) -> None:
+        if [b.kind for b in batches] != ["decode"] or len(batches[0].q_lens) != self.pages.shape[0]:
+            raise ValueError(f"a CUDA-graph step runs one decode batch of {self.pages.shape[0]} rows")
+        b = batches[0]
+        table = torch.zeros(self.pages.shape, dtype=torch.long)
+        ptr = b.kv_indptr.tolist()
+        for i in range(len(b.q_lens)):
+            table[i, : ptr[i + 1] - ptr[i]] = b.kv_indices[ptr[i] : ptr[i + 1]]
+        self.pages.copy_(table)
+        self.kv_lens.copy_(torch.tensor(b.kv_lens))
+
+    def run_batch(self, batch, q, k, v, cache, scale):
+        b, hq, d = q.shape
+        hk, page = cache.k.shape[2], self.page_size
+        slots = (self.pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
+        ks = cache.k.flatten(0, 1)[slots].float()  # [B, L, Hk, D]
+        vs = cache.v.flatten(0, 1)[slots].float()
+        s = torch.einsum("bhrd,blhd->bhrl", q.float().view(b, hk, hq // hk, d), ks) * scale
+        visible = torch.arange(slots.shape[1], device=q.device)[None, :] < self.kv_lens[:, None]  # [B, L]
+        s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("bhrl,blhd->bhrd", torch.exp(s - lse[..., None]), vs)
+        return o.reshape(b, hq, vs.shape[-1]).to(q.dtype), (lse / math.log(2)).reshape(b, hq)

@@ -61,10 +61,10 @@ class DecodeGraphs:
         self.slots = torch.full((top,), runner.scratch_slot, dtype=torch.long, device=dev)
         self.merge = torch.zeros(top, dtype=torch.bool, device=dev)
         self.cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self.backends = (runner.backend.graph_decode(self.buckets, runner.num_pages) if capture
-                         else dict.fromkeys(self.buckets, runner.backend))
+        self.backends = runner.backend.graph_decode(self.buckets, runner.table.page_table.shape[1])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.steps = 0  # decode steps run in the graph form
         if capture:
             self._capture_all()
 
@@ -107,6 +107,7 @@ class DecodeGraphs:
         if rows is None:
             return None
         batches = self._load(rows, bs)
+        self.steps += 1
         if self.capture:
             self.graphs[bs].replay()
             return self.outputs[bs], rows
