@@ -28,6 +28,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from server.forward.context import AttentionStepMeta, LocalEntry
@@ -76,7 +77,7 @@ class AttentionBatch:
     kind: str
     page_size: int
     q_lens: list[int]
-    rows: torch.Tensor  # [sum(q_lens)] long, on the device
+    rows: torch.Tensor | None  # [sum(q_lens)] long, on the device (None when row_range covers them)
     row_range: tuple[int, int] | None  # (start, end) when rows are one contiguous range
     qo_indptr: torch.Tensor  # int32, host
     kv_indptr: torch.Tensor  # int32, host: pages (ragged: rows) per entry
@@ -142,6 +143,18 @@ def make_batch(kind: str, page_size: int, entries: list[LocalEntry], device: tor
         row_range=(rows[0], rows[0] + len(rows)) if contiguous else None,
         qo_indptr=indptr(q_lens), kv_indptr=indptr(n_pages), kv_indices=pages,
         last_page_len=_int32(last), kv_lens=kv_lens, gather_slots=gather_slots,
+    )
+
+
+def decode_batch(page_size: int, kv_indptr: np.ndarray, kv_indices: np.ndarray, last_page_len: np.ndarray,
+                 kv_lens: np.ndarray) -> AttentionBatch:
+    """The ``decode`` batch of rows ``0..len(kv_lens)-1`` straight from its page CSR arrays (a graph step's)."""
+    n = len(kv_lens)
+    return AttentionBatch(
+        kind="decode", page_size=page_size, q_lens=[1] * n, rows=None, row_range=(0, n),
+        qo_indptr=torch.arange(n + 1, dtype=torch.int32), kv_indptr=torch.from_numpy(kv_indptr),
+        kv_indices=torch.from_numpy(kv_indices), last_page_len=torch.from_numpy(last_page_len),
+        kv_lens=kv_lens.tolist(),
     )
 
 
@@ -219,6 +232,6 @@ class StepAttention:
             out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
             merged, _ = merge_over_sp(out, lse, ps)
-            out = torch.where(meta.merge_mask[:, None, None], merged, out)
+            out = torch.where(meta.merge_mask[:, None, None] != 0, merged, out)
         return out
 

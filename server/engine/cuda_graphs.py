@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
-from server.backends.attention import StepAttention, sort_into_batches
-from server.engine.step_builder import StepRows, build_padded_decode_rows, rank_row_count
-from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta, LocalEntry
+from server.backends.attention import StepAttention, decode_batch
+from server.engine.step_builder import INPUT_ROWS, PaddedDecode, build_padded_decode, rank_row_count
+from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
 from server.forward.plan import StepPlan
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,12 @@ class DecodeGraphs:
         dev = runner.device
         self.buckets = bucket_sizes(min(runner.config.cuda_graph_max_bs, runner.num_slots))
         top = self.buckets[-1]
-        self.ids = torch.zeros(top, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(top, dtype=torch.long, device=dev)
-        self.write_rows = torch.arange(top, device=dev)
-        self.write_slots = torch.zeros(top, dtype=torch.long, device=dev)
-        self.slots = torch.full((top,), runner.scratch_slot, dtype=torch.long, device=dev)
-        self.merge = torch.zeros(top, dtype=torch.bool, device=dev)
+        # One static block of per-row inputs (token ids, positions, KV write slots, state slots, merge flags), filled
+        # by one host-to-device copy per step from a pinned staging block.
+        self.inputs = torch.zeros(INPUT_ROWS, top, dtype=torch.long, device=dev)
+        self.inputs[3] = runner.scratch_slot
+        self.staging = torch.zeros(INPUT_ROWS, top, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.rows = torch.arange(top, device=dev)
         self.cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
         self.backends = runner.backend.graph_decode(self.buckets, runner.table.page_table.shape[1])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -75,54 +76,53 @@ class DecodeGraphs:
 
     def _context(self, bs: int, batches) -> ForwardContext:
         r = self.runner
-        meta = AttentionStepMeta(write_rows=self.write_rows[:bs], write_slots=self.write_slots[:bs],
-                                 merge_mask=self.merge[:bs] if r.pstate.sp_size > 1 else None)
+        meta = AttentionStepMeta(write_rows=self.rows[:bs], write_slots=self.inputs[2, :bs],
+                                 merge_mask=self.inputs[4, :bs] if r.pstate.sp_size > 1 else None)
         attention = StepAttention(self.backends[bs], meta, batches) if r.attn_layers else None
-        linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.write_rows[:bs], local_slots=self.slots[:bs],
+        linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.rows[:bs], local_slots=self.inputs[3, :bs],
                                 local_cu=self.cu[: bs + 1], all_decode=True, mode=r.config.lasp_mode)
-        return ForwardContext(r.pstate, self.ids[:bs], self.pos[:bs], bs, False, attention, linear)
+        return ForwardContext(r.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear)
 
-    def _load(self, rows: StepRows, bs: int) -> list:
+    def _load(self, step: PaddedDecode, bs: int) -> list:
         """Copy a padded step into the static buffers and plan its attention; the step's batches."""
-        self.ids[:bs].copy_(rows.input_ids)
-        self.pos[:bs].copy_(rows.positions)
-        self.write_slots[:bs].copy_(rows.attention.write_slots)
-        self.slots[:bs].copy_(rows.linear.local_slots)
-        if rows.attention.merge_mask is not None:
-            self.merge[:bs].copy_(rows.attention.merge_mask)
+        self.staging[:, :bs].numpy()[:] = step.inputs
+        self.inputs[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
         if not self.runner.attn_layers:
             return []
-        batches = sort_into_batches(rows.attention.local, self.runner.config.page_size, self.runner.device)
-        self.backends[bs].plan_batches(batches)
-        return batches
+        batch = decode_batch(self.runner.config.page_size, step.kv_indptr, step.kv_indices, step.last_page_len,
+                             step.kv_lens)
+        self.backends[bs].plan_batches([batch])
+        return [batch]
 
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, StepRows] | None:
-        """The step's hidden states ``[bucket, hidden]`` (real rows first) and its rows; None when the step does not
-        fit a bucket, or a row has no KV on this rank (it runs eagerly then)."""
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, PaddedDecode] | None:
+        """The step's hidden states ``[bucket, hidden]`` (real rows first) and its padded form; None when the step
+        does not fit a bucket, or a row has no KV on this rank (it runs eagerly then)."""
         r = self.runner
         bs = self.bucket_for(plan)
         if bs is None:
             return None
-        rows = build_padded_decode_rows(plan, r.table, r.pstate, bs, r.scratch_slot, r.config.lasp_mode)
-        if rows is None:
+        step = build_padded_decode(plan, r.table, r.pstate, bs, r.scratch_slot)
+        if step is None:
             return None
-        batches = self._load(rows, bs)
+        batches = self._load(step, bs)
         self.steps += 1
         if self.capture:
             self.graphs[bs].replay()
-            return self.outputs[bs], rows
-        return r.model(self._context(bs, batches)), rows
+            return self.outputs[bs], step
+        return r.model(self._context(bs, batches)), step
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         r = self.runner
         start = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
+        page = r.config.page_size
         for bs in reversed(self.buckets):  # the largest first: the smaller ones reuse its memory
-            entries = [LocalEntry(i, 1, [0], 1, False) for i in range(bs)]
             batches = []
-            if r.attn_layers:
-                batches = sort_into_batches(entries, r.config.page_size, r.device)
+            if r.attn_layers:  # every row on the scratch page
+                ones = np.ones(bs, dtype=np.int64)
+                batches = [decode_batch(page, np.arange(bs + 1, dtype=np.int32), np.zeros(bs, dtype=np.int32),
+                                        ones.astype(np.int32), ones)]
                 self.backends[bs].plan_batches(batches)
             ctx = self._context(bs, batches)
             stream = torch.cuda.Stream(r.device)
@@ -138,4 +138,3 @@ class DecodeGraphs:
         torch.cuda.synchronize(r.device)
         log.info("rank %d: captured %d decode CUDA graphs (batch sizes %s) in %.1f s", r.pstate.rank,
                  len(self.buckets), ",".join(map(str, self.buckets)), time.monotonic() - start)
-

@@ -144,8 +144,8 @@ class ModelRunner:
         if self.graphs is not None and plan.is_decode:
             out = self.graphs.run(plan)
             if out is not None:
-                hidden, rows = out
-                return self._sampled_logits(hidden, rows.chunks)
+                hidden, step = out
+                return self._sampled_logits(hidden, step.chunks)
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode)
         ctx = self.context(rows)
         hidden = self.model(ctx)
@@ -168,7 +168,10 @@ class ModelRunner:
             return None
         counts = [sum(1 for lc in sampled if lc.chunk.holder == r) for r in range(ps.sp_size)]
         mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.holder == ps.sp_rank]
-        rows = hidden[torch.tensor(mine, dtype=torch.long).to(hidden.device)]
+        if mine == list(range(len(mine))):  # decode: the first rows, in order
+            rows = hidden[: len(mine)]
+        else:
+            rows = hidden[torch.tensor(mine, dtype=torch.long).to(hidden.device)]
         if any(counts[1:]):
             padded = torch.zeros(max(counts), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
             padded[: len(mine)] = rows

@@ -150,7 +150,7 @@ class Scheduler:
         total = sum(c.num_new for c in chunks)
         seq_sharded = (self.config.seq_parallel_tp and self.config.tp_size > 1
                        and total >= self.config.sp_min_tokens)
-        token_ids = [t for c, s in zip(chunks, seqs) for t in s.all_ids[c.start : c.start + c.num_new]]
+        token_ids = [t for c, s in zip(chunks, seqs) for t in s.token_ids(c.start, c.num_new)]
         if not chunks:  # an empty plan is not sent: the changes wait for the next one
             return StepPlan(seq_sharded=seq_sharded), seqs
         plan = StepPlan(chunks, token_ids, self._started, self._finished, seq_sharded)

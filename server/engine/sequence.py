@@ -39,9 +39,12 @@ class Sequence:
         self.kv_runs = [[] for _ in range(self.sp_size)]
         self.pages = [[] for _ in range(self.sp_size)]
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """Tokens ``start..start+n-1`` of prompt + output, without concatenating the two (prompts can be long)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : start - p + n]
+        return self.prompt_ids[start : start + n] + self.output_ids[: max(0, start + n - p)]
 
     @property
     def num_tokens(self) -> int:

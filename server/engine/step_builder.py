@@ -164,49 +164,59 @@ def _linear_meta(plan: StepPlan, local: list[LocalChunk], table: RequestTable, p
     )
 
 
-def build_padded_decode_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, bucket: int,
-                             scratch_slot: int, lasp_mode: str = "ring") -> StepRows | None:
-    """A decode step (:attr:`StepPlan.is_decode`) padded to ``bucket`` rows, the shape of a CUDA-graph step:
-    every row writes its K/V (rows this rank does not store write to the scratch page 0), padded rows attend to
-    the scratch page and use state slot ``scratch_slot``, and the SP merge runs over all rows and is kept where
-    ``merge_mask`` is set. None if a row has no KV on this rank (the eager path handles that step)."""
-    dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
-    local = [LocalChunk(plan.chunks[i], i, 0, 0, []) for i in row_order(plan)]
-    ids = np.zeros(bucket, dtype=np.int64)
-    pos = np.zeros(bucket, dtype=np.int64)
-    write_slots = np.zeros(bucket, dtype=np.int64)  # 0: the scratch page's first slot
-    slots = np.full(bucket, scratch_slot, dtype=np.int64)
-    merge = np.zeros(bucket, dtype=bool)
-    entries = [LocalEntry(row, 1, [0], 1, False) for row in range(bucket)]
+@dataclass
+class PaddedDecode:
+    """A decode step padded to ``bucket`` rows, as host arrays: what a CUDA-graph step copies into its static buffers
+    (one pinned host-to-device copy of ``inputs``) and the decode batch's page CSR arrays for the backend's plan."""
+
+    chunks: list[LocalChunk]  # in row order; real rows first
+    num_rows: int
+    inputs: np.ndarray  # [INPUT_ROWS, bucket] int64: token ids, positions, KV write slots, state slots, merge flags
+    kv_indptr: np.ndarray  # [bucket + 1] int32
+    kv_indices: np.ndarray  # int32
+    last_page_len: np.ndarray  # [bucket] int32
+    kv_lens: np.ndarray  # [bucket] int64
+
+
+INPUT_ROWS = 5  # ids, positions, write slots, state slots, merge flags
+
+
+def build_padded_decode(plan: StepPlan, table: RequestTable, pstate: ParallelState, bucket: int,
+                        scratch_slot: int) -> PaddedDecode | None:
+    """A decode step (:attr:`StepPlan.is_decode`) padded to ``bucket`` rows, the shape of a CUDA-graph step: every row
+    writes its K/V (rows this rank does not store write to slot 0 of the scratch page 0), padded rows attend to the
+    scratch page and use state slot ``scratch_slot``, and the SP merge runs over all rows and is kept where the merge
+    flag is set. None if a row has no KV on this rank (the eager path handles that step)."""
+    p, r, page = pstate.sp_size, pstate.sp_rank, table.page_size
+    inputs = np.zeros((INPUT_ROWS, bucket), dtype=np.int64)
+    inputs[3] = scratch_slot
+    kv_lens = np.ones(bucket, dtype=np.int64)
+    tables: list[np.ndarray] = []
+    local: list[LocalChunk] = []
     row = 0
-    for lc in local:
-        c = lc.chunk
-        lc.pieces = computed_pieces(c, p, r)
-        if not lc.pieces:
+    for i in row_order(plan):
+        c = plan.chunks[i]
+        pieces = computed_pieces(c, p, r)
+        local.append(LocalChunk(c, i, row, len(pieces), pieces))
+        if not pieces:
             continue
         st = table.requests[c.req]
         kv_len = st.shard_lens[r]
         if kv_len == 0:
             return None
-        lc.row_start, lc.num_rows = row, 1
-        ids[row], pos[row], slots[row] = plan.token_ids[lc.index], c.start, st.slot
-        stores = bool(stored_pieces(c, p, r))
-        if stores:
-            write_slots[row] = table.slots_of(c.req, np.array([kv_len - 1]))[0]
-        merge[row] = c.placement == Placement.REPLICATED and p > 1
-        entries[row] = LocalEntry(row, 1, table.pages(c.req).tolist(), kv_len, stores)
+        pages = table.pages(c.req)
+        inputs[:, row] = (plan.token_ids[i], c.start, 0, st.slot, c.placement == Placement.REPLICATED and p > 1)
+        if stored_pieces(c, p, r):  # the new token is the last row of this rank's shard
+            inputs[2, row] = int(pages[(kv_len - 1) // page]) * page + (kv_len - 1) % page
+        kv_lens[row] = kv_len
+        tables.append(pages[: -(-kv_len // page)])
         row += 1
-    arange = np.arange(bucket)
-    return StepRows(
-        chunks=local,
-        input_ids=_tensor(ids, torch.long, dev),
-        positions=_tensor(pos, torch.long, dev),
-        num_rows=row,
-        attention=AttentionStepMeta(write_rows=_tensor(arange, torch.long, dev),
-                                    write_slots=_tensor(write_slots, torch.long, dev), local=entries,
-                                    merge_mask=_tensor(merge, torch.bool, dev) if p > 1 else None),
-        linear=LinearStepMeta(zero_slots=None, split=[], local_rows=_tensor(arange, torch.long, dev),
-                              local_slots=_tensor(slots, torch.long, dev),
-                              local_cu=_tensor(np.arange(bucket + 1), torch.int32, dev), all_decode=True,
-                              mode=lasp_mode),
+    n_pages = np.ones(bucket, dtype=np.int64)
+    n_pages[:row] = [len(t) for t in tables]
+    return PaddedDecode(
+        chunks=local, num_rows=row, inputs=inputs,
+        kv_indptr=np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32),
+        kv_indices=np.concatenate([*tables, np.zeros(bucket - row, dtype=np.int32)]).astype(np.int32),
+        last_page_len=(kv_lens - (n_pages - 1) * page).astype(np.int32),
+        kv_lens=kv_lens,
     )

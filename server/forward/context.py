@@ -50,7 +50,7 @@ class AttentionStepMeta:
     ring: list[RingEntry] = field(default_factory=list)
     local: list[LocalEntry] = field(default_factory=list)
     # Rows whose partial results are merged over SP by LSE (replicated queries over SP-sharded KV). Eager steps:
-    # the rows, in the same request order on every SP rank. Graph steps: a mask over all rows (merge_mask).
+    # the rows, in the same request order on every SP rank. Graph steps: a 0/1 flag per row (merge_mask).
     merge_rows: torch.Tensor | None = None
     merge_mask: torch.Tensor | None = None
     ring_mode: str = "ring"

@@ -16,13 +16,13 @@ import math
 import pytest
 import torch
 
-from server.backends.attention import GATHER_MIN_ROWS, sort_into_batches
+from server.backends.attention import GATHER_MIN_ROWS, decode_batch, sort_into_batches
 from server.backends.torch_backend import batch_attention_ref
 from server.config import EngineConfig
 from server.engine.request_table import RequestTable
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.engine.step_builder import build_padded_decode_rows, build_step_rows
+from server.engine.step_builder import build_padded_decode, build_step_rows
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.merge_state_ref import merge_states_ref
 from server.sampling_params import SamplingParams
@@ -45,27 +45,42 @@ def expected_row(q: torch.Tensor, rid: str, pos: int) -> torch.Tensor:
 SLOTS = 16
 
 
-def _rank_step(rows, table, kc, vc, kinds: set[str]):
-    """One rank's local attention of a step on the reference: (row ids, q, out, lse, ring rows, merge rows)."""
+def _eager_view(rows):
+    """(row ids, write rows, write slots, batches, ring rows, merge rows) of an eager step."""
     meta = rows.attention
     pos = rows.positions.tolist()
     ids = [(f"r{lc.chunk.req}", pos[lc.row_start + i]) for lc in rows.chunks for i in range(lc.num_rows)]
-    ids += [("pad", 0)] * (rows.input_ids.shape[0] - len(ids))
+    ring = {i for e in meta.ring for i in range(e.row_start, e.row_start + e.num_rows)}
+    merge = meta.merge_rows if meta.merge_rows is not None else torch.zeros(0, dtype=torch.long)
+    return (ids, meta.write_rows, meta.write_slots, sort_into_batches(meta.local, PAGE, torch.device("cpu")), ring,
+            merge)
+
+
+def _graph_view(step):
+    """The same for a padded graph step: every row writes, one decode batch, the merge by flag."""
+    n, bucket = step.num_rows, step.inputs.shape[1]
+    ids = [(f"r{lc.chunk.req}", int(step.inputs[1, lc.row_start])) for lc in step.chunks if lc.num_rows]
+    ids += [("pad", 0)] * (bucket - n)
+    batch = decode_batch(PAGE, step.kv_indptr, step.kv_indices, step.last_page_len, step.kv_lens)
+    return (ids, torch.arange(bucket), torch.from_numpy(step.inputs[2]), [batch], set(),
+            torch.nonzero(torch.from_numpy(step.inputs[4])).flatten())
+
+
+def _rank_step(view, kc, vc, kinds: set[str]):
+    """One rank's local attention of a step on the reference: (row ids, q, out, lse, ring rows, merge rows)."""
+    ids, write_rows, write_slots, batches, ring, merge = view
     q, k, v = (torch.stack([vec(n, *rp) for rp in ids]) if ids else torch.zeros(0, H, D) for n in "qkv")
-    if meta.write_rows is not None:
-        kc.flatten(0, 1)[meta.write_slots] = k[meta.write_rows]
-        vc.flatten(0, 1)[meta.write_slots] = v[meta.write_rows]
+    if write_rows is not None:
+        kc.flatten(0, 1)[write_slots] = k[write_rows]
+        vc.flatten(0, 1)[write_slots] = v[write_rows]
     out, lse = torch.zeros_like(q), torch.full(q.shape[:2], -math.inf)
-    for b in sort_into_batches(meta.local, PAGE, torch.device("cpu")):
+    for b in batches:
         kinds.add(b.kind)
         if b.gathered:
             assert min(b.q_lens) >= GATHER_MIN_ROWS
-        out[b.rows], lse[b.rows] = batch_attention_ref(b, b.take(q), b.take(k), b.take(v), kc, vc, SCALE)
-    ring = {i for e in meta.ring for i in range(e.row_start, e.row_start + e.num_rows)}
-    if meta.merge_mask is not None:
-        merge = torch.nonzero(meta.merge_mask).flatten()
-    else:
-        merge = meta.merge_rows if meta.merge_rows is not None else torch.zeros(0, dtype=torch.long)
+        o_b, lse_b = batch_attention_ref(b, b.take(q), b.take(k), b.take(v), kc, vc, SCALE)
+        b.put(out, o_b)
+        b.put(lse, lse_b)
     return ids, q, out, lse, ring, merge
 
 
@@ -103,13 +118,13 @@ def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: i
             t.apply(plan)
         if plan.is_decode:  # the graph form first: it must leave the caches exactly as the eager form does
             bucket = max(8, len(plan.chunks))
-            padded = [build_padded_decode_rows(plan, t, ps, bucket, SLOTS) for t, ps in zip(tables, pstates)]
+            padded = [build_padded_decode(plan, t, ps, bucket, SLOTS) for t, ps in zip(tables, pstates)]
             saved = [(kc.clone(), vc.clone()) for kc, vc in caches]
-            _check_step([_rank_step(rows, t, *c, kinds) for rows, t, c in zip(padded, tables, caches)])
+            _check_step([_rank_step(_graph_view(step), *c, kinds) for step, c in zip(padded, caches)])
             for (kc, vc), (k0, v0) in zip(caches, saved):
                 kc[1:], vc[1:] = k0[1:], v0[1:]  # undo the writes (page 0 is the scratch page)
         steps = [build_step_rows(plan, t, ps) for t, ps in zip(tables, pstates)]
-        _check_step([_rank_step(rows, t, *c, kinds) for rows, t, c in zip(steps, tables, caches)])
+        _check_step([_rank_step(_eager_view(rows), *c, kinds) for rows, c in zip(steps, caches)])
         sched.advance(seqs, plan)
         for q, c in zip(seqs, plan.chunks):
             if c.sample:
