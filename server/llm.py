@@ -25,6 +25,7 @@ class CompletionOutput:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     ttft_s: float | None = None
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
     def __str__(self) -> str:
         return f"{self.prompt or ''}{self.text}"
@@ -98,6 +99,7 @@ class LLM:
                 p.out.token_ids.extend(o.new_token_ids)
                 if o.ttft_s is not None:
                     p.out.ttft_s = o.ttft_s
+                p.out.cached_tokens = max(p.out.cached_tokens, o.cached_tokens)
                 if o.new_logprobs and p.out.logprobs is not None:
                     p.out.logprobs.extend(o.new_logprobs)
                 if p.detok is not None and not p.detok.stopped:

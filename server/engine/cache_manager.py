@@ -1,12 +1,18 @@
-"""Bookkeeping of KV pages (per SP rank) and state slots, kept by the scheduler on rank 0.
+"""Bookkeeping of KV pages (per SP rank), state slots and the prefix cache, kept by the scheduler on rank 0.
 
 Workers hold the tensors and a mirror of each request's pages (:mod:`server.engine.request_table`); the
 scheduler decides which pages and slots each request uses and sends only the pages it appends. TP ranks of one
 SP rank share its page numbering (each stores its own KV heads). Page 0 of every rank and the state slot
-``num_slots`` are scratch space that padded rows of a CUDA-graph step write to; they are never handed out.
+``num_slots`` are scratch space that padded rows of a CUDA-graph step write to; they are never handed out. State
+slots above it hold the prefix cache's snapshots.
 
-Admission reserves a request's worst case on every SP rank it will use, so a running request never waits for
-memory and nothing is half-run:
+Pages carry reference counts: the request that wrote a page, later requests that share it as a cached prefix,
+and the prefix cache's entries (:mod:`server.engine.prefix_cache`). A request that ends leaves its pages to the
+cache, which frees them when it evicts the entry; a page is free when nothing holds it.
+
+Admission reserves a request's worst case of new pages on every SP rank it will use, so a running request never
+waits for memory and nothing is half-run; cache entries that running requests share are counted as taken, the
+others can always be evicted:
 - a request with a home rank (short prompt, DESIGN 5.5) keeps all of its KV there;
 - an SP request spreads its split prompt chunks evenly (zigzag rounding adds at most 2 tokens per chunk and
   rank), and its replicated tokens (tail chunk, decode) go to the SP rank with the smallest shard whenever a page
@@ -15,6 +21,7 @@ memory and nothing is half-run:
 
 from __future__ import annotations
 
+from server.engine.prefix_cache import PrefixCache, PrefixHit, rows_before, truncate_runs
 from server.engine.request_table import append_run
 from server.engine.sequence import Sequence
 
@@ -23,7 +30,7 @@ SCRATCH_PAGE = 0
 
 class CacheManager:
     def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int, split_threshold: int,
-                 split_budget: int):
+                 split_budget: int, prefix_cache: PrefixCache | None = None, snapshot_slots: int = 0):
         self.num_pages = num_pages  # per rank, the scratch page included
         self.page_size = page_size
         self.sp_size = sp_size
@@ -34,8 +41,16 @@ class CacheManager:
         # effectively unbounded page count.
         self.next_page = [SCRATCH_PAGE + 1] * sp_size
         self.freed: list[list[int]] = [[] for _ in range(sp_size)]
+        self.refs: list[dict[int, int]] = [{} for _ in range(sp_size)]  # holders of a page (requests + entries)
+        self.entry_refs: list[dict[int, int]] = [{} for _ in range(sp_size)]  # entries holding a page
+        self.cached_only = [0] * sp_size  # pages only entries hold (evictable), per rank
         self.free_slots = list(range(num_slots - 1, -1, -1))
-        self.reserved = [0] * sp_size  # tokens reserved by admitted requests, per SP rank
+        self.reserved = [0] * sp_size  # new tokens reserved by admitted requests, per SP rank
+        self.prefix = prefix_cache
+        first = num_slots + 1  # after the scratch slot
+        self.free_snapshots = list(range(first + snapshot_slots - 1, first - 1, -1))
+        self.pending_copies: list[tuple[int, int]] = []  # state-slot copies the next plan carries
+        self.pending_page_copies: list[list[tuple[int, int]]] = [[] for _ in range(sp_size)]
 
     @property
     def capacity_per_rank(self) -> int:
@@ -49,11 +64,12 @@ class CacheManager:
         """Short prompts are prefilled whole on one SP rank (their home)."""
         return self.sp_size > 1 and len(seq.prompt_ids) < self.split_threshold
 
-    def reservation(self, seq: Sequence, rank: int) -> list[int]:
-        """Tokens to reserve per SP rank if ``seq`` is homed on ``rank`` (short) or an SP request."""
-        n, m, page = len(seq.prompt_ids), seq.params.max_tokens, self.page_size
+    def reservation(self, seq: Sequence, rank: int, cached: int = 0) -> list[int]:
+        """New tokens to reserve per SP rank if ``seq`` (its first ``cached`` tokens from the prefix cache) is homed
+        on ``rank`` (short) or is an SP request."""
+        n, m, page = len(seq.prompt_ids) - cached, seq.params.max_tokens, self.page_size
         res = [0] * self.sp_size
-        if self.sp_size == 1 or self.is_short(seq):
+        if self.sp_size == 1 or (self.is_short(seq) and seq.home is None):
             res[rank] = n + m + page
             return res
         chunks = -(-n // self.split_budget)
@@ -67,29 +83,152 @@ class CacheManager:
     def least_reserved_rank(self) -> int:
         return min(range(self.sp_size), key=lambda r: self.reserved[r])
 
-    def can_admit(self, seq: Sequence) -> bool:
-        res = self.reservation(seq, self.least_reserved_rank())
-        return bool(self.free_slots) and all(a + b <= self.capacity_per_rank for a, b in zip(self.reserved, res))
+    def _shared_tokens(self, rank: int) -> int:
+        """Tokens of cache entries that running requests share on ``rank`` (they cannot be evicted)."""
+        if self.prefix is None:
+            return 0
+        return sum(len(e.pages[rank]) for e in self.prefix.entries.values() if e.users) * self.page_size
 
-    def admit(self, seq: Sequence) -> None:
+    def lookup(self, seq: Sequence) -> PrefixHit | None:
+        return self.prefix.match(seq.prompt_ids) if self.prefix is not None and seq.use_prefix_cache else None
+
+    def _placement(self, seq: Sequence, hit: PrefixHit | None) -> tuple[int, int | None]:
+        """(rank for the reservation, home rank or None) for ``seq``: a short request is homed on the least
+        reserved rank, or on the rank that holds its cached prefix; a prefix spread over ranks makes it an SP
+        request (its new tokens are then computed on every rank, like a tail chunk)."""
         rank = self.least_reserved_rank()
+        if not self.is_short(seq):
+            return rank, None
+        if hit is None:
+            return rank, rank
+        holders = [r for r in range(self.sp_size) if rows_before(hit.entry.runs[r], hit.tokens)]
+        return (holders[0], holders[0]) if len(holders) == 1 else (rank, None)
+
+    def can_admit(self, seq: Sequence, hit: PrefixHit | None) -> bool:
+        if not self.free_slots:
+            return False
+        rank, home = self._placement(seq, hit)
+        seq.home = home
+        res = self.reservation(seq, rank, hit.tokens if hit else 0)
+        seq.home = None
+        pinned = hit.entry if hit and not hit.entry.users else None
+        return all(
+            a + b + self._shared_tokens(r) + (len(pinned.pages[r]) * self.page_size if pinned else 0)
+            <= self.capacity_per_rank
+            for r, (a, b) in enumerate(zip(self.reserved, res)))
+
+    def admit(self, seq: Sequence, hit: PrefixHit | None) -> None:
+        rank, home = self._placement(seq, hit)
         seq.slot = self.free_slots.pop()
-        seq.home = rank if self.is_short(seq) else None
+        seq.home = home
         seq.decode_rank = rank
-        seq.reserved_tokens = self.reservation(seq, rank)
+        seq.reserved_tokens = self.reservation(seq, rank, hit.tokens if hit else 0)
         self.reserved = [a + b for a, b in zip(self.reserved, seq.reserved_tokens)]
+        if hit is not None:
+            self._take_prefix(seq, hit)
+
+    def _take_prefix(self, seq: Sequence, hit: PrefixHit) -> None:
+        """Give ``seq`` the first ``hit.tokens`` tokens of the entry: its full pages shared, the page they end in
+        copied (on write), its runs cut there, the state restored from the snapshot."""
+        entry, m = hit.entry, hit.tokens
+        entry.users += 1
+        seq.prefix_entry = entry
+        for r in range(self.sp_size):
+            rows = rows_before(entry.runs[r], m)
+            full, partial = divmod(rows, self.page_size)
+            shared = entry.pages[r][:full]
+            for p in shared:
+                self._ref(r, p, 1, 0)
+            seq.pages[r] = list(shared)
+            if partial:
+                copy = self.take_page(r)
+                self.pending_page_copies[r].append((entry.pages[r][full], copy))
+                seq.pages[r].append(copy)
+            seq.kv_runs[r] = truncate_runs(entry.runs[r], m)
+        seq.num_computed = seq.cached_tokens = m
+        if hit.snapshot is not None:
+            self.pending_copies.append((hit.snapshot, seq.slot))
+            seq.restored = True
+        self.prefix.hit_tokens += m
 
     def release(self, seq: Sequence) -> None:
+        """The request ended: its pages and snapshots go to the prefix cache (or are freed), its slot is freed."""
+        if seq.prefix_entry is not None:
+            seq.prefix_entry.users -= 1
+            seq.prefix_entry = None
+        if self.prefix is not None and seq.num_computed > 0 and seq.slot >= 0:
+            self._donate(seq)
+        else:
+            for r in range(self.sp_size):
+                for p in seq.pages[r]:
+                    self._ref(r, p, -1, 0)
+            self.free_snapshots += list(seq.snapshots.values())
         for r in range(self.sp_size):
-            self.freed[r].extend(reversed(seq.pages[r]))
             seq.pages[r] = []
             seq.kv_runs[r] = []
+        seq.snapshots = {}
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)
             seq.slot = -1
         if seq.reserved_tokens:
             self.reserved = [a - b for a, b in zip(self.reserved, seq.reserved_tokens)]
             seq.reserved_tokens = []
+
+    def _donate(self, seq: Sequence) -> None:
+        tokens = seq.token_ids(0, seq.num_computed)
+        if self.prefix.needs_state:  # the state after the last computed token (saved before the slot is reused)
+            self.snapshot(seq)
+        same = self.prefix.duplicate_of(tokens)
+        if same is not None:  # the same tokens ended before: keep the older entry, free this copy
+            for r in range(self.sp_size):
+                for p in seq.pages[r]:
+                    self._ref(r, p, -1, 0)
+            same.snapshots.update({t: s for t, s in seq.snapshots.items() if t not in same.snapshots})
+            self.free_snapshots += [s for t, s in seq.snapshots.items() if same.snapshots.get(t) != s]
+            same.last_used = seq.arrival
+            return
+        entry = self.prefix.add(tokens, [list(r) for r in seq.kv_runs], [list(p) for p in seq.pages],
+                                dict(seq.snapshots))
+        for r in range(self.sp_size):  # the request's hold on its pages passes to the entry
+            for p in entry.pages[r]:
+                self._ref(r, p, 0, 1)
+
+    def snapshot(self, seq: Sequence) -> None:
+        """Save the state of ``seq``'s slot after its ``num_computed`` tokens (at the start of the next step)."""
+        if self.prefix is None or not self.prefix.needs_state or seq.num_computed in seq.snapshots:
+            return
+        if not self.free_snapshots:
+            self.evict(snapshots=1)
+        if not self.free_snapshots:
+            return  # every snapshot is held by a running request: this point is not cached
+        slot = self.free_snapshots.pop()
+        self.pending_copies.append((seq.slot, slot))
+        seq.snapshots[seq.num_computed] = slot
+
+    def evict(self, pages: int = 0, rank: int = 0, snapshots: int = 0) -> None:
+        """Evict unused entries, least recently used first, until ``pages`` pages are free on ``rank`` and
+        ``snapshots`` snapshot slots are free (or nothing is left to evict)."""
+        if self.prefix is None:
+            return
+        for entry in self.prefix.evictable():
+            if self.free_count(rank) >= pages and len(self.free_snapshots) >= snapshots:
+                return
+            self.drop(entry)
+            self.prefix.evictions += 1
+
+    def drop(self, entry) -> None:
+        self.prefix.remove(entry)
+        for r in range(self.sp_size):
+            for p in entry.pages[r]:
+                self._ref(r, p, -1, -1)
+        self.free_snapshots += list(entry.snapshots.values())
+
+    def flush(self) -> int:
+        """Drop every cache entry no running request uses; the number dropped."""
+        unused = self.prefix.evictable() if self.prefix is not None else []
+        for entry in unused:
+            self.drop(entry)
+        return len(unused)
 
     def replicated_owner(self, seq: Sequence) -> int:
         """SP rank that stores ``seq``'s next replicated tokens: the current one while its last page has room,
@@ -104,16 +243,41 @@ class CacheManager:
         return max(0, -(-total // self.page_size) - len(seq.pages[sp_rank]))
 
     def fits(self, seq: Sequence, per_rank_tokens: list[int]) -> bool:
-        return all(self.pages_needed(seq, r, n) <= self.free_count(r) for r, n in enumerate(per_rank_tokens))
+        for r, n in enumerate(per_rank_tokens):
+            need = self.pages_needed(seq, r, n)
+            if need > self.free_count(r):
+                self.evict(pages=need, rank=r)
+            if need > self.free_count(r):
+                return False
+        return True
 
     def free_count(self, sp_rank: int) -> int:
         return self.num_pages - self.next_page[sp_rank] + len(self.freed[sp_rank])
 
     def take_page(self, sp_rank: int) -> int:
+        if not self.free_count(sp_rank):
+            self.evict(pages=1, rank=sp_rank)
         if self.freed[sp_rank]:
-            return self.freed[sp_rank].pop()
-        self.next_page[sp_rank] += 1
-        return self.next_page[sp_rank] - 1
+            page = self.freed[sp_rank].pop()
+        else:
+            self.next_page[sp_rank] += 1
+            page = self.next_page[sp_rank] - 1
+        self._ref(sp_rank, page, 1, 0)
+        return page
+
+    def _ref(self, r: int, page: int, holders: int, entries: int) -> None:
+        """Change a page's holders (and how many of them are cache entries); free it when nothing holds it."""
+        refs, by_entries = self.refs[r], self.entry_refs[r]
+        before = refs.get(page, 0), by_entries.get(page, 0)
+        after = before[0] + holders, before[1] + entries
+        self.cached_only[r] += (after[0] == after[1] > 0) - (before[0] == before[1] > 0)
+        for table, value in ((refs, after[0]), (by_entries, after[1])):
+            if value:
+                table[page] = value
+            else:
+                table.pop(page, None)
+        if not after[0]:
+            self.freed[r].append(page)
 
     def append(self, seq: Sequence, sp_rank: int, pos_start: int, length: int) -> list[int]:
         """Store positions ``pos_start..pos_start+length-1`` at the end of the rank's shard; the new pages."""
@@ -125,4 +289,9 @@ class CacheManager:
         return new
 
     def pages_used(self) -> int:
-        return sum(self.num_pages - self.free_count(r) - 1 for r in range(self.sp_size))
+        """Pages running requests hold, every SP rank (pages only the prefix cache holds are apart)."""
+        return sum(self.num_pages - self.free_count(r) - 1 - self.cached_only[r] for r in range(self.sp_size))
+
+    def pages_cached(self) -> int:
+        """Pages only the prefix cache holds (evictable at any time), every SP rank."""
+        return sum(self.cached_only)

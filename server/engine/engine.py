@@ -86,7 +86,8 @@ class Engine:
                 p.kill()
             raise
         self.device = self.pstate.device
-        self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len)
+        self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
+                                   bool(self.runner.lightning_layers or self.runner.gdn_layers))
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -186,7 +187,7 @@ class Engine:
         if self.scheduler.has_unfinished():
             raise RuntimeError("prompt_logits runs alone; finish or abort the other requests first")
         seq = Sequence(f"score-{time.monotonic_ns()}", list(prompt_ids), SamplingParams(max_tokens=1),
-                       self.config.sp_size)
+                       self.config.sp_size, use_prefix_cache=False)
         self.scheduler.add(seq)
         parts = []
         try:
@@ -234,10 +235,12 @@ class Engine:
             self.seqs.pop(seq.rid, None)
             self.generators.pop(seq.rid, None)
         return RequestOutput(seq.rid, [tok], [lp] if lp is not None else None, reason is not None, reason, matched,
-                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), ttft_s=ttft)
+                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), ttft_s=ttft,
+                             cached_tokens=seq.cached_tokens)
 
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        prefix = self.cache.prefix
         kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
@@ -246,7 +249,14 @@ class Engine:
             kv_pages_total=kv_total,
             state_slots_used=self.cache.num_slots - len(self.cache.free_slots),
             state_slots_total=self.cache.num_slots,
+            kv_pages_cached=self.cache.pages_cached() if kv_total else 0,
+            prefix_cache_entries=len(prefix.entries) if prefix else 0,
+            prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
         )
+
+    def flush_prefix_cache(self) -> int:
+        """Drop every prefix-cache entry no running request uses; the number dropped."""
+        return self.cache.flush()
 
     def memory_stats(self, reset: bool = True) -> list[dict]:
         """Every rank's device memory (peak allocated since the last reset, allocated now), by rank."""

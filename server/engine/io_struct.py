@@ -50,6 +50,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None  # set on the output carrying the first generated token
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (on every output of the request)
 
 
 class RequestRejected(ValueError):
@@ -69,3 +70,6 @@ class EngineStats:
     kv_pages_total: int = 0
     state_slots_used: int = 0
     state_slots_total: int = 0
+    kv_pages_cached: int = 0  # pages only the prefix cache holds (evictable)
+    prefix_cache_entries: int = 0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens served from the cache since start

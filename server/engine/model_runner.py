@@ -53,6 +53,8 @@ class ModelRunner:
         self.gdn_layers = [m for m in self.model.modules() if isinstance(m, GDNAttention)]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
+        has_state = bool(self.lightning_layers or self.gdn_layers)
+        self.snapshot_slots = config.prefix_cache_snapshots if config.enable_prefix_cache and has_state else 0
         self.backend = make_attention_backend(config.attention_backend, pstate, config.page_size,
                                               self._geometry(), self.dtype)
         self.table: RequestTable | None = None
@@ -87,7 +89,7 @@ class ModelRunner:
     def plan_cache(self) -> int:
         """Number of KV pages this rank can hold (page 0, the scratch page, included) after the state pool is
         taken out of the budget."""
-        budget = self.available_cache_bytes() - (self.num_slots + 1) * self.state_bytes_per_slot()
+        budget = self.available_cache_bytes() - self.total_slots * self.state_bytes_per_slot()
         per_page = self.cache_bytes_per_page()
         if budget <= 0:
             raise RuntimeError(
@@ -95,9 +97,14 @@ class ModelRunner:
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
         return max(2, budget // per_page) if per_page else NO_KV_PAGES
 
+    @property
+    def total_slots(self) -> int:
+        """State slots: one per running request, the scratch slot, the prefix cache's snapshots."""
+        return self.num_slots + 1 + self.snapshot_slots
+
     def allocate_caches(self, num_pages: int) -> None:
         self.num_pages = num_pages
-        slots = self.num_slots + 1
+        slots = self.total_slots
         for a in self.attn_layers:
             a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
                                    self.device)
@@ -141,6 +148,7 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Forward one step. On SP rank 0 returns logits ``[num sampled requests, vocab]`` in plan order."""
         self.table.apply(plan)
+        self._copy(plan)
         if self.graphs is not None and plan.is_decode:
             out = self.graphs.run(plan)
             if out is not None:
@@ -152,6 +160,22 @@ class ModelRunner:
         if plan.all_logits:
             return self._all_logits(hidden[: rows.num_rows], rows)
         return self._sampled_logits(hidden, rows.chunks)
+
+    def _copy(self, plan: StepPlan) -> None:
+        """The plan's copies, before the forward: cached-prefix pages copied on write (every softmax layer), then
+        state snapshots saved and restored (every linear-attention layer)."""
+        pages = plan.page_copies[self.pstate.sp_rank] if plan.page_copies else []
+        if pages and self.attn_layers:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*pages))
+            for a in self.attn_layers:
+                a.cache.k[dst] = a.cache.k[src]
+                a.cache.v[dst] = a.cache.v[src]
+        for src, dst in plan.state_copies:  # in order: a snapshot may be saved and restored in one step
+            for lt in self.lightning_layers:
+                lt.pool.states[dst] = lt.pool.states[src]
+            for g in self.gdn_layers:
+                g.pool.states[dst] = g.pool.states[src]
+                g.pool.conv[dst] = g.pool.conv[src]
 
     def context(self, rows: StepRows, backend=None) -> ForwardContext:
         """The forward context of a step's rows, its attention prepared by ``backend`` (default: the rank's)."""

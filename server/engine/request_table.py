@@ -72,9 +72,18 @@ class RequestTable:
         """Drop finished requests, add started ones, append every chunk's runs and this rank's new pages."""
         for req in plan.finished:
             self.requests.pop(req, None)
-        for req, slot in plan.started:
-            self.requests[req] = RequestState(slot, [[] for _ in range(self.sp_size)], [0] * self.sp_size)
         rows, cols, pages = [], [], []
+        for s in plan.started:
+            runs = [list(s.runs[r]) if s.runs else [] for r in range(self.sp_size)]
+            st = RequestState(s.slot, runs, [sum(n for _, n, _ in r) for r in runs])
+            self.requests[s.req] = st
+            mine = s.pages[self.sp_rank] if s.pages else ()
+            if mine:
+                rows += [s.slot] * len(mine)
+                cols += range(len(mine))
+                pages += mine
+                st.num_pages = len(mine)
+            st.num_tokens = max((p + n for run in runs for _, n, p in run), default=0)
         for chunk in plan.chunks:
             st = self.requests[chunk.req]
             for r in range(self.sp_size):

@@ -24,13 +24,15 @@ from collections import deque
 from server.config import EngineConfig
 from server.engine.cache_manager import CacheManager
 from server.engine.io_struct import RequestRejected
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request_table import stored_pieces
 from server.engine.sequence import Sequence, Status
-from server.forward.plan import ChunkPlan, Placement, StepPlan
+from server.forward.plan import ChunkPlan, Placement, StartedRequest, StepPlan
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int):
+    def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int,
+                 has_linear_layers: bool = False):
         self.config = config
         self.max_model_len = max_model_len
         self.sp = config.sp_size
@@ -39,10 +41,12 @@ class Scheduler:
         self.budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else max_model_len
         # A split chunk must fit one step's budget, or long prompts could never be scheduled.
         self.split_threshold = max(min(config.sp_min_tokens, self.budget), 2 * self.sp)
+        prefix = PrefixCache(config.page_size, has_linear_layers) if config.enable_prefix_cache else None
+        snapshots = config.prefix_cache_snapshots if prefix is not None and has_linear_layers else 0
         self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold,
-                                  self.budget * self.sp)
+                                  self.budget * self.sp, prefix, snapshots)
         self._finished: list[int] = []  # requests released since the last plan that was sent
-        self._started: list[tuple[int, int]] = []  # requests admitted since then: (req, slot)
+        self._started: list[StartedRequest] = []  # requests admitted since then
         self._next_req = 0
 
     def add(self, seq: Sequence) -> None:
@@ -72,8 +76,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:
-        if (seq.req, seq.slot) in self._started:  # the workers never heard of it
-            self._started.remove((seq.req, seq.slot))
+        unsent = [s for s in self._started if s.req == seq.req]
+        if unsent:  # the workers never heard of it
+            self._started.remove(unsent[0])
         elif seq.status == Status.RUNNING:
             self._finished.append(seq.req)
         seq.status = Status.FINISHED
@@ -138,14 +143,17 @@ class Scheduler:
             add(seq, len(seq.prompt_ids) - seq.num_computed)
         while self.waiting and max(room) > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
-            if not self.cache.can_admit(seq):
+            hit = self.cache.lookup(seq)
+            if not self.cache.can_admit(seq, hit):
                 break
             self.waiting.popleft()
-            self.cache.admit(seq)
+            self.cache.admit(seq, hit)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self._started.append((seq.req, seq.slot))
-            if not add(seq, len(seq.prompt_ids)):
+            self._started.append(StartedRequest(
+                seq.req, seq.slot, tuple(tuple(p) for p in seq.pages) if hit else (),
+                tuple(tuple(r) for r in seq.kv_runs) if hit else (), seq.restored))
+            if not add(seq, len(seq.prompt_ids) - seq.num_computed):
                 break
         total = sum(c.num_new for c in chunks)
         seq_sharded = (self.config.seq_parallel_tp and self.config.tp_size > 1
@@ -153,10 +161,17 @@ class Scheduler:
         token_ids = [t for c, s in zip(chunks, seqs) for t in s.token_ids(c.start, c.num_new)]
         if not chunks:  # an empty plan is not sent: the changes wait for the next one
             return StepPlan(seq_sharded=seq_sharded), seqs
-        plan = StepPlan(chunks, token_ids, self._started, self._finished, seq_sharded)
+        cache = self.cache
+        plan = StepPlan(chunks, token_ids, self._started, self._finished, cache.pending_page_copies,
+                        cache.pending_copies, seq_sharded)
         self._started, self._finished = [], []
+        cache.pending_page_copies, cache.pending_copies = [[] for _ in range(self.sp)], []
         return plan, seqs
 
     def advance(self, seqs: list[Sequence], plan: StepPlan) -> None:
+        """The step ran: its tokens are computed. Prefill chunk ends (and prompt ends) are where the prefix cache
+        snapshots linear-attention states."""
         for seq, chunk in zip(seqs, plan.chunks):
             seq.num_computed += chunk.num_new
+            if chunk.start < len(seq.prompt_ids):
+                self.cache.snapshot(seq)

@@ -34,6 +34,11 @@ class Sequence:
     first_token_time: float | None = None
     kv_runs: list[list[Run]] = field(default_factory=list)  # per SP rank, rows of its shard
     pages: list[list[int]] = field(default_factory=list)  # per SP rank
+    use_prefix_cache: bool = True  # look up a cached prefix at admission (prompt scoring needs every position)
+    cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    restored: bool = False  # the state slot starts from a cached snapshot, not from zeros
+    prefix_entry: object | None = None  # the prefix-cache entry whose pages it shares
+    snapshots: dict[int, int] = field(default_factory=dict)  # state snapshots saved along the way: tokens -> slot
 
     def __post_init__(self) -> None:
         self.kv_runs = [[] for _ in range(self.sp_size)]

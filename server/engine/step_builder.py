@@ -152,7 +152,7 @@ def _linear_meta(plan: StepPlan, local: list[LocalChunk], table: RequestTable, p
             rows += range(lc.row_start, lc.row_start + lc.num_rows)
             slots.append(slot)
             lens.append(lc.num_rows)
-    started = [slot for _, slot in plan.started]
+    started = [s.slot for s in plan.started if not s.restored]
     return LinearStepMeta(
         zero_slots=_tensor(started, torch.long, dev) if started else None,
         split=split,

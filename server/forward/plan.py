@@ -47,16 +47,32 @@ class ChunkPlan:
         return self.owner if self.placement == Placement.HOMED else 0
 
 
+@dataclass(frozen=True, slots=True)
+class StartedRequest:
+    """A request whose first tokens are in this step. Its state slot is cleared, or restored from a snapshot of a
+    cached prefix (``restored``); a cached prefix also gives it pages and runs on each SP rank up front."""
+
+    req: int
+    slot: int
+    pages: tuple[tuple[int, ...], ...] = ()  # per SP rank: the cached prefix's pages (shared, or a copy)
+    runs: tuple[tuple[tuple[int, int, int], ...], ...] = ()  # per SP rank: the prefix rows' runs
+    restored: bool = False
+
+
 @dataclass
 class StepPlan:
-    """One step. ``started``: ``(req, slot)`` of requests whose first tokens are in this step (their state slot is
-    cleared first); ``finished``: requests that ended since the last step (dropped from the mirrors);
-    ``token_ids``: every chunk's new tokens, chunk after chunk."""
+    """One step. ``started``: requests whose first tokens are in this step; ``finished``: requests that ended since
+    the last step (dropped from the mirrors); ``token_ids``: every chunk's new tokens, chunk after chunk.
+    Before the forward every rank copies its ``page_copies`` (per SP rank ``(src, dst)`` pages of every softmax
+    layer: a cached prefix's last page, copied on write) and then ``state_copies`` (``(src, dst)`` slots of every
+    linear-attention layer: snapshots saved, then restored)."""
 
     chunks: list[ChunkPlan] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    started: list[tuple[int, int]] = field(default_factory=list)
+    started: list[StartedRequest] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
+    page_copies: list[list[tuple[int, int]]] = field(default_factory=list)  # per SP rank
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
     seq_sharded: bool = False  # the residual stream is sharded over TP (long SP prefills)
     all_logits: bool = False  # return logits of every new token (prompt scoring), not just the sampled ones
 

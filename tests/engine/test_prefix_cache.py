@@ -1,0 +1,122 @@
+"""The prefix cache: greedy outputs identical with the cache on and off, exact ``cached_tokens``, no leaks.
+
+Workloads of shared prefixes (siblings on one document, a multi-turn extension, a prefix that ends mid-page,
+many concurrent requests on one prefix, an aborted request that shared a prefix, eviction under a tiny cache) run
+through the real engine at sp x tp in {1, 2} x {1, 2}, for a softmax model (Llama) and a hybrid one (MiniMax
+lightning + softmax, whose matches stop at state snapshots: prompt ends and prefill-chunk ends). The reference is
+the same engine at sp = tp = 1 with the cache off.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from server import LLM, SamplingParams
+from server.engine.io_struct import GenerateRequest
+from server.engine.prefix_cache import PrefixCache, chain_hashes, rows_before, truncate_runs
+from tests.models.test_parity import prompt
+from tests.tiny_models import save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+PAGE = 8
+CHUNK = 48  # prefill chunks end every 48 tokens: where hybrids snapshot their states
+DOC = prompt(150, seed=11)  # not a multiple of the page: its end lies mid-page
+QUESTIONS = [prompt(n, seed=20 + n) for n in (5, 9, 13)]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+# A cache of about a thousand tokens and eight state snapshots: the workload needs evictions of both.
+ENGINE = dict(device="cpu", page_size=PAGE, chunked_prefill_size=CHUNK, sp_min_tokens=24, max_running_requests=8,
+              prefix_cache_snapshots=8)
+# Per rank: the state pool (split over TP) and about 800 tokens of KV (split over SP and TP), in MB.
+CACHE_MB = {"llama": (0.0, 0.6), "minimax_7to1": (1.1, 0.3)}
+
+
+def cache_gb(arch: str, sp: int = 1, tp: int = 1) -> float:
+    state, kv = CACHE_MB[arch]
+    return (state / tp + kv / (sp * tp)) / 1000
+
+
+def test_index_matches_by_page_chains_and_token_by_token():
+    cache = PrefixCache(page_size=4, needs_state=False)
+    entry = cache.add(list(range(10)), [[(0, 10, 0)]], [[1, 2, 3]], {})
+    assert cache.match(list(range(10)) + [99]).tokens == 10  # the whole entry, one token left to compute
+    assert cache.match(list(range(10))).tokens == 9  # a prompt equal to the entry still computes its last token
+    assert cache.match(list(range(6)) + [77, 78]).tokens == 6  # ends mid-page
+    assert cache.match([0, 1, 2, 9, 9]) is None  # no full page in common
+    assert chain_hashes(list(range(8)), 4) != chain_hashes([0, 1, 2, 3, 9, 5, 6, 7], 4)
+    hybrid = PrefixCache(page_size=4, needs_state=True)
+    hybrid.add(list(range(10)), [[(0, 10, 0)]], [[1, 2, 3]], {4: 70, 8: 71})
+    hit = hybrid.match(list(range(10)) + [5])
+    assert (hit.tokens, hit.snapshot) == (8, 71)  # cut back to the deepest snapshot it covers
+    cache.remove(entry)
+    assert cache.match(list(range(10)) + [99]) is None and not cache.index
+    # an SP rank's shard: rows of positions below m are a prefix of its rows
+    runs = [(0, 5, 0), (5, 5, 15), (10, 3, 40)]
+    assert rows_before(runs, 17) == 7 and truncate_runs(runs, 17) == [(0, 5, 0), (5, 2, 15)]
+
+
+def run_workload(llm: LLM) -> tuple[list[list[int]], list[int]]:
+    """Every workload in turn; the tokens of every request and the cached_tokens of those that report it."""
+    outs, cached = [], []
+
+    def gen(prompts):
+        res = llm.generate(prompts, GREEDY, use_tqdm=False)
+        outs.extend(r.token_ids for r in res)
+        cached.extend(r.cached_tokens for r in res)
+        return res
+
+    gen([DOC + QUESTIONS[0]])  # warms the document
+    gen([DOC + q for q in QUESTIONS])  # siblings, together: all on one cached prefix
+    first = gen([DOC + QUESTIONS[1]])[0]
+    gen([DOC + QUESTIONS[1] + first.token_ids + QUESTIONS[2]])  # the next turn of a conversation
+    # an aborted request that shared the prefix: its pages go back, the next ones are unaffected
+    engine = llm.engine
+    engine.add_request(GenerateRequest("aborted", DOC + QUESTIONS[2] + [7, 7], SamplingParams(max_tokens=50)))
+    for _ in range(3):
+        engine.step()
+    cached.append(engine.seqs["aborted"].cached_tokens)
+    engine.abort_request("aborted")
+    engine.step()
+    gen([DOC + QUESTIONS[2] + [7, 7, 8]])
+    gen([prompt(300, seed=5), prompt(260, seed=6)])  # unrelated long prompts: the cache evicts to make room
+    gen([DOC + QUESTIONS[0]])
+    return outs, cached
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    out = {}
+    for arch in ("llama", "minimax_7to1"):
+        path = save_tiny_model(arch, root)
+        with LLM(path, enable_prefix_cache=False, cpu_cache_gb=cache_gb(arch), **ENGINE) as llm:
+            out[arch] = (path, run_workload(llm)[0])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])
+@pytest.mark.parametrize("sp,tp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_cache_on_gives_the_same_tokens(reference, arch, sp, tp):
+    path, want = reference[arch]
+    with LLM(path, sp_size=sp, tp_size=tp, cpu_cache_gb=cache_gb(arch, sp, tp), **ENGINE) as llm:
+        got, cached = run_workload(llm)
+        assert got == want
+        stats = llm.engine.stats()
+        assert stats.prefix_cache_hit_tokens == sum(cached) > 0
+        assert stats.kv_pages_used == 0 and stats.state_slots_used == 0  # running requests hold nothing
+        assert llm.engine.cache.prefix.evictions > 0  # the cache was too small to keep everything
+        assert llm.engine.flush_prefix_cache() == stats.prefix_cache_entries
+        stats = llm.engine.stats()
+        assert stats.kv_pages_cached == 0 and stats.prefix_cache_entries == 0  # no page leaked
+    warm = DOC + QUESTIONS[0]
+    if arch == "llama":  # softmax only: the longest common prefix with the warm request, one token left to compute
+        assert cached[1:4] == [min(lcp(warm, DOC + q), len(DOC + q) - 1) for q in QUESTIONS]
+    else:  # hybrid: up to the last state snapshot the prefix covers: a prefill-chunk end (chunks of sp x CHUNK)
+        assert cached[1:4] == [len(DOC) // (sp * CHUNK) * (sp * CHUNK)] * 3
+
+
+def lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
