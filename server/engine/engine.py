@@ -156,7 +156,8 @@ class Engine:
         def requests(batch: list[Sequence]) -> list[SampleRequest]:
             for s in batch:
                 inject_fault("sample", s.params.seed)
-            return [SampleRequest(s.params, self._generator(s), self._banned(s)) for s in batch]
+            return [SampleRequest(s.params, self._generator(s), self._banned(s), s.prompt_ids, s.output_ids)
+                    for s in batch]
 
         try:
             return list(zip(*sample(logits, requests(seqs))))
