@@ -19,7 +19,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.faults import inject_fault
-from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected
+from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected, StepCounts
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
@@ -91,6 +91,8 @@ class Engine:
         self.generators: dict[str, torch.Generator] = {}
         self.pending: list[RequestOutput] = []
         self.rng = torch.Generator().manual_seed(config.seed)
+        self.num_steps = 0
+        self.last_step = StepCounts()
         self.closed = False
 
     def _check_workers(self) -> None:
@@ -133,6 +135,11 @@ class Engine:
         if not plan.seqs:
             return outputs
         send_plan(self.pstate, plan)
+        self.num_steps += 1
+        self.last_step = StepCounts(
+            len(plan.seqs), sum(st.num_new for s, st in zip(seqs, plan.seqs) if s.prefilling),
+            sum(st.num_new for s, st in zip(seqs, plan.seqs) if not s.prefilling),
+            sum(st.split for st in plan.seqs), sum(st.home for st in plan.seqs))
         logits = self.runner.run(plan)
         self.scheduler.advance(seqs, plan)
         sampled = [s for s, st in zip(seqs, plan.seqs) if st.sample]
@@ -246,6 +253,8 @@ class Engine:
             kv_pages_total=kv_total,
             state_slots_used=self.cache.num_slots - len(self.cache.free_slots),
             state_slots_total=self.cache.num_slots,
+            num_steps=self.num_steps,
+            last_step=self.last_step,
         )
 
     def memory_stats(self, reset: bool = True) -> list[dict]:

@@ -62,10 +62,26 @@ class RequestRejected(ValueError):
 
 
 @dataclass
+class StepCounts:
+    """What one engine step ran: requests, new prompt tokens, decoded tokens, and how many of its requests
+    were split over the SP group or computed on their home SP rank."""
+
+    batch_size: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    sp_split: int = 0
+    sp_homed: int = 0
+
+
+@dataclass
 class EngineStats:
+    """The engine after its latest step; ``num_steps`` counts steps, so every step's stats differ."""
+
     num_running: int = 0
     num_waiting: int = 0
     kv_pages_used: int = 0
     kv_pages_total: int = 0
     state_slots_used: int = 0
     state_slots_total: int = 0
+    num_steps: int = 0
+    last_step: StepCounts = field(default_factory=StepCounts)

@@ -23,11 +23,11 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.entrypoints.args import ServerArgs
-from server.entrypoints.metrics import ServerMetrics
+from server.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from server.entrypoints.protocol import APIError
 from server.entrypoints.serving import OpenAIServing
 from server.entrypoints.tokenizer_manager import SHUTTING_DOWN, TokenizerManager
@@ -35,7 +35,6 @@ from server.entrypoints.tokenizer_manager import SHUTTING_DOWN, TokenizerManager
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 3
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -155,8 +154,8 @@ def build_app(args: ServerArgs) -> FastAPI:
         return JSONResponse({"status": status, "reason": None}, status_code=503)
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 

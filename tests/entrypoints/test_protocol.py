@@ -106,9 +106,9 @@ def test_prompt_shapes():
 def test_chat_content_forms():
     req = parse({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
                               {"role": "assistant", "content": None}]}, ChatCompletionRequest)
-    assert chat_messages(req) == [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+    assert chat_messages(req.messages) == [{"role": "user", "content": [{"type": "text", "text": "a"}]},
                                   {"role": "assistant", "content": ""}]
     req = parse({"messages": [{"role": "user", "content": None}]}, ChatCompletionRequest)
     with pytest.raises(APIError) as e:
-        chat_messages(req)
+        chat_messages(req.messages)
     assert e.value.param == "messages.0.content"
