@@ -275,8 +275,9 @@ class Tokenizer:
         else:
             raise ValueError(
                 f"the tokenizer of {self.source!r} has no chat template (no chat_template in tokenizer_config.json "
-                "and no chat_template.jinja): pass one (a jinja template string or file) as chat_template, "
-                "or send a plain-text prompt to the completions endpoint instead"
+                "and no chat_template.jinja): pass one (a jinja template string or file) with the server's "
+                "--chat-template flag (chat_template= in Python), or send a plain-text prompt to the completions "
+                "endpoint instead"
             )
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **extra}
         flat = [_flatten_content(m) for m in messages]

@@ -125,7 +125,7 @@ def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, 
     if max_tokens is None:
         max_tokens = max(min(DEFAULT_MAX_NEW_TOKENS, max_model_len - prompt_len), 1)
     check_context_length(prompt_len, max_tokens, max_model_len, "text" if req.text is not None else "input_ids")
-    fields = f.model_dump(exclude={"max_new_tokens", "min_new_tokens", "sampling_seed"})
+    fields = f.model_dump(exclude={"max_new_tokens", "min_new_tokens", "sampling_seed", "stop"})
     names = {k: f"sampling_params.{k}" for k in fields} | {"max_tokens": "sampling_params.max_new_tokens",
                                                          "min_tokens": "sampling_params.min_new_tokens"}
     return make_sampling_params(names, **fields, max_tokens=max_tokens, min_tokens=f.min_new_tokens,
