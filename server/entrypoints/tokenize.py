@@ -4,7 +4,7 @@
 "add_generation_prompt": true, "continue_final_message": false}`` (rendered with the chat template, exactly as
 ``/v1/chat/completions`` would), plus ``return_token_strs`` and ``model``; it answers ``{"count", "max_model_len",
 "tokens", "token_strs"}`` (``token_strs`` null unless asked). ``/detokenize`` takes ``{"tokens": [ids]}`` and
-answers ``{"prompt": text}``.
+answers ``{"prompt": text}`` (special tokens included).
 """
 
 from __future__ import annotations
@@ -76,4 +76,4 @@ class TokenizeServing:
         self.tm.check_available()
         check_model(req.model, self.model)
         check_token_ids(req.tokens, self.tm.vocab_size, "tokens")
-        return {"prompt": await self.tm.decode(req.tokens)}
+        return {"prompt": await self.tm.decode(req.tokens, skip_special_tokens=False)}  # as vLLM: all tokens

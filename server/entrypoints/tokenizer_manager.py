@@ -229,8 +229,8 @@ class TokenizerManager:
             return list(prompt)
         return await self._in_pool(self.tokenizer.encode, prompt, add_special_tokens)
 
-    async def decode(self, ids: list[int]) -> str:
-        return await self._in_pool(self.tokenizer.decode, ids)
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self._in_pool(self.tokenizer.decode, ids, skip_special_tokens)
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                           continue_final_message: bool = False) -> list[int]:
