@@ -208,7 +208,7 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
 def _union_tag_at(loc: tuple) -> int | None:
     """Index of the first union-member tag in a pydantic error location (``list[...]``, ``str``...), if any."""
     for i, p in enumerate(loc):
-        if isinstance(p, str) and (not p.isidentifier() or p in _TYPE_TAGS):
+        if isinstance(p, str) and not p.isdigit() and (not p.isidentifier() or p in _TYPE_TAGS):  # "5": a key
             return i
     return None
 
@@ -218,6 +218,10 @@ def validation_error(e: ValidationError) -> APIError:
     none of a union's forms names the union's field and its forms."""
     err = e.errors()[0]
     loc = err["loc"]
+    if "[key]" in loc:  # a bad dict key: only logit_bias has typed keys
+        param = ".".join(str(p) for p in loc[: loc.index("[key]") - 1])
+        return bad_request(f"Invalid key {loc[loc.index('[key]') - 1]!r} in '{param}': keys must be token ids as "
+                           'decimal strings, e.g. {"50256": -100}.', param=param, code="invalid_value")
     cut = _union_tag_at(loc)
     param = ".".join(str(p) for p in loc[:cut]) or None
     if err["type"] == "missing" and cut is None:
