@@ -87,11 +87,23 @@ class NativeSamplingParams(RequestBody):
 class GenerateRequest(RequestBody):
     """The body of ``/generate`` (see the module docstring)."""
 
-    ignored_fields: ClassVar[frozenset[str]] = frozenset({"log_metrics"})
+    # SGLang's other fields: metrics, routing and cache keys change nothing here; inputs other than text, extra
+    # outputs, LoRA, sessions and disaggregation are not supported (accepted only when left at their default).
+    ignored_fields: ClassVar[frozenset[str]] = frozenset({
+        "log_metrics", "no_logs", "custom_labels", "priority", "routing_key", "conversation_id", "extra_key",
+        "cache_salt", "data_parallel_rank", "routed_dp_rank", "external_trace_header"})
     neutral_only_fields: ClassVar[dict[str, Any]] = {
-        name: None for name in ("input_embeds", "image_data", "audio_data", "video_data", "lora_path", "lora_id",
-                                "custom_logit_processor", "token_ids_logprob", "session_params", "modalities")
-    } | {"return_hidden_states": False}
+        name: None for name in (
+            "input_embeds", "image_data", "audio_data", "video_data", "mm_hashes", "mm_content_hashes", "video_config",
+            "mm_processor_kwargs", "watermark", "lora_path", "lora_id", "custom_logit_processor", "token_ids_logprob",
+            "session_id", "session_params", "modalities", "sampling_logprobs_mode", "positional_embed_overrides",
+            "bootstrap_host", "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size",
+            "max_thinking_tokens")
+    } | {name: False for name in (
+        "return_hidden_states", "return_routed_experts", "return_indexer_topk", "return_sampling_mask",
+        "return_flat_raw_top_logprobs", "return_flat_raw_output_top_logprobs", "use_audio_in_video", "background",
+        "require_reasoning", "return_bytes", "return_entropy", "return_prompt_token_ids")
+    } | {"routed_experts_start_len": 0}
     model: str | None = None
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
