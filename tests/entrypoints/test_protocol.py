@@ -11,6 +11,7 @@ from server.entrypoints.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    chat_generation_prompt,
     chat_messages,
     normalize_prompt,
     parse_body,
@@ -112,3 +113,22 @@ def test_chat_content_forms():
     with pytest.raises(APIError) as e:
         chat_messages(req.messages)
     assert e.value.param == "messages.0.content"
+
+
+def test_logit_controls_reach_sampling_params():
+    [p] = resolve({"logit_bias": {"7": -100, "3": 2.5}, "presence_penalty": 0.5, "frequency_penalty": -1,
+                   "repetition_penalty": 1.2, "min_p": 0.1})
+    assert p.logit_bias == {7: -100.0, 3: 2.5} and p.uses_penalties
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.2, 0.1)
+    with pytest.raises(APIError) as e:
+        resolve({"logit_bias": {"50": 1}})  # the vocabulary has 50 tokens: ids 0..49
+    assert (e.value.param, e.value.code) == ("logit_bias", "invalid_token_id")
+
+
+def test_chat_generation_prompt_as_vllm():
+    assert chat_generation_prompt(None, None) == (True, False)
+    assert chat_generation_prompt(False, None) == (False, False)
+    assert chat_generation_prompt(None, True) == (False, True)
+    assert chat_generation_prompt(False, True) == (False, True)
+    with pytest.raises(APIError):
+        chat_generation_prompt(True, True)
