@@ -202,6 +202,7 @@ def test_request_log_lines_and_metrics(server):
     post(server, "/v1/completions", {"prompt": "log me", "max_tokens": 2, **GREEDY})
     log = server.log()
     assert "loading the model from " in log and "builtin-v2" in log and "model loaded" in log
+    assert "loading weights: model.safetensors (1/1, " in log
     assert re.search(r"request \w+ finished: length; prompt \d+ tokens, completion 2 tokens; ttft [\d.]+s, "
                      r"latency [\d.]+s", log)
     r = httpx.get(f"{server.url}/metrics")
