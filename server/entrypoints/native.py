@@ -17,6 +17,7 @@ default), then ``data: [DONE]``.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 from fastapi import Request
@@ -37,7 +38,7 @@ from server.entrypoints.protocol import (
     stop_list,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, clamp_logprob, collect, stream
-from server.entrypoints.tokenizer_manager import TokenizerManager
+from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
 from server.sampling_params import (
     LogitBias,
     Logprobs,
@@ -212,7 +213,7 @@ class _Output:
             out |= {"input_top_logprobs": [], "output_top_logprobs": [[entry(t, v) for t, v in lp.top] for lp in lps]}
         return out
 
-    async def chunks(self, events):
+    async def chunks(self, events: AsyncIterator[ChoiceEvent]) -> AsyncIterator[dict]:
         """The stream of the single choice: the whole output so far after every event."""
         result = ChoiceResult()
         async for ev in events:

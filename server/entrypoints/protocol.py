@@ -15,6 +15,7 @@ Every rejection is an ``APIError``, which the HTTP layer answers with
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -344,7 +345,7 @@ def check(ok: bool, param: str, message: str) -> None:
         raise bad_request(message, param=param)
 
 
-def check_token_ids(ids, vocab_size: int, param: str) -> None:
+def check_token_ids(ids: Iterable[int | str], vocab_size: int, param: str) -> None:
     """400 naming ``param`` unless every id (list items or, for logit_bias, keys) is a token of the model."""
     bad = [t for t in map(int, ids) if t >= vocab_size]
     if bad:
