@@ -327,10 +327,15 @@ def _gathered_decode_loop(q, k_cache, v_cache, tables, kv_len: int, scale: float
 
 
 def paged_attention(rows: list, budget: Budget) -> None:
-    """The engine's batched local attention (server/kernels/paged_attention.py) against the per-request path
+    """The engine's batched local attention (server/backends/flashinfer_backend.py) against the per-request path
     it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
+    import types
+
+    from server.backends.attention import AttentionGeometry, make_batch
+    from server.backends.flashinfer_backend import FlashInferAttentionBackend
+    from server.forward.context import LocalEntry
     from server.kernels.flashinfer_attention import flashinfer_module
-    from server.kernels.paged_attention import batch_attention_flashinfer, make_batch
+    from server.sp.groups import ParallelState
 
     fi = flashinfer_module()
     if fi is None:
@@ -339,6 +344,12 @@ def paged_attention(rows: list, budget: Budget) -> None:
     hq, hk, d, page = 32, 8, HEAD_DIM, 16
     scale = d**-0.5
     dev = torch.device("cuda")
+    backend = FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, scale),
+                                         torch.bfloat16)
+
+    def run(batch, q, k, v, kc, vc):
+        return backend.run_batch(batch, q, k, v, types.SimpleNamespace(k=kc, v=vc), scale)
+
     per_pair = 4 * hq * d
     prefill_cases = [(8192, 0), (32768, 0), (64, 32768), (256, 32768), (1024, 32768), (8192, 24576),
                      (32768, 98304)]
@@ -352,8 +363,9 @@ def paged_attention(rows: list, budget: Budget) -> None:
         flops = per_pair * (n * prefix + n * (n + 1) / 2)
         row = {"case": "prefill", "tokens": n, "prefix": prefix, "tflops": {}}
         for kind in ["ragged"] if prefix == 0 else ["paged_causal", "gathered_causal"]:
-            batch = make_batch(kind, page, [(list(range(n)), table, n if prefix == 0 else total)], dev)
-            ms = bench_ms(partial(batch_attention_flashinfer, batch, q, k, v, kc, vc, scale))
+            batch = make_batch(kind, page, [LocalEntry(0, n, table, n if prefix == 0 else total, True)], dev)
+            backend.plan_batches([batch])
+            ms = bench_ms(partial(run, batch, q, k, v, kc, vc))
             row["tflops"][kind] = flops / ms / 1e9
         pages_t = torch.tensor(table, device="cuda")
         old = bench_ms(partial(_gathered_attention, q, kc, vc, pages_t, total, [(0, n, prefix)], scale))
@@ -368,9 +380,10 @@ def paged_attention(rows: list, budget: Budget) -> None:
         kc, vc, tables = _paged_cache([kv_len] * b, hk, d, page)
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
         t0 = time.perf_counter()
-        batch = make_batch("decode", page, [([i], t, kv_len) for i, t in enumerate(tables)], dev)
+        batch = make_batch("decode", page, [LocalEntry(i, 1, t, kv_len, False) for i, t in enumerate(tables)], dev)
+        backend.plan_batches([batch])
         plan_host_ms = (time.perf_counter() - t0) * 1e3
-        ms = bench_ms(partial(batch_attention_flashinfer, batch, q, q, q, kc, vc, scale))
+        ms = bench_ms(partial(run, batch, q, q, q, kc, vc))
         nbytes = 2 * b * kv_len * hk * d * 2
         tables_t = [torch.tensor(t, device="cuda") for t in tables]
         old = bench_ms(partial(_gathered_decode_loop, q, kc, vc, tables_t, kv_len, scale), rep=20)

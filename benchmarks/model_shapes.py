@@ -57,6 +57,59 @@ SHAPES = {
         "mlp_alpha_factor": 1.0,
         "mlp_beta_factor": 1.0,
     },
+    # Qwen3.5-27B's language model (its published config.json): 48 Gated DeltaNet + 16 gated full-attention layers
+    # (3:1), GDN 16 key / 48 value heads x 128, attention 24 q / 4 KV heads x 256 with a quarter rotary.
+    "qwen3.5-27b": {
+        "architectures": ["Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_text",
+        "vocab_size": 248320,
+        "hidden_size": 5120,
+        "intermediate_size": 17408,
+        "num_hidden_layers": 64,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 48,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 16,
+    },
+    # Qwen3-Next-80B-A3B's layer shapes (GDN 16 key / 32 value heads, attention 16 q / 2 KV x 256, shared expert)
+    # at 16 layers and 64 experts (top-10), small enough for one GPU.
+    "qwen3-next-like": {
+        "architectures": ["Qwen3NextForCausalLM"],
+        "model_type": "qwen3_next",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "head_dim": 256,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 64,
+        "num_experts_per_tok": 10,
+        "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512,
+        "norm_topk_prob": True,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 4,
+    },
 }
 
 
@@ -69,25 +122,43 @@ def shape_dir(name: str) -> str:
     return path
 
 
+def _gdn_flops(cfg: dict, n: int) -> float:
+    """One Gated DeltaNet layer on n tokens: projections (q, k, v, z, b, a, out) and the chunked delta rule per value
+    head (chunk C: in-chunk ``K K^T``, ``Q K^T`` and ``P U`` products, then three ``Dk x Dv`` state products per
+    token: the state read by the writes, by the queries, and the state update)."""
+    h, hk, hv = cfg["hidden_size"], cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv, c = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], 64
+    proj = 2 * n * h * (2 * hk * dk + 2 * hv * dv + 2 * hv) + 2 * n * hv * dv * h
+    return proj + hv * (2 * n * c * (2 * dk + dv) + 3 * 2 * n * dk * dv)
+
+
 def prefill_flops(cfg: dict, n: int) -> float:
     """Forward FLOPs of prefilling n tokens (2 per multiply-add), counting work actually needed:
-    dense/active-expert matmuls, causal softmax attention (QK^T and PV over the lower triangle), and lightning
-    attention computed blockwise (intra-block masked products + inter-block state products + state updates)."""
+    dense/active-expert matmuls, causal softmax attention (QK^T and PV over the lower triangle), lightning
+    attention computed blockwise (intra-block masked products + inter-block state products + state updates) and
+    Gated DeltaNet computed chunkwise."""
     h, d = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
-    experts = cfg.get("num_experts_per_tok", 1)
-    mlp = 2 * n * 3 * h * cfg["intermediate_size"] * experts
+    gdn = "linear_num_key_heads" in cfg
+    if "moe_intermediate_size" in cfg:  # routed experts plus the shared one
+        inter = cfg["moe_intermediate_size"] * cfg["num_experts_per_tok"] + cfg["shared_expert_intermediate_size"]
+    else:
+        inter = cfg["intermediate_size"] * cfg.get("num_experts_per_tok", 1)
+    mlp = 2 * n * 3 * h * inter
+    q_out = 2 if gdn else 1  # the hybrids' q projection also emits the output gate
     total = 2 * n * h * cfg["vocab_size"] / n  # LM head on the last token only
     for t in types:
-        if t == "linear_attention":
+        if t == "linear_attention" and gdn:
+            proj, attn = _gdn_flops(cfg, n), 0.0
+        elif t == "linear_attention":
             proj = 2 * n * h * (3 * nh * d + nh * d + nh * d)  # qkv, output gate, out
             blk = cfg.get("block_size", 256)
             attn = nh * (
                 2 * n * blk * d + 2 * n * d * d * 2 + 2 * n * d * d
             )  # intra (avg blk/2, 2 products), inter, state
         else:
-            proj = 2 * n * h * (nh * d + 2 * nkv * d + nh * d)
+            proj = 2 * n * h * (q_out * nh * d + 2 * nkv * d + nh * d)
             attn = nh * 2 * 2 * d * n * n / 2  # causal: half of QK^T and PV
         total += proj + attn + mlp
     return total

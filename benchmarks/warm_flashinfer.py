@@ -22,10 +22,16 @@ KINDS = ["single", "ragged", "paged_causal", "paged_full", "decode", "merge"]
 
 
 def warm(kind: str, dtype_name: str, head_dim: int) -> tuple[str, float, str]:
+    import types
+
     import torch
 
+    from server.backends.attention import AttentionGeometry, make_batch
+    from server.backends.flashinfer_backend import FlashInferAttentionBackend
+    from server.forward.context import LocalEntry
     from server.kernels import ops
-    from server.kernels.paged_attention import batch_attention_flashinfer, make_batch
+    from server.kernels.flashinfer_attention import attention_runs_flashinfer
+    from server.sp.groups import ParallelState
 
     t0 = time.perf_counter()
     dtype = getattr(torch, dtype_name)
@@ -36,15 +42,18 @@ def warm(kind: str, dtype_name: str, head_dim: int) -> tuple[str, float, str]:
     cache = torch.randn(4, page, hk, head_dim, device=dev, dtype=dtype)
     try:
         if kind == "single":
-            ops.attention_runs(q, k, k, [(0, 32, 40)], [(0, 32, 0)], 0.1)  # one full piece
-            ops.attention_runs(q, k, k, [(0, 32, 0)], [(0, 32, 0)], 0.1)  # one causal piece
+            attention_runs_flashinfer(q, k, k, [(0, 32, 40)], [(0, 32, 0)], 0.1)  # one full piece
+            attention_runs_flashinfer(q, k, k, [(0, 32, 0)], [(0, 32, 0)], 0.1)  # one causal piece
         elif kind == "merge":
             ops.merge_state(q, torch.zeros(32, hq, device=dev), q, torch.zeros(32, hq, device=dev))
         else:
-            rows = list(range(1 if kind == "decode" else 20))
-            kv_len = len(rows) if kind == "ragged" else 40
-            batch = make_batch(kind, page, [(rows, [2, 0, 3], kv_len)], dev)
-            batch_attention_flashinfer(batch, q[: len(rows)], k[: len(rows)], k[: len(rows)], cache, cache, 0.1)
+            n = 1 if kind == "decode" else 20
+            kv_len = n if kind == "ragged" else 40
+            backend = FlashInferAttentionBackend(ParallelState(device=dev), page,
+                                                 AttentionGeometry(hq, hk, head_dim, 0.1), dtype)
+            batch = make_batch(kind, page, [LocalEntry(0, n, [2, 0, 3], kv_len, kind != "paged_full")], dev)
+            backend.plan_batches([batch])
+            backend.run_batch(batch, q[:n], k[:n], k[:n], types.SimpleNamespace(k=cache, v=cache), 0.1)
         torch.cuda.synchronize()
         status = "ok"
     except Exception as e:  # reported, the others go on

@@ -9,6 +9,7 @@ import torch
 ATTENTION_BACKENDS = ("auto", "flashinfer", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+CUDA_GRAPH_MODES = ("auto", "off", "eager")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class EngineConfig:
     ring_mode: str = "ring"  # ring | allgather: how softmax layers see other SP ranks' KV during SP prefill
     lasp_mode: str = "ring"  # ring | allgather (LASP-2): how lightning layers get their incoming state
     seq_parallel_tp: bool = True  # long SP prefills keep the residual stream sharded over TP
+    cuda_graph: str = "auto"  # auto: capture decode graphs on CUDA | off | eager: pad decode steps, no capture
+    cuda_graph_max_bs: int = 64  # the largest decode batch replayed from a graph
     seed: int = 0
     dist_init_addr: str | None = None  # tcp://host:port for the workers' rendezvous; a free local port if None
     nnodes: int = 1
@@ -85,6 +88,9 @@ class EngineConfig:
             (self.ring_mode in ("ring", "allgather"), f"--ring-mode must be ring or allgather, got {self.ring_mode!r}"),
             (self.lasp_mode in ("ring", "allgather"), f"--lasp-mode must be ring or allgather, got {self.lasp_mode!r}"),
             (self.max_model_len is None or self.max_model_len >= 1, "--max-model-len must be >= 1"),
+            (self.cuda_graph in CUDA_GRAPH_MODES,
+             f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}"),
+            (self.cuda_graph_max_bs >= 0, f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}"),
         ]
         for ok, msg in checks:
             if not ok:

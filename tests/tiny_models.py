@@ -46,6 +46,24 @@ def tiny_config(arch: str, **over):
                                   "full_attn_alpha_factor": 1.1, "full_attn_beta_factor": 0.9,
                                   "linear_attn_alpha_factor": 0.8, "linear_attn_beta_factor": 1.2,
                                   "mlp_alpha_factor": 1.05, "mlp_beta_factor": 0.95, **over})
+    elif arch == "qwen3_5_vl":  # a vision-language checkpoint whose language model is qwen3_5
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=COMMON["hidden_size"],
+                      patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+        cfg = tf.Qwen3_5Config(text_config=tiny_config("qwen3_5").to_dict(), vision_config=vision, **over)
+    elif arch.startswith(("qwen3_5", "qwen3_next")):
+        # GDN: 2 key heads serve 6 value heads, key dim != value dim != attention head dim; two full-attention
+        # layers in a row in qwen3_5, the real 3:1 layout and a dense layer among MoE ones in qwen3_next
+        gdn = dict(linear_num_key_heads=2, linear_num_value_heads=6, linear_key_head_dim=16,
+                   linear_value_head_dim=12, linear_conv_kernel_dim=4, head_dim=40)
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40)
+        if arch == "qwen3_next":
+            cfg = tf.Qwen3NextConfig(**{**COMMON, **gdn, **moe, "num_hidden_layers": 4, "mlp_only_layers": [1],
+                                        "layer_types": ["linear_attention"] * 3 + ["full_attention"], **over})
+        else:
+            types = ["linear_attention", "full_attention", "full_attention", "linear_attention"]
+            cls = tf.Qwen3_5MoeTextConfig if arch == "qwen3_5_moe" else tf.Qwen3_5TextConfig
+            cfg = cls(**{**COMMON, **gdn, **(moe if arch == "qwen3_5_moe" else {}), "num_hidden_layers": 4,
+                         "layer_types": types, **over})
     else:
         raise ValueError(arch)
     return cfg
@@ -60,7 +78,8 @@ def save_tiny_model(arch: str, root: str, seed: int = 0, **over) -> str:
         return path
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **over)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    auto = tf.AutoModelForImageTextToText if arch.endswith("_vl") else tf.AutoModelForCausalLM
+    model = auto.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(path)
     return path
 

@@ -1,40 +1,45 @@
-"""Bookkeeping of KV pages (per SP rank) and lightning state slots, kept by the scheduler on rank 0.
+"""Bookkeeping of KV pages (per SP rank) and state slots, kept by the scheduler on rank 0.
 
-Workers hold the tensors; the scheduler decides which pages and slots each request uses and sends the page
-tables with every step. TP ranks of one SP rank share its page numbering (each stores its own KV heads).
+Workers hold the tensors and a mirror of each request's pages (:mod:`server.engine.request_table`); the
+scheduler decides which pages and slots each request uses and sends only the pages it appends. TP ranks of one
+SP rank share its page numbering (each stores its own KV heads). Page 0 of every rank and the state slot
+``num_slots`` are scratch space that padded rows of a CUDA-graph step write to; they are never handed out.
 
 Admission reserves a request's worst case on every SP rank it will use, so a running request never waits for
 memory and nothing is half-run:
 - a request with a home rank (short prompt, DESIGN 5.5) keeps all of its KV there;
 - an SP request spreads its split prompt chunks evenly (zigzag rounding adds at most 2 tokens per chunk and
-  rank) and keeps its short tail chunk and its decode tokens on its ``decode_rank``.
+  rank), and its replicated tokens (tail chunk, decode) go to the SP rank with the smallest shard whenever a page
+  fills, so every rank holds about 1/P of it.
 """
 
 from __future__ import annotations
 
+from server.engine.request_table import append_run
 from server.engine.sequence import Sequence
-from server.kernels.ops import Run
+
+SCRATCH_PAGE = 0
 
 
 class CacheManager:
     def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int, split_threshold: int,
-                 chunk_budget: int):
-        self.num_pages = num_pages
+                 split_budget: int):
+        self.num_pages = num_pages  # per rank, the scratch page included
         self.page_size = page_size
         self.sp_size = sp_size
         self.num_slots = num_slots
         self.split_threshold = split_threshold
-        self.chunk_budget = chunk_budget
+        self.split_budget = split_budget  # the largest split chunk (tokens over the whole SP group)
         # Pages never handed out are counted, not listed: a model without softmax layers has no KV and an
         # effectively unbounded page count.
-        self.next_page = [0] * sp_size
+        self.next_page = [SCRATCH_PAGE + 1] * sp_size
         self.freed: list[list[int]] = [[] for _ in range(sp_size)]
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.reserved = [0] * sp_size  # tokens reserved by admitted requests, per SP rank
 
     @property
     def capacity_per_rank(self) -> int:
-        return self.num_pages * self.page_size
+        return (self.num_pages - 1) * self.page_size
 
     @property
     def capacity_tokens(self) -> int:
@@ -45,17 +50,16 @@ class CacheManager:
         return self.sp_size > 1 and len(seq.prompt_ids) < self.split_threshold
 
     def reservation(self, seq: Sequence, rank: int) -> list[int]:
-        """Tokens to reserve per SP rank if ``seq`` is homed (short) or decodes (SP request) on ``rank``."""
+        """Tokens to reserve per SP rank if ``seq`` is homed on ``rank`` (short) or an SP request."""
         n, m, page = len(seq.prompt_ids), seq.params.max_tokens, self.page_size
         res = [0] * self.sp_size
         if self.sp_size == 1 or self.is_short(seq):
             res[rank] = n + m + page
             return res
-        chunks = -(-n // self.chunk_budget)
-        share = -(-n // self.sp_size) + 2 * chunks + page
-        res = [share] * self.sp_size
-        res[rank] += m + min(n, self.split_threshold)
-        return res
+        chunks = -(-n // self.split_budget)
+        # split chunks, zigzag rounding, the tail chunk on one rank, decode rotating page by page
+        share = -(-(n + m) // self.sp_size) + 2 * chunks + self.split_threshold + 2 * page
+        return [share] * self.sp_size
 
     def can_ever_fit(self, seq: Sequence) -> bool:
         return max(self.reservation(seq, 0)) <= self.capacity_per_rank
@@ -87,6 +91,14 @@ class CacheManager:
             self.reserved = [a - b for a, b in zip(self.reserved, seq.reserved_tokens)]
             seq.reserved_tokens = []
 
+    def replicated_owner(self, seq: Sequence) -> int:
+        """SP rank that stores ``seq``'s next replicated tokens: the current one while its last page has room,
+        then the rank with the smallest shard, so that every rank holds about 1/P of the request."""
+        if seq.shard_len(seq.decode_rank) % self.page_size:
+            return seq.decode_rank
+        seq.decode_rank = min(range(self.sp_size), key=lambda r: (seq.shard_len(r), r != seq.decode_rank))
+        return seq.decode_rank
+
     def pages_needed(self, seq: Sequence, sp_rank: int, new_tokens: int) -> int:
         total = seq.shard_len(sp_rank) + new_tokens
         return max(0, -(-total // self.page_size) - len(seq.pages[sp_rank]))
@@ -103,22 +115,14 @@ class CacheManager:
         self.next_page[sp_rank] += 1
         return self.next_page[sp_rank] - 1
 
-    def append(self, seq: Sequence, sp_rank: int, pos_start: int, length: int) -> None:
-        """Store positions ``pos_start..pos_start+length-1`` at the end of the rank's shard."""
+    def append(self, seq: Sequence, sp_rank: int, pos_start: int, length: int) -> list[int]:
+        """Store positions ``pos_start..pos_start+length-1`` at the end of the rank's shard; the new pages."""
         if length == 0:
-            return
-        for _ in range(self.pages_needed(seq, sp_rank, length)):
-            seq.pages[sp_rank].append(self.take_page(sp_rank))
-        runs = seq.kv_runs[sp_rank]
-        row = seq.shard_len(sp_rank)
-        if runs and runs[-1][2] + runs[-1][1] == pos_start:  # extends the last run
-            r0, n0, p0 = runs[-1]
-            runs[-1] = (r0, n0 + length, p0)
-        else:
-            runs.append((row, length, pos_start))
+            return []
+        new = [self.take_page(sp_rank) for _ in range(self.pages_needed(seq, sp_rank, length))]
+        seq.pages[sp_rank] += new
+        append_run(seq.kv_runs[sp_rank], seq.shard_len(sp_rank), pos_start, length)
+        return new
 
     def pages_used(self) -> int:
-        return sum(self.num_pages - self.free_count(r) for r in range(self.sp_size))
-
-    def snapshot_runs(self, seq: Sequence) -> list[list[Run]]:
-        return [list(r) for r in seq.kv_runs]
+        return sum(self.num_pages - self.free_count(r) - 1 for r in range(self.sp_size))

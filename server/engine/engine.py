@@ -23,7 +23,8 @@ from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput,
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.engine.worker import MEMORY_STATS, gather_memory_stats, send_plan, setup_rank, worker_main
+from server.engine.worker import gather_memory_stats, send_message, setup_rank, worker_main
+from server.forward.plan import MemoryStatsRequest, Placement, Shutdown
 from server.layers.sampler import SampleRequest, sample
 from server.models.builtin import builtin_model_path
 from server.models.loader import check_model_parallelism, read_model_config
@@ -132,17 +133,18 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
-        if not plan.seqs:
+        if not plan.chunks:
             return outputs
-        send_plan(self.pstate, plan)
+        send_message(self.pstate, plan)
         self.num_steps += 1
         self.last_step = StepCounts(
-            len(plan.seqs), sum(st.num_new for s, st in zip(seqs, plan.seqs) if s.prefilling),
-            sum(st.num_new for s, st in zip(seqs, plan.seqs) if not s.prefilling),
-            sum(st.split for st in plan.seqs), sum(st.home for st in plan.seqs))
+            len(plan.chunks), sum(c.num_new for s, c in zip(seqs, plan.chunks) if s.prefilling),
+            sum(c.num_new for s, c in zip(seqs, plan.chunks) if not s.prefilling),
+            sum(c.placement == Placement.SPLIT for c in plan.chunks),
+            sum(c.placement == Placement.HOMED for c in plan.chunks))
         logits = self.runner.run(plan)
         self.scheduler.advance(seqs, plan)
-        sampled = [s for s, st in zip(seqs, plan.seqs) if st.sample]
+        sampled = [s for s, c in zip(seqs, plan.chunks) if c.sample]
         if not sampled:
             return outputs
         results = self._sample(logits, sampled)
@@ -200,7 +202,7 @@ class Engine:
             while seq.prefilling:
                 plan, seqs = self.scheduler.schedule()
                 plan.all_logits = True
-                send_plan(self.pstate, plan)
+                send_message(self.pstate, plan)
                 parts.append(self.runner.run(plan))
                 self.scheduler.advance(seqs, plan)
         finally:
@@ -245,7 +247,7 @@ class Engine:
 
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        kv_total = self.cache.num_pages * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
+        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -259,7 +261,7 @@ class Engine:
 
     def memory_stats(self, reset: bool = True) -> list[dict]:
         """Every rank's device memory (peak allocated since the last reset, allocated now), by rank."""
-        send_plan(self.pstate, (MEMORY_STATS, reset))
+        send_message(self.pstate, MemoryStatsRequest(reset))
         return gather_memory_stats(self.pstate, reset)
 
     def worker_pids(self) -> list[int]:
@@ -271,7 +273,7 @@ class Engine:
         self.closed = True
         try:
             if all(p.is_alive() for p in self.procs):
-                send_plan(self.pstate, None)
+                send_message(self.pstate, Shutdown())
                 for p in self.procs:
                     p.join(timeout=10)
         finally:

@@ -1,4 +1,9 @@
-"""One rank's model, caches and forward step."""
+"""One rank's model, caches, request mirror and forward step.
+
+A step: the plan updates the rank's request mirror (:class:`RequestTable`), the step's rows and metadata are
+built once (:mod:`server.engine.step_builder`), the attention backend prepares them once (plans, index tensors),
+and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`server.engine.cuda_graphs`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,16 @@ import logging
 
 import torch
 
+from server.backends import make_attention_backend
+from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
-from server.engine.context import StepPlan, build_forward_context
+from server.engine.request_table import RequestTable
+from server.engine.step_builder import LocalChunk, StepRows, build_step_rows
+from server.forward.context import ForwardContext
+from server.forward.plan import StepPlan
 from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
+from server.layers.gdn import GDNAttention, GDNStatePool
 from server.layers.lightning import LightningAttention, LightningStatePool
 from server.models.loader import build_model, resolve_dtype
 from server.sp.groups import ParallelState
@@ -25,6 +36,8 @@ class ModelRunner:
     Only the SP group's rank 0 (``sp_rank == 0``; with its TP peers for the vocab-parallel head) computes
     logits. Split requests end in chunk 2P-1, which rank 0 owns, replicated tokens are on every SP rank, and
     requests homed elsewhere send their last hidden row to rank 0.
+
+    State slots: ``num_slots`` for requests plus one scratch slot (index ``num_slots``) for padded graph rows.
     """
 
     def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState):
@@ -37,14 +50,27 @@ class ModelRunner:
         self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.lightning_layers = [m for m in self.model.modules() if isinstance(m, LightningAttention)]
+        self.gdn_layers = [m for m in self.model.modules() if isinstance(m, GDNAttention)]
         self.num_slots = config.max_running_requests
+        self.scratch_slot = self.num_slots
+        self.backend = make_attention_backend(config.attention_backend, pstate, config.page_size,
+                                              self._geometry(), self.dtype)
+        self.table: RequestTable | None = None
+        self.graphs = None
+
+    def _geometry(self) -> AttentionGeometry | None:
+        shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in self.attn_layers}
+        if len(shapes) != 1:
+            return None  # no softmax layers, or layers of different shapes: the reference handles any
+        return AttentionGeometry(*shapes.pop())
 
     def cache_bytes_per_page(self) -> int:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         return sum(2 * self.config.page_size * a.num_kv_heads * a.head_dim * itemsize for a in self.attn_layers)
 
     def state_bytes_per_slot(self) -> int:
-        return sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
+        gdn = sum(g.state_bytes(self.dtype) for g in self.gdn_layers)
+        return gdn + sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
 
     def head_dim_of(self, layer: LightningAttention) -> int:
         return self.model.cfg.get("head_dim") or self.model.cfg["hidden_size"] // self.model.cfg["num_attention_heads"]
@@ -59,67 +85,101 @@ class ModelRunner:
         return int(self.config.cpu_cache_gb * (1 << 30))
 
     def plan_cache(self) -> int:
-        """Number of KV pages this rank can hold after the state pool is taken out of the budget."""
-        budget = self.available_cache_bytes() - self.num_slots * self.state_bytes_per_slot()
+        """Number of KV pages this rank can hold (page 0, the scratch page, included) after the state pool is
+        taken out of the budget."""
+        budget = self.available_cache_bytes() - (self.num_slots + 1) * self.state_bytes_per_slot()
         per_page = self.cache_bytes_per_page()
         if budget <= 0:
             raise RuntimeError(
                 f"no memory left for caches on {self.device} after the weights and {self.num_slots} state slots; "
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
-        return max(1, budget // per_page) if per_page else NO_KV_PAGES
+        return max(2, budget // per_page) if per_page else NO_KV_PAGES
 
     def allocate_caches(self, num_pages: int) -> None:
         self.num_pages = num_pages
+        slots = self.num_slots + 1
         for a in self.attn_layers:
             a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
                                    self.device)
         for lt in self.lightning_layers:
-            lt.pool = LightningStatePool(self.num_slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
-        log.info("rank %d: %d KV pages of %d tokens, %d state slots", self.pstate.rank, num_pages,
-                 self.config.page_size, self.num_slots)
+            lt.pool = LightningStatePool(slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
+        for g in self.gdn_layers:
+            g.pool = GDNStatePool(slots, g.hv, g.dk, g.dv, g.conv_channels, g.conv_width, self.dtype, self.device)
+        max_pages = -(-self.config_max_len() // self.config.page_size) + 2
+        self.table = RequestTable(self.pstate.sp_size, self.pstate.sp_rank, slots, max_pages, self.config.page_size,
+                                  self.device)
+        log.info("rank %d: %d KV pages of %d tokens, %d state slots, %s attention", self.pstate.rank, num_pages,
+                 self.config.page_size, self.num_slots, self.backend.name)
+
+    def config_max_len(self) -> int:
+        cfg = self.model.cfg
+        return min(self.config.max_model_len or cfg.get("max_position_embeddings", 4096),
+                   cfg.get("max_position_embeddings", 1 << 62))
+
+    def enable_decode_graphs(self) -> None:
+        """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
+        from server.engine.cuda_graphs import DecodeGraphs, graph_mode
+
+        mode = graph_mode(self.config, self.device, self.backend)
+        if mode != "off":
+            self.graphs = DecodeGraphs(self, capture=mode == "capture")
 
     def release(self) -> None:
         """Drop the model and caches so the device memory returns to the allocator's free pool."""
         for a in self.attn_layers:
             a.cache = None
-        for lt in self.lightning_layers:
+        for lt in self.lightning_layers + self.gdn_layers:
             lt.pool = None
         self.model = None
-        self.attn_layers, self.lightning_layers = [], []
+        self.graphs = None
+        self.attn_layers, self.lightning_layers, self.gdn_layers = [], [], []
+        self.backend.release()
         if self.device.type == "cuda":
-            from server.kernels.paged_attention import release_wrappers
-
-            release_wrappers(self.device)
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Forward one step. On SP rank 0 returns logits ``[num sampled requests, vocab]`` in plan order."""
-        ctx = build_forward_context(plan, self.pstate, self.config.page_size, self.config.ring_mode,
-                                    self.config.lasp_mode)
+        self.table.apply(plan)
+        if self.graphs is not None and plan.is_decode:
+            out = self.graphs.run(plan)
+            if out is not None:
+                hidden, step = out
+                return self._sampled_logits(hidden, step.chunks)
+        rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode)
+        ctx = self.context(rows)
         hidden = self.model(ctx)
         if plan.all_logits:
-            return self._all_logits(hidden[: ctx.num_rows], ctx.positions[: ctx.num_rows], ctx)
-        return self._sampled_logits(hidden, ctx)
+            return self._all_logits(hidden[: rows.num_rows], rows)
+        return self._sampled_logits(hidden, rows.chunks)
 
-    def _sampled_logits(self, hidden: torch.Tensor, ctx) -> torch.Tensor | None:
+    def context(self, rows: StepRows, backend=None) -> ForwardContext:
+        """The forward context of a step's rows, its attention prepared by ``backend`` (default: the rank's)."""
+        attention = (backend or self.backend).prepare(rows.attention) if self.attn_layers else None
+        return ForwardContext(self.pstate, rows.input_ids, rows.positions, rows.num_rows, rows.seq_sharded,
+                              attention, rows.linear)
+
+    def _sampled_logits(self, hidden: torch.Tensor, chunks: list[LocalChunk]) -> torch.Tensor | None:
         """Logits of the last new token of every sampled request, in plan order, on SP rank 0. Requests homed
         on other SP ranks send their hidden row to rank 0 first (one SP all-gather, only when there are any)."""
         ps = self.pstate
-        sampled = [s for s in ctx.seqs if s.step.sample]
+        sampled = sorted((lc for lc in chunks if lc.chunk.sample), key=lambda lc: lc.index)
         if not sampled:
             return None
-        counts = [sum(1 for s in sampled if s.step.holder == r) for r in range(ps.sp_size)]
-        mine = [s.row_start + s.num_rows - 1 for s in sampled if s.step.holder == ps.sp_rank]
-        rows = hidden[torch.tensor(mine, dtype=torch.long, device=hidden.device)]
+        counts = [sum(1 for lc in sampled if lc.chunk.holder == r) for r in range(ps.sp_size)]
+        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.holder == ps.sp_rank]
+        if mine == list(range(len(mine))):  # decode: the first rows, in order
+            rows = hidden[: len(mine)]
+        else:
+            rows = hidden[torch.tensor(mine, dtype=torch.long).to(hidden.device)]
         if any(counts[1:]):
             padded = torch.zeros(max(counts), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
             padded[: len(mine)] = rows
             parts = ps.sp_all_gather(padded)
             taken = [0] * ps.sp_size
             ordered = []
-            for s in sampled:
-                r = s.step.holder
+            for lc in sampled:
+                r = lc.chunk.holder
                 ordered.append(parts[r][taken[r]])
                 taken[r] += 1
             rows = torch.stack(ordered)
@@ -127,10 +187,11 @@ class ModelRunner:
             return None
         return self.model.compute_logits(rows)
 
-    def _all_logits(self, hidden: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
+    def _all_logits(self, hidden: torch.Tensor, step: StepRows) -> torch.Tensor | None:
         """Logits of every new token of the step, request by request in position order (on SP rank 0)."""
         ps = self.pstate
-        seq_ids = torch.cat([torch.full((s.num_rows,), i, device=hidden.device) for i, s in enumerate(ctx.seqs)])
+        seq_ids = torch.cat([torch.full((lc.num_rows,), lc.index, device=hidden.device) for lc in step.chunks])
+        positions = step.positions[: step.num_rows]
         if ps.sp_size > 1:  # bring every SP rank's rows to rank 0 (padded to the longest)
             sizes = [int(t) for t in ps.sp_all_gather(torch.tensor([hidden.shape[0]], device=hidden.device))]
             pad = max(sizes) - hidden.shape[0]

@@ -1,12 +1,20 @@
 """Continuous batching with chunked prefill, sequence-parallel placement and admission control (rank 0).
 
-Each step has a budget of new tokens (``chunked_prefill_size``). Running requests that finished their prompt
-decode one token each; the rest of the budget goes to prompt chunks, first of requests already prefilling, then
-of waiting requests admitted in arrival order while a state slot and their reserved KV capacity are free. A
-prompt with fewer than ``sp_min_tokens`` (or 2P) tokens gets a home SP rank that computes and stores all of it,
-prefill and decode (DESIGN 5.5: P short prompts proceed in parallel on the P ranks). A longer prompt's chunks of at
-least that size are split zigzag over the SP group; its shorter tail chunk and its decode tokens are computed on
-every SP rank (they need the SP-sharded KV) and stored by its decode rank.
+Each step has a budget of new tokens per SP rank (``chunked_prefill_size``), so an SP group of P ranks takes P
+times the work of one GPU per step. Running requests that finished their prompt decode one token each; the rest
+of the budget goes to prompt chunks, first of requests already prefilling, then of waiting requests admitted in
+arrival order while a state slot and their reserved KV capacity are free. The scheduler decides each chunk's
+:class:`~server.forward.plan.Placement` once:
+
+- a prompt with fewer than ``sp_min_tokens`` (or 2P) tokens gets a home SP rank that computes and stores all of
+  it, prefill and decode (HOMED: P short prompts proceed in parallel on the P ranks);
+- a longer prompt's chunks of at least that size are split zigzag over the SP group (SPLIT; each rank computes
+  about ``chunked_prefill_size`` of a chunk of up to P times that);
+- its shorter tail chunk and its decode tokens are computed on every SP rank (they need the SP-sharded KV) and
+  stored on the rank with the smallest shard (REPLICATED).
+
+The plan it emits is incremental (:mod:`server.forward.plan`): new requests, ended requests, and per chunk the
+tokens and the pages appended on each rank.
 """
 
 from __future__ import annotations
@@ -15,10 +23,10 @@ from collections import deque
 
 from server.config import EngineConfig
 from server.engine.cache_manager import CacheManager
-from server.engine.context import SeqStep, StepPlan
 from server.engine.io_struct import RequestRejected
+from server.engine.request_table import stored_pieces
 from server.engine.sequence import Sequence, Status
-from server.sp.partition import zigzag_chunks
+from server.forward.plan import ChunkPlan, Placement, StepPlan
 
 
 class Scheduler:
@@ -31,7 +39,11 @@ class Scheduler:
         self.budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else max_model_len
         # A split chunk must fit one step's budget, or long prompts could never be scheduled.
         self.split_threshold = max(min(config.sp_min_tokens, self.budget), 2 * self.sp)
-        self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold, self.budget)
+        self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold,
+                                  self.budget * self.sp)
+        self._finished: list[int] = []  # requests released since the last plan that was sent
+        self._started: list[tuple[int, int]] = []  # requests admitted since then: (req, slot)
+        self._next_req = 0
 
     def add(self, seq: Sequence) -> None:
         n = len(seq.prompt_ids)
@@ -52,12 +64,18 @@ class Scheduler:
         free_running = max(0, self.config.max_running_requests - len(self.running))
         if len(self.waiting) - free_running >= self.config.max_waiting_requests:
             raise RequestRejected("the request queue is full; retry later", "queue_full")
+        seq.req = self._next_req
+        self._next_req += 1
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:
+        if (seq.req, seq.slot) in self._started:  # the workers never heard of it
+            self._started.remove((seq.req, seq.slot))
+        elif seq.status == Status.RUNNING:
+            self._finished.append(seq.req)
         seq.status = Status.FINISHED
         self.cache.release(seq)
         if seq in self.running:
@@ -65,59 +83,60 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def _place(self, seq: Sequence, n: int) -> SeqStep | None:
-        """Decide where ``n`` new tokens of ``seq`` go and record them in the cache bookkeeping; None if this
-        placement cannot run now (its pages are not free, or a split-size chunk does not fit the budget)."""
+    def _place(self, seq: Sequence, n: int, room: list[int]) -> ChunkPlan | None:
+        """Decide where ``n`` new tokens of ``seq`` go (at most what ``room`` leaves on each SP rank), record them
+        in the cache bookkeeping and take their cost from ``room``; None if they cannot run now."""
         start = seq.num_computed
-        home = seq.home is not None
-        split = not home and self.sp > 1 and n >= self.split_threshold
-        if not home and not split and self.sp > 1 and len(seq.prompt_ids) - start >= self.split_threshold:
-            return None  # wait for a step with budget for a split chunk (the reservation assumes one)
-        if split:
-            chunks = zigzag_chunks(n, self.sp)
-            mine = [[chunks[r], chunks[2 * self.sp - 1 - r]] for r in range(self.sp)]
-            per_rank = [sum(b - a for a, b in m) for m in mine]
-            owner = 0
+        remaining_prompt = len(seq.prompt_ids) - start
+        if seq.home is not None:
+            placement, owner = Placement.HOMED, seq.home
+            n = min(n, room[owner])
+        elif self.sp > 1 and remaining_prompt >= self.split_threshold:
+            placement, owner = Placement.SPLIT, 0
+            n = min(n, self.sp * min(room))
+            if n < self.split_threshold:
+                return None  # wait for a step with budget for a split chunk (the reservation assumes one)
         else:
-            owner = seq.home if home else seq.decode_rank
-            per_rank = [n if r == owner else 0 for r in range(self.sp)]
-        if not self.cache.fits(seq, per_rank):
+            placement = Placement.REPLICATED if self.sp > 1 else Placement.HOMED
+            n = min(n, min(room))
+            owner = self.cache.replicated_owner(seq) if self.sp > 1 else 0
+        if n <= 0:
             return None
-        if split:
-            for r in range(self.sp):
-                for a, b in mine[r]:
-                    self.cache.append(seq, r, start + a, b - a)
-        else:
-            self.cache.append(seq, owner, start, n)
-        ids = seq.all_ids[start : start + n]
-        sample = start + n >= len(seq.prompt_ids)
-        return SeqStep(seq.rid, seq.slot, start, ids, split, owner, self.cache.snapshot_runs(seq),
-                       [list(p) for p in seq.pages], sample, home)
+        chunk = ChunkPlan(seq.req, start, n, placement, owner, start + n >= len(seq.prompt_ids))
+        pieces = [stored_pieces(chunk, self.sp, r) for r in range(self.sp)]
+        if not self.cache.fits(seq, [sum(length for _, length in p) for p in pieces]):
+            return None
+        new_pages = tuple(tuple(page for pos, length in p for page in self.cache.append(seq, r, pos, length))
+                          for r, p in enumerate(pieces))
+        for r in range(self.sp):  # what each rank computes
+            if placement == Placement.SPLIT:
+                room[r] -= -(-n // self.sp)
+            elif placement == Placement.REPLICATED or r == owner:
+                room[r] -= n
+        return ChunkPlan(seq.req, start, n, placement, owner, chunk.sample, new_pages)
 
     def schedule(self) -> tuple[StepPlan, list[Sequence]]:
         """The next step's plan and its requests (in plan order)."""
-        steps: list[SeqStep] = []
+        chunks: list[ChunkPlan] = []
         seqs: list[Sequence] = []
-        zero: list[int] = []
-        budget = self.budget
+        room = [self.budget] * self.sp
+
+        def add(seq: Sequence, n: int) -> bool:
+            chunk = self._place(seq, n, room)
+            if chunk is not None:
+                chunks.append(chunk)
+                seqs.append(seq)
+            return chunk is not None
+
         for seq in [s for s in self.running if not s.prefilling]:
-            if budget <= 0:
+            if max(room) <= 0:
                 break
-            st = self._place(seq, 1)
-            if st is not None:
-                steps.append(st)
-                seqs.append(seq)
-                budget -= 1
+            add(seq, 1)
         for seq in [s for s in self.running if s.prefilling]:
-            if budget <= 0:
+            if max(room) <= 0:
                 break
-            n = min(len(seq.prompt_ids) - seq.num_computed, budget)
-            st = self._place(seq, n)
-            if st is not None:
-                steps.append(st)
-                seqs.append(seq)
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            add(seq, len(seq.prompt_ids) - seq.num_computed)
+        while self.waiting and max(room) > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
             if not self.cache.can_admit(seq):
                 break
@@ -125,19 +144,19 @@ class Scheduler:
             self.cache.admit(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            zero.append(seq.slot)
-            n = min(len(seq.prompt_ids), budget)
-            st = self._place(seq, n)
-            if st is None:
+            self._started.append((seq.req, seq.slot))
+            if not add(seq, len(seq.prompt_ids)):
                 break
-            steps.append(st)
-            seqs.append(seq)
-            budget -= n
-        total = sum(s.num_new for s in steps)
+        total = sum(c.num_new for c in chunks)
         seq_sharded = (self.config.seq_parallel_tp and self.config.tp_size > 1
                        and total >= self.config.sp_min_tokens)
-        return StepPlan(steps, seq_sharded, zero), seqs
+        token_ids = [t for c, s in zip(chunks, seqs) for t in s.token_ids(c.start, c.num_new)]
+        if not chunks:  # an empty plan is not sent: the changes wait for the next one
+            return StepPlan(seq_sharded=seq_sharded), seqs
+        plan = StepPlan(chunks, token_ids, self._started, self._finished, seq_sharded)
+        self._started, self._finished = [], []
+        return plan, seqs
 
     def advance(self, seqs: list[Sequence], plan: StepPlan) -> None:
-        for seq, st in zip(seqs, plan.seqs):
-            seq.num_computed += st.num_new
+        for seq, chunk in zip(seqs, plan.chunks):
+            seq.num_computed += chunk.num_new

@@ -22,12 +22,13 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     sp_size: int
+    req: int = -1  # the engine's request index, the key of the workers' mirrors
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV/state is in the caches
-    slot: int = -1  # lightning state slot
+    slot: int = -1  # state slot (linear-attention layers; also the row of the page tables)
     home: int | None = None  # SP rank that computes and stores the whole request (short prompts)
-    decode_rank: int = 0  # SP rank that stores this request's unsplit chunks and decode tokens
+    decode_rank: int = 0  # SP rank that stores this request's replicated tokens now (rotates as pages fill)
     reserved_tokens: list[int] = field(default_factory=list)  # KV tokens reserved per SP rank at admission
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -38,9 +39,12 @@ class Sequence:
         self.kv_runs = [[] for _ in range(self.sp_size)]
         self.pages = [[] for _ in range(self.sp_size)]
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """Tokens ``start..start+n-1`` of prompt + output, without concatenating the two (prompts can be long)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : start - p + n]
+        return self.prompt_ids[start : start + n] + self.output_ids[: max(0, start + n - p)]
 
     @property
     def num_tokens(self) -> int:

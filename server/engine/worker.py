@@ -14,6 +14,7 @@ import torch.distributed as dist
 from server.config import EngineConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.procutil import die_with_parent
+from server.forward.plan import MemoryStatsRequest, Shutdown, StepPlan
 from server.models.loader import read_model_config
 from server.sp.groups import ParallelState, init_parallel_state
 
@@ -50,21 +51,23 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
             time.sleep(0.02)
         work.wait()
     runner.allocate_caches(int(pages.item()))
+    runner.enable_decode_graphs()
     return pstate, runner
 
 
-def receive_plan(pstate: ParallelState):
+Message = StepPlan | MemoryStatsRequest | Shutdown
+
+
+def receive_message(pstate: ParallelState) -> Message:
     box = [None]
     dist.broadcast_object_list(box, src=0, group=pstate.world_cpu_group)
     return box[0]
 
 
-def send_plan(pstate: ParallelState, plan) -> None:
+def send_message(pstate: ParallelState, message: Message) -> None:
+    """Rank 0: send a step plan or a control message to every other rank (one broadcast on the gloo world)."""
     if pstate.world_size > 1:
-        dist.broadcast_object_list([plan], src=0, group=pstate.world_cpu_group)
-
-
-MEMORY_STATS = "memory_stats"  # control message: every rank reports its peak device memory
+        dist.broadcast_object_list([message], src=0, group=pstate.world_cpu_group)
 
 
 def memory_stats(pstate: ParallelState, reset: bool) -> dict:
@@ -89,19 +92,21 @@ def gather_memory_stats(pstate: ParallelState, reset: bool) -> list[dict] | None
 
 
 def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: str, log_level: str = "WARNING") -> None:
-    """Ranks 1..W-1: run every step rank 0 broadcasts, until it broadcasts ``None``."""
+    """Ranks 1..W-1: run every step rank 0 broadcasts, until it broadcasts :class:`Shutdown`."""
     die_with_parent()
     logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(message)s")
     try:
         pstate, runner = setup_rank(config, rank, model_path, init_method)
         while True:
-            plan = receive_plan(pstate)
-            if plan is None:
+            message = receive_message(pstate)
+            if isinstance(message, StepPlan):
+                runner.run(message)
+            elif isinstance(message, MemoryStatsRequest):
+                gather_memory_stats(pstate, message.reset)
+            elif isinstance(message, Shutdown):
                 break
-            if isinstance(plan, tuple) and plan[0] == MEMORY_STATS:
-                gather_memory_stats(pstate, plan[1])
-                continue
-            runner.run(plan)
+            else:
+                raise TypeError(f"unexpected control message {type(message).__name__}")
         dist.destroy_process_group()
     except Exception as e:
         # One line: rank 0 fails the same way (or reports this rank's death); the traceback is for --log-level debug.

@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
                      help="max new tokens per step; <= 0 disables chunking")
     run.add_argument("--page-size", type=int, default=d.page_size, help="KV cache page size in tokens")
+    run.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
+                     help="decode steps of up to this many requests replay a CUDA graph captured at start-up")
+    run.add_argument("--disable-cuda-graph", dest="cuda_graph", action="store_const", const="off",
+                     default=argparse.SUPPRESS, help="run every decode step eagerly")
     run.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static,
                      help="fraction of GPU memory for weights and caches")
     run.add_argument("--cpu-cache-gb", type=float, default=d.cpu_cache_gb, help="cache budget on CPU, in GiB")

@@ -2,7 +2,8 @@
 
 Every op here has the signature and semantics of its ``*_ref`` twin; callers never pick a backend.
 On CUDA: lightning attention and merges run the Triton kernels (merge_state on flashinfer where installed),
-attention_runs runs flashinfer for fp16/bf16 where installed. The fast modules are imported on first CUDA use,
+attention_runs runs flashinfer for fp16/bf16 where installed, Gated DeltaNet runs fla-core's kernels for
+fp16/bf16 where installed. The fast modules are imported on first CUDA use,
 so CPU processes never build Triton kernels.
 """
 
@@ -11,13 +12,20 @@ from __future__ import annotations
 import torch
 
 from server.kernels.attention_ref import attention_with_lse_ref
+from server.kernels.gdn_ref import (
+    causal_conv1d_decode_ref,
+    causal_conv1d_prefill_ref,
+    gdn_chunk_affine_ref,
+    gdn_decode_ref,
+    gdn_prefill_ref,
+    gdn_state_correction_ref,
+)
 from server.kernels.lightning_ref import (
     lightning_decode_ref,
     lightning_prefill_ref,
     lightning_state_correction_ref,
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
-from server.kernels.paged_attention import AttentionBatch, batch_attention_ref
 
 LIGHTNING_BLOCK = 64
 
@@ -58,35 +66,15 @@ def runs_to_positions(runs: list[Run], device: torch.device) -> torch.Tensor:
 def attention_runs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)``.
+    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)`` (the reference; backends
+    bring their own, see :meth:`server.backends.attention.AttentionBackend.attention_runs`).
 
     q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (GQA: ``Hq % Hk == 0``). Returns ``o [Nq, Hq, D]`` (q's dtype) and
     ``lse [Nq, Hq]`` fp32 in base 2 (-inf for rows that see no key).
     """
-    if _fast(q):
-        from server.kernels.flashinfer_attention import attention_runs_flashinfer, flashinfer_supports
-
-        if flashinfer_supports(q, k):
-            return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale)
     q_pos = runs_to_positions(q_runs, q.device)
     k_pos = runs_to_positions(k_runs, q.device)
     return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
-
-
-def batch_attention(
-    batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's batch of local attention entries (see :mod:`server.kernels.paged_attention`): q ``[rows, Hq, D]``
-    of the batch, k/v the same rows (read by ``ragged`` batches only), the layer's page caches. Returns ``(o, lse)``
-    like :func:`attention_runs`."""
-    if _fast(q):
-        from server.kernels.flashinfer_attention import flashinfer_supports
-        from server.kernels.paged_attention import batch_attention_flashinfer
-
-        if flashinfer_supports(q, k_cache[0]):  # [page_size, Hk, D]
-            return batch_attention_flashinfer(batch, q, k, v, k_cache, v_cache, scale)
-    return batch_attention_ref(batch, q, k, v, k_cache, v_cache, scale)
 
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):
@@ -114,6 +102,75 @@ def lightning_decode(q, k, v, slopes, state_pool, slots):
 
         return lightning_decode_triton(q, k, v, slopes, state_pool, slots)
     return lightning_decode_ref(q, k, v, slopes, state_pool, slots)
+
+
+def _fla_gdn(v: torch.Tensor):
+    """fla-core's gated delta rule module when it can serve ``v`` (CUDA, fp16/bf16: fla has no fp32 path)."""
+    if not _fast(v) or v.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from fla.ops import gated_delta_rule
+    except ImportError:
+        return None
+    return gated_delta_rule
+
+
+def gdn_prefill(q, k, v, g, beta, cu_seqlens, initial_states=None):
+    """See :func:`server.kernels.gdn_ref.gdn_prefill_ref`; on CUDA fla's chunked kernel where installed."""
+    fla = _fla_gdn(v)
+    if fla is None:
+        return gdn_prefill_ref(q, k, v, g, beta, cu_seqlens, initial_states)
+    rep = v.shape[1] // q.shape[1]  # fla's chunked kernel wants one q/k head per value head
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    b, hv, dk, dv = len(lens), v.shape[1], q.shape[-1], v.shape[-1]
+    init = initial_states if initial_states is not None else \
+        torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=v.device)
+    finals = init.float().clone()
+    keep = (lens > 0).nonzero().flatten()  # empty sequences (empty SP chunks) keep their state
+    if keep.numel() == 0:
+        return torch.empty_like(v), finals
+    cu = torch.cat([lens.new_zeros(1), lens[keep].cumsum(0)]).long()
+    o, out_states = fla.chunk_gated_delta_rule(
+        q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0), k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0),
+        v.unsqueeze(0), g.float().unsqueeze(0), beta.float().unsqueeze(0), scale=dk**-0.5,
+        initial_state=finals[keep].contiguous(), output_final_state=True, use_qk_l2norm_in_kernel=True,
+        cu_seqlens=cu)
+    finals[keep] = out_states.float()
+    return o[0], finals
+
+
+def gdn_chunk_affine(q, k, v, g, beta, cu_seqlens):
+    """See :func:`server.kernels.gdn_ref.gdn_chunk_affine_ref` (its prefill pass through :func:`gdn_prefill`)."""
+    return gdn_chunk_affine_ref(q, k, v, g, beta, cu_seqlens, prefill=gdn_prefill)
+
+
+def gdn_state_correction(o_loc, q_tilde, cu_seqlens, states):
+    """See :func:`server.kernels.gdn_ref.gdn_state_correction_ref` (batched matmuls: fast as it is)."""
+    return gdn_state_correction_ref(o_loc, q_tilde, cu_seqlens, states)
+
+
+def gdn_decode(q, k, v, g, beta, state_pool, slots):
+    """See :func:`server.kernels.gdn_ref.gdn_decode_ref`; on CUDA fla's fused recurrent kernel where installed."""
+    fla = _fla_gdn(v)
+    if fla is None:
+        return gdn_decode_ref(q, k, v, g, beta, state_pool, slots)
+    rep = v.shape[1] // q.shape[1]
+    o, st = fla.fused_recurrent_gated_delta_rule(
+        q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1), k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1),
+        v.unsqueeze(1), g.float().unsqueeze(1), beta.float().unsqueeze(1), scale=q.shape[-1] ** -0.5,
+        initial_state=state_pool[slots], output_final_state=True, use_qk_l2norm_in_kernel=True)
+    state_pool[slots] = st.float()
+    return o[:, 0]
+
+
+def causal_conv1d_prefill(x, weight, bias, cu_seqlens, conv_states=None):
+    """See :func:`server.kernels.gdn_ref.causal_conv1d_prefill_ref` (torch's conv1d per sequence)."""
+    return causal_conv1d_prefill_ref(x, weight, bias, cu_seqlens, conv_states)
+
+
+def causal_conv1d_decode(x, weight, bias, state_pool, slots):
+    """See :func:`server.kernels.gdn_ref.causal_conv1d_decode_ref`."""
+    return causal_conv1d_decode_ref(x, weight, bias, state_pool, slots)
 
 
 def merge_states(o: torch.Tensor, lse: torch.Tensor):

@@ -1,27 +1,16 @@
-"""Softmax attention over the paged KV cache, local or sequence-parallel.
+"""Softmax attention over the paged KV cache: the layer and its cache.
 
-Per step (one :class:`~server.engine.context.AttentionMetadata`, built once and shared by all layers): the new
-K/V rows this rank stores are written to its pages in one scatter, then every query row attends to all of its
-request's KV, wherever it lives:
-- split requests (zigzag over SP): pass-KV ring (or the all-gather-KV comparison mode) over the SP group, the
-  rank's KV shard read back from its pages;
-- everything else attends to the KV on this rank in one batched call per kind (the step's own rows, KV gathered
-  from the pages or read in place, decode: :mod:`server.kernels.paged_attention`);
-- the replicated rows of SP requests (tail chunk, decode tokens: the same queries on every SP rank, KV sharded
-  over SP) then merge their partial results by base-2 LSE over the SP group, all requests in one all-gather.
-With sp = 1 only the batched local calls remain.
+The layer holds its cache and calls the step's prepared attention (:class:`server.forward.context.ForwardContext`
+``.attention``, built once per step by the attention backend, :mod:`server.backends`), which writes the step's
+new K/V, attends locally, runs the ring over SP for split requests and merges replicated rows over SP.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from server.engine.context import ForwardContext
-from server.kernels import ops
-from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
+from server.forward.context import ForwardContext
 
 
 class PagedKVCache:
@@ -43,7 +32,7 @@ class PagedKVCache:
 
 class Attention(nn.Module):
     """Core attention of one layer (after q/k/v projection and RoPE). q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on
-    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is TP padding)."""
+    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
@@ -54,28 +43,4 @@ class Attention(nn.Module):
         self.cache: PagedKVCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        meta = ctx.attn
-        ps = ctx.pstate
-        if meta.write_rows is not None:
-            self.cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows])
-        out = torch.zeros_like(q)
-        lse = None
-        if meta.merge_rows is not None:
-            lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
-        for batch in meta.batches:
-            ragged = batch.kind == "ragged"  # the only kind that reads the step's own k/v rows
-            o_b, lse_b = ops.batch_attention(batch, batch.take(q), batch.take(k) if ragged else None,
-                                             batch.take(v) if ragged else None, self.cache.k, self.cache.v,
-                                             self.scale)
-            batch.put(out, o_b)
-            if lse is not None:
-                batch.put(lse, lse_b)
-        for seq in meta.ring_seqs:
-            rows = slice(seq.row_start, seq.row_start + seq.num_rows)
-            k_shard, v_shard = self.cache.read(seq.page_table, seq.shard_len)
-            fn = ring_attention if ctx.ring_mode == "ring" else allgather_kv_attention
-            out[rows], _ = fn(q[rows], k_shard, v_shard, seq.q_runs, seq.step.kv_runs, self.scale, ps,
-                              attn_fn=ops.attention_runs)
-        if meta.merge_rows is not None:
-            out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
-        return out
+        return ctx.attention.forward(q, k, v, self.cache, self.scale)

@@ -1,9 +1,10 @@
 """Lightning attention core (MiniMax linear attention with per-head decay), local or with LASP.
 
-Per request: split requests run LASP over the SP group (the incoming state is passed in chunk order, or
-combined from all-gathered chunk messages, DESIGN 5.3) and every SP rank ends with the final state; other
-requests continue from their state in the pool, as a varlen prefill or, for one new token each, the decode
-kernel: on every SP rank for an SP request's replicated tokens, on its home rank only for a short request.
+Per request (:class:`server.forward.context.LinearStepMeta`, prepared once per step): split requests run LASP over
+the SP group (the incoming state is passed in chunk order, or combined from all-gathered chunk messages) and every
+SP rank ends with the final state; other requests continue from their state in the pool, as one varlen prefill or,
+for one new token each, the decode kernel: on every SP rank for an SP request's replicated tokens, on its home
+rank only for a short request.
 States are fp32 ``[H_local, D, D]``.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engine.context import ForwardContext
+from server.forward.context import ForwardContext
 from server.kernels import ops
 from server.sp.lasp import lasp_prefill
 
@@ -42,28 +43,23 @@ class LightningAttention(nn.Module):
         self.pool: LightningStatePool | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        states = self.pool.states
-        if ctx.zero_slots is not None:
-            states[ctx.zero_slots] = 0
+        meta, states = ctx.linear, self.pool.states
+        if meta.zero_slots is not None:
+            states[meta.zero_slots] = 0
         out = torch.zeros_like(q)
-        ps = ctx.pstate
-        lasp = [s for s in ctx.seqs if s.step.split and ps.sp_size > 1]
-        local = [s for s in ctx.seqs if not (s.step.split and ps.sp_size > 1) and s.num_rows > 0]
-        for seq in lasp:
-            rows = slice(seq.row_start, seq.row_start + seq.num_rows)
-            o, final = lasp_prefill(q[rows], k[rows], v[rows], self.slopes, seq.chunks, seq.chunk_lens,
-                                    states[seq.step.slot], ps, mode=ctx.lasp_mode)
+        for e in meta.split:
+            rows = slice(e.row_start, e.row_start + e.num_rows)
+            o, final = lasp_prefill(q[rows], k[rows], v[rows], self.slopes, e.chunks, e.chunk_lens, states[e.slot],
+                                    ctx.pstate, mode=meta.mode)
             out[rows] = o
-            states[seq.step.slot] = final
-        if not local:
+            states[e.slot] = final
+        if meta.local_rows is None:
             return out
-        rows = torch.cat([torch.arange(s.row_start, s.row_start + s.num_rows) for s in local]).to(q.device)
-        slots = torch.tensor([s.step.slot for s in local], device=q.device)
-        if all(s.num_rows == 1 for s in local):
+        rows, slots = meta.local_rows, meta.local_slots
+        if meta.all_decode:
             out[rows] = ops.lightning_decode(q[rows], k[rows], v[rows], self.slopes, states, slots)
             return out
-        cu = torch.tensor([0] + [s.num_rows for s in local]).cumsum(0).to(q.device)
-        o, finals = ops.lightning_prefill(q[rows], k[rows], v[rows], self.slopes, cu, states[slots])
+        o, finals = ops.lightning_prefill(q[rows], k[rows], v[rows], self.slopes, meta.local_cu, states[slots])
         out[rows] = o
         states[slots] = finals
         return out

@@ -1,4 +1,5 @@
-"""Sparse mixture of experts (top-k softmax routing, renormalized; as MiniMax/Mixtral) with TP-sharded experts.
+"""Sparse mixture of experts (top-k softmax routing, renormalized; as MiniMax/Mixtral) with TP-sharded experts,
+optionally beside a sigmoid-gated shared expert (Qwen3-Next, Qwen3.5-MoE).
 
 Every TP rank holds each expert's slice of the intermediate dimension (gate/up column-split, down row-split),
 so a token's expert output is a partial sum that the caller's row reduction completes.
@@ -22,11 +23,12 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, pstate: ParallelState,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, renormalize: bool = True):
         super().__init__()
         self.pstate = pstate
         self.num_experts = num_experts
         self.top_k = top_k
+        self.renormalize = renormalize
         self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
@@ -47,10 +49,12 @@ class FusedMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        return weights / weights.sum(-1, keepdim=True), experts
+        return (weights / weights.sum(-1, keepdim=True) if self.renormalize else weights), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph: no host sync, static shapes
+            return self.forward_sync_free(x, weights, experts)
         out = torch.zeros_like(x)
         flat = experts.view(-1)
         order = torch.argsort(flat, stable=True)
@@ -68,3 +72,53 @@ class FusedMoE(nn.Module):
             out.index_add_(0, idx, y)
             start += c
         return out
+
+
+    def forward_sync_free(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The same result without a host sync (decode steps captured in CUDA graphs). Few tokens (fewer
+        (token, expert) pairs than experts) run their experts' weights gathered per pair; more run every expert on
+        every token, weighted by the routing (zero for the experts a token does not use): decode reads every
+        expert's weights once either way."""
+        t = x.shape[0]
+        if t * self.top_k < self.num_experts:
+            h = torch.bmm(self.w13[experts.flatten()], x.repeat_interleave(self.top_k, 0).unsqueeze(-1))
+            h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
+            y = torch.bmm(self.w2[experts.flatten()], h).view(t, self.top_k, -1)
+            return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+        gate = torch.zeros(t, self.num_experts, dtype=x.dtype, device=x.device)
+        gate.scatter_(1, experts, weights.to(x.dtype))
+        h = torch.einsum("th,eih->tei", x, self.w13)
+        h = F.silu(h[..., : self.inter]) * h[..., self.inter :]
+        return torch.einsum("tei,ehi,te->th", h, self.w2, gate)
+
+
+class SharedExpertMoE(nn.Module):
+    """Routed experts plus an always-on shared expert scaled by ``sigmoid(x w_gate)``: x ``[T, hidden]`` -> partial
+    ``[T, hidden]`` (sum over TP = the output). The gate is a per-token scalar, replicated, so it can scale each
+    rank's partial shared-expert sum before the one reduction the caller does for both."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, shared_intermediate: int,
+                 pstate: ParallelState, dtype: torch.dtype | None = None, renormalize: bool = True):
+        super().__init__()
+        self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, pstate, dtype, renormalize)
+        self.shared_inter = divide(shared_intermediate, pstate.tp_size, "the shared expert intermediate size")
+        self.shared_w13 = nn.Parameter(torch.empty(2 * self.shared_inter, hidden, dtype=dtype), requires_grad=False)
+        self.shared_w2 = nn.Parameter(torch.empty(hidden, self.shared_inter, dtype=dtype), requires_grad=False)
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden, dtype=dtype), requires_grad=False)
+        self.pstate = pstate
+        self.shared_w13.weight_loader = self.shared_w13_loader
+        self.shared_w2.weight_loader = self.shared_w2_loader
+
+    def shared_w13_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+        n, s = self.shared_inter, self.pstate.tp_rank * self.shared_inter
+        copy_into(param.data[shard_id * n : (shard_id + 1) * n], as_tensor(loaded[s : s + n]),
+                  "the shared expert gate/up")
+
+    def shared_w2_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        s = self.pstate.tp_rank * self.shared_inter
+        copy_into(param, as_tensor(loaded[:, s : s + self.shared_inter]), "the shared expert down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.shared_w13)
+        shared = F.linear(F.silu(h[:, : self.shared_inter]) * h[:, self.shared_inter :], self.shared_w2)
+        return self.experts(x) + torch.sigmoid(F.linear(x, self.shared_gate)) * shared

@@ -1,4 +1,4 @@
-"""RMSNorm (computed in fp32, as the reference models do)."""
+"""RMSNorm variants (computed in fp32, as the reference models do)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,25 @@ class TPRMSNorm(nn.Module):
         ss = self.pstate.tp_all_reduce(xf.pow(2).sum(-1, keepdim=True))
         xf = xf * torch.rsqrt(ss / self.full_size + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class ZeroCenteredRMSNorm(RMSNorm):
+    """RMSNorm whose checkpoint weight is stored as an offset from one (Qwen3.5 / Qwen3-Next): scales by
+    ``1 + weight``, multiplied in fp32 before the cast back, as the reference does."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None):
+        super().__init__(size, eps, dtype)
+        self.weight.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """Per-head RMSNorm of the Gated DeltaNet output, then the gate: ``norm(x) * weight * silu(z)``.
+    x/z ``[..., D]`` (D = the value head dim, so no TP reduction is needed); the gate is applied in fp32."""
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return (super().forward(x) * torch.nn.functional.silu(z.float())).to(x.dtype)

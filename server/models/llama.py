@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engine.context import ForwardContext
+from server.forward.context import ForwardContext
 from server.layers.attention import Attention
 from server.layers.linear import QKVSeqParallelLinear, RowSeqParallelLinear
 from server.layers.norm import RMSNorm

@@ -15,6 +15,7 @@ from torch import nn
 
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
+from server.models.qwen3_5 import Qwen3_5ForCausalLM
 from server.sp.groups import ParallelState
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,11 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "MiniMaxForCausalLM": MiniMaxForCausalLM,
     "MiniMaxText01ForCausalLM": MiniMaxForCausalLM,
+    "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3_5MoeForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
+    "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
 }
 
 
@@ -38,6 +44,9 @@ def read_model_config(model_path: str) -> dict:
     arch = (cfg.get("architectures") or [None])[0]
     if arch not in MODEL_CLASSES:
         raise ValueError(f"architecture {arch!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
+    if "text_config" in cfg:  # vision-language checkpoint: we serve its language model, whose config is nested
+        cfg = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **cfg["text_config"],
+               "architectures": [arch]}
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     cfg.setdefault("rms_norm_eps", 1e-6)
     return cfg

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engine.context import ForwardContext
+from server.forward.context import ForwardContext
 from server.layers.lightning import LightningAttention, minimax_slopes
 from server.layers.linear import (
     ColumnSeqParallelLinear,

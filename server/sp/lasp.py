@@ -16,6 +16,8 @@ States, ``M`` and the combine are fp32; decays are ``exp(-slope * n)`` with n >=
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -48,11 +50,12 @@ def lasp_combine_states(
     return incoming, state
 
 
-def _ring_states(
-    m: dict[int, torch.Tensor], chunk_lens: list[int], initial_state: torch.Tensor, slopes: torch.Tensor,
-    pstate: ParallelState,
+def ring_chunk_states(
+    advance: Callable[[int, torch.Tensor], torch.Tensor], initial_state: torch.Tensor, pstate: ParallelState
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """LASP ring hand-off for this rank's chunks ``a = r`` and ``b = 2P-1-r``: incoming states and final state."""
+    """Ring hand-off of the fp32 state in chunk order for this rank's chunks ``a = r`` and ``b = 2P-1-r``:
+    ``advance(c, S_in)`` is chunk c's ``S_out``. Returns the incoming states ``{a: S_a, b: S_b}`` and the final
+    state (broadcast from rank 0, which ends the chain). Shared by LASP and Gated DeltaNet SP."""
     p, r = pstate.sp_size, pstate.sp_rank
     a, b = r, 2 * p - 1 - r
     group = pstate.sp_group
@@ -60,16 +63,16 @@ def _ring_states(
     if r == 0:
         s_a = initial_state.float()
     else:
-        s_a = torch.empty_like(m[a])
+        s_a = torch.empty_like(initial_state, dtype=torch.float32)
         dist.recv(s_a, pstate.sp_peer(r - 1), group=group)
-    out_a = _advance_state(s_a, m[a], chunk_lens[a], slopes)
+    out_a = advance(a, s_a)
     if r < p - 1:
         sends.append(dist.isend(out_a, pstate.sp_peer(r + 1), group=group))
-        s_b = torch.empty_like(m[b])
+        s_b = torch.empty_like(out_a)
         dist.recv(s_b, pstate.sp_peer(r + 1), group=group)
     else:  # chunk P follows chunk P-1 on the same rank
         s_b = out_a
-    out_b = _advance_state(s_b, m[b], chunk_lens[b], slopes)
+    out_b = advance(b, s_b)
     if r > 0:
         sends.append(dist.isend(out_b, pstate.sp_peer(r - 1), group=group))
     for work in sends:
@@ -91,7 +94,7 @@ def _allgather_states(
     return {r: incoming[r], 2 * p - 1 - r: incoming[2 * p - 1 - r]}, final
 
 
-def _local_cu_seqlens(
+def local_cu_seqlens(
     local_chunks: list[tuple[int, int, int]], chunk_lens: list[int], n_rows: int, pstate: ParallelState
 ) -> list[int]:
     """Check that ``local_chunks`` are this rank's zigzag chunks laid out back to back; their cu_seqlens."""
@@ -137,12 +140,15 @@ def lasp_prefill(
         cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
         o, final = ops.lightning_prefill(q, k, v, slopes, cu, initial_state.float().unsqueeze(0))
         return o, final[0]
-    cu_list = _local_cu_seqlens(local_chunks, chunk_lens, q.shape[0], pstate)
+    cu_list = local_cu_seqlens(local_chunks, chunk_lens, q.shape[0], pstate)
     cu = torch.tensor(cu_list, dtype=torch.int32, device=q.device)
     # Everything that needs no other rank comes before any waiting: O_loc and M from zero states.
     o_loc, m_local = ops.lightning_prefill(q, k, v, slopes, cu, None)
     m = {c: m_local[i].float() for i, (_, _, c) in enumerate(local_chunks)}
-    states_fn = _ring_states if mode == "ring" else _allgather_states
-    incoming, final = states_fn(m, chunk_lens, initial_state.float(), slopes, pstate)
+    if mode == "ring":
+        incoming, final = ring_chunk_states(lambda c, s: _advance_state(s, m[c], chunk_lens[c], slopes),
+                                            initial_state.float(), pstate)
+    else:
+        incoming, final = _allgather_states(m, chunk_lens, initial_state.float(), slopes, pstate)
     s_in = torch.stack([incoming[c] for _, _, c in local_chunks])
     return ops.lightning_state_correction(o_loc, q, slopes, cu, s_in), final

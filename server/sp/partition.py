@@ -35,3 +35,11 @@ def zigzag_partition(n_tokens: int, sp_size: int) -> list[list[tuple[int, int]]]
     """Per SP rank r, its two chunks in sequence order: ``[chunk r, chunk 2P-1-r]`` as ``(start, end)``."""
     chunks = zigzag_chunks(n_tokens, sp_size)
     return [[chunks[r], chunks[2 * sp_size - 1 - r]] for r in range(sp_size)]
+
+
+def rank_chunks(n_tokens: int, sp_size: int, sp_rank: int) -> list[tuple[int, int, int]]:
+    """The chunks SP rank ``sp_rank`` owns, in sequence order, as ``(start, end, chunk_index)`` relative to the
+    first new token. The one place the zigzag rule is applied to a request (scheduler, workers, LASP, GDN)."""
+    chunks = zigzag_chunks(n_tokens, sp_size)
+    a, b = sp_rank, 2 * sp_size - 1 - sp_rank
+    return [(*chunks[a], a), (*chunks[b], b)]

@@ -53,3 +53,24 @@ def test_bench_prefill_many_short_prompts_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["sp"], r["num_prompts"], r["placement"]) for r in rows] == [(1, 5, "local"), (2, 5, "home")]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_prefill_gdn_shape_on_cpu(tmp_path):
+    """A Gated DeltaNet hybrid shape runs with dummy weights (shrunk to CPU size, its layer kinds and MoE kept)."""
+    shape = "qwen3-next-like"
+    tiny = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                vocab_size=300, num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=8, layer_types=SHAPES[shape]["layer_types"][:4])
+    tiny.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(SHAPES[shape], **tiny)))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
+           "--context", "300", "--sp-size", "1", "2", "--device", "cpu", "--sp-min-tokens", "64", "--repeat", "1",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sp"], r["placement"]) for r in rows] == [(1, "local"), (2, "split")]
+    assert all(r["ttft_s"] > 0 and "error" not in r for r in rows)

@@ -1,9 +1,10 @@
 """The step's attention metadata, driven by the real scheduler, against causal attention over whole requests.
 
-For every step of several request mixes, every SP rank builds its ``AttentionMetadata`` from the plan, writes its
-cache through the metadata's write slots, runs its local batches on the reference (which reads the same CSR
-arrays and gather slots as the flashinfer kernels), and the replicated rows are merged over the SP ranks in
-``merge_rows`` order. Every row that does not go through the ring must equal attention of its query to all
+For every step of several request mixes, every SP rank applies the plan to its request mirror, builds its step
+rows (:func:`build_step_rows`; for decode steps also the padded CUDA-graph form), writes its cache through the
+metadata's write slots, runs its local batches on the reference (which reads the same CSR arrays and gather
+slots as the flashinfer kernels), and the replicated rows are merged over the SP ranks (``merge_rows`` order, or
+``merge_mask`` in the padded form). Every row that does not go through the ring must equal attention of its query to all
 keys of its request at positions <= its own. Queries, keys and values are functions of (request, position),
 so the expected result is computed without the engine.
 """
@@ -15,13 +16,15 @@ import math
 import pytest
 import torch
 
+from server.backends.attention import GATHER_MIN_ROWS, decode_batch, sort_into_batches
+from server.backends.torch_backend import batch_attention_ref
 from server.config import EngineConfig
-from server.engine.context import build_forward_context
+from server.engine.request_table import RequestTable
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
+from server.engine.step_builder import build_padded_decode, build_step_rows
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.merge_state_ref import merge_states_ref
-from server.kernels.paged_attention import GATHER_MIN_ROWS, batch_attention_ref
 from server.sampling_params import SamplingParams
 from server.sp.groups import ParallelState
 
@@ -39,55 +42,95 @@ def expected_row(q: torch.Tensor, rid: str, pos: int) -> torch.Tensor:
     return attention_with_lse_ref(q[None], ks, vs, torch.tensor([pos]), torch.arange(pos + 1), SCALE)[0][0]
 
 
+SLOTS = 16
+
+
+def _eager_view(rows):
+    """(row ids, write rows, write slots, batches, ring rows, merge rows) of an eager step."""
+    meta = rows.attention
+    pos = rows.positions.tolist()
+    ids = [(f"r{lc.chunk.req}", pos[lc.row_start + i]) for lc in rows.chunks for i in range(lc.num_rows)]
+    ring = {i for e in meta.ring for i in range(e.row_start, e.row_start + e.num_rows)}
+    merge = meta.merge_rows if meta.merge_rows is not None else torch.zeros(0, dtype=torch.long)
+    return (ids, meta.write_rows, meta.write_slots, sort_into_batches(meta.local, PAGE, torch.device("cpu")), ring,
+            merge)
+
+
+def _graph_view(step):
+    """The same for a padded graph step: every row writes, one decode batch, the merge by flag."""
+    n, bucket = step.num_rows, step.inputs.shape[1]
+    ids = [(f"r{lc.chunk.req}", int(step.inputs[1, lc.row_start])) for lc in step.chunks if lc.num_rows]
+    ids += [("pad", 0)] * (bucket - n)
+    batch = decode_batch(PAGE, step.kv_indptr, step.kv_indices, step.last_page_len, step.kv_lens)
+    return (ids, torch.arange(bucket), torch.from_numpy(step.inputs[2]), [batch], set(),
+            torch.nonzero(torch.from_numpy(step.inputs[4])).flatten())
+
+
+def _rank_step(view, kc, vc, kinds: set[str]):
+    """One rank's local attention of a step on the reference: (row ids, q, out, lse, ring rows, merge rows)."""
+    ids, write_rows, write_slots, batches, ring, merge = view
+    q, k, v = (torch.stack([vec(n, *rp) for rp in ids]) if ids else torch.zeros(0, H, D) for n in "qkv")
+    if write_rows is not None:
+        kc.flatten(0, 1)[write_slots] = k[write_rows]
+        vc.flatten(0, 1)[write_slots] = v[write_rows]
+    out, lse = torch.zeros_like(q), torch.full(q.shape[:2], -math.inf)
+    for b in batches:
+        kinds.add(b.kind)
+        if b.gathered:
+            assert min(b.q_lens) >= GATHER_MIN_ROWS
+        o_b, lse_b = batch_attention_ref(b, b.take(q), b.take(k), b.take(v), kc, vc, SCALE)
+        b.put(out, o_b)
+        b.put(lse, lse_b)
+    return ids, q, out, lse, ring, merge
+
+
+def _check_step(ranks) -> None:
+    merge = [m for *_, m in ranks]
+    if len(merge[0]):  # the same requests and positions, in the same order, on every SP rank
+        keys = [[ids[i] for i in m.tolist()] for m, (ids, *_) in zip(merge, ranks)]
+        assert all(x == keys[0] for x in keys)
+        o, _ = merge_states_ref(torch.stack([out[m] for m, (_, _, out, *_) in zip(merge, ranks)]),
+                                torch.stack([lse[m] for m, (_, _, _, lse, *_) in zip(merge, ranks)]))
+        for m, (_, _, out, *_) in zip(merge, ranks):
+            out[m] = o
+    for ids, q, out, _, ring, _ in ranks:
+        for i, (rid, pos) in enumerate(ids):
+            if i not in ring and rid != "pad":
+                torch.testing.assert_close(out[i], expected_row(q[i], rid, pos), atol=1e-5, rtol=1e-5)
+
+
 def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: int = 3) -> set[str]:
-    """Serve the prompts to the end; check every non-ring row of every step on every rank. Returns the kinds."""
+    """Serve the prompts to the end; check every non-ring row of every step on every rank, and every decode step
+    in its padded CUDA-graph form too. Returns the kinds."""
     cfg = EngineConfig(sp_size=sp, page_size=PAGE, chunked_prefill_size=budget, sp_min_tokens=sp_min,
-                       max_running_requests=16)
-    sched = Scheduler(cfg, 2048, 16, max_model_len=4096)
+                       max_running_requests=SLOTS)
+    sched = Scheduler(cfg, 2048, SLOTS, max_model_len=4096)
     for i, n in enumerate(prompts):
         sched.add(Sequence(f"r{i}", [1] * n, SamplingParams(max_tokens=max_tokens), sp))
     caches = [(torch.zeros(2048, PAGE, H, D), torch.zeros(2048, PAGE, H, D)) for _ in range(sp)]
+    pstates = [ParallelState(sp_size=sp, sp_rank=r) for r in range(sp)]
+    tables = [RequestTable(sp, r, SLOTS + 1, 4096 // PAGE, PAGE, torch.device("cpu")) for r in range(sp)]
     kinds: set[str] = set()
     while sched.has_unfinished():
         plan, seqs = sched.schedule()
-        assert plan.seqs, "the scheduler made no progress"
-        ranks = []
-        for r in range(sp):
-            ctx = build_forward_context(plan, ParallelState(sp_size=sp, sp_rank=r), PAGE)
-            meta = ctx.attn
-            rows = [(ls.step.rid, int(ctx.positions[ls.row_start + i])) for ls in ctx.seqs for i in range(ls.num_rows)]
-            q, k, v = (torch.stack([vec(n, *rp) for rp in rows]) if rows else torch.zeros(0, H, D) for n in "qkv")
-            kc, vc = caches[r]
-            if meta.write_rows is not None:
-                kc.flatten(0, 1)[meta.write_slots] = k[meta.write_rows]
-                vc.flatten(0, 1)[meta.write_slots] = v[meta.write_rows]
-            out, lse = torch.zeros_like(q), torch.full(q.shape[:2], -math.inf)
-            for b in meta.batches:
-                kinds.add(b.kind)
-                if b.gathered:
-                    assert min(b.q_lens) >= GATHER_MIN_ROWS
-                out[b.rows], lse[b.rows] = batch_attention_ref(b, b.take(q), b.take(k), b.take(v), kc, vc, SCALE)
-            ring = {i for ls in meta.ring_seqs for i in range(ls.row_start, ls.row_start + ls.num_rows)}
-            ranks.append((meta, rows, q, out, lse, ring))
-        merge = [m.merge_rows for m, *_ in ranks]
-        assert all(x is None for x in merge) or all(x is not None for x in merge)
-        if merge[0] is not None:  # the same requests and positions, in the same order, on every SP rank
-            ids = [[rows[i] for i in m.tolist()] for m, (_, rows, *_) in zip(merge, ranks)]
-            assert all(x == ids[0] for x in ids)
-            o, _ = merge_states_ref(torch.stack([out[m] for m, (*_, out, _, _) in zip(merge, ranks)]),
-                                    torch.stack([lse[m] for m, (*_, lse, _) in zip(merge, ranks)]))
-            for m, (*_, out, _, _) in zip(merge, ranks):
-                out[m] = o
-        for _, rows, q, out, _, ring in ranks:
-            for i, (rid, pos) in enumerate(rows):
-                if i not in ring:
-                    torch.testing.assert_close(out[i], expected_row(q[i], rid, pos), atol=1e-5, rtol=1e-5)
+        assert plan.chunks, "the scheduler made no progress"
+        for t in tables:
+            t.apply(plan)
+        if plan.is_decode:  # the graph form first: it must leave the caches exactly as the eager form does
+            bucket = max(8, len(plan.chunks))
+            padded = [build_padded_decode(plan, t, ps, bucket, SLOTS) for t, ps in zip(tables, pstates)]
+            saved = [(kc.clone(), vc.clone()) for kc, vc in caches]
+            _check_step([_rank_step(_graph_view(step), *c, kinds) for step, c in zip(padded, caches)])
+            for (kc, vc), (k0, v0) in zip(caches, saved):
+                kc[1:], vc[1:] = k0[1:], v0[1:]  # undo the writes (page 0 is the scratch page)
+        steps = [build_step_rows(plan, t, ps) for t, ps in zip(tables, pstates)]
+        _check_step([_rank_step(_eager_view(rows), *c, kinds) for rows, c in zip(steps, caches)])
         sched.advance(seqs, plan)
-        for s, st in zip(seqs, plan.seqs):
-            if st.sample:
-                s.output_ids.append(2)
-                if len(s.output_ids) >= max_tokens:
-                    sched.finish(s)
+        for q, c in zip(seqs, plan.chunks):
+            if c.sample:
+                q.output_ids.append(2)
+                if len(q.output_ids) >= max_tokens:
+                    sched.finish(q)
     return kinds
 
 
@@ -97,8 +140,10 @@ def test_local_rows_equal_attention_over_the_whole_request(sp: int) -> None:
     # short prompts homed or local; long prompts split, then continued by replicated tail chunks of 150 rows
     # (gathered kinds) and 30 rows (paged kinds); chunked prefills after a cached prefix; decodes
     kinds |= run_mix(sp, [37, 5, 11, 1], sp_min=8, budget=20)
-    kinds |= run_mix(sp, [450, 3], sp_min=200, budget=300)
-    kinds |= run_mix(sp, [330], sp_min=200, budget=300)
+    # a split chunk takes sp x budget tokens; the tail after it (130 or 30 rows) is replicated (or, at sp = 1, a
+    # chunk after a cached prefix)
+    kinds |= run_mix(sp, [sp * 150 + 130, 3], sp_min=200, budget=150)
+    kinds |= run_mix(sp, [sp * 150 + 30], sp_min=200, budget=150)
     kinds |= run_mix(sp, [140, 2], sp_min=300, budget=140)
     expected = {"ragged", "decode", "paged_causal", "gathered_causal"}
     if sp > 1:

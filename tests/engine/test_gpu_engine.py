@@ -105,3 +105,33 @@ def test_nccl_sp_tp_fp32_identical_to_single_gpu(models, arch, sp, tp):
     with LLM(models[arch], sp_size=sp, tp_size=tp, **kw) as llm:
         assert_logits_close(llm.engine.prompt_logits(ids).cpu(), ref_logits.cpu())
         assert [o.token_ids for o in llm.generate([ids, prompt(7)], params)] == ref_tokens
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])
+def test_cuda_graphs_give_the_eager_tokens_fp32(models, arch):
+    """Decode replayed from CUDA graphs (captured per bucket, padded rows on the scratch page and slot) gives the
+    eager tokens exactly in fp32, for a batch that mixes lengths and one request alone."""
+    prompts = [prompt(300), prompt(7), prompt(40, seed=1)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", chunked_prefill_size=128)
+    with LLM(models[arch], cuda_graph="off", **kw) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(models[arch], cuda_graph_max_bs=4, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.generate([prompts[1]], params)[0].token_ids == want[1]
+        assert llm.engine.runner.graphs.capture and llm.engine.runner.graphs.steps >= 40
+
+
+@needs_2_gpus
+@pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("minimax_7to1", 2, 1), ("llama", 1, 2)])
+def test_cuda_graphs_over_nccl_fp32(models, arch, sp, tp):
+    """The SP merge (one all-gather per layer) and the TP all-reduces inside the captured graphs."""
+    prompts = [prompt(1000), prompt(7)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
+    with LLM(models[arch], cuda_graph="off", **kw) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.engine.runner.graphs.steps >= 15

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 from server.engine.io_struct import AbortRequest, EngineStats, GenerateRequest, RequestOutput, TokenLogprob
+from server.forward.plan import ChunkPlan, MemoryStatsRequest, Placement, Shutdown, StepPlan
 from server.sampling_params import SamplingParams
 
 
@@ -14,6 +15,9 @@ def test_messages_round_trip():
         AbortRequest("r1"),
         RequestOutput("r1", [5], [TokenLogprob(5, -0.1, [(5, -0.1), (9, -2.5)])], True, "stop", 5, None, 3, 1, 0.25),
         EngineStats(1, 2, 3, 4, 5, 6),
+        StepPlan([ChunkPlan(3, 10, 1, Placement.REPLICATED, 1, True, ((), (17,)))], [42], [(3, 5)], [1, 2]),
+        MemoryStatsRequest(reset=False),
+        Shutdown(),
     ]
     for m in msgs:
         assert pickle.loads(pickle.dumps(m)) == m

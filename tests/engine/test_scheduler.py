@@ -8,6 +8,7 @@ from server.config import EngineConfig
 from server.engine.io_struct import RequestRejected
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
+from server.forward.plan import Placement
 from server.sampling_params import SamplingParams
 
 
@@ -25,47 +26,53 @@ def test_short_prompts_are_homed_on_separate_sp_ranks():
     s = make(sp=2)
     for i in range(4):
         s.add(seq(f"s{i}", 5, 2))
-    plan, _ = s.schedule()
-    homes = [st.owner for st in plan.seqs]
-    assert all(st.home and not st.split for st in plan.seqs)
+    plan, seqs = s.schedule()
+    homes = [c.owner for c in plan.chunks]
+    assert all(c.placement == Placement.HOMED for c in plan.chunks)
     assert sorted(homes) == [0, 0, 1, 1]  # spread over the SP ranks
-    for st in plan.seqs:  # all KV of a homed request is on its home rank
-        assert sum(n for _, n, _ in st.kv_runs[st.owner]) == 5
-        assert all(not runs for r, runs in enumerate(st.kv_runs) if r != st.owner)
+    for c, q in zip(plan.chunks, seqs):  # all KV of a homed request is on its home rank
+        assert q.shard_len(c.owner) == 5 and len(c.new_pages[c.owner]) == 2  # 5 tokens on pages of 4
+        assert all(not q.kv_runs[r] and not c.new_pages[r] for r in range(2) if r != c.owner)
 
 
 def test_long_prompt_is_split_then_decodes_replicated():
     s = make(sp=2, budget=64)
     long = seq("long", 100, 2)
     s.add(long)
-    plan, seqs = s.schedule()
-    st = plan.seqs[0]
-    assert st.split and st.num_new == 64 and not st.sample
-    assert [sum(n for _, n, _ in r) for r in st.kv_runs] == [32, 32]  # zigzag halves
+    plan, seqs = s.schedule()  # the budget is per SP rank: one split chunk takes the whole 100-token prompt
+    c = plan.chunks[0]
+    assert c.placement == Placement.SPLIT and c.num_new == 100 and c.sample
+    assert [long.shard_len(r) for r in range(2)] == [50, 50]  # zigzag halves
     s.advance(seqs, plan)
-    plan, seqs = s.schedule()  # the 36-token tail is above the threshold: split too
-    assert plan.seqs[0].split and plan.seqs[0].sample
-    s.advance(seqs, plan)
-    long.output_ids.append(7)
-    plan, _ = s.schedule()
-    st = plan.seqs[0]
-    assert not st.split and not st.home and st.owner == long.decode_rank and st.num_new == 1
+    owners = []
+    for _ in range(9):  # decode: replicated, stored page by page on the rank with the smaller shard
+        long.output_ids.append(7)
+        plan, seqs = s.schedule()
+        c = plan.chunks[0]
+        assert c.placement == Placement.REPLICATED and c.num_new == 1
+        owners.append(c.owner)
+        s.advance(seqs, plan)
+    # 50 + 2 fills rank 0's page; then rank 1 (smaller) fills its page to 52; on a tie it keeps going (a new page
+    # of 4 to 56); then rank 0 again
+    assert owners == [0, 0, 1, 1, 1, 1, 1, 1, 0]
+    assert abs(long.shard_len(0) - long.shard_len(1)) <= 4
 
 
 def test_unsplittable_budget_defers_instead_of_replicating_a_long_chunk():
-    s = make(sp=2, budget=20, sp_min=16)
+    s = make(sp=2, budget=10, sp_min=16)
     for i in range(3):
         s.add(seq(f"short{i}", 3, 2, max_tokens=8))
     s.add(seq("long", 40, 2))
     plan, seqs = s.schedule()
-    # 3 short prompts use 9 tokens; the 11 left cannot hold a split chunk of >= 16, so the long prompt waits
-    assert [st.rid for st in plan.seqs] == ["short0", "short1", "short2"]
+    # 3 short prompts homed on ranks 0, 1, 0 leave 4 and 7 tokens of room: a split chunk (>= 16, about half on
+    # each rank) does not fit, so the long prompt waits
+    assert [q.rid for q in seqs] == ["short0", "short1", "short2"]
     s.advance(seqs, plan)
     for q in seqs:
         q.output_ids.append(1)
-    plan, _ = s.schedule()  # 3 decode tokens leave 17: a split chunk of the long prompt
-    long_step = next(st for st in plan.seqs if st.rid == "long")
-    assert long_step.split and long_step.num_new == 17
+    plan, seqs = s.schedule()  # 3 decode tokens leave 8 and 9: a split chunk of 16 of the long prompt
+    long_chunk = next(c for c, q in zip(plan.chunks, seqs) if q.rid == "long")
+    assert long_chunk.placement == Placement.SPLIT and long_chunk.num_new == 16
 
 
 def test_admission_rejects_what_never_fits_and_releases_reservations():
@@ -90,6 +97,26 @@ def test_budget_below_sp_min_tokens_still_splits_long_prompts():
     steps = []
     while sum(n for n, _ in steps) < 100:
         plan, seqs = s.schedule()
-        steps.append((plan.seqs[0].num_new, plan.seqs[0].split))
+        steps.append((plan.chunks[0].num_new, plan.chunks[0].placement))
         s.advance(seqs, plan)
-    assert steps == [(32, True), (32, True), (32, True), (4, False)]  # the short tail is not split
+    # split chunks of 2 x 32 (each rank computes about the budget); the 36 left are not below the split
+    # threshold (min(sp_min, budget) = 32), so they are split too
+    assert steps == [(64, Placement.SPLIT), (36, Placement.SPLIT)]
+
+
+def test_plans_carry_only_what_changed():
+    """A decode step's plan does not grow with the context: new pages only when a page fills."""
+    s = make(sp=2, pages=4096, budget=512, sp_min=16)
+    long = seq("long", 900, 2, max_tokens=64)
+    s.add(long)
+    while long.prefilling:
+        plan, seqs = s.schedule()
+        s.advance(seqs, plan)
+    sizes = []
+    for _ in range(8):
+        long.output_ids.append(1)
+        plan, seqs = s.schedule()
+        s.advance(seqs, plan)
+        assert plan.started == [] and plan.token_ids == [1]
+        sizes.append(sum(len(p) for p in plan.chunks[0].new_pages))
+    assert sizes and max(sizes) <= 1 and sum(sizes) >= 1  # at most one page per step, whatever the context

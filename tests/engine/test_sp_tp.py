@@ -61,3 +61,12 @@ def test_allgather_modes_match(reference):
 def test_tp_without_sequence_sharding_matches(reference):
     """Plain TP linears (all-reduce) and the sequence-parallel forms (all-gather / reduce-scatter) agree."""
     check(reference, "minimax_7to1", sp_size=2, tp_size=2, seq_parallel_tp=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])
+@pytest.mark.parametrize("sp,tp", [(1, 1), (2, 1), (2, 2)])
+def test_decode_in_graph_form_matches(reference, arch, sp, tp):
+    """Decode steps padded to the CUDA-graph buckets (scratch page and slot for padded rows, KV writes of rows a
+    rank does not store sent to the scratch page, the SP merge kept by mask) give the same tokens; run eagerly,
+    the form CUDA graphs replay on a GPU."""
+    check(reference, arch, sp_size=sp, tp_size=tp, cuda_graph="eager", cuda_graph_max_bs=4)

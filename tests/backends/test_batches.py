@@ -1,4 +1,4 @@
-"""Batched local attention over the paged cache (``ops.batch_attention``) against attention written out here.
+"""Batched local attention over the paged cache (the backends' ``run_batch``) against attention written out here.
 
 The expected result is computed per request from an explicit list of the request's key slots (not from the
 batch's CSR arrays) with ``torch.nn.functional.scaled_dot_product_attention`` and a boolean mask, and the LSE
@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.kernels import ops
+from server.backends.attention import GATHER_MIN_ROWS, AttentionGeometry, local_kind, make_batch
+from server.backends.torch_backend import TorchAttentionBackend
+from server.forward.context import LocalEntry
 from server.kernels.flashinfer_attention import flashinfer_module
-from server.kernels.paged_attention import GATHER_MIN_ROWS, local_kind, make_batch
+from server.sp.groups import ParallelState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
@@ -54,7 +56,7 @@ def make_case(kind: str, hq: int, hk: int, d: int, dtype, seed: int):
         n_pages = math.ceil(nk / PAGE)
         pages = perm[used : used + n_pages] + [perm[-1]]  # a page table may be longer than needed
         used += n_pages
-        entries.append((list(range(row, row + nq)), pages, nk))
+        entries.append(LocalEntry(row, nq, pages, nk, stores=kind != "paged_full" and kind != "gathered_full"))
         row += nq + 1  # a row of another request in between
     return entries, (q_all, k_all, v_all), (k_cache, v_cache)
 
@@ -63,7 +65,8 @@ def expected(kind: str, entries, qkv, caches, scale: float):
     q_all, k_all, v_all = (t.double() for t in qkv)
     k_cache, v_cache = (t.double().flatten(0, 1) for t in caches)
     outs, lses = [], []
-    for rows, pages, nk in entries:
+    for e in entries:
+        rows, pages, nk = list(range(e.row_start, e.row_start + e.num_rows)), e.pages, e.kv_len
         q = q_all[rows]
         nq = len(rows)
         if kind == "ragged":
@@ -86,12 +89,28 @@ def expected(kind: str, entries, qkv, caches, scale: float):
     return torch.cat(outs), torch.cat(lses)
 
 
-def run_batch(kind, entries, qkv, caches, scale, device):
+class Cache:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+
+def backend_for(device: str, hq: int, hk: int, d: int, dtype, scale: float):
+    pstate = ParallelState(device=torch.device(device))
+    if device == "cpu":
+        return TorchAttentionBackend(pstate, PAGE)
+    from server.backends.flashinfer_backend import FlashInferAttentionBackend
+
+    return FlashInferAttentionBackend(pstate, PAGE, AttentionGeometry(hq, hk, d, scale), dtype)
+
+
+def run_batch(kind, entries, qkv, caches, scale, device, backend=None):
     batch = make_batch(kind, PAGE, entries, torch.device(device))
     q_all, k_all, v_all = (t.to(device) for t in qkv)
-    k_cache, v_cache = (t.to(device) for t in caches)
-    return batch, ops.batch_attention(batch, batch.take(q_all), batch.take(k_all), batch.take(v_all), k_cache,
-                                      v_cache, scale)
+    cache = Cache(*(t.to(device) for t in caches))
+    backend = backend or backend_for(device, q_all.shape[1], k_all.shape[1], q_all.shape[2], q_all.dtype, scale)
+    backend.plan_batches([batch])
+    return batch, backend, backend.run_batch(batch, batch.take(q_all), batch.take(k_all), batch.take(v_all), cache,
+                                             scale)
 
 
 KINDS = ["ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_full", "decode"]
@@ -102,7 +121,7 @@ KINDS = ["ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_fu
 def test_batch_matches_explicit_attention_fp32(kind: str, heads) -> None:
     hq, hk = heads
     entries, qkv, caches = make_case(kind, hq, hk, 16, torch.float32, seed=len(kind) + hq)
-    _, (o, lse) = run_batch(kind, entries, qkv, caches, 0.25, "cpu")
+    _, _, (o, lse) = run_batch(kind, entries, qkv, caches, 0.25, "cpu")
     eo, else_ = expected(kind, entries, qkv, caches, 0.25)
     assert o.dtype == torch.float32 and lse.dtype == torch.float32
     torch.testing.assert_close(o.double(), eo, atol=1e-5, rtol=1e-5)
@@ -110,7 +129,8 @@ def test_batch_matches_explicit_attention_fp32(kind: str, heads) -> None:
 
 
 def test_contiguous_rows_are_a_view_and_metadata_is_csr() -> None:
-    b = make_batch("paged_causal", 4, [([0, 1, 2], [7, 3], 6), ([3], [5, 9, 2], 9)], torch.device("cpu"))
+    entries = [LocalEntry(0, 3, [7, 3], 6, True), LocalEntry(3, 1, [5, 9, 2], 9, True)]
+    b = make_batch("paged_causal", 4, entries, torch.device("cpu"))
     assert b.row_range == (0, 4)
     x = torch.arange(10.0)
     assert b.take(x).data_ptr() == x.data_ptr()
@@ -132,11 +152,11 @@ def test_local_kind() -> None:
 @pytest.mark.parametrize(
     ("kind", "entries", "message"),
     [
-        ("decode", [([0, 1], [0], 2)], "one query"),
-        ("ragged", [([0, 1], [], 3)], "their own rows"),
-        ("paged_full", [([0], [0], 40)], "shorter than its kv_len"),
-        ("paged_full", [([0], [0], 0)], "at least one"),
-        ("sliding", [([0], [0], 1)], "unknown"),
+        ("decode", [LocalEntry(0, 2, [0], 2, True)], "one query"),
+        ("ragged", [LocalEntry(0, 2, [], 3, True)], "their own rows"),
+        ("paged_full", [LocalEntry(0, 1, [0], 40, False)], "shorter than its kv_len"),
+        ("paged_full", [LocalEntry(0, 1, [0], 0, False)], "at least one"),
+        ("sliding", [LocalEntry(0, 1, [0], 1, False)], "unknown"),
     ],
 )
 def test_bad_batches_are_refused(kind, entries, message) -> None:
@@ -152,7 +172,7 @@ def test_flashinfer_batch_matches_explicit_attention(kind: str, dtype) -> None:
     """32 query / 8 KV heads of dim 128; the plan made by the first call serves a second call (another layer)."""
     entries, qkv, caches = make_case(kind, 32, 8, 128, dtype, seed=3)
     scale = 128**-0.5
-    batch, (o, lse) = run_batch(kind, entries, qkv, caches, scale, "cuda")
+    batch, backend, (o, lse) = run_batch(kind, entries, qkv, caches, scale, "cuda")
     eo, else_ = expected(kind, entries, qkv, caches, scale)
     assert o.dtype == dtype and lse.dtype == torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
@@ -161,7 +181,7 @@ def test_flashinfer_batch_matches_explicit_attention(kind: str, dtype) -> None:
     # a second "layer" with other data reuses the plan
     _, qkv2, caches2 = make_case(kind, 32, 8, 128, dtype, seed=4)
     q2, k2, v2 = (t.cuda() for t in qkv2)
-    o2, _ = ops.batch_attention(batch, batch.take(q2), batch.take(k2), batch.take(v2), caches2[0].cuda(),
-                                caches2[1].cuda(), scale)
+    o2, _ = backend.run_batch(batch, batch.take(q2), batch.take(k2), batch.take(v2),
+                              Cache(caches2[0].cuda(), caches2[1].cuda()), scale)
     eo2, _ = expected(kind, entries, qkv2, caches2, scale)
     torch.testing.assert_close(o2.double().cpu(), eo2, atol=tol, rtol=tol)

@@ -1,0 +1,196 @@
+"""Decode benchmark: inter-token latency over context x batch x sp x CUDA graphs, beside its memory floor.
+
+For every config (sp, graphs on/off) one offline engine serves each (context, batch) cell: ``batch`` prompts of
+``context`` random token ids are prefilled, then ``--decode-steps`` decode steps are timed one by one (each
+``Engine.step()``: scheduling, the forward, sampling and the stop checks, as a server runs them). ITL is reported
+as mean, p50 and p99 over the steps, beside the floor: the bytes one step must read on one rank (its weights, its
+shard of the batch's KV, its linear-attention states read and written) over the measured copy bandwidth.
+
+    python benchmarks/bench_decode.py --model llama3-8b --context 2048 32768 131072 --batch 1 8 32 \\
+        --sp-size 1 2 --graphs on off --out benchmarks/results/decode_h200.json --plot benchmarks/results/decode.png
+
+Cells whose KV does not fit (the engine rejects the requests) are recorded as skipped. JSON: ``{"environment",
+"copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, itl_ms, itl_p50_ms, itl_p99_ms, floor_ms, ...}]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_prefill import device_info, model_dir  # noqa: E402
+from server import SamplingParams  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
+
+
+def copy_gbps(device: torch.device) -> float | None:
+    """Measured device copy bandwidth (bytes read + written per second, GB/s) on a 2 GiB buffer."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    secs = (time.perf_counter() - start) / 10
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (1 << 31) / secs / 1e9
+
+
+def step_bytes(engine: Engine, context: int, batch: int) -> int:
+    """Bytes one decode step reads on rank 0: weights, its KV shard of every request, the states (read + write)."""
+    r = engine.runner
+    weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    kv_per_token = r.cache_bytes_per_page() // engine.config.page_size
+    kv = batch * (context // engine.config.sp_size + 1) * kv_per_token
+    return weights + kv + 2 * batch * r.state_bytes_per_slot()
+
+
+def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model_cfg["vocab_size"]
+    # Requests that finish their prompt first decode while the others prefill: no limit inside the measurement.
+    params = SamplingParams(temperature=0, max_tokens=steps + 4096, ignore_eos=True)
+    rids = [f"c{context}-b{batch}-{i}-{seed}" for i in range(batch)]
+    try:
+        for rid in rids:
+            ids = torch.randint(0, vocab, (context,), generator=gen).tolist()
+            engine.add_request(GenerateRequest(rid, ids, SamplingParams(**vars(params))))
+    except RequestRejected:
+        for rid in rids:
+            engine.abort_request(rid)
+        engine.step()
+        raise
+    started = time.perf_counter()
+    firsts: set[str] = set()
+    while len(firsts) < batch:  # prefill (every request has its first token)
+        firsts |= {o.rid for o in engine.step() if o.new_token_ids}
+    prefill_s = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        outs = engine.step()
+        times.append((time.perf_counter() - t0) * 1e3)
+        assert sum(len(o.new_token_ids) for o in outs) == batch, "every request decodes one token per step"
+    for rid in rids:
+        engine.abort_request(rid)
+    engine.step()
+    times.sort()
+    return {"itl_ms": statistics.fmean(times), "itl_p50_ms": times[len(times) // 2],
+            "itl_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "prefill_s": prefill_s}
+
+
+def run_config(args, model: str, sp: int, graphs: str, gbps: float | None, emit) -> None:
+    cfg = EngineConfig(model_path=model_dir(model), load_format="dummy", sp_size=sp, tp_size=args.tp_size,
+                       cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
+                       max_running_requests=max(args.batch), mem_fraction_static=args.mem_fraction_static,
+                       max_model_len=max(args.context) + args.decode_steps + 8)
+    started = time.perf_counter()
+    engine = Engine(cfg)
+    startup_s = time.perf_counter() - started
+    try:
+        cells = [(c, b) for c in args.context for b in args.batch]
+        for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs}", mininterval=5):
+            row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
+                   "graphs": graphs == "on", "startup_s": startup_s}
+            try:
+                row.update(measure_cell(engine, context, batch, args.decode_steps, seed=len(args.batch)))
+                row["floor_ms"] = step_bytes(engine, context, batch) / gbps / 1e6 if gbps else None
+            except RequestRejected as e:
+                row["skipped"] = str(e)[:200]
+            emit(row)
+    finally:
+        engine.shutdown()
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    done = [r for r in rows if "itl_ms" in r]
+    for key in sorted({(r["model"], r["sp"], r["batch"], r["graphs"]) for r in done}):
+        pts = sorted((r["context"], r["itl_ms"], r["floor_ms"]) for r in done
+                     if (r["model"], r["sp"], r["batch"], r["graphs"]) == key)
+        label = f"{key[0]} sp={key[1]} batch={key[2]} graphs={'on' if key[3] else 'off'}"
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
+        if key[3] and all(p[2] for p in pts):
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], ls=":", color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("inter-token latency (ms); dotted: memory floor")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["llama3-8b"])
+    ap.add_argument("--context", nargs="+", type=int, default=[2048, 32768, 131072])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--sp-size", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--graphs", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.85)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    gbps = copy_gbps(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[dict] = []
+    result = {"environment": {**device_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "command": " ".join(sys.argv)}, "copy_gbps": gbps, "rows": rows}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    for model in args.model:
+        for sp in args.sp_size:
+            for graphs in args.graphs:
+                try:
+                    run_config(args, model, sp, graphs, gbps, emit)
+                except Exception as e:  # recorded; the other configs still run
+                    emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
+                          "context": None, "batch": None, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+    print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
+    print("| model | sp | tp | context | batch | graphs | ITL ms (p50 / p99) | floor ms | of floor |")
+    print("|---|---:|---:|---:|---:|---|---|---:|---:|")
+    for r in rows:
+        if "itl_ms" not in r:
+            print(f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+                  f"skipped | | |")
+            continue
+        floor = r["floor_ms"]
+        print(f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+              f"{r['itl_ms']:.2f} ({r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f}) | "
+              f"{floor and round(floor, 2)} | {floor and round(floor / r['itl_ms'], 2)} |")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The attention-backend interface and the work every backend shares.
+
+Per step the backend's :meth:`AttentionBackend.prepare` turns the step's :class:`AttentionStepMeta` into a
+:class:`StepAttention`: the local entries sorted into one batch per kernel kind (CSR arrays built once, kernels
+planned once), which every softmax layer of the step then runs through :meth:`StepAttention.forward`:
+
+1. the new K/V rows this rank stores are written to its pages in one scatter;
+2. every local query row attends to its request's KV on this rank, one call per kind (:func:`local_kind`):
+   - ``ragged``: the rank had none of the request's KV before this step and stores the new rows: causal over the
+     step's own k/v rows (no cache read);
+   - ``*_causal``: the queries are the last rows of the request's KV on this rank, after a cached prefix:
+     bottom-right aligned causal mask;
+   - ``*_full``: every query sees every key (replicated queries on an SP rank that does not store them);
+   - ``decode``: one query per request, which sees every key in the pages;
+   ``paged_*`` kinds read K/V from the pages inside the kernel, ``gathered_*`` ones first copy the entries' pages
+   into contiguous K/V (gather slots built once per step): with many query rows per entry that is faster than a
+   paged kernel at page size 16, with few the paged kernel avoids the copy (``benchmarks/results/kernels_h200.md``);
+3. split requests attend to every SP rank's KV shard by the pass-KV ring (or the all-gather-KV comparison mode);
+4. replicated rows (the same queries on every SP rank, KV sharded over SP) merge their partial results by base-2
+   LSE over the SP group, all requests in one all-gather.
+With sp = 1 only steps 1-2 remain. A CUDA-graph decode step uses the same object over static buffers, with the
+merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.engine.cuda_graphs`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.forward.context import AttentionStepMeta, LocalEntry
+from server.kernels.ops import Run
+from server.sp.groups import ParallelState
+from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
+
+KINDS = ("ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_full", "decode")
+GATHER_MIN_ROWS = 64  # entries with at least this many query rows read a gathered copy of their KV
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """What the model's softmax layers look like on this rank (every softmax layer of a model shares it)."""
+
+    num_heads: int  # query heads on this rank
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+def local_kind(num_rows: int, kv_len: int, stores: bool) -> str:
+    """The kind of an entry with ``num_rows`` query rows and ``kv_len`` KV rows on this rank (the query rows' own KV
+    included when this rank ``stores`` them, as the last rows)."""
+    if num_rows == 1:
+        return "decode"
+    if stores and kv_len == num_rows:
+        return "ragged"
+    source = "gathered" if num_rows >= GATHER_MIN_ROWS else "paged"
+    return f"{source}_{'causal' if stores else 'full'}"
+
+
+def _int32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def indptr(lengths: list[int]) -> torch.Tensor:
+    return _int32([0, *itertools.accumulate(lengths)])
+
+
+@dataclass
+class AttentionBatch:
+    """The entries of one kind in one step. ``rows`` are local query rows, entry by entry; for ``ragged`` the
+    same rows hold the entry's keys. ``kv_indptr``/``kv_indices``/``last_page_len`` describe the pages (host)."""
+
+    kind: str
+    page_size: int
+    q_lens: list[int]
+    rows: torch.Tensor | None  # [sum(q_lens)] long, on the device (None when row_range covers them)
+    row_range: tuple[int, int] | None  # (start, end) when rows are one contiguous range
+    qo_indptr: torch.Tensor  # int32, host
+    kv_indptr: torch.Tensor  # int32, host: pages (ragged: rows) per entry
+    kv_indices: torch.Tensor  # int32, host: page ids
+    last_page_len: torch.Tensor  # int32, host
+    kv_lens: list[int]
+    gather_slots: torch.Tensor | None = None  # gathered kinds: flat cache slots of every entry's KV, in order
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "ragged" or self.kind.endswith("_causal")
+
+    @property
+    def gathered(self) -> bool:
+        return self.kind.startswith("gathered_")
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This batch's rows of a step tensor (a view when they are contiguous)."""
+        if self.row_range is not None:
+            return x[self.row_range[0] : self.row_range[1]]
+        return x[self.rows]
+
+    def put(self, x: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` into this batch's rows of ``x``."""
+        if self.row_range is not None:
+            x[self.row_range[0] : self.row_range[1]] = values
+        else:
+            x[self.rows] = values
+
+
+def make_batch(kind: str, page_size: int, entries: list[LocalEntry], device: torch.device) -> AttentionBatch:
+    """One kind's batch. For ``ragged`` the page tables are unused and ``kv_len`` equals the number of query rows
+    (the keys are those rows)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention batch kind {kind!r}")
+    rows = list(itertools.chain.from_iterable(range(e.row_start, e.row_start + e.num_rows) for e in entries))
+    q_lens = [e.num_rows for e in entries]
+    kv_lens = [e.kv_len for e in entries]
+    if any(n <= 0 for n in kv_lens) or any(n <= 0 for n in q_lens):
+        raise ValueError("every entry needs at least one query and one key")
+    if kind == "decode" and any(n != 1 for n in q_lens):
+        raise ValueError("decode entries have one query each")
+    gather_slots = None
+    if kind == "ragged":
+        if q_lens != kv_lens:
+            raise ValueError("ragged entries attend to their own rows")
+        pages, n_pages, last = _int32([]), kv_lens, kv_lens
+    else:
+        n_pages = [-(-n // page_size) for n in kv_lens]
+        if any(len(e.pages) < n for e, n in zip(entries, n_pages, strict=True)):
+            raise ValueError("a page table is shorter than its kv_len")
+        pages = _int32(list(itertools.chain.from_iterable(e.pages[:n] for e, n in zip(entries, n_pages, strict=True))))
+        last = [n - (p - 1) * page_size for n, p in zip(kv_lens, n_pages, strict=True)]
+        if kind.startswith("gathered_"):  # every page's slots, cut to each entry's kv_len
+            slots = (pages.long()[:, None] * page_size + torch.arange(page_size)).flatten()
+            firsts = [0, *itertools.accumulate(n_pages)][:-1]
+            gather_slots = torch.cat([slots[f * page_size : f * page_size + n]
+                                      for f, n in zip(firsts, kv_lens, strict=True)]).to(device)
+    contiguous = bool(rows) and rows == list(range(rows[0], rows[0] + len(rows)))
+    return AttentionBatch(
+        kind=kind, page_size=page_size, q_lens=q_lens,
+        rows=torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
+        row_range=(rows[0], rows[0] + len(rows)) if contiguous else None,
+        qo_indptr=indptr(q_lens), kv_indptr=indptr(n_pages), kv_indices=pages,
+        last_page_len=_int32(last), kv_lens=kv_lens, gather_slots=gather_slots,
+    )
+
+
+def decode_batch(page_size: int, kv_indptr: np.ndarray, kv_indices: np.ndarray, last_page_len: np.ndarray,
+                 kv_lens: np.ndarray) -> AttentionBatch:
+    """The ``decode`` batch of rows ``0..len(kv_lens)-1`` straight from its page CSR arrays (a graph step's)."""
+    n = len(kv_lens)
+    return AttentionBatch(
+        kind="decode", page_size=page_size, q_lens=[1] * n, rows=None, row_range=(0, n),
+        qo_indptr=torch.arange(n + 1, dtype=torch.int32), kv_indptr=torch.from_numpy(kv_indptr),
+        kv_indices=torch.from_numpy(kv_indices), last_page_len=torch.from_numpy(last_page_len),
+        kv_lens=kv_lens.tolist(),
+    )
+
+
+def sort_into_batches(entries: list[LocalEntry], page_size: int, device: torch.device) -> list[AttentionBatch]:
+    by_kind: dict[str, list[LocalEntry]] = {kind: [] for kind in KINDS}
+    for e in entries:
+        by_kind[local_kind(e.num_rows, e.kv_len, e.stores)].append(e)
+    return [make_batch(kind, page_size, es, device) for kind, es in by_kind.items() if es]
+
+
+class AttentionBackend:
+    """A backend: how batches and ring pieces are computed. Subclasses implement :meth:`run_batch` and
+    :meth:`attention_runs`, and may plan kernels in :meth:`plan_batches` (called once per step)."""
+
+    name = "base"
+
+    def __init__(self, pstate: ParallelState, page_size: int):
+        self.pstate = pstate
+        self.page_size = page_size
+
+    def prepare(self, meta: AttentionStepMeta) -> StepAttention:
+        """The step's attention, prepared once: batches sorted by kind and planned."""
+        batches = sort_into_batches(meta.local, self.page_size, self.pstate.device)
+        self.plan_batches(batches)
+        return StepAttention(self, meta, batches)
+
+    def plan_batches(self, batches: list[AttentionBatch]) -> None:
+        """Plan kernels for this step's batches (once per step, before the first layer)."""
+
+    def run_batch(self, batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                  cache, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o, lse)`` of a batch: q the batch's rows, k/v the same rows (read by ``ragged`` only), ``cache`` the
+        layer's :class:`server.layers.attention.PagedKVCache`."""
+        raise NotImplementedError
+
+    def attention_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run],
+                       k_runs: list[Run], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position-run attention (:func:`server.kernels.ops.attention_runs` semantics) for the ring's blocks."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Free what the backend holds on the device."""
+
+
+class StepAttention:
+    """One step's softmax attention on one rank, shared by every softmax layer (see the module docstring)."""
+
+    def __init__(self, backend: AttentionBackend, meta: AttentionStepMeta, batches: list[AttentionBatch]):
+        self.backend = backend
+        self.meta = meta
+        self.batches = batches
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, scale: float) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on this rank's local rows -> o ``[T, Hq, D]``."""
+        meta, ps = self.meta, self.backend.pstate
+        if meta.write_rows is not None:
+            cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows])
+        out = torch.zeros_like(q)
+        merging = meta.merge_rows is not None or meta.merge_mask is not None
+        lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None
+        for batch in self.batches:
+            ragged = batch.kind == "ragged"  # the only kind that reads the step's own k/v rows
+            o_b, lse_b = self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
+                                                batch.take(v) if ragged else None, cache, scale)
+            batch.put(out, o_b)
+            if lse is not None:
+                batch.put(lse, lse_b)
+        for e in meta.ring:
+            rows = slice(e.row_start, e.row_start + e.num_rows)
+            k_shard, v_shard = cache.read(e.page_table, e.shard_len)
+            fn = ring_attention if meta.ring_mode == "ring" else allgather_kv_attention
+            out[rows], _ = fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
+                              attn_fn=self.backend.attention_runs)
+        if meta.merge_rows is not None:
+            out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
+        elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
+            merged, _ = merge_over_sp(out, lse, ps)
+            out = torch.where(meta.merge_mask[:, None, None] != 0, merged, out)
+        return out
+

@@ -1,0 +1,103 @@
+"""The plain-torch attention backend: the reference every other backend is checked against (any device, any dtype).
+
+:func:`batch_attention_ref` locates keys through the same arrays the flashinfer kernels read (``kv_indptr``,
+``kv_indices``, ``last_page_len``; ``gather_slots`` for gathered kinds), so running it checks them too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from server.backends.attention import AttentionBackend, AttentionBatch
+from server.kernels import ops
+from server.kernels.attention_ref import attention_with_lse_ref
+
+
+def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch on the position-mask reference. q ``[rows, Hq, D]`` (the batch's rows, in order); k/v the
+    batch's rows of the step (read by ``ragged`` only); caches ``[pages, page_size, Hk, D]``. Returns
+    ``(o, lse base 2)``."""
+    outs, lses = [], []
+    qo, kvp = batch.qo_indptr.tolist(), batch.kv_indptr.tolist()
+    last = batch.last_page_len.tolist()
+    flat_k = k_cache.flatten(0, 1)
+    flat_v = v_cache.flatten(0, 1)
+    gathered_start = 0
+    for i, nq in enumerate(batch.q_lens):
+        qs = q[qo[i] : qo[i + 1]]
+        if batch.kind == "ragged":
+            ks, vs = k[qo[i] : qo[i + 1]], v[qo[i] : qo[i + 1]]
+        else:
+            pages = batch.kv_indices[kvp[i] : kvp[i + 1]].to(device=k_cache.device, dtype=torch.long)
+            nk = (len(pages) - 1) * batch.page_size + last[i]
+            if batch.gathered:
+                slots = batch.gather_slots[gathered_start : gathered_start + nk]
+                gathered_start += nk
+            else:
+                slots = (pages[:, None] * batch.page_size + torch.arange(batch.page_size, device=pages.device))
+                slots = slots.flatten()[:nk]
+            ks, vs = flat_k[slots], flat_v[slots]
+        nk = ks.shape[0]
+        k_pos = torch.arange(nk, device=q.device)
+        # Bottom-right causal: query i is at position nk - nq + i; full: every query after every key.
+        q_pos = torch.arange(nk - nq, nk, device=q.device) if batch.causal else torch.full((nq,), nk, device=q.device)
+        o, lse = attention_with_lse_ref(qs, ks, vs, q_pos, k_pos, scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def run_batch(self, batch, q, k, v, cache, scale):
+        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale)
+
+    def attention_runs(self, q, k, v, q_runs, k_runs, scale):
+        return ops.attention_runs(q, k, v, q_runs, k_runs, scale)
+
+    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
+        """Backends for CUDA-graph decode steps, one per bucket (``max_pages``: the longest page table)."""
+        return {bs: TorchGraphDecode(self, bs, max_pages) for bs in buckets}
+
+
+class TorchGraphDecode(AttentionBackend):
+    """Decode batches of one CUDA-graph bucket on the reference, over static device buffers: every row's page
+    table (padded to ``max_pages``) and KV length. Planning copies them in; the attention itself has no host work,
+    so it can be captured (fp32 models on a GPU, and the graph form on any device)."""
+
+    name = "torch-graph"
+
+    def __init__(self, parent: TorchAttentionBackend, bucket: int, max_pages: int):
+        super().__init__(parent.pstate, parent.page_size)
+        dev = parent.pstate.device
+        self.pages = torch.zeros(bucket, max_pages, dtype=torch.long, device=dev)
+        self.kv_lens = torch.ones(bucket, dtype=torch.long, device=dev)
+
+    def plan_batches(self, batches: list[AttentionBatch]) -> None:
+        if [b.kind for b in batches] != ["decode"] or len(batches[0].q_lens) != self.pages.shape[0]:
+            raise ValueError(f"a CUDA-graph step runs one decode batch of {self.pages.shape[0]} rows")
+        b = batches[0]
+        table = torch.zeros(self.pages.shape, dtype=torch.long)
+        ptr = b.kv_indptr.tolist()
+        for i in range(len(b.q_lens)):
+            table[i, : ptr[i + 1] - ptr[i]] = b.kv_indices[ptr[i] : ptr[i + 1]]
+        self.pages.copy_(table)
+        self.kv_lens.copy_(torch.tensor(b.kv_lens))
+
+    def run_batch(self, batch, q, k, v, cache, scale):
+        b, hq, d = q.shape
+        hk, page = cache.k.shape[2], self.page_size
+        slots = (self.pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
+        ks = cache.k.flatten(0, 1)[slots].float()  # [B, L, Hk, D]
+        vs = cache.v.flatten(0, 1)[slots].float()
+        s = torch.einsum("bhrd,blhd->bhrl", q.float().view(b, hk, hq // hk, d), ks) * scale
+        visible = torch.arange(slots.shape[1], device=q.device)[None, :] < self.kv_lens[:, None]  # [B, L]
+        s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("bhrl,blhd->bhrd", torch.exp(s - lse[..., None]), vs)
+        return o.reshape(b, hq, vs.shape[-1]).to(q.dtype), (lse / math.log(2)).reshape(b, hq)

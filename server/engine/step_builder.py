@@ -1,0 +1,222 @@
+"""Turn a step plan and the rank's request mirror into the step's rows and metadata, once per step.
+
+Local rows are laid out request by request: replicated requests first (the same rows on every SP rank, so their
+SP merge lines up), then split and homed requests. Everything here is host work on small per-request numbers;
+the tensors it makes travel to the device once per step, in one pinned copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.engine.request_table import RequestTable, computed_pieces, stored_pieces
+from server.forward.context import AttentionStepMeta, LinearStepMeta, LocalEntry, RingEntry, SplitLinearEntry
+from server.forward.plan import ChunkPlan, Placement, StepPlan
+from server.sp.groups import ParallelState
+from server.sp.partition import rank_chunks, zigzag_chunks
+
+_ROW_ORDER = {Placement.REPLICATED: 0, Placement.SPLIT: 1, Placement.HOMED: 2}
+
+
+@dataclass
+class LocalChunk:
+    """One request's rows on this rank."""
+
+    chunk: ChunkPlan
+    index: int  # position in the plan
+    row_start: int
+    num_rows: int
+    pieces: list[tuple[int, int, int]]  # (pos_start, length, chunk index) of the computed rows
+
+
+@dataclass
+class StepRows:
+    """The rank's rows of one step and their metadata (host side; tensors on the device)."""
+
+    chunks: list[LocalChunk]  # in row order
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    num_rows: int
+    attention: AttentionStepMeta
+    linear: LinearStepMeta
+    seq_sharded: bool = False  # the residual stream is sharded over TP (rows padded to a multiple of tp)
+
+
+def row_order(plan: StepPlan) -> list[int]:
+    """Plan indices in local row order: replicated requests first, then split, then homed."""
+    return sorted(range(len(plan.chunks)), key=lambda i: _ROW_ORDER[plan.chunks[i].placement])
+
+
+def rank_row_count(plan: StepPlan, sp_size: int, sp_rank: int) -> int:
+    """Rows SP rank ``sp_rank`` computes in ``plan`` (every rank can count every other rank's)."""
+    return sum(n for c in plan.chunks for _, n, _ in computed_pieces(c, sp_size, sp_rank))
+
+
+def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values), dtype=dtype).to(device, non_blocking=True)
+
+
+def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, ring_mode: str = "ring",
+                    lasp_mode: str = "ring") -> StepRows:
+    """The rank's rows and metadata of ``plan``; ``table`` must already have applied it."""
+    dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
+    ids: list[int] = []
+    pos: list[int] = []
+    local: list[LocalChunk] = []
+    offsets = np.cumsum([0] + [c.num_new for c in plan.chunks])
+    for i in row_order(plan):
+        chunk = plan.chunks[i]
+        pieces = computed_pieces(chunk, p, r)
+        base = int(offsets[i])
+        row_start = len(ids)
+        for start, n, _ in pieces:
+            rel = start - chunk.start
+            ids += plan.token_ids[base + rel : base + rel + n]
+            pos += range(start, start + n)
+        local.append(LocalChunk(chunk, i, row_start, len(ids) - row_start, pieces))
+    num_rows = len(ids)
+    if plan.seq_sharded:
+        pad = (-num_rows) % pstate.tp_size
+        ids += [0] * pad
+        pos += [0] * pad
+    return StepRows(
+        chunks=local,
+        input_ids=_tensor(ids, torch.long, dev),
+        positions=_tensor(pos, torch.long, dev),
+        num_rows=num_rows,
+        attention=_attention_meta(local, table, pstate, ring_mode),
+        linear=_linear_meta(plan, local, table, pstate, lasp_mode),
+        seq_sharded=plan.seq_sharded,
+    )
+
+
+def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: ParallelState,
+                    ring_mode: str) -> AttentionStepMeta:
+    dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
+    write_rows: list[np.ndarray] = []
+    write_slots: list[np.ndarray] = []
+    ring: list[RingEntry] = []
+    entries: list[LocalEntry] = []
+    merge_rows: list[int] = []
+    for lc in local:
+        if lc.num_rows == 0:  # homed on another SP rank
+            continue
+        chunk, st = lc.chunk, table.requests[lc.chunk.req]
+        shard_len = st.shard_lens[r]
+        stores = bool(stored_pieces(chunk, p, r))
+        if stores:  # the new rows are the last rows of this rank's shard
+            write_rows.append(np.arange(lc.row_start, lc.row_start + lc.num_rows))
+            write_slots.append(table.slots_of(chunk.req, np.arange(shard_len - lc.num_rows, shard_len)))
+        if chunk.placement == Placement.SPLIT and p > 1:
+            q_runs, row = [], 0
+            for start, n, _ in lc.pieces:
+                q_runs.append((row, n, start))
+                row += n
+            ring.append(RingEntry(lc.row_start, lc.num_rows, q_runs, [list(x) for x in st.runs],
+                                  table.device_pages(chunk.req).long(), shard_len))
+            continue
+        if chunk.placement == Placement.REPLICATED and p > 1:
+            merge_rows += range(lc.row_start, lc.row_start + lc.num_rows)
+        if shard_len == 0:  # no keys here: (o, lse) = (0, -inf)
+            continue
+        entries.append(LocalEntry(lc.row_start, lc.num_rows, table.pages(chunk.req).tolist(), shard_len, stores))
+    return AttentionStepMeta(
+        write_rows=_tensor(np.concatenate(write_rows), torch.long, dev) if write_rows else None,
+        write_slots=_tensor(np.concatenate(write_slots), torch.long, dev) if write_slots else None,
+        ring=ring, local=entries,
+        merge_rows=_tensor(merge_rows, torch.long, dev) if merge_rows else None,
+        ring_mode=ring_mode,
+    )
+
+
+def _linear_meta(plan: StepPlan, local: list[LocalChunk], table: RequestTable, pstate: ParallelState,
+                 mode: str) -> LinearStepMeta:
+    dev, p = pstate.device, pstate.sp_size
+    split: list[SplitLinearEntry] = []
+    rows: list[int] = []
+    slots: list[int] = []
+    lens: list[int] = []
+    for lc in local:
+        slot = table.requests[lc.chunk.req].slot
+        if lc.chunk.placement == Placement.SPLIT and p > 1:
+            lens_all = [b - a for a, b in zigzag_chunks(lc.chunk.num_new, p)]
+            chunks, row = [], 0
+            for a, b, c in rank_chunks(lc.chunk.num_new, p, pstate.sp_rank):  # empty chunks kept: LASP visits all
+                chunks.append((row, b - a, c))
+                row += b - a
+            split.append(SplitLinearEntry(lc.row_start, lc.num_rows, chunks, lens_all, slot))
+        elif lc.num_rows:
+            rows += range(lc.row_start, lc.row_start + lc.num_rows)
+            slots.append(slot)
+            lens.append(lc.num_rows)
+    started = [slot for _, slot in plan.started]
+    return LinearStepMeta(
+        zero_slots=_tensor(started, torch.long, dev) if started else None,
+        split=split,
+        local_rows=_tensor(rows, torch.long, dev) if rows else None,
+        local_slots=_tensor(slots, torch.long, dev) if slots else None,
+        local_cu=_tensor(np.cumsum([0] + lens), torch.int32, dev) if lens else None,
+        all_decode=bool(lens) and max(lens) == 1,
+        mode=mode,
+    )
+
+
+@dataclass
+class PaddedDecode:
+    """A decode step padded to ``bucket`` rows, as host arrays: what a CUDA-graph step copies into its static buffers
+    (one pinned host-to-device copy of ``inputs``) and the decode batch's page CSR arrays for the backend's plan."""
+
+    chunks: list[LocalChunk]  # in row order; real rows first
+    num_rows: int
+    inputs: np.ndarray  # [INPUT_ROWS, bucket] int64: token ids, positions, KV write slots, state slots, merge flags
+    kv_indptr: np.ndarray  # [bucket + 1] int32
+    kv_indices: np.ndarray  # int32
+    last_page_len: np.ndarray  # [bucket] int32
+    kv_lens: np.ndarray  # [bucket] int64
+
+
+INPUT_ROWS = 5  # ids, positions, write slots, state slots, merge flags
+
+
+def build_padded_decode(plan: StepPlan, table: RequestTable, pstate: ParallelState, bucket: int,
+                        scratch_slot: int) -> PaddedDecode | None:
+    """A decode step (:attr:`StepPlan.is_decode`) padded to ``bucket`` rows, the shape of a CUDA-graph step: every row
+    writes its K/V (rows this rank does not store write to slot 0 of the scratch page 0), padded rows attend to the
+    scratch page and use state slot ``scratch_slot``, and the SP merge runs over all rows and is kept where the merge
+    flag is set. None if a row has no KV on this rank (the eager path handles that step)."""
+    p, r, page = pstate.sp_size, pstate.sp_rank, table.page_size
+    inputs = np.zeros((INPUT_ROWS, bucket), dtype=np.int64)
+    inputs[3] = scratch_slot
+    kv_lens = np.ones(bucket, dtype=np.int64)
+    tables: list[np.ndarray] = []
+    local: list[LocalChunk] = []
+    row = 0
+    for i in row_order(plan):
+        c = plan.chunks[i]
+        pieces = computed_pieces(c, p, r)
+        local.append(LocalChunk(c, i, row, len(pieces), pieces))
+        if not pieces:
+            continue
+        st = table.requests[c.req]
+        kv_len = st.shard_lens[r]
+        if kv_len == 0:
+            return None
+        pages = table.pages(c.req)
+        inputs[:, row] = (plan.token_ids[i], c.start, 0, st.slot, c.placement == Placement.REPLICATED and p > 1)
+        if stored_pieces(c, p, r):  # the new token is the last row of this rank's shard
+            inputs[2, row] = int(pages[(kv_len - 1) // page]) * page + (kv_len - 1) % page
+        kv_lens[row] = kv_len
+        tables.append(pages[: -(-kv_len // page)])
+        row += 1
+    n_pages = np.ones(bucket, dtype=np.int64)
+    n_pages[:row] = [len(t) for t in tables]
+    return PaddedDecode(
+        chunks=local, num_rows=row, inputs=inputs,
+        kv_indptr=np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32),
+        kv_indices=np.concatenate([*tables, np.zeros(bucket - row, dtype=np.int32)]).astype(np.int32),
+        last_page_len=(kv_lens - (n_pages - 1) * page).astype(np.int32),
+        kv_lens=kv_lens,
+    )

@@ -1,0 +1,99 @@
+"""What every layer of one forward pass reads: the rank's rows of the step and the step's metadata, prepared once.
+
+The model runner builds a :class:`ForwardContext` per step from the plan and its request mirror
+(:mod:`server.engine.step_builder`): the local rows (token ids, global positions), the softmax-attention work
+(:class:`AttentionStepMeta`, which the attention backend prepares once: plans, index tensors) and the
+linear-attention work (:class:`LinearStepMeta`). Layers only read it; nothing in a layer builds metadata or plans
+kernels. A decode step run by a CUDA graph uses the same types over static buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from server.kernels.ops import Run
+from server.sp.groups import ParallelState
+
+
+@dataclass
+class RingEntry:
+    """A split request (sp > 1): its local rows attend to every SP rank's KV shard by the pass-KV ring."""
+
+    row_start: int
+    num_rows: int
+    q_runs: list[Run]  # rows relative to row_start
+    kv_runs: list[list[Run]]  # per SP rank: its shard after this step
+    page_table: torch.Tensor  # this rank's pages of the request (device, long)
+    shard_len: int  # rows of this rank's shard
+
+
+@dataclass
+class LocalEntry:
+    """A request whose local rows attend only to this rank's KV (the backend picks the kernel kind)."""
+
+    row_start: int
+    num_rows: int
+    pages: list[int]  # this rank's page table of the request
+    kv_len: int  # rows of this rank's KV shard, the new rows included when ``stores``
+    stores: bool  # this rank stores the new rows' KV (they are the last ``num_rows`` of the shard)
+
+
+@dataclass
+class AttentionStepMeta:
+    """This rank's softmax-attention work in one step, shared by every softmax layer."""
+
+    write_rows: torch.Tensor | None  # local rows whose K/V this rank stores ...
+    write_slots: torch.Tensor | None  # ... and their flat cache slots (page * page_size + offset)
+    ring: list[RingEntry] = field(default_factory=list)
+    local: list[LocalEntry] = field(default_factory=list)
+    # Rows whose partial results are merged over SP by LSE (replicated queries over SP-sharded KV). Eager steps:
+    # the rows, in the same request order on every SP rank. Graph steps: a 0/1 flag per row (merge_mask).
+    merge_rows: torch.Tensor | None = None
+    merge_mask: torch.Tensor | None = None
+    ring_mode: str = "ring"
+
+
+@dataclass
+class SplitLinearEntry:
+    """A split request's local rows for linear attention: its two zigzag chunks back to back."""
+
+    row_start: int
+    num_rows: int
+    chunks: list[tuple[int, int, int]]  # (row_start relative, length, chunk index)
+    chunk_lens: list[int]  # all 2P chunk lengths
+    slot: int
+
+
+@dataclass
+class LinearStepMeta:
+    """This rank's linear-attention (lightning, GDN) work in one step: split requests run LASP / GDN state passing;
+    every other request with rows here continues from its pooled state, as one varlen call or, when each has one
+    row (``all_decode``), the decode kernels."""
+
+    zero_slots: torch.Tensor | None  # slots of requests that start in this step: cleared first
+    split: list[SplitLinearEntry]
+    local_rows: torch.Tensor | None  # rows of the other requests, request after request (device, long)
+    local_slots: torch.Tensor | None  # their state slots
+    local_cu: torch.Tensor | None  # cu_seqlens over local_rows (device, int32)
+    all_decode: bool
+    mode: str = "ring"  # LASP / GDN state passing: "ring" or "allgather"
+
+
+class AttentionRunner(Protocol):
+    """The step's prepared softmax attention (:mod:`server.backends`): one call per layer."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, scale: float) -> torch.Tensor: ...
+
+
+@dataclass
+class ForwardContext:
+    pstate: ParallelState
+    input_ids: torch.Tensor  # [T] local rows (padded to a multiple of tp when seq_sharded, to a bucket in graphs)
+    positions: torch.Tensor  # [T]
+    num_rows: int  # real rows (T before padding)
+    seq_sharded: bool  # the residual stream holds this TP rank's 1/tp of the rows
+    attention: AttentionRunner | None
+    linear: LinearStepMeta | None

@@ -1,0 +1,262 @@
+"""Ulysses groups and the all-to-all re-partition between token shards and head shards (DESIGN 5.7).
+
+The SP group of P ranks is a U x R mesh (U = ``--ulysses-degree``, R = P / U): SP rank ``s`` has ring index
+``s // U`` and Ulysses index ``s % U``. The Ulysses group is U adjacent SP ranks (same ring index and tp_rank);
+the ring group is the R ranks with the same Ulysses index and tp_rank. Heads are split by TP first, then by U:
+Ulysses rank u holds the TP rank's query heads ``[u * Hq / U, (u + 1) * Hq / U)``.
+
+:func:`seq_to_heads` trades a rank's token shard of all heads for the Ulysses group's tokens of its heads, with
+uneven shards; :func:`heads_to_seq` is its inverse. The gathered token order is the Ulysses group's rank order,
+each rank's rows in its local order: row ``sum(counts[:j]) + i`` is row i of Ulysses rank j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from server.kernels.ops import Run
+from server.sp.groups import ParallelState
+
+
+@dataclass(frozen=True)
+class UlyssesMesh:
+    """This rank's place in the U x R mesh and its two groups (a group is None when it has one member).
+
+    ``ring`` is a view of the worker's :class:`ParallelState` whose SP fields (``sp_size = R``, ``sp_rank`` =
+    ring index, ``sp_group``, ``sp_ranks``) describe the ring group, so :mod:`server.sp.ring_attention` and
+    :mod:`server.sp.lasp` run across ring groups unchanged; its ``rank``/``is_driver``/``world_size`` are not the
+    worker's and its ``sp_cpu_group`` is None: pass it only to those SP functions.
+    """
+
+    ulysses_degree: int
+    ulysses_rank: int
+    ulysses_group: dist.ProcessGroup | None
+    ulysses_ranks: tuple[int, ...]  # global ranks of the Ulysses group, in Ulysses-rank order
+    ring: ParallelState
+
+    @property
+    def ring_degree(self) -> int:
+        return self.ring.sp_size
+
+    @property
+    def ring_rank(self) -> int:
+        return self.ring.sp_rank
+
+    @property
+    def sp_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def sp_rank(self) -> int:
+        return self.ring_rank * self.ulysses_degree + self.ulysses_rank
+
+    def group_sp_ranks(self, ring_rank: int) -> range:
+        """SP ranks of the Ulysses group with ring index ``ring_rank``."""
+        return range(ring_rank * self.ulysses_degree, (ring_rank + 1) * self.ulysses_degree)
+
+
+def init_ulysses_mesh(pstate: ParallelState, ulysses_degree: int, timeout_s: float = 600.0) -> UlyssesMesh:
+    """Build the Ulysses and ring groups of ``pstate``'s SP group.
+
+    Collective over the world: every rank calls it with the same degree (``new_group`` must be called by all
+    ranks in the same order). Groups equal to the SP group reuse it; groups of one rank are None.
+    """
+    p, u, tp = pstate.sp_size, ulysses_degree, pstate.tp_size
+    if u < 1 or p % u:
+        raise ValueError(f"--ulysses-degree={u} must be >= 1 and divide --sp-size={p}")
+    r = p // u
+    ring_idx, uly_idx = divmod(pstate.sp_rank, u)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    grid = torch.arange(p * tp).view(r, u, tp)  # [ring index, Ulysses index, tp_rank] -> global rank
+
+    def new_groups(rows: list[list[int]]) -> dist.ProcessGroup | None:
+        """One group per row of ranks; returns the one holding this rank."""
+        mine = None
+        for ranks in rows:
+            group = dist.new_group(ranks, timeout=timeout)
+            if pstate.rank in ranks:
+                mine = group
+        return mine
+
+    uly_group = ring_group = None
+    if u == p:
+        uly_group = pstate.sp_group
+    elif u > 1:
+        uly_group = new_groups(grid.permute(0, 2, 1).reshape(-1, u).tolist())
+    if u == 1:
+        ring_group = pstate.sp_group
+    elif r > 1:
+        ring_group = new_groups(grid.permute(1, 2, 0).reshape(-1, r).tolist())
+    uly_ranks = tuple(grid[ring_idx, :, pstate.tp_rank].tolist())
+    ring_ranks = tuple(grid[:, uly_idx, pstate.tp_rank].tolist())
+    ring = dataclasses.replace(pstate, sp_size=r, sp_rank=ring_idx, sp_group=ring_group, sp_ranks=ring_ranks,
+                               sp_cpu_group=pstate.sp_cpu_group if u == 1 else None)
+    return UlyssesMesh(u, uly_idx, uly_group, uly_ranks, ring)
+
+
+def _heads_error(what: str, heads: int, ulysses_degree: int, need: str = "are not a multiple of") -> ValueError:
+    return ValueError(
+        f"Ulysses splits each TP rank's heads over the Ulysses group, but the {heads} {what} per TP rank (the "
+        f"model's heads / --tp-size) {need} --ulysses-degree={ulysses_degree}: choose a --ulysses-degree that "
+        f"divides them, or a --tp-size that leaves a multiple of it"
+    )
+
+
+def ulysses_kv_heads(num_heads: int, num_kv_heads: int, ulysses_degree: int) -> list[int]:
+    """The TP rank's KV heads that each Ulysses rank holds, rank after rank: rank u's are entries
+    ``[u * n, (u + 1) * n)`` with ``n = max(num_kv_heads / U, 1)`` (heads per TP rank, U = ulysses_degree).
+
+    Query head h uses KV head ``h // (num_heads / num_kv_heads)`` (GQA). With ``num_kv_heads >= U`` the KV heads
+    split like the query heads. With fewer (U a multiple of them) each Ulysses rank gets the one KV head its
+    query heads use, so every KV head is replicated on ``U / num_kv_heads`` ranks: the all-to-all carries and
+    the cache stores ``U / num_kv_heads`` times the KV bytes of an unreplicated split (the same cost as TP's
+    replication of KV heads fewer than ``--tp-size``).
+    """
+    u = ulysses_degree
+    if num_heads % u:
+        raise _heads_error("query heads", num_heads, u)
+    if num_kv_heads % u == 0:
+        return list(range(num_kv_heads))
+    if u % num_kv_heads:
+        raise _heads_error("KV heads", num_kv_heads, u, need="are neither a multiple nor a divisor of")
+    group_size = num_heads // num_kv_heads
+    return [(rank * num_heads // u) // group_size for rank in range(u)]
+
+
+def _group_size_and_rank(counts: list[int], group: dist.ProcessGroup | None) -> tuple[int, int]:
+    u = len(counts)
+    if u == 1:
+        return 1, 0
+    if group is None or dist.get_world_size(group) != u:
+        raise ValueError(f"counts lists {u} ranks but the group is {group}")
+    return u, dist.get_rank(group)
+
+
+def seq_to_heads(x: torch.Tensor, counts: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-to-all from a token shard of all heads to all of the group's tokens of this rank's heads.
+
+    x ``[counts[rank], H, *rest]`` (any dtype) on each of the U = ``len(counts)`` ranks of ``group`` (None for a
+    group of one). Returns ``[sum(counts), H / U, *rest]``: heads ``[rank * H / U, (rank + 1) * H / U)`` of every
+    rank's rows, in group-rank order, each rank's rows in its local order.
+    """
+    if x.shape[1] % len(counts):
+        raise _heads_error("heads", x.shape[1], len(counts))
+    u, rank = _group_size_and_rank(counts, group)
+    if x.shape[0] != counts[rank]:
+        raise ValueError(f"rank {rank} of the Ulysses group has {x.shape[0]} rows but counts={counts}")
+    if u == 1:
+        return x
+    t, h, rest = x.shape[0], x.shape[1] // u, x.shape[2:]
+    send = x.reshape(t, u, h, *rest).transpose(0, 1).contiguous()  # destination-major: [U, T, H/U, *rest]
+    out = x.new_empty(sum(counts), h, *rest)
+    dist.all_to_all_single(out, send.view(u * t, h, *rest), output_split_sizes=counts, input_split_sizes=[t] * u,
+                           group=group)
+    return out
+
+
+def heads_to_seq(y: torch.Tensor, counts: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Inverse of :func:`seq_to_heads`: y ``[sum(counts), H / U, *rest]`` (this rank's heads of the group's tokens,
+    in group-rank order) -> ``[counts[rank], H, *rest]`` (this rank's rows, all heads)."""
+    u, rank = _group_size_and_rank(counts, group)
+    if y.shape[0] != sum(counts):
+        raise ValueError(f"y has {y.shape[0]} rows but counts={counts} sum to {sum(counts)}")
+    if u == 1:
+        return y
+    t, h, rest = counts[rank], y.shape[1], y.shape[2:]
+    recv = y.new_empty(u * t, h, *rest)
+    dist.all_to_all_single(recv, y.contiguous(), output_split_sizes=[t] * u, input_split_sizes=counts, group=group)
+    return recv.view(u, t, h, *rest).transpose(0, 1).reshape(t, u * h, *rest)
+
+
+def qkv_seq_to_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_heads: list[int],
+    counts: list[int],
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`seq_to_heads` of q, k and v in one all-to-all (one message per peer instead of three).
+
+    q ``[T, Hq, D]``, k ``[T, Hk, D]``, v ``[T, Hk, Dv]`` of one dtype; ``kv_heads`` from :func:`ulysses_kv_heads`
+    picks (and replicates) the KV heads each rank receives. Returns q ``[N, Hq / U, D]``, k ``[N, n, D]``,
+    v ``[N, n, Dv]`` (N = sum(counts), n = len(kv_heads) / U), rows in the order of :func:`seq_to_heads`.
+    """
+    u, t = len(counts), q.shape[0]
+    if kv_heads != list(range(k.shape[1])):
+        k, v = k[:, kv_heads], v[:, kv_heads]
+    if u == 1:
+        return q, k, v
+    parts = [x.reshape(t, u, x.shape[1] // u * x.shape[2]) for x in (q, k, v)]  # each destination's heads
+    out = seq_to_heads(torch.cat(parts, dim=2), counts, group).squeeze(1)
+    q_h, k_h, v_h = out.split([x.shape[2] for x in parts], dim=1)
+    return tuple(y.reshape(y.shape[0], x.shape[1] // u, x.shape[2]) for x, y in ((q, q_h), (k, k_h), (v, v_h)))
+
+
+def gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather of head shards over the Ulysses group, for rows every rank holds (decode): x ``[B, H / U, *rest]``
+    -> ``[B, H, *rest]``, heads in Ulysses-rank order."""
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def runs_rows(runs: list[Run]) -> int:
+    """Rows that ``runs`` describe (they lie back to back)."""
+    return sum(n for _, n, _ in runs)
+
+
+def stack_runs(runs_per_rank: list[list[Run]]) -> list[Run]:
+    """Runs of the rows of several ranks laid end to end in rank order (the layout :func:`seq_to_heads` returns)."""
+    out: list[Run] = []
+    offset = 0
+    for runs in runs_per_rank:
+        out.extend((row + offset, n, pos) for row, n, pos in runs)
+        offset += runs_rows(runs)
+    return out
+
+
+def position_order(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Rows described by ``runs``, sorted by position: the source runs in the order they are taken, and the runs
+    of the sorted rows (back to back from row 0, neighbours coalesced). Positions must not repeat."""
+    taken = sorted((run for run in runs if run[1] > 0), key=lambda run: run[2])
+    sorted_runs: list[Run] = []
+    row = 0
+    for _, n, pos in taken:
+        if sorted_runs and sorted_runs[-1][2] + sorted_runs[-1][1] == pos:
+            sorted_runs[-1] = (sorted_runs[-1][0], sorted_runs[-1][1] + n, sorted_runs[-1][2])
+        else:
+            sorted_runs.append((row, n, pos))
+        row += n
+    return taken, sorted_runs
+
+
+def rows_of(runs: list[Run], device: torch.device) -> torch.Tensor | None:
+    """Row index that lays out the rows of ``runs`` in that order; None if it is the identity (no copy needed)."""
+    next_row = 0
+    for row, n, _ in runs:
+        if row != next_row:
+            return torch.cat([torch.arange(row, row + n, device=device) for row, n, _ in runs])
+        next_row += n
+    return None
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``x[index]``, contiguous (no copy for the identity, None, if x is contiguous already)."""
+    return x.contiguous() if index is None else x[index]
+
+
+def put_rows(y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`take_rows`: the tensor whose rows ``index`` are ``y``."""
+    if index is None:
+        return y
+    out = torch.empty_like(y)
+    out[index] = y
+    return out
