@@ -111,19 +111,21 @@ def _min_p(x: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
 
 
 def _top_k_top_p(x: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
-    """Drop what is below each row's cut: its k-th largest logit, and the smallest logit of the shortest
-    prefix (best first, within the top k) whose probability mass reaches top_p."""
+    """Drop what is below each row's cut: its k-th largest logit, and the smallest logit of the shortest run of
+    best tokens (within the top k) whose probability mass reaches top_p."""
     dev, vocab = x.device, x.shape[-1]
     ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in reqs]
-    width = max(ks)  # candidates: the top max(k) when every row has a top-k (no full sort), else all, sorted
-    vals = torch.topk(x, width, dim=-1).values if width < vocab else torch.sort(x, dim=-1, descending=True).values
-    k = torch.tensor(ks, device=dev)[:, None]
+    width = max(ks)  # candidates: the top max(k) when every row has a top-k (no full sort), else all
+    # ascending order (a descending sort is markedly slower on CPU)
+    vals = torch.topk(x, width, dim=-1).values.flip(-1) if width < vocab else torch.sort(x, dim=-1).values
+    first = width - torch.tensor(ks, device=dev)[:, None]  # index of each row's k-th largest candidate
     if min(ks) < width:
-        vals = vals.masked_fill(torch.arange(width, device=dev)[None, :] >= k, float("-inf"))
-    cut = vals.gather(1, k - 1)
+        vals = vals.masked_fill(torch.arange(width, device=dev)[None, :] < first, float("-inf"))
+    cut = vals.gather(1, first)
     if any(r.params.top_p < 1.0 for r in reqs):
-        probs = torch.softmax(vals, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= _column(reqs, "top_p", dev)  # never the best token
+        # drop a token when the better ones alone already reach top_p: its cumulative mass from below <= 1 - top_p
+        drop = torch.cumsum(torch.softmax(vals, dim=-1), dim=-1) <= 1.0 - _column(reqs, "top_p", dev)
+        drop[:, -1] = False  # never the best token
         cut = torch.maximum(cut, vals.masked_fill(drop, float("inf")).min(dim=-1, keepdim=True).values)
     return x.masked_fill(x < cut, float("-inf"))
 
