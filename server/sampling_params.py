@@ -19,6 +19,9 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 bans a token, 100 forces it
+MAX_REPETITION_PENALTY = 100.0
 SEED_MODULUS = 2**63  # seeds are taken modulo this (torch generators take 63-bit seeds), so every int64/uint64 works
 
 Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
@@ -32,6 +35,15 @@ StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 TokenId = Annotated[int, Field(ge=0)]
 StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+# OpenAI's penalties: subtracted from the logit, once (presence) or per occurrence (frequency) in the output.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+# vLLM's / SGLang's / transformers' multiplicative penalty on every token of the prompt and the output.
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)]
+LogitBiasValue = Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE, allow_inf_nan=False)]
+# OpenAI's JSON form: token ids as decimal string keys ({"50256": -100}); the offline API may use int keys.
+TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]
+LogitBias = Annotated[dict[TokenIdKey, LogitBiasValue], Field(max_length=MAX_LOGIT_BIAS)]
 
 
 @dataclass(config=ConfigDict(strict=True))
@@ -44,6 +56,14 @@ class SamplingParams:
     offline API or the HTTP server); ``stop_token_ids`` and EOS are handled by the engine, which also checks them
     against the vocabulary. ``logprobs`` = number of top alternatives to return per generated token (0 returns
     only the chosen token's logprob; None returns none). Invalid values raise ``ValueError`` naming the field.
+
+    Logit controls, applied to the model's logits in this order before temperature (so the logprobs returned
+    are of the adjusted distribution): ``logit_bias`` (token id -> value added to its logit, OpenAI), EOS / stop
+    tokens masked below ``min_tokens``, ``repetition_penalty`` (vLLM / SGLang / transformers: every token of the
+    prompt or the output so far has a positive logit divided by it and a negative one multiplied by it),
+    ``frequency_penalty`` (OpenAI: minus penalty x the token's count in the output so far) and
+    ``presence_penalty`` (OpenAI: minus penalty once if the token is in the output so far). After temperature,
+    ``min_p`` drops tokens whose probability is below ``min_p`` x the most likely token's.
     """
 
     temperature: Temperature = 1.0
@@ -57,11 +77,25 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Logprobs | None = None
     skip_special_tokens: bool = True
+    min_p: MinP = 0.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    logit_bias: Annotated[dict[TokenId, LogitBiasValue], Field(max_length=MAX_LOGIT_BIAS)] = Field(
+        default_factory=dict)
 
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_string(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _int_token_keys(cls, v: object) -> object:
+        """OpenAI's string keys ("50256") become token ids; anything else is left for the type check."""
+        if not isinstance(v, dict):
+            return v
+        return {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: b for k, b in v.items()}
 
     @model_validator(mode="after")
     def _min_below_max(self) -> SamplingParams:
@@ -74,11 +108,16 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
     @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
     def generator_seed(self) -> int | None:
         return None if self.seed is None else self.seed % SEED_MODULUS
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise ``ValueError`` unless every stop token id is a token of the model."""
-        bad = [t for t in self.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids: token id {bad[0]} is out of range [0, {vocab_size})")
+        """Raise ``ValueError`` unless every stop token id and logit_bias key is a token of the model."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is out of range [0, {vocab_size})")

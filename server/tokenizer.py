@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,17 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _REPLACEMENT_CHAR = "\ufffd"
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of GPT-2's byte-level BPE: printable Latin-1 bytes stand for themselves, the other
+    bytes (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -129,6 +141,9 @@ class Tokenizer:
         # A twin that encodes control-token strings as plain text (kept apart: the switch is not thread-safe).
         self._literal = tokenizers.Tokenizer.from_str(backend.to_str())
         self._literal.encode_special_tokens = True
+        decoder = backend.decoder.__getstate__().decode() if backend.decoder is not None else ""
+        self._byte_level = _byte_level_alphabet() if '"ByteLevel"' in decoder else None
+        self._added = {t.content for t in backend.get_added_tokens_decoder().values()}
 
     @classmethod
     def from_pretrained(cls, path: str, chat_template: str | None = None) -> Tokenizer:
@@ -194,12 +209,14 @@ class Tokenizer:
         return self._literal.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
-                    control_tokens_in_content: bool = False, **extra: Any) -> list[int]:
+                    continue_final_message: bool = False, control_tokens_in_content: bool = False,
+                    **extra: Any) -> list[int]:
         """Render `messages` with the chat template and encode them, so that message content cannot become
         control tokens: the template's own special tokens are the only ones (unless
         `control_tokens_in_content`, for trusted clients). Content holding a control-token string is encoded as
         plain text where the template placed it verbatim; if the template changed such content, ValueError."""
-        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        text = self.apply_chat_template(messages, add_generation_prompt,
+                                        continue_final_message=continue_final_message, **extra)
         contents = [_flatten_content(m).get("content") or "" for m in messages]
         risky = [c for c in contents if any(t in c for t in self.control_tokens)]
         if control_tokens_in_content or not risky:
@@ -219,16 +236,36 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, which may be part of a UTF-8 character (byte-level BPE, byte-fallback
+        ``<0xE4>`` tokens), where decoding the token alone gives U+FFFD."""
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token not in self._added:
+            if self._byte_level is not None and all(c in self._byte_level for c in token):
+                return bytes(self._byte_level[c] for c in token)
+            if m := _BYTE_FALLBACK.fullmatch(token):
+                return bytes([int(m.group(1), 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         *,
+        continue_final_message: bool = False,
         chat_template: str | None = None,
         **extra: Any,
     ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template (or the given
-        `chat_template`). `extra` reaches the template as variables (e.g. `tools`, `enable_thinking`)."""
+        `chat_template`). `extra` reaches the template as variables (e.g. `tools`, `enable_thinking`).
+
+        `continue_final_message` leaves the last message open so that the model continues it (a prefilled
+        answer): the text ends right after its content, whatever the template puts behind it (an end-of-turn
+        token). It excludes `add_generation_prompt`. ValueError if the rendered text does not contain it."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if chat_template is not None:
             template = compile_chat_template(chat_template)
         elif self.chat_template:
@@ -238,15 +275,20 @@ class Tokenizer:
         else:
             raise ValueError(
                 f"the tokenizer of {self.source!r} has no chat template (no chat_template in tokenizer_config.json "
-                "and no chat_template.jinja): pass one (a jinja template string or file) as chat_template, "
-                "or send a plain-text prompt to the completions endpoint instead"
+                "and no chat_template.jinja): pass one (a jinja template string or file) with the server's "
+                "--chat-template flag (chat_template= in Python), or send a plain-text prompt to the completions "
+                "endpoint instead"
             )
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **extra}
-        return template.render(
-            messages=[_flatten_content(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
+        flat = [_flatten_content(m) for m in messages]
+        text = template.render(messages=flat, add_generation_prompt=add_generation_prompt, **variables)
+        if not continue_final_message:
+            return text
+        final = (flat[-1].get("content") or "").strip() if flat else ""
+        if final not in text:
+            raise ValueError("continue_final_message: the chat template does not keep the last message's content "
+                             "verbatim, so it cannot be continued")
+        return text[: text.rindex(final) + len(final)]
 
 
 class IncrementalDetokenizer:

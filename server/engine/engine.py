@@ -19,12 +19,12 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.faults import inject_fault
-from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected
+from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected, StepCounts
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.worker import gather_memory_stats, send_message, setup_rank, worker_main
-from server.forward.plan import MemoryStatsRequest, Shutdown
+from server.forward.plan import MemoryStatsRequest, Placement, Shutdown
 from server.layers.sampler import SampleRequest, sample
 from server.models.builtin import builtin_model_path
 from server.models.loader import check_model_parallelism, read_model_config
@@ -93,6 +93,8 @@ class Engine:
         self.generators: dict[str, torch.Generator] = {}
         self.pending: list[RequestOutput] = []
         self.rng = torch.Generator().manual_seed(config.seed)
+        self.num_steps = 0
+        self.last_step = StepCounts()
         self.closed = False
 
     def _check_workers(self) -> None:
@@ -135,6 +137,12 @@ class Engine:
         if not plan.chunks:
             return outputs
         send_message(self.pstate, plan)
+        self.num_steps += 1
+        self.last_step = StepCounts(
+            len(plan.chunks), sum(c.num_new for s, c in zip(seqs, plan.chunks) if s.prefilling),
+            sum(c.num_new for s, c in zip(seqs, plan.chunks) if not s.prefilling),
+            sum(c.placement == Placement.SPLIT for c in plan.chunks),
+            sum(c.placement == Placement.HOMED for c in plan.chunks))
         logits = self.runner.run(plan)
         self.scheduler.advance(seqs, plan)
         sampled = [s for s, c in zip(seqs, plan.chunks) if c.sample]
@@ -158,7 +166,8 @@ class Engine:
         def requests(batch: list[Sequence]) -> list[SampleRequest]:
             for s in batch:
                 inject_fault("sample", s.params.seed)
-            return [SampleRequest(s.params, self._generator(s), self._banned(s)) for s in batch]
+            return [SampleRequest(s.params, self._generator(s), self._banned(s), s.prompt_ids, s.output_ids)
+                    for s in batch]
 
         try:
             return list(zip(*sample(logits, requests(seqs))))
@@ -252,6 +261,8 @@ class Engine:
             kv_pages_cached=self.cache.pages_cached() if kv_total else 0,
             prefix_cache_entries=len(prefix.entries) if prefix else 0,
             prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
+            num_steps=self.num_steps,
+            last_step=self.last_step,
         )
 
     def flush_prefix_cache(self) -> int:

@@ -63,7 +63,21 @@ class RequestRejected(ValueError):
 
 
 @dataclass
+class StepCounts:
+    """What one engine step ran: requests, new prompt tokens, decoded tokens, and how many of its requests
+    were split over the SP group or computed on their home SP rank."""
+
+    batch_size: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    sp_split: int = 0
+    sp_homed: int = 0
+
+
+@dataclass
 class EngineStats:
+    """The engine after its latest step; ``num_steps`` counts steps, so every step's stats differ."""
+
     num_running: int = 0
     num_waiting: int = 0
     kv_pages_used: int = 0
@@ -73,3 +87,5 @@ class EngineStats:
     kv_pages_cached: int = 0  # pages only the prefix cache holds (evictable)
     prefix_cache_entries: int = 0
     prefix_cache_hit_tokens: int = 0  # prompt tokens served from the cache since start
+    num_steps: int = 0
+    last_step: StepCounts = field(default_factory=StepCounts)

@@ -26,6 +26,7 @@ class ServerArgs:
     allow_control_tokens_in_chat: bool = False
     shutdown_grace_period: float = 5.0
     watchdog_timeout: float = 300.0
+    chat_template: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag and what to change (engine flags included), and check that the
@@ -47,6 +48,8 @@ class ServerArgs:
             raise ValueError(f"--shutdown-grace-period must be >= 0, got {self.shutdown_grace_period}")
         if not self.watchdog_timeout > 0:
             raise ValueError(f"--watchdog-timeout must be > 0, got {self.watchdog_timeout}")
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template)
         for flag, path in (("--model-path", self.engine.model_path), ("--tokenizer-path", self.engine.tokenizer_path)):
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"{flag} {path!r} is not a directory (expected a Hugging Face model directory)")
@@ -58,6 +61,26 @@ class ServerArgs:
             check_model_parallelism("<built-in model>", builtin_config(VOCAB_SIZE, 0, 1), self.engine.tp_size, "dummy")
         else:
             check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format)
+
+
+def check_chat_template(value: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is a jinja chat template or the path of a file holding one."""
+    import jinja2
+
+    from server.tokenizer import compile_chat_template
+
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif "{" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a jinja template (a template holds "
+                         "'{{' or '{%')")
+    try:
+        compile_chat_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: the template does not compile: {e.message} (line {e.lineno})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-control-tokens-in-chat", action="store_true",
                      help="let chat message content contain control tokens such as <|im_start|> (trusted clients "
                           "only: such content can forge turns); by default it is encoded as plain text")
+    srv.add_argument("--chat-template", default=None,
+                     help="the chat template for /v1/chat/completions, /v1/responses and /tokenize: a jinja template "
+                          "string or the path of a file holding one; default: the model's (tokenizer_config.json "
+                          "or chat_template.jinja)")
     srv.add_argument("--shutdown-grace-period", type=float, default=5.0,
                      help="seconds that requests in flight get to finish after SIGTERM/SIGINT before they are ended "
                           "with an error")
@@ -160,4 +187,5 @@ def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
         allow_control_tokens_in_chat=ns["allow_control_tokens_in_chat"],
         shutdown_grace_period=ns["shutdown_grace_period"],
         watchdog_timeout=ns["watchdog_timeout"],
+        chat_template=ns["chat_template"],
     )

@@ -114,9 +114,7 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
     inp = ctx.socket(zmq.PULL)
     inp.connect(requests_addr)
     try:
-        from server.engine.engine import Engine
-
-        engine = Engine(config, log_level=log_level.upper())
+        engine = _start_engine(config, log_level)
     except Exception as e:
         out.send_pyobj(EngineStartFailed(f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc()))
         out.close(linger=2000)
@@ -133,6 +131,24 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
         engine.shutdown()
         out.close(linger=2000)
         inp.close(linger=0)
+
+
+def _start_engine(config: EngineConfig, log_level: str):
+    """Build the Engine, logging where the model comes from and how long each stage took (the built-in model
+    is generated on first use, which takes a while and logs its own stages)."""
+    from server.engine.engine import Engine
+    from server.models.builtin import builtin_model_path
+
+    start = time.monotonic()
+    path = config.model_path or builtin_model_path()
+    ranks = config.sp_size * config.tp_size
+    logger.info("loading the model from %s on %d rank(s) (%s)", path, ranks,
+                "the built-in model" if config.model_path is None else f"load format {config.load_format}")
+    loaded = time.monotonic()
+    engine = Engine(config, log_level=log_level.upper())
+    logger.info("model loaded and caches allocated in %.1f s (%.1f s since the engine process started)",
+                time.monotonic() - loaded, time.monotonic() - start)
+    return engine
 
 
 def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket, watchdog: StepWatchdog | None = None) -> None:

@@ -23,19 +23,21 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.entrypoints.args import ServerArgs
-from server.entrypoints.metrics import ServerMetrics
-from server.entrypoints.protocol import APIError
+from server.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
+from server.entrypoints.native import NativeServing
+from server.entrypoints.protocol import APIError, model_not_found
+from server.entrypoints.responses import ResponsesServing
 from server.entrypoints.serving import OpenAIServing
+from server.entrypoints.tokenize import TokenizeServing
 from server.entrypoints.tokenizer_manager import SHUTTING_DOWN, TokenizerManager
 
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 3
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -80,7 +82,9 @@ def build_app(args: ServerArgs) -> FastAPI:
     """The app; its lifespan starts and stops the engine. ``app.state.exit_code`` is 1 if the engine failed."""
     metrics = ServerMetrics()
     tm = TokenizerManager(args, metrics)
-    serving = OpenAIServing(tm, args.served_model_name)
+    name = args.served_model_name
+    serving = OpenAIServing(tm, name)
+    native, responses, tokenize = NativeServing(tm, name), ResponsesServing(tm, name), TokenizeServing(tm, name)
 
     def on_fatal(message: str) -> None:
         print(f"launch_server.py: error: {message}", file=sys.stderr, flush=True)
@@ -135,15 +139,35 @@ def build_app(args: ServerArgs) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await serving.chat(request)
 
+    @app.post("/v1/responses", dependencies=auth)
+    async def create_response(request: Request) -> Response:
+        return await responses.create(request)
+
     @app.post("/generate", dependencies=auth)
     async def generate(request: Request) -> Response:
-        return await serving.generate(request)
+        return await native.generate(request)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize_prompt(request: Request) -> dict:
+        return await tokenize.tokenize(request)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize_tokens(request: Request) -> dict:
+        return await tokenize.detokenize(request)
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "server",
+                "max_model_len": tm.max_model_len or None, "vocab_size": tm.vocab_size or None}
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        card = {"id": args.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "server",
-                "max_model_len": tm.max_model_len or None, "vocab_size": tm.vocab_size or None}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def retrieve_model(model_id: str) -> dict:
+        if model_id != name:
+            raise model_not_found(model_id, name)
+        return model_card()
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -155,8 +179,8 @@ def build_app(args: ServerArgs) -> FastAPI:
         return JSONResponse({"status": status, "reason": None}, status_code=503)
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 

@@ -1,100 +1,67 @@
-"""Prometheus metrics of the HTTP server, rendered in the text exposition format (version 0.0.4).
+"""Prometheus metrics of the HTTP server, kept and rendered by ``prometheus_client`` (text format 0.0.4).
 
-Request-level numbers (tokens, latencies) are measured in the HTTP process; queue lengths and cache usage come
-from the engine's latest ``EngineStats``.
+Request-level numbers (tokens, latencies) are measured in the HTTP process; queue lengths, cache usage and the
+per-step counts (batch size, prefill and decode tokens, SP placements) come from the engine's ``EngineStats``,
+which it sends after every step. Names follow Prometheus conventions: a ``server_`` prefix, base units
+(``_seconds``, ``_ratio``), ``_total`` on counters. Each ``ServerMetrics`` has its own registry.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.engine.io_struct import EngineStats
 
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
 PREFIX = "server_"
+FINISH_REASONS = ("stop", "length", "abort", "error", "rejected")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+COUNT_BUCKETS = tuple(2.0**i for i in range(11))  # 1 .. 1024 requests per step
+TOKEN_BUCKETS = tuple(4.0**i for i in range(10))  # 1 .. 262144 tokens per step
 
-
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
-
-
-class Counter:
-    """A monotonically increasing value per label set."""
-
-    def __init__(self, name: str, help: str):
-        self.name, self.help = PREFIX + name, help
-        self.values: dict[tuple[tuple[str, str], ...], float] = defaultdict(float)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] += amount
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        values = self.values or {(): 0.0}
-        lines += [f"{self.name}{_labels(k)} {v}" for k, v in sorted(values.items())]
-        return lines
-
-
-class Gauge:
-    """A value that goes up and down."""
-
-    def __init__(self, name: str, help: str):
-        self.name, self.help = PREFIX + name, help
-        self.value = 0.0
-
-    def set(self, value: float) -> None:
-        self.value = float(value)
-
-    def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.value}"]
-
-
-class Histogram:
-    """Counts of observations per upper bound (``le``), cumulative as Prometheus expects, plus sum and count."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
-        self.name, self.help = PREFIX + name, help
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        total = 0
-        for le, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
-            total += count
-            lines.append(f'{self.name}_bucket{{le="{le}"}} {total}')
-        lines += [f"{self.name}_sum {self.sum}", f"{self.name}_count {total}"]
-        return lines
+prometheus_client.disable_created_metrics()  # no *_created series: nothing here needs them
 
 
 class ServerMetrics:
     """Every metric ``GET /metrics`` shows. One choice of an ``n > 1`` request counts as one request."""
 
     def __init__(self) -> None:
-        self.requests = Counter("requests_total", "Finished requests by finish reason.")
-        self.prompt_tokens = Counter("prompt_tokens_total", "Prompt tokens of finished requests.")
-        self.generation_tokens = Counter("generation_tokens_total", "Generated tokens.")
-        self.ttft = Histogram("time_to_first_token_seconds", "From request arrival to its first generated token.")
-        self.itl = Histogram("inter_token_latency_seconds", "Time between consecutive generated tokens.")
-        self.e2e = Histogram("e2e_request_latency_seconds", "From request arrival to its last token.")
-        self.in_flight = Gauge("requests_in_flight", "Requests the HTTP server is waiting on.")
-        self.running = Gauge("num_requests_running", "Requests the engine is running.")
-        self.waiting = Gauge("num_requests_waiting", "Requests queued in the engine.")
-        self.kv_used = Gauge("kv_cache_pages_used", "KV cache pages in use (rank 0).")
-        self.kv_total = Gauge("kv_cache_pages_total", "KV cache pages (rank 0).")
-        self.kv_usage = Gauge("kv_cache_usage_ratio", "Fraction of KV cache pages in use.")
-        self.state_used = Gauge("state_pool_slots_used", "Linear-attention state slots in use.")
-        self.state_total = Gauge("state_pool_slots_total", "Linear-attention state slots.")
-        self.state_usage = Gauge("state_pool_usage_ratio", "Fraction of linear-attention state slots in use.")
-        self.healthy = Gauge("engine_healthy", "1 while every engine process is up and ready, else 0.")
+        self.registry = CollectorRegistry()
+        r = {"registry": self.registry}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, **r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=buckets, **r)
+
+        self.requests = Counter(PREFIX + "requests", "Finished requests by finish reason.", ["finish_reason"], **r)
+        for reason in FINISH_REASONS:
+            self.requests.labels(finish_reason=reason)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", **r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", **r)
+        self.ttft = histogram("time_to_first_token_seconds", "From request arrival to its first generated token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive generated tokens.")
+        self.e2e = histogram("e2e_request_latency_seconds", "From request arrival to its last token.")
+        self.in_flight = gauge("requests_in_flight", "Requests the HTTP server is waiting on.")
+        self.running = gauge("num_requests_running", "Requests the engine is running.")
+        self.waiting = gauge("num_requests_waiting", "Requests queued in the engine.")
+        self.kv_used = gauge("kv_cache_pages_used", "KV cache pages in use (every SP rank).")
+        self.kv_total = gauge("kv_cache_pages_total", "KV cache pages (every SP rank).")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache pages in use.")
+        self.state_used = gauge("state_pool_slots_used", "Linear-attention state slots in use.")
+        self.state_total = gauge("state_pool_slots_total", "Linear-attention state slots.")
+        self.state_usage = gauge("state_pool_usage_ratio", "Fraction of linear-attention state slots in use.")
+        self.healthy = gauge("engine_healthy", "1 while every engine process is up and ready, else 0.")
+        self.steps = Counter(PREFIX + "engine_steps", "Engine steps (forward passes) run.", **r)
+        self.step_requests = histogram("step_requests", "Requests in one engine step (batch size).", COUNT_BUCKETS)
+        self.step_prefill = histogram("step_prefill_tokens", "Prompt tokens computed in one engine step.",
+                                      TOKEN_BUCKETS)
+        self.step_decode = histogram("step_decode_tokens", "Tokens decoded in one engine step.", COUNT_BUCKETS)
+        self.sp_placements = Counter(PREFIX + "sp_placements", "Requests of engine steps by SP placement: split "
+                                     "over the SP group, or computed on their home SP rank.", ["placement"], **r)
+        self._num_steps = 0
 
     def set_engine_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -105,15 +72,21 @@ class ServerMetrics:
         self.state_used.set(s.state_slots_used)
         self.state_total.set(s.state_slots_total)
         self.state_usage.set(s.state_slots_used / s.state_slots_total if s.state_slots_total else 0.0)
+        if s.num_steps > self._num_steps:  # a new step (the engine sends its stats after each one)
+            self.steps.inc(s.num_steps - self._num_steps)
+            self._num_steps = s.num_steps
+            step = s.last_step
+            self.step_requests.observe(step.batch_size)
+            self.step_prefill.observe(step.prefill_tokens)
+            self.step_decode.observe(step.decode_tokens)
+            self.sp_placements.labels(placement="split").inc(step.sp_split)
+            self.sp_placements.labels(placement="homed").inc(step.sp_homed)
 
     def on_finish(self, finish_reason: str, prompt_tokens: int, e2e_s: float | None) -> None:
-        self.requests.inc(finish_reason=finish_reason)
+        self.requests.labels(finish_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         if e2e_s is not None:
             self.e2e.observe(e2e_s)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in vars(self).values():
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

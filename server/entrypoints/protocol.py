@@ -15,15 +15,20 @@ Every rejection is an ``APIError``, which the HTTP layer answers with
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.sampling_params import (
     SEED_MODULUS,
+    LogitBias,
     Logprobs,
     MaxTokens,
+    MinP,
     MinTokens,
+    Penalty,
+    RepetitionPenalty,
     SamplingParams,
     Seed,
     StopStrings,
@@ -40,10 +45,11 @@ MAX_PROMPTS = 1024  # prompts of one completions request (each is one choice or 
 
 # Accepted and ignored: they do not change what is generated.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
-# OpenAI parameters that would change the output and are not implemented: accepted only at their neutral value.
+# OpenAI / vLLM parameters that would change the output and are not implemented: accepted only at their neutral
+# value. Prompt logprobs (vLLM's prompt_logprobs, echo with logprobs) are not computed.
 NEUTRAL_ONLY_FIELDS: dict[str, Any] = {
-    "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "best_of": 1,
-    "suffix": "", "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "min_p": 0,
+    "best_of": 1, "suffix": "", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+    "prompt_logprobs": None,
 }
 
 
@@ -127,8 +133,13 @@ def parse_json_object(raw: bytes) -> dict:
 # ---- bodies ----------------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: extra fields are checked by :func:`check_extra_fields` against ``ignored_fields`` (accepted,
+    no effect) and ``neutral_only_fields`` (accepted at their neutral value only); any other is refused."""
+
     model_config = ConfigDict(extra="allow", strict=True)
+    ignored_fields: ClassVar[frozenset[str]] = IGNORED_FIELDS
+    neutral_only_fields: ClassVar[dict[str, Any]] = NEUTRAL_ONLY_FIELDS
 
 
 class StreamOptions(BaseModel):
@@ -136,7 +147,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingBody(_Body):
+class _SamplingBody(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions. ``None`` means "the default"."""
 
     model: str | None = None
@@ -153,6 +164,11 @@ class _SamplingBody(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    min_p: MinP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    logit_bias: LogitBias | None = None
 
 
 class CompletionRequest(_SamplingBody):
@@ -183,35 +199,8 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Logprobs | None = None
-
-
-class NativeSamplingParams(BaseModel):
-    """``sampling_params`` of the native ``/generate``: :class:`SamplingParams` fields by name, plus SGLang's
-    ``max_new_tokens`` / ``min_new_tokens`` spellings."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    max_tokens: MaxTokens | None = None
-    max_new_tokens: MaxTokens | None = None
-    min_tokens: MinTokens | None = None
-    min_new_tokens: MinTokens | None = None
-    seed: Seed | None = None
-    stop: StopStrings | str | None = None
-    stop_token_ids: StopTokenIds | None = None
-    ignore_eos: bool | None = None
-    logprobs: Logprobs | None = None
-    skip_special_tokens: bool | None = None
-
-
-class GenerateRequestBody(_Body):
-    """Native ``POST /generate``: ``text`` or ``input_ids``, and ``sampling_params``."""
-
-    text: str | None = None
-    input_ids: list[int] | None = None
-    sampling_params: NativeSamplingParams | None = None
-    stream: bool | None = None
+    add_generation_prompt: bool | None = None  # vLLM: default true
+    continue_final_message: bool | None = None  # vLLM: continue the last message (a prefilled answer)
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
@@ -220,7 +209,7 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
 def _union_tag_at(loc: tuple) -> int | None:
     """Index of the first union-member tag in a pydantic error location (``list[...]``, ``str``...), if any."""
     for i, p in enumerate(loc):
-        if isinstance(p, str) and (not p.isidentifier() or p in _TYPE_TAGS):
+        if isinstance(p, str) and not p.isdigit() and (not p.isidentifier() or p in _TYPE_TAGS):  # "5": a key
             return i
     return None
 
@@ -230,6 +219,10 @@ def validation_error(e: ValidationError) -> APIError:
     none of a union's forms names the union's field and its forms."""
     err = e.errors()[0]
     loc = err["loc"]
+    if "[key]" in loc:  # a bad dict key: only logit_bias has typed keys
+        param = ".".join(str(p) for p in loc[: loc.index("[key]") - 1])
+        return bad_request(f"Invalid key {loc[loc.index('[key]') - 1]!r} in '{param}': keys must be token ids as "
+                           'decimal strings, e.g. {"50256": -100}.', param=param, code="invalid_value")
     cut = _union_tag_at(loc)
     param = ".".join(str(p) for p in loc[:cut]) or None
     if err["type"] == "missing" and cut is None:
@@ -246,28 +239,35 @@ def validation_error(e: ValidationError) -> APIError:
     return bad_request(f"Invalid value for '{param}': {err['msg']}.", param=param, code=code)
 
 
-def _check_extra_fields(body: BaseModel) -> None:
+def check_extra_fields(body: RequestBody, prefix: str = "") -> None:
+    """400 for a field ``body`` does not declare, unless it is one of its ignored or neutral-only fields (at the
+    neutral value); ``prefix`` names where the body sits in the request (``sampling_params.``)."""
     for name, value in (body.model_extra or {}).items():
-        if name in IGNORED_FIELDS:
+        param = prefix + name
+        if name in body.ignored_fields:
             continue
-        if name in NEUTRAL_ONLY_FIELDS:
-            neutral = NEUTRAL_ONLY_FIELDS[name]
+        if name in body.neutral_only_fields:
+            neutral = body.neutral_only_fields[name]
             if value is None or value == neutral:
                 continue
-            raise bad_request(f"'{name}' is not supported by this server (only {json.dumps(neutral)} is accepted).",
-                              param=name, code="unsupported_parameter")
-        raise bad_request(f"Unrecognized request argument supplied: {name}.", param=name,
+            raise bad_request(f"'{param}' is not supported by this server (only {json.dumps(neutral)} is "
+                              "accepted).", param=param, code="unsupported_parameter")
+        raise bad_request(f"Unrecognized request argument supplied: {param}.", param=param,
                           code="unrecognized_parameter")
 
 
-def parse_body(raw: bytes, model: type[_Body]) -> Any:
+def parse_body(raw: bytes, model: type[RequestBody]) -> Any:
     """Decode and validate a request body (see the module docstring); every failure is an ``APIError`` 400."""
-    obj = parse_json_object(raw)
+    return validate_body(parse_json_object(raw), model)
+
+
+def validate_body(obj: dict, model: type[RequestBody]) -> Any:
+    """Validate a decoded JSON object as ``model``, extra fields included; every failure is a 400."""
     try:
         body = model.model_validate(obj)
     except ValidationError as e:
         raise validation_error(e) from None
-    _check_extra_fields(body)
+    check_extra_fields(body)
     return body
 
 
@@ -306,11 +306,11 @@ def _is_token_ids(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The messages as the chat template expects them: content is a string or a list of text parts (which the
     tokenizer joins); only assistant turns (and tool-calling turns) may leave it out."""
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         content = m.content
         if content is None:
             if m.role != "assistant":
@@ -322,30 +322,35 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
+def model_not_found(name: str, served_model_name: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'.",
+                    param="model", code="model_not_found")
+
+
 def check_model(name: str | None, served_model_name: str) -> None:
+    """404 ``model_not_found`` (as OpenAI answers) unless ``name`` is absent or the served name."""
     if name is not None and name != served_model_name:
-        raise bad_request(
-            f"The model '{name}' does not exist; this server serves '{served_model_name}'.",
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(name, served_model_name)
 
 
-def _stop_list(stop: list[str] | str | None) -> list[str]:
+def stop_list(stop: list[str] | str | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def _check(ok: bool, param: str, message: str) -> None:
+def check(ok: bool, param: str, message: str) -> None:
+    """400 naming ``param`` unless ``ok``."""
     if not ok:
         raise bad_request(message, param=param)
 
 
-def check_stop_token_ids(ids: list[int], vocab_size: int, param: str = "stop_token_ids") -> None:
-    bad = [t for t in ids if t >= vocab_size]
-    _check(not bad, param, f"Token id {bad[0] if bad else 0} in '{param}' is out of range: ids must be in "
-                           f"[0, {vocab_size}).")
+def check_token_ids(ids: Iterable[int | str], vocab_size: int, param: str) -> None:
+    """400 naming ``param`` unless every id (list items or, for logit_bias, keys) is a token of the model."""
+    bad = [t for t in map(int, ids) if t >= vocab_size]
+    if bad:
+        raise bad_request(f"Token id {bad[0]} in '{param}' is out of range: ids must be in [0, {vocab_size}).",
+                          param=param, code="invalid_token_id")
 
 
 def make_sampling_params(param_names: dict[str, str] | None = None, **fields: Any) -> SamplingParams:
@@ -373,7 +378,8 @@ def sampling_params_for(
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (``n`` of them; seed + i for choice i). ``max_tokens=None`` fills the
     context. Raises 400 ``context_length_exceeded`` when prompt + max_tokens does not fit ``max_model_len``."""
-    check_stop_token_ids(req.stop_token_ids or [], vocab_size)
+    check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
+    check_token_ids(req.logit_bias or {}, vocab_size, "logit_bias")
     is_chat = isinstance(req, ChatCompletionRequest)
     if max_tokens is None:
         max_tokens = max(max_model_len - prompt_len, 1)
@@ -383,14 +389,20 @@ def sampling_params_for(
     base = make_sampling_params(
         names,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
-        min_tokens=req.min_tokens, stop=_stop_list(req.stop), stop_token_ids=req.stop_token_ids,
+        min_tokens=req.min_tokens, stop=stop_list(req.stop), stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
     )
     return [
-        SamplingParams(**{**vars(base), "seed": None if req.seed is None else (req.seed + i) % SEED_MODULUS,
-                          "stop": list(base.stop), "stop_token_ids": list(base.stop_token_ids)})
-        for i in range(n)
+        with_seed(base, None if req.seed is None else (req.seed + i) % SEED_MODULUS) for i in range(n)
     ]
+
+
+def with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    """A copy of ``params`` (lists and dicts copied too) with another seed."""
+    return SamplingParams(**{**vars(params), "seed": seed, "stop": list(params.stop),
+                             "stop_token_ids": list(params.stop_token_ids), "logit_bias": dict(params.logit_bias)})
 
 
 def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, param: str) -> None:
@@ -416,28 +428,22 @@ def completion_logprobs(req: CompletionRequest) -> int | None:
     return req.logprobs
 
 
+def chat_generation_prompt(add_generation_prompt: bool | None, continue_final_message: bool | None
+                           ) -> tuple[bool, bool]:
+    """``(add_generation_prompt, continue_final_message)`` as vLLM resolves them: the generation prompt by
+    default, not when the last message is continued; asking for both is a 400."""
+    if continue_final_message:
+        check(not add_generation_prompt, "continue_final_message",
+              "'continue_final_message' and 'add_generation_prompt' cannot both be true.")
+        return False, True
+    return add_generation_prompt is not False, False
+
+
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
-    _check(req.top_logprobs is None or bool(req.logprobs), "top_logprobs", "'top_logprobs' requires 'logprobs': true.")
+    check(req.top_logprobs is None or bool(req.logprobs), "top_logprobs", "'top_logprobs' requires 'logprobs': true.")
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def check_stream_options(req: _SamplingBody) -> None:
-    _check(req.stream_options is None or bool(req.stream), "stream_options",
+    check(req.stream_options is None or bool(req.stream), "stream_options",
            "'stream_options' is only allowed when 'stream' is true.")
-
-
-def native_sampling_params(fields: NativeSamplingParams | None, vocab_size: int) -> SamplingParams:
-    """SamplingParams from the native API's ``sampling_params`` object (SGLang's spellings accepted)."""
-    f = fields or NativeSamplingParams()
-    for a, b in (("max_tokens", "max_new_tokens"), ("min_tokens", "min_new_tokens")):
-        _check(getattr(f, a) is None or getattr(f, b) is None, f"sampling_params.{b}",
-               f"Give at most one of 'sampling_params.{a}' and 'sampling_params.{b}'.")
-    check_stop_token_ids(f.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
-    values = f.model_dump(exclude={"max_new_tokens", "min_new_tokens"})
-    values["max_tokens"] = f.max_tokens if f.max_tokens is not None else f.max_new_tokens
-    values["min_tokens"] = f.min_tokens if f.min_tokens is not None else f.min_new_tokens
-    values["stop"] = _stop_list(f.stop)
-    names = {k: f"sampling_params.{k}" for k in values}
-    if f.max_new_tokens is not None:
-        names["max_tokens"] = "sampling_params.max_new_tokens"
-    return make_sampling_params(names, **values)

@@ -110,6 +110,7 @@ class _Choice:
     prompt_tokens: int
     arrival: float
     seed: int | None = None
+    first_token_time: float | None = None
     last_token_time: float | None = None
     completion_tokens: int = 0
 
@@ -223,15 +224,19 @@ class TokenizerManager:
     async def _in_pool(self, fn: Callable, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    async def encode(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, list) else await self._in_pool(self.tokenizer.encode, prompt)
+    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
+        return await self._in_pool(self.tokenizer.encode, prompt, add_special_tokens)
 
-    async def decode(self, ids: list[int]) -> str:
-        return await self._in_pool(self.tokenizer.decode, ids)
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self._in_pool(self.tokenizer.decode, ids, skip_special_tokens)
 
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False) -> list[int]:
         try:
-            return await self._in_pool(self.tokenizer.encode_chat, messages, add_generation_prompt=True,
+            return await self._in_pool(self.tokenizer.encode_chat, messages, add_generation_prompt,
+                                       continue_final_message=continue_final_message,
                                        control_tokens_in_content=self.args.allow_control_tokens_in_chat)
         except Exception as e:  # a template's raise_exception, a missing template, a forged control token
             raise APIError(400, f"The chat template could not format the messages: {e}", param="messages") from None
@@ -239,6 +244,10 @@ class TokenizerManager:
     @functools.lru_cache(maxsize=65536)  # noqa: B019 -- one manager per process, lives as long as it
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 -- as above
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
 
     def check_available(self) -> None:
         """503 while the engine is loading, after it died, and while the server shuts down."""
@@ -274,8 +283,10 @@ class TokenizerManager:
 
     def abort(self, rids: list[str]) -> None:
         for rid in rids:
-            if self._choices.pop(rid, None) is not None:
-                self.metrics.requests.inc(finish_reason="abort")
+            choice = self._choices.pop(rid, None)
+            if choice is not None:
+                self.metrics.requests.labels(finish_reason="abort").inc()
+                self._log_finish(choice, "abort")
                 self._send(AbortRequest(rid))
         self.metrics.in_flight.set(len(self._choices))
 
@@ -323,7 +334,7 @@ class TokenizerManager:
     async def _on_ready(self, msg: EngineReady) -> None:
         path = self.args.engine.tokenizer_path or msg.tokenizer_path
         try:
-            self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
+            self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path, self.args.chat_template)
         except Exception as e:
             self._on_death(f"could not load the tokenizer from {path!r}: {e}")
             return
@@ -362,6 +373,7 @@ class TokenizerManager:
         n_new = len(out.new_token_ids)
         if n_new:
             if choice.last_token_time is None:
+                choice.first_token_time = now
                 self.metrics.ttft.observe(now - choice.arrival)
             else:
                 for _ in range(n_new):
@@ -399,7 +411,15 @@ class TokenizerManager:
     def _finish(self, choice: _Choice, event: ChoiceEvent, reason: str) -> None:
         e2e = time.monotonic() - choice.arrival if event.error is None else None
         self.metrics.on_finish(reason, choice.prompt_tokens, e2e)
+        self._log_finish(choice, reason if event.error is None else f"{reason} ({event.error.code})")
         choice.generation.queue.put_nowait(event)
+
+    @staticmethod
+    def _log_finish(choice: _Choice, reason: str) -> None:
+        now = time.monotonic()
+        ttft = "-" if choice.first_token_time is None else f"{choice.first_token_time - choice.arrival:.3f}s"
+        logger.info("request %s finished: %s; prompt %d tokens, completion %d tokens; ttft %s, latency %.3fs",
+                    choice.rid, reason, choice.prompt_tokens, choice.completion_tokens, ttft, now - choice.arrival)
 
     # ---- failures --------------------------------------------------------------------------------------------
     def _dead_process(self) -> str | None:

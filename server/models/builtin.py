@@ -12,27 +12,33 @@ The weights are random, so generations are gibberish; the point is that every pa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
+import time
 
 import tokenizers
 import torch
 from safetensors.torch import save_file
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+log = logging.getLogger(__name__)
+
 # Bump when the generated files change, so that old caches are not reused.
-BUILTIN_VERSION = "builtin-v1"
+BUILTIN_VERSION = "builtin-v2"
 SEED = 1234
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 2048
 
+# ChatML; the roles are those of the OpenAI API (docs/server.md).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}\n"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}\n"
-    "{{- raise_exception('Only system, user and assistant roles are supported, got ' + message['role']) }}\n"
+    "{%- if message['role'] not in ['system', 'developer', 'user', 'assistant', 'tool'] %}\n"
+    "{{- raise_exception('Only system, developer, user, assistant and tool roles are supported, got ' "
+    "+ message['role']) }}\n"
     "{%- endif %}\n"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\n"
     "{%- endfor %}\n"
@@ -243,8 +249,10 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def write_builtin_model(directory: str) -> None:
-    """Write every file of the built-in model into `directory` (which must exist)."""
+    """Write every file of the built-in model into `directory` (which must exist), logging each stage."""
+    start = time.monotonic()
     tokenizer = train_builtin_tokenizer()
+    log.info("built-in model: tokenizer trained in %.1f s; writing the weights", time.monotonic() - start)
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
@@ -275,7 +283,7 @@ def write_builtin_model(directory: str) -> None:
 def builtin_model_path(cache_dir: str | None = None) -> str:
     """Directory of the built-in model, generated on first use.
 
-    It lives in `<cache_dir>/builtin-v1`; `cache_dir` defaults to $SERVER_CACHE_DIR, else ~/.cache/sp-server.
+    It lives in `<cache_dir>/<BUILTIN_VERSION>`; `cache_dir` defaults to $SERVER_CACHE_DIR, else ~/.cache/sp-server.
     The files are written to a temporary directory beside it and renamed into place in one step, so
     processes that start together never see a half-written model: the first rename wins, the others
     discard their copy and use it.
@@ -288,9 +296,12 @@ def builtin_model_path(cache_dir: str | None = None) -> str:
         return path
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{BUILTIN_VERSION}.tmp-", dir=root)
+    log.info("generating the built-in model into %s (first use only; set SERVER_CACHE_DIR to move it)", path)
+    start = time.monotonic()
     try:
         write_builtin_model(tmp)
         os.rename(tmp, path)
+        log.info("built-in model generated in %.1f s: %s", time.monotonic() - start, path)
     except OSError:
         if not os.path.isdir(path):
             raise

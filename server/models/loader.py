@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +17,8 @@ from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
 from server.sp.groups import ParallelState
+
+log = logging.getLogger(__name__)
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -83,7 +87,10 @@ def iterate_safetensors(model_path: str) -> Iterator[tuple[str, object]]:
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if not files:
         raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
-    for path in files:
+    start = time.monotonic()
+    for i, path in enumerate(files, start=1):
+        log.info("loading weights: %s (%d/%d, %.2f GB) at %.1f s", os.path.basename(path), i, len(files),
+                 os.path.getsize(path) / 1e9, time.monotonic() - start)
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_slice(name)

@@ -38,7 +38,18 @@ def test_defaults():
     (["--cpu-cache-gb", "0"], "--cpu-cache-gb"),
     (["--tp-size", "0"], "--tp-size"),
     (["--tokenizer-path", "/no/such/dir"], "--tokenizer-path"),
+    (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
+    (["--chat-template", "{% for m in messages %}{{ m.content }}"], "--chat-template"),  # unclosed block
 ])
 def test_invalid_values_name_the_flag(argv, flag):
     with pytest.raises(ValueError, match=flag):
         parse_server_args(argv).validate()
+
+
+def test_chat_template_flag_takes_a_file_or_a_string(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for value in (template, str(tmp_path / "t.jinja")):
+        args = parse_server_args(["--chat-template", value])
+        args.validate()
+        assert args.chat_template == value

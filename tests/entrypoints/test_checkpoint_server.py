@@ -82,7 +82,7 @@ def test_greedy_matches_transformers_and_offline(server, client, model_path):
         llm.engine.shutdown()
     for prompt, ref in zip(PROMPTS, offline, strict=True):
         ids = tok.encode(prompt)
-        body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_tokens": 16, "ignore_eos": True}}
+        body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}}
         native = httpx.post(f"{server.url}/generate", json=body, headers=AUTH, timeout=60).json()
         assert native["output_ids"] == hf_greedy(hf, ids, 16) == ref.token_ids
         out = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0,

@@ -78,15 +78,11 @@ def test_token_id_prompts_and_native_generate(server, client, offline, tokenizer
     out = client.completions.create(model="builtin", prompt=ids, max_tokens=8, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert [c.text for c in out.choices] == [r.text for r in ref]
-    body = {"input_ids": ids[0], "sampling_params": {"temperature": 0, "max_tokens": 8, "ignore_eos": True}}
+    body = {"input_ids": ids[0], "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}}
     native = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
     assert native["output_ids"] == ref[0].token_ids
     assert native["text"] == ref[0].text
-    assert native["meta_info"]["finish_reason"] == "length"
-    with httpx.stream("POST", f"{server.url}/generate", json={**body, "stream": True}, timeout=60) as r:
-        events = [json.loads(e) for e in sse_events(r.read())]
-    assert sum((e["output_ids"] for e in events), []) == ref[0].token_ids
-    assert "".join(e["text"] for e in events) == ref[0].text
+    assert native["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
 
 
 def test_chat_streaming_and_not(client, offline, tokenizer):
@@ -193,17 +189,18 @@ def test_logprobs(client, offline):
     for entry in content:
         assert len(entry.top_logprobs) == 2
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)
-        assert bytes(entry.bytes).decode() == entry.token
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token  # a lone byte decodes to U+FFFD
 
 
 def test_echo_and_extra_fields(server, client):
     # Fields that do not change the output, and unimplemented ones at their neutral value, are accepted.
     out = client.completions.create(model="builtin", prompt=PROMPTS[0], max_tokens=3, echo=True, temperature=0,
-                                    user="me", presence_penalty=0, extra_body={"metadata": {"k": "v"}})
+                                    user="me", best_of=1, extra_body={"metadata": {"k": "v"}})
     assert out.choices[0].text.startswith(PROMPTS[0])
     # Anything else is refused by name: a field the server does not know, or one it would silently ignore.
     for extra, code in (({"frobnicate": {"x": 1}}, "unrecognized_parameter"),
-                        ({"presence_penalty": 0.5}, "unsupported_parameter")):
+                        ({"best_of": 2}, "unsupported_parameter"),
+                        ({"prompt_logprobs": 1}, "unsupported_parameter")):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="builtin", prompt="hi", max_tokens=1, extra_body=extra)
         assert e.value.body["param"] == next(iter(extra)) and e.value.body["code"] == code
@@ -340,7 +337,7 @@ BAD_INPUTS = {
     "empty-prompt": ("POST", "/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", None),
     "empty-prompt-list": ("POST", "/v1/completions", {**GOOD, "prompt": []}, 400, "prompt", None),
     "ten-thousand-prompts": ("POST", "/v1/completions", {**GOOD, "prompt": ["a"] * 10000}, 400, "prompt", None),
-    "unknown-model": ("POST", "/v1/completions", {**GOOD, "model": "gpt-17"}, 400, "model", "model_not_found"),
+    "unknown-model": ("POST", "/v1/completions", {**GOOD, "model": "gpt-17"}, 404, "model", "model_not_found"),
     "prompt-over-context": ("POST", "/v1/completions", {**GOOD, "prompt": [7] * 8192}, 400, "prompt",
                             "context_length_exceeded"),
     "stop-not-string": ("POST", "/v1/completions", {**GOOD, "stop": 5}, 400, "stop", "invalid_type"),
@@ -348,7 +345,7 @@ BAD_INPUTS = {
     "stop-token-ids-not-list": ("POST", "/v1/completions", {**GOOD, "stop_token_ids": 5}, 400, "stop_token_ids",
                                 "invalid_type"),
     "stop-token-id-beyond-vocab": ("POST", "/v1/completions", {**GOOD, "stop_token_ids": [10**6], "min_tokens": 1},
-                                   400, "stop_token_ids", None),
+                                   400, "stop_token_ids", "invalid_token_id"),
     "min-tokens-over-max": ("POST", "/v1/completions", {**GOOD, "min_tokens": 3}, 400, "min_tokens", None),
     "logprobs-too-many": ("POST", "/v1/completions", {**GOOD, "logprobs": 21}, 400, "logprobs", "invalid_value"),
     "logprobs-float": ("POST", "/v1/completions", {**GOOD, "logprobs": 1.5}, 400, "logprobs", "invalid_type"),
@@ -360,8 +357,44 @@ BAD_INPUTS = {
                                    "skip_special_tokens", "invalid_type"),
     "unknown-field": ("POST", "/v1/completions", {**GOOD, "frobnicate": 1}, 400, "frobnicate",
                       "unrecognized_parameter"),
-    "unsupported-penalty": ("POST", "/v1/completions", {**GOOD, "frequency_penalty": 1.0}, 400, "frequency_penalty",
+    "unsupported-best-of": ("POST", "/v1/completions", {**GOOD, "best_of": 3}, 400, "best_of",
                             "unsupported_parameter"),
+    "penalty-out-of-range": ("POST", "/v1/completions", {**GOOD, "frequency_penalty": 2.5}, 400,
+                             "frequency_penalty", "invalid_value"),
+    "repetition-penalty-zero": ("POST", "/v1/completions", {**GOOD, "repetition_penalty": 0}, 400,
+                                "repetition_penalty", "invalid_value"),
+    "min-p-above-one": ("POST", "/v1/completions", {**GOOD, "min_p": 1.5}, 400, "min_p", "invalid_value"),
+    "logit-bias-beyond-vocab": ("POST", "/v1/completions", {**GOOD, "logit_bias": {"999999": 1}}, 400,
+                                "logit_bias", "invalid_token_id"),
+    "logit-bias-not-an-id": ("POST", "/v1/completions", {**GOOD, "logit_bias": {"abc": 1}}, 400, "logit_bias",
+                             "invalid_value"),
+    "logit-bias-over-100": ("POST", "/v1/completions", {**GOOD, "logit_bias": {"5": 101}}, 400, "logit_bias.5",
+                            "invalid_value"),
+    "logit-bias-string-value": ("POST", "/v1/completions", {**GOOD, "logit_bias": {"5": "1"}}, 400,
+                                "logit_bias.5", "invalid_type"),
+    "prompt-logprobs": ("POST", "/v1/completions", {**GOOD, "prompt_logprobs": 1}, 400, "prompt_logprobs",
+                        "unsupported_parameter"),
+    "chat-continue-and-generation-prompt": ("POST", "/v1/chat/completions",
+                                            {**CHAT, "continue_final_message": True, "add_generation_prompt": True},
+                                            400, "continue_final_message", None),
+    "chat-unknown-model": ("POST", "/v1/chat/completions", {**CHAT, "model": "x"}, 404, "model", "model_not_found"),
+    "model-retrieve-unknown": ("GET", "/v1/models/gpt-17", None, 404, "model", "model_not_found"),
+    "responses-store-true": ("POST", "/v1/responses", {"input": "hi", "store": True}, 400, "store",
+                             "unsupported_parameter"),
+    "responses-previous-id": ("POST", "/v1/responses", {"input": "hi", "previous_response_id": "resp_1"}, 400,
+                              "previous_response_id", "unsupported_parameter"),
+    "responses-tools": ("POST", "/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools",
+                        "unsupported_parameter"),
+    "responses-image-input": ("POST", "/v1/responses",
+                              {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                              400, "input", "invalid_type"),
+    "responses-max-output-zero": ("POST", "/v1/responses", {"input": "hi", "max_output_tokens": 0}, 400,
+                                  "max_output_tokens", "invalid_value"),
+    "responses-unknown-field": ("POST", "/v1/responses", {"input": "hi", "frob": 1}, 400, "frob",
+                                "unrecognized_parameter"),
+    "tokenize-no-prompt": ("POST", "/tokenize", {"prompt": 5}, 400, "prompt", "invalid_type"),
+    "detokenize-beyond-vocab": ("POST", "/detokenize", {"tokens": [5, 10**6]}, 400, "tokens", "invalid_token_id"),
+    "detokenize-negative": ("POST", "/detokenize", {"tokens": [-1]}, 400, "tokens.0", "invalid_value"),
     "chat-empty-messages": ("POST", "/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages",
                             "invalid_value"),
     "chat-bad-role": ("POST", "/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]},
@@ -383,27 +416,35 @@ BAD_INPUTS = {
                               "sampling_params.temperature", "invalid_value"),
     "generate-infinite-temperature": ("POST", "/generate", b'{"text": "a", "sampling_params": {"temperature": 1e999}}',
                                       400, "sampling_params.temperature", "invalid_value"),
-    "generate-seed-string": ("POST", "/generate", {"text": "a", "sampling_params": {"seed": "1"}}, 400,
-                             "sampling_params.seed", "invalid_type"),
-    "generate-seed-2**64": ("POST", "/generate", {"text": "a", "sampling_params": {"seed": 2**64}}, 400,
-                            "sampling_params.seed", "invalid_value"),
+    "generate-seed-string": ("POST", "/generate", {"text": "a", "sampling_params": {"sampling_seed": "1"}}, 400,
+                             "sampling_params.sampling_seed", "invalid_type"),
+    "generate-seed-2**64": ("POST", "/generate", {"text": "a", "sampling_params": {"sampling_seed": 2**64}}, 400,
+                            "sampling_params.sampling_seed", "invalid_value"),
     "generate-top-k-float": ("POST", "/generate", {"text": "a", "sampling_params": {"top_k": 2.5}}, 400,
                              "sampling_params.top_k", "invalid_type"),
-    "generate-logprobs-float": ("POST", "/generate", {"text": "a", "sampling_params": {"logprobs": 1.5}}, 400,
-                                "sampling_params.logprobs", "invalid_type"),
+    "generate-logprobs-float": ("POST", "/generate", {"text": "a", "return_logprob": True, "top_logprobs_num": 1.5},
+                                400, "top_logprobs_num", "invalid_type"),
+    "generate-prompt-logprobs": ("POST", "/generate", {"text": "a", "return_logprob": True, "logprob_start_len": 0},
+                                 400, "logprob_start_len", None),
+    "generate-image": ("POST", "/generate", {"text": "a", "image_data": "x.png"}, 400, "image_data",
+                       "unsupported_parameter"),
+    "generate-json-schema": ("POST", "/generate", {"text": "a", "sampling_params": {"json_schema": "{}"}}, 400,
+                             "sampling_params.json_schema", "unsupported_parameter"),
+    "generate-batch-stream": ("POST", "/generate", {"text": ["a", "b"], "stream": True}, 400, "stream", None),
+    "generate-unknown-model": ("POST", "/generate", {"text": "a", "model": "x"}, 404, "model", "model_not_found"),
     "generate-stop-token-ids-int": ("POST", "/generate", {"text": "a", "sampling_params": {"stop_token_ids": 5}},
                                     400, "sampling_params.stop_token_ids", "invalid_type"),
     "generate-stop-ids-beyond-vocab": ("POST", "/generate",
-                                       {"text": "a", "sampling_params": {"stop_token_ids": [99999], "min_tokens": 1,
-                                                                         "max_tokens": 2}},
-                                       400, "sampling_params.stop_token_ids", None),
+                                       {"text": "a", "sampling_params": {"stop_token_ids": [99999],
+                                                                         "min_new_tokens": 1, "max_new_tokens": 2}},
+                                       400, "sampling_params.stop_token_ids", "invalid_token_id"),
     "generate-stop-ints": ("POST", "/generate", {"text": "a", "sampling_params": {"stop": [5]}}, 400,
                            "sampling_params.stop", "invalid_type"),
     "generate-skip-special-string": ("POST", "/generate",
                                      {"text": "a", "sampling_params": {"skip_special_tokens": "no"}}, 400,
                                      "sampling_params.skip_special_tokens", "invalid_type"),
-    "generate-max-tokens-float": ("POST", "/generate", {"text": "a", "sampling_params": {"max_tokens": 2.5}}, 400,
-                                  "sampling_params.max_tokens", "invalid_type"),
+    "generate-max-tokens-float": ("POST", "/generate", {"text": "a", "sampling_params": {"max_new_tokens": 2.5}},
+                                  400, "sampling_params.max_new_tokens", "invalid_type"),
     "generate-unknown-sampling-field": ("POST", "/generate", {"text": "a", "sampling_params": {"frob": 1}}, 400,
                                         "sampling_params.frob", "unrecognized_parameter"),
     "generate-surrogate-text": ("POST", "/generate", b'{"text": "\\ud800"}', 400, None, "invalid_unicode"),

@@ -11,6 +11,7 @@ from server.entrypoints.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    chat_generation_prompt,
     chat_messages,
     normalize_prompt,
     parse_body,
@@ -36,7 +37,7 @@ def test_strict_types_and_extra_fields():
             parse({"prompt": "x", field: value})
         assert (e.value.status, e.value.param, e.value.code) == (400, field, "invalid_type"), field
     for field, value, code in [("no_such_field", [1], "unrecognized_parameter"),
-                               ("logit_bias", {"5": 3}, "unsupported_parameter")]:
+                               ("best_of", 2, "unsupported_parameter")]:
         with pytest.raises(APIError) as e:
             parse({"prompt": "x", field: value})
         assert (e.value.status, e.value.param, e.value.code) == (400, field, code)
@@ -106,9 +107,28 @@ def test_prompt_shapes():
 def test_chat_content_forms():
     req = parse({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
                               {"role": "assistant", "content": None}]}, ChatCompletionRequest)
-    assert chat_messages(req) == [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+    assert chat_messages(req.messages) == [{"role": "user", "content": [{"type": "text", "text": "a"}]},
                                   {"role": "assistant", "content": ""}]
     req = parse({"messages": [{"role": "user", "content": None}]}, ChatCompletionRequest)
     with pytest.raises(APIError) as e:
-        chat_messages(req)
+        chat_messages(req.messages)
     assert e.value.param == "messages.0.content"
+
+
+def test_logit_controls_reach_sampling_params():
+    [p] = resolve({"logit_bias": {"7": -100, "3": 2.5}, "presence_penalty": 0.5, "frequency_penalty": -1,
+                   "repetition_penalty": 1.2, "min_p": 0.1})
+    assert p.logit_bias == {7: -100.0, 3: 2.5} and p.uses_penalties
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.2, 0.1)
+    with pytest.raises(APIError) as e:
+        resolve({"logit_bias": {"50": 1}})  # the vocabulary has 50 tokens: ids 0..49
+    assert (e.value.param, e.value.code) == ("logit_bias", "invalid_token_id")
+
+
+def test_chat_generation_prompt_as_vllm():
+    assert chat_generation_prompt(None, None) == (True, False)
+    assert chat_generation_prompt(False, None) == (False, False)
+    assert chat_generation_prompt(None, True) == (False, True)
+    assert chat_generation_prompt(False, True) == (False, True)
+    with pytest.raises(APIError):
+        chat_generation_prompt(True, True)
