@@ -21,6 +21,8 @@ others can always be evicted:
 
 from __future__ import annotations
 
+import time
+
 from server.engine.prefix_cache import PrefixCache, PrefixHit, rows_before, truncate_runs
 from server.engine.request_table import append_run
 from server.engine.sequence import Sequence
@@ -132,6 +134,7 @@ class CacheManager:
         copied (on write), its runs cut there, the state restored from the snapshot."""
         entry, m = hit.entry, hit.tokens
         entry.users += 1
+        entry.last_used = time.monotonic()
         seq.prefix_entry = entry
         for r in range(self.sp_size):
             rows = rows_before(entry.runs[r], m)
@@ -185,7 +188,7 @@ class CacheManager:
                     self._ref(r, p, -1, 0)
             same.snapshots.update({t: s for t, s in seq.snapshots.items() if t not in same.snapshots})
             self.free_snapshots += [s for t, s in seq.snapshots.items() if same.snapshots.get(t) != s]
-            same.last_used = seq.arrival
+            same.last_used = time.monotonic()
             return
         entry = self.prefix.add(tokens, [list(r) for r in seq.kv_runs], [list(p) for p in seq.pages],
                                 dict(seq.snapshots))

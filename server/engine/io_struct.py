@@ -25,6 +25,16 @@ class AbortRequest:
 
 
 @dataclass
+class FlushCache:
+    """Drop every prefix-cache entry no running request uses; the engine answers :class:`CacheFlushed`."""
+
+
+@dataclass
+class CacheFlushed:
+    entries: int
+
+
+@dataclass
 class TokenLogprob:
     token_id: int
     logprob: float

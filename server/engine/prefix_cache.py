@@ -82,28 +82,36 @@ class PrefixCache:
         self.evictions = 0  # entries dropped to make room
 
     def match(self, prompt: list[int]) -> PrefixHit | None:
-        """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute)."""
+        """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute). Every
+        entry met on the walk is a candidate: for linear-attention models a shallower entry can hold a deeper
+        usable snapshot than the deepest one (a request that hit a cached prefix snapshots only its own chunks)."""
         limit = len(prompt) - 1
-        best, depth = None, 0
+        depths: dict[int, int] = {}  # entry -> full blocks of the prompt it holds
+        depth = 0
         for h in chain_hashes(prompt[:limit], self.block):
-            found = [self.entries[i] for i in self.index.get(h, ())]
+            found = self.index.get(h)
             if not found:
                 break
-            best, depth = max(found, key=lambda e: e.last_used), depth + self.block
-        if best is None or best.tokens[:depth] != prompt[:depth]:  # no full block in common, or a hash collision
-            return None
-        m = depth
-        end = min(limit, len(best.tokens))
-        while m < end and best.tokens[m] == prompt[m]:
-            m += 1
-        snapshot = None
-        if self.needs_state:
-            usable = [t for t in best.snapshots if t <= m]
-            if not usable:
-                return None
-            m = max(usable)
-            snapshot = best.snapshots[m]
-        return PrefixHit(best, m, snapshot) if m > 0 else None
+            depth += self.block
+            depths.update(dict.fromkeys(found, depth))
+        best: PrefixHit | None = None
+        for i, d in depths.items():
+            e = self.entries[i]
+            if e.tokens[:d] != prompt[:d]:  # a hash collision
+                continue
+            m, end = d, min(limit, len(e.tokens))
+            while m < end and e.tokens[m] == prompt[m]:  # the prefix may end mid-block
+                m += 1
+            snapshot = None
+            if self.needs_state:
+                usable = [t for t in e.snapshots if t <= m]
+                if not usable:
+                    continue
+                m = max(usable)
+                snapshot = e.snapshots[m]
+            if m > 0 and (best is None or (m, e.last_used) > (best.tokens, best.entry.last_used)):
+                best = PrefixHit(e, m, snapshot)
+        return best
 
     def add(self, tokens: list[int], runs: list[list[Run]], pages: list[list[int]],
             snapshots: dict[int, int]) -> CacheEntry:

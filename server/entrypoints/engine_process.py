@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from server.config import EngineConfig
-from server.engine.io_struct import AbortRequest, EngineStats, GenerateRequest, RequestOutput
+from server.engine.io_struct import (
+    AbortRequest,
+    CacheFlushed,
+    EngineStats,
+    FlushCache,
+    GenerateRequest,
+    RequestOutput,
+)
 from server.engine.procutil import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -175,6 +182,8 @@ def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket, watchdog: StepWatchdo
                                               f"{type(e).__name__}: {e}", "internal_error"))
             elif isinstance(msg, AbortRequest):
                 engine.abort_request(msg.rid)
+            elif isinstance(msg, FlushCache):
+                out.send_pyobj(CacheFlushed(engine.flush_prefix_cache()))
         outputs = []
         if engine.has_unfinished():
             if watchdog is not None:

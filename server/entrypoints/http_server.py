@@ -169,6 +169,11 @@ def build_app(args: ServerArgs) -> FastAPI:
             raise model_not_found(model_id, name)
         return model_card()
 
+    @app.post("/flush_cache", dependencies=auth)
+    async def flush_cache() -> dict:
+        """Drop the prefix cache's entries that no running request uses."""
+        return {"flushed_entries": await tm.flush_cache()}
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if tm.healthy:

@@ -40,6 +40,10 @@ class ServerMetrics:
         for reason in FINISH_REASONS:
             self.requests.labels(finish_reason=reason)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", **r)
+        self.prompt_cached = Counter(PREFIX + "prompt_tokens_cached", "Prompt tokens of finished requests that the "
+                                     "prefix cache served.", **r)
+        self.prompt_computed = Counter(PREFIX + "prompt_tokens_computed", "Prompt tokens of finished requests that "
+                                       "were computed (not served by the prefix cache).", **r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", **r)
         self.ttft = histogram("time_to_first_token_seconds", "From request arrival to its first generated token.")
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive generated tokens.")
@@ -54,6 +58,9 @@ class ServerMetrics:
         self.state_total = gauge("state_pool_slots_total", "Linear-attention state slots.")
         self.state_usage = gauge("state_pool_usage_ratio", "Fraction of linear-attention state slots in use.")
         self.healthy = gauge("engine_healthy", "1 while every engine process is up and ready, else 0.")
+        self.kv_cached = gauge("prefix_cache_pages", "KV cache pages only the prefix cache holds (evictable), every "
+                               "SP rank.")
+        self.cache_entries = gauge("prefix_cache_entries", "Ended requests whose prefix the cache keeps.")
         self.steps = Counter(PREFIX + "engine_steps", "Engine steps (forward passes) run.", **r)
         self.step_requests = histogram("step_requests", "Requests in one engine step (batch size).", COUNT_BUCKETS)
         self.step_prefill = histogram("step_prefill_tokens", "Prompt tokens computed in one engine step.",
@@ -72,6 +79,8 @@ class ServerMetrics:
         self.state_used.set(s.state_slots_used)
         self.state_total.set(s.state_slots_total)
         self.state_usage.set(s.state_slots_used / s.state_slots_total if s.state_slots_total else 0.0)
+        self.kv_cached.set(s.kv_pages_cached)
+        self.cache_entries.set(s.prefix_cache_entries)
         if s.num_steps > self._num_steps:  # a new step (the engine sends its stats after each one)
             self.steps.inc(s.num_steps - self._num_steps)
             self._num_steps = s.num_steps
@@ -82,9 +91,11 @@ class ServerMetrics:
             self.sp_placements.labels(placement="split").inc(step.sp_split)
             self.sp_placements.labels(placement="homed").inc(step.sp_homed)
 
-    def on_finish(self, finish_reason: str, prompt_tokens: int, e2e_s: float | None) -> None:
+    def on_finish(self, finish_reason: str, prompt_tokens: int, e2e_s: float | None, cached_tokens: int = 0) -> None:
         self.requests.labels(finish_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.prompt_cached.inc(cached_tokens)
+        self.prompt_computed.inc(prompt_tokens - cached_tokens)
         if e2e_s is not None:
             self.e2e.observe(e2e_s)
 

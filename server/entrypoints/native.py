@@ -7,7 +7,8 @@ logprobs, i.e. ``logprob_start_len`` other than -1, are refused). Fields SGLang 
 
 Response: ``{"text", "output_ids", "meta_info"}`` (a list of them for a batch). ``meta_info`` has ``id``,
 ``finish_reason`` (``{"type": "stop", "matched": token id or string}``, ``{"type": "length", "length": n}``,
-or null while running), ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` (always 0: no prefix cache),
+or null while running), ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` (prompt tokens the prefix
+cache served),
 ``e2e_latency`` (once finished) and, with ``return_logprob``, ``input_token_logprobs`` (empty),
 ``output_token_logprobs`` (``[logprob, token_id, text or null]`` per token) and ``output_top_logprobs``. A
 stream sends that object after every step with the text, ids and logprobs so far (cumulative, as SGLang's
@@ -194,7 +195,7 @@ class _Output:
         elif r.finish_reason == "length":
             finish = {"type": "length", "length": r.completion_tokens}
         meta = {"id": self.ids[i], "finish_reason": finish, "prompt_tokens": self.prompt_tokens[i],
-                "completion_tokens": r.completion_tokens, "cached_tokens": 0}
+                "completion_tokens": r.completion_tokens, "cached_tokens": r.cached_tokens}
         if finish is not None:
             meta["e2e_latency"] = time.monotonic() - self.arrival
         if self.req.return_logprob:

@@ -140,7 +140,8 @@ class _Shape:
             "truncation": "disabled", "usage": None, "user": None, "metadata": {},
         }
         if r is not None:
-            body["usage"] = {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            body["usage"] = {"input_tokens": self.input_tokens,
+                             "input_tokens_details": {"cached_tokens": r.cached_tokens},
                              "output_tokens": r.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": self.input_tokens + r.completion_tokens}
         return body

@@ -34,9 +34,17 @@ from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, clamp_logprob, c
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens the prefix cache served."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def prompts_cached(cached: list[int], n: int) -> int:
+    """Cached prompt tokens of a request whose choices are ``n`` per prompt: each prompt counted once (its first
+    choice), as the prompt tokens are."""
+    return sum(cached[::n])
 
 
 class OpenAIServing:
@@ -71,7 +79,7 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await stream(request, gen, lambda events: self._completion_chunks(
-                events, head, echo, logprobs is not None, prompt_tokens, include_usage))
+                events, head, echo, logprobs is not None, prompt_tokens, include_usage, n))
         results = await collect(request, gen)
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -82,26 +90,30 @@ class OpenAIServing:
             for i, r in enumerate(results)
         ]
         completion_tokens = sum(r.completion_tokens for r in results)
-        return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+        cached = prompts_cached([r.cached_tokens for r in results], n)
+        return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)})
 
     async def _completion_chunks(self, events: AsyncIterator[ChoiceEvent], head: dict, echo: list[str],
-                                 with_logprobs: bool, prompt_tokens: int, include_usage: bool):
+                                 with_logprobs: bool, prompt_tokens: int, include_usage: bool, n: int):
         extra = {"usage": None} if include_usage else {}
         offsets = [len(e) for e in echo]
         completion_tokens = [0] * len(echo)
+        cached = [0] * len(echo)
         for i, text in enumerate(echo):
             if text:
                 yield {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}],
                        **extra}
         async for ev in events:
             completion_tokens[ev.index] = ev.completion_tokens
+            cached[ev.index] = max(cached[ev.index], ev.cached_tokens)
             if ev.text or ev.logprobs or ev.finish_reason:
                 lp = self._completion_logprobs(ev.logprobs or [], offsets[ev.index]) if with_logprobs else None
                 offsets[ev.index] += len(ev.text)
                 yield {**head, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
                                             "finish_reason": ev.finish_reason}], **extra}
         if include_usage:
-            yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens))}
+            yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens),
+                                                         prompts_cached(cached, n))}
 
     def _completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
         """OpenAI's legacy shape: ``top_logprobs`` holds the top ``logprobs`` tokens and always the chosen one
@@ -150,7 +162,8 @@ class OpenAIServing:
             for i, r in enumerate(results)
         ]
         completion_tokens = sum(r.completion_tokens for r in results)
-        return JSONResponse({**head, "choices": choices, "usage": usage(len(prompt_ids), completion_tokens)})
+        return JSONResponse({**head, "choices": choices,
+                             "usage": usage(len(prompt_ids), completion_tokens, results[0].cached_tokens)})
 
     async def _chat_chunks(self, events: AsyncIterator[ChoiceEvent], head: dict, n: int, with_logprobs: bool,
                            prompt_tokens: int, include_usage: bool):
@@ -161,15 +174,18 @@ class OpenAIServing:
                                          "finish_reason": finish_reason}], **extra}
 
         completion_tokens = [0] * n
+        cached = 0
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for ev in events:
             completion_tokens[ev.index] = ev.completion_tokens
+            if ev.index == 0:
+                cached = max(cached, ev.cached_tokens)
             if ev.text or ev.logprobs or ev.finish_reason:
                 lp = self.chat_logprobs(ev.logprobs or []) if with_logprobs else None
                 yield chunk(ev.index, {"content": ev.text} if ev.text else {}, lp, ev.finish_reason)
         if include_usage:
-            yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens))}
+            yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens), cached)}
 
     def chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
         """OpenAI's chat shape; ``bytes`` are the token's own bytes (part of a UTF-8 character for some

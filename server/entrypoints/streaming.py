@@ -37,12 +37,14 @@ class ChoiceResult:
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def add(self, ev: ChoiceEvent) -> None:
         self.text += ev.text
         self.token_ids += ev.token_ids
         self.logprobs += ev.logprobs or []
         self.completion_tokens = ev.completion_tokens
+        self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
         if ev.finish_reason is not None:
             self.finish_reason, self.matched_stop = ev.finish_reason, ev.matched_stop
 

@@ -32,7 +32,14 @@ import zmq
 import zmq.asyncio
 
 from server.engine.faults import inject_fault
-from server.engine.io_struct import AbortRequest, GenerateRequest, RequestOutput, TokenLogprob
+from server.engine.io_struct import (
+    AbortRequest,
+    CacheFlushed,
+    FlushCache,
+    GenerateRequest,
+    RequestOutput,
+    TokenLogprob,
+)
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.engine_process import (
     EngineCrashed,
@@ -54,6 +61,7 @@ WATCH_INTERVAL_S = 0.2
 ENGINE_STOP_TIMEOUT_S = 10.0
 REJECTION_STATUS = {"queue_full": 429, "internal_error": 500}  # every other engine rejection: the request, 400
 TOKENIZER_THREADS = 4
+FLUSH_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -73,6 +81,7 @@ class ChoiceEvent:
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     error: APIError | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
 
     @property
     def done(self) -> bool:
@@ -113,6 +122,7 @@ class _Choice:
     first_token_time: float | None = None
     last_token_time: float | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 SHUTTING_DOWN = APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
@@ -145,6 +155,7 @@ class TokenizerManager:
         self._proc: mp.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
         self._on_fatal: Callable[[str], None] = lambda message: None
+        self._flushes: list[asyncio.Future] = []  # /flush_cache calls waiting for the engine, in order
         self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         for _ in range(TOKENIZER_THREADS):  # start the threads now: starting one waits for the GIL
             self._pool.submit(time.sleep, 0.01)
@@ -290,7 +301,15 @@ class TokenizerManager:
                 self._send(AbortRequest(rid))
         self.metrics.in_flight.set(len(self._choices))
 
-    def _send(self, msg: GenerateRequest | AbortRequest) -> None:
+    async def flush_cache(self) -> int:
+        """Drop the prefix cache's unused entries; how many were dropped."""
+        self.check_available()
+        future = asyncio.get_running_loop().create_future()
+        self._flushes.append(future)
+        self._send(FlushCache())
+        return await asyncio.wait_for(future, FLUSH_TIMEOUT_S)
+
+    def _send(self, msg: GenerateRequest | AbortRequest | FlushCache) -> None:
         if self.dead_reason is not None:
             return
         try:
@@ -318,6 +337,11 @@ class TokenizerManager:
     async def _on_message(self, msg: object) -> None:
         if isinstance(msg, EngineOutputs):
             self._on_outputs(msg)
+        elif isinstance(msg, CacheFlushed):
+            if self._flushes:
+                future = self._flushes.pop(0)
+                if not future.done():
+                    future.set_result(msg.entries)
         elif isinstance(msg, EngineReady):
             await self._on_ready(msg)
         elif isinstance(msg, EngineStartFailed):
@@ -383,8 +407,9 @@ class TokenizerManager:
             self.metrics.generation_tokens.inc(n_new)
         detok = choice.detokenizer
         inject_fault("detokenize", choice.seed)
+        choice.cached_tokens = max(choice.cached_tokens, out.cached_tokens)
         event = ChoiceEvent(choice.index, detok.add(out.new_token_ids), list(out.new_token_ids), out.new_logprobs,
-                            choice.prompt_tokens, choice.completion_tokens)
+                            choice.prompt_tokens, choice.completion_tokens, cached_tokens=choice.cached_tokens)
         if detok.stopped:
             event.finish_reason, event.matched_stop = "stop", detok.matched_stop
             if not out.finished:
@@ -410,7 +435,8 @@ class TokenizerManager:
 
     def _finish(self, choice: _Choice, event: ChoiceEvent, reason: str) -> None:
         e2e = time.monotonic() - choice.arrival if event.error is None else None
-        self.metrics.on_finish(reason, choice.prompt_tokens, e2e)
+        self.metrics.on_finish(reason, choice.prompt_tokens, e2e, choice.cached_tokens)
+        event.cached_tokens = choice.cached_tokens
         self._log_finish(choice, reason if event.error is None else f"{reason} ({event.error.code})")
         choice.generation.queue.put_nowait(event)
 
