@@ -1,0 +1,108 @@
+"""Prefix-cache benchmark: one long document, then questions about it and follow-up turns, with the cache on and
+off, at each SP size.
+
+Every turn is one request (greedy, ``--output-len`` tokens) on the offline engine: turn 0 is the document plus the
+first question; turns 1..Q are the document plus another question (siblings); then ``--follow-ups`` turns each
+extend the previous conversation (the previous prompt, its answer, a new question). TTFT is measured per turn
+(``CompletionOutput.ttft_s``), with the prompt tokens the cache served; decode ITL over the answer is reported too
+(the cache must not slow decode). Random token ids at real model shapes (dummy weights).
+
+    python benchmarks/bench_prefix.py --model llama3-8b minimax-hybrid --doc-len 131072 --questions 5 \\
+        --sp-size 1 2 --out benchmarks/results/prefix_h200x2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_prefill import device_info, model_config, model_dir  # noqa: E402
+from server import LLM, SamplingParams  # noqa: E402
+
+
+def turns(args, vocab: int) -> list[list[int]]:
+    """The prompts of every turn except the follow-ups (which need the previous answers)."""
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    doc = ids(args.doc_len)
+    return [doc + ids(args.question_len) for _ in range(args.questions + 1)]
+
+
+def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
+    vocab = model_config(model)["vocab_size"]
+    kw = dict(load_format="dummy", sp_size=sp, enable_prefix_cache=cache, device=args.device,
+              max_model_len=args.doc_len + (args.follow_ups + 2) * (args.question_len + args.output_len) + 64)
+    if args.chunked_prefill_size:
+        kw["chunked_prefill_size"] = args.chunked_prefill_size
+    if args.device == "cpu":
+        kw["cpu_cache_gb"] = args.cpu_cache_gb
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    g = torch.Generator().manual_seed(1)
+    with LLM(model_dir(model), **kw) as llm:
+        prompts = turns(args, vocab)
+        names = ["first"] + [f"question {i}" for i in range(1, len(prompts))]
+        history = None
+        for i in tqdm(range(len(prompts) + args.follow_ups), desc=f"{model} sp={sp} cache={cache}", mininterval=5):
+            if i < len(prompts):
+                prompt, name = prompts[i], names[i]
+            else:  # the conversation goes on: the previous turn, its answer, a new question
+                prompt = history + torch.randint(0, vocab, (args.question_len,), generator=g).tolist()
+                name = f"follow-up {i - len(prompts) + 1}"
+            start = time.perf_counter()
+            [out] = llm.generate([prompt], params, use_tqdm=False)
+            total = time.perf_counter() - start
+            history = prompt + out.token_ids
+            itl = (total - out.ttft_s) / max(1, len(out.token_ids) - 1)
+            emit({"model": model, "sp": sp, "cache": cache, "turn": i, "name": name, "prompt_tokens": len(prompt),
+                  "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s, "itl_ms": itl * 1e3})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["llama3-8b"])
+    ap.add_argument("--doc-len", type=int, default=131072)
+    ap.add_argument("--question-len", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=5)
+    ap.add_argument("--follow-ups", type=int, default=2)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--sp-size", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--chunked-prefill-size", type=int, default=0, help="0: the engine's default")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows: list[dict] = []
+    result = {"environment": {**device_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "command": " ".join(sys.argv)}, "rows": rows}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    for model in args.model:
+        for sp in args.sp_size:
+            for cache in (True, False):
+                run_config(args, model, sp, cache, emit)
+    print("| model | sp | turn | prompt | cached | TTFT on (s) | TTFT off (s) | speedup | ITL on / off (ms) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
+    for on in (r for r in rows if r["cache"]):
+        off = next(r for r in rows if not r["cache"] and (r["model"], r["sp"], r["turn"]) ==
+                   (on["model"], on["sp"], on["turn"]))
+        print(f"| {on['model']} | {on['sp']} | {on['name']} | {on['prompt_tokens']} | {on['cached_tokens']} | "
+              f"{on['ttft_s']:.3f} | {off['ttft_s']:.3f} | {off['ttft_s'] / on['ttft_s']:.1f}x | "
+              f"{on['itl_ms']:.2f} / {off['itl_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
