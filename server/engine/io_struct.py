@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.layers.sampler import TokenLogprob
 from server.sampling_params import SamplingParams
 
 
@@ -32,13 +33,6 @@ class FlushCache:
 @dataclass
 class CacheFlushed:
     entries: int
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
 
 
 @dataclass

@@ -13,8 +13,16 @@ from itertools import chain
 
 import torch
 
-from server.engine.io_struct import TokenLogprob
 from server.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """A sampled token's logprob and the top alternatives ``(token_id, logprob)``, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

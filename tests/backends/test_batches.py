@@ -17,14 +17,9 @@ import torch.nn.functional as F
 from server.backends.attention import GATHER_MIN_ROWS, AttentionGeometry, local_kind, make_batch
 from server.backends.torch_backend import TorchAttentionBackend
 from server.forward.context import LocalEntry
-from server.kernels.flashinfer_attention import flashinfer_module
 from server.sp.groups import ParallelState
+from tests.helpers import gpu, needs_flashinfer
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.gpu
-needs_flashinfer = pytest.mark.skipif(
-    not torch.cuda.is_available() or flashinfer_module() is None, reason="needs a CUDA GPU with flashinfer"
-)
 PAGE = 16
 # kv lengths across page boundaries: 1, page-1, page, page+1, several pages plus a remainder
 KV_LENS = [1, PAGE - 1, PAGE, PAGE + 1, 5 * PAGE + 7, 3 * PAGE]

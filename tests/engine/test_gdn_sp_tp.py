@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from server import LLM, SamplingParams
+from tests.helpers import save_tiny_model
 from tests.models.test_parity import assert_logits_close, prompt
-from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,10 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
+from tests.helpers import hf_model, needs_2_gpus, needs_cuda, save_tiny_model
 from tests.models.test_parity import assert_logits_close, prompt
-from tests.tiny_models import hf_model, save_tiny_model
 
 pytestmark = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 ARCHS = ["llama", "qwen2", "qwen3", "minimax_alt", "minimax_7to1"]
 

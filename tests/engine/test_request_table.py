@@ -1,6 +1,7 @@
 """Every rank's request mirror, updated only by the plans' changes, equals a full rebuild from the scheduler's own
 bookkeeping (every request's runs on every SP rank, its pages on this rank, its slot) after random sequences of
-admissions, chunked and split prefills, decodes, finishes and aborts, for every placement."""
+admissions (on cached prefixes too), chunked and split prefills, decodes, finishes and aborts, for every
+placement."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_mirrors_equal_a_full_rebuild(sp: int, seed: int) -> None:
         plan = pickle.loads(pickle.dumps(plan))  # what the workers receive
         for t in tables:
             t.apply(plan)
-        known |= {req for req, _ in plan.started}
+        known |= {s.req for s in plan.started}
         placements |= {c.placement for c in plan.chunks}
         sched.advance(seqs, plan)
         check_mirrors(tables, sched, known)
@@ -67,6 +68,7 @@ def test_mirrors_equal_a_full_rebuild(sp: int, seed: int) -> None:
                     sched.finish(q)
     expected = {Placement.HOMED} if sp == 1 else set(Placement)
     assert placements == expected
+    assert sched.cache.prefix.hit_tokens > 0  # requests started on cached prefixes (pages and runs up front)
     for t in tables:  # nothing else lingers in the table rows of live requests
         for st in t.requests.values():
             assert np.all(t.device_table[st.slot, : st.num_pages].numpy() == t.page_table[st.slot, : st.num_pages])

@@ -16,7 +16,7 @@ from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
 from tests.entrypoints.server_testing import prometheus_value, start_server
-from tests.tiny_models import hf_model, save_tiny_model
+from tests.helpers import hf_model, save_tiny_model
 
 KEY = "sekret-key"
 NAME = "tiny-llama"

@@ -23,14 +23,8 @@ from server.kernels.flashinfer_attention import (  # noqa: E402
     attention_runs_by_pieces,
     attention_runs_flashinfer,
     decompose_runs,
-    flashinfer_module,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.gpu
-needs_flashinfer = pytest.mark.skipif(
-    not torch.cuda.is_available() or flashinfer_module() is None, reason="needs a CUDA GPU with flashinfer"
-)
+from tests.helpers import DEVICE, gpu, needs_flashinfer  # noqa: E402
 
 
 def ref_piece(q, k, v, causal: bool, scale: float):

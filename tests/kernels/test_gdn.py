@@ -24,11 +24,11 @@ from server.kernels.gdn_ref import (
     gdn_recurrence_fp64,
     gdn_state_correction_ref,
 )
+from tests.helpers import DEVICE, needs_cuda
 
 LENS = [1, GDN_CHUNK - 1, GDN_CHUNK, GDN_CHUNK + 1, 2 * GDN_CHUNK + 2]
 HK, HV, DK, DV = 2, 6, 16, 12
 TOL = 2e-5
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -152,7 +152,7 @@ def test_conv1d_prefill_then_decode_matches_full_conv(kernel: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ops_on_cuda_match_recurrence(dtype: torch.dtype) -> None:
     """The dispatched ops (fla-core for bf16 where installed, the references otherwise) at Qwen3.5-like head

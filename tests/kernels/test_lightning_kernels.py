@@ -28,10 +28,7 @@ from server.kernels.lightning_ref import (  # noqa: E402
     lightning_prefill_ref,
     lightning_recurrence_fp64,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.helpers import DEVICE, gpu, needs_cuda  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,10 +22,8 @@ from server.kernels.merge_state import (  # noqa: E402
     merge_states_triton,
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref  # noqa: E402
+from tests.helpers import DEVICE, gpu, needs_cuda
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NEG_INF = float("-inf")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.tiny_models import hf_model, save_tiny_model
+from tests.helpers import hf_model, save_tiny_model
 
 ARCHS = ["llama", "llama_tied", "llama_yarn", "mistral", "qwen2", "qwen3", "minimax_alt", "minimax_7to1",
          "minimax_linear"]  # the last: lightning layers only, no KV cache at all

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from sp_testing import run_on_group
 
 from server.kernels.gdn_ref import GDN_CHUNK, causal_conv1d_prefill_ref, gdn_chunk_affine_ref, gdn_recurrence_fp64
 from server.sp.gdn_sp import GDN_SP_MODES, conv_halo_exchange, gdn_combine_states, gdn_sp_prefill
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_chunks, zigzag_partition
+from tests.sp.sp_testing import run_on_group
 
 FP32_TOL = {"rtol": 2e-5, "atol": 2e-5}
 HK, HV, DK, DV, KERNEL = 2, 6, 8, 12, 4

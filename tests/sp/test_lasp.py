@@ -11,15 +11,15 @@ from itertools import pairwise
 
 import pytest
 import torch
-from sp_testing import run_on_group
 
 from server.kernels.lightning_ref import lightning_recurrence_fp64
 from server.kernels.ops import LIGHTNING_BLOCK
 from server.sp.groups import ParallelState
 from server.sp.lasp import LASP_MODES, lasp_combine_states, lasp_prefill
 from server.sp.partition import zigzag_chunks, zigzag_partition
+from tests.helpers import FP32_TOL
+from tests.sp.sp_testing import run_on_group
 
-FP32_TOL = {"rtol": 1e-5, "atol": 1e-4}
 SLOPES = torch.tensor([0.9, 0.3, 0.08, 0.02])  # ALiBi-like spread: short and long memories
 
 

@@ -11,15 +11,14 @@ from itertools import pairwise
 
 import pytest
 import torch
-from sp_testing import run_on_group
 
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.ops import Run, attention_runs, runs_to_positions
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
-
-FP32_TOL = {"rtol": 1e-5, "atol": 1e-4}
+from tests.helpers import FP32_TOL
+from tests.sp.sp_testing import run_on_group
 
 
 @dataclass

@@ -17,7 +17,6 @@ from itertools import accumulate, pairwise
 import pytest
 import torch
 import torch.nn.functional as F
-from sp_testing import run_on_group
 
 from server.kernels.lightning_ref import lightning_recurrence_fp64
 from server.kernels.ops import LIGHTNING_BLOCK, Run, attention_runs, runs_to_positions
@@ -37,8 +36,9 @@ from server.sp.ulysses import (
 )
 from server.sp.ulysses_attention import HeadShardedKV, ulysses_attention
 from server.sp.ulysses_lightning import ulysses_lightning_prefill
+from tests.helpers import FP32_TOL
+from tests.sp.sp_testing import run_on_group
 
-FP32_TOL = {"rtol": 1e-5, "atol": 1e-4}
 BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}
 # (sp, ulysses_degree, tp): R = 1 with U = 2 and 4 (KV heads replicated), R = 2 (Ulysses x ring) with tp = 2
 MESHES = [(2, 2, 1), (2, 2, 2), (4, 4, 1), (4, 2, 2)]

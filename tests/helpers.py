@@ -1,7 +1,8 @@
-"""Tiny random Hugging Face checkpoints (saved with transformers' save_pretrained) for the tests.
+"""What the tests share: devices and markers, dtype tolerances, and tiny random Hugging Face checkpoints (saved
+with transformers' save_pretrained).
 
-Shapes are uneven on purpose: GQA ratio > 1, head_dim != hidden / heads where the architecture allows it,
-odd vocabulary sizes. ``initializer_range`` is larger than real models' so logits are well spread and greedy
+Checkpoint shapes are uneven on purpose: GQA ratio > 1, head_dim != hidden / heads where the architecture allows
+it, odd vocabulary sizes. ``initializer_range`` is larger than real models' so logits are well spread and greedy
 decoding is not decided by rounding noise.
 """
 
@@ -9,7 +10,29 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+
+# ---- devices and markers ----------------------------------------------------------------------------------------
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+def _flashinfer_importable() -> bool:
+    from server.kernels.flashinfer_attention import flashinfer_module
+
+    return flashinfer_module() is not None
+
+
+needs_flashinfer = pytest.mark.skipif(not torch.cuda.is_available() or not _flashinfer_importable(),
+                                      reason="needs a CUDA GPU with flashinfer")
+
+# ---- tolerances: fp32 results of different summation orders (kernels vs references, ranks vs one rank) ---------
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-4}
+
+# ---- tiny checkpoints ------------------------------------------------------------------------------------------
 
 COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=1024, initializer_range=0.15, rms_norm_eps=1e-5, tie_word_embeddings=False)
