@@ -42,7 +42,9 @@ class EngineConfig:
     cuda_graph: str = "auto"  # auto: capture decode graphs on CUDA | off | eager: pad decode steps, no capture
     cuda_graph_max_bs: int = 64  # the largest decode batch replayed from a graph
     enable_prefix_cache: bool = True  # ended requests leave their KV (and state snapshots) for later prefixes
-    prefix_cache_snapshots: int = 64  # linear-attention state snapshots the prefix cache keeps (hybrid models)
+    # linear-attention state snapshots the prefix cache keeps (hybrid models); None: up to 64, within a quarter of
+    # the cache budget
+    prefix_cache_snapshots: int | None = None
     seed: int = 0
     dist_init_addr: str | None = None  # tcp://host:port for the workers' rendezvous; a free local port if None
     nnodes: int = 1
@@ -93,7 +95,7 @@ class EngineConfig:
             (self.cuda_graph in CUDA_GRAPH_MODES,
              f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}"),
             (self.cuda_graph_max_bs >= 0, f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}"),
-            (self.prefix_cache_snapshots >= 0,
+            (self.prefix_cache_snapshots is None or self.prefix_cache_snapshots >= 0,
              f"--prefix-cache-snapshots must be >= 0, got {self.prefix_cache_snapshots}"),
         ]
         for ok, msg in checks:

@@ -66,12 +66,12 @@ class CacheManager:
         """Short prompts are prefilled whole on one SP rank (their home)."""
         return self.sp_size > 1 and len(seq.prompt_ids) < self.split_threshold
 
-    def reservation(self, seq: Sequence, rank: int, cached: int = 0) -> list[int]:
+    def reservation(self, seq: Sequence, rank: int, cached: int = 0, homed: bool | None = None) -> list[int]:
         """New tokens to reserve per SP rank if ``seq`` (its first ``cached`` tokens from the prefix cache) is homed
-        on ``rank`` (short) or is an SP request."""
+        on ``rank`` (``homed``; default: when it is short) or is an SP request."""
         n, m, page = len(seq.prompt_ids) - cached, seq.params.max_tokens, self.page_size
         res = [0] * self.sp_size
-        if self.sp_size == 1 or (self.is_short(seq) and seq.home is None):
+        if self.sp_size == 1 or (self.is_short(seq) if homed is None else homed):
             res[rank] = n + m + page
             return res
         chunks = -(-n // self.split_budget)
@@ -110,9 +110,7 @@ class CacheManager:
         if not self.free_slots:
             return False
         rank, home = self._placement(seq, hit)
-        seq.home = home
-        res = self.reservation(seq, rank, hit.tokens if hit else 0)
-        seq.home = None
+        res = self.reservation(seq, rank, hit.tokens if hit else 0, home is not None)
         pinned = hit.entry if hit and not hit.entry.users else None
         return all(
             a + b + self._shared_tokens(r) + (len(pinned.pages[r]) * self.page_size if pinned else 0)
@@ -124,7 +122,7 @@ class CacheManager:
         seq.slot = self.free_slots.pop()
         seq.home = home
         seq.decode_rank = rank
-        seq.reserved_tokens = self.reservation(seq, rank, hit.tokens if hit else 0)
+        seq.reserved_tokens = self.reservation(seq, rank, hit.tokens if hit else 0, home is not None)
         self.reserved = [a + b for a, b in zip(self.reserved, seq.reserved_tokens)]
         if hit is not None:
             self._take_prefix(seq, hit)

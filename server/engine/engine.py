@@ -87,7 +87,8 @@ class Engine:
             raise
         self.device = self.pstate.device
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
-                                   bool(self.runner.lightning_layers or self.runner.gdn_layers))
+                                   bool(self.runner.lightning_layers or self.runner.gdn_layers),
+                                   self.runner.snapshot_slots)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}

@@ -28,6 +28,8 @@ from server.sp.groups import ParallelState
 log = logging.getLogger(__name__)
 
 NO_KV_PAGES = 1 << 40  # a model without softmax layers stores no KV: pages are bookkeeping only
+AUTO_SNAPSHOTS = 64  # prefix-cache state snapshots by default ...
+AUTO_SNAPSHOT_SHARE = 0.25  # ... within this share of the cache budget
 
 
 class ModelRunner:
@@ -54,7 +56,11 @@ class ModelRunner:
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         has_state = bool(self.lightning_layers or self.gdn_layers)
-        self.snapshot_slots = config.prefix_cache_snapshots if config.enable_prefix_cache and has_state else 0
+        self.snapshot_slots = 0
+        if config.enable_prefix_cache and has_state:
+            self.snapshot_slots = config.prefix_cache_snapshots
+            if self.snapshot_slots is None:
+                self.snapshot_slots = -1  # sized in plan_cache
         self.backend = make_attention_backend(config.attention_backend, pstate, config.page_size,
                                               self._geometry(), self.dtype)
         self.table: RequestTable | None = None
@@ -86,24 +92,30 @@ class ModelRunner:
             return max(0, int(total * self.config.mem_fraction_static) - used)
         return int(self.config.cpu_cache_gb * (1 << 30))
 
-    def plan_cache(self) -> int:
-        """Number of KV pages this rank can hold (page 0, the scratch page, included) after the state pool is
-        taken out of the budget."""
-        budget = self.available_cache_bytes() - self.total_slots * self.state_bytes_per_slot()
+    def plan_cache(self) -> tuple[int, int]:
+        """KV pages this rank can hold (page 0, the scratch page, included) and prefix-cache state snapshots, after
+        the state pools are taken out of the budget. By default the snapshots get up to ``AUTO_SNAPSHOTS`` slots
+        within ``AUTO_SNAPSHOT_SHARE`` of the budget; an explicit number is taken as given."""
+        available = self.available_cache_bytes()
+        state = self.state_bytes_per_slot()
+        if self.snapshot_slots < 0:
+            self.snapshot_slots = min(AUTO_SNAPSHOTS, int(available * AUTO_SNAPSHOT_SHARE) // state)
+        budget = available - self.total_slots * state
         per_page = self.cache_bytes_per_page()
         if budget <= 0:
             raise RuntimeError(
                 f"no memory left for caches on {self.device} after the weights and {self.num_slots} state slots; "
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
-        return max(2, budget // per_page) if per_page else NO_KV_PAGES
+        return (max(2, budget // per_page) if per_page else NO_KV_PAGES), self.snapshot_slots
 
     @property
     def total_slots(self) -> int:
         """State slots: one per running request, the scratch slot, the prefix cache's snapshots."""
         return self.num_slots + 1 + self.snapshot_slots
 
-    def allocate_caches(self, num_pages: int) -> None:
+    def allocate_caches(self, num_pages: int, snapshot_slots: int) -> None:
         self.num_pages = num_pages
+        self.snapshot_slots = snapshot_slots
         slots = self.total_slots
         for a in self.attn_layers:
             a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,

@@ -32,7 +32,7 @@ from server.forward.plan import ChunkPlan, Placement, StartedRequest, StepPlan
 
 class Scheduler:
     def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int,
-                 has_linear_layers: bool = False):
+                 has_linear_layers: bool = False, snapshot_slots: int | None = None):
         self.config = config
         self.max_model_len = max_model_len
         self.sp = config.sp_size
@@ -42,7 +42,9 @@ class Scheduler:
         # A split chunk must fit one step's budget, or long prompts could never be scheduled.
         self.split_threshold = max(min(config.sp_min_tokens, self.budget), 2 * self.sp)
         prefix = PrefixCache(config.page_size, has_linear_layers) if config.enable_prefix_cache else None
-        snapshots = config.prefix_cache_snapshots if prefix is not None and has_linear_layers else 0
+        snapshots = 0
+        if prefix is not None and has_linear_layers:
+            snapshots = snapshot_slots if snapshot_slots is not None else (config.prefix_cache_snapshots or 0)
         self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold,
                                   self.budget * self.sp, prefix, snapshots)
         self._finished: list[int] = []  # requests released since the last plan that was sent

@@ -43,14 +43,14 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
         # Several ranks share the CPU: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
     runner = ModelRunner(config, model_path, read_model_config(model_path), pstate)
-    pages = torch.tensor([runner.plan_cache()], dtype=torch.long)
+    pages = torch.tensor(runner.plan_cache(), dtype=torch.long)  # [KV pages, state snapshots]
     if pstate.world_size > 1:
         work = dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=pstate.world_cpu_group, async_op=True)
         while check_ranks is not None and not work.is_completed():
             check_ranks()
             time.sleep(0.02)
         work.wait()
-    runner.allocate_caches(int(pages.item()))
+    runner.allocate_caches(int(pages[0]), int(pages[1]))
     runner.enable_decode_graphs()
     return pstate, runner
 

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disable-prefix-cache", dest="enable_prefix_cache", action="store_false",
                      default=argparse.SUPPRESS, help="do not keep ended requests' KV for later shared prefixes")
     run.add_argument("--prefix-cache-snapshots", type=int, default=d.prefix_cache_snapshots,
-                     help="linear-attention state snapshots the prefix cache keeps (hybrid models)")
+                     help="linear-attention state snapshots the prefix cache keeps (hybrid models); default: up to "
+                          "64, within a quarter of the cache budget")
     run.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static,
                      help="fraction of GPU memory for weights and caches")
     run.add_argument("--cpu-cache-gb", type=float, default=d.cpu_cache_gb, help="cache budget on CPU, in GiB")

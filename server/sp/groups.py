@@ -92,6 +92,14 @@ class ParallelState:
         dist.all_gather(parts, x.contiguous(), group=self.sp_group)
         return parts
 
+    def sp_all_gather_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Every SP rank's ``x`` stacked along a new leading dim, gathered straight into one tensor."""
+        if self.sp_size == 1:
+            return x.unsqueeze(0)
+        out = torch.empty((self.sp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.sp_group)
+        return out.view(self.sp_size, *x.shape)
+
     def sp_peer(self, sp_rank: int) -> int:
         """Global rank of the SP peer with the same tp_rank."""
         return self.sp_ranks[sp_rank % self.sp_size]
