@@ -62,3 +62,19 @@ def test_heads_that_do_not_split_fail_before_any_process_starts(tmp_path):
     assert multiprocessing.active_children() == []
     with pytest.raises(ValueError, match="--ulysses-degree must be >= 1 and divide --sp-size 4, got 3"):
         LLM(path, device="cpu", sp_size=4, ulysses_degree=3)
+
+
+@pytest.mark.parametrize("arch", ["minimax_7to1", "qwen3_5"])
+def test_allgather_modes_match(reference, arch):
+    """The prefix by all-gather KV, LASP-2 / all-gathered GDN chunk maps across the ring groups of a 2 x 2 mesh."""
+    path, logits, tokens = reference[arch]
+    with LLM(path, **ENGINE, sp_size=4, ulysses_degree=2, ring_mode="allgather", lasp_mode="allgather") as llm:
+        assert_logits_close(llm.engine.prompt_logits(LONG), logits)
+        assert [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)] == tokens
+
+
+def test_decode_in_graph_form_after_ulysses_prefill(reference):
+    """Decode steps in the CUDA-graph form (run eagerly on CPU) read the caches a Ulysses prefill left."""
+    path, _, tokens = reference["minimax_7to1"]
+    with LLM(path, **ENGINE, sp_size=2, ulysses_degree=2, cuda_graph="eager", cuda_graph_max_bs=4) as llm:
+        assert [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)] == tokens
