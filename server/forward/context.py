@@ -113,7 +113,8 @@ class AttentionRunner(Protocol):
 
 @dataclass
 class ForwardContext:
-    """``mesh``: the SP group as a U x R Ulysses mesh, read by linear layers for split entries with ``ulysses``."""
+    """What every layer of one forward pass reads. ``mesh``: the SP group as a U x R Ulysses mesh (the model runner's),
+    which linear layers use for split entries marked ``ulysses``."""
 
     pstate: ParallelState
     input_ids: torch.Tensor  # [T] local rows (padded to a multiple of tp when seq_sharded, to a bucket in graphs)

@@ -43,33 +43,25 @@ from server.sp.ulysses import (
 GDN_HEAD_NAMES = ("Gated DeltaNet value heads", "Gated DeltaNet key heads")
 
 
-@functools.lru_cache(maxsize=64)
-def conv_channel_split(hk: int, hv: int, dk: int, dv: int, ulysses_degree: int) -> tuple[list[int], ...]:
-    """Conv channels (of the layer's ``[q | k | v]``, ``2 hk dk + hv dv`` of them) that each Ulysses rank holds, in
-    the order :func:`ulysses_gdn_prefill` lays them out: its key heads' q channels, their k channels, its value
-    heads' v channels."""
+@functools.lru_cache(maxsize=256)
+def _channel_index(hk: int, hv: int, dk: int, dv: int, ulysses_degree: int, rank: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv channels (of the layer's ``[q | k | v]``) that Ulysses rank ``rank`` holds, in the order it lays them
+    out (its key heads' q channels, their k channels, its value heads' v channels); and for every channel its row in
+    all ranks' channels laid end to end (a replicated key head's first copy). Built once per shape and device."""
     u = ulysses_degree
     kv_heads = ulysses_kv_heads(hv, hk, u, names=GDN_HEAD_NAMES)
     n, hv_u = len(kv_heads) // u, hv // u
-    out = []
-    for rank in range(u):
-        keys = kv_heads[rank * n : (rank + 1) * n]
-        q = [j * dk + d for j in keys for d in range(dk)]
-        k = [hk * dk + c for c in q]
-        v = [2 * hk * dk + h * dv + d for h in range(rank * hv_u, (rank + 1) * hv_u) for d in range(dv)]
-        out.append(q + k + v)
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=64)
-def _gathered_channel_index(hk: int, hv: int, dk: int, dv: int, ulysses_degree: int) -> list[int]:
-    """For every channel of ``[q | k | v]``, its row in the Ulysses ranks' channels laid end to end (the first copy
-    of a replicated key head's)."""
+    per_rank = []
+    for j in range(u):
+        q = [h * dk + d for h in kv_heads[j * n : (j + 1) * n] for d in range(dk)]
+        v = [2 * hk * dk + h * dv + d for h in range(j * hv_u, (j + 1) * hv_u) for d in range(dv)]
+        per_rank.append(q + [hk * dk + c for c in q] + v)
     first: dict[int, int] = {}
-    flat = [c for channels in conv_channel_split(hk, hv, dk, dv, ulysses_degree) for c in channels]
-    for row, c in enumerate(flat):
+    for row, c in enumerate(c for channels in per_rank for c in channels):
         first.setdefault(c, row)
-    return [first[c] for c in range(2 * hk * dk + hv * dv)]
+    gathered = [first[c] for c in range(2 * hk * dk + hv * dv)]
+    return torch.tensor(per_rank[rank], device=device), torch.tensor(gathered, device=device)
 
 
 def ulysses_gdn_prefill(
@@ -114,7 +106,7 @@ def ulysses_gdn_prefill(
     index = rows_of(layout.order, mixed.device)
     x = take_rows(torch.cat([q_h.flatten(1), k_h.flatten(1), v_h.flatten(1)], dim=1), index)
     gb_h = take_rows(gb_h, index)
-    channels = torch.tensor(conv_channel_split(hk, hv, dk, dv, u)[rank], device=mixed.device)
+    channels, gathered_index = _channel_index(hk, hv, dk, dv, u, rank, mixed.device)
     halos, conv_final = conv_halo_exchange(x, layout.local_chunks, layout.ring_lens, conv_state[channels], mesh.ring)
     cu = torch.tensor([0, *(row + n for row, n, _ in layout.local_chunks)], device=mixed.device)
     conv_out, _ = ops.causal_conv1d_prefill(x, conv_weight[channels], None, cu, halos)
@@ -127,5 +119,5 @@ def ulysses_gdn_prefill(
     o = heads_to_seq(put_rows(o_h, index), layout.counts, mesh.ulysses_group)
     final = gather_heads(final[None], mesh.ulysses_group)[0]  # heads are dim 0 of a state
     gathered = gather_heads(conv_final[None], mesh.ulysses_group)[0]  # every rank's channels, rank after rank
-    conv_final = gathered[torch.tensor(_gathered_channel_index(hk, hv, dk, dv, u), device=mixed.device)]
+    conv_final = gathered[gathered_index]
     return o, final, conv_final
