@@ -6,6 +6,9 @@ peak above the weights + cache pool). Results: JSON (``--out``), a PNG plot (``-
 
     python benchmarks/bench_prefill.py --model llama3-8b minimax-hybrid --context 32768 131072 --sp-size 1 2
 
+``--ulysses-degree 1 2 4`` adds the Ulysses x ring mesh to the grid (every degree that divides the SP size); each
+row records its SP method and the bytes one rank sends per softmax layer for it (``server.sp.comm_volume``).
+
 Contexts run shortest first; the first failure of a config (out of memory, or no KV capacity) ends that config,
 so a rising list ``--context 98304 114688 131072 ...`` finds the longest prompt that fits. ``--num-prompts N``
 submits N prompts of each context together (short-prompt throughput: with ``--sp-min-tokens 1`` every prompt is
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.model_shapes import SHAPES, prefill_flops, shape_dir  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
+from server.sp.comm_volume import ulysses_bytes_per_layer  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
@@ -74,14 +78,32 @@ def placement(n: int, sp: int, config) -> str:
     return "home" if n < max(min(config.sp_min_tokens, budget), 2 * sp) else "split"
 
 
-def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], args, emit) -> None:
-    """Run one (model, sp, tp) config over ``contexts``; every row goes to ``emit`` as soon as it is measured."""
+def sp_method(where: str, ulysses: int, sp: int) -> str:
+    """How a prompt's softmax layers cross the SP group: ``local`` (no SP traffic), ``ring``, ``ulysses`` (U = P) or
+    ``ulysses x ring``."""
+    if where != "split":
+        return "local"
+    return "ring" if ulysses == 1 else "ulysses" if ulysses == sp else "ulysses x ring"
+
+
+def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, where: str, dtype_bytes: int) -> float:
+    """Bytes one rank sends per softmax layer to prefill a split prompt of n tokens in one step (0 if not split)."""
+    if where != "split":
+        return 0.0
+    heads, kv_heads = cfg["num_attention_heads"] // tp, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return ulysses_bytes_per_layer(n, heads, max(kv_heads, 1), head_dim, sp, ulysses, dtype_bytes)
+
+
+def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: list[int], args, emit) -> None:
+    """Run one (model, sp, tp, U) config over ``contexts``; every row goes to ``emit`` as soon as it is measured."""
     cfg = model_config(model)
     kw = dict(
         device=args.device,
         load_format="dummy",
         sp_size=sp,
         tp_size=tp,
+        ulysses_degree=ulysses,
         max_running_requests=max(2, args.num_prompts),
         chunked_prefill_size=args.chunk or max(contexts) * args.num_prompts,
         sp_min_tokens=args.sp_min_tokens,
@@ -97,17 +119,23 @@ def run_config(model: str, path: str, sp: int, tp: int, contexts: list[int], arg
         warm = min(4096, min(contexts))
         llm.generate([list(range(warm))], params)  # JIT compiles, allocator warm-up
         base = {s["rank"]: s["allocated_bytes"] for s in eng.memory_stats(reset=True)}
+        dtype_bytes = torch.empty(0, dtype=eng.runner.dtype).element_size()
         for n in contexts:
+            where = placement(n, sp, eng.config)
             row = dict(
                 model=os.path.basename(model.rstrip("/")),
                 sp=sp,
                 tp=tp,
+                ulysses_degree=ulysses,
                 context=n,
                 ring_mode=args.ring_mode,
                 lasp_mode=args.lasp_mode,
+                sp_method=sp_method(where, ulysses, sp),
+                # one split step of the whole prompt (a chunked prompt moves this per chunk, prefix ring aside)
+                softmax_bytes_per_layer=softmax_bytes_per_layer(cfg, n, sp, tp, ulysses, where, dtype_bytes),
                 num_prompts=args.num_prompts,
                 sp_min_tokens=args.sp_min_tokens,
-                placement=placement(n, sp, eng.config),
+                placement=where,
                 kv_capacity_tokens=capacity,
             )
             if args.num_prompts * (n + 1 + eng.config.sp_size * eng.config.page_size) > capacity:
@@ -155,13 +183,14 @@ def add_speedups(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':16} {'sp':>2} {'tp':>2} {'context':>8} {'n':>3} {'mode':>10} {'TTFT s':>8} {'tok/s':>9} "
-        f"{'speedup':>7} {'eff':>5} {'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
+        f"{'model':16} {'sp':>2} {'tp':>2} {'U':>2} {'context':>8} {'n':>3} {'mode':>10} {'MiB/layer':>9} "
+        f"{'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} {'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
     )
     for r in rows:
         mode = f"{r.get('ring_mode', '-')[:4]}/{r.get('lasp_mode', '-')[:4]}"
-        head = (f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r['context'] or '-':>8} {r.get('num_prompts', 1):>3} "
-                f"{mode:>10}")
+        mib = r.get("softmax_bytes_per_layer")
+        head = (f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r.get('ulysses_degree', 1):>2} {r['context'] or '-':>8} "
+                f"{r.get('num_prompts', 1):>3} {mode:>10} {'-' if mib is None else f'{mib / 2**20:.1f}':>9}")
         if "ttft_s" not in r:
             print(f"{head}  {r.get('error')}")
             continue
@@ -188,14 +217,16 @@ def plot(rows: list[dict], path: str) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        for sp, tp in sorted({(r["sp"], r["tp"]) for r in rows if r["model"] == m}):
+        for sp, tp, u in sorted({(r["sp"], r["tp"], r.get("ulysses_degree", 1)) for r in rows if r["model"] == m}):
             pts = sorted(
                 (r["context"], r["ttft_s"])
                 for r in rows
-                if r["model"] == m and r["sp"] == sp and r["tp"] == tp and "ttft_s" in r and default_modes(r)
+                if r["model"] == m and (r["sp"], r["tp"], r.get("ulysses_degree", 1)) == (sp, tp, u)
+                and "ttft_s" in r and default_modes(r)
             )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"sp={sp} tp={tp}")
+                label = f"sp={sp} tp={tp}" + (f" U={u}" if u > 1 else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (s)", title=m)
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)
@@ -216,6 +247,8 @@ def main() -> None:
     ap.add_argument("--tp-size", nargs="+", type=int, default=[1])
     ap.add_argument("--ring-mode", default="ring", choices=["ring", "allgather"])
     ap.add_argument("--lasp-mode", default="ring", choices=["ring", "allgather"])
+    ap.add_argument("--ulysses-degree", nargs="+", type=int, default=[1],
+                    help="Ulysses degrees U to run (U x sp/U mesh); those that do not divide an SP size are skipped")
     ap.add_argument("--chunk", type=int, default=0, help="chunked prefill size (0: the largest context)")
     ap.add_argument("--sp-min-tokens", type=int, default=1024)
     ap.add_argument("--num-prompts", type=int, default=1, help="prompts of each context submitted together")
@@ -248,12 +281,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         save()
 
-    grid = [] if args.merge else [(m, sp, tp) for m in args.model for tp in args.tp_size for sp in args.sp_size]
-    for m, sp, tp in tqdm(grid, desc="configs"):
+    grid = [] if args.merge else [(m, sp, tp, u) for m in args.model for tp in args.tp_size for sp in args.sp_size
+                                  for u in args.ulysses_degree if sp % u == 0]
+    for m, sp, tp, u in tqdm(grid, desc="configs"):
         try:
-            run_config(m, model_dir(m), sp, tp, sorted(args.context), args, emit)
+            run_config(m, model_dir(m), sp, tp, u, sorted(args.context), args, emit)
         except Exception as e:  # one failing config (e.g. out of memory while loading) must not lose the others
-            emit(dict(model=m, sp=sp, tp=tp, context=None, error=f"{type(e).__name__}: {e}"))
+            emit(dict(model=m, sp=sp, tp=tp, ulysses_degree=u, context=None, error=f"{type(e).__name__}: {e}"))
     save()
     print_table(rows)
     if args.plot:

@@ -27,6 +27,7 @@ class EngineConfig:
     load_format: str = "auto"
     sp_size: int = 1
     tp_size: int = 1
+    ulysses_degree: int = 1  # U: the SP group is a U x (sp / U) mesh for split prefill chunks; 1 = the plain ring
     sp_min_tokens: int = 1024  # a prefill chunk with at least this many new tokens is split over the SP group
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_running_requests: int = 64
@@ -69,6 +70,10 @@ class EngineConfig:
         checks = [
             (self.sp_size >= 1, f"--sp-size must be >= 1, got {self.sp_size}"),
             (self.tp_size >= 1, f"--tp-size must be >= 1, got {self.tp_size}"),
+            (
+                self.ulysses_degree >= 1 and self.sp_size % self.ulysses_degree == 0,
+                f"--ulysses-degree must be >= 1 and divide --sp-size {self.sp_size}, got {self.ulysses_degree}",
+            ),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),
             (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (

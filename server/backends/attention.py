@@ -16,6 +16,8 @@ planned once), which every softmax layer of the step then runs through :meth:`St
    into contiguous K/V (gather slots built once per step): with many query rows per entry that is faster than a
    paged kernel at page size 16, with few the paged kernel avoids the copy (``benchmarks/results/kernels_h200.md``);
 3. split requests attend to every SP rank's KV shard by the pass-KV ring (or the all-gather-KV comparison mode);
+   with ``--ulysses-degree`` > 1, to the step's new tokens by Ulysses x ring on the mesh and to the cached prefix
+   by the ring, merged by LSE (the KV cache keeps its token-sharded layout either way, see docs/sp.md);
 4. replicated rows (the same queries on every SP rank, KV sharded over SP) merge their partial results by base-2
    LSE over the SP group, all requests in one all-gather.
 With sp = 1 only steps 1-2 remain. A CUDA-graph decode step uses the same object over static buffers, with the
@@ -31,10 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.forward.context import AttentionStepMeta, LocalEntry
+from server.forward.context import AttentionStepMeta, LocalEntry, RingEntry
+from server.kernels import ops
 from server.kernels.ops import Run
 from server.sp.groups import ParallelState
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
+from server.sp.ulysses import UlyssesMesh
+from server.sp.ulysses_attention import ulysses_attention
 
 KINDS = ("ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_full", "decode")
 GATHER_MIN_ROWS = 64  # entries with at least this many query rows read a gathered copy of their KV
@@ -175,11 +180,12 @@ class AttentionBackend:
         self.pstate = pstate
         self.page_size = page_size
 
-    def prepare(self, meta: AttentionStepMeta) -> StepAttention:
-        """The step's attention, prepared once: batches sorted by kind and planned."""
+    def prepare(self, meta: AttentionStepMeta, mesh: UlyssesMesh | None = None) -> StepAttention:
+        """The step's attention, prepared once: batches sorted by kind and planned; ``mesh`` computes the split
+        entries that ask for Ulysses."""
         batches = sort_into_batches(meta.local, self.page_size, self.pstate.device)
         self.plan_batches(batches)
-        return StepAttention(self, meta, batches)
+        return StepAttention(self, meta, batches, mesh)
 
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         """Plan kernels for this step's batches (once per step, before the first layer)."""
@@ -202,10 +208,12 @@ class AttentionBackend:
 class StepAttention:
     """One step's softmax attention on one rank, shared by every softmax layer (see the module docstring)."""
 
-    def __init__(self, backend: AttentionBackend, meta: AttentionStepMeta, batches: list[AttentionBatch]):
+    def __init__(self, backend: AttentionBackend, meta: AttentionStepMeta, batches: list[AttentionBatch],
+                 mesh: UlyssesMesh | None = None):
         self.backend = backend
         self.meta = meta
         self.batches = batches
+        self.mesh = mesh
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, scale: float) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on this rank's local rows -> o ``[T, Hq, D]``."""
@@ -224,14 +232,36 @@ class StepAttention:
                 batch.put(lse, lse_b)
         for e in meta.ring:
             rows = slice(e.row_start, e.row_start + e.num_rows)
+            if e.ulysses is not None:
+                out[rows] = self._ulysses_split(e, q[rows], k[rows], v[rows], cache, scale)
+                continue
             k_shard, v_shard = cache.read(e.page_table, e.shard_len)
-            fn = ring_attention if meta.ring_mode == "ring" else allgather_kv_attention
-            out[rows], _ = fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
-                              attn_fn=self.backend.attention_runs)
+            out[rows], _ = self._ring_fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
+                                         attn_fn=self.backend.attention_runs)
         if meta.merge_rows is not None:
             out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
             merged, _ = merge_over_sp(out, lse, ps)
             out = torch.where(meta.merge_mask[:, None, None] != 0, merged, out)
         return out
+
+    @property
+    def _ring_fn(self):
+        return ring_attention if self.meta.ring_mode == "ring" else allgather_kv_attention
+
+    def _ulysses_split(self, e: RingEntry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                       scale: float) -> torch.Tensor:
+        """A split entry on the U x R mesh: its rows attend to the request's new tokens by Ulysses x ring (q/k/v of
+        the step, not the cache) and to its cached prefix, token-sharded over the SP group, by the pass-KV ring (or
+        all-gather KV) restricted to every rank's prefix rows; the two partials merge by LSE in fp32."""
+        attn_fn = self.backend.attention_runs
+        new = ulysses_attention(q, k, v, e.ulysses.new_runs, scale, self.mesh, attn_fn=attn_fn, return_lse=True)
+        if not e.ulysses.has_prefix:
+            return new.o
+        k_prefix, v_prefix = cache.read(e.page_table, e.prefix_len)
+        o_prefix, lse_prefix = self._ring_fn(q, k_prefix, v_prefix, e.q_runs, e.ulysses.prefix_runs, scale,
+                                             self.backend.pstate, attn_fn=attn_fn)
+        o, lse = new.o.float(), new.lse
+        ops.merge_state_into(o, lse, o_prefix, lse_prefix)
+        return o.to(q.dtype)
 

@@ -24,6 +24,7 @@ from server.layers.gdn import GDNAttention, GDNStatePool
 from server.layers.lightning import LightningAttention, LightningStatePool
 from server.models.loader import build_model, resolve_dtype
 from server.sp.groups import ParallelState
+from server.sp.ulysses import UlyssesMesh, init_ulysses_mesh
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ AUTO_SNAPSHOT_SHARE = 0.25  # ... within this share of the cache budget
 
 
 class ModelRunner:
-    """Builds the model for this rank, sizes and allocates its caches, and runs steps.
+    """Builds the model for this rank, sizes and allocates its caches, and runs steps. ``mesh``: the SP group as
+    a U x R Ulysses mesh (:func:`server.sp.ulysses.init_ulysses_mesh`), U = 1 if not given.
 
     Only the SP group's rank 0 (``sp_rank == 0``; with its TP peers for the vocab-parallel head) computes
     logits. Split requests end in chunk 2P-1, which rank 0 owns, replicated tokens are on every SP rank, and
@@ -42,9 +44,11 @@ class ModelRunner:
     State slots: ``num_slots`` for requests plus one scratch slot (index ``num_slots``) for padded graph rows.
     """
 
-    def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState):
+    def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState,
+                 mesh: UlyssesMesh | None = None):
         self.config = config
         self.pstate = pstate
+        self.mesh = mesh if mesh is not None else init_ulysses_mesh(pstate, 1)  # U = 1 builds no group
         self.device = pstate.device
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
         ops.set_kernel_backend(config.attention_backend)
@@ -166,7 +170,8 @@ class ModelRunner:
             if out is not None:
                 hidden, step = out
                 return self._sampled_logits(hidden, step.chunks)
-        rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode)
+        rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
+                               self.mesh.ulysses_degree)
         ctx = self.context(rows)
         hidden = self.model(ctx)
         if plan.all_logits:
@@ -191,9 +196,9 @@ class ModelRunner:
 
     def context(self, rows: StepRows, backend=None) -> ForwardContext:
         """The forward context of a step's rows, its attention prepared by ``backend`` (default: the rank's)."""
-        attention = (backend or self.backend).prepare(rows.attention) if self.attn_layers else None
+        attention = (backend or self.backend).prepare(rows.attention, self.mesh) if self.attn_layers else None
         return ForwardContext(self.pstate, rows.input_ids, rows.positions, rows.num_rows, rows.seq_sharded,
-                              attention, rows.linear)
+                              attention, rows.linear, self.mesh)
 
     def _sampled_logits(self, hidden: torch.Tensor, chunks: list[LocalChunk]) -> torch.Tensor | None:
         """Logits of the last new token of every sampled request, in plan order, on SP rank 0. Requests homed

@@ -12,11 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.engine.request_table import RequestTable, computed_pieces, stored_pieces
-from server.forward.context import AttentionStepMeta, LinearStepMeta, LocalEntry, RingEntry, SplitLinearEntry
+from server.engine.request_table import RequestState, RequestTable, computed_pieces, stored_pieces
+from server.forward.context import (
+    AttentionStepMeta,
+    LinearStepMeta,
+    LocalEntry,
+    RingEntry,
+    SplitLinearEntry,
+    UlyssesRuns,
+)
 from server.forward.plan import ChunkPlan, Placement, StepPlan
+from server.kernels.ops import Run
 from server.sp.groups import ParallelState
 from server.sp.partition import rank_chunks, zigzag_chunks
+from server.sp.ulysses import runs_rows
 
 _ROW_ORDER = {Placement.REPLICATED: 0, Placement.SPLIT: 1, Placement.HOMED: 2}
 
@@ -60,8 +69,10 @@ def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, ring_mode: str = "ring",
-                    lasp_mode: str = "ring") -> StepRows:
-    """The rank's rows and metadata of ``plan``; ``table`` must already have applied it."""
+                    lasp_mode: str = "ring", ulysses_degree: int = 1) -> StepRows:
+    """The rank's rows and metadata of ``plan``; ``table`` must already have applied it. With ``ulysses_degree``
+    > 1 split requests are marked to be computed on the U x R mesh (:class:`UlyssesRuns`, ``SplitLinearEntry.
+    ulysses``)."""
     dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
     ids: list[int] = []
     pos: list[int] = []
@@ -87,14 +98,35 @@ def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, 
         input_ids=_tensor(ids, torch.long, dev),
         positions=_tensor(pos, torch.long, dev),
         num_rows=num_rows,
-        attention=_attention_meta(local, table, pstate, ring_mode),
-        linear=_linear_meta(plan, local, table, pstate, lasp_mode),
+        attention=_attention_meta(local, table, pstate, ring_mode, ulysses_degree > 1),
+        linear=_linear_meta(plan, local, table, pstate, lasp_mode, ulysses_degree > 1),
         seq_sharded=plan.seq_sharded,
     )
 
 
+def _piece_runs(pieces: list[tuple[int, int, int]]) -> list[Run]:
+    """Runs of rows holding ``pieces`` (``(pos_start, length, _)``) back to back from row 0."""
+    runs, row = [], 0
+    for start, n, _ in pieces:
+        runs.append((row, n, start))
+        row += n
+    return runs
+
+
+def _first_rows(runs: list[Run], rows: int) -> list[Run]:
+    """The part of ``runs`` (in row order) that covers rows ``[0, rows)``."""
+    return [(row, min(n, rows - row), pos) for row, n, pos in runs if row < rows]
+
+
+def _ulysses_runs(chunk: ChunkPlan, st: RequestState, p: int) -> UlyssesRuns:
+    """Every SP rank's new rows of a split chunk, and its cached prefix: its shard without them (the last rows)."""
+    new = [_piece_runs(computed_pieces(chunk, p, s)) for s in range(p)]
+    prefix = [_first_rows(st.runs[s], st.shard_lens[s] - runs_rows(new[s])) for s in range(p)]
+    return UlyssesRuns(new, prefix)
+
+
 def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: ParallelState,
-                    ring_mode: str) -> AttentionStepMeta:
+                    ring_mode: str, ulysses: bool) -> AttentionStepMeta:
     dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
     write_rows: list[np.ndarray] = []
     write_slots: list[np.ndarray] = []
@@ -111,12 +143,9 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
             write_rows.append(np.arange(lc.row_start, lc.row_start + lc.num_rows))
             write_slots.append(table.slots_of(chunk.req, np.arange(shard_len - lc.num_rows, shard_len)))
         if chunk.placement == Placement.SPLIT and p > 1:
-            q_runs, row = [], 0
-            for start, n, _ in lc.pieces:
-                q_runs.append((row, n, start))
-                row += n
-            ring.append(RingEntry(lc.row_start, lc.num_rows, q_runs, [list(x) for x in st.runs],
-                                  table.device_pages(chunk.req).long(), shard_len))
+            ring.append(RingEntry(lc.row_start, lc.num_rows, _piece_runs(lc.pieces), [list(x) for x in st.runs],
+                                  table.device_pages(chunk.req).long(), shard_len,
+                                  _ulysses_runs(chunk, st, p) if ulysses else None))
             continue
         if chunk.placement == Placement.REPLICATED and p > 1:
             merge_rows += range(lc.row_start, lc.row_start + lc.num_rows)
@@ -133,7 +162,7 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
 
 
 def _linear_meta(plan: StepPlan, local: list[LocalChunk], table: RequestTable, pstate: ParallelState,
-                 mode: str) -> LinearStepMeta:
+                 mode: str, ulysses: bool) -> LinearStepMeta:
     dev, p = pstate.device, pstate.sp_size
     split: list[SplitLinearEntry] = []
     rows: list[int] = []
@@ -147,7 +176,7 @@ def _linear_meta(plan: StepPlan, local: list[LocalChunk], table: RequestTable, p
             for a, b, c in rank_chunks(lc.chunk.num_new, p, pstate.sp_rank):  # empty chunks kept: LASP visits all
                 chunks.append((row, b - a, c))
                 row += b - a
-            split.append(SplitLinearEntry(lc.row_start, lc.num_rows, chunks, lens_all, slot))
+            split.append(SplitLinearEntry(lc.row_start, lc.num_rows, chunks, lens_all, slot, ulysses))
         elif lc.num_rows:
             rows += range(lc.row_start, lc.row_start + lc.num_rows)
             slots.append(slot)

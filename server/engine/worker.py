@@ -17,6 +17,7 @@ from server.engine.procutil import die_with_parent
 from server.forward.plan import MemoryStatsRequest, Shutdown, StepPlan
 from server.models.loader import read_model_config
 from server.sp.groups import ParallelState, init_parallel_state
+from server.sp.ulysses import init_ulysses_mesh
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,19 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
 
 def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: str,
                check_ranks: Callable[[], None] | None = None) -> tuple[ParallelState, ModelRunner]:
-    """Join the groups, build this rank's model, agree on the cache size with every rank, allocate caches.
+    """Join the groups (the Ulysses mesh's too), build this rank's model, agree on the cache size with every rank,
+    allocate caches.
 
     Rank 0 passes ``check_ranks`` (raises if a rank it started has died): it is called while rank 0 waits for
     the others, so a rank that fails during start-up is an error at once instead of a wait for the timeout."""
     device = rank_device(config, rank)
     pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method,
                                  check_ranks=check_ranks)
+    mesh = init_ulysses_mesh(pstate, config.ulysses_degree)  # collective: every rank, right after the groups
     if device.type == "cpu":
         # Several ranks share the CPU: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
-    runner = ModelRunner(config, model_path, read_model_config(model_path), pstate)
+    runner = ModelRunner(config, model_path, read_model_config(model_path), pstate, mesh)
     pages = torch.tensor(runner.plan_cache(), dtype=torch.long)  # [KV pages, state snapshots]
     if pstate.world_size > 1:
         work = dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=pstate.world_cpu_group, async_op=True)

@@ -30,7 +30,8 @@ class ServerArgs:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag and what to change (engine flags included), and check that the
-        model directory holds a model that can be split over ``--tp-size``, before anything starts."""
+        model directory holds a model that can be split over ``--tp-size`` and ``--ulysses-degree``, before anything
+        starts."""
         self.engine.validate()
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
@@ -58,9 +59,11 @@ class ServerArgs:
 
         path = self.engine.model_path
         if path is None:  # the built-in model's shapes, without generating it
-            check_model_parallelism("<built-in model>", builtin_config(VOCAB_SIZE, 0, 1), self.engine.tp_size, "dummy")
+            check_model_parallelism("<built-in model>", builtin_config(VOCAB_SIZE, 0, 1), self.engine.tp_size, "dummy",
+                                    self.engine.ulysses_degree)
         else:
-            check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format)
+            check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format,
+                                    self.engine.ulysses_degree)
 
 
 def check_chat_template(value: str) -> None:
@@ -128,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("parallelism")
     par.add_argument("--sp-size", type=int, default=d.sp_size, help="sequence-parallel group size")
     par.add_argument("--tp-size", type=int, default=d.tp_size, help="tensor-parallel group size")
+    par.add_argument("--ulysses-degree", type=int, default=d.ulysses_degree,
+                     help="Ulysses degree U: split prefill chunks are computed on a U x (sp / U) mesh (all-to-all "
+                          "over heads inside groups of U SP ranks, the ring across them); must divide --sp-size and "
+                          "each TP rank's heads; 1 = the plain ring")
     par.add_argument("--sp-min-tokens", type=int, default=d.sp_min_tokens,
                      help="a prefill chunk with at least this many new tokens is split over the SP group")
     par.add_argument("--ring-mode", default=d.ring_mode, choices=("ring", "allgather"),

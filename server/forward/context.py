@@ -16,11 +16,27 @@ import torch
 
 from server.kernels.ops import Run
 from server.sp.groups import ParallelState
+from server.sp.ulysses import UlyssesMesh
+
+
+@dataclass
+class UlyssesRuns:
+    """How a split request's attention runs on a U x R mesh (U > 1): the new tokens by Ulysses x ring, the cached
+    prefix by the pass-KV ring over the whole SP group. Each SP rank's new rows are the last rows of its shard."""
+
+    new_runs: list[list[Run]]  # per SP rank: its new rows (relative to its first row of the request)
+    prefix_runs: list[list[Run]]  # per SP rank: its shard's first rows, cached before this step (may be empty)
+
+    @property
+    def has_prefix(self) -> bool:
+        """Some SP rank holds cached KV of the request (the same answer on every rank)."""
+        return any(n for runs in self.prefix_runs for _, n, _ in runs)
 
 
 @dataclass
 class RingEntry:
-    """A split request (sp > 1): its local rows attend to every SP rank's KV shard by the pass-KV ring."""
+    """A split request (sp > 1): its local rows attend to every SP rank's KV shard by the pass-KV ring, or, when
+    ``ulysses`` is set, to the new tokens by Ulysses x ring and to the cached prefix by the pass-KV ring."""
 
     row_start: int
     num_rows: int
@@ -28,6 +44,12 @@ class RingEntry:
     kv_runs: list[list[Run]]  # per SP rank: its shard after this step
     page_table: torch.Tensor  # this rank's pages of the request (device, long)
     shard_len: int  # rows of this rank's shard
+    ulysses: UlyssesRuns | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        """Rows of this rank's shard stored before this step (the new rows follow them)."""
+        return self.shard_len - self.num_rows
 
 
 @dataclass
@@ -65,6 +87,7 @@ class SplitLinearEntry:
     chunks: list[tuple[int, int, int]]  # (row_start relative, length, chunk index)
     chunk_lens: list[int]  # all 2P chunk lengths
     slot: int
+    ulysses: bool = False  # computed on the U x R mesh (U > 1): all-to-all to heads, state passing across rings
 
 
 @dataclass
@@ -90,6 +113,9 @@ class AttentionRunner(Protocol):
 
 @dataclass
 class ForwardContext:
+    """What every layer of one forward pass reads. ``mesh``: the SP group as a U x R Ulysses mesh (the model runner's),
+    which linear layers use for split entries marked ``ulysses``."""
+
     pstate: ParallelState
     input_ids: torch.Tensor  # [T] local rows (padded to a multiple of tp when seq_sharded, to a bucket in graphs)
     positions: torch.Tensor  # [T]
@@ -97,3 +123,4 @@ class ForwardContext:
     seq_sharded: bool  # the residual stream holds this TP rank's 1/tp of the rows
     attention: AttentionRunner | None
     linear: LinearStepMeta | None
+    mesh: UlyssesMesh | None = None

@@ -2,10 +2,11 @@
 rule with state, local or sequence-parallel.
 
 Per request, like :mod:`server.layers.lightning`: split requests (sp > 1) exchange the conv halo and run the GDN
-SP prefill over the SP group (DESIGN 5.6), and every SP rank ends with the request's final recurrent and conv
-states; other requests continue from their states in the pool, as one varlen prefill or, for one new token
-each, the decode kernels: on every SP rank for an SP request's replicated tokens, on its home rank only for a
-short request.
+SP prefill over the SP group (DESIGN 5.6), or with ``--ulysses-degree`` > 1 the same on the Ulysses x ring mesh
+(:mod:`server.sp.ulysses_gdn`: conv and state passing after an all-to-all to heads), and every SP rank ends with
+the request's final recurrent and conv states; other requests continue from their states in the pool, as one
+varlen prefill or, for one new token each, the decode kernels: on every SP rank for an SP request's replicated
+tokens, on its home rank only for a short request.
 
 TP: key heads, value heads and conv channels are split over TP; this rank's conv channels are its q heads, then
 its k heads, then its v heads (the checkpoint's order restricted to this rank's heads).
@@ -22,6 +23,7 @@ from server.kernels import ops
 from server.layers.linear import as_tensor, copy_into
 from server.sp.gdn_sp import conv_halo_exchange, gdn_sp_prefill
 from server.sp.groups import ParallelState
+from server.sp.ulysses_gdn import ulysses_gdn_prefill
 
 
 class GDNStatePool:
@@ -83,6 +85,13 @@ class GDNAttention(nn.Module):
         out = mixed.new_zeros(mixed.shape[0], self.hv, self.dv)
         for e in meta.split:
             rows = slice(e.row_start, e.row_start + e.num_rows)
+            if e.ulysses:
+                o, final, conv_final = ulysses_gdn_prefill(mixed[rows], w, g[rows], beta[rows], self.hk, self.dk,
+                                                           e.chunk_lens, pool.states[e.slot], pool.conv[e.slot],
+                                                           ctx.mesh, mode=meta.mode)
+                out[rows] = o
+                pool.states[e.slot], pool.conv[e.slot] = final, conv_final
+                continue
             halos, conv_final = conv_halo_exchange(mixed[rows], e.chunks, e.chunk_lens, pool.conv[e.slot], ps)
             cu = torch.tensor([0] + [row + n for row, n, _ in e.chunks], device=mixed.device)
             conv_out, _ = ops.causal_conv1d_prefill(mixed[rows], w, None, cu, halos)

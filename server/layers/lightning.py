@@ -1,10 +1,11 @@
 """Lightning attention core (MiniMax linear attention with per-head decay), local or with LASP.
 
 Per request (:class:`server.forward.context.LinearStepMeta`, prepared once per step): split requests run LASP over
-the SP group (the incoming state is passed in chunk order, or combined from all-gathered chunk messages) and every
-SP rank ends with the final state; other requests continue from their state in the pool, as one varlen prefill or,
-for one new token each, the decode kernel: on every SP rank for an SP request's replicated tokens, on its home
-rank only for a short request.
+the SP group (the incoming state is passed in chunk order, or combined from all-gathered chunk messages), or with
+``--ulysses-degree`` > 1 Ulysses x LASP on the mesh (:mod:`server.sp.ulysses_lightning`, its head-sharded final
+state then all-gathered over the Ulysses group), and every SP rank ends with the final state; other requests
+continue from their state in the pool, as one varlen prefill or, for one new token each, the decode kernel: on
+every SP rank for an SP request's replicated tokens, on its home rank only for a short request.
 States are fp32 ``[H_local, D, D]``.
 """
 
@@ -16,6 +17,8 @@ from torch import nn
 from server.forward.context import ForwardContext
 from server.kernels import ops
 from server.sp.lasp import lasp_prefill
+from server.sp.ulysses import gather_heads
+from server.sp.ulysses_lightning import ulysses_lightning_prefill
 
 
 def minimax_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
@@ -49,8 +52,16 @@ class LightningAttention(nn.Module):
         out = torch.zeros_like(q)
         for e in meta.split:
             rows = slice(e.row_start, e.row_start + e.num_rows)
-            o, final = lasp_prefill(q[rows], k[rows], v[rows], self.slopes, e.chunks, e.chunk_lens, states[e.slot],
-                                    ctx.pstate, mode=meta.mode)
+            if e.ulysses:  # the state of this rank's heads, then every head's: decode continues as after LASP
+                mesh = ctx.mesh
+                h = self.slopes.numel() // mesh.ulysses_degree
+                mine = slice(mesh.ulysses_rank * h, (mesh.ulysses_rank + 1) * h)
+                o, final = ulysses_lightning_prefill(q[rows], k[rows], v[rows], self.slopes, e.chunk_lens,
+                                                     states[e.slot, mine], mesh, mode=meta.mode)
+                final = gather_heads(final[None], mesh.ulysses_group)[0]
+            else:
+                o, final = lasp_prefill(q[rows], k[rows], v[rows], self.slopes, e.chunks, e.chunk_lens,
+                                        states[e.slot], ctx.pstate, mode=meta.mode)
             out[rows] = o
             states[e.slot] = final
         if meta.local_rows is None:

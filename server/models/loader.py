@@ -13,10 +13,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from server.layers.attention import Attention
+from server.layers.gdn import GDNAttention
+from server.layers.lightning import LightningAttention
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
 from server.sp.groups import ParallelState
+from server.sp.ulysses import ulysses_kv_heads
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +56,40 @@ def read_model_config(model_path: str) -> dict:
     return cfg
 
 
-def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_format: str) -> None:
+def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_format: str,
+                            ulysses_degree: int = 1) -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
-    own shape check runs before any process starts: a model that cannot be split this way, or a config that
-    lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the
-    weights exist unless they are random (``dummy``)."""
+    own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
+    rank's heads over ``ulysses_degree``), or a config that lacks an entry, is one ``ValueError`` here rather than
+    a failure on every rank. Also checks that the weights exist unless they are random (``dummy``)."""
     arch = cfg["architectures"][0]
     try:
         with torch.device("meta"):
-            MODEL_CLASSES[arch](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")), torch.float32)
+            model = MODEL_CLASSES[arch](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
+                                        torch.float32)
     except KeyError as e:
         raise ValueError(f"{os.path.join(model_path, 'config.json')} has no {e} entry, which {arch} needs") from None
+    try:
+        check_ulysses_heads(model, ulysses_degree)
+    except ValueError as e:
+        raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
         raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
+
+
+def check_ulysses_heads(model: nn.Module, ulysses_degree: int) -> None:
+    """Raise ``ValueError`` (naming ``--ulysses-degree`` and ``--tp-size``) unless every attention layer's heads on a
+    TP rank split over the Ulysses group: softmax query heads and lightning heads a multiple of U, softmax KV heads
+    and GDN key heads a multiple or a divisor of U (replicated when fewer), GDN value heads a multiple of U."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            ulysses_kv_heads(m.num_heads, m.num_kv_heads, ulysses_degree)
+        elif isinstance(m, LightningAttention):
+            heads = m.slopes.numel()
+            ulysses_kv_heads(heads, heads, ulysses_degree, names=("lightning-attention heads", ""))
+        elif isinstance(m, GDNAttention):
+            ulysses_kv_heads(m.hv, m.hk, ulysses_degree, names=("Gated DeltaNet value heads",
+                                                                 "Gated DeltaNet key heads"))
 
 
 def checkpoint_dtype(cfg: dict) -> torch.dtype:

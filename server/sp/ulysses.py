@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -107,7 +108,8 @@ def _heads_error(what: str, heads: int, ulysses_degree: int, need: str = "are no
     )
 
 
-def ulysses_kv_heads(num_heads: int, num_kv_heads: int, ulysses_degree: int) -> list[int]:
+def ulysses_kv_heads(num_heads: int, num_kv_heads: int, ulysses_degree: int,
+                     names: tuple[str, str] = ("query heads", "KV heads")) -> list[int]:
     """The TP rank's KV heads that each Ulysses rank holds, rank after rank: rank u's are entries
     ``[u * n, (u + 1) * n)`` with ``n = max(num_kv_heads / U, 1)`` (heads per TP rank, U = ulysses_degree).
 
@@ -115,15 +117,16 @@ def ulysses_kv_heads(num_heads: int, num_kv_heads: int, ulysses_degree: int) -> 
     split like the query heads. With fewer (U a multiple of them) each Ulysses rank gets the one KV head its
     query heads use, so every KV head is replicated on ``U / num_kv_heads`` ranks: the all-to-all carries and
     the cache stores ``U / num_kv_heads`` times the KV bytes of an unreplicated split (the same cost as TP's
-    replication of KV heads fewer than ``--tp-size``).
+    replication of KV heads fewer than ``--tp-size``). The same rule serves Gated DeltaNet, whose key heads each
+    serve a group of value heads (``names`` says which heads the error talks about).
     """
     u = ulysses_degree
     if num_heads % u:
-        raise _heads_error("query heads", num_heads, u)
+        raise _heads_error(names[0], num_heads, u)
     if num_kv_heads % u == 0:
         return list(range(num_kv_heads))
     if u % num_kv_heads:
-        raise _heads_error("KV heads", num_kv_heads, u, need="are neither a multiple nor a divisor of")
+        raise _heads_error(names[1], num_kv_heads, u, need="are neither a multiple nor a divisor of")
     group_size = num_heads // num_kv_heads
     return [(rank * num_heads // u) // group_size for rank in range(u)]
 
@@ -260,3 +263,38 @@ def put_rows(y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(y)
     out[index] = y
     return out
+
+
+@dataclass(frozen=True)
+class ZigzagGroupLayout:
+    """A request split zigzag over the P = U x R SP ranks, seen from one Ulysses group after :func:`seq_to_heads`.
+
+    Ulysses group g holds zigzag chunks ``gU..gU+U-1`` and their mirrors ``2P-U-gU..2P-1-gU``; in sequence order
+    these are the ring-level zigzag chunks ``g`` and ``2R-1-g`` of 2R chunks (each U chunks long), the layout LASP
+    and GDN SP take with the ring group as their SP group.
+    """
+
+    counts: list[int]  # rows of each member of the Ulysses group (its two zigzag chunks)
+    order: list[Run]  # the gathered rows' runs, in sequence order: :func:`rows_of` gives the reordering index
+    ring_lens: list[int]  # the 2R ring-level chunk lengths, in sequence order
+    local_chunks: list[tuple[int, int, int]]  # (row_start, length, ring-level chunk) of the reordered rows
+
+
+def zigzag_group_layout(chunk_lens: list[int], mesh: UlyssesMesh) -> ZigzagGroupLayout:
+    """The layout of this rank's Ulysses group for the 2P zigzag ``chunk_lens`` (zeros allowed)."""
+    p, u, r_deg, g = mesh.sp_size, mesh.ulysses_degree, mesh.ring_degree, mesh.ring_rank
+    if len(chunk_lens) != 2 * p:
+        raise ValueError(f"chunk_lens must list all {2 * p} chunks for sp_size={p}, got {len(chunk_lens)}")
+    starts = [0, *accumulate(chunk_lens)]
+    members = mesh.group_sp_ranks(g)
+    runs = []
+    for s in members:  # rank s holds its chunks s and 2P-1-s back to back
+        a, b = s, 2 * p - 1 - s
+        runs.append([(0, chunk_lens[a], starts[a]), (chunk_lens[a], chunk_lens[b], starts[b])])
+    order, _ = position_order(stack_runs(runs))
+    ring_lens = [sum(chunk_lens[c * u : (c + 1) * u]) for c in range(2 * r_deg)]
+    mirror = 2 * r_deg - 1 - g
+    return ZigzagGroupLayout(
+        counts=[runs_rows(r) for r in runs], order=order, ring_lens=ring_lens,
+        local_chunks=[(0, ring_lens[g], g), (ring_lens[g], ring_lens[mirror], mirror)],
+    )

@@ -11,30 +11,19 @@ reorder back, all-to-all o to the token shard. The state of a head lives on the 
 
 from __future__ import annotations
 
-from itertools import accumulate
-
 import torch
 
-from server.kernels.ops import Run
 from server.sp.lasp import lasp_prefill
 from server.sp.ulysses import (
     UlyssesMesh,
     heads_to_seq,
-    position_order,
     put_rows,
     qkv_seq_to_heads,
     rows_of,
-    stack_runs,
     take_rows,
     ulysses_kv_heads,
+    zigzag_group_layout,
 )
-
-
-def _zigzag_runs(chunk_lens: list[int], sp_rank: int) -> list[Run]:
-    """Runs of an SP rank's rows: its chunks ``r`` and ``2P-1-r`` back to back, in sequence order."""
-    starts = [0, *accumulate(chunk_lens)]
-    a, b = sp_rank, len(chunk_lens) - 1 - sp_rank
-    return [(0, chunk_lens[a], starts[a]), (chunk_lens[a], chunk_lens[b], starts[b])]
 
 
 def ulysses_lightning_prefill(
@@ -56,24 +45,18 @@ def ulysses_lightning_prefill(
     ``"ring"`` or ``"allgather"``. Returns ``o [T, H, Dv]`` in q's dtype and the final state ``[H / U, D, Dv]``
     fp32 of this rank's heads (the same on the R ranks with this Ulysses index).
     """
-    p, u, r_deg, g = mesh.sp_size, mesh.ulysses_degree, mesh.ring_degree, mesh.ring_rank
-    if len(chunk_lens) != 2 * p:
-        raise ValueError(f"chunk_lens must list all {2 * p} chunks for sp_size={p}, got {len(chunk_lens)}")
+    u = mesh.ulysses_degree
     heads = q.shape[1]
     ulysses_kv_heads(heads, heads, u)  # the heads must split over U
-    members = mesh.group_sp_ranks(g)
-    counts = [chunk_lens[s] + chunk_lens[2 * p - 1 - s] for s in members]
-    if q.shape[0] != counts[mesh.ulysses_rank]:
-        raise ValueError(f"sp rank {mesh.sp_rank} holds chunks of {counts[mesh.ulysses_rank]} rows "
+    layout = zigzag_group_layout(chunk_lens, mesh)
+    if q.shape[0] != layout.counts[mesh.ulysses_rank]:
+        raise ValueError(f"sp rank {mesh.sp_rank} holds chunks of {layout.counts[mesh.ulysses_rank]} rows "
                          f"(chunk_lens={chunk_lens}) but q has {q.shape[0]}")
-    q_h, k_h, v_h = qkv_seq_to_heads(q, k, v, list(range(heads)), counts, mesh.ulysses_group)
-    taken, _ = position_order(stack_runs([_zigzag_runs(chunk_lens, s) for s in members]))
-    index = rows_of(taken, q.device)
+    q_h, k_h, v_h = qkv_seq_to_heads(q, k, v, list(range(heads)), layout.counts, mesh.ulysses_group)
+    index = rows_of(layout.order, q.device)
     q_h, k_h, v_h = (take_rows(x, index) for x in (q_h, k_h, v_h))
-    ring_lens = [sum(chunk_lens[c * u : (c + 1) * u]) for c in range(2 * r_deg)]
-    mirror = 2 * r_deg - 1 - g
-    local_chunks = [(0, ring_lens[g], g), (ring_lens[g], ring_lens[mirror], mirror)]
     h_u = heads // u
     slopes_u = slopes[mesh.ulysses_rank * h_u : (mesh.ulysses_rank + 1) * h_u]
-    o_h, final = lasp_prefill(q_h, k_h, v_h, slopes_u, local_chunks, ring_lens, initial_state, mesh.ring, mode)
-    return heads_to_seq(put_rows(o_h, index), counts, mesh.ulysses_group), final
+    o_h, final = lasp_prefill(q_h, k_h, v_h, slopes_u, layout.local_chunks, layout.ring_lens, initial_state,
+                              mesh.ring, mode)
+    return heads_to_seq(put_rows(o_h, index), layout.counts, mesh.ulysses_group), final

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from benchmarks.model_shapes import SHAPES
+from server.sp.comm_volume import ring_bytes_per_layer, ulysses_bytes_per_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,3 +75,25 @@ def test_bench_prefill_gdn_shape_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["sp"], r["placement"]) for r in rows] == [(1, "local"), (2, "split")]
     assert all(r["ttft_s"] > 0 and "error" not in r for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_prefill_ulysses_degree_on_cpu(tmp_path):
+    """``--ulysses-degree``: every degree that divides the SP size runs; rows name the SP method and the bytes per
+    softmax layer from comm_volume (fp32 on CPU)."""
+    cfg = dict(SHAPES["llama3-8b"], hidden_size=64, intermediate_size=64, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=300, num_hidden_layers=2)
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
+           "--context", "200", "--sp-size", "1", "2", "--ulysses-degree", "1", "2", "--device", "cpu",
+           "--sp-min-tokens", "64", "--repeat", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sp"], r["ulysses_degree"], r["sp_method"]) for r in rows] == [
+        (1, 1, "local"), (2, 1, "ring"), (2, 2, "ulysses")]
+    assert all(r["ttft_s"] > 0 and "error" not in r for r in rows)
+    assert [r["softmax_bytes_per_layer"] for r in rows] == [
+        0.0, ring_bytes_per_layer(200, 2, 16, 2, 4), ulysses_bytes_per_layer(200, 4, 2, 16, 2, 2, 4)]

@@ -1,12 +1,13 @@
 """The step's attention metadata, driven by the real scheduler, against causal attention over whole requests.
 
 For every step of several request mixes, every SP rank applies the plan to its request mirror, builds its step
-rows (:func:`build_step_rows`; for decode steps also the padded CUDA-graph form), writes its cache through the
-metadata's write slots, runs its local batches on the reference (which reads the same CSR arrays and gather
-slots as the flashinfer kernels), and the replicated rows are merged over the SP ranks (``merge_rows`` order, or
-``merge_mask`` in the padded form). Every row that does not go through the ring must equal attention of its query to all
-keys of its request at positions <= its own. Queries, keys and values are functions of (request, position),
-so the expected result is computed without the engine.
+rows (:func:`build_step_rows`, split entries marked for a Ulysses mesh; for decode steps also the padded CUDA-graph
+form), writes its cache through the metadata's write slots, runs its local batches on the reference (which reads
+the same CSR arrays and gather slots as the flashinfer kernels), and the replicated rows are merged over the SP
+ranks (``merge_rows`` order, or ``merge_mask`` in the padded form). Every row that does not go through the ring
+must equal attention of its query to all keys of its request at positions <= its own. Queries, keys and values are
+functions of (request, position), so the expected result is computed without the engine. Split entries' Ulysses
+runs must cut every rank's shard into its cached prefix and its new rows.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from server.engine.sequence import Sequence
 from server.engine.step_builder import build_padded_decode, build_step_rows
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.merge_state_ref import merge_states_ref
+from server.kernels.ops import runs_to_positions
 from server.sampling_params import SamplingParams
 from server.sp.groups import ParallelState
+from server.sp.ulysses import runs_rows
 
 H, D, PAGE, SCALE = 2, 8, 4, 0.3
 
@@ -99,6 +102,21 @@ def _check_step(ranks) -> None:
                 torch.testing.assert_close(out[i], expected_row(q[i], rid, pos), atol=1e-5, rtol=1e-5)
 
 
+def _check_ulysses_runs(steps) -> None:
+    """Split entries on a Ulysses mesh: every rank's new rows as that rank computes them, and every rank's cached
+    prefix, which its new rows follow in its shard (split requests have rows on every rank, in the same order)."""
+    cpu = torch.device("cpu")
+    for r, rows in enumerate(steps):
+        starts = {lc.row_start: lc.chunk.start for lc in rows.chunks}
+        for i, e in enumerate(rows.attention.ring):
+            uly = e.ulysses
+            assert runs_rows(uly.prefix_runs[r]) == e.prefix_len and uly.has_prefix == (starts[e.row_start] > 0)
+            for s, (prefix, new, shard) in enumerate(zip(uly.prefix_runs, uly.new_runs, e.kv_runs, strict=True)):
+                assert new == steps[s].attention.ring[i].q_runs
+                assert torch.equal(torch.cat([runs_to_positions(prefix, cpu), runs_to_positions(new, cpu)]),
+                                   runs_to_positions(shard, cpu))
+
+
 def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: int = 3) -> set[str]:
     """Serve the prompts to the end; check every non-ring row of every step on every rank, and every decode step
     in its padded CUDA-graph form too. Returns the kinds."""
@@ -123,8 +141,9 @@ def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: i
             _check_step([_rank_step(_graph_view(step), *c, kinds) for step, c in zip(padded, caches)])
             for (kc, vc), (k0, v0) in zip(caches, saved):
                 kc[1:], vc[1:] = k0[1:], v0[1:]  # undo the writes (page 0 is the scratch page)
-        steps = [build_step_rows(plan, t, ps) for t, ps in zip(tables, pstates)]
+        steps = [build_step_rows(plan, t, ps, ulysses_degree=sp) for t, ps in zip(tables, pstates)]
         _check_step([_rank_step(_eager_view(rows), *c, kinds) for rows, c in zip(steps, caches)])
+        _check_ulysses_runs(steps)
         sched.advance(seqs, plan)
         for q, c in zip(seqs, plan.chunks):
             if c.sample:
@@ -145,6 +164,7 @@ def test_local_rows_equal_attention_over_the_whole_request(sp: int) -> None:
     kinds |= run_mix(sp, [sp * 150 + 130, 3], sp_min=200, budget=150)
     kinds |= run_mix(sp, [sp * 150 + 30], sp_min=200, budget=150)
     kinds |= run_mix(sp, [140, 2], sp_min=300, budget=140)
+    kinds |= run_mix(sp, [sp * 20 + 9], sp_min=8, budget=10)  # split chunks after split chunks (a cached prefix)
     expected = {"ragged", "decode", "paged_causal", "gathered_causal"}
     if sp > 1:
         expected |= {"paged_full", "gathered_full"}

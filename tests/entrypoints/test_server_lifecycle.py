@@ -27,6 +27,8 @@ from tests.entrypoints.server_testing import (
         (["--model-path", "/nonexistent/model"], "--model-path"),
         (["--watchdog-timeout", "0"], "--watchdog-timeout"),
         (["--max-request-bytes", "10"], "--max-request-bytes"),
+        (["--sp-size", "4", "--ulysses-degree", "3"], "--ulysses-degree"),
+        (["--device", "cpu", "--sp-size", "8", "--ulysses-degree", "8"], "--ulysses-degree"),  # 4 heads
     ],
 )
 def test_invalid_flags_exit_2_with_one_line(args, flag):

@@ -3,7 +3,8 @@
 Every rank builds the same full sequence from a seed, keeps its TP slice of heads and its zigzag chunks, runs the
 U x R mesh, and checks its own output rows (all of its TP rank's heads), LSE, head-sharded KV and final lightning
 state against single-process references over the whole sequence: softmax attention in fp64 with a causal mask
-(torch's ``scaled_dot_product_attention``) and ``lightning_recurrence_fp64``.
+(torch's ``scaled_dot_product_attention``) and ``lightning_recurrence_fp64``; Gated DeltaNet (conv1d included)
+against torch's conv1d and ``gdn_recurrence_fp64``, with the TP rank's full final states on every rank.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from server.kernels.gdn_ref import GDN_CHUNK, gdn_recurrence_fp64
 from server.kernels.lightning_ref import lightning_recurrence_fp64
 from server.kernels.ops import LIGHTNING_BLOCK, Run, attention_runs, runs_to_positions
+from server.sp.gdn_sp import GDN_SP_MODES
 from server.sp.groups import ParallelState
 from server.sp.lasp import LASP_MODES
 from server.sp.partition import zigzag_chunks, zigzag_partition
@@ -35,6 +38,7 @@ from server.sp.ulysses import (
     ulysses_kv_heads,
 )
 from server.sp.ulysses_attention import HeadShardedKV, ulysses_attention
+from server.sp.ulysses_gdn import ulysses_gdn_prefill
 from server.sp.ulysses_lightning import ulysses_lightning_prefill
 from tests.helpers import FP32_TOL
 from tests.sp.sp_testing import run_on_group
@@ -81,6 +85,23 @@ LIGHTNING_CASES = [
     LightningCase(n=2 * (LIGHTNING_BLOCK + 3) + 5, d=8, cached_prefix=True, seed=2),  # chunks cross kernel blocks
 ]
 GPU_LIGHTNING_CASES = [LightningCase(n=1000, d=128, cached_prefix=True, seed=3)]
+
+# GDN: 2 key heads serve 8 value heads, so at U = 4 (and at tp = 2 with U = 2) the key heads are replicated
+GDN_HK, GDN_HV, GDN_DK, GDN_DV, GDN_KERNEL = 2, 8, 8, 4, 4
+
+
+@dataclass
+class GDNCase:
+    n: int
+    cached_prefix: bool  # start from nonzero recurrent and conv states
+    seed: int
+
+
+GDN_CASES = [
+    GDNCase(n=37, cached_prefix=False, seed=0),
+    GDNCase(n=5, cached_prefix=True, seed=1),  # fewer tokens than 2P, chunks shorter than K-1
+    GDNCase(n=2 * (GDN_CHUNK + 3) + 5, cached_prefix=True, seed=2),  # crosses 64-token GDN chunks
+]
 
 
 def _runs(pieces: list[tuple[int, int]]) -> list[Run]:
@@ -245,6 +266,40 @@ def _check_lightning(pstate: ParallelState, mesh: UlyssesMesh, case: LightningCa
         torch.testing.assert_close(state.double(), ref_state[hu], **FP32_TOL, msg=msg)
 
 
+def _check_gdn(pstate: ParallelState, mesh: UlyssesMesh, case: GDNCase) -> None:
+    """Conv1d + SiLU + gated delta rule from nonzero states against torch's conv1d over ``[conv state | sequence]``
+    and the fp64 recurrence; every rank must end with the TP rank's full recurrent and conv states."""
+    p, r, n = mesh.sp_size, mesh.sp_rank, case.n
+    g = torch.Generator().manual_seed(case.seed)
+    scale = 0.5 if case.cached_prefix else 0.0
+    hk, hv = _tp_heads(GDN_HK, pstate), _tp_heads(GDN_HV, pstate)
+    x_q, x_k = (torch.randn(n, GDN_HK, GDN_DK, generator=g)[:, hk].flatten(1) for _ in range(2))
+    x = torch.cat([x_q, x_k, torch.randn(n, GDN_HV, GDN_DV, generator=g)[:, hv].flatten(1)], dim=1)  # [q | k | v]
+    c = x.shape[1]
+    w = torch.randn(c, GDN_KERNEL, generator=g)
+    conv0 = torch.randn(c, GDN_KERNEL - 1, generator=g) * scale
+    decay, beta = -2 * torch.rand(n, GDN_HV, generator=g)[:, hv] ** 2, torch.rand(n, GDN_HV, generator=g)[:, hv]
+    s0 = torch.randn(GDN_HV, GDN_DK, GDN_DV, generator=g)[hv] * scale
+    full = torch.cat([conv0, x.t()], dim=1)
+    y = F.silu(F.conv1d(full[None], w[:, None], groups=c)[0].t())
+    n_k, n_v = hk.stop - hk.start, hv.stop - hv.start
+    q, k, v = y.split([n_k * GDN_DK, n_k * GDN_DK, n_v * GDN_DV], dim=1)
+    ref_o, ref_state = gdn_recurrence_fp64(q.reshape(n, n_k, GDN_DK), k.reshape(n, n_k, GDN_DK),
+                                           v.reshape(n, n_v, GDN_DV), decay, beta, s0)
+    (a0, a1), (b0, b1) = zigzag_partition(n, p)[r]
+    rows = torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)])
+    chunk_lens = [e - s for s, e in zigzag_chunks(n, p)]
+    dev = pstate.device
+    for mode in GDN_SP_MODES:
+        o, state, conv_state = ulysses_gdn_prefill(x[rows].to(dev), w.to(dev), decay[rows].to(dev),
+                                                   beta[rows].to(dev), n_k, GDN_DK, chunk_lens, s0.to(dev),
+                                                   conv0.to(dev), mesh, mode=mode)
+        msg = lambda m, mode=mode: f"rank {pstate.rank} {mode} {case}: {m}"  # noqa: E731
+        torch.testing.assert_close(o.cpu().double(), ref_o[rows], **FP32_TOL, msg=msg)
+        torch.testing.assert_close(state.cpu().double(), ref_state, **FP32_TOL, msg=msg)
+        torch.testing.assert_close(conv_state.cpu(), full[:, -(GDN_KERNEL - 1) :], **FP32_TOL, msg=msg)
+
+
 def _worker(pstate: ParallelState, ulysses_degree: int, gpu_cases: bool = False) -> None:
     mesh = init_ulysses_mesh(pstate, ulysses_degree)
     _check_mesh(pstate, mesh)
@@ -253,6 +308,8 @@ def _worker(pstate: ParallelState, ulysses_degree: int, gpu_cases: bool = False)
         _check_attention(pstate, mesh, case)
     for case in LIGHTNING_CASES + (GPU_LIGHTNING_CASES if gpu_cases else []):
         _check_lightning(pstate, mesh, case)
+    for case in GDN_CASES:
+        _check_gdn(pstate, mesh, case)
 
 
 @pytest.mark.slow
@@ -293,6 +350,9 @@ def test_heads_that_do_not_split_give_an_actionable_error() -> None:
         ulysses_attention(x, x, x, [[(0, 4, 0)], []], 1.0, mesh)
     with pytest.raises(ValueError, match="--ulysses-degree=2"):
         ulysses_lightning_prefill(x, x, x, SLOPES[:3], [2, 0, 0, 2], torch.zeros(1, 8, 8), mesh)
+    with pytest.raises(ValueError, match=r"3 Gated DeltaNet value heads per TP rank .*--ulysses-degree=2"):
+        ulysses_gdn_prefill(torch.zeros(4, 2 * 8 + 3 * 4), torch.zeros(28, 4), torch.zeros(4, 3), torch.zeros(4, 3),
+                            1, 8, [2, 0, 0, 2], torch.zeros(3, 8, 4), torch.zeros(28, 3), mesh)
     with pytest.raises(ValueError, match="--ulysses-degree=3 must be >= 1 and divide --sp-size=4"):
         init_ulysses_mesh(ParallelState(sp_size=4, sp_ranks=(0, 1, 2, 3)), 3)
 
