@@ -109,7 +109,8 @@ class OpenAIServing:
                                  ids: list[list[int]], echo: list[str], prompt_tokens: int, include_usage: bool,
                                  n: int):
         """A choice's echoed prompt is its first chunk, sent with its first token's event (which brings the
-        prompt's logprobs), then that token's chunk."""
+        prompt's logprobs), then that token's chunk. Text offsets advance by the tokens' texts, as in a whole
+        response."""
         extra = {"usage": None} if include_usage else {}
 
         def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None = None) -> dict:
@@ -135,7 +136,8 @@ class OpenAIServing:
                 if req.logprobs is not None:
                     lp = self._completion_logprobs([(x.token_id, x) for x in ev.logprobs or []], offsets[i],
                                                    req.logprobs)
-                offsets[i] += len(ev.text)
+                    offsets[i] += sum(len(t) for t in lp["tokens"])  # as in a whole response, whatever the
+                    # detokenizer holds back (part of a character)
                 yield chunk(i, ev.text, lp, ev.finish_reason)
         if include_usage:
             yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens),
