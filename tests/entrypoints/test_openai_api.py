@@ -196,36 +196,6 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def test_echo_with_logprobs(server, client, offline, tokenizer):
-    """OpenAI's legacy echo + logprobs: the prompt's tokens first (null for the first, which follows nothing), with
-    the offline engine's prompt logprobs, then the completion's; a stream's echo chunk carries the prompt's."""
-    ids = tokenizer.encode(PROMPTS[1])
-    n = len(ids)
-    [ref] = offline.generate([ids], greedy(4, logprobs=2, prompt_logprobs=2), use_tqdm=False)
-    kw = dict(model="builtin", prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=2, echo=True,
-              extra_body={"ignore_eos": True})
-    choice = client.completions.create(**kw).choices[0]
-    assert choice.text == PROMPTS[1] + ref.text
-    lp = choice.logprobs
-    assert lp.tokens == [_token_text(tokenizer, t) for t in ids + ref.token_ids]
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in ref.prompt_logprobs[1:] + ref.logprobs],
-                                                  abs=1e-5)
-    for top, x in zip(lp.top_logprobs[1:], ref.prompt_logprobs[1:] + ref.logprobs, strict=True):
-        want = {_token_text(tokenizer, t): v for t, v in x.top} | {_token_text(tokenizer, x.token_id): x.logprob}
-        assert top == pytest.approx(want, abs=1e-5)  # the top 2 and the token itself
-    prompt_offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
-    assert lp.text_offset[:n] == prompt_offsets and lp.text_offset[n] == len(PROMPTS[1])
-
-    body = {k: v for k, v in kw.items() if k != "extra_body"} | {"ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
-        chunks = [json.loads(e)["choices"][0] for e in sse_events(r.read())]
-    assert chunks[0]["text"] == PROMPTS[1] and len(chunks[0]["logprobs"]["tokens"]) == n
-    streamed = {key: [x for c in chunks for x in c["logprobs"][key]] for key in lp.model_dump()}
-    assert streamed == lp.model_dump()
-    assert "".join(c["text"] for c in chunks) == choice.text
-
-
 def _check_vllm_prompt_logprobs(got: list, ref: list, k: int, tokenizer: Tokenizer) -> None:
     """vLLM's shape: null, then per token {"id": {logprob, rank, decoded_token}}, the token itself first."""
     assert got[0] is None and len(got) == len(ref)
@@ -237,6 +207,37 @@ def _check_vllm_prompt_logprobs(got: list, ref: list, k: int, tokenizer: Tokeniz
         for key, e in entry.items():
             assert e["logprob"] == pytest.approx(want[key][0], abs=1e-5) and e["rank"] == want[key][1]
             assert e["decoded_token"] == _token_text(tokenizer, int(key))
+
+
+def test_echo_with_logprobs(server, client, offline, tokenizer):
+    """OpenAI's legacy echo + logprobs: the prompt's tokens first (null for the first, which follows nothing), with
+    the offline engine's prompt logprobs, then the completion's; a stream's echo chunk carries the prompt's. With
+    vLLM's prompt_logprobs too, each answer has its own number of alternatives."""
+    ids = tokenizer.encode(PROMPTS[1])
+    n = len(ids)
+    [ref] = offline.generate([ids], greedy(4, logprobs=2, prompt_logprobs=4), use_tqdm=False)
+    kw = dict(model="builtin", prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=2, echo=True)
+    choice = client.completions.create(**kw, extra_body={"ignore_eos": True, "prompt_logprobs": 4}).choices[0]
+    _check_vllm_prompt_logprobs(choice.model_extra["prompt_logprobs"], ref.prompt_logprobs, 4, tokenizer)
+    assert choice.text == PROMPTS[1] + ref.text
+    lp = choice.logprobs
+    assert lp.tokens == [_token_text(tokenizer, t) for t in ids + ref.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in ref.prompt_logprobs[1:] + ref.logprobs],
+                                                  abs=1e-5)
+    for top, x in zip(lp.top_logprobs[1:], ref.prompt_logprobs[1:] + ref.logprobs, strict=True):
+        want = {_token_text(tokenizer, t): v for t, v in x.top[:2]} | {_token_text(tokenizer, x.token_id): x.logprob}
+        assert top == pytest.approx(want, abs=1e-5)  # the top 2 and the token itself
+    prompt_offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    assert lp.text_offset[:n] == prompt_offsets and lp.text_offset[n] == len(PROMPTS[1])
+
+    body = kw | {"ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(r.read())]
+    assert chunks[0]["text"] == PROMPTS[1] and len(chunks[0]["logprobs"]["tokens"]) == n
+    streamed = {key: [x for c in chunks for x in c["logprobs"][key]] for key in lp.model_dump()}
+    assert streamed == lp.model_dump()
+    assert "".join(c["text"] for c in chunks) == choice.text
 
 
 def test_vllm_prompt_logprobs(server, offline, tokenizer):
