@@ -193,6 +193,7 @@ class ModelRunner:
         return self._outputs(hidden, plan, rows.chunks)
 
     def _outputs(self, hidden: torch.Tensor, plan: StepPlan, chunks: list[LocalChunk]) -> StepOutput | None:
+        """Sampled logits, then prompt logprobs: every rank runs their collectives in this one order."""
         logits = self._sampled_logits(hidden, chunks)
         scored = self._prompt_logprobs(hidden, plan)
         return None if self.pstate.sp_rank != 0 else StepOutput(logits, scored)
