@@ -9,14 +9,14 @@ from tqdm import tqdm
 
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.io_struct import GenerateRequest, TokenLogprob
+from server.engine.io_struct import GenerateRequest, PromptTokenLogprob, TokenLogprob
 from server.sampling_params import SamplingParams
 
 
 @dataclass
 class CompletionOutput:
     """One finished request: generated ``text`` and ``token_ids``, ``finish_reason`` ("stop" or "length"),
-    and per-token ``logprobs`` when asked."""
+    per-token ``logprobs`` and ``prompt_logprobs`` (None for the first prompt token) when asked."""
 
     prompt: str | None
     prompt_token_ids: list[int]
@@ -24,6 +24,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[PromptTokenLogprob | None] | None = None
     ttft_s: float | None = None
     cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
@@ -100,6 +101,8 @@ class LLM:
                 if o.ttft_s is not None:
                     p.out.ttft_s = o.ttft_s
                 p.out.cached_tokens = max(p.out.cached_tokens, o.cached_tokens)
+                if o.prompt_logprobs is not None:
+                    p.out.prompt_logprobs = o.prompt_logprobs
                 if o.new_logprobs and p.out.logprobs is not None:
                     p.out.logprobs.extend(o.new_logprobs)
                 if p.detok is not None and not p.detok.stopped:

@@ -55,7 +55,10 @@ class SamplingParams:
     uint64; used modulo 2^63). ``stop`` strings are matched on the detokenized text by whoever detokenizes (the
     offline API or the HTTP server); ``stop_token_ids`` and EOS are handled by the engine, which also checks them
     against the vocabulary. ``logprobs`` = number of top alternatives to return per generated token (0 returns
-    only the chosen token's logprob; None returns none). Invalid values raise ``ValueError`` naming the field.
+    only the chosen token's logprob; None returns none). ``prompt_logprobs`` (vLLM's) = the same for every prompt
+    token from the second on: its logprob given the tokens before it, its rank and the top alternatives, of the
+    model's own distribution (no logit controls, no temperature); such a request computes its whole prompt (the
+    prefix cache does not serve it). Invalid values raise ``ValueError`` naming the field.
 
     Logit controls, applied to the model's logits in this order before temperature (so the logprobs returned
     are of the adjusted distribution): ``logit_bias`` (token id -> value added to its logit, OpenAI), EOS / stop
@@ -76,6 +79,7 @@ class SamplingParams:
     stop_token_ids: StopTokenIds = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None
     skip_special_tokens: bool = True
     min_p: MinP = 0.0
     presence_penalty: Penalty = 0.0

@@ -19,7 +19,15 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.faults import inject_fault
-from server.engine.io_struct import EngineStats, GenerateRequest, RequestOutput, RequestRejected, StepCounts
+from server.engine.io_struct import (
+    EngineStats,
+    GenerateRequest,
+    PromptTokenLogprob,
+    RequestOutput,
+    RequestRejected,
+    StepCounts,
+)
+from server.engine.model_runner import ScoredRows
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
@@ -116,7 +124,11 @@ class Engine:
         if bad:
             raise RequestRejected(f"token id {bad[0]} is out of range [0, {self.model_cfg['vocab_size']})",
                                   "invalid_token_id")
-        seq = Sequence(req.rid, list(req.prompt_token_ids), req.sampling_params, self.config.sp_size)
+        scored = req.sampling_params.prompt_logprobs is not None
+        seq = Sequence(req.rid, list(req.prompt_token_ids), req.sampling_params, self.config.sp_size,
+                       use_prefix_cache=not scored)  # prompt logprobs need every prompt position computed
+        if scored:
+            seq.prompt_logprobs = [None]  # the first prompt token follows nothing
         self.scheduler.add(seq)
         self.seqs[req.rid] = seq
 
@@ -145,12 +157,14 @@ class Engine:
             sum(c.num_new for s, c in zip(seqs, plan.chunks) if not s.prefilling),
             sum(c.placement == Placement.SPLIT for c in plan.chunks),
             sum(c.placement == Placement.HOMED for c in plan.chunks))
-        logits = self.runner.run(plan)
+        out = self.runner.run(plan)
         self.scheduler.advance(seqs, plan)
+        for i, scored in out.prompt_logprobs.items():
+            self._add_prompt_logprobs(seqs[i], plan.chunks[i].start, scored)
         sampled = [s for s, c in zip(seqs, plan.chunks) if c.sample]
         if not sampled:
             return outputs
-        results = self._sample(logits, sampled)
+        results = self._sample(out.logits, sampled)
         now = time.monotonic()
         for seq, result in zip(sampled, results):
             if isinstance(result, Exception):
@@ -182,6 +196,17 @@ class Engine:
                     results.append(e)
             return results
 
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, start: int, scored: ScoredRows) -> None:
+        """Append a prefill chunk's prompt logprobs: its rows from position ``start`` score tokens ``start + 1...``
+        (trimmed to the request's own k: the step computed the largest k of its requests)."""
+        k = seq.params.prompt_logprobs
+        tokens = seq.prompt_ids[start + 1 : start + 1 + len(scored.logprobs)]
+        seq.prompt_logprobs += [
+            PromptTokenLogprob(t, lp, list(zip(ids[:k], vals[:k])), rank)
+            for t, lp, rank, ids, vals in zip(tokens, scored.logprobs.tolist(), scored.ranks.tolist(),
+                                              scored.top_ids.tolist(), scored.top_logprobs.tolist(), strict=True)]
+
     def _fail_request(self, seq: Sequence, stage: str, error: Exception) -> RequestOutput:
         """End one request whose own data made ``stage`` fail; its caches are freed, the engine goes on."""
         log.error("request %s failed in %s: %s: %s", seq.rid, stage, type(error).__name__, error)
@@ -206,7 +231,7 @@ class Engine:
                 plan, seqs = self.scheduler.schedule()
                 plan.all_logits = True
                 send_message(self.pstate, plan)
-                parts.append(self.runner.run(plan))
+                parts.append(self.runner.run(plan).logits)
                 self.scheduler.advance(seqs, plan)
         finally:
             self.scheduler.finish(seq)
@@ -245,9 +270,10 @@ class Engine:
             self.scheduler.finish(seq)
             self.seqs.pop(seq.rid, None)
             self.generators.pop(seq.rid, None)
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent once, with the first token
         return RequestOutput(seq.rid, [tok], [lp] if lp is not None else None, reason is not None, reason, matched,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), ttft_s=ttft,
-                             cached_tokens=seq.cached_tokens)
+                             cached_tokens=seq.cached_tokens, prompt_logprobs=prompt_logprobs)
 
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:

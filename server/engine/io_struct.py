@@ -36,12 +36,22 @@ class CacheFlushed:
 
 
 @dataclass
+class PromptTokenLogprob(TokenLogprob):
+    """A prompt token's logprob given the tokens before it, its top alternatives, and its ``rank``: how many tokens
+    of the vocabulary are at least as likely (vLLM's definition, so the most likely token has rank 1)."""
+
+    rank: int = 0
+
+
+@dataclass
 class RequestOutput:
     """Incremental output of one request after one engine step.
 
     ``new_token_ids`` are the tokens produced by this step (usually one). ``finished`` is set once, with
     ``finish_reason`` in {"stop", "length", "abort", "error"}; ``error`` carries a message for the client.
-    ``matched_stop`` is the stop token id that ended the request, if any.
+    ``matched_stop`` is the stop token id that ended the request, if any. ``prompt_logprobs`` (asked with
+    ``SamplingParams.prompt_logprobs``) come once, whole, on the output of the first generated token: one entry per
+    prompt token, None for the first (nothing precedes it).
     """
 
     rid: str
@@ -55,6 +65,7 @@ class RequestOutput:
     completion_tokens: int = 0
     ttft_s: float | None = None  # set on the output carrying the first generated token
     cached_tokens: int = 0  # prompt tokens served by the prefix cache (on every output of the request)
+    prompt_logprobs: list[PromptTokenLogprob | None] | None = None
 
 
 class RequestRejected(ValueError):

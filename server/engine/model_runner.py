@@ -8,16 +8,19 @@ and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
 from server.engine.request_table import RequestTable
-from server.engine.step_builder import LocalChunk, StepRows, build_step_rows
+from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
 from server.forward.context import ForwardContext
-from server.forward.plan import StepPlan
+from server.forward.plan import ChunkPlan, StepPlan
 from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
 from server.layers.gdn import GDNAttention, GDNStatePool
@@ -32,6 +35,31 @@ NO_KV_PAGES = 1 << 40  # a model without softmax layers stores no KV: pages are 
 AUTO_SNAPSHOTS = 64  # prefix-cache state snapshots by default ...
 AUTO_SNAPSHOT_SHARE = 0.25  # ... within this share of the cache budget
 
+# Prompt logprobs are computed from logits a slice of rows at a time: a long prompt's [rows, vocab] logits (and
+# their log_softmax) would not fit. A slice holds about this many fp32 logits, and at most SCORE_MAX_ROWS rows.
+SCORE_SLICE_LOGITS = 1 << 26
+SCORE_MAX_ROWS = 4096
+
+
+@dataclass
+class ScoredRows:
+    """One chunk's prompt logprobs (host tensors), one row per scored prompt token in position order: the token's
+    logprob, its rank (tokens at least as likely) and the ``top_k`` most likely tokens of the step's largest k."""
+
+    logprobs: torch.Tensor  # [m] fp32
+    ranks: torch.Tensor  # [m] int64
+    top_ids: torch.Tensor  # [m, k] int64
+    top_logprobs: torch.Tensor  # [m, k] fp32
+
+
+@dataclass
+class StepOutput:
+    """What one step gives SP rank 0 (and its TP peers): ``logits`` of the sampled requests in plan order (of every
+    new token with ``plan.all_logits``), and the prompt logprobs of the chunks that score, by plan index."""
+
+    logits: torch.Tensor | None
+    prompt_logprobs: dict[int, ScoredRows] = field(default_factory=dict)
+
 
 class ModelRunner:
     """Builds the model for this rank, sizes and allocates its caches, and runs steps. ``mesh``: the SP group as
@@ -39,7 +67,9 @@ class ModelRunner:
 
     Only the SP group's rank 0 (``sp_rank == 0``; with its TP peers for the vocab-parallel head) computes
     logits. Split requests end in chunk 2P-1, which rank 0 owns, replicated tokens are on every SP rank, and
-    requests homed elsewhere send their last hidden row to rank 0.
+    requests homed elsewhere send their last hidden row to rank 0. Chunks that score their prompt tokens (prompt
+    logprobs) send all their scored rows to rank 0, which computes their logprobs ``score_slice_rows`` rows at a
+    time.
 
     State slots: ``num_slots`` for requests plus one scratch slot (index ``num_slots``) for padded graph rows.
     """
@@ -69,6 +99,7 @@ class ModelRunner:
                                               self._geometry(), self.dtype)
         self.table: RequestTable | None = None
         self.graphs = None
+        self.score_slice_rows = max(1, min(SCORE_MAX_ROWS, SCORE_SLICE_LOGITS // model_cfg["vocab_size"]))
 
     def _geometry(self) -> AttentionGeometry | None:
         shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in self.attn_layers}
@@ -161,22 +192,29 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Forward one step. On SP rank 0 returns logits ``[num sampled requests, vocab]`` in plan order."""
+    def run(self, plan: StepPlan) -> StepOutput | None:
+        """Forward one step; its :class:`StepOutput` on SP rank 0 (and its TP peers), None on the other SP ranks."""
         self.table.apply(plan)
         self._copy(plan)
         if self.graphs is not None and plan.is_decode:
             out = self.graphs.run(plan)
             if out is not None:
                 hidden, step = out
-                return self._sampled_logits(hidden, step.chunks)
+                return self._outputs(hidden, plan, step.chunks)
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
                                self.mesh.ulysses_degree)
         ctx = self.context(rows)
         hidden = self.model(ctx)
         if plan.all_logits:
-            return self._all_logits(hidden[: rows.num_rows], rows)
-        return self._sampled_logits(hidden, rows.chunks)
+            every = self._rows_on_driver(hidden, plan, lambda c: c.num_new)
+            return None if every is None else StepOutput(self.model.compute_logits(every))
+        return self._outputs(hidden, plan, rows.chunks)
+
+    def _outputs(self, hidden: torch.Tensor, plan: StepPlan, chunks: list[LocalChunk]) -> StepOutput | None:
+        """Sampled logits, then prompt logprobs: every rank runs their collectives in this one order."""
+        logits = self._sampled_logits(hidden, chunks)
+        scored = self._prompt_logprobs(hidden, plan)
+        return None if self.pstate.sp_rank != 0 else StepOutput(logits, scored)
 
     def _copy(self, plan: StepPlan) -> None:
         """The plan's copies, before the forward: cached-prefix pages copied on write (every softmax layer), then
@@ -228,25 +266,55 @@ class ModelRunner:
             return None
         return self.model.compute_logits(rows)
 
-    def _all_logits(self, hidden: torch.Tensor, step: StepRows) -> torch.Tensor | None:
-        """Logits of every new token of the step, request by request in position order (on SP rank 0)."""
+    def _rows_on_driver(self, hidden: torch.Tensor, plan: StepPlan, count: Callable[[ChunkPlan], int]
+                        ) -> torch.Tensor | None:
+        """The hidden rows of the first ``count(chunk)`` new tokens of every chunk, on SP rank 0, request by request
+        (plan order) in position order; None on the other SP ranks. Every rank knows every rank's rows from the plan
+        (:func:`driver_rows`), so one SP all-gather of the rows (padded to the most any rank sends) is all it takes,
+        and none when only rank 0 sends."""
         ps = self.pstate
-        seq_ids = torch.cat([torch.full((lc.num_rows,), lc.index, device=hidden.device) for lc in step.chunks])
-        positions = step.positions[: step.num_rows]
-        if ps.sp_size > 1:  # bring every SP rank's rows to rank 0 (padded to the longest)
-            sizes = [int(t) for t in ps.sp_all_gather(torch.tensor([hidden.shape[0]], device=hidden.device))]
-            pad = max(sizes) - hidden.shape[0]
-            padded = torch.nn.functional.pad(hidden, (0, 0, 0, pad))
-            meta = torch.nn.functional.pad(torch.stack([seq_ids, positions]), (0, pad))
-            hs, ms = ps.sp_all_gather(padded), ps.sp_all_gather(meta)
-            hidden = torch.cat([h[:n] for h, n in zip(hs, sizes)])
-            seq_ids, positions = (torch.cat([m[i, :n] for m, n in zip(ms, sizes)]) for i in range(2))
+        sent = [driver_rows(plan, ps.sp_size, r, count) for r in range(ps.sp_size)]
+        local, _ = sent[ps.sp_rank]
+        rows = hidden[torch.from_numpy(local).to(hidden.device)]
+        width = max(len(r) for r, _ in sent)
+        if any(len(r) for r, _ in sent[1:]):
+            rows = torch.cat(ps.sp_all_gather(torch.nn.functional.pad(rows, (0, 0, 0, width - len(local)))))
         if ps.sp_rank != 0:
             return None
-        order = torch.argsort(seq_ids * (1 << 40) + positions)
-        if ps.sp_size > 1:  # replicated (not split) requests arrive once per SP rank: keep one copy
-            key = (seq_ids * (1 << 40) + positions)[order]
-            keep = torch.ones_like(key, dtype=torch.bool)
-            keep[1:] = key[1:] != key[:-1]
-            order = order[keep]
-        return self.model.compute_logits(hidden[order])
+        index = np.concatenate([r * width + np.arange(len(rs)) for r, (rs, _) in enumerate(sent)])
+        order = np.argsort(np.concatenate([k for _, k in sent]), kind="stable")
+        return rows[torch.from_numpy(index[order]).to(hidden.device)]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, plan: StepPlan) -> dict[int, ScoredRows]:
+        """Prompt logprobs of the step's scoring chunks (see :class:`ScoredRows`), by plan index, on SP rank 0.
+        Row p of a chunk scores the token at p + 1: the chunk's next token in the plan, or for its last row the
+        chunk's ``scoring.next_token``."""
+        scoring = [i for i, c in enumerate(plan.chunks) if c.num_scored > 0]
+        if not scoring:
+            return {}
+        rows = self._rows_on_driver(hidden, plan, lambda c: c.num_scored)
+        if rows is None:
+            return {}
+        offsets = np.cumsum([0] + [c.num_new for c in plan.chunks])
+        targets: list[int] = []
+        for i in scoring:
+            c = plan.chunks[i]
+            targets += plan.token_ids[offsets[i] + 1 : offsets[i] + c.num_new]
+            if c.scoring.next_token is not None:
+                targets.append(c.scoring.next_token)
+        k = max(plan.chunks[i].scoring.top_k for i in scoring)
+        parts = self._score(rows, torch.tensor(targets, dtype=torch.long, device=rows.device), k)
+        split = [plan.chunks[i].num_scored for i in scoring]
+        return {i: ScoredRows(*chunk) for i, chunk in zip(scoring, zip(*(p.split(split) for p in parts)))}
+
+    def _score(self, rows: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """``(logprob of target, rank of target, top-k ids, top-k logprobs)`` of every row, computed
+        ``score_slice_rows`` rows at a time (``compute_logits`` is a TP collective: every TP peer runs the same
+        slices). Host tensors."""
+        out: list[tuple[torch.Tensor, ...]] = []
+        for a in range(0, rows.shape[0], self.score_slice_rows):
+            lp = torch.log_softmax(self.model.compute_logits(rows[a : a + self.score_slice_rows]).float(), dim=-1)
+            chosen = lp.gather(1, targets[a : a + self.score_slice_rows, None])
+            top = torch.topk(lp, k, dim=-1)
+            out.append((chosen[:, 0], (lp >= chosen).sum(dim=-1), top.indices, top.values))
+        return tuple(torch.cat(p).cpu() for p in zip(*out))

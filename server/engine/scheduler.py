@@ -14,7 +14,8 @@ arrival order while a state slot and their reserved KV capacity are free. The sc
   stored on the rank with the smallest shard (REPLICATED).
 
 The plan it emits is incremental (:mod:`server.forward.plan`): new requests, ended requests, and per chunk the
-tokens and the pages appended on each rank.
+tokens and the pages appended on each rank; the prefill chunks of a request that asked for prompt logprobs also say
+what their rows score (:class:`~server.forward.plan.PromptScoring`), whatever their placement.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from server.engine.io_struct import RequestRejected
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request_table import stored_pieces
 from server.engine.sequence import Sequence, Status
-from server.forward.plan import ChunkPlan, Placement, StartedRequest, StepPlan
+from server.forward.plan import ChunkPlan, Placement, PromptScoring, StartedRequest, StepPlan
 
 
 class Scheduler:
@@ -120,7 +121,15 @@ class Scheduler:
                 room[r] -= -(-n // self.sp)
             elif placement == Placement.REPLICATED or r == owner:
                 room[r] -= n
-        return ChunkPlan(seq.req, start, n, placement, owner, chunk.sample, new_pages)
+        return ChunkPlan(seq.req, start, n, placement, owner, chunk.sample, new_pages, self._scoring(seq, start + n))
+
+    @staticmethod
+    def _scoring(seq: Sequence, end: int) -> PromptScoring | None:
+        """What a prefill chunk ending before token ``end`` scores, for a request that asked for prompt logprobs."""
+        k = seq.params.prompt_logprobs
+        if k is None or end > len(seq.prompt_ids):
+            return None
+        return PromptScoring(k, seq.prompt_ids[end] if end < len(seq.prompt_ids) else None)
 
     def schedule(self) -> tuple[StepPlan, list[Sequence]]:
         """The next step's plan and its requests (in plan order)."""

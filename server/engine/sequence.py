@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from server.engine.io_struct import PromptTokenLogprob
 from server.kernels.ops import Run
 from server.sampling_params import SamplingParams
 
@@ -39,6 +40,9 @@ class Sequence:
     restored: bool = False  # the state slot starts from a cached snapshot, not from zeros
     prefix_entry: object | None = None  # the prefix-cache entry whose pages it shares
     snapshots: dict[int, int] = field(default_factory=dict)  # state snapshots saved along the way: tokens -> slot
+    # prompt logprobs computed so far (SamplingParams.prompt_logprobs), None for the first token; handed to the
+    # output of the first generated token, then dropped here
+    prompt_logprobs: list[PromptTokenLogprob | None] | None = None
 
     def __post_init__(self) -> None:
         self.kv_runs = [[] for _ in range(self.sp_size)]

@@ -7,6 +7,7 @@ the tensors it makes travel to the device once per step, in one pinned copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,30 @@ def row_order(plan: StepPlan) -> list[int]:
 def rank_row_count(plan: StepPlan, sp_size: int, sp_rank: int) -> int:
     """Rows SP rank ``sp_rank`` computes in ``plan`` (every rank can count every other rank's)."""
     return sum(n for c in plan.chunks for _, n, _ in computed_pieces(c, sp_size, sp_rank))
+
+
+def driver_rows(plan: StepPlan, sp_size: int, sp_rank: int, count: Callable[[ChunkPlan], int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The rows SP rank ``sp_rank`` sends to SP rank 0 when the first ``count(chunk)`` new tokens of every chunk are
+    gathered there: their local row indices, and their keys ``plan index << 40 | position`` (the order SP rank 0
+    puts them in). Replicated rows are the same on every SP rank, so only rank 0 sends them. Every rank can compute
+    every other rank's rows (the layout of :func:`build_step_rows`, and of a padded decode step)."""
+    rows: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    row = 0
+    for i in row_order(plan):
+        chunk = plan.chunks[i]
+        end = chunk.start + count(chunk)
+        sends = chunk.placement != Placement.REPLICATED or sp_rank == 0
+        for start, n, _ in computed_pieces(chunk, sp_size, sp_rank):
+            m = min(n, end - start) if sends else 0
+            if m > 0:
+                rows.append(np.arange(row, row + m))
+                keys.append((i << 40) + np.arange(start, start + m))
+            row += n
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(keys)
 
 
 def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

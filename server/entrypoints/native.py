@@ -1,30 +1,34 @@
 """SGLang's native ``POST /generate``: its request fields and response shape for text generation.
 
 Request: ``text`` or ``input_ids`` (one prompt or a batch), ``sampling_params`` (SGLang's names), ``stream``,
-``rid``, ``return_logprob`` / ``top_logprobs_num`` / ``return_text_in_logprobs`` (output tokens only; prompt
-logprobs, i.e. ``logprob_start_len`` other than -1, are refused). Fields SGLang documents for other inputs
-(images, audio, embeddings, LoRA, custom logit processors, hidden states) are refused with 400 unless neutral.
+``rid``, ``return_logprob`` / ``top_logprobs_num`` / ``return_text_in_logprobs``, and ``logprob_start_len`` (-1,
+the default: output tokens only; k >= 0: the prompt's tokens from position k on too). Fields SGLang documents for
+other inputs (images, audio, embeddings, LoRA, custom logit processors, hidden states) are refused with 400 unless
+neutral.
 
 Response: ``{"text", "output_ids", "meta_info"}`` (a list of them for a batch). ``meta_info`` has ``id``,
 ``finish_reason`` (``{"type": "stop", "matched": token id or string}``, ``{"type": "length", "length": n}``,
 or null while running), ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` (prompt tokens the prefix
 cache served),
-``e2e_latency`` (once finished) and, with ``return_logprob``, ``input_token_logprobs`` (empty),
-``output_token_logprobs`` (``[logprob, token_id, text or null]`` per token) and ``output_top_logprobs``. A
-stream sends that object after every step with the text, ids and logprobs so far (cumulative, as SGLang's
-default), then ``data: [DONE]``.
+``e2e_latency`` (once finished) and, with ``return_logprob``, ``output_token_logprobs`` (``[logprob, token_id,
+text or null]`` per token), ``output_top_logprobs``, and ``input_token_logprobs`` / ``input_top_logprobs``: the same
+for the prompt's tokens from ``logprob_start_len`` on (the first prompt token's logprob and top list are null: it
+follows nothing), empty with the default -1. A stream sends that object after every step with the text, ids and
+logprobs so far (cumulative, as SGLang's default; the prompt's logprobs from the first token on), then
+``data: [DONE]``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
-from server.engine.io_struct import TokenLogprob
+from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     RequestBody,
     bad_request,
@@ -113,7 +117,7 @@ class GenerateRequest(RequestBody):
     rid: str | list[str] | None = None
     stream: bool = False
     return_logprob: bool = False
-    logprob_start_len: int | None = None
+    logprob_start_len: Annotated[int, Field(ge=-1)] | None = None
     top_logprobs_num: Logprobs | None = None
     return_text_in_logprobs: bool = False
 
@@ -130,6 +134,11 @@ def _prompts(req: GenerateRequest, vocab_size: int) -> tuple[list[str | list[int
     return normalize_prompt(req.input_ids, vocab_size), batch
 
 
+def _logprob_start(req: GenerateRequest) -> int | None:
+    """The first prompt position whose logprob is returned; None for output tokens only (-1, SGLang's default)."""
+    return None if req.logprob_start_len in (None, -1) else req.logprob_start_len
+
+
 def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, vocab_size: int) -> SamplingParams:
     f = req.sampling_params or NativeSamplingParams()
     check_extra_fields(f, "sampling_params.")
@@ -142,9 +151,10 @@ def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, 
     fields = f.model_dump(exclude={"max_new_tokens", "min_new_tokens", "sampling_seed", "stop"})
     names = {k: f"sampling_params.{k}" for k in fields} | {"max_tokens": "sampling_params.max_new_tokens",
                                                          "min_tokens": "sampling_params.min_new_tokens"}
+    top = (req.top_logprobs_num or 0) if req.return_logprob else None
     return make_sampling_params(names, **fields, max_tokens=max_tokens, min_tokens=f.min_new_tokens,
-                                seed=f.sampling_seed, stop=stop_list(f.stop),
-                                logprobs=(req.top_logprobs_num or 0) if req.return_logprob else None)
+                                seed=f.sampling_seed, stop=stop_list(f.stop), logprobs=top,
+                                prompt_logprobs=top if _logprob_start(req) is not None else None)
 
 
 class NativeServing:
@@ -159,19 +169,24 @@ class NativeServing:
         req = parse_body(await request.body(), GenerateRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
-        check(req.logprob_start_len in (None, -1), "logprob_start_len",
-              "Prompt logprobs are not computed by this server: 'logprob_start_len' must be -1 (output tokens only).")
         check(req.top_logprobs_num is None or req.return_logprob, "top_logprobs_num",
               "'top_logprobs_num' requires 'return_logprob': true.")
+        start = _logprob_start(req)
+        check(start is None or req.return_logprob, "logprob_start_len",
+              "'logprob_start_len' requires 'return_logprob': true.")
         prompts, batch = _prompts(req, self.tm.vocab_size)
         check(not (batch and req.stream), "stream", "Streaming is supported for one prompt at a time.")
         rids = [req.rid] if isinstance(req.rid, str) else req.rid
         check(rids is None or len(rids) == len(prompts), "rid", f"'rid' must hold one id per prompt "
               f"({len(prompts)}).")
         prompt_ids = [await self.tm.encode(p) for p in prompts]
+        shortest = min(len(ids) for ids in prompt_ids)
+        check(start is None or start < shortest, "logprob_start_len",
+              f"'logprob_start_len' ({start}) must be below the prompt's length ({shortest} tokens): it is the first "
+              "prompt position whose logprob is returned.")
         params = [_sampling_params(req, len(ids), self.tm.max_model_len, self.tm.vocab_size) for ids in prompt_ids]
         gen = self.tm.submit(prompt_ids, params, arrival)
-        out = _Output(self.tm, rids or gen.rids, [len(p) for p in prompt_ids], req, arrival)
+        out = _Output(self.tm, rids or gen.rids, prompt_ids, req, arrival)
         if req.stream:
             return await stream(request, gen, out.chunks)
         results = await collect(request, gen)
@@ -184,9 +199,9 @@ class NativeServing:
 class _Output:
     """Builds ``/generate`` responses for one request's choices."""
 
-    def __init__(self, tm: TokenizerManager, ids: list[str], prompt_tokens: list[int], req: GenerateRequest,
+    def __init__(self, tm: TokenizerManager, ids: list[str], prompt_ids: list[list[int]], req: GenerateRequest,
                  arrival: float):
-        self.tm, self.ids, self.prompt_tokens, self.req, self.arrival = tm, ids, prompt_tokens, req, arrival
+        self.tm, self.ids, self.prompt_ids, self.req, self.arrival = tm, ids, prompt_ids, req, arrival
 
     def body(self, i: int, r: ChoiceResult) -> dict:
         finish = None
@@ -194,24 +209,38 @@ class _Output:
             finish = {"type": "stop", "matched": r.matched_stop}
         elif r.finish_reason == "length":
             finish = {"type": "length", "length": r.completion_tokens}
-        meta = {"id": self.ids[i], "finish_reason": finish, "prompt_tokens": self.prompt_tokens[i],
+        meta = {"id": self.ids[i], "finish_reason": finish, "prompt_tokens": len(self.prompt_ids[i]),
                 "completion_tokens": r.completion_tokens, "cached_tokens": r.cached_tokens}
         if finish is not None:
             meta["e2e_latency"] = time.monotonic() - self.arrival
         if self.req.return_logprob:
-            meta |= self._logprobs(r.logprobs)
+            meta |= self._logprobs(r.logprobs, self._prompt_part(i, r.prompt_logprobs))
         return {"text": r.text, "output_ids": list(r.token_ids), "meta_info": meta}
 
-    def _logprobs(self, lps: list[TokenLogprob]) -> dict:
+    def _prompt_part(self, i: int, lps: list[PromptTokenLogprob | None] | None
+                     ) -> list[tuple[int, TokenLogprob | None]]:
+        """``(token id, logprob)`` of choice ``i``'s prompt tokens from ``logprob_start_len`` on, once they are in."""
+        start = _logprob_start(self.req)
+        if start is None or lps is None:
+            return []
+        return list(zip(self.prompt_ids[i][start:], lps[start:], strict=True))
+
+    def _logprobs(self, lps: list[TokenLogprob], prompt: list[tuple[int, TokenLogprob | None]]) -> dict:
         text = self.req.return_text_in_logprobs
 
-        def entry(token_id: int, logprob: float) -> list:
-            return [clamp_logprob(logprob), token_id, self.tm.token_text(token_id) if text else None]
+        def entry(token_id: int, logprob: float | None) -> list:
+            return [None if logprob is None else clamp_logprob(logprob), token_id,
+                    self.tm.token_text(token_id) if text else None]
 
-        out: dict[str, list] = {"input_token_logprobs": [],
-                                "output_token_logprobs": [entry(lp.token_id, lp.logprob) for lp in lps]}
+        def top(lp: TokenLogprob | None) -> list | None:
+            return None if lp is None else [entry(t, v) for t, v in lp.top]
+
+        out: dict[str, list] = {
+            "input_token_logprobs": [entry(t, None if lp is None else lp.logprob) for t, lp in prompt],
+            "output_token_logprobs": [entry(lp.token_id, lp.logprob) for lp in lps]}
         if self.req.top_logprobs_num:
-            out |= {"input_top_logprobs": [], "output_top_logprobs": [[entry(t, v) for t, v in lp.top] for lp in lps]}
+            out |= {"input_top_logprobs": [top(lp) for _, lp in prompt],
+                    "output_top_logprobs": [top(lp) for lp in lps]}
         return out
 
     async def chunks(self, events: AsyncIterator[ChoiceEvent]) -> AsyncIterator[dict]:

@@ -46,10 +46,9 @@ MAX_PROMPTS = 1024  # prompts of one completions request (each is one choice or 
 # Accepted and ignored: they do not change what is generated.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # OpenAI / vLLM parameters that would change the output and are not implemented: accepted only at their neutral
-# value. Prompt logprobs (vLLM's prompt_logprobs, echo with logprobs) are not computed.
+# value.
 NEUTRAL_ONLY_FIELDS: dict[str, Any] = {
     "best_of": 1, "suffix": "", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
-    "prompt_logprobs": None,
 }
 
 
@@ -169,6 +168,7 @@ class _SamplingBody(RequestBody):
     frequency_penalty: Penalty | None = None
     repetition_penalty: RepetitionPenalty | None = None
     logit_bias: LogitBias | None = None
+    prompt_logprobs: Logprobs | None = None  # vLLM's
 
 
 class CompletionRequest(_SamplingBody):
@@ -371,6 +371,7 @@ def sampling_params_for(
     *,
     max_tokens: int | None,
     logprobs: int | None,
+    prompt_logprobs: int | None,
     prompt_len: int,
     max_model_len: int,
     n: int,
@@ -390,7 +391,8 @@ def sampling_params_for(
         names,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
         min_tokens=req.min_tokens, stop=stop_list(req.stop), stop_token_ids=req.stop_token_ids,
-        ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
     )
@@ -421,11 +423,19 @@ def choice_count(n: int | None) -> int:
     return 1 if n is None else n
 
 
-def completion_logprobs(req: CompletionRequest) -> int | None:
-    if req.logprobs is not None and req.echo:
-        raise bad_request("'echo' together with 'logprobs' is not supported (prompt logprobs are not computed).",
-                          param="echo")
-    return req.logprobs
+def check_prompt_logprobs(req: _SamplingBody) -> None:
+    """vLLM's rule: ``prompt_logprobs`` only without ``stream`` (echo with logprobs streams the prompt's)."""
+    check(req.prompt_logprobs is None or not req.stream, "prompt_logprobs",
+          "'prompt_logprobs' is not available when 'stream' is true; send the request without 'stream' (or, for "
+          "completions, use 'echo' with 'logprobs').")
+
+
+def completion_prompt_logprobs(req: CompletionRequest) -> int | None:
+    """Alternatives per prompt token the engine computes for a completion: ``prompt_logprobs`` and, with ``echo``,
+    ``logprobs`` (the echoed prompt's tokens carry logprobs too); the larger of the two when both are asked (each
+    answer is trimmed to its own)."""
+    asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+    return max(asked) if asked else None
 
 
 def chat_generation_prompt(add_generation_prompt: bool | None, continue_final_message: bool | None

@@ -4,6 +4,11 @@ frames it (``data: {json}\\n\\n`` ... ``data: [DONE]``).
 
 Streams follow vLLM: the chunk of a choice's last token also carries its ``finish_reason`` (and that token's
 text and logprobs); there is no separate empty finishing chunk.
+
+Prompt logprobs: ``echo`` with ``logprobs`` puts the prompt's tokens first in the legacy logprobs (null for the first
+token, which follows nothing; a stream's echo chunk carries them); vLLM's ``prompt_logprobs`` is each completion
+choice's ``prompt_logprobs``, and for chat the response's (the choices share the prompt), and is refused with
+``stream`` as vLLM refuses it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.engine.io_struct import TokenLogprob
+from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,9 +28,10 @@ from server.entrypoints.protocol import (
     chat_logprobs,
     chat_messages,
     check_model,
+    check_prompt_logprobs,
     check_stream_options,
     choice_count,
-    completion_logprobs,
+    completion_prompt_logprobs,
     normalize_prompt,
     parse_body,
     sampling_params_for,
@@ -61,13 +67,14 @@ class OpenAIServing:
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
+        check_prompt_logprobs(req)
         n = choice_count(req.n)
-        logprobs = completion_logprobs(req)
         prompts = normalize_prompt(req.prompt, self.tm.vocab_size)
         prompt_ids = [await self.tm.encode(p) for p in prompts]
         ids, params, echo = [], [], []
         for p, p_ids in zip(prompts, prompt_ids, strict=True):
-            params += sampling_params_for(req, max_tokens=req.max_tokens, logprobs=logprobs, prompt_len=len(p_ids),
+            params += sampling_params_for(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                          prompt_logprobs=completion_prompt_logprobs(req), prompt_len=len(p_ids),
                                           max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
             ids += [p_ids] * n
             text = "" if not req.echo else p if isinstance(p, str) else await self.tm.decode(p)
@@ -79,56 +86,106 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await stream(request, gen, lambda events: self._completion_chunks(
-                events, head, echo, logprobs is not None, prompt_tokens, include_usage, n))
+                events, head, req, ids, echo, prompt_tokens, include_usage, n))
         results = await collect(request, gen)
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [
-            {"index": i, "text": echo[i] + r.text,
-             "logprobs": self._completion_logprobs(r.logprobs, len(echo[i])) if logprobs is not None else None,
-             "finish_reason": r.finish_reason}
-            for i, r in enumerate(results)
-        ]
+        choices = []
+        for i, r in enumerate(results):
+            lp = None
+            if req.logprobs is not None:
+                lp = self._completion_logprobs([(x.token_id, x) for x in r.logprobs], len(echo[i]), req.logprobs)
+                if req.echo:
+                    lp = self._echo_logprobs(ids[i], r.prompt_logprobs, req.logprobs, lp)
+            choice = {"index": i, "text": echo[i] + r.text, "logprobs": lp, "finish_reason": r.finish_reason}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self.prompt_logprobs(r.prompt_logprobs, req.prompt_logprobs)
+            choices.append(choice)
         completion_tokens = sum(r.completion_tokens for r in results)
         cached = prompts_cached([r.cached_tokens for r in results], n)
         return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)})
 
-    async def _completion_chunks(self, events: AsyncIterator[ChoiceEvent], head: dict, echo: list[str],
-                                 with_logprobs: bool, prompt_tokens: int, include_usage: bool, n: int):
+    async def _completion_chunks(self, events: AsyncIterator[ChoiceEvent], head: dict, req: CompletionRequest,
+                                 ids: list[list[int]], echo: list[str], prompt_tokens: int, include_usage: bool,
+                                 n: int):
+        """A choice's echoed prompt is its first chunk, sent with its first token's event (which brings the
+        prompt's logprobs), then that token's chunk. Text offsets advance by the tokens' texts, as in a whole
+        response."""
         extra = {"usage": None} if include_usage else {}
+
+        def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None = None) -> dict:
+            return {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}], **extra}
+
         offsets = [len(e) for e in echo]
+        echoed = [not req.echo] * len(echo)
         completion_tokens = [0] * len(echo)
         cached = [0] * len(echo)
-        for i, text in enumerate(echo):
-            if text:
-                yield {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}],
-                       **extra}
         async for ev in events:
-            completion_tokens[ev.index] = ev.completion_tokens
-            cached[ev.index] = max(cached[ev.index], ev.cached_tokens)
+            i = ev.index
+            completion_tokens[i] = ev.completion_tokens
+            cached[i] = max(cached[i], ev.cached_tokens)
+            if not echoed[i]:
+                echoed[i] = True
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._echo_logprobs(ids[i], ev.prompt_logprobs, req.logprobs)
+                yield chunk(i, echo[i], lp)
             if ev.text or ev.logprobs or ev.finish_reason:
-                lp = self._completion_logprobs(ev.logprobs or [], offsets[ev.index]) if with_logprobs else None
-                offsets[ev.index] += len(ev.text)
-                yield {**head, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
-                                            "finish_reason": ev.finish_reason}], **extra}
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs([(x.token_id, x) for x in ev.logprobs or []], offsets[i],
+                                                   req.logprobs)
+                    offsets[i] += sum(len(t) for t in lp["tokens"])  # as in a whole response, whatever the
+                    # detokenizer holds back (part of a character)
+                yield chunk(i, ev.text, lp, ev.finish_reason)
         if include_usage:
             yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens),
                                                          prompts_cached(cached, n))}
 
-    def _completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
-        """OpenAI's legacy shape: ``top_logprobs`` holds the top ``logprobs`` tokens and always the chosen one
-        (so up to ``logprobs + 1`` entries, and the chosen token alone for ``logprobs: 0``)."""
-        tokens = [self.tm.token_text(lp.token_id) for lp in lps]
+    def _completion_logprobs(self, tokens: list[tuple[int, TokenLogprob | None]], offset: int, top_n: int) -> dict:
+        """OpenAI's legacy shape over ``(token id, its logprob)`` pairs starting at character ``offset``:
+        ``top_logprobs`` holds the top ``top_n`` tokens and always the chosen one (so up to ``top_n + 1`` entries,
+        and the chosen token alone for ``logprobs: 0``); a token without a logprob (the first of an echoed prompt)
+        has null for both."""
+        texts = [self.tm.token_text(t) for t, _ in tokens]
         offsets = []
-        for t in tokens:
+        for t in texts:
             offsets.append(offset)
             offset += len(t)
-        tops = []
-        for lp, token in zip(lps, tokens, strict=True):
-            top = {self.tm.token_text(t): clamp_logprob(v) for t, v in lp.top}
-            tops.append({**top, token: clamp_logprob(lp.logprob)})
-        return {"tokens": tokens, "token_logprobs": [clamp_logprob(lp.logprob) for lp in lps], "top_logprobs": tops,
-                "text_offset": offsets}
+        tops: list[dict | None] = []
+        for (_, lp), text in zip(tokens, texts, strict=True):
+            top = None
+            if lp is not None:
+                top = {self.tm.token_text(t): clamp_logprob(v) for t, v in lp.top[:top_n]}
+                top[text] = clamp_logprob(lp.logprob)
+            tops.append(top)
+        return {"tokens": texts, "token_logprobs": [None if lp is None else clamp_logprob(lp.logprob)
+                                                    for _, lp in tokens],
+                "top_logprobs": tops, "text_offset": offsets}
+
+    def _echo_logprobs(self, prompt_ids: list[int], prompt_logprobs: list[PromptTokenLogprob | None], top_n: int,
+                       then: dict | None = None) -> dict:
+        """The legacy logprobs of an echoed prompt (offsets from 0), followed by ``then`` (the completion's)."""
+        lp = self._completion_logprobs(list(zip(prompt_ids, prompt_logprobs, strict=True)), 0, top_n)
+        return {key: lp[key] + then[key] for key in lp} if then is not None else lp
+
+    def prompt_logprobs(self, lps: list[PromptTokenLogprob | None], top_n: int) -> list[dict | None]:
+        """vLLM's ``prompt_logprobs``: per prompt token null (the first) or ``{"token id": {"logprob", "rank",
+        "decoded_token"}}`` for the token itself and its top ``top_n`` alternatives (ranked 1..top_n)."""
+        def entry(token_id: int, logprob: float, rank: int) -> dict:
+            return {"logprob": clamp_logprob(logprob), "rank": rank, "decoded_token": self.tm.token_text(token_id)}
+
+        out: list[dict | None] = []
+        for lp in lps:
+            if lp is None:
+                out.append(None)
+                continue
+            tokens = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+            for rank, (t, v) in enumerate(lp.top[:top_n], start=1):
+                tokens.setdefault(str(t), entry(t, v, rank))
+            out.append(tokens)
+        return out
 
     # ---- /v1/chat/completions --------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -137,12 +194,14 @@ class OpenAIServing:
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
+        check_prompt_logprobs(req)
         n = choice_count(req.n)
         logprobs = chat_logprobs(req)
         prompt_ids = await self.tm.encode_chat(chat_messages(req.messages), *chat_generation_prompt(
             req.add_generation_prompt, req.continue_final_message))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling_params_for(req, max_tokens=max_tokens, logprobs=logprobs, prompt_len=len(prompt_ids),
+        params = sampling_params_for(req, max_tokens=max_tokens, logprobs=logprobs,
+                                     prompt_logprobs=req.prompt_logprobs, prompt_len=len(prompt_ids),
                                      max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
         gen = self.tm.submit([prompt_ids] * n, params, arrival)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -162,8 +221,11 @@ class OpenAIServing:
             for i, r in enumerate(results)
         ]
         completion_tokens = sum(r.completion_tokens for r in results)
-        return JSONResponse({**head, "choices": choices,
-                             "usage": usage(len(prompt_ids), completion_tokens, results[0].cached_tokens)})
+        cached = results[0].cached_tokens
+        body = {**head, "choices": choices, "usage": usage(len(prompt_ids), completion_tokens, cached)}
+        if req.prompt_logprobs is not None:  # vLLM's place for chat: the response's, as the choices share the prompt
+            body["prompt_logprobs"] = self.prompt_logprobs(results[0].prompt_logprobs, req.prompt_logprobs)
+        return JSONResponse(body)
 
     async def _chat_chunks(self, events: AsyncIterator[ChoiceEvent], head: dict, n: int, with_logprobs: bool,
                            prompt_tokens: int, include_usage: bool):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.engine.io_struct import TokenLogprob
+from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import APIError
 from server.entrypoints.tokenizer_manager import ChoiceEvent, Generation
 
@@ -38,6 +38,7 @@ class ChoiceResult:
     matched_stop: str | int | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list[PromptTokenLogprob | None] | None = None
 
     def add(self, ev: ChoiceEvent) -> None:
         self.text += ev.text
@@ -45,6 +46,8 @@ class ChoiceResult:
         self.logprobs += ev.logprobs or []
         self.completion_tokens = ev.completion_tokens
         self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
         if ev.finish_reason is not None:
             self.finish_reason, self.matched_stop = ev.finish_reason, ev.matched_stop
 

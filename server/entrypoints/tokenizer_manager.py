@@ -37,6 +37,7 @@ from server.engine.io_struct import (
     CacheFlushed,
     FlushCache,
     GenerateRequest,
+    PromptTokenLogprob,
     RequestOutput,
     TokenLogprob,
 )
@@ -66,7 +67,8 @@ FLUSH_TIMEOUT_S = 60.0
 
 @dataclass
 class ChoiceEvent:
-    """What one engine output adds to choice ``index``: newly final text, new tokens and their logprobs.
+    """What one engine output adds to choice ``index``: newly final text, new tokens and their logprobs (and, on
+    the event of the first token, the prompt's logprobs when they were asked).
 
     A ``finish_reason`` ("stop" or "length") or an ``error`` ends the choice. ``completion_tokens`` counts
     every token generated so far; ``matched_stop`` is the stop string or stop token id that ended it.
@@ -82,6 +84,7 @@ class ChoiceEvent:
     matched_stop: str | int | None = None
     error: APIError | None = None
     cached_tokens: int = 0  # prompt tokens the prefix cache served
+    prompt_logprobs: list[PromptTokenLogprob | None] | None = None
 
     @property
     def done(self) -> bool:
@@ -409,7 +412,8 @@ class TokenizerManager:
         inject_fault("detokenize", choice.seed)
         choice.cached_tokens = max(choice.cached_tokens, out.cached_tokens)
         event = ChoiceEvent(choice.index, detok.add(out.new_token_ids), list(out.new_token_ids), out.new_logprobs,
-                            choice.prompt_tokens, choice.completion_tokens, cached_tokens=choice.cached_tokens)
+                            choice.prompt_tokens, choice.completion_tokens, cached_tokens=choice.cached_tokens,
+                            prompt_logprobs=out.prompt_logprobs)
         if detok.stopped:
             event.finish_reason, event.matched_stop = "stop", detok.matched_stop
             if not out.finished:

@@ -3,8 +3,9 @@
 Plans are incremental. Every rank keeps a mirror of the running requests (:class:`server.engine.request_table.
 RequestTable`: state slot, KV runs per SP rank, its own page table); a plan names requests that start
 (with their state slot), requests that ended, and for each request in the step only what changes: how many new
-tokens, where they go (:class:`Placement`), and the pages appended on each SP rank. So a decode step's message is
-a few numbers per request, whatever the context length. Control messages are typed too.
+tokens, where they go (:class:`Placement`), the pages appended on each SP rank and, for a request that asked for
+prompt logprobs, what its rows score (:class:`PromptScoring`). So a decode step's message is a few numbers per
+request, whatever the context length. Control messages are typed too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ class Placement(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class PromptScoring:
+    """A prefill chunk of a request that asked for prompt logprobs: each of its rows scores the prompt token after
+    it. The runner knows the chunk's own tokens from the plan, so only the token after its last row travels here."""
+
+    top_k: int  # alternatives per scored token (0: only the token's own logprob)
+    next_token: int | None  # the prompt token after the chunk; None when the chunk ends the prompt (its last row
+    # predicts the first output token, which is sampled, not scored)
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkPlan:
     """One request's share of a step, identical on every rank."""
 
@@ -40,6 +51,14 @@ class ChunkPlan:
     owner: int  # SP rank that stores the new KV (HOMED, REPLICATED); 0 for SPLIT
     sample: bool  # the last new token is sampled
     new_pages: tuple[tuple[int, ...], ...] = ()  # per SP rank: pages appended to its table this step
+    scoring: PromptScoring | None = None  # prompt logprobs wanted from this chunk's rows
+
+    @property
+    def num_scored(self) -> int:
+        """Rows of this chunk that score the prompt token after them (the first ones)."""
+        if self.scoring is None:
+            return 0
+        return self.num_new - (self.scoring.next_token is None)
 
     @property
     def holder(self) -> int:

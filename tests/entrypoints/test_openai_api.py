@@ -192,6 +192,100 @@ def test_logprobs(client, offline):
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token  # a lone byte decodes to U+FFFD
 
 
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _check_vllm_prompt_logprobs(got: list, ref: list, k: int, tokenizer: Tokenizer) -> None:
+    """vLLM's shape: null, then per token {"id": {logprob, rank, decoded_token}}, the token itself first."""
+    assert got[0] is None and len(got) == len(ref)
+    for entry, x in zip(got[1:], ref[1:], strict=True):
+        want = {str(x.token_id): (x.logprob, x.rank)}
+        for rank, (t, v) in enumerate(x.top[:k], start=1):
+            want.setdefault(str(t), (v, rank))
+        assert list(entry) == list(want)
+        for key, e in entry.items():
+            assert e["logprob"] == pytest.approx(want[key][0], abs=1e-5) and e["rank"] == want[key][1]
+            assert e["decoded_token"] == _token_text(tokenizer, int(key))
+
+
+def test_echo_with_logprobs(server, client, offline, tokenizer):
+    """OpenAI's legacy echo + logprobs: the prompt's tokens first (null for the first, which follows nothing), with
+    the offline engine's prompt logprobs, then the completion's; a stream's echo chunk carries the prompt's. With
+    vLLM's prompt_logprobs too, each answer has its own number of alternatives."""
+    ids = tokenizer.encode(PROMPTS[1])
+    n = len(ids)
+    [ref] = offline.generate([ids], greedy(4, logprobs=2, prompt_logprobs=4), use_tqdm=False)
+    kw = dict(model="builtin", prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=2, echo=True)
+    choice = client.completions.create(**kw, extra_body={"ignore_eos": True, "prompt_logprobs": 4}).choices[0]
+    _check_vllm_prompt_logprobs(choice.model_extra["prompt_logprobs"], ref.prompt_logprobs, 4, tokenizer)
+    assert choice.text == PROMPTS[1] + ref.text
+    lp = choice.logprobs
+    assert lp.tokens == [_token_text(tokenizer, t) for t in ids + ref.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in ref.prompt_logprobs[1:] + ref.logprobs],
+                                                  abs=1e-5)
+    for top, x in zip(lp.top_logprobs[1:], ref.prompt_logprobs[1:] + ref.logprobs, strict=True):
+        want = {_token_text(tokenizer, t): v for t, v in x.top[:2]} | {_token_text(tokenizer, x.token_id): x.logprob}
+        assert top == pytest.approx(want, abs=1e-5)  # the top 2 and the token itself
+    prompt_offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    assert lp.text_offset[:n] == prompt_offsets and lp.text_offset[n] == len(PROMPTS[1])
+
+    body = kw | {"ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(r.read())]
+    assert chunks[0]["text"] == PROMPTS[1] and len(chunks[0]["logprobs"]["tokens"]) == n
+    streamed = {key: [x for c in chunks for x in c["logprobs"][key]] for key in lp.model_dump()}
+    assert streamed == lp.model_dump()
+    assert "".join(c["text"] for c in chunks) == choice.text
+
+
+def test_vllm_prompt_logprobs(server, offline, tokenizer):
+    """``prompt_logprobs`` on completions (every choice) and on chat (the response's), as vLLM answers them."""
+    ids = tokenizer.encode(PROMPTS[2])
+    [ref] = offline.generate([ids], greedy(3, prompt_logprobs=3), use_tqdm=False)
+    body = {"model": "builtin", "prompt": PROMPTS[2], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "prompt_logprobs": 3, "n": 2}
+    out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    for choice in out["choices"]:
+        assert choice["text"] == ref.text and choice["logprobs"] is None
+        _check_vllm_prompt_logprobs(choice["prompt_logprobs"], ref.prompt_logprobs, 3, tokenizer)
+
+    messages = [{"role": "user", "content": "Where is the library?"}]
+    chat_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    [cref] = offline.generate([chat_ids], greedy(2, prompt_logprobs=0), use_tqdm=False)
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": "builtin", "messages": messages, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0}).json()
+    assert "prompt_logprobs" not in chat["choices"][0]
+    _check_vllm_prompt_logprobs(chat["prompt_logprobs"], cref.prompt_logprobs, 0, tokenizer)
+
+
+def test_generate_input_token_logprobs(server, offline, tokenizer):
+    """SGLang's ``logprob_start_len``: the prompt's tokens from there on, ``[logprob or null, id, text]``, and their
+    top lists; streamed, the last chunk has the same."""
+    ids = tokenizer.encode(PROMPTS[3])
+    [ref] = offline.generate([ids], greedy(3, logprobs=2, prompt_logprobs=2), use_tqdm=False)
+    for start in (0, 3):
+        body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True},
+                "return_logprob": True, "logprob_start_len": start, "top_logprobs_num": 2,
+                "return_text_in_logprobs": True}
+        meta = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()["meta_info"]
+        want = ref.prompt_logprobs[start:]
+        got = meta["input_token_logprobs"]
+        assert [(t, text) for _, t, text in got] == [(t, _token_text(tokenizer, t)) for t in ids[start:]]
+        assert [v is None for v, _, _ in got] == [x is None for x in want] == [p == 0 for p in range(start, len(ids))]
+        assert [v for v, _, _ in got if v is not None] == pytest.approx(
+            [x.logprob for x in want if x is not None], abs=1e-5)
+        tops = meta["input_top_logprobs"]
+        assert len(tops) == len(want)
+        for top, x in zip(tops, want, strict=True):
+            assert top is None if x is None else [t for _, t, _ in top] == [t for t, _ in x.top]
+        assert [t for _, t, _ in meta["output_token_logprobs"]] == ref.token_ids
+        events = [json.loads(e) for e in sse_events(httpx.post(f"{server.url}/generate", json={**body, "stream": True},
+                                                               timeout=60).content)]
+        assert events[-1]["meta_info"]["input_token_logprobs"] == got
+
+
 def test_echo_and_extra_fields(server, client):
     # Fields that do not change the output, and unimplemented ones at their neutral value, are accepted.
     out = client.completions.create(model="builtin", prompt=PROMPTS[0], max_tokens=3, echo=True, temperature=0,
@@ -199,8 +293,7 @@ def test_echo_and_extra_fields(server, client):
     assert out.choices[0].text.startswith(PROMPTS[0])
     # Anything else is refused by name: a field the server does not know, or one it would silently ignore.
     for extra, code in (({"frobnicate": {"x": 1}}, "unrecognized_parameter"),
-                        ({"best_of": 2}, "unsupported_parameter"),
-                        ({"prompt_logprobs": 1}, "unsupported_parameter")):
+                        ({"best_of": 2}, "unsupported_parameter")):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="builtin", prompt="hi", max_tokens=1, extra_body=extra)
         assert e.value.body["param"] == next(iter(extra)) and e.value.body["code"] == code
@@ -349,7 +442,6 @@ BAD_INPUTS = {
     "min-tokens-over-max": ("POST", "/v1/completions", {**GOOD, "min_tokens": 3}, 400, "min_tokens", None),
     "logprobs-too-many": ("POST", "/v1/completions", {**GOOD, "logprobs": 21}, 400, "logprobs", "invalid_value"),
     "logprobs-float": ("POST", "/v1/completions", {**GOOD, "logprobs": 1.5}, 400, "logprobs", "invalid_type"),
-    "echo-with-logprobs": ("POST", "/v1/completions", {**GOOD, "echo": True, "logprobs": 1}, 400, "echo", None),
     "stream-not-bool": ("POST", "/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
     "stream-options-without-stream": ("POST", "/v1/completions", {**GOOD, "stream_options": {"include_usage": True}},
                                       400, "stream_options", None),
@@ -372,8 +464,16 @@ BAD_INPUTS = {
                             "invalid_value"),
     "logit-bias-string-value": ("POST", "/v1/completions", {**GOOD, "logit_bias": {"5": "1"}}, 400,
                                 "logit_bias.5", "invalid_type"),
-    "prompt-logprobs": ("POST", "/v1/completions", {**GOOD, "prompt_logprobs": 1}, 400, "prompt_logprobs",
-                        "unsupported_parameter"),
+    "prompt-logprobs-too-many": ("POST", "/v1/completions", {**GOOD, "prompt_logprobs": 21}, 400, "prompt_logprobs",
+                                 "invalid_value"),
+    "prompt-logprobs-negative": ("POST", "/v1/completions", {**GOOD, "prompt_logprobs": -1}, 400, "prompt_logprobs",
+                                 "invalid_value"),
+    "prompt-logprobs-string": ("POST", "/v1/completions", {**GOOD, "prompt_logprobs": "1"}, 400, "prompt_logprobs",
+                               "invalid_type"),
+    "prompt-logprobs-stream": ("POST", "/v1/completions", {**GOOD, "prompt_logprobs": 0, "stream": True}, 400,
+                               "prompt_logprobs", None),
+    "chat-prompt-logprobs-float": ("POST", "/v1/chat/completions", {**CHAT, "prompt_logprobs": 1.5}, 400,
+                                   "prompt_logprobs", "invalid_type"),
     "chat-continue-and-generation-prompt": ("POST", "/v1/chat/completions",
                                             {**CHAT, "continue_final_message": True, "add_generation_prompt": True},
                                             400, "continue_final_message", None),
@@ -424,8 +524,14 @@ BAD_INPUTS = {
                              "sampling_params.top_k", "invalid_type"),
     "generate-logprobs-float": ("POST", "/generate", {"text": "a", "return_logprob": True, "top_logprobs_num": 1.5},
                                 400, "top_logprobs_num", "invalid_type"),
-    "generate-prompt-logprobs": ("POST", "/generate", {"text": "a", "return_logprob": True, "logprob_start_len": 0},
-                                 400, "logprob_start_len", None),
+    "generate-logprob-start-without-logprobs": ("POST", "/generate", {"text": "a b", "logprob_start_len": 0}, 400,
+                                                "logprob_start_len", None),
+    "generate-logprob-start-past-prompt": ("POST", "/generate", {"text": "a", "return_logprob": True,
+                                                                 "logprob_start_len": 1}, 400, "logprob_start_len",
+                                           None),
+    "generate-logprob-start-below-minus-one": ("POST", "/generate", {"text": "a", "return_logprob": True,
+                                                                     "logprob_start_len": -2}, 400,
+                                               "logprob_start_len", "invalid_value"),
     "generate-image": ("POST", "/generate", {"text": "a", "image_data": "x.png"}, 400, "image_data",
                        "unsupported_parameter"),
     "generate-json-schema": ("POST", "/generate", {"text": "a", "sampling_params": {"json_schema": "{}"}}, 400,

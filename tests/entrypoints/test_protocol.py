@@ -13,6 +13,8 @@ from server.entrypoints.protocol import (
     CompletionRequest,
     chat_generation_prompt,
     chat_messages,
+    check_prompt_logprobs,
+    completion_prompt_logprobs,
     normalize_prompt,
     parse_body,
     sampling_params_for,
@@ -25,7 +27,8 @@ def parse(body: dict, model=CompletionRequest):
 
 def resolve(body: dict, prompt_len: int = 10, n: int = 1, max_model_len: int = 100):
     req = parse({"prompt": "x", **body})
-    return sampling_params_for(req, max_tokens=req.max_tokens, logprobs=None, prompt_len=prompt_len,
+    return sampling_params_for(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                               prompt_logprobs=completion_prompt_logprobs(req), prompt_len=prompt_len,
                                max_model_len=max_model_len, n=n, vocab_size=50)
 
 
@@ -132,3 +135,23 @@ def test_chat_generation_prompt_as_vllm():
     assert chat_generation_prompt(False, True) == (False, True)
     with pytest.raises(APIError):
         chat_generation_prompt(True, True)
+
+
+def test_prompt_logprobs_resolution():
+    """Echo with logprobs scores the prompt; with prompt_logprobs too, the engine computes the larger k (each answer
+    is trimmed to its own); prompt_logprobs is refused with stream (vLLM's rule), in range like logprobs."""
+    assert [p.prompt_logprobs for p in resolve({"echo": True})] == [None]
+    assert [p.prompt_logprobs for p in resolve({"logprobs": 2})] == [None]
+    assert [p.prompt_logprobs for p in resolve({"echo": True, "logprobs": 2}, n=2)] == [2, 2]
+    assert resolve({"echo": True, "logprobs": 2, "prompt_logprobs": 5})[0].prompt_logprobs == 5
+    assert resolve({"echo": True, "logprobs": 4, "prompt_logprobs": 0})[0].prompt_logprobs == 4
+    for body, model in (({"prompt": "x"}, CompletionRequest), ({"messages": [{"role": "user", "content": "x"}]},
+                                                                ChatCompletionRequest)):
+        check_prompt_logprobs(parse({**body, "prompt_logprobs": 1}, model))
+        with pytest.raises(APIError) as e:
+            check_prompt_logprobs(parse({**body, "prompt_logprobs": 0, "stream": True}, model))
+        assert (e.value.status, e.value.param) == (400, "prompt_logprobs")
+        for value, code in ((21, "invalid_value"), (-1, "invalid_value"), ("1", "invalid_type"), (1.0, "invalid_type")):
+            with pytest.raises(APIError) as e:
+                parse({**body, "prompt_logprobs": value}, model)
+            assert (e.value.status, e.value.param, e.value.code) == (400, "prompt_logprobs", code)
