@@ -32,6 +32,45 @@ needs_flashinfer = pytest.mark.skipif(not torch.cuda.is_available() or not _flas
 # ---- tolerances: fp32 results of different summation orders (kernels vs references, ranks vs one rank) ---------
 FP32_TOL = {"rtol": 1e-5, "atol": 1e-4}
 
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32 logits of two computations of one model (summation orders differ): relative to the largest logit."""
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-4 * scale, rtol=1e-4)
+
+
+def prompt(n: int, vocab: int = 211, seed: int = 0) -> list[int]:
+    """``n`` random token ids, the same for the same arguments."""
+    g = torch.Generator().manual_seed(seed + n)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+# ---- engine runs against the single-rank engine ------------------------------------------------------------------
+def single_rank_reference(root: str, archs: tuple[str, ...], engine: dict, long: list[int], batch: list[list[int]],
+                          greedy) -> dict:
+    """Per architecture: (checkpoint, prompt logits of ``long`` and of ``batch[1]``, greedy tokens of ``batch``)
+    of the engine at sp = tp = 1, the reference every parallel configuration must reproduce."""
+    from server import LLM
+
+    out = {}
+    for arch in archs:
+        path = save_tiny_model(arch, root)
+        with LLM(path, **engine) as llm:
+            out[arch] = (path, llm.engine.prompt_logits(long), llm.engine.prompt_logits(batch[1]),
+                         [o.token_ids for o in llm.generate(batch, greedy, use_tqdm=False)])
+    return out
+
+
+def assert_matches_reference(llm, reference: tuple, long: list[int], batch: list[list[int]], greedy) -> None:
+    """``llm`` reproduces the reference's prompt logits (fp32 tolerance) and exact greedy tokens, and frees every
+    rank's caches afterwards."""
+    _, logits, short_logits, tokens = reference
+    assert_logits_close(llm.engine.prompt_logits(long), logits)
+    assert_logits_close(llm.engine.prompt_logits(batch[1]), short_logits)
+    assert [o.token_ids for o in llm.generate(batch, greedy, use_tqdm=False)] == tokens
+    stats = llm.engine.stats()
+    assert stats.kv_pages_used == 0 and stats.state_slots_used == 0  # every rank's caches freed
+
 # ---- tiny checkpoints ------------------------------------------------------------------------------------------
 
 COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

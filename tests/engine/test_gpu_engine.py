@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.helpers import hf_model, needs_2_gpus, needs_cuda, save_tiny_model
-from tests.models.test_parity import assert_logits_close, prompt
+from tests.helpers import assert_logits_close, hf_model, needs_2_gpus, needs_cuda, prompt, save_tiny_model
 
 pytestmark = pytest.mark.gpu
 

@@ -13,8 +13,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.config import EngineConfig
 from server.engine.procutil import free_port
-from tests.helpers import save_tiny_model
-from tests.models.test_parity import prompt
+from tests.helpers import prompt, save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

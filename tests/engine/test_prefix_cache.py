@@ -14,8 +14,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.engine.io_struct import GenerateRequest
 from server.engine.prefix_cache import PrefixCache, chain_hashes, rows_before, truncate_runs
-from tests.helpers import save_tiny_model
-from tests.models.test_parity import prompt
+from tests.helpers import prompt, save_tiny_model
 
 pytestmark = pytest.mark.slow
 

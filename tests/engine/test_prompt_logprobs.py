@@ -9,8 +9,7 @@ import torch
 
 from server import LLM, SamplingParams
 from server.engine.io_struct import GenerateRequest, PromptTokenLogprob, RequestOutput
-from tests.helpers import hf_model, save_tiny_model
-from tests.models.test_parity import prompt
+from tests.helpers import hf_model, prompt, save_tiny_model
 
 LONG = prompt(70)  # sp=2: split chunks of 32 and 32, then a replicated tail of 6 (< sp_min_tokens)
 SHORT = prompt(6, seed=5)  # below sp_min_tokens: homed on one SP rank

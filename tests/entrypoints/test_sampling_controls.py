@@ -12,7 +12,7 @@ import torch
 from server import LLM
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import start_server
+from tests.entrypoints.server_testing import openai_client, start_server
 
 PROMPT = "The town sits where two rivers meet, and the town"
 STEPS = 8
@@ -28,7 +28,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.helpers import hf_model, save_tiny_model
-from tests.models.test_parity import assert_logits_close, prompt
+from tests.helpers import assert_logits_close, hf_model, prompt, save_tiny_model
 
 ARCHS = ["qwen3_5", "qwen3_next", "qwen3_5_moe"]
 

@@ -11,20 +11,10 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.helpers import hf_model, save_tiny_model
+from tests.helpers import assert_logits_close, hf_model, prompt, save_tiny_model
 
 ARCHS = ["llama", "llama_tied", "llama_yarn", "mistral", "qwen2", "qwen3", "minimax_alt", "minimax_7to1",
          "minimax_linear"]  # the last: lightning layers only, no KV cache at all
-
-
-def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-4 * scale, rtol=1e-4)
-
-
-def prompt(n: int, vocab: int = 211, seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed + n)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
 @pytest.fixture(scope="module")
