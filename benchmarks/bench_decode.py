@@ -9,6 +9,9 @@ shard of the batch's KV, its linear-attention states read and written) over the 
     python benchmarks/bench_decode.py --model llama3-8b --context 2048 32768 131072 --batch 1 8 32 \\
         --sp-size 1 2 --graphs on off --out benchmarks/results/decode_h200.json --plot benchmarks/results/decode.png
 
+With ``SERVER_STEP_PROFILE=1`` in the environment, rank 0's host time per stage of the timed steps is printed per
+cell, and every worker logs its own at shutdown (:mod:`server.engine.step_profile`).
+
 Cells whose KV does not fit (the engine rejects the requests) are recorded as skipped. JSON: ``{"environment",
 "copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, itl_ms, itl_p50_ms, itl_p99_ms, floor_ms, ...}]}``.
 """
@@ -33,6 +36,7 @@ from server import SamplingParams  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
+from server.engine.step_profile import PROFILE  # noqa: E402
 
 
 def copy_gbps(device: torch.device) -> float | None:
@@ -84,11 +88,15 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
         firsts |= {o.rid for o in engine.step() if o.new_token_ids}
     prefill_s = time.perf_counter() - started
     times = []
+    if PROFILE:
+        PROFILE.reset()
     for _ in range(steps):
         t0 = time.perf_counter()
         outs = engine.step()
         times.append((time.perf_counter() - t0) * 1e3)
         assert sum(len(o.new_token_ids) for o in outs) == batch, "every request decodes one token per step"
+    if PROFILE:
+        print(f"rank 0 step profile, context {context} batch {batch}: {PROFILE.table()}", flush=True)
     for rid in rids:
         engine.abort_request(rid)
     engine.step()

@@ -111,6 +111,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         lasp_mode=args.lasp_mode,
         mem_fraction_static=args.mem_fraction,
         max_model_len=max(contexts) + 8,
+        cuda_graph="off",  # prefill only (max_tokens=1): no decode graphs to capture
     )
     with LLM(path, **kw) as llm:
         eng = llm.engine

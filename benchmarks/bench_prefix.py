@@ -51,7 +51,10 @@ def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
         prompts = turns(args, vocab)
         names = ["first"] + [f"question {i}" for i in range(1, len(prompts))]
         history = None
-        for i in tqdm(range(len(prompts) + args.follow_ups), desc=f"{model} sp={sp} cache={cache}", mininterval=5):
+        n_turns = len(prompts) + args.follow_ups
+        if not cache and args.off_turns:
+            n_turns = min(n_turns, args.off_turns)
+        for i in tqdm(range(n_turns), desc=f"{model} sp={sp} cache={cache}", mininterval=5):
             if i < len(prompts):
                 prompt, name = prompts[i], names[i]
             else:  # the conversation goes on: the previous turn, its answer, a new question
@@ -76,6 +79,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--sp-size", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--chunked-prefill-size", type=int, default=0, help="0: the engine's default")
+    ap.add_argument("--off-turns", type=int, default=0,
+                    help="with the cache off, run only the first N turns (0: all); a later turn is compared with "
+                         "the cache-off turn of the nearest prompt length")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)
@@ -97,8 +103,9 @@ def main() -> None:
     print("| model | sp | turn | prompt | cached | TTFT on (s) | TTFT off (s) | speedup | ITL on / off (ms) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for on in (r for r in rows if r["cache"]):
-        off = next(r for r in rows if not r["cache"] and (r["model"], r["sp"], r["turn"]) ==
-                   (on["model"], on["sp"], on["turn"]))
+        offs = [r for r in rows if not r["cache"] and (r["model"], r["sp"]) == (on["model"], on["sp"])]
+        off = next((r for r in offs if r["turn"] == on["turn"]), None) or \
+            min(offs, key=lambda r: abs(r["prompt_tokens"] - on["prompt_tokens"]))
         print(f"| {on['model']} | {on['sp']} | {on['name']} | {on['prompt_tokens']} | {on['cached_tokens']} | "
               f"{on['ttft_s']:.3f} | {off['ttft_s']:.3f} | {off['ttft_s'] / on['ttft_s']:.1f}x | "
               f"{on['itl_ms']:.2f} / {off['itl_ms']:.2f} |")

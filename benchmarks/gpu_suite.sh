@@ -62,6 +62,49 @@ for step in "$@"; do
         prefill 100 place_split --model llama3-8b --sp-size 2 --context 1000 --num-prompts 64 --sp-min-tokens 1
         prefill 100 place_sp1 --model llama3-8b --sp-size 1 --context 1000 --num-prompts 64
         ;;
+    warm256)  # flashinfer modules for head dim 256 (the Qwen3.5 / Qwen3-Next shapes), in the background
+        python benchmarks/warm_flashinfer.py --dtypes bfloat16 --head-dims 256 >"$WORK/warm256.log" 2>&1 &
+        ;;
+    gpu-tests)  # the engine on CUDA (every architecture, graphs, SP / TP / Ulysses over NCCL), GDN and Ulysses ops
+        timeout 330 python -m pytest -q -m gpu -p no:cacheprovider -rfEs -x tests/engine/test_gpu_engine.py \
+            tests/kernels/test_gdn.py tests/sp/test_ulysses.py 2>&1 | tee "$WORK/gpu_tests.log" | tail -25
+        ;;
+    decode-profile)  # host time per stage of decode steps (rank 0 printed, rank 1 logged at shutdown)
+        SERVER_STEP_PROFILE=1 timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 131072 \
+            --batch 1 --sp-size 1 2 --graphs on --decode-steps 32 --out "$WORK/decode_profile.json" \
+            2>&1 | grep -E "profile|^\|" | tee "$WORK/decode_profile.log"
+        ;;
+    decode)  # the decode table: ITL beside the floor, graphs on / off
+        timeout 420 python benchmarks/bench_decode.py --model llama3-8b --context 2048 32768 131072 --batch 1 8 32 \
+            --sp-size 1 2 --graphs on --decode-steps 48 --out "$WORK/decode.json" --plot "$WORK/decode.png" \
+            2>&1 | grep -E "^\||bandwidth" | tee "$WORK/decode.log"
+        ;;
+    decode-eager)
+        timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 131072 --batch 1 32 \
+            --sp-size 1 2 --graphs off --decode-steps 24 --out "$WORK/decode_eager.json" 2>&1 | grep -E "^\|"
+        ;;
+    serve)  # bench_serving through launch_server.py: sp 1, then sp 2 (short prompts homed: two workers)
+        mkdir -p "$WORK/serve"
+        timeout 400 benchmarks/serve_bench.sh llama3-8b .tok "$WORK/serve" 1 2
+        ;;
+    chunked)  # 128K through the server's default 8192-token chunks, sp 1 and 2 (parallel efficiency)
+        prefill 200 chunked --model llama3-8b --sp-size 1 2 --repeat 1 --context 131072 --chunk 8192
+        ;;
+    gdn)  # Qwen3.5-27B shape: sp 1 and 2 at 128K, sp 2 at 512K (one prefill step)
+        prefill 150 gdn_sp1 --model qwen3.5-27b --sp-size 1 --repeat 1 --context 131072 262144
+        prefill 240 gdn_sp2 --model qwen3.5-27b --sp-size 2 --repeat 1 --context 131072 524288
+        ;;
+    ulysses)  # ring vs Ulysses (U = 2) vs all-gather KV at sp = 2, Llama-3-8B 128K; MiniMax and Qwen3-Next too
+        prefill 150 uly_llama --model llama3-8b --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072
+        prefill 60 uly_llama_ag --model llama3-8b --sp-size 2 --ring-mode allgather --repeat 1 --context 131072
+        prefill 120 uly_minimax --model minimax-hybrid --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072
+        prefill 150 uly_qnext --model qwen3-next-like --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072
+        ;;
+    prefix)  # a 128K document + 5 questions + 1 follow-up, cache on vs off, sp 1 and 2, Llama and a hybrid
+        timeout 420 python benchmarks/bench_prefix.py --model llama3-8b minimax-hybrid --doc-len 131072 \
+            --questions 5 --follow-ups 1 --off-turns 2 --sp-size 1 2 --out "$WORK/prefix.json" 2>&1 |
+            grep -E "^\|" | tee "$WORK/prefix.log"
+        ;;
     modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
         prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
         prefill 100 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather

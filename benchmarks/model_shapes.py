@@ -70,7 +70,9 @@ SHAPES = {
         "num_key_value_heads": 4,
         "head_dim": 256,
         "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 262144,
+        # 262144 natively; served up to ~1M tokens with YaRN. The positions limit is raised so that 512K prompts
+        # run (dummy weights: the RoPE variant does not change the cost).
+        "max_position_embeddings": 1048576,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from server.backends.attention import StepAttention, decode_batch
+from server.engine.step_profile import PROFILE
 from server.engine.step_builder import INPUT_ROWS, PaddedDecode, build_padded_decode, rank_row_count
 from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
 from server.forward.plan import StepPlan
@@ -104,10 +105,16 @@ class DecodeGraphs:
         step = build_padded_decode(plan, r.table, r.pstate, bs, r.scratch_slot)
         if step is None:
             return None
+        if PROFILE:
+            PROFILE.mark("build")
         batches = self._load(step, bs)
+        if PROFILE:
+            PROFILE.mark("load")
         self.steps += 1
         if self.capture:
             self.graphs[bs].replay()
+            if PROFILE:
+                PROFILE.mark("replay")
             return self.outputs[bs], step
         return r.model(self._context(bs, batches)), step
 

@@ -31,6 +31,7 @@ from server.engine.model_runner import ScoredRows
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
+from server.engine.step_profile import PROFILE
 from server.engine.worker import gather_memory_stats, send_message, setup_rank, worker_main
 from server.forward.plan import MemoryStatsRequest, Placement, Shutdown
 from server.layers.sampler import SampleRequest, sample
@@ -146,11 +147,17 @@ class Engine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if PROFILE:
+            PROFILE.start()
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
+        if PROFILE:
+            PROFILE.mark("schedule") if plan.is_decode else PROFILE.cancel()
         send_message(self.pstate, plan)
+        if PROFILE:
+            PROFILE.mark("send")
         self.num_steps += 1
         self.last_step = StepCounts(
             len(plan.chunks), sum(c.num_new for s, c in zip(seqs, plan.chunks) if s.prefilling),
@@ -165,6 +172,8 @@ class Engine:
         if not sampled:
             return outputs
         results = self._sample(out.logits, sampled)
+        if PROFILE:
+            PROFILE.mark("sample")
         now = time.monotonic()
         for seq, result in zip(sampled, results):
             if isinstance(result, Exception):
@@ -174,6 +183,9 @@ class Engine:
                 outputs.append(self._append_token(seq, *result, now))
             except Exception as e:
                 outputs.append(self._fail_request(seq, "the stop checks", e))
+        if PROFILE:
+            PROFILE.mark("finish")
+            PROFILE.end()
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:

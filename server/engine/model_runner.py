@@ -18,6 +18,7 @@ from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
 from server.engine.request_table import RequestTable
+from server.engine.step_profile import PROFILE
 from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, StepPlan
@@ -196,11 +197,16 @@ class ModelRunner:
         """Forward one step; its :class:`StepOutput` on SP rank 0 (and its TP peers), None on the other SP ranks."""
         self.table.apply(plan)
         self._copy(plan)
+        if PROFILE:
+            PROFILE.mark("apply")
         if self.graphs is not None and plan.is_decode:
             out = self.graphs.run(plan)
             if out is not None:
                 hidden, step = out
-                return self._outputs(hidden, plan, step.chunks)
+                result = self._outputs(hidden, plan, step.chunks)
+                if PROFILE:
+                    PROFILE.mark("logits")
+                return result
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
                                self.mesh.ulysses_degree)
         ctx = self.context(rows)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from server.config import EngineConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.procutil import die_with_parent
+from server.engine.step_profile import PROFILE
 from server.forward.plan import MemoryStatsRequest, Shutdown, StepPlan
 from server.models.loader import read_model_config
 from server.sp.groups import ParallelState, init_parallel_state
@@ -101,12 +102,21 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
     try:
         pstate, runner = setup_rank(config, rank, model_path, init_method)
         while True:
+            if PROFILE:
+                PROFILE.start()
             message = receive_message(pstate)
             if isinstance(message, StepPlan):
+                if PROFILE:
+                    PROFILE.mark("receive") if message.is_decode else PROFILE.cancel()
                 runner.run(message)
+                if PROFILE:
+                    PROFILE.mark("rest")
+                    PROFILE.end()
             elif isinstance(message, MemoryStatsRequest):
                 gather_memory_stats(pstate, message.reset)
             elif isinstance(message, Shutdown):
+                if PROFILE:
+                    log.warning("rank %d step profile: %s", rank, PROFILE.table())
                 break
             else:
                 raise TypeError(f"unexpected control message {type(message).__name__}")

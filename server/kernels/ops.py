@@ -106,8 +106,8 @@ def lightning_decode(q, k, v, slopes, state_pool, slots):
 
 def _fla_gdn(v: torch.Tensor):
     """fla-core's gated delta rule module when it can serve ``v`` (CUDA, fp16/bf16: fla has no fp32 path)."""
-    if not _fast(v) or v.dtype not in (torch.float16, torch.bfloat16):
-        return None
+    if not _fast(v) or v.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] % 16:
+        return None  # fla's tiles need head dims that are multiples of 16
     try:
         from fla.ops import gated_delta_rule
     except ImportError:

@@ -1,0 +1,58 @@
+"""Host time per stage of the engine's steps, on every rank, when ``SERVER_STEP_PROFILE=1``.
+
+Only decode steps are profiled (a step that turns out not to be one is cancelled). A stage's time is the wall time from the previous mark of the same step to its own mark, so the stages of a step
+add up to the step. A stage that ends in a device sync (reading sampled tokens) includes the wait for the device.
+Off by default: then every mark is one attribute test. ``bench_decode.py --profile`` prints rank 0's table and
+each worker logs its own at shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+
+class StepProfile:
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.pending: dict[str, float] = {}
+        self.steps = 0
+        self.last = 0.0
+        self.active = False
+
+    def start(self) -> None:
+        self.pending.clear()
+        self.active = True
+        self.last = time.perf_counter()
+
+    def cancel(self) -> None:
+        """This step is not profiled (not a decode step); its marks so far are dropped."""
+        self.active = False
+        self.pending.clear()
+
+    def mark(self, stage: str) -> None:
+        if not self.active:
+            return
+        now = time.perf_counter()
+        self.pending[stage] = self.pending.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def end(self) -> None:
+        if self.active:
+            self.steps += 1
+            for k, v in self.pending.items():
+                self.totals[k] += v
+        self.cancel()
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.steps = 0
+
+    def table(self) -> str:
+        """``stage ms/step`` for every stage, in the order first seen."""
+        n = max(1, self.steps)
+        return "  ".join(f"{k} {v / n * 1e3:.3f}" for k, v in self.totals.items()) + f"  (ms/step over {n} steps)"
+
+
+PROFILE: StepProfile | None = StepProfile() if os.environ.get("SERVER_STEP_PROFILE") == "1" else None
