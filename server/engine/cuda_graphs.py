@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from server.backends.attention import StepAttention, decode_batch
-from server.engine.step_profile import PROFILE
 from server.engine.step_builder import INPUT_ROWS, PaddedDecode, build_padded_decode, rank_row_count
+from server.engine.step_profile import PROFILE
 from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
 from server.forward.plan import StepPlan
 

@@ -18,8 +18,8 @@ from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
 from server.engine.request_table import RequestTable
-from server.engine.step_profile import PROFILE
 from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
+from server.engine.step_profile import PROFILE
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, StepPlan
 from server.kernels import ops

@@ -1,9 +1,10 @@
 """Host time per stage of the engine's steps, on every rank, when ``SERVER_STEP_PROFILE=1``.
 
-Only decode steps are profiled (a step that turns out not to be one is cancelled). A stage's time is the wall time from the previous mark of the same step to its own mark, so the stages of a step
-add up to the step. A stage that ends in a device sync (reading sampled tokens) includes the wait for the device.
-Off by default: then every mark is one attribute test. ``bench_decode.py --profile`` prints rank 0's table and
-each worker logs its own at shutdown.
+Only decode steps are profiled (a step that turns out not to be one is cancelled). A stage's time is the wall
+time from the previous mark of the same step to its own mark, so the stages of a step add up to the step; a stage
+that ends in a device sync (reading sampled tokens) includes the wait for the device. Off by default: then every
+mark is one test of a module global. ``bench_decode.py`` prints rank 0's table per cell, and each worker logs its
+own at shutdown.
 """
 
 from __future__ import annotations
