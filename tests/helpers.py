@@ -146,7 +146,23 @@ def save_tiny_model(arch: str, root: str, seed: int = 0, **over) -> str:
     return path
 
 
+GDN_MODELING = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+
+
 def hf_model(path: str):
+    """transformers' fp32 model of a checkpoint: the reference. Its Gated DeltaNet runs transformers' own torch
+    recurrence even where fla-core is installed (fla's kernels compute fp32 inputs in TF32: not a reference)."""
+    import inspect
+    import sys
+
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for name in GDN_MODELING:
+        mod = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
+        if mod is None:
+            continue
+        for fn in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+            if hasattr(mod, fn):
+                setattr(mod, fn, inspect.unwrap(getattr(mod, fn)))
+    return model
