@@ -71,6 +71,20 @@ for step in "$@"; do
             tests/engine/test_gpu_engine.py tests/kernels/test_gdn.py tests/sp/test_ulysses.py 2>&1 |
             tee "$WORK/gpu_tests.log" | tail -25
         ;;
+    gdn-debug)  # fla-core's GDN ops against the fp64 recurrence; Qwen3.5 bf16 parity; its SP case with blocking launches
+        timeout 150 python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
+            -k "ops_on_cuda or (bf16_cuda_within and qwen3_5)" tests/kernels/test_gdn.py tests/engine/test_gpu_engine.py \
+            2>&1 | grep -v "^frame" | tee "$WORK/gdn_debug.log" | tail -40
+        CUDA_LAUNCH_BLOCKING=1 timeout 90 python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
+            -k "nccl_sp_tp_bf16 and 2-1-ring-1-qwen3_5" tests/engine/test_gpu_engine.py 2>&1 | grep -v "^frame" |
+            tee "$WORK/gdn_debug_sp.log" | grep -B3 -A10 -i "error" | head -50
+        ;;
+    uly-tests)  # Ulysses (U = 2) in bf16 over NCCL for Llama and MiniMax; the all-to-all attention over NCCL
+        timeout 150 python -m pytest -q -m gpu -p no:cacheprovider -rfEs --tb=short \
+            -k "(nccl_sp_tp_bf16 and ring-2 and (llama or minimax)) or ulysses_over_nccl" \
+            tests/engine/test_gpu_engine.py tests/sp/test_ulysses.py 2>&1 | grep -v "^frame" | tee "$WORK/uly_tests.log" |
+            tail -15
+        ;;
     decode-profile)  # host time per stage of decode steps (rank 0 printed, rank 1 logged at shutdown)
         SERVER_STEP_PROFILE=1 timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 131072 \
             --batch 1 --sp-size 1 2 --graphs on --decode-steps 32 --out "$WORK/decode_profile.json" \
@@ -97,8 +111,10 @@ for step in "$@"; do
         prefill 120 gdn_sp1 --model qwen3.5-27b --sp-size 1 --repeat 1 --context 131072 --chunk 8192
         prefill 240 gdn_sp2 --model qwen3.5-27b --sp-size 2 --repeat 1 --context 131072 524288 --chunk 8192
         ;;
-    ulysses)  # ring vs Ulysses (U = 2) vs all-gather KV at sp = 2, Llama-3-8B 128K; MiniMax and Qwen3-Next too
+    ulysses)  # ring vs Ulysses (U = 2) at sp = 2 against sp = 1, Llama-3-8B 128K in one step
         prefill 150 uly_llama --model llama3-8b --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072
+        ;;
+    ulysses-more)  # the all-gather KV mode, MiniMax and Qwen3-Next
         prefill 60 uly_llama_ag --model llama3-8b --sp-size 2 --ring-mode allgather --repeat 1 --context 131072
         prefill 120 uly_minimax --model minimax-hybrid --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072
         prefill 150 uly_qnext --model qwen3-next-like --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072

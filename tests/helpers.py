@@ -8,7 +8,9 @@ decoding is not decided by rounding noise.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import pytest
 import torch
@@ -150,19 +152,26 @@ GDN_MODELING = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 
 
 def hf_model(path: str):
-    """transformers' fp32 model of a checkpoint: the reference. Its Gated DeltaNet runs transformers' own torch
-    recurrence even where fla-core is installed (fla's kernels compute fp32 inputs in TF32: not a reference)."""
-    import inspect
-    import sys
-
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def torch_gdn_reference():
+    """Inside: transformers' Gated DeltaNet runs its own torch recurrence even where fla-core is installed (fla's
+    kernels compute fp32 inputs in TF32: not an fp32 reference). Outside: transformers as installed."""
+    import inspect
+
+    swapped = []
     for name in GDN_MODELING:
         mod = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
-        if mod is None:
-            continue
         for fn in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
-            if hasattr(mod, fn):
+            if mod is not None and hasattr(mod, fn):
+                swapped.append((mod, fn, getattr(mod, fn)))
                 setattr(mod, fn, inspect.unwrap(getattr(mod, fn)))
-    return model
+    try:
+        yield
+    finally:
+        for mod, fn, original in swapped:
+            setattr(mod, fn, original)

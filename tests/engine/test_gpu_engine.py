@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.helpers import assert_logits_close, hf_model, needs_2_gpus, needs_cuda, prompt, save_tiny_model
+from tests.helpers import (
+    assert_logits_close,
+    hf_model,
+    needs_2_gpus,
+    needs_cuda,
+    prompt,
+    save_tiny_model,
+    torch_gdn_reference,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -32,11 +40,13 @@ def models(tmp_path_factory):
 
 
 def references(path: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' fp32 logits and its own bf16 error per row (|bf16 - fp32| max over the vocabulary)."""
+    """transformers' fp32 logits (its torch GDN recurrence) and its own bf16 error per row (|bf16 - fp32| max over
+    the vocabulary; bf16 as installed: fla-core's GDN kernels where present, as a transformers user gets it)."""
     ref = hf_model(path).cuda()
     x = torch.tensor([ids], device="cuda")
     with torch.no_grad():
-        fp32 = ref(x).logits[0].float()
+        with torch_gdn_reference():
+            fp32 = ref(x).logits[0].float()
         bf16 = ref.to(torch.bfloat16)(x).logits[0].float()
     return fp32, (bf16 - fp32).abs()
 
