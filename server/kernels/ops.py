@@ -130,9 +130,9 @@ def gdn_prefill(q, k, v, g, beta, cu_seqlens, initial_states=None):
     if keep.numel() == 0:
         return torch.empty_like(v), finals
     cu = torch.cat([lens.new_zeros(1), lens[keep].cumsum(0)]).long()
-    o, out_states = fla.chunk_gated_delta_rule(
-        q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0), k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0),
-        v.unsqueeze(0), g.float().unsqueeze(0), beta.float().unsqueeze(0), scale=dk**-0.5,
+    o, out_states = fla.chunk_gated_delta_rule(  # every argument by name: fla's positional order differs by function
+        q=q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0), k=k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0),
+        v=v.unsqueeze(0), g=g.float().unsqueeze(0), beta=beta.float().unsqueeze(0), scale=dk**-0.5,
         initial_state=finals[keep].contiguous(), output_final_state=True, use_qk_l2norm_in_kernel=True,
         cu_seqlens=cu)
     finals[keep] = out_states.float()
@@ -155,9 +155,10 @@ def gdn_decode(q, k, v, g, beta, state_pool, slots):
     if fla is None:
         return gdn_decode_ref(q, k, v, g, beta, state_pool, slots)
     rep = v.shape[1] // q.shape[1]
+    # by name: the fifth positional parameter of fla's fused recurrent kernel is ``gk`` (per-key decays), not beta
     o, st = fla.fused_recurrent_gated_delta_rule(
-        q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1), k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1),
-        v.unsqueeze(1), g.float().unsqueeze(1), beta.float().unsqueeze(1), scale=q.shape[-1] ** -0.5,
+        q=q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1), k=k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1),
+        v=v.unsqueeze(1), g=g.float().unsqueeze(1), beta=beta.float().unsqueeze(1), scale=q.shape[-1] ** -0.5,
         initial_state=state_pool[slots], output_final_state=True, use_qk_l2norm_in_kernel=True)
     state_pool[slots] = st.float()
     return o[:, 0]
