@@ -9,6 +9,8 @@ Tolerance: the references compute in fp32, so ~1e-5 relative to the fp64 truth.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,11 +60,13 @@ def truth(q, k, v, g, beta, cu, s0) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_fp64_recurrence_matches_transformers() -> None:
     """Our ground truth vs transformers' token-by-token fallback (it computes in fp32: fp32 tolerance)."""
+    import inspect
+
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
 
     q, k, v, g, beta, _, s0 = gdn_inputs([70], seed=1)
     o, state = gdn_recurrence_fp64(q, k, v, g, beta, s0[0])
-    ref_o, ref_state = torch_recurrent_gated_delta_rule(
+    ref_o, ref_state = inspect.unwrap(torch_recurrent_gated_delta_rule)(  # the torch fallback, not fla's kernel
         q[None], k[None], v[None], g[None], beta[None], initial_state=s0, output_final_state=True,
         use_qk_l2norm_in_kernel=True)
     assert rel_err(o, ref_o[0]) < TOL and rel_err(state, ref_state[0]) < TOL
@@ -178,3 +182,28 @@ def test_ops_on_cuda_match_recurrence(dtype: torch.dtype) -> None:
     for j, i in enumerate((3, 4)):
         ro, rs = gdn_recurrence_fp64(*(x[rows[j] : rows[j] + 1].cpu().float() for x in dev[:5]), finals[i].cpu())
         assert rel_err(o_dec[j], ro[0]) < tol and rel_err(pool[slots[j]], rs) < tol
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="fla-core is not installed")
+def test_fla_decode_adapter_matches_recurrence(monkeypatch) -> None:
+    """``ops.gdn_decode`` through fla-core's fused recurrent kernel (without a GPU: under the Triton interpreter),
+    several steps from nonzero states in shuffled slots, against the fp64 recurrence: the adapter's argument mapping
+    (fla's fifth positional parameter is ``gk``, not beta) and its state layout. bf16 inputs, bf16 outputs."""
+    monkeypatch.setattr(ops, "_fast", lambda x: True)  # the fla path on any device
+    steps, dk, dv = 3, 32, 32
+    q, k, v, g, beta, _, s0 = gdn_inputs([steps] * 2, seed=11, hk=2, hv=4, dk=dk, dv=dv)
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    slots = torch.tensor([3, 1])
+    pool = torch.zeros(5, 4, dk, dv)
+    pool[slots] = s0
+    pool, slots = pool.to(DEVICE), slots.to(DEVICE)
+    for t in range(steps):
+        rows = torch.tensor([t, steps + t])
+        o = ops.gdn_decode(*(x[rows].to(DEVICE) for x in (q, k, v, g, beta)), pool, slots)
+        for j in range(2):
+            s = j * steps
+            ro, rs = gdn_recurrence_fp64(q[s : s + t + 1].float(), k[s : s + t + 1].float(), v[s : s + t + 1].float(),
+                                         g[s : s + t + 1], beta[s : s + t + 1], s0[j])
+            assert rel_err(o[j].float(), ro[-1]) < 2e-2, (t, j)
+            assert rel_err(pool[slots[j]], rs) < 1e-3, (t, j)
+    assert pool[0].abs().max() == 0 and pool[2].abs().max() == 0 and pool[4].abs().max() == 0  # other slots untouched
