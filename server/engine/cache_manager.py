@@ -119,6 +119,9 @@ class CacheManager:
 
     def admit(self, seq: Sequence, hit: PrefixHit | None) -> None:
         rank, home = self._placement(seq, hit)
+        if self.prefix is not None and self.prefix.needs_state and seq.use_prefix_cache:
+            shared = self.prefix.shared(seq.prompt_ids)
+            seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
         seq.slot = self.free_slots.pop()
         seq.home = home
         seq.decode_rank = rank

@@ -11,7 +11,10 @@ Lookup: hashed page chains, as vLLM does: an entry indexes the chain hash of eve
 tokens (a block's hash covers every token before it); a new prompt walks its blocks to the deepest hashed one, then
 extends the match token by token into the next block (a prefix may end mid-page), always leaving at least one
 prompt token to compute. Linear-attention layers (lightning, GDN) need their state at the prefix's end, so for
-such models a match is cut back to the deepest state snapshot it covers.
+such models a match is cut back to the deepest state snapshot it covers. States are snapshotted at prefill-chunk
+ends and prompt ends, and where a prompt leaves the longest cached prefix it shares (:meth:`PrefixCache.shared`):
+the scheduler ends a chunk there, so siblings of a document (the same prefix, different questions) find a
+snapshot at the document's end from the second one on, wherever the chunk boundaries fell.
 
 Memory: pages carry reference counts (requests and entries). Entries no running request reads are evicted least
 recently used first when a page or a snapshot slot is needed, never those in use.
@@ -81,10 +84,9 @@ class PrefixCache:
         self.hit_tokens = 0  # prompt tokens served from the cache (a counter for metrics)
         self.evictions = 0  # entries dropped to make room
 
-    def match(self, prompt: list[int]) -> PrefixHit | None:
-        """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute). Every
-        entry met on the walk is a candidate: for linear-attention models a shallower entry can hold a deeper
-        usable snapshot than the deepest one (a request that hit a cached prefix snapshots only its own chunks)."""
+    def _candidates(self, prompt: list[int]) -> list[tuple[CacheEntry, int]]:
+        """Every entry that shares at least one full block with ``prompt``, with the tokens it shares (at most
+        ``len(prompt) - 1``: one prompt token is always left to compute)."""
         limit = len(prompt) - 1
         depths: dict[int, int] = {}  # entry -> full blocks of the prompt it holds
         depth = 0
@@ -94,7 +96,7 @@ class PrefixCache:
                 break
             depth += self.block
             depths.update(dict.fromkeys(found, depth))
-        best: PrefixHit | None = None
+        out = []
         for i, d in depths.items():
             e = self.entries[i]
             if e.tokens[:d] != prompt[:d]:  # a hash collision
@@ -102,6 +104,19 @@ class PrefixCache:
             m, end = d, min(limit, len(e.tokens))
             while m < end and e.tokens[m] == prompt[m]:  # the prefix may end mid-block
                 m += 1
+            out.append((e, m))
+        return out
+
+    def shared(self, prompt: list[int]) -> int:
+        """The most tokens ``prompt`` shares with one entry, state snapshots aside (0: none)."""
+        return max((m for _, m in self._candidates(prompt)), default=0)
+
+    def match(self, prompt: list[int]) -> PrefixHit | None:
+        """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute). Every
+        entry met on the walk is a candidate: for linear-attention models a shallower entry can hold a deeper
+        usable snapshot than the deepest one (a request that hit a cached prefix snapshots only its own chunks)."""
+        best: PrefixHit | None = None
+        for e, m in self._candidates(prompt):
             snapshot = None
             if self.needs_state:
                 usable = [t for t in e.snapshots if t <= m]

@@ -96,17 +96,21 @@ class Scheduler:
         in the cache bookkeeping and take their cost from ``room``; None if they cannot run now."""
         start = seq.num_computed
         remaining_prompt = len(seq.prompt_ids) - start
+        # a chunk ends where the prompt leaves a cached prefix, for a state snapshot there (see prefix_cache.py)
+        cut = seq.snapshot_at - start if seq.snapshot_at is not None and seq.snapshot_at > start else None
         if seq.home is not None:
             placement, owner = Placement.HOMED, seq.home
-            n = min(n, room[owner])
+            n = min(n, room[owner], cut or n)
         elif self.sp > 1 and remaining_prompt >= self.split_threshold:
             placement, owner = Placement.SPLIT, 0
             n = min(n, self.sp * min(room))
+            if cut is not None and cut >= self.split_threshold:  # a shorter split chunk could never be placed
+                n = min(n, cut)
             if n < self.split_threshold:
                 return None  # wait for a step with budget for a split chunk (the reservation assumes one)
         else:
             placement = Placement.REPLICATED if self.sp > 1 else Placement.HOMED
-            n = min(n, min(room))
+            n = min(n, min(room), cut or n)
             owner = self.cache.replicated_owner(seq) if self.sp > 1 else 0
         if n <= 0:
             return None

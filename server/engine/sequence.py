@@ -40,6 +40,9 @@ class Sequence:
     restored: bool = False  # the state slot starts from a cached snapshot, not from zeros
     prefix_entry: object | None = None  # the prefix-cache entry whose pages it shares
     snapshots: dict[int, int] = field(default_factory=dict)  # state snapshots saved along the way: tokens -> slot
+    # where its prompt leaves a cached one (linear-attention models): a prefill chunk ends there, so the state at
+    # that point is snapshotted for the next request that shares the same prefix
+    snapshot_at: int | None = None
     # prompt logprobs computed so far (SamplingParams.prompt_logprobs), None for the first token; handed to the
     # output of the first generated token, then dropped here
     prompt_logprobs: list[PromptTokenLogprob | None] | None = None

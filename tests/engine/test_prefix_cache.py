@@ -119,3 +119,25 @@ def lcp(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+@pytest.mark.parametrize("sp", [1, 2])
+def test_hybrid_siblings_find_a_snapshot_at_the_shared_prefix_end(reference, sp):
+    """A hybrid's match stops at a state snapshot. The second sibling of a document ends a prefill chunk where it
+    leaves the cached prefix (the document's end, mid-chunk and mid-page here), so from the third one on the whole
+    shared prefix comes from the cache; tokens equal the cache-off run."""
+    path, _ = reference["minimax_7to1"]
+    prompts = [DOC + q for q in QUESTIONS]
+    runs = {}
+    for cache in (False, True):
+        with LLM(path, sp_size=sp, enable_prefix_cache=cache, cpu_cache_gb=cache_gb("minimax_7to1", sp),
+                 **ENGINE) as llm:
+            outs = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts]  # one after another
+            runs[cache] = [o.token_ids for o in outs], [o.cached_tokens for o in outs]
+            if cache:
+                assert llm.engine.stats().state_slots_used == 0
+    assert runs[True][0] == runs[False][0]
+    shared = lcp(prompts[0], prompts[1])  # the document, and any first tokens the questions happen to share
+    assert len(DOC) <= shared and shared % (sp * CHUNK) and shared % PAGE  # not on a chunk or page boundary
+    chunk_end = shared // (sp * CHUNK) * (sp * CHUNK)
+    assert runs[True][1] == [0, chunk_end, min(shared, lcp(prompts[1], prompts[2]))]
