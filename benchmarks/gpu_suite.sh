@@ -5,10 +5,14 @@
 #   benchmarks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
 #   benchmarks/gpu_suite.sh prefill prefill-at-limit modes placement
 #       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
-# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them to bring along.
+# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them to bring along. Triton's
+# kernels (ours, fla-core's) compile and fla's autotune on first use too (over 2 minutes for the GDN shapes): with
+# TRITON_CACHE_AUTOTUNING=1 (set below) the tuning results are cached beside the compiled kernels, and the
+# triton-cache step packs ~/.triton/cache; unpack it into ~ on the next host.
 # Results record $GIT_COMMIT (set it to the checkout's commit: the host's .git may be stale).
 set -u
 WORK=${WORK:-/tmp/gpu-suite}
+export TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$WORK"
 BP="python benchmarks/bench_prefill.py"
 
@@ -39,6 +43,10 @@ for step in "$@"; do
     jit-cache)  # the compiled flashinfer modules, to bring to a fresh host (unpack into ~/.cache)
         (cd ~/.cache && find flashinfer -name '*.so' | tar -czf "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}" -T -)
         ls -la "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}"
+        ;;
+    triton-cache)  # the compiled Triton kernels and autotuning results, to bring to a fresh host (tar -xzf -C ~)
+        (cd ~ && tar -czf "${TRITON_ARCHIVE:-$WORK/triton_cache.tgz}" .triton/cache)
+        ls -la "${TRITON_ARCHIVE:-$WORK/triton_cache.tgz}"
         ;;
     kernels)
         timeout 120 python benchmarks/bench_kernels.py --out-dir "$WORK" --sections ceilings paged_attention \
