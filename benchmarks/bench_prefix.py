@@ -39,7 +39,7 @@ def turns(args, vocab: int) -> list[list[int]]:
 
 def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
     vocab = model_config(model)["vocab_size"]
-    kw = dict(load_format="dummy", sp_size=sp, enable_prefix_cache=cache, device=args.device,
+    kw = dict(load_format="dummy", sp_size=sp, enable_prefix_cache=cache, device=args.device, cuda_graph_max_bs=4,
               max_model_len=args.doc_len + (args.follow_ups + 2) * (args.question_len + args.output_len) + 64)
     if args.chunked_prefill_size:
         kw["chunked_prefill_size"] = args.chunked_prefill_size

@@ -27,6 +27,8 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.gpu
 
+# The tests decode one or two requests: graphs for batches up to 4 (not the default 64) keep start-up short.
+FEW_GRAPHS = dict(cuda_graph_max_bs=4)
 ARCHS = ["llama", "qwen2", "qwen3", "minimax_alt", "minimax_7to1", "qwen3_5", "qwen3_next"]
 
 
@@ -68,7 +70,7 @@ def check_tokens(tokens: list[int], fp32: torch.Tensor, hf_err: torch.Tensor) ->
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_cuda_matches_transformers(models, arch):
     ids = prompt(300)  # several lightning blocks plus a remainder
-    with LLM(models[arch], device="cuda", dtype="float32", chunked_prefill_size=128) as llm:
+    with LLM(models[arch], device="cuda", dtype="float32", chunked_prefill_size=128, **FEW_GRAPHS) as llm:
         ours = llm.engine.prompt_logits(ids)
     fp32, _ = references(models[arch], ids)
     assert_logits_close(ours.cpu(), fp32.cpu())
@@ -78,7 +80,7 @@ def test_fp32_cuda_matches_transformers(models, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_cuda_within_transformers_bf16_error(models, arch):
     ids = prompt(300)
-    with LLM(models[arch], device="cuda", dtype="bfloat16", chunked_prefill_size=128) as llm:
+    with LLM(models[arch], device="cuda", dtype="bfloat16", chunked_prefill_size=128, **FEW_GRAPHS) as llm:
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
     fp32, hf_err = references(models[arch], ids + out)
@@ -95,7 +97,7 @@ def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode, ulysses):
     all-gather), TP, and Ulysses (U = 2: heads over the two GPUs)."""
     ids = prompt(1000)
     kw = dict(device="cuda", dtype="bfloat16", sp_min_tokens=256, chunked_prefill_size=600, ring_mode=mode,
-              lasp_mode=mode, ulysses_degree=ulysses)
+              lasp_mode=mode, ulysses_degree=ulysses, **FEW_GRAPHS)
     with LLM(models[arch], sp_size=sp, tp_size=tp, **kw) as llm:
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids, prompt(7)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
@@ -109,7 +111,7 @@ def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode, ulysses):
 @pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("minimax_7to1", 2, 1), ("minimax_7to1", 1, 2)])
 def test_nccl_sp_tp_fp32_identical_to_single_gpu(models, arch, sp, tp):
     ids = prompt(1000)
-    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
+    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600, **FEW_GRAPHS)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with LLM(models[arch], **kw) as llm:
         ref_logits = llm.engine.prompt_logits(ids)
