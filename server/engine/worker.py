@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -61,17 +62,44 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
 
 Message = StepPlan | MemoryStatsRequest | Shutdown
 
+# Messages travel pickled in one broadcast of a fixed-size buffer on the gloo world group (its first 8 bytes hold the
+# length); a larger one (a long prompt's token ids) follows in a second broadcast of its exact size. A decode step's
+# plan is a few hundred bytes to a few KB: one collective per step, where broadcast_object_list takes two.
+MESSAGE_BUFFER_BYTES = 1 << 16
+_buffers: dict[int, torch.Tensor] = {}
+
+
+def _message_buffer(pstate: ParallelState) -> torch.Tensor:
+    key = id(pstate.world_cpu_group)
+    if key not in _buffers:
+        _buffers[key] = torch.zeros(MESSAGE_BUFFER_BYTES, dtype=torch.uint8)
+    return _buffers[key]
+
 
 def receive_message(pstate: ParallelState) -> Message:
-    box = [None]
-    dist.broadcast_object_list(box, src=0, group=pstate.world_cpu_group)
-    return box[0]
+    buf = _message_buffer(pstate)
+    dist.broadcast(buf, src=0, group=pstate.world_cpu_group)
+    n = int(buf[:8].view(torch.int64)[0])
+    if n <= MESSAGE_BUFFER_BYTES - 8:
+        return pickle.loads(buf[8 : 8 + n].numpy().tobytes())
+    payload = torch.empty(n, dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=pstate.world_cpu_group)
+    return pickle.loads(payload.numpy().tobytes())
 
 
 def send_message(pstate: ParallelState, message: Message) -> None:
-    """Rank 0: send a step plan or a control message to every other rank (one broadcast on the gloo world)."""
-    if pstate.world_size > 1:
-        dist.broadcast_object_list([message], src=0, group=pstate.world_cpu_group)
+    """Rank 0: send a step plan or a control message to every other rank (see ``MESSAGE_BUFFER_BYTES``)."""
+    if pstate.world_size == 1:
+        return
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    buf = _message_buffer(pstate)
+    buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    small = len(data) <= MESSAGE_BUFFER_BYTES - 8
+    if small:
+        buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    dist.broadcast(buf, src=0, group=pstate.world_cpu_group)
+    if not small:
+        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=pstate.world_cpu_group)
 
 
 def memory_stats(pstate: ParallelState, reset: bool) -> dict:
