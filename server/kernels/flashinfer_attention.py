@@ -58,19 +58,42 @@ def coalesce_runs(runs: list[Run]) -> list[Run]:
 
 
 def decompose_runs(q_runs: list[Run], k_runs: list[Run]) -> list[AttentionPiece]:
-    """The full and causal pieces that together cover exactly the visible (query, key) pairs."""
+    """The full and causal pieces that together cover exactly the visible (query, key) pairs.
+
+    Keys that every query of a run sees (all their positions before its first query) join into one piece when they
+    are contiguous in rows, and they join the causal piece of the key run on the queries' diagonal when it follows
+    them in rows (bottom-right alignment keeps the mask exact). A zigzag SP shard after c prefill chunks is 2c
+    key runs: without the joins a chunk's ring step would be one kernel call and one merge per run and layer.
+    """
     pieces = []
+    keys = coalesce_runs(k_runs)
     for q_row, q_n, q_pos in coalesce_runs(q_runs):
-        for k_row, k_n, k_pos in coalesce_runs(k_runs):
+        q_end = q_pos + q_n
+        seen: tuple[int, int] | None = None  # rows [a, b) every query sees, contiguous, not yet in a piece
+        for k_row, k_n, k_pos in keys:
             k_end = k_pos + k_n  # first position after the key run
+            if k_end <= q_pos:  # every query sees the whole run
+                if seen is not None and seen[1] == k_row:
+                    seen = (seen[0], k_row + k_n)
+                else:
+                    if seen is not None:
+                        pieces.append(AttentionPiece(q_row, q_n, seen[0], seen[1] - seen[0], causal=False))
+                    seen = (k_row, k_row + k_n)
+                continue
+            if k_pos >= q_end:  # no query sees it
+                continue
+            lead = 0  # rows of `seen` joined in front of this run's pieces
+            if seen is not None and seen[1] == k_row and k_pos <= q_pos:
+                lead, seen = seen[1] - seen[0], None
             # Queries at positions [c0, c1) see keys [k_pos, q_pos_i]: causal, keys cut at c1 so the ends meet.
-            c0, c1 = max(q_pos, k_pos), min(q_pos + q_n, k_end)
-            if c1 > c0:
-                pieces.append(AttentionPiece(q_row + c0 - q_pos, c1 - c0, k_row, c1 - k_pos, causal=True))
+            c0, c1 = max(q_pos, k_pos), min(q_end, k_end)
+            pieces.append(AttentionPiece(q_row + c0 - q_pos, c1 - c0, k_row - lead, lead + c1 - k_pos, causal=True))
             # Queries at positions >= k_end see the whole key run.
             f0 = max(q_pos, k_end)
-            if q_pos + q_n > f0:
-                pieces.append(AttentionPiece(q_row + f0 - q_pos, q_pos + q_n - f0, k_row, k_n, causal=False))
+            if q_end > f0:
+                pieces.append(AttentionPiece(q_row + f0 - q_pos, q_end - f0, k_row - lead, lead + k_n, causal=False))
+        if seen is not None:
+            pieces.append(AttentionPiece(q_row, q_n, seen[0], seen[1] - seen[0], causal=False))
     return pieces
 
 

@@ -47,6 +47,12 @@ LAYOUTS = {
     "zigzag_later_rank": ([(0, 11, 11), (11, 11, 44)], [(0, 11, 22), (11, 11, 33)]),
     "decode_one_query": ([(0, 1, 70)], [(0, 40, 0), (40, 31, 40)]),
     "overlapping_uneven": ([(0, 9, 5), (9, 20, 30)], [(0, 25, 3), (25, 7, 40), (32, 4, 60)]),
+    # zigzag, P = 2, chunks of 4 x 6 tokens: rank 0 in its 4th chunk (positions 72..77 and 90..95) against its own
+    # shard (two runs per chunk, then the chunk's own two) and against rank 1's shard
+    "zigzag_4th_chunk_own": ([(0, 6, 72), (6, 6, 90)],
+                             [(2 * c * 6 + i * 6, 6, c * 24 + (0, 18)[i]) for c in range(4) for i in (0, 1)]),
+    "zigzag_4th_chunk_other": ([(0, 6, 72), (6, 6, 90)],
+                               [(2 * c * 6 + i * 6, 6, c * 24 + (6, 12)[i]) for c in range(4) for i in (0, 1)]),
 }
 
 
@@ -77,6 +83,61 @@ def test_decompose_covers_each_visible_pair_once() -> None:
     ]
     # Adjacent runs continuing each other are joined first.
     assert decompose_runs([(0, 4, 0), (4, 4, 4)], [(0, 8, 0)]) == [AttentionPiece(0, 8, 0, 8, causal=True)]
+
+
+def coverage(pieces: list[AttentionPiece], nq: int, nk: int) -> torch.Tensor:
+    """How many pieces cover each (query row, key row) pair, with the bottom-right causal mask."""
+    count = torch.zeros(nq, nk, dtype=torch.int64)
+    for p in pieces:
+        for j in range(p.q_len):
+            last = p.k_len - p.q_len + j if p.causal else p.k_len - 1
+            count[p.q_start + j, p.k_start : p.k_start + max(last + 1, 0)] += 1
+    return count
+
+
+def random_runs(g: torch.Generator, n_runs: int, span: int) -> list[tuple[int, int, int]]:
+    """Runs of random lengths at random non-overlapping positions below ``span``, rows packed in run order."""
+    starts = sorted(torch.randperm(span, generator=g)[: 2 * n_runs].tolist())
+    pairs = [(starts[2 * i], starts[2 * i + 1]) for i in range(n_runs)]
+    order = torch.randperm(n_runs, generator=g).tolist() if torch.rand(1, generator=g) < 0.3 else range(n_runs)
+    runs, row = [], 0
+    for i in order:
+        a, b = pairs[i]
+        runs.append((row, b - a, a))
+        row += b - a
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_decompose_is_an_exact_cover_of_visible_pairs(seed: int) -> None:
+    """Random layouts (keys in or out of position order, queries anywhere): every visible pair exactly once."""
+    g = torch.Generator().manual_seed(seed)
+    k_runs = random_runs(g, int(torch.randint(1, 7, (1,), generator=g)), 60)
+    if seed % 2:  # queries anywhere
+        q_runs = random_runs(g, int(torch.randint(1, 4, (1,), generator=g)), 60)
+    else:  # queries that are keys too (a piece of a key run): the diagonal, after or inside other key runs
+        q_runs, row = [], 0
+        for _, n, pos in k_runs[: int(torch.randint(1, 3, (1,), generator=g))]:
+            a = int(torch.randint(0, n, (1,), generator=g))
+            b = int(torch.randint(a + 1, n + 1, (1,), generator=g))
+            q_runs.append((row, b - a, pos + a))
+            row += b - a
+    q_pos = ops.runs_to_positions(q_runs, torch.device("cpu"))
+    k_pos = ops.runs_to_positions(k_runs, torch.device("cpu"))
+    visible = (k_pos[None, :] <= q_pos[:, None]).long()
+    assert torch.equal(coverage(decompose_runs(q_runs, k_runs), len(q_pos), len(k_pos)), visible)
+
+
+def test_zigzag_shard_after_many_chunks_is_one_piece_per_query_run() -> None:
+    """A chunk's queries against a shard of 2c position-ordered key runs: the keys every query sees join the
+    diagonal run that follows them in rows (own shard), or form one full piece (another rank's shard)."""
+    for name in ("zigzag_4th_chunk_own", "zigzag_4th_chunk_other"):
+        q_runs, k_runs = LAYOUTS[name]
+        pieces = decompose_runs(q_runs, k_runs)
+        assert len(pieces) == 2, (name, pieces)
+        nq, nk = sum(n for _, n, _ in q_runs), sum(n for _, n, _ in k_runs)
+        q_pos, k_pos = (ops.runs_to_positions(r, torch.device("cpu")) for r in (q_runs, k_runs))
+        assert torch.equal(coverage(pieces, nq, nk), (k_pos[None, :] <= q_pos[:, None]).long())
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
