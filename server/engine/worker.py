@@ -62,15 +62,16 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
 
 Message = StepPlan | MemoryStatsRequest | Shutdown
 
-# Messages travel pickled in one broadcast of a fixed-size buffer on the gloo world group (its first 8 bytes hold the
-# length); a larger one (a long prompt's token ids) follows in a second broadcast of its exact size. A decode step's
-# plan is a few hundred bytes to a few KB: one collective per step, where broadcast_object_list takes two.
+# Messages travel pickled in one broadcast of a fixed-size buffer on the gloo message group (its first 8 bytes hold
+# the length; the group has no practical timeout, so idle workers wait there for as long as it takes); a larger one
+# (a long prompt's token ids) follows in a second broadcast of its exact size. A decode step's plan is a few hundred
+# bytes to a few KB: one collective per step, where broadcast_object_list takes two.
 MESSAGE_BUFFER_BYTES = 1 << 16
 _buffers: dict[int, torch.Tensor] = {}
 
 
 def _message_buffer(pstate: ParallelState) -> torch.Tensor:
-    key = id(pstate.world_cpu_group)
+    key = id(pstate.message_group)
     if key not in _buffers:
         _buffers[key] = torch.zeros(MESSAGE_BUFFER_BYTES, dtype=torch.uint8)
     return _buffers[key]
@@ -78,12 +79,12 @@ def _message_buffer(pstate: ParallelState) -> torch.Tensor:
 
 def receive_message(pstate: ParallelState) -> Message:
     buf = _message_buffer(pstate)
-    dist.broadcast(buf, src=0, group=pstate.world_cpu_group)
+    dist.broadcast(buf, src=0, group=pstate.message_group)
     n = int(buf[:8].view(torch.int64)[0])
     if n <= MESSAGE_BUFFER_BYTES - 8:
         return pickle.loads(buf[8 : 8 + n].numpy().tobytes())
     payload = torch.empty(n, dtype=torch.uint8)
-    dist.broadcast(payload, src=0, group=pstate.world_cpu_group)
+    dist.broadcast(payload, src=0, group=pstate.message_group)
     return pickle.loads(payload.numpy().tobytes())
 
 
@@ -97,9 +98,9 @@ def send_message(pstate: ParallelState, message: Message) -> None:
     small = len(data) <= MESSAGE_BUFFER_BYTES - 8
     if small:
         buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    dist.broadcast(buf, src=0, group=pstate.world_cpu_group)
+    dist.broadcast(buf, src=0, group=pstate.message_group)
     if not small:
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=pstate.world_cpu_group)
+        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=pstate.message_group)
 
 
 def memory_stats(pstate: ParallelState, reset: bool) -> dict:

@@ -37,6 +37,8 @@ class ParallelState:
     tp_group: dist.ProcessGroup | None = None
     sp_group: dist.ProcessGroup | None = None
     world_cpu_group: dist.ProcessGroup | None = None
+    # rank 0's step plans and control messages (gloo, no practical timeout: workers wait there while idle)
+    message_group: dist.ProcessGroup | None = None
     tp_cpu_group: dist.ProcessGroup | None = None
     sp_cpu_group: dist.ProcessGroup | None = None
     # Global ranks of the members of this rank's SP and TP groups, in group-rank order.
@@ -121,6 +123,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+IDLE_WAIT = datetime.timedelta(days=365 * 10)
+
+
 def create_store(rank: int, world: int, init_method: str, timeout: datetime.timedelta) -> dist.TCPStore:
     """The rendezvous store; rank 0 serves it on a socket bound to ``init_method``'s host only (torch's own
     server would listen on every interface)."""
@@ -185,6 +190,9 @@ def init_parallel_state(
     )
     grid = torch.arange(world).view(sp_size, tp_size)
     state.world_cpu_group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
+    # Workers block in the message broadcast between steps, for as long as the engine is idle: a finite timeout
+    # would end them after that long without a request.
+    state.message_group = dist.new_group(list(range(world)), backend="gloo", timeout=IDLE_WAIT)
     for row in grid.tolist():  # TP groups
         dev_g = dist.new_group(row, backend=backend, timeout=timeout)
         cpu_g = dist.new_group(row, backend="gloo", timeout=timeout)

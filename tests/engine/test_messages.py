@@ -1,20 +1,35 @@
-"""Rank 0's messages to the workers over the gloo world group (``send_message`` / ``receive_message``): step plans
-of every size (one fixed-size broadcast, or a second one beyond ``MESSAGE_BUFFER_BYTES``) and control messages,
-received equal on every other rank, in order."""
+"""Rank 0's messages to the workers over the gloo message group (``send_message`` / ``receive_message``): step plans
+of every size (one fixed-size broadcast, or a second one beyond ``MESSAGE_BUFFER_BYTES``, sizes around the limit)
+and control messages, received equal on every other rank, in order; and a worker waits for the next message for
+longer than the groups' collective timeout (an idle server)."""
 
 from __future__ import annotations
 
+import pickle
+import time
+
+import torch
+import torch.multiprocessing as mp
+
 from server.engine.worker import MESSAGE_BUFFER_BYTES, receive_message, send_message
 from server.forward.plan import ChunkPlan, MemoryStatsRequest, Placement, Shutdown, StepPlan
-from server.sp.groups import ParallelState
-from tests.sp.sp_testing import run_on_group
+from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
+from tests.sp.sp_testing import free_port, run_on_group
 
 
 def messages() -> list:
     small = StepPlan([ChunkPlan(3, 17, 1, Placement.REPLICATED, 1, True)], [42])
     n = MESSAGE_BUFFER_BYTES  # token ids alone pickle to more than the buffer
     big = StepPlan([ChunkPlan(4, 0, n, Placement.SPLIT, 0, True)], list(range(100_000, 100_000 + n)))
-    return [small, big, MemoryStatsRequest(False), small, Shutdown()]
+    # pickled sizes around the buffer's payload limit (MESSAGE_BUFFER_BYTES - 8): one under, at, one over
+    def size(k: int) -> int:
+        return len(pickle.dumps(StepPlan(token_ids=[100_000] * k), protocol=pickle.HIGHEST_PROTOCOL))
+
+    limit = MESSAGE_BUFFER_BYTES - 8
+    k = next(k for k in range(limit // 5 - 200, limit) if size(k) >= limit)  # the first that does not fit
+    assert size(k - 1) < limit <= size(k)
+    edge = [StepPlan(token_ids=[100_000] * j) for j in (k - 1, k, k + 1)]
+    return [small, big, MemoryStatsRequest(False), *edge, small, Shutdown()]
 
 
 def _check(pstate: ParallelState) -> None:
@@ -29,3 +44,19 @@ def _check(pstate: ParallelState) -> None:
 
 def test_messages_arrive_whole_and_in_order() -> None:
     run_on_group(_check, 3)
+
+
+def _idle(rank: int, port: int) -> None:
+    pstate = init_parallel_state(rank, 2, 1, torch.device("cpu"), f"tcp://127.0.0.1:{port}", timeout_s=2)
+    try:
+        if rank == 0:
+            time.sleep(5)  # longer than the groups' 2 s timeout
+            send_message(pstate, Shutdown())
+        else:
+            assert isinstance(receive_message(pstate), Shutdown)
+    finally:
+        destroy_parallel_state(pstate)
+
+
+def test_an_idle_worker_waits_past_the_collective_timeout() -> None:
+    mp.spawn(_idle, args=(free_port(),), nprocs=2, join=True)
