@@ -104,9 +104,9 @@ class Scheduler:
         elif self.sp > 1 and remaining_prompt >= self.split_threshold:
             placement, owner = Placement.SPLIT, 0
             n = min(n, self.sp * min(room))
-            if cut is not None and cut >= self.split_threshold:  # a shorter split chunk could never be placed
-                n = min(n, cut)
-            if n < self.split_threshold:
+            if cut is not None and 2 * self.sp <= cut < n:
+                n = cut  # a split chunk that ends at the cut, shorter than the threshold if it must be
+            elif n < self.split_threshold:
                 return None  # wait for a step with budget for a split chunk (the reservation assumes one)
         else:
             placement = Placement.REPLICATED if self.sp > 1 else Placement.HOMED

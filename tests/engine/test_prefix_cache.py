@@ -121,13 +121,18 @@ def lcp(a: list[int], b: list[int]) -> int:
     return n
 
 
+@pytest.mark.parametrize("doc_len", [150, 106])
 @pytest.mark.parametrize("sp", [1, 2])
-def test_hybrid_siblings_find_a_snapshot_at_the_shared_prefix_end(reference, sp):
+def test_hybrid_siblings_find_a_snapshot_at_the_shared_prefix_end(reference, sp, doc_len):
     """A hybrid's match stops at a state snapshot. The second sibling of a document ends a prefill chunk where it
-    leaves the cached prefix (the document's end, mid-chunk and mid-page here), so from the third one on the whole
-    shared prefix comes from the cache; tokens equal the cache-off run."""
+    leaves the cached prefix (the document's end, mid-chunk and mid-page here; at doc_len 106 and sp = 2 that split
+    chunk is shorter than the split threshold), so the third one gets the whole document from the cache; tokens
+    equal the cache-off run."""
     path, _ = reference["minimax_7to1"]
-    prompts = [DOC + q for q in QUESTIONS]
+    doc = prompt(doc_len, seed=11)
+    # questions long enough that the second sibling's rest of the prompt is split over SP after its hit
+    prompts = [doc + prompt(n, seed=40 + n) for n in (30, 33, 36)]
+    assert all(lcp(a, b) == doc_len for a in prompts for b in prompts if a is not b)  # siblings part at the end
     runs = {}
     for cache in (False, True):
         with LLM(path, sp_size=sp, enable_prefix_cache=cache, cpu_cache_gb=cache_gb("minimax_7to1", sp),
@@ -137,7 +142,6 @@ def test_hybrid_siblings_find_a_snapshot_at_the_shared_prefix_end(reference, sp)
             if cache:
                 assert llm.engine.stats().state_slots_used == 0
     assert runs[True][0] == runs[False][0]
-    shared = lcp(prompts[0], prompts[1])  # the document, and any first tokens the questions happen to share
-    assert len(DOC) <= shared and shared % (sp * CHUNK) and shared % PAGE  # not on a chunk or page boundary
-    chunk_end = shared // (sp * CHUNK) * (sp * CHUNK)
-    assert runs[True][1] == [0, chunk_end, min(shared, lcp(prompts[1], prompts[2]))]
+    step = sp * CHUNK  # the first prompt's chunk ends (a split chunk takes sp x CHUNK tokens)
+    assert doc_len % step and doc_len % PAGE  # the document ends mid-chunk and mid-page
+    assert runs[True][1] == [0, doc_len // step * step, doc_len]
