@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
     if importlib.util.find_spec("fla") is not None:
         from tests.helpers import GDN_MODELING, torch_gdn_reference
 
-        for _name in GDN_MODELING:
-            importlib.import_module(f"transformers.models.{_name}.modeling_{_name}")
+        for _name in GDN_MODELING:  # those this transformers has
+            if importlib.util.find_spec(f"transformers.models.{_name}") is not None:
+                importlib.import_module(f"transformers.models.{_name}.modeling_{_name}")
         _GDN_REFERENCE = torch_gdn_reference()  # kept: a collected context manager would restore on exit
         _GDN_REFERENCE.__enter__()  # for the whole session

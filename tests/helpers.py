@@ -166,10 +166,13 @@ def torch_gdn_reference():
     swapped = []
     for name in GDN_MODELING:
         mod = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
+        if mod is None:
+            continue
         for fn in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
-            if mod is not None and hasattr(mod, fn):
-                swapped.append((mod, fn, getattr(mod, fn)))
-                setattr(mod, fn, inspect.unwrap(getattr(mod, fn)))
+            if not hasattr(mod, fn):  # a transformers that binds its kernels elsewhere: no silent fla reference
+                raise RuntimeError(f"{mod.__name__} has no {fn}: cannot force transformers' torch GDN recurrence")
+            swapped.append((mod, fn, getattr(mod, fn)))
+            setattr(mod, fn, inspect.unwrap(getattr(mod, fn)))
     try:
         yield
     finally:
