@@ -160,7 +160,11 @@ class Scheduler:
             seq = self.waiting[0]
             hit = self.cache.lookup(seq)
             if not self.cache.can_admit(seq, hit):
-                break
+                # a hit pins its whole entry: if the two do not fit together but the request does alone (the
+                # entry can then be evicted), compute the prompt instead of waiting for room that never comes
+                if hit is None or not self.cache.can_admit(seq, None):
+                    break
+                hit = None
             self.waiting.popleft()
             self.cache.admit(seq, hit)
             seq.status = Status.RUNNING

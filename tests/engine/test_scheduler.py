@@ -120,3 +120,24 @@ def test_plans_carry_only_what_changed():
         assert plan.started == [] and plan.token_ids == [1]
         sizes.append(sum(len(p) for p in plan.chunks[0].new_pages))
     assert sizes and max(sizes) <= 1 and sum(sizes) >= 1  # at most one page per step, whatever the context
+
+
+def test_a_prefix_hit_that_cannot_fit_is_dropped_instead_of_waited_on():
+    """A hit pins its whole cache entry. When the entry and the request do not fit together but the request fits
+    alone (the entry can be evicted), the request is admitted without the hit, not left waiting for ever."""
+    cfg = EngineConfig(page_size=8, chunked_prefill_size=128, max_running_requests=2, enable_prefix_cache=True)
+    s = Scheduler(cfg, 17, 2, max_model_len=1024)  # 16 pages of 8: 128 tokens
+    first = Sequence("first", list(range(100)), SamplingParams(max_tokens=1), 1)
+    s.add(first)
+    plan, seqs = s.schedule()
+    s.advance(seqs, plan)
+    s.finish(first)
+    assert s.cache.prefix.entries  # its 100 tokens are cached
+    second = Sequence("second", list(range(8)) + list(range(500, 590)), SamplingParams(max_tokens=8), 1)
+    assert s.cache.lookup(second).tokens == 8 and not s.cache.can_admit(second, s.cache.lookup(second))
+    s.add(second)
+    plan, seqs = s.schedule()
+    assert seqs == [second] and plan.chunks[0].num_new == 98 and second.cached_tokens == 0
+    s.advance(seqs, plan)
+    s.finish(second)
+    assert s.cache.pages_used() == 0 and s.cache.reserved == [0]
