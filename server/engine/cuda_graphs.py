@@ -116,7 +116,10 @@ class DecodeGraphs:
             if PROFILE:
                 PROFILE.mark("replay")
             return self.outputs[bs], step
-        return r.model(self._context(bs, batches)), step
+        hidden = r.model(self._context(bs, batches))
+        if PROFILE:
+            PROFILE.mark("forward")
+        return hidden, step
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

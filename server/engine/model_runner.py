@@ -211,6 +211,8 @@ class ModelRunner:
                                self.mesh.ulysses_degree)
         ctx = self.context(rows)
         hidden = self.model(ctx)
+        if PROFILE:
+            PROFILE.mark("forward")
         if plan.all_logits:
             every = self._rows_on_driver(hidden, plan, lambda c: c.num_new)
             return None if every is None else StepOutput(self.model.compute_logits(every))

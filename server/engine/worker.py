@@ -66,7 +66,7 @@ Message = StepPlan | MemoryStatsRequest | Shutdown
 # the length; the group has no practical timeout, so idle workers wait there for as long as it takes); a larger one
 # (a long prompt's token ids) follows in a second broadcast of its exact size. A decode step's plan is a few hundred
 # bytes to a few KB: one collective per step, where broadcast_object_list takes two.
-MESSAGE_BUFFER_BYTES = 1 << 16
+MESSAGE_BUFFER_BYTES = 1 << 14  # a decode plan of 256 requests is about 8 KB
 _buffers: dict[int, torch.Tensor] = {}
 
 

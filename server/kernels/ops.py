@@ -104,9 +104,9 @@ def lightning_decode(q, k, v, slopes, state_pool, slots):
     return lightning_decode_ref(q, k, v, slopes, state_pool, slots)
 
 
-def _fla_gdn(v: torch.Tensor):
-    """fla-core's gated delta rule module when it can serve ``v`` (CUDA, fp16/bf16: fla has no fp32 path)."""
-    if not _fast(v) or v.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] % 16:
+def _fla_gdn(q: torch.Tensor, v: torch.Tensor):
+    """fla-core's gated delta rule module when it can serve ``q``/``v`` (CUDA, fp16/bf16: fla has no fp32 path)."""
+    if not _fast(v) or v.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] % 16 or q.shape[-1] % 16:
         return None  # fla's tiles need head dims that are multiples of 16
     try:
         from fla.ops import gated_delta_rule
@@ -117,7 +117,7 @@ def _fla_gdn(v: torch.Tensor):
 
 def gdn_prefill(q, k, v, g, beta, cu_seqlens, initial_states=None):
     """See :func:`server.kernels.gdn_ref.gdn_prefill_ref`; on CUDA fla's chunked kernel where installed."""
-    fla = _fla_gdn(v)
+    fla = _fla_gdn(q, v)
     if fla is None:
         return gdn_prefill_ref(q, k, v, g, beta, cu_seqlens, initial_states)
     rep = v.shape[1] // q.shape[1]  # fla's chunked kernel wants one q/k head per value head
@@ -151,7 +151,7 @@ def gdn_state_correction(o_loc, q_tilde, cu_seqlens, states):
 
 def gdn_decode(q, k, v, g, beta, state_pool, slots):
     """See :func:`server.kernels.gdn_ref.gdn_decode_ref`; on CUDA fla's fused recurrent kernel where installed."""
-    fla = _fla_gdn(v)
+    fla = _fla_gdn(q, v)
     if fla is None:
         return gdn_decode_ref(q, k, v, g, beta, state_pool, slots)
     rep = v.shape[1] // q.shape[1]
