@@ -51,6 +51,7 @@ class CacheManager:
         self.prefix = prefix_cache
         first = num_slots + 1  # after the scratch slot
         self.free_snapshots = list(range(first + snapshot_slots - 1, first - 1, -1))
+        self.snapshot_slots = snapshot_slots
         self.pending_copies: list[tuple[int, int]] = []  # state-slot copies the next plan carries
         self.pending_page_copies: list[list[tuple[int, int]]] = [[] for _ in range(sp_size)]
 
@@ -119,7 +120,7 @@ class CacheManager:
 
     def admit(self, seq: Sequence, hit: PrefixHit | None) -> None:
         rank, home = self._placement(seq, hit)
-        if self.prefix is not None and self.prefix.needs_state and seq.use_prefix_cache:
+        if self.prefix is not None and self.prefix.needs_state and seq.use_prefix_cache and self.snapshot_slots:
             shared = self.prefix.shared(seq.prompt_ids)
             seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
         seq.slot = self.free_slots.pop()
