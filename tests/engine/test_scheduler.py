@@ -141,3 +141,40 @@ def test_a_prefix_hit_that_cannot_fit_is_dropped_instead_of_waited_on():
     s.advance(seqs, plan)
     s.finish(second)
     assert s.cache.pages_used() == 0 and s.cache.reserved == [0]
+
+
+def run_prompt(s: Scheduler, sq: Sequence) -> list:
+    """Schedule ``sq`` alone until its prompt is computed, then end it; its chunks."""
+    s.add(sq)
+    chunks = []
+    while sq.prefilling:
+        plan, seqs = s.schedule()
+        chunks += [c for c, q in zip(plan.chunks, seqs) if q is sq]
+        s.advance(seqs, plan)
+    s.finish(sq)
+    return chunks
+
+
+def test_hybrid_prefix_cut_for_homed_requests_and_not_for_uncached_ones():
+    """Short prompts of a hybrid model are homed on one SP rank: a sibling whose shared prefix has no snapshot ends
+    its homed chunk where it leaves the cached prompt; a request that does not use the prefix cache (prompt
+    logprobs) is not cut; the next sibling starts from the snapshot taken at the cut."""
+    cfg = EngineConfig(sp_size=2, page_size=4, chunked_prefill_size=64, sp_min_tokens=64, max_running_requests=4,
+                       enable_prefix_cache=True, prefix_cache_snapshots=4)
+    s = Scheduler(cfg, 64, 4, max_model_len=1024, has_linear_layers=True, snapshot_slots=4)
+    doc = list(range(30))
+
+    def sibling(rid: str, q: int, cache: bool = True) -> Sequence:
+        return Sequence(rid, doc + [100 + q] * 5, SamplingParams(max_tokens=1), 2, use_prefix_cache=cache)
+
+    [c] = run_prompt(s, sibling("a", 1))  # snapshot at its prompt end only (35)
+    assert c.placement == Placement.HOMED and c.num_new == 35
+    uncached = run_prompt(s, sibling("u", 2, cache=False))
+    assert [c.num_new for c in uncached] == [35]
+    b = sibling("b", 3)
+    chunks = run_prompt(s, b)
+    assert b.cached_tokens == 0 and [(c.placement, c.num_new) for c in chunks] == [(Placement.HOMED, 30),
+                                                                                   (Placement.HOMED, 5)]
+    c = sibling("c", 4)
+    assert [x.num_new for x in run_prompt(s, c)] == [5] and c.cached_tokens == 30
+    assert s.cache.pages_used() == 0 and s.cache.reserved == [0, 0]
