@@ -73,6 +73,9 @@ for step in "$@"; do
     warm256)  # flashinfer modules for head dim 256 (the Qwen3.5 / Qwen3-Next shapes), in the background
         python benchmarks/warm_flashinfer.py --dtypes bfloat16 --head-dims 256 >"$WORK/warm256.log" 2>&1 &
         ;;
+    warm-gdn)  # fla-core's GDN kernels compiled and tuned for the benchmarked shapes, in the background
+        python benchmarks/warm_gdn.py >"$WORK/warm_gdn.log" 2>&1 &
+        ;;
     gpu-tests)  # the engine on CUDA (every architecture, graphs, SP / TP / Ulysses over NCCL), GDN and Ulysses ops
         # GPU_TESTS_K: a pytest -k selection (default: all of them)
         timeout 360 python -m pytest -q -m gpu -p no:cacheprovider -rfEs ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
