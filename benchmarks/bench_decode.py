@@ -19,8 +19,6 @@ Cells whose KV does not fit (the engine rejects the requests) are recorded as sk
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -31,7 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_prefill import device_info, model_dir  # noqa: E402
+from benchmarks.bench_prefill import model_dir, results_log  # noqa: E402
 from server import SamplingParams  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
@@ -166,15 +164,7 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     gbps = copy_gbps(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rows: list[dict] = []
-    result = {"environment": {**device_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "command": " ".join(sys.argv)}, "copy_gbps": gbps, "rows": rows}
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+    rows, emit = results_log(args.out, copy_gbps=gbps)
 
     for model in args.model:
         for sp in args.sp_size:

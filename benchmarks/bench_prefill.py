@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -52,6 +53,22 @@ def device_info() -> dict:
 
     info["triton"] = triton.__version__
     return info
+
+
+def results_log(path: str | None, **extra) -> tuple[list[dict], Callable[[dict], None]]:
+    """A result file's rows and ``emit(row)``, which appends a row and rewrites ``path`` (if given) at once, so a
+    run cut short keeps what it measured. The file: ``{"environment": device, date, command; **extra; "rows"}``."""
+    rows: list[dict] = []
+    result = {"environment": {**device_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "command": " ".join(sys.argv)}, **extra, "rows": rows}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if path:
+            with open(path, "w") as f:
+                json.dump(result, f, indent=1)
+
+    return rows, emit
 
 
 def peak_tflops() -> float | None:

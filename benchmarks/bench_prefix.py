@@ -14,8 +14,6 @@ extend the previous conversation (the previous prompt, its answer, a new questio
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -25,7 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_prefill import device_info, model_config, model_dir  # noqa: E402
+from benchmarks.bench_prefill import model_config, model_dir, results_log  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
 
 
@@ -86,15 +84,7 @@ def main() -> None:
     ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rows: list[dict] = []
-    result = {"environment": {**device_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "command": " ".join(sys.argv)}, "rows": rows}
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+    rows, emit = results_log(args.out)
 
     for model in args.model:
         for sp in args.sp_size:

@@ -11,24 +11,15 @@ import pytest
 
 from benchmarks.model_shapes import SHAPES
 from server.sp.comm_volume import ring_bytes_per_layer, ulysses_bytes_per_layer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.benchmarks.bench_testing import ROOT, run_bench, tiny_model
 
 
 @pytest.mark.slow
 def test_bench_prefill_runs_on_cpu(tmp_path):
-    cfg = dict(SHAPES["minimax-hybrid"], hidden_size=64, intermediate_size=64, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, vocab_size=300, num_hidden_layers=2,
-               layer_types=["linear_attention", "full_attention"])
-    model = tmp_path / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(cfg))
+    model = tiny_model(tmp_path, "minimax-hybrid", layer_types=["linear_attention", "full_attention"])
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
-           "--context", "200", "500", "--sp-size", "1", "2", "--device", "cpu", "--sp-min-tokens", "64",
-           "--repeat", "1", "--out", str(out), "--plot", str(png)]
-    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_bench("bench_prefill.py", "--model", model, "--context", 200, 500, "--sp-size", 1, 2, "--device",
+                     "cpu", "--sp-min-tokens", 64, "--repeat", 1, "--plot", png, out=out)
     assert {(r["sp"], r["context"]) for r in rows} == {(1, 200), (1, 500), (2, 200), (2, 500)}
     assert all(r["ttft_s"] > 0 and r["speedup"] > 0 for r in rows)
     assert png.stat().st_size > 0
@@ -41,17 +32,9 @@ def test_bench_prefill_runs_on_cpu(tmp_path):
 
 def test_bench_prefill_many_short_prompts_on_cpu(tmp_path):
     """``--num-prompts``: prompts below --sp-min-tokens are placed whole on one SP rank; all of them finish."""
-    cfg = dict(SHAPES["llama3-8b"], hidden_size=64, intermediate_size=64, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, vocab_size=300, num_hidden_layers=2)
-    model = tmp_path / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(cfg))
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
-           "--context", "40", "--num-prompts", "5", "--sp-size", "1", "2", "--device", "cpu", "--sp-min-tokens",
-           "64", "--repeat", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
-    rows = json.loads(out.read_text())["rows"]
+    model = tiny_model(tmp_path, "llama3-8b")
+    rows = run_bench("bench_prefill.py", "--model", model, "--context", 40, "--num-prompts", 5, "--sp-size", 1, 2,
+                     "--device", "cpu", "--sp-min-tokens", 64, "--repeat", 1, out=tmp_path / "r.json")
     assert [(r["sp"], r["num_prompts"], r["placement"]) for r in rows] == [(1, 5, "local"), (2, 5, "home")]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
 
@@ -60,19 +43,12 @@ def test_bench_prefill_many_short_prompts_on_cpu(tmp_path):
 def test_bench_prefill_gdn_shape_on_cpu(tmp_path):
     """A Gated DeltaNet hybrid shape runs with dummy weights (shrunk to CPU size, its layer kinds and MoE kept)."""
     shape = "qwen3-next-like"
-    tiny = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                vocab_size=300, num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
-                linear_key_head_dim=8, linear_value_head_dim=8, layer_types=SHAPES[shape]["layer_types"][:4])
-    tiny.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
-    model = tmp_path / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(dict(SHAPES[shape], **tiny)))
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
-           "--context", "300", "--sp-size", "1", "2", "--device", "cpu", "--sp-min-tokens", "64", "--repeat", "1",
-           "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
-    rows = json.loads(out.read_text())["rows"]
+    model = tiny_model(tmp_path, shape, num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=8, linear_value_head_dim=8, layer_types=SHAPES[shape]["layer_types"][:4],
+                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16)
+    rows = run_bench("bench_prefill.py", "--model", model, "--context", 300, "--sp-size", 1, 2, "--device", "cpu",
+                     "--sp-min-tokens", 64, "--repeat", 1, out=tmp_path / "r.json")
     assert [(r["sp"], r["placement"]) for r in rows] == [(1, "local"), (2, "split")]
     assert all(r["ttft_s"] > 0 and "error" not in r for r in rows)
 
@@ -81,17 +57,9 @@ def test_bench_prefill_gdn_shape_on_cpu(tmp_path):
 def test_bench_prefill_ulysses_degree_on_cpu(tmp_path):
     """``--ulysses-degree``: every degree that divides the SP size runs; rows name the SP method and the bytes per
     softmax layer from comm_volume (fp32 on CPU)."""
-    cfg = dict(SHAPES["llama3-8b"], hidden_size=64, intermediate_size=64, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, vocab_size=300, num_hidden_layers=2)
-    model = tmp_path / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(cfg))
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--model", str(model),
-           "--context", "200", "--sp-size", "1", "2", "--ulysses-degree", "1", "2", "--device", "cpu",
-           "--sp-min-tokens", "64", "--repeat", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
-    rows = json.loads(out.read_text())["rows"]
+    model = tiny_model(tmp_path, "llama3-8b")
+    rows = run_bench("bench_prefill.py", "--model", model, "--context", 200, "--sp-size", 1, 2, "--ulysses-degree",
+                     1, 2, "--device", "cpu", "--sp-min-tokens", 64, "--repeat", 1, out=tmp_path / "r.json")
     assert [(r["sp"], r["ulysses_degree"], r["sp_method"]) for r in rows] == [
         (1, 1, "local"), (2, 1, "ring"), (2, 2, "ulysses")]
     assert all(r["ttft_s"] > 0 and "error" not in r for r in rows)
