@@ -93,7 +93,14 @@ class CacheManager:
         return sum(len(e.pages[rank]) for e in self.prefix.entries.values() if e.users) * self.page_size
 
     def lookup(self, seq: Sequence) -> PrefixHit | None:
-        return self.prefix.match(seq.prompt_ids) if self.prefix is not None and seq.use_prefix_cache else None
+        """``seq``'s usable cached prefix. For linear-attention models it also sets ``seq.snapshot_at``: where the
+        prompt leaves a longer cached prefix than the hit's snapshot covers (a prefill chunk ends there)."""
+        if self.prefix is None or not seq.use_prefix_cache:
+            return None
+        hit, shared = self.prefix.search(seq.prompt_ids)
+        if self.prefix.needs_state and self.snapshot_slots:
+            seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
+        return hit
 
     def _placement(self, seq: Sequence, hit: PrefixHit | None) -> tuple[int, int | None]:
         """(rank for the reservation, home rank or None) for ``seq``: a short request is homed on the least
@@ -120,9 +127,6 @@ class CacheManager:
 
     def admit(self, seq: Sequence, hit: PrefixHit | None) -> None:
         rank, home = self._placement(seq, hit)
-        if self.prefix is not None and self.prefix.needs_state and seq.use_prefix_cache and self.snapshot_slots:
-            shared = self.prefix.shared(seq.prompt_ids)
-            seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
         seq.slot = self.free_slots.pop()
         seq.home = home
         seq.decode_rank = rank

@@ -12,7 +12,7 @@ tokens (a block's hash covers every token before it); a new prompt walks its blo
 extends the match token by token into the next block (a prefix may end mid-page), always leaving at least one
 prompt token to compute. Linear-attention layers (lightning, GDN) need their state at the prefix's end, so for
 such models a match is cut back to the deepest state snapshot it covers. States are snapshotted at prefill-chunk
-ends and prompt ends, and where a prompt leaves the longest cached prefix it shares (:meth:`PrefixCache.shared`):
+ends and prompt ends, and where a prompt leaves the longest cached prefix it shares (:meth:`PrefixCache.search`):
 the scheduler ends a chunk there, so siblings of a document (the same prefix, different questions) find a
 snapshot at the document's end from the second one on, wherever the chunk boundaries fell.
 
@@ -107,16 +107,18 @@ class PrefixCache:
             out.append((e, m))
         return out
 
-    def shared(self, prompt: list[int]) -> int:
-        """The most tokens ``prompt`` shares with one entry, state snapshots aside (0: none)."""
-        return max((m for _, m in self._candidates(prompt)), default=0)
-
     def match(self, prompt: list[int]) -> PrefixHit | None:
-        """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute). Every
-        entry met on the walk is a candidate: for linear-attention models a shallower entry can hold a deeper
-        usable snapshot than the deepest one (a request that hit a cached prefix snapshots only its own chunks)."""
+        """The longest usable cached prefix of ``prompt`` (see :meth:`search`)."""
+        return self.search(prompt)[0]
+
+    def search(self, prompt: list[int]) -> tuple[PrefixHit | None, int]:
+        """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute), and the
+        most tokens it shares with one entry, state snapshots aside (0: none). Every entry met on the walk is a
+        candidate: for linear-attention models a shallower entry can hold a deeper usable snapshot than the
+        deepest one (a request that hit a cached prefix snapshots only its own chunks)."""
+        candidates = self._candidates(prompt)
         best: PrefixHit | None = None
-        for e, m in self._candidates(prompt):
+        for e, m in candidates:
             snapshot = None
             if self.needs_state:
                 usable = [t for t in e.snapshots if t <= m]
@@ -126,7 +128,7 @@ class PrefixCache:
                 snapshot = e.snapshots[m]
             if m > 0 and (best is None or (m, e.last_used) > (best.tokens, best.entry.last_used)):
                 best = PrefixHit(e, m, snapshot)
-        return best
+        return best, max((m for _, m in candidates), default=0)
 
     def add(self, tokens: list[int], runs: list[list[Run]], pages: list[list[int]],
             snapshots: dict[int, int]) -> CacheEntry:
