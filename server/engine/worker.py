@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -67,18 +68,16 @@ Message = StepPlan | MemoryStatsRequest | Shutdown
 # (a long prompt's token ids) follows in a second broadcast of its exact size. A decode step's plan is a few hundred
 # bytes to a few KB: one collective per step, where broadcast_object_list takes two.
 MESSAGE_BUFFER_BYTES = 1 << 14  # a decode plan of 256 requests is about 8 KB
-_buffers: dict[int, torch.Tensor] = {}
 
 
-def _message_buffer(pstate: ParallelState) -> torch.Tensor:
-    key = id(pstate.message_group)
-    if key not in _buffers:
-        _buffers[key] = torch.zeros(MESSAGE_BUFFER_BYTES, dtype=torch.uint8)
-    return _buffers[key]
+@functools.cache
+def _message_buffer() -> torch.Tensor:
+    """The process's message buffer (a broadcast completes before the call returns: reusing it is safe)."""
+    return torch.zeros(MESSAGE_BUFFER_BYTES, dtype=torch.uint8)
 
 
 def receive_message(pstate: ParallelState) -> Message:
-    buf = _message_buffer(pstate)
+    buf = _message_buffer()
     dist.broadcast(buf, src=0, group=pstate.message_group)
     n = int(buf[:8].view(torch.int64)[0])
     if n <= MESSAGE_BUFFER_BYTES - 8:
@@ -93,7 +92,7 @@ def send_message(pstate: ParallelState, message: Message) -> None:
     if pstate.world_size == 1:
         return
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    buf = _message_buffer(pstate)
+    buf = _message_buffer()
     buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
     small = len(data) <= MESSAGE_BUFFER_BYTES - 8
     if small:
