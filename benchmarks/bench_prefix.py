@@ -46,6 +46,9 @@ def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     with LLM(model_dir(model), **kw) as llm:
+        if args.warmup_len:  # kernels compile and tune on first use: keep that out of the first turn
+            llm.generate([torch.randint(0, vocab, (args.warmup_len,), generator=g).tolist()],
+                         SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
         prompts = turns(args, vocab)
         names = ["first"] + [f"question {i}" for i in range(1, len(prompts))]
         history = None
@@ -80,6 +83,9 @@ def main() -> None:
     ap.add_argument("--off-turns", type=int, default=0,
                     help="with the cache off, run only the first N turns (0: all); a later turn is compared with "
                          "the cache-off turn of the nearest prompt length")
+    ap.add_argument("--cache", nargs="+", choices=["on", "off"], default=["on", "off"])
+    ap.add_argument("--warmup-len", type=int, default=0,
+                    help="first run one unmeasured prompt of this many tokens (compiles and tunes the kernels)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)
@@ -88,12 +94,14 @@ def main() -> None:
 
     for model in args.model:
         for sp in args.sp_size:
-            for cache in (True, False):
+            for cache in (c == "on" for c in args.cache):
                 run_config(args, model, sp, cache, emit)
     print("| model | sp | turn | prompt | cached | TTFT on (s) | TTFT off (s) | speedup | ITL on / off (ms) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for on in (r for r in rows if r["cache"]):
         offs = [r for r in rows if not r["cache"] and (r["model"], r["sp"]) == (on["model"], on["sp"])]
+        if not offs:
+            continue
         off = next((r for r in offs if r["turn"] == on["turn"]), None) or \
             min(offs, key=lambda r: abs(r["prompt_tokens"] - on["prompt_tokens"]))
         print(f"| {on['model']} | {on['sp']} | {on['name']} | {on['prompt_tokens']} | {on['cached_tokens']} | "
