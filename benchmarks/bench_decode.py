@@ -1,19 +1,22 @@
 """Decode benchmark: inter-token latency over context x batch x sp x CUDA graphs, beside its memory floor.
 
-For every config (sp, graphs on/off) one offline engine serves each (context, batch) cell: ``batch`` prompts of
-``context`` random token ids are prefilled, then ``--decode-steps`` decode steps are timed one by one (each
-``Engine.step()``: scheduling, the forward, sampling and the stop checks, as a server runs them). ITL is reported
+For every config (sp, graphs on/off, overlapped steps on/off) one offline engine serves each (context, batch)
+cell: ``batch`` prompts of ``context`` random token ids are prefilled, then ``--decode-steps`` decode steps are
+timed one by one (each ``Engine.step()``: scheduling, the forward, sampling and the stop checks, as a server runs
+them). ITL is reported
 as mean, p50 and p99 over the steps, beside the floor: the bytes one step must read on one rank (its weights, its
 shard of the batch's KV, its linear-attention states read and written) over the measured copy bandwidth.
 
     python benchmarks/bench_decode.py --model llama3-8b --context 2048 32768 131072 --batch 1 8 32 \\
-        --sp-size 1 2 --graphs on off --out benchmarks/results/decode_h200.json --plot benchmarks/results/decode.png
+        --sp-size 1 2 --graphs on off --overlap on off --out benchmarks/results/decode_h200.json \\
+        --plot benchmarks/results/decode.png
 
 With ``SERVER_STEP_PROFILE=1`` in the environment, rank 0's host time per stage of the timed steps is printed per
 cell, and every worker logs its own at shutdown (:mod:`server.engine.step_profile`).
 
 Cells whose KV does not fit (the engine rejects the requests) are recorded as skipped. JSON: ``{"environment",
-"copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, itl_ms, itl_p50_ms, itl_p99_ms, floor_ms, ...}]}``.
+"copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, overlap, itl_ms, itl_p50_ms, itl_p99_ms, floor_ms,
+...}]}``.
 """
 
 from __future__ import annotations
@@ -103,9 +106,10 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
             "itl_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "prefill_s": prefill_s}
 
 
-def run_config(args, model: str, sp: int, graphs: str, gbps: float | None, emit) -> None:
+def run_config(args, model: str, sp: int, graphs: str, overlap: str, gbps: float | None, emit) -> None:
     cfg = EngineConfig(model_path=model_dir(model), load_format="dummy", sp_size=sp, tp_size=args.tp_size,
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
+                       overlap_schedule=overlap == "on",
                        max_running_requests=max(args.batch), mem_fraction_static=args.mem_fraction_static,
                        max_model_len=max(args.context) + args.decode_steps + 8)
     started = time.perf_counter()
@@ -113,9 +117,9 @@ def run_config(args, model: str, sp: int, graphs: str, gbps: float | None, emit)
     startup_s = time.perf_counter() - started
     try:
         cells = [(c, b) for c in args.context for b in args.batch]
-        for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs}", mininterval=5):
+        for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs} overlap={overlap}", mininterval=5):
             row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
-                   "graphs": graphs == "on", "startup_s": startup_s}
+                   "graphs": graphs == "on", "overlap": overlap == "on", "startup_s": startup_s}
             try:
                 row.update(measure_cell(engine, context, batch, args.decode_steps, seed=len(args.batch)))
                 row["floor_ms"] = step_bytes(engine, context, batch) / gbps / 1e6 if gbps else None
@@ -134,10 +138,13 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     done = [r for r in rows if "itl_ms" in r]
-    for key in sorted({(r["model"], r["sp"], r["batch"], r["graphs"]) for r in done}):
-        pts = sorted((r["context"], r["itl_ms"], r["floor_ms"]) for r in done
-                     if (r["model"], r["sp"], r["batch"], r["graphs"]) == key)
-        label = f"{key[0]} sp={key[1]} batch={key[2]} graphs={'on' if key[3] else 'off'}"
+    def key_of(r):
+        return r["model"], r["sp"], r["batch"], r["graphs"], r.get("overlap", True)
+
+    for key in sorted({key_of(r) for r in done}):
+        pts = sorted((r["context"], r["itl_ms"], r["floor_ms"]) for r in done if key_of(r) == key)
+        label = (f"{key[0]} sp={key[1]} batch={key[2]} graphs={'on' if key[3] else 'off'}"
+                 f"{'' if key[4] else ' no overlap'}")
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
         if key[3] and all(p[2] for p in pts):
             ax.plot([p[0] for p in pts], [p[2] for p in pts], ls=":", color=line.get_color())
@@ -158,6 +165,8 @@ def main() -> None:
     ap.add_argument("--sp-size", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--graphs", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
+                    help="overlapped steps (the engine's default) and / or steps that wait for their tokens")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -169,21 +178,24 @@ def main() -> None:
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                try:
-                    run_config(args, model, sp, graphs, gbps, emit)
-                except Exception as e:  # recorded; the other configs still run
-                    emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
-                          "context": None, "batch": None, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+                for overlap in args.overlap:
+                    try:
+                        run_config(args, model, sp, graphs, overlap, gbps, emit)
+                    except Exception as e:  # recorded; the other configs still run
+                        emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
+                              "overlap": overlap == "on", "context": None, "batch": None,
+                              "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
-    print("| model | sp | tp | context | batch | graphs | ITL ms (p50 / p99) | floor ms | of floor |")
-    print("|---|---:|---:|---:|---:|---|---|---:|---:|")
+    print("| model | sp | tp | context | batch | graphs | overlap | ITL ms (p50 / p99) | floor ms | of floor |")
+    print("|---|---:|---:|---:|---:|---|---|---|---:|---:|")
     for r in rows:
+        cell = (f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+                f"{r['overlap']} | ")
         if "itl_ms" not in r:
-            print(f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
-                  f"skipped | | |")
+            print(cell + "skipped | | |")
             continue
         floor = r["floor_ms"]
-        print(f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+        print(cell +
               f"{r['itl_ms']:.2f} ({r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f}) | "
               f"{floor and round(floor, 2)} | {floor and round(floor / r['itl_ms'], 2)} |")
     if args.plot:

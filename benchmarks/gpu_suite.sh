@@ -101,9 +101,10 @@ for step in "$@"; do
             --batch 1 --sp-size 1 2 --graphs on --decode-steps 32 --out "$WORK/decode_profile.json" \
             2>&1 | grep -E "profile|^\|" | tee "$WORK/decode_profile.log"
         ;;
-    decode)  # the decode table: ITL beside the floor, graphs on / off
-        timeout 420 python benchmarks/bench_decode.py --model llama3-8b --context 2048 32768 131072 --batch 1 8 32 \
-            --sp-size 1 2 --graphs on --decode-steps 48 --out "$WORK/decode.json" --plot "$WORK/decode.png" \
+    decode)  # the decode table: ITL beside the floor, overlapped steps on / off (graphs on)
+        timeout 420 python benchmarks/bench_decode.py --model llama3-8b --context 2048 131072 --batch 1 32 \
+            --sp-size 1 2 --graphs on --overlap on off --decode-steps 48 --out "$WORK/decode.json" \
+            --plot "$WORK/decode.png" \
             2>&1 | grep -E "^\||bandwidth" | tee "$WORK/decode.log"
         ;;
     decode-eager)

@@ -37,7 +37,7 @@ from server.forward.context import AttentionStepMeta, LocalEntry, RingEntry
 from server.kernels import ops
 from server.kernels.ops import Run
 from server.sp.groups import ParallelState
-from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
+from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, packed_partials, ring_attention
 from server.sp.ulysses import UlyssesMesh
 from server.sp.ulysses_attention import ulysses_attention
 
@@ -220,9 +220,16 @@ class StepAttention:
         meta, ps = self.meta, self.backend.pstate
         if meta.write_rows is not None:
             cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows])
-        out = torch.zeros_like(q)
         merging = meta.merge_rows is not None or meta.merge_mask is not None
-        lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None
+        # graph steps merge every row: the partial results are written where the SP all-gather reads them
+        packed = packed_partials(*q.shape, q.dtype, q.device) if meta.merge_mask is not None else None
+        if packed is not None:
+            packed, out, lse = packed
+            out.zero_()
+            lse.fill_(-math.inf)
+        else:
+            out = torch.zeros_like(q)
+            lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None
         for batch in self.batches:
             ragged = batch.kind == "ragged"  # the only kind that reads the step's own k/v rows
             o_b, lse_b = self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
@@ -241,8 +248,7 @@ class StepAttention:
         if meta.merge_rows is not None:
             out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
-            merged, _ = merge_over_sp(out, lse, ps)
-            out = torch.where(meta.merge_mask[:, None, None] != 0, merged, out)
+            out, _ = merge_over_sp(out, lse, ps, keep=meta.merge_mask, packed=packed)
         return out
 
     @property

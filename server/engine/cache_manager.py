@@ -13,7 +13,7 @@ cache, which frees them when it evicts the entry; a page is free when nothing ho
 Admission reserves a request's worst case of new pages on every SP rank it will use, so a running request never
 waits for memory and nothing is half-run; cache entries that running requests share are counted as taken, the
 others can always be evicted:
-- a request with a home rank (short prompt, DESIGN 5.5) keeps all of its KV there;
+- a request with a home rank (a short prompt, docs/architecture.md: One step, end to end) keeps all of its KV there;
 - an SP request spreads its split prompt chunks evenly (zigzag rounding adds at most 2 tokens per chunk and
   rank), and its replicated tokens (tail chunk, decode) go to the SP rank with the smallest shard whenever a page
   fills, so every rank holds about 1/P of it.

@@ -84,16 +84,19 @@ class DecodeGraphs:
                                 local_cu=self.cu[: bs + 1], all_decode=True, mode=r.config.lasp_mode)
         return ForwardContext(r.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear)
 
-    def _load(self, step: PaddedDecode, bs: int) -> list:
+    def _load(self, step: PaddedDecode, bs: int, prev_tokens: bool) -> list:
         """Copy a padded step into the static buffers and plan its attention; the step's batches."""
         self.staging[:, :bs].numpy()[:] = step.inputs
         self.inputs[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
-        if not self.runner.attn_layers:
-            return []
-        batch = decode_batch(self.runner.config.page_size, step.kv_indptr, step.kv_indices, step.last_page_len,
-                             step.kv_lens)
-        self.backends[bs].plan_batches([batch])
-        return [batch]
+        if prev_tokens:
+            self.runner.take_prev_tokens(self.inputs[0, :bs])
+        batches = []
+        if self.runner.attn_layers:
+            batches = [decode_batch(self.runner.config.page_size, step.kv_indptr, step.kv_indices,
+                                    step.last_page_len, step.kv_lens)]
+            self.backends[bs].plan_batches(batches)
+        self.runner.inputs_copied()
+        return batches
 
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, PaddedDecode] | None:
         """The step's hidden states ``[bucket, hidden]`` (real rows first) and its padded form; None when the step
@@ -107,7 +110,7 @@ class DecodeGraphs:
             return None
         if PROFILE:
             PROFILE.mark("build")
-        batches = self._load(step, bs)
+        batches = self._load(step, bs, plan.prev_tokens)
         if PROFILE:
             PROFILE.mark("load")
         self.steps += 1

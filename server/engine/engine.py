@@ -30,11 +30,11 @@ from server.engine.io_struct import (
 from server.engine.model_runner import ScoredRows
 from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.engine.sequence import Sequence, Status
 from server.engine.step_profile import PROFILE
 from server.engine.worker import gather_memory_stats, send_message, setup_rank, worker_main
 from server.forward.plan import MemoryStatsRequest, Placement, Shutdown
-from server.layers.sampler import SampleRequest, sample
+from server.layers.sampler import SampledBatch, SampleRequest, sample, sample_async
 from server.models.builtin import builtin_model_path
 from server.models.loader import check_model_parallelism, read_model_config
 from server.sampling_params import SamplingParams
@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 MAIN_GUARD_HINT = (
     "the engine's worker processes are spawned, and each one imports the __main__ script: create the LLM / "
     "engine under `if __name__ == \"__main__\":` in a script, or the workers start it again")
+
+
+def _drop_placeholder(seq: Sequence) -> None:
+    """Remove a token of ``seq`` that is still on the device (see :class:`InFlight`)."""
+    if seq.output_ids and seq.output_ids[-1] < 0:
+        seq.output_ids.pop()
 
 
 def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
@@ -60,8 +66,24 @@ def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+class InFlight:
+    """A step whose sampled tokens are still on the device: ``seqs[i]``'s token is row i of ``batch``, held in
+    their ``output_ids`` as the placeholder -(i + 1) until :meth:`Engine._resolve` reads it."""
+
+    def __init__(self, seqs: list[Sequence], batch: SampledBatch):
+        self.seqs = seqs
+        self.batch = batch
+
+
 class Engine:
-    """Rank 0 of a ``sp_size x tp_size`` group. See ``add_request`` / ``step`` / ``abort_request``."""
+    """Rank 0 of a ``sp_size x tp_size`` group. See ``add_request`` / ``step`` / ``abort_request``.
+
+    Steps overlap (``config.overlap_schedule``): ``step()`` launches a step, then reads the previous step's tokens
+    (the device is busy with the new one meanwhile), then samples the new step on the device and returns without
+    waiting for its tokens; they are the next call's outputs. A decode row of the next step reads its input token
+    from the device (:attr:`server.forward.plan.StepPlan.prev_tokens`). See docs/architecture.md, "Overlapped
+    steps".
+    """
 
     def __init__(self, config: EngineConfig, log_level: str = "WARNING"):
         config.validate()
@@ -103,8 +125,10 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.pending: list[RequestOutput] = []
+        self.inflight: InFlight | None = None
         self.rng = torch.Generator().manual_seed(config.seed)
         self.num_steps = 0
+        self.num_prev_token_steps = 0  # steps whose decode rows read the previous step's tokens on the device
         self.last_step = StepCounts()
         self.closed = False
 
@@ -137,13 +161,14 @@ class Engine:
         seq = self.seqs.pop(rid, None)
         if seq is None:
             return
+        _drop_placeholder(seq)  # a token still on the device is not delivered
         self.scheduler.finish(seq)
         self.generators.pop(rid, None)
         self.pending.append(RequestOutput(rid, finished=True, finish_reason="abort",
                                           prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.pending)
+        return self.scheduler.has_unfinished() or bool(self.pending) or self.inflight is not None
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -152,13 +177,14 @@ class Engine:
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
         if not plan.chunks:
-            return outputs
+            return outputs + self._resolve()
         if PROFILE:
             PROFILE.mark("schedule") if plan.is_decode else PROFILE.cancel()
         send_message(self.pstate, plan)
         if PROFILE:
             PROFILE.mark("send")
         self.num_steps += 1
+        self.num_prev_token_steps += plan.prev_tokens
         self.last_step = StepCounts(
             len(plan.chunks), sum(c.num_new for s, c in zip(seqs, plan.chunks) if s.prefilling),
             sum(c.num_new for s, c in zip(seqs, plan.chunks) if not s.prefilling),
@@ -166,47 +192,79 @@ class Engine:
             sum(c.placement == Placement.HOMED for c in plan.chunks))
         out = self.runner.run(plan)
         self.scheduler.advance(seqs, plan)
+        outputs += self._resolve()  # the previous step's tokens, while the device runs this one
         for i, scored in out.prompt_logprobs.items():
             self._add_prompt_logprobs(seqs[i], plan.chunks[i].start, scored)
-        sampled = [s for s, c in zip(seqs, plan.chunks) if c.sample]
+        sampled = [(j, s) for j, s in enumerate(s for s, c in zip(seqs, plan.chunks) if c.sample)
+                   if s.status == Status.RUNNING]  # a request the previous step's token ended is not sampled
         if not sampled:
             return outputs
-        results = self._sample(out.logits, sampled)
+        rows, live = zip(*sampled)
+        logits = out.logits if len(rows) == out.logits.shape[0] else out.logits[list(rows)]
+        outputs += self._sample(logits, list(live))
         if PROFILE:
             PROFILE.mark("sample")
-        now = time.monotonic()
-        for seq, result in zip(sampled, results):
-            if isinstance(result, Exception):
-                outputs.append(self._fail_request(seq, "sampling", result))
-                continue
-            try:
-                outputs.append(self._append_token(seq, *result, now))
-            except Exception as e:
-                outputs.append(self._fail_request(seq, "the stop checks", e))
+        if not self.config.overlap_schedule:
+            outputs += self._resolve()
         if PROFILE:
             PROFILE.mark("finish")
             PROFILE.end()
         return outputs
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
-        """``(token, logprob)`` per request, or the exception that request's sampling raised: the batch is
-        sampled at once, and request by request only when the batch fails, to find whose data caused it."""
-        def requests(batch: list[Sequence]) -> list[SampleRequest]:
-            for s in batch:
-                inject_fault("sample", s.params.seed)
-            return [SampleRequest(s.params, self._generator(s), self._banned(s), s.prompt_ids, s.output_ids)
-                    for s in batch]
-
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Sample the batch on the device and leave its tokens in flight (see :class:`InFlight`). If that fails,
+        request by request and at once, to find whose data caused it: the others get their token, that one an
+        error."""
         try:
-            return list(zip(*sample(logits, requests(seqs))))
+            batch = sample_async(logits, self._sample_requests(seqs))
         except Exception:
-            results: list[tuple | Exception] = []
-            for i, s in enumerate(seqs):
-                try:
-                    results += list(zip(*sample(logits[i : i + 1], requests([s]))))
-                except Exception as e:
-                    results.append(e)
-            return results
+            return self._sample_one_by_one(logits, seqs)
+        self.runner.last_tokens[: len(seqs)].copy_(batch.tokens, non_blocking=True)
+        for i, seq in enumerate(seqs):
+            seq.output_ids.append(-(i + 1))
+        self.inflight = InFlight(seqs, batch)
+        return []
+
+    def _resolve(self) -> list[RequestOutput]:
+        """The in-flight step's tokens: placeholders replaced, stop checks, outputs (waits for the device)."""
+        if self.inflight is None:
+            return []
+        flight, self.inflight = self.inflight, None
+        tokens, logprobs = flight.batch.result()
+        if PROFILE:
+            PROFILE.mark("wait")
+        outputs = []
+        now = time.monotonic()
+        for seq, tok, lp in zip(flight.seqs, tokens, logprobs):
+            if seq.status != Status.RUNNING:  # aborted meanwhile
+                continue
+            seq.output_ids.pop()  # the placeholder (always the last: the next token is sampled after this)
+            try:
+                outputs.append(self._append_token(seq, tok, lp, now))
+            except Exception as e:
+                outputs.append(self._fail_request(seq, "the stop checks", e))
+        return outputs
+
+    def _sample_requests(self, seqs: list[Sequence]) -> list[SampleRequest]:
+        for s in seqs:
+            inject_fault("sample", s.params.seed)
+        return [SampleRequest(s.params, self._generator(s), self._banned(s), s.prompt_ids, s.output_ids)
+                for s in seqs]
+
+    def _sample_one_by_one(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            try:
+                [tok], [lp] = sample(logits[i : i + 1], self._sample_requests([seq]))
+            except Exception as e:
+                outputs.append(self._fail_request(seq, "sampling", e))
+                continue
+            try:
+                outputs.append(self._append_token(seq, tok, lp, now))
+            except Exception as e:
+                outputs.append(self._fail_request(seq, "the stop checks", e))
+        return outputs
 
     @staticmethod
     def _add_prompt_logprobs(seq: Sequence, start: int, scored: ScoredRows) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
@@ -100,6 +101,11 @@ class ModelRunner:
                                               self._geometry(), self.dtype)
         self.table: RequestTable | None = None
         self.graphs = None
+        # the last step's sampled tokens, on the device (rank 0 writes them; a plan with ``prev_tokens`` reads them)
+        self.last_tokens = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        # recorded once a step's inputs are on the device: the next step's host-side buffers (pinned staging,
+        # flashinfer's plan buffers) are rewritten only after that
+        self._inputs_copied: torch.cuda.Event | None = None
         self.score_slice_rows = max(1, min(SCORE_MAX_ROWS, SCORE_SLICE_LOGITS // model_cfg["vocab_size"]))
 
     def _geometry(self) -> AttentionGeometry | None:
@@ -194,9 +200,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput | None:
-        """Forward one step; its :class:`StepOutput` on SP rank 0 (and its TP peers), None on the other SP ranks."""
+        """Forward one step; its :class:`StepOutput` on SP rank 0 (and its TP peers), None on the other SP ranks.
+        Nothing here waits for the device: rank 0 may prepare the next step while this one runs."""
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()
         self.table.apply(plan)
         self._copy(plan)
+        if plan.prev_tokens and self.pstate.world_size > 1:
+            dist.broadcast(self.last_tokens, src=0)
         if PROFILE:
             PROFILE.mark("apply")
         if self.graphs is not None and plan.is_decode:
@@ -209,7 +220,10 @@ class ModelRunner:
                 return result
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
                                self.mesh.ulysses_degree)
+        if plan.prev_tokens:
+            self.take_prev_tokens(rows.input_ids)
         ctx = self.context(rows)
+        self.inputs_copied()
         hidden = self.model(ctx)
         if PROFILE:
             PROFILE.mark("forward")
@@ -217,6 +231,16 @@ class ModelRunner:
             every = self._rows_on_driver(hidden, plan, lambda c: c.num_new)
             return None if every is None else StepOutput(self.model.compute_logits(every))
         return self._outputs(hidden, plan, rows.chunks)
+
+    def take_prev_tokens(self, ids: torch.Tensor) -> None:
+        """Replace, in place, the token ids -(i + 1) of ``ids`` by the previous step's sampled token i."""
+        ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
+
+    def inputs_copied(self) -> None:
+        """Mark the step's inputs as copied to the device (see ``_inputs_copied``)."""
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record(torch.cuda.current_stream(self.device))
 
     def _outputs(self, hidden: torch.Tensor, plan: StepPlan, chunks: list[LocalChunk]) -> StepOutput | None:
         """Sampled logits, then prompt logprobs: every rank runs their collectives in this one order."""

@@ -148,7 +148,8 @@ class Scheduler:
                 seqs.append(seq)
             return chunk is not None
 
-        for seq in [s for s in self.running if not s.prefilling]:
+        # a request whose last token is still on the device and is its last one (max_tokens) waits for it
+        for seq in [s for s in self.running if not s.prefilling and len(s.output_ids) < s.params.max_tokens]:
             if max(room) <= 0:
                 break
             add(seq, 1)
@@ -182,7 +183,8 @@ class Scheduler:
             return StepPlan(seq_sharded=seq_sharded), seqs
         cache = self.cache
         plan = StepPlan(chunks, token_ids, self._started, self._finished, cache.pending_page_copies,
-                        cache.pending_copies, seq_sharded)
+                        cache.pending_copies, seq_sharded,
+                        prev_tokens=any(s.output_ids and s.output_ids[-1] < 0 for s in seqs))
         self._started, self._finished = [], []
         cache.pending_page_copies, cache.pending_copies = [[] for _ in range(self.sp)], []
         return plan, seqs

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode steps of up to this many requests replay a CUDA graph captured at start-up")
     run.add_argument("--disable-cuda-graph", dest="cuda_graph", action="store_const", const="off",
                      default=argparse.SUPPRESS, help="run every decode step eagerly")
+    run.add_argument("--disable-overlap-schedule", dest="overlap_schedule", action="store_false",
+                     default=argparse.SUPPRESS,
+                     help="wait for each step's tokens before preparing the next step (no host / device overlap)")
     run.add_argument("--disable-prefix-cache", dest="enable_prefix_cache", action="store_false",
                      default=argparse.SUPPRESS, help="do not keep ended requests' KV for later shared prefixes")
     run.add_argument("--prefix-cache-snapshots", type=int, default=d.prefix_cache_snapshots,

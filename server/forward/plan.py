@@ -94,6 +94,10 @@ class StepPlan:
     state_copies: list[tuple[int, int]] = field(default_factory=list)
     seq_sharded: bool = False  # the residual stream is sharded over TP (long SP prefills)
     all_logits: bool = False  # return logits of every new token (prompt scoring), not just the sampled ones
+    # Some decode rows feed back the previous step's sampled token, which is still on the device: their token id
+    # is -(i + 1), i its row among that step's sampled tokens (``ModelRunner.last_tokens``, which rank 0 broadcasts
+    # to every rank first). See docs/architecture.md, "Overlapped steps".
+    prev_tokens: bool = False
 
     @property
     def is_decode(self) -> bool:

@@ -1,6 +1,7 @@
 """Plain-torch Gated DeltaNet (Qwen3.5 / Qwen3-Next linear attention) and its causal depthwise conv1d.
 
-Per value head h (DESIGN 5.6), with ``alpha_t = exp(g_t)`` (``g_t <= 0``) and a state ``S`` of ``[Dk, Dv]``:
+Per value head h (docs/sp.md: Gated DeltaNet), with ``alpha_t = exp(g_t)`` (``g_t <= 0``) and a state ``S`` of
+``[Dk, Dv]``:
 ``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,  ``o_t = S_t^T q_t``.
 
 Conventions shared by every function here and by the fast kernels behind :mod:`server.kernels.ops`:

@@ -1,6 +1,6 @@
 """Triton lightning attention: varlen prefill, LASP state correction, and decode.
 
-Same math and conventions as :mod:`server.kernels.lightning_ref` (DESIGN 5.3): per head ``lambda = exp(-slope)``,
+Same math and conventions as :mod:`server.kernels.lightning_ref` (docs/sp.md: LASP): per head ``lambda = exp(-slope)``,
 ``S_t = lambda * S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``; states are ``[H, Dk, Dv]`` fp32; every decay is
 computed as ``exp(-slope * n)`` with ``n >= 0``.
 

@@ -3,7 +3,7 @@
 Per head h with ``lambda = exp(-slope_h)``:  ``S_t = lambda * S_{t-1} + k_t^T v_t``,  ``o_t = q_t S_t``
 (no softmax, no scale). States are ``[H, D, D]`` (key dim x value dim) and always fp32.
 
-For a block of length n starting with state ``S``, local index i = 0..n-1 (DESIGN 5.3):
+For a block of length n starting with state ``S``, local index i = 0..n-1 (docs/sp.md: LASP):
 ``O = intra + (Q * lambda^(i+1)) @ S``,  intra_ij = ``lambda^(i-j) q_i.k_j`` for j <= i,
 ``S_out = lambda^n S + sum_i lambda^(n-1-i) k_i^T v_i``.
 Every decay is written ``exp(-slope * n)`` with n >= 0.

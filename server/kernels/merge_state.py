@@ -20,17 +20,18 @@ import triton.language as tl
 
 @triton.jit
 def _merge_states_kernel(
-    O_FIRST, LSE_FIRST, O_REST, LSE_REST, O_OUT, LSE_OUT,
+    O_FIRST, LSE_FIRST, O_REST, LSE_REST, O_OUT, LSE_OUT, KEEP, O_LOCAL,
     n_rows, H, D,
     s_of_n, s_of_h, s_lf_n, s_lf_h,
     s_or_k, s_or_n, s_or_h, s_lr_k, s_lr_n, s_lr_h,
-    s_oo_n, s_oo_h, s_lo_n, s_lo_h,
-    NUM_REST: tl.constexpr, BLOCK_R: tl.constexpr, BD: tl.constexpr,
+    s_oo_n, s_oo_h, s_lo_n, s_lo_h, s_ol_n, s_ol_h,
+    NUM_REST: tl.constexpr, BLOCK_R: tl.constexpr, BD: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     """Rows are (n, h) pairs, ``BLOCK_R`` of them per program, each a full head dim. o tensors ``[N, H, D]`` with
     a contiguous last dim (the rest ``[K-1, N, H, D]``), lse tensors ``[N, H]`` fp32 (rest ``[K-1, N, H]``).
     The output may alias the first input: each program reads its rows before writing them. NUM_REST is a
-    compile-time count so the loop unrolls and all parts' loads are in flight together."""
+    compile-time count so the loop unrolls and all parts' loads are in flight together. With HAS_KEEP, rows n
+    whose ``KEEP[n]`` is 0 output ``O_LOCAL``'s row instead of the merge (their lse output is the merge's)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < n_rows
     n = (rows // H).to(tl.int64)
@@ -59,13 +60,19 @@ def _merge_states_kernel(
     has = den > 0
     out = tl.where(has[:, None], acc / tl.where(has, den, 1.0)[:, None], 0.0)
     out_lse = tl.where(has, m_safe + tl.log2(tl.where(has, den, 1.0)), float("-inf"))
+    if HAS_KEEP:
+        local = (tl.load(KEEP + n, mask=mask_r, other=1) == 0)
+        o_local = tl.load(O_LOCAL + n[:, None] * s_ol_n + h[:, None] * s_ol_h + offs_d[None, :],
+                          mask=mask & local[:, None], other=0.0).to(tl.float32)
+        out = tl.where(local[:, None], o_local, out)
     tl.store(O_OUT + n[:, None] * s_oo_n + h[:, None] * s_oo_h + offs_d[None, :], out.to(O_OUT.dtype.element_ty),
              mask=mask)
     tl.store(LSE_OUT + n * s_lo_n + h * s_lo_h, out_lse, mask=mask_r)
 
 
-def _launch(o_first, lse_first, o_rest, lse_rest, num_rest, o_out, lse_out) -> None:
-    for name, t in (("o", o_first), ("o", o_rest), ("out", o_out)):
+def _launch(o_first, lse_first, o_rest, lse_rest, num_rest, o_out, lse_out, keep=None, o_local=None) -> None:
+    for name, t in (("o", o_first), ("o", o_rest), ("out", o_out)) + ((("o_local", o_local),) if keep is not None
+                                                                      else ()):
         if t.stride(-1) != 1:
             raise ValueError(f"merge_state: {name} needs a contiguous head dim, got strides {tuple(t.stride())}")
     n, h, d = o_first.shape
@@ -76,13 +83,15 @@ def _launch(o_first, lse_first, o_rest, lse_rest, num_rest, o_out, lse_out) -> N
     rest_o = (o_rest.stride(0), o_rest.stride(1), o_rest.stride(2)) if o_rest.dim() == 4 else (0, *o_rest.stride()[:2])
     rest_l = (lse_rest.stride(0), lse_rest.stride(1), lse_rest.stride(2)) if lse_rest.dim() == 3 \
         else (0, *lse_rest.stride())
+    has_keep = keep is not None
+    local = o_local if has_keep else o_first
     _merge_states_kernel[(triton.cdiv(n * h, block_r),)](
-        o_first, lse_first, o_rest, lse_rest, o_out, lse_out,
+        o_first, lse_first, o_rest, lse_rest, o_out, lse_out, keep if has_keep else lse_first, local,
         n * h, h, d,
         o_first.stride(0), o_first.stride(1), lse_first.stride(0), lse_first.stride(1),
         *rest_o, *rest_l,
-        o_out.stride(0), o_out.stride(1), lse_out.stride(0), lse_out.stride(1),
-        NUM_REST=num_rest, BLOCK_R=block_r, BD=bd, num_warps=4,
+        o_out.stride(0), o_out.stride(1), lse_out.stride(0), lse_out.stride(1), local.stride(0), local.stride(1),
+        NUM_REST=num_rest, BLOCK_R=block_r, BD=bd, HAS_KEEP=has_keep, num_warps=4,
     )
 
 
@@ -105,14 +114,17 @@ def merge_state_triton(
     return out, out_lse
 
 
-def merge_states_triton(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K-way merge. o ``[K, N, H, D]``, lse ``[K, N, H]`` fp32 base 2 -> ``o [N, H, D]`` (o's dtype), ``lse [N, H]``."""
+def merge_states_triton(o: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor | None = None,
+                        o_local: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-way merge. o ``[K, N, H, D]``, lse ``[K, N, H]`` fp32 base 2 (both may be strided views with a
+    contiguous last dim) -> ``o [N, H, D]`` (o's dtype), ``lse [N, H]``. With ``keep`` ``[N]``, the rows whose flag
+    is 0 get ``o_local`` ``[N, H, D]``'s row instead of the merge."""
     kk, n, h, d = o.shape
     out = torch.empty(n, h, d, dtype=o.dtype, device=o.device)
     out_lse = torch.empty(n, h, dtype=torch.float32, device=o.device)
     if kk == 0:
         return out.zero_(), out_lse.fill_(float("-inf"))
-    _launch(o[0], lse[0], o[1:], lse[1:], kk - 1, out, out_lse)
+    _launch(o[0], lse[0], o[1:], lse[1:], kk - 1, out, out_lse, keep, o_local)
     return out, out_lse
 
 
@@ -148,7 +160,8 @@ def merge_state(
     return merge_state_triton(o_a, lse_a.float(), o_b, lse_b.float())
 
 
-def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_states(o: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor | None = None,
+                 o_local: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K-way merge (see :func:`merge_states_triton`). Always Triton: flashinfer's ``merge_states`` wants
     ``[N, K, H, D]`` and a transposing copy would double the bytes moved (see docs/kernels.md)."""
-    return merge_states_triton(o, lse.float())
+    return merge_states_triton(o, lse.float(), keep, o_local)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def merge_states_ref(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K-way merge. o ``[K, N, H, D]``, lse ``[K, N, H]`` fp32 base 2 -> ``o [N, H, D]`` (o's dtype), ``lse [N, H]``."""
+def merge_states_ref(o: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor | None = None,
+                     o_local: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-way merge. o ``[K, N, H, D]``, lse ``[K, N, H]`` fp32 base 2 -> ``o [N, H, D]`` (o's dtype), ``lse [N, H]``.
+    With ``keep`` ``[N]``, the rows whose flag is 0 get ``o_local`` ``[N, H, D]``'s row instead of the merge."""
     lse = lse.float()
     m = lse.max(dim=0).values
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -21,6 +23,8 @@ def merge_states_ref(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, 
     out_lse = torch.where(denom > 0, m_safe + torch.log2(denom.clamp_min(1e-30)), torch.full_like(m, float("-inf")))
     wn = torch.where(denom > 0, w / denom.clamp_min(1e-30), torch.zeros_like(w))
     out = (o.float() * wn.unsqueeze(-1)).sum(dim=0)
+    if keep is not None:
+        out = torch.where(keep[:, None, None] != 0, out, o_local.float())
     return out.to(o.dtype), out_lse
 
 

@@ -174,13 +174,14 @@ def causal_conv1d_decode(x, weight, bias, state_pool, slots):
     return causal_conv1d_decode_ref(x, weight, bias, state_pool, slots)
 
 
-def merge_states(o: torch.Tensor, lse: torch.Tensor):
+def merge_states(o: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor | None = None,
+                 o_local: torch.Tensor | None = None):
     """See :func:`server.kernels.merge_state_ref.merge_states_ref`."""
     if _fast(o):
         from server.kernels.merge_state import merge_states as merge_states_fast
 
-        return merge_states_fast(o, lse)
-    return merge_states_ref(o, lse)
+        return merge_states_fast(o, lse, keep, o_local)
+    return merge_states_ref(o, lse, keep, o_local)
 
 
 def merge_state(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):

@@ -2,11 +2,11 @@
 rule with state, local or sequence-parallel.
 
 Per request, like :mod:`server.layers.lightning`: split requests (sp > 1) exchange the conv halo and run the GDN
-SP prefill over the SP group (DESIGN 5.6), or with ``--ulysses-degree`` > 1 the same on the Ulysses x ring mesh
-(:mod:`server.sp.ulysses_gdn`: conv and state passing after an all-to-all to heads), and every SP rank ends with
-the request's final recurrent and conv states; other requests continue from their states in the pool, as one
-varlen prefill or, for one new token each, the decode kernels: on every SP rank for an SP request's replicated
-tokens, on its home rank only for a short request.
+SP prefill over the SP group (docs/sp.md: Gated DeltaNet), or with ``--ulysses-degree`` > 1 the same on the
+Ulysses x ring mesh (:mod:`server.sp.ulysses_gdn`: conv and state passing after an all-to-all to heads), and
+every SP rank ends with the request's final recurrent and conv states; other requests continue from their states
+in the pool, as one varlen prefill or, for one new token each, the decode kernels: on every SP rank for an SP
+request's replicated tokens, on its home rank only for a short request.
 
 TP: key heads, value heads and conv channels are split over TP; this rank's conv channels are its q heads, then
 its k heads, then its v heads (the checkpoint's order restricted to this rank's heads).

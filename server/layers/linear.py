@@ -4,8 +4,8 @@ Weights are sharded over the TP group and replicated over SP. Each parameter car
 loaded, shard_id=None)`` where ``loaded`` is a tensor or a lazy safetensors slice: loaders index only this rank's
 rows/columns, so a rank never materializes the full checkpoint tensor.
 
-``ColumnSeqParallelLinear`` / ``RowSeqParallelLinear`` (DESIGN 5.4) share weights and loaders with the plain
-forms. When the step's forward context says the residual stream is sequence-sharded over TP
+``ColumnSeqParallelLinear`` / ``RowSeqParallelLinear`` (docs/sp.md: Sequence-parallel linears) share weights and
+loaders with the plain forms. When the step's forward context says the residual stream is sequence-sharded over TP
 (``ctx.seq_sharded``), the column layer all-gathers tokens over TP before its matmul and the row layer
 reduce-scatters over tokens after it; otherwise they behave exactly like the plain layers.
 """

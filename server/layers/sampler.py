@@ -153,24 +153,57 @@ def _draw(logits: torch.Tensor, reqs: list[SampleRequest], rows: list[int], toke
         tokens[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=r.generator)[0]
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits ``[B, V]`` (one row per request) -> chosen token ids and, where asked, their logprobs (of the
-    distribution after the logit controls, before temperature and the top-k / top-p / min-p filters)."""
+class SampledBatch:
+    """A batch sampled on the device whose results reach the host later: the token ids stay on the device
+    (``tokens``, where the next step can read them) and are copied to the host without waiting; :meth:`result`
+    waits for that copy only."""
+
+    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], reqs: list[SampleRequest],
+                 logprob_parts: tuple[torch.Tensor, ...] = ()):
+        self.tokens = tokens
+        self.reqs = reqs
+        self.logprob_rows = logprob_rows
+        dev = tokens.device
+        async_copy = dev.type == "cuda"
+        self._host = [x.to("cpu", non_blocking=async_copy) for x in (tokens, *logprob_parts)]
+        self._ready = None
+        if async_copy:
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(dev))
+
+    def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The chosen token ids and, where asked, their logprobs (waits for the device)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_list = self._host[0].tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(self.reqs)
+        if self.logprob_rows:
+            chosen, top_vals, top_idx = (x.tolist() for x in self._host[1:])
+            for j, i in enumerate(self.logprob_rows):
+                n = self.reqs[i].params.logprobs
+                logprobs[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_idx[j][:n], top_vals[j][:n])))
+        return token_list, logprobs
+
+
+def sample_async(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampledBatch:
+    """:func:`sample` without waiting for the device: the host copies of its results are under way."""
     logits = logits.to(torch.float32, copy=True)  # changed in place below; the caller's tensor stays intact
     apply_logit_controls(logits, reqs)
     tokens = torch.argmax(logits, dim=-1)
     rows = _rows(reqs, lambda r: not r.params.greedy)
     if rows:
         _draw(logits, reqs, rows, tokens)
-    token_list = tokens.tolist()
-    logprobs: list[TokenLogprob | None] = [None] * len(reqs)
     want = _rows(reqs, lambda r: r.params.logprobs is not None)
-    if want:
-        lp = torch.log_softmax(_take(logits, want), dim=-1)
-        chosen = lp.gather(1, tokens[want][:, None])[:, 0].tolist()
-        k = max(reqs[i].params.logprobs for i in want)
-        top_vals, top_idx = (x.tolist() for x in torch.topk(lp, k)) if k else ([[]] * len(want), [[]] * len(want))
-        for j, i in enumerate(want):
-            n = reqs[i].params.logprobs
-            logprobs[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_idx[j][:n], top_vals[j][:n])))
-    return token_list, logprobs
+    if not want:
+        return SampledBatch(tokens, [], reqs)
+    lp = torch.log_softmax(_take(logits, want), dim=-1)
+    chosen = lp.gather(1, tokens[want][:, None])[:, 0]
+    k = max(reqs[i].params.logprobs for i in want)
+    top = torch.topk(lp, k)
+    return SampledBatch(tokens, want, reqs, (chosen, top.values, top.indices))
+
+
+def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits ``[B, V]`` (one row per request) -> chosen token ids and, where asked, their logprobs (of the
+    distribution after the logit controls, before temperature and the top-k / top-p / min-p filters)."""
+    return sample_async(logits, reqs).result()

@@ -1,4 +1,5 @@
-"""Gated DeltaNet prefill of one request split zigzag over the SP group, and its conv1d halo (DESIGN 5.6).
+"""Gated DeltaNet prefill of one request split zigzag over the SP group, and its conv1d halo (docs/sp.md: Gated
+DeltaNet).
 
 Each chunk c is an affine map of its incoming state: ``S_{c+1} = T_c S_c + M_c``, and its outputs are
 ``O_c = O_loc_c + Q~_c S_c`` (:mod:`server.kernels.gdn_ref`). ``O_loc``, ``Q~``, ``M`` and ``T`` need no other

@@ -1,4 +1,4 @@
-"""LASP: lightning-attention prefill of one request split zigzag over the SP group (DESIGN 5.3).
+"""LASP: lightning-attention prefill of one request split zigzag over the SP group (docs/sp.md: LASP).
 
 Chunk c of length n_c, entered with state ``S_c``, gives (per head, ``lambda = exp(-slope)``):
 ``O_c = O_loc_c + (Q_c * lambda^(i+1)) @ S_c`` and ``S_{c+1} = lambda^(n_c) S_c + M_c``, where ``O_loc_c`` and

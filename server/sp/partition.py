@@ -1,4 +1,4 @@
-"""Zigzag partition of one request's new tokens over an SP group (DESIGN 5.1).
+"""Zigzag partition of one request's new tokens over an SP group (docs/sp.md: Partition).
 
 The tokens ``[0, n)`` are cut into ``2P`` contiguous chunks (P = sp_size) whose sizes differ by at most one,
 larger chunks first; rank r owns chunks ``r`` and ``2P-1-r``. Under a causal mask chunk c costs about

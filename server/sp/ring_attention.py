@@ -1,4 +1,4 @@
-"""Softmax attention over KV sharded across the SP group (DESIGN 5.2 and 6).
+"""Softmax attention over KV sharded across the SP group (docs/sp.md: Ring attention; Decode and unsplit chunks).
 
 Every function here returns the partial-attention pair ``(o, lse)``: ``o [Nq, Hq, Dv]`` in q's dtype and
 ``lse [Nq, Hq]`` fp32 in base 2 (-inf where a query sees no key), exactly what one ``attn_fn`` call over the
@@ -165,18 +165,38 @@ def allgather_kv_attention(
     return attn_fn(q, k_all, v_all, q_runs, runs, scale)
 
 
-def merge_over_sp(o: torch.Tensor, lse: torch.Tensor, pstate: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_partials(num_rows: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One ``[num_rows, heads * head_dim + lse columns]`` buffer of ``dtype`` and two views into it: ``o`` ``[num_rows,
+    heads, head_dim]`` and the fp32 ``lse`` ``[num_rows, heads]`` (its bytes behind each row's o). Attention that
+    writes its partial results there hands :func:`merge_over_sp` what it gathers without a copy. None for dtypes
+    whose element does not divide 4 bytes."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if 4 % size:
+        return None
+    width = heads * head_dim
+    packed = torch.empty(num_rows, width + heads * 4 // size, dtype=dtype, device=device)
+    return packed, packed[:, :width].view(num_rows, heads, head_dim), packed[:, width:].view(torch.float32)
+
+
+def merge_over_sp(o: torch.Tensor, lse: torch.Tensor, pstate: ParallelState, keep: torch.Tensor | None = None,
+                  packed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge every SP rank's partial ``(o, lse)`` of the same query rows: one all-gather of ``o`` in its own dtype
     with the fp32 ``lse`` packed behind it (its bytes viewed as ``o``'s dtype: nothing is rounded, half the bytes
     of an fp32 copy for bf16 ``o``), straight into one tensor, then one K-way merge in fp32. Every rank returns
-    the same. Runs inside decode CUDA graphs: no host sync, static shapes."""
+    the same. Runs inside decode CUDA graphs: no host sync, static shapes.
+
+    ``packed``: ``o`` and ``lse`` are the views of this buffer (:func:`packed_partials`), gathered as they are.
+    ``keep`` ``[N]``: rows whose flag is 0 return the local ``o`` unmerged, in the same kernel (decode graph steps
+    merge every row and keep the merge for the replicated ones)."""
     if pstate.sp_size == 1:
         return o, lse
     nq, hq, dv = o.shape
-    lse_bits = lse.float().contiguous().view(o.dtype).reshape(nq, -1)
-    packed = torch.cat([o.reshape(nq, hq * dv), lse_bits], dim=1)
+    if packed is None:
+        lse_bits = lse.float().contiguous().view(o.dtype).reshape(nq, -1)
+        packed = torch.cat([o.reshape(nq, hq * dv), lse_bits], dim=1)
     parts = pstate.sp_all_gather_tensor(packed).view(pstate.sp_size, nq, -1)
-    o_all = parts[:, :, : hq * dv].reshape(pstate.sp_size, nq, hq, dv)
-    lse_all = parts[:, :, hq * dv :].contiguous().view(torch.float32)
-    merged, merged_lse = ops.merge_states(o_all, lse_all)
+    o_all = parts[:, :, : hq * dv].view(pstate.sp_size, nq, hq, dv)
+    lse_all = parts[:, :, hq * dv :].view(torch.float32)  # a strided view: the merge reads it in place
+    merged, merged_lse = ops.merge_states(o_all, lse_all, keep, o if keep is not None else None)
     return merged.to(o.dtype), merged_lse

@@ -1,4 +1,4 @@
-"""Ulysses groups and the all-to-all re-partition between token shards and head shards (DESIGN 5.7).
+"""Ulysses groups and the all-to-all re-partition between token shards and head shards (docs/sp.md: Ulysses).
 
 The SP group of P ranks is a U x R mesh (U = ``--ulysses-degree``, R = P / U): SP rank ``s`` has ring index
 ``s // U`` and Ulysses index ``s % U``. The Ulysses group is U adjacent SP ranks (same ring index and tp_rank);

@@ -1,4 +1,4 @@
-"""Ulysses and Ulysses x ring (USP) softmax attention of one SP-split request (DESIGN 5.7).
+"""Ulysses and Ulysses x ring (USP) softmax attention of one SP-split request (docs/sp.md: Ulysses).
 
 On every rank of the U x R mesh (:mod:`server.sp.ulysses`), per layer:
 

@@ -1,4 +1,4 @@
-"""Ulysses x ring Gated DeltaNet prefill of one SP-split request, conv1d included (DESIGN 5.6, 5.7).
+"""Ulysses x ring Gated DeltaNet prefill of one SP-split request, conv1d included (docs/sp.md: Gated DeltaNet, Ulysses).
 
 The layout is the lightning one (:mod:`server.sp.ulysses_lightning`): one all-to-all inside the Ulysses group gives
 each rank every token of the group for its heads, in sequence order the ring-level zigzag chunks ``g`` and

@@ -1,4 +1,4 @@
-"""Ulysses x LASP lightning-attention prefill of one SP-split request (DESIGN 5.3, 5.7).
+"""Ulysses x LASP lightning-attention prefill of one SP-split request (docs/sp.md: LASP, Ulysses).
 
 Inside a Ulysses group a rank holds every token of its heads after one all-to-all, so the chunked kernel runs over
 the group's whole token sequence and the state is passed only across ring groups. With zigzag over P = U x R

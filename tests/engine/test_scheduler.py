@@ -37,7 +37,7 @@ def test_short_prompts_are_homed_on_separate_sp_ranks():
 
 def test_long_prompt_is_split_then_decodes_replicated():
     s = make(sp=2, budget=64)
-    long = seq("long", 100, 2)
+    long = seq("long", 100, 2, max_tokens=10)
     s.add(long)
     plan, seqs = s.schedule()  # the budget is per SP rank: one split chunk takes the whole 100-token prompt
     c = plan.chunks[0]

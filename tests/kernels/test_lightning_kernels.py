@@ -76,7 +76,7 @@ def test_prefill_varlen_mixed_lengths(num_segments: int, block_v: int | None) ->
 
 
 def test_prefill_zero_state_returns_lasp_m() -> None:
-    """Without initial states the final state is the chunk's M (DESIGN 5.3) and o the zero-state output."""
+    """Without initial states the final state is the chunk's M (docs/sp.md: LASP) and o the zero-state output."""
     q, k, v, slopes, cu, _ = make_batch([40, 9], h=2, d=16, seed=2, with_state=False)
     o, m = lightning_prefill_triton(q, k, v, slopes, cu, None, block=16, num_segments=2)
     ro, rm = lightning_prefill_ref(q, k, v, slopes, cu, None)

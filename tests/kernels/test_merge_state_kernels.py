@@ -22,6 +22,7 @@ from server.kernels.merge_state import (  # noqa: E402
     merge_states_triton,
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref  # noqa: E402
+from server.sp.ring_attention import packed_partials  # noqa: E402
 from tests.helpers import DEVICE, gpu, needs_cuda
 
 NEG_INF = float("-inf")
@@ -73,6 +74,34 @@ def test_two_way_merge_reads_strided_rows() -> None:
     merge_state_triton(big[4:16], big_lse[4:16], o[1], lse[1], out=big[4:16], out_lse=big_lse[4:16])
     assert_merged_equal(big[4:16], big_lse[4:16], *merge_state_ref(o[0], lse[0], o[1], lse[1]), tol=1e-5)
     assert (big[:4] == 0).all() and (big[16:] == 0).all()
+
+
+def test_k_way_merge_of_packed_rows_keeps_unflagged_rows() -> None:
+    """The decode-graph form: every rank's o and fp32 lse side by side in one gathered buffer (read through
+    strided views, no copies), and rows whose keep flag is 0 return the local o instead of the merge."""
+    k, n, h, d = 3, 6, 2, 32
+    o, lse = make_parts(k, n, h, d, seed=9)
+    packed = torch.cat([o.reshape(k, n, h * d), lse], dim=2)  # fp32: one lse column per head
+    keep = torch.tensor([1, 0, 1, 1, 0, 1], device=DEVICE)
+    local = torch.randn(n, h, d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ro, rlse = merge_states_ref(o, lse)
+    ro = torch.where(keep[:, None, None] != 0, ro, local)
+    got = merge_states_triton(packed[:, :, : h * d].view(k, n, h, d), packed[:, :, h * d :], keep, local)
+    assert_merged_equal(*got, ro, rlse, tol=1e-5)
+    assert_merged_equal(*merge_states_ref(o, lse, keep, local), ro, rlse, tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_partials_keep_the_fp32_lse_bits_behind_o(dtype: torch.dtype) -> None:
+    """The buffer the SP merge gathers: o in its dtype, the fp32 lse's bytes after it, both views of one tensor."""
+    packed, o, lse = packed_partials(5, 3, 8, dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    values, o_values = torch.randn(5, 3, generator=g), torch.randn(5, 3, 8, generator=g).to(dtype)
+    lse.copy_(values)
+    o.copy_(o_values)
+    assert packed.shape == (5, 24 + 3 * 4 // packed.element_size())
+    assert torch.equal(packed[:, 24:].contiguous().view(torch.float32), values)  # exact: bits, not rounded
+    assert torch.equal(packed[:, :24].reshape(5, 3, 8), o_values)
 
 
 @gpu
