@@ -22,7 +22,10 @@ import triton.language as tl
 DEFAULT_BLOCK = 64
 
 
-@triton.jit
+# Lengths that change from call to call (segment sizes, split counts) are not specialized on (Triton would compile
+# a variant per "== 1" / "divisible by 16" combination of them: tens of compilations on a fresh host, each
+# seconds); they only bound loops and offset positions read from CU_SEQLENS, so nothing is lost.
+@triton.jit(do_not_specialize=["SEG_LEN", "NUM_SEG"])
 def _lightning_prefill_kernel(
     Q, K, V, OUT, SLOPES, CU_SEQLENS, S0, M_SEG, S_FINAL,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -114,7 +117,7 @@ def _lightning_prefill_kernel(
         tl.store(S_FINAL + head_state + state_offs, state, mask=state_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLIT"])
 def _lightning_correction_kernel(
     Q, O_IN, OUT, SLOPES, CU_SEQLENS, STATES,
     stride_qt, stride_qh, stride_ot, stride_oh,
