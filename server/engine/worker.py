@@ -42,13 +42,16 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
     Rank 0 passes ``check_ranks`` (raises if a rank it started has died): it is called while rank 0 waits for
     the others, so a rank that fails during start-up is an error at once instead of a wait for the timeout."""
     device = rank_device(config, rank)
+    started = time.monotonic()
     pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method,
                                  check_ranks=check_ranks)
     mesh = init_ulysses_mesh(pstate, config.ulysses_degree)  # collective: every rank, right after the groups
+    joined = time.monotonic()
     if device.type == "cpu":
         # Several ranks share the CPU: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
     runner = ModelRunner(config, model_path, read_model_config(model_path), pstate, mesh)
+    built = time.monotonic()
     pages = torch.tensor(runner.plan_cache(), dtype=torch.long)  # [KV pages, state snapshots]
     if pstate.world_size > 1:
         work = dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=pstate.world_cpu_group, async_op=True)
@@ -57,7 +60,11 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
             time.sleep(0.02)
         work.wait()
     runner.allocate_caches(int(pages[0]), int(pages[1]))
+    allocated = time.monotonic()
     runner.enable_decode_graphs()
+    log.info("rank %d started in %.1f s: groups %.1f s, model %.1f s, caches %.1f s, decode graphs %.1f s", rank,
+             time.monotonic() - started, joined - started, built - joined, allocated - built,
+             time.monotonic() - allocated)
     return pstate, runner
 
 
