@@ -43,8 +43,9 @@ class EngineConfig:
     cuda_graph: str = "auto"  # auto: capture decode graphs on CUDA | off | eager: pad decode steps, no capture
     cuda_graph_max_bs: int = 64  # the largest decode batch replayed from a graph
     # rank 0 prepares step N+1 while the device runs step N; step N's tokens reach the host one step later
-    # (docs/architecture.md, "Overlapped steps")
-    overlap_schedule: bool = True
+    # (docs/architecture.md, "Overlapped steps"). None: on CUDA, and on CPU with one rank (several CPU ranks share
+    # the cores that would overlap, and the token broadcast is a blocking gloo call there)
+    overlap_schedule: bool | None = None
     enable_prefix_cache: bool = True  # ended requests leave their KV (and state snapshots) for later prefixes
     # linear-attention state snapshots the prefix cache keeps (hybrid models); None: up to 64, within a quarter of
     # the cache budget

@@ -118,6 +118,9 @@ class Engine:
                 p.kill()
             raise
         self.device = self.pstate.device
+        self.overlap = config.overlap_schedule
+        if self.overlap is None:
+            self.overlap = self.device.type == "cuda" or config.world_size == 1
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
                                    bool(self.runner.lightning_layers or self.runner.gdn_layers),
                                    self.runner.snapshot_slots)
@@ -204,7 +207,7 @@ class Engine:
         outputs += self._sample(logits, list(live))
         if PROFILE:
             PROFILE.mark("sample")
-        if not self.config.overlap_schedule:
+        if not self.overlap:
             outputs += self._resolve()
         if PROFILE:
             PROFILE.mark("finish")

@@ -65,7 +65,7 @@ def test_overlapped_steps_give_the_waiting_engines_outputs(checkpoints, arch, sp
         expected, values = summary(outs), logprob_values(outs)
         assert llm.engine.num_prev_token_steps == 0
     assert expected[2][1] == "stop" and expected[0][1] == "length"
-    with LLM(checkpoints[arch], **kw) as llm:
+    with LLM(checkpoints[arch], overlap_schedule=True, **kw) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert summary(outs) == expected
         assert logprob_values(outs) == pytest.approx(values, rel=1e-4, abs=1e-4)  # as assert_logits_close
@@ -80,7 +80,8 @@ def test_abort_with_a_token_in_flight_frees_everything(checkpoints, sp):
     far; the others go on unchanged; no page or slot stays taken."""
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = [prompt(77), prompt(5), prompt(20, seed=1)]
-    with LLM(checkpoints["minimax_7to1"], **ENGINE, sp_size=sp, enable_prefix_cache=False) as llm:
+    with LLM(checkpoints["minimax_7to1"], **ENGINE, sp_size=sp, enable_prefix_cache=False,
+             overlap_schedule=True) as llm:
         expected = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         engine = llm.engine
         for i, p in enumerate(prompts):
