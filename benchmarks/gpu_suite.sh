@@ -136,6 +136,11 @@ for step in "$@"; do
             --questions 5 --follow-ups 1 --off-turns 2 --sp-size 1 2 --out "$WORK/prefix.json" 2>&1 |
             grep -E "^\|" | tee "$WORK/prefix.log"
         ;;
+    prefix-off)  # the sp = 2 cache-off turns of both shapes (the cache-on rows are in prefix_h200x2.md)
+        timeout 300 python benchmarks/bench_prefix.py --model minimax-hybrid llama3-8b --doc-len 131072 \
+            --questions 5 --follow-ups 1 --off-turns 2 --cache off --warmup-len 16384 --sp-size 2 \
+            --out "$WORK/prefix_off.json" 2>&1 | grep -E "^\||Error" | tee "$WORK/prefix_off.log"
+        ;;
     modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
         prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
         prefill 100 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather
