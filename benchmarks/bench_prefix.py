@@ -96,6 +96,13 @@ def main() -> None:
         for sp in args.sp_size:
             for cache in (c == "on" for c in args.cache):
                 run_config(args, model, sp, cache, emit)
+    if "on" not in args.cache:
+        print("| model | sp | turn | prompt | TTFT without cache (s) | ITL (ms) |")
+        print("|---|---:|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['model']} | {r['sp']} | {r['name']} | {r['prompt_tokens']} | {r['ttft_s']:.3f} | "
+                  f"{r['itl_ms']:.2f} |")
+        return
     print("| model | sp | turn | prompt | cached | TTFT on (s) | TTFT off (s) | speedup | ITL on / off (ms) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for on in (r for r in rows if r["cache"]):

@@ -18,3 +18,13 @@ def test_bench_prefix_runs_on_cpu(tmp_path):
     assert on[0]["cached_tokens"] == 0 and all(r["cached_tokens"] >= 200 for r in on[1:])  # the document, reused
     assert all(r["cached_tokens"] == 0 for r in rows if not r["cache"])
     assert all(r["ttft_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_prefix_cache_off_alone_after_a_warmup(tmp_path):
+    model = tiny_model(tmp_path, "llama3-8b", intermediate_size=96)
+    rows = run_bench("bench_prefix.py", "--model", model, "--doc-len", 120, "--question-len", 8, "--questions", 2,
+                     "--follow-ups", 0, "--output-len", 3, "--sp-size", 1, "--device", "cpu", "--cpu-cache-gb", 0.05,
+                     "--cache", "off", "--off-turns", 2, "--warmup-len", 40, out=tmp_path / "p.json", cpu_only=True)
+    assert [(r["cache"], r["turn"]) for r in rows] == [(False, 0), (False, 1)]  # the warm-up is not a row
+    assert all(r["cached_tokens"] == 0 and r["prompt_tokens"] == 128 for r in rows)
