@@ -8,7 +8,9 @@
 # A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them to bring along. Triton's
 # kernels (ours, fla-core's) compile and fla's autotune on first use too (over 2 minutes for the GDN shapes): with
 # TRITON_CACHE_AUTOTUNING=1 (set below) the tuning results are cached beside the compiled kernels, and the
-# triton-cache step packs ~/.triton/cache; unpack it into ~ on the next host.
+# triton-cache step packs ~/.triton/cache; unpack it into ~ on the next host. That archive is large (23 MB with
+# fla's GDN kernels); the autotune-cache step packs only the tuning results, which spare a fresh host the tuning
+# runs (not the compilation of the chosen configs).
 # Results record $GIT_COMMIT (set it to the checkout's commit: the host's .git may be stale).
 set -u
 WORK=${WORK:-/tmp/gpu-suite}
@@ -47,6 +49,10 @@ for step in "$@"; do
     triton-cache)  # the compiled Triton kernels and autotuning results, to bring to a fresh host (tar -xzf -C ~)
         (cd ~ && tar -czf "${TRITON_ARCHIVE:-$WORK/triton_cache.tgz}" .triton/cache)
         ls -la "${TRITON_ARCHIVE:-$WORK/triton_cache.tgz}"
+        ;;
+    autotune-cache)  # only the autotuning results (small JSON): a fresh host then compiles the chosen configs only
+        (cd ~ && find .triton/cache -name "*.autotune.json" | tar -czf "${AUTOTUNE_ARCHIVE:-$WORK/autotune.tgz}" -T -)
+        ls -la "${AUTOTUNE_ARCHIVE:-$WORK/autotune.tgz}"
         ;;
     kernels)
         timeout 120 python benchmarks/bench_kernels.py --out-dir "$WORK" --sections ceilings paged_attention \
