@@ -9,8 +9,8 @@
 # kernels (ours, fla-core's) compile and fla's autotune on first use too (over 2 minutes for the GDN shapes): with
 # TRITON_CACHE_AUTOTUNING=1 (set below) the tuning results are cached beside the compiled kernels, and the
 # triton-cache step packs ~/.triton/cache; unpack it into ~ on the next host. That archive is large (23 MB with
-# fla's GDN kernels); the autotune-cache step packs only the tuning results, which spare a fresh host the tuning
-# runs (not the compilation of the chosen configs).
+# fla's GDN kernels); the autotune-cache step packs only the tuning results, which should spare a fresh host the tuning
+# runs (not the compilation of the chosen configs; not tried yet).
 # Results record $GIT_COMMIT (set it to the checkout's commit: the host's .git may be stale).
 set -u
 WORK=${WORK:-/tmp/gpu-suite}
