@@ -222,9 +222,10 @@ class StepAttention:
             cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows])
         merging = meta.merge_rows is not None or meta.merge_mask is not None
         # graph steps merge every row: the partial results are written where the SP all-gather reads them
-        packed = packed_partials(*q.shape, q.dtype, q.device) if meta.merge_mask is not None else None
-        if packed is not None:
-            packed, out, lse = packed
+        buffers = packed_partials(*q.shape, q.dtype, q.device) if meta.merge_mask is not None else None
+        packed = None
+        if buffers is not None:
+            packed, out, lse = buffers
             out.zero_()
             lse.fill_(-math.inf)
         else:

@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.process
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -47,12 +48,6 @@ MAIN_GUARD_HINT = (
     "engine under `if __name__ == \"__main__\":` in a script, or the workers start it again")
 
 
-def _drop_placeholder(seq: Sequence) -> None:
-    """Remove a token of ``seq`` that is still on the device (see :class:`InFlight`)."""
-    if seq.output_ids and seq.output_ids[-1] < 0:
-        seq.output_ids.pop()
-
-
 def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
     ids: list[int] = []
     try:
@@ -66,13 +61,13 @@ def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+@dataclass
 class InFlight:
     """A step whose sampled tokens are still on the device: ``seqs[i]``'s token is row i of ``batch``, held in
     their ``output_ids`` as the placeholder -(i + 1) until :meth:`Engine._resolve` reads it."""
 
-    def __init__(self, seqs: list[Sequence], batch: SampledBatch):
-        self.seqs = seqs
-        self.batch = batch
+    seqs: list[Sequence]
+    batch: SampledBatch
 
 
 class Engine:
@@ -164,7 +159,8 @@ class Engine:
         seq = self.seqs.pop(rid, None)
         if seq is None:
             return
-        _drop_placeholder(seq)  # a token still on the device is not delivered
+        if seq.token_in_flight:  # not delivered
+            seq.output_ids.pop()
         self.scheduler.finish(seq)
         self.generators.pop(rid, None)
         self.pending.append(RequestOutput(rid, finished=True, finish_reason="abort",

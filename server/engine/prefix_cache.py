@@ -107,10 +107,6 @@ class PrefixCache:
             out.append((e, m))
         return out
 
-    def match(self, prompt: list[int]) -> PrefixHit | None:
-        """The longest usable cached prefix of ``prompt`` (see :meth:`search`)."""
-        return self.search(prompt)[0]
-
     def search(self, prompt: list[int]) -> tuple[PrefixHit | None, int]:
         """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute), and the
         most tokens it shares with one entry, state snapshots aside (0: none). Every entry met on the walk is a

@@ -184,7 +184,7 @@ class Scheduler:
         cache = self.cache
         plan = StepPlan(chunks, token_ids, self._started, self._finished, cache.pending_page_copies,
                         cache.pending_copies, seq_sharded,
-                        prev_tokens=any(s.output_ids and s.output_ids[-1] < 0 for s in seqs))
+                        prev_tokens=any(s.token_in_flight for s in seqs))
         self._started, self._finished = [], []
         cache.pending_page_copies, cache.pending_copies = [[] for _ in range(self.sp)], []
         return plan, seqs

@@ -59,6 +59,12 @@ class Sequence:
         return self.prompt_ids[start : start + n] + self.output_ids[: max(0, start + n - p)]
 
     @property
+    def token_in_flight(self) -> bool:
+        """The last output token is still on the device: a placeholder ``-(i + 1)`` (see
+        :class:`server.engine.engine.InFlight`)."""
+        return bool(self.output_ids) and self.output_ids[-1] < 0
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

@@ -38,17 +38,17 @@ def cache_gb(arch: str, sp: int = 1, tp: int = 1) -> float:
 def test_index_matches_by_page_chains_and_token_by_token():
     cache = PrefixCache(page_size=4, needs_state=False)
     entry = cache.add(list(range(10)), [[(0, 10, 0)]], [[1, 2, 3]], {})
-    assert cache.match(list(range(10)) + [99]).tokens == 10  # the whole entry, one token left to compute
-    assert cache.match(list(range(10))).tokens == 9  # a prompt equal to the entry still computes its last token
-    assert cache.match(list(range(6)) + [77, 78]).tokens == 6  # ends mid-page
-    assert cache.match([0, 1, 2, 9, 9]) is None  # no full page in common
+    assert cache.search(list(range(10)) + [99])[0].tokens == 10  # the whole entry, one token left to compute
+    assert cache.search(list(range(10)))[0].tokens == 9  # a prompt equal to the entry still computes its last token
+    assert cache.search(list(range(6)) + [77, 78])[0].tokens == 6  # ends mid-page
+    assert cache.search([0, 1, 2, 9, 9])[0] is None  # no full page in common
     assert chain_hashes(list(range(8)), 4) != chain_hashes([0, 1, 2, 3, 9, 5, 6, 7], 4)
     hybrid = PrefixCache(page_size=4, needs_state=True)
     hybrid.add(list(range(10)), [[(0, 10, 0)]], [[1, 2, 3]], {4: 70, 8: 71})
-    hit = hybrid.match(list(range(10)) + [5])
+    hit = hybrid.search(list(range(10)) + [5])[0]
     assert (hit.tokens, hit.snapshot) == (8, 71)  # cut back to the deepest snapshot it covers
     cache.remove(entry)
-    assert cache.match(list(range(10)) + [99]) is None and not cache.index
+    assert cache.search(list(range(10)) + [99])[0] is None and not cache.index
     # an SP rank's shard: rows of positions below m are a prefix of its rows
     runs = [(0, 5, 0), (5, 5, 15), (10, 3, 40)]
     assert rows_before(runs, 17) == 7 and truncate_runs(runs, 17) == [(0, 5, 0), (5, 2, 15)]
