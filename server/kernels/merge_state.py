@@ -71,8 +71,9 @@ def _merge_states_kernel(
 
 
 def _launch(o_first, lse_first, o_rest, lse_rest, num_rest, o_out, lse_out, keep=None, o_local=None) -> None:
-    for name, t in (("o", o_first), ("o", o_rest), ("out", o_out)) + ((("o_local", o_local),) if keep is not None
-                                                                      else ()):
+    has_keep = keep is not None
+    local = o_local if has_keep else o_first
+    for name, t in (("o", o_first), ("o", o_rest), ("out", o_out), ("o_local", local)):
         if t.stride(-1) != 1:
             raise ValueError(f"merge_state: {name} needs a contiguous head dim, got strides {tuple(t.stride())}")
     n, h, d = o_first.shape
@@ -83,8 +84,6 @@ def _launch(o_first, lse_first, o_rest, lse_rest, num_rest, o_out, lse_out, keep
     rest_o = (o_rest.stride(0), o_rest.stride(1), o_rest.stride(2)) if o_rest.dim() == 4 else (0, *o_rest.stride()[:2])
     rest_l = (lse_rest.stride(0), lse_rest.stride(1), lse_rest.stride(2)) if lse_rest.dim() == 3 \
         else (0, *lse_rest.stride())
-    has_keep = keep is not None
-    local = o_local if has_keep else o_first
     _merge_states_kernel[(triton.cdiv(n * h, block_r),)](
         o_first, lse_first, o_rest, lse_rest, o_out, lse_out, keep if has_keep else lse_first, local,
         n * h, h, d,
