@@ -104,6 +104,8 @@ class EngineConfig:
             (self.cuda_graph in CUDA_GRAPH_MODES,
              f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}"),
             (self.cuda_graph_max_bs >= 0, f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}"),
+            (self.overlap_schedule in (None, True, False),
+             f"overlap_schedule must be True, False or None (auto), got {self.overlap_schedule!r}"),
             (self.prefix_cache_snapshots is None or self.prefix_cache_snapshots >= 0,
              f"--prefix-cache-snapshots must be >= 0, got {self.prefix_cache_snapshots}"),
         ]
