@@ -109,7 +109,7 @@ for step in "$@"; do
         ;;
     decode)  # the decode table: ITL beside the floor, overlapped steps on / off (graphs on)
         timeout 420 python benchmarks/bench_decode.py --model llama3-8b --context 2048 131072 --batch 1 32 \
-            --sp-size 1 2 --graphs on --overlap ${DECODE_OVERLAP:-on off} --decode-steps 48 --out "$WORK/decode.json" \
+            --sp-size ${DECODE_SP:-1 2} --graphs on --overlap ${DECODE_OVERLAP:-on off} --decode-steps 48 --out "$WORK/decode.json" \
             --plot "$WORK/decode.png" \
             2>&1 | grep -E "^\||bandwidth" | tee "$WORK/decode.log"
         ;;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
@@ -43,6 +44,9 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
     the others, so a rank that fails during start-up is an error at once instead of a wait for the timeout."""
     device = rank_device(config, rank)
     started = time.monotonic()
+    every = os.environ.get("SERVER_STACKS_EVERY_S")
+    if every:  # a stuck or slow rank shows where it is: every thread's stack on stderr, every N seconds
+        faulthandler.dump_traceback_later(float(every), repeat=True)
     pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method,
                                  check_ranks=check_ranks)
     mesh = init_ulysses_mesh(pstate, config.ulysses_degree)  # collective: every rank, right after the groups
