@@ -5,7 +5,8 @@
 #   benchmarks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
 #   benchmarks/gpu_suite.sh prefill prefill-at-limit modes placement
 #       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
-# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them to bring along. Triton's
+# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them (as prebuilt modules) to
+# bring along. Triton's
 # kernels (ours, fla-core's) compile and fla's autotune on first use too (over 2 minutes for the GDN shapes): with
 # TRITON_CACHE_AUTOTUNING=1 (set below) the tuning results are cached beside the compiled kernels, and the
 # triton-cache step packs ~/.triton/cache; unpack it into ~ on the next host. That archive is large (23 MB with
@@ -42,9 +43,17 @@ for step in "$@"; do
         timeout 420 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/kernels 2>&1 |
             tee "$WORK/gpu_kernel_tests.log" | tail -20
         ;;
-    jit-cache)  # the compiled flashinfer modules, to bring to a fresh host (unpack into ~/.cache)
-        (cd ~/.cache && find flashinfer -name '*.so' | tar -czf "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}" -T -)
-        ls -la "${JIT_ARCHIVE:-$WORK/flashinfer_jit.tgz}"
+    jit-cache)  # the compiled flashinfer modules as prebuilt ("AOT") modules, to bring to a fresh host: unpack with
+        # `tar -xzf flashinfer_aot.tgz -C $(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")/data/aot`
+        # (a copy of ~/.cache/flashinfer's .so files alone does not help: its modules are rebuilt unless ninja's own
+        # records say they are fresh; a module in data/aot/NAME/NAME.so is loaded without building)
+        aot=$(mktemp -d)
+        for so in $(find ~/.cache/flashinfer "$(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")/data/aot" -name '*.so' 2>/dev/null); do
+            name=$(basename "$so" .so)
+            mkdir -p "$aot/$name" && cp -n "$so" "$aot/$name/"
+        done
+        tar -czf "${JIT_ARCHIVE:-$WORK/flashinfer_aot.tgz}" -C "$aot" .
+        ls -la "${JIT_ARCHIVE:-$WORK/flashinfer_aot.tgz}"
         ;;
     triton-cache)  # the compiled Triton kernels and autotuning results, to bring to a fresh host (tar -xzf -C ~)
         (cd ~ && tar -czf "${TRITON_ARCHIVE:-$WORK/triton_cache.tgz}" .triton/cache)
