@@ -20,7 +20,7 @@ from server.engine.procutil import die_with_parent
 from server.engine.step_profile import PROFILE
 from server.forward.plan import MemoryStatsRequest, Shutdown, StepPlan
 from server.models.loader import read_model_config
-from server.sp.groups import ParallelState, init_parallel_state
+from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
 from server.sp.ulysses import init_ulysses_mesh
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
                 break
             else:
                 raise TypeError(f"unexpected control message {type(message).__name__}")
-        dist.destroy_process_group()
+        destroy_parallel_state(pstate)
     except Exception as e:
         # One line: rank 0 fails the same way (or reports this rank's death); the traceback is for --log-level debug.
         log.error("worker rank %d failed: %s: %s", rank, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

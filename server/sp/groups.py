@@ -207,5 +207,14 @@ def init_parallel_state(
 
 
 def destroy_parallel_state(state: ParallelState) -> None:
+    """Release every group of this process, without waiting for the other ranks.
+
+    NCCL's orderly destroy waits for each communicator's peers to destroy theirs too, so a rank that left first
+    (or was killed) makes it hang; an abort frees the communicators at once. It is only called between steps, with
+    no collective in flight, and leaves the process free to join new groups (a second engine in one process)."""
     if state.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        else:  # a torch without it: the orderly destroy
+            dist.destroy_process_group()
