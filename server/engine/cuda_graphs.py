@@ -70,6 +70,16 @@ class DecodeGraphs:
         if capture:
             self._capture_all()
 
+    def release(self) -> None:
+        """Destroy the captured graphs now (not whenever the garbage collector gets to them). A graph that captured
+        collectives holds their communicators: they cannot be released while it lives."""
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def bucket_for(self, plan: StepPlan) -> int | None:
         ps = self.runner.pstate
         n = max(rank_row_count(plan, ps.sp_size, r) for r in range(ps.sp_size))

@@ -387,8 +387,8 @@ class Engine:
             for p in self.procs:
                 if p.is_alive():
                     p.kill()
+            self.runner.release()  # first: its CUDA graphs hold the communicators of the collectives they captured
             destroy_parallel_state(self.pstate)
-            self.runner.release()
 
     def __del__(self):
         try:

@@ -192,6 +192,8 @@ class ModelRunner:
         for lt in self.lightning_layers + self.gdn_layers:
             lt.pool = None
         self.model = None
+        if self.graphs is not None:
+            self.graphs.release()
         self.graphs = None
         self.attn_layers, self.lightning_layers, self.gdn_layers = [], [], []
         self.backend.release()

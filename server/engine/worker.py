@@ -159,6 +159,7 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
                 break
             else:
                 raise TypeError(f"unexpected control message {type(message).__name__}")
+        runner.release()  # first: its CUDA graphs hold the communicators of the collectives they captured
         destroy_parallel_state(pstate)
     except Exception as e:
         # One line: rank 0 fails the same way (or reports this rank's death); the traceback is for --log-level debug.
