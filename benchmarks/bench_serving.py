@@ -11,7 +11,10 @@ token ids, or text decoded from random ids with ``--prompt-format text``) and ``
         --input-len 1024 --output-len 128 --max-concurrency 16
 
 TTFT: request sent -> first streamed token. ITL: time between streamed chunks. TPOT: (E2E - TTFT) / (output
-tokens - 1) per request. Token counts come from the server's ``usage``.
+tokens - 1) per request. Token counts come from the server's ``usage``. Requests ask for ``return_token_ids``
+(vLLM's field; this server's too), so a token whose text is empty or still held back by the detokenizer (a
+tokenizer whose vocabulary is smaller than the model's, as with dummy weights at a real shape) still has its chunk;
+``--text-chunks`` leaves the field out, for servers without it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout in seconds")
     p.add_argument("--output-file", default=None, help="append the JSON line here too")
+    p.add_argument("--text-chunks", action="store_true",
+                   help="leave out return_token_ids: a token counts as streamed only when its chunk has text")
     p.add_argument("--disable-tqdm", action="store_true")
     return p.parse_args(argv)
 
@@ -100,7 +105,7 @@ async def send_request(http: httpx.AsyncClient, body: dict) -> RequestResult:
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["text"]:
+                if chunk["choices"] and (chunk["choices"][0]["text"] or chunk["choices"][0].get("token_ids")):
                     now = time.perf_counter()
                     if last is None:
                         res.ttft_s = now - start
@@ -140,6 +145,8 @@ async def run(args: argparse.Namespace) -> dict:
         prompts = make_prompts(args, card["vocab_size"])
         body = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature, "stream": True,
                 "stream_options": {"include_usage": True}, "ignore_eos": True}
+        if not args.text_chunks:
+            body["return_token_ids"] = True
         for i in range(args.num_warmup):
             await send_request(http, {**body, "prompt": prompts[i % len(prompts)], "max_tokens": 2})
 
@@ -192,6 +199,7 @@ def summarize(args: argparse.Namespace, model: str, results: list[RequestResult]
         **stats_ms([r.ttft_s for r in ok], "ttft"),
         **stats_ms(tpot, "tpot"),
         **stats_ms([x for r in ok for x in r.itl_s], "itl"),
+        "itl_samples": sum(len(r.itl_s) for r in ok),  # chunks after each request's first
         **stats_ms([r.e2e_s for r in ok], "e2e_latency"),
     }
 

@@ -175,6 +175,7 @@ class CompletionRequest(_SamplingBody):
     prompt: Any  # str | list[str] | list[int] | list[list[int]]; checked by normalize_prompt
     logprobs: Logprobs | None = None
     echo: bool | None = None
+    return_token_ids: bool | None = None  # vLLM's: choices carry prompt_token_ids and token_ids
 
 
 class TextPart(BaseModel):

@@ -98,6 +98,8 @@ class OpenAIServing:
                 if req.echo:
                     lp = self._echo_logprobs(ids[i], r.prompt_logprobs, req.logprobs, lp)
             choice = {"index": i, "text": echo[i] + r.text, "logprobs": lp, "finish_reason": r.finish_reason}
+            if req.return_token_ids:
+                choice |= {"prompt_token_ids": ids[i], "token_ids": r.token_ids}
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self.prompt_logprobs(r.prompt_logprobs, req.prompt_logprobs)
             choices.append(choice)
@@ -110,15 +112,24 @@ class OpenAIServing:
                                  n: int):
         """A choice's echoed prompt is its first chunk, sent with its first token's event (which brings the
         prompt's logprobs), then that token's chunk. Text offsets advance by the tokens' texts, as in a whole
-        response."""
+        response. With ``return_token_ids`` (vLLM's) a choice's first chunk carries ``prompt_token_ids`` and every
+        chunk the ``token_ids`` it adds, so every token has a chunk even where its text is still held back."""
         extra = {"usage": None} if include_usage else {}
+        with_ids = bool(req.return_token_ids)
 
-        def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None = None) -> dict:
-            return {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}], **extra}
+        def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None = None,
+                  token_ids: list[int] | None = None) -> dict:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            if with_ids:
+                choice["token_ids"] = token_ids or []
+                if not sent_ids[index]:
+                    sent_ids[index] = True
+                    choice["prompt_token_ids"] = ids[index]
+            return {**head, "choices": [choice], **extra}
 
         offsets = [len(e) for e in echo]
         echoed = [not req.echo] * len(echo)
+        sent_ids = [False] * len(echo)
         completion_tokens = [0] * len(echo)
         cached = [0] * len(echo)
         async for ev in events:
@@ -131,14 +142,14 @@ class OpenAIServing:
                 if req.logprobs is not None:
                     lp = self._echo_logprobs(ids[i], ev.prompt_logprobs, req.logprobs)
                 yield chunk(i, echo[i], lp)
-            if ev.text or ev.logprobs or ev.finish_reason:
+            if ev.text or ev.logprobs or ev.finish_reason or (with_ids and ev.token_ids):
                 lp = None
                 if req.logprobs is not None:
                     lp = self._completion_logprobs([(x.token_id, x) for x in ev.logprobs or []], offsets[i],
                                                    req.logprobs)
                     offsets[i] += sum(len(t) for t in lp["tokens"])  # as in a whole response, whatever the
                     # detokenizer holds back (part of a character)
-                yield chunk(i, ev.text, lp, ev.finish_reason)
+                yield chunk(i, ev.text, lp, ev.finish_reason, ev.token_ids)
         if include_usage:
             yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens),
                                                          prompts_cached(cached, n))}

@@ -22,7 +22,8 @@ def server(tmp_path_factory):
 @pytest.mark.parametrize("mode", [
     ["--max-concurrency", "4"],
     ["--request-rate", "50", "--prompt-format", "text", "--tokenizer-path", builtin_model_path()],
-], ids=["concurrency-ids", "rate-text"])
+    ["--max-concurrency", "3", "--text-chunks"],
+], ids=["concurrency-ids", "rate-text", "text-chunks"])
 def test_bench_serving_smoke(server, tmp_path, mode):
     out = tmp_path / "results.jsonl"
     cmd = [sys.executable, "benchmarks/bench_serving.py", "--base-url", server.url, "--num-prompts", "6",
@@ -39,3 +40,7 @@ def test_bench_serving_smoke(server, tmp_path, mode):
         for stat in ("mean", "median", "p99"):
             assert result[f"{stat}_{metric}_ms"] > 0
     assert result["request_throughput"] > 0 and result["output_throughput"] > 0
+    if "--text-chunks" not in mode:  # return_token_ids: one chunk per token, whatever its text
+        assert result["itl_samples"] == 6 * (5 - 1)
+    else:  # chunks with text only (the detokenizer may hold a token's text back)
+        assert 0 < result["itl_samples"] <= 6 * (5 - 1)

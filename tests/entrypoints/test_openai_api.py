@@ -85,6 +85,30 @@ def test_token_id_prompts_and_native_generate(server, client, offline, tokenizer
     assert native["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
 
 
+def test_return_token_ids_whole_and_streamed(server, offline, tokenizer):
+    """vLLM's ``return_token_ids``: a whole response's choices carry the prompt's and the completion's ids; a
+    stream's first chunk of a choice carries the prompt's ids and its chunks together carry every completion id,
+    in order, as the offline LLM generates them."""
+    ref = offline.generate(PROMPTS[:2], greedy(9), use_tqdm=False)
+    body = {"model": "builtin", "prompt": PROMPTS[:2], "max_tokens": 9, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    for choice, want in zip(whole["choices"], ref, strict=True):
+        assert choice["prompt_token_ids"] == want.prompt_token_ids
+        assert choice["token_ids"] == want.token_ids
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(e) for e in sse_events(r.read())]
+    for i, want in enumerate(ref):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert mine[0]["prompt_token_ids"] == want.prompt_token_ids
+        assert all("prompt_token_ids" not in c for c in mine[1:])
+        assert [t for c in mine for t in c["token_ids"]] == want.token_ids
+        assert "".join(c["text"] for c in mine) == want.text
+    # Without the field, chunks have no ids (OpenAI's shape).
+    plain = httpx.post(f"{server.url}/v1/completions", json={**body, "return_token_ids": None}, timeout=60).json()
+    assert "token_ids" not in plain["choices"][0]
+
+
 def test_chat_streaming_and_not(client, offline, tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the library?"}]
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
@@ -447,6 +471,8 @@ BAD_INPUTS = {
                                       400, "stream_options", None),
     "skip-special-tokens-string": ("POST", "/v1/completions", {**GOOD, "skip_special_tokens": "no"}, 400,
                                    "skip_special_tokens", "invalid_type"),
+    "return-token-ids-string": ("POST", "/v1/completions", {**GOOD, "return_token_ids": "yes"}, 400,
+                                "return_token_ids", "invalid_type"),
     "unknown-field": ("POST", "/v1/completions", {**GOOD, "frobnicate": 1}, 400, "frobnicate",
                       "unrecognized_parameter"),
     "unsupported-best-of": ("POST", "/v1/completions", {**GOOD, "best_of": 3}, 400, "best_of",
@@ -477,6 +503,8 @@ BAD_INPUTS = {
     "chat-continue-and-generation-prompt": ("POST", "/v1/chat/completions",
                                             {**CHAT, "continue_final_message": True, "add_generation_prompt": True},
                                             400, "continue_final_message", None),
+    "chat-return-token-ids": ("POST", "/v1/chat/completions", {**CHAT, "return_token_ids": True}, 400,
+                              "return_token_ids", "unrecognized_parameter"),
     "chat-unknown-model": ("POST", "/v1/chat/completions", {**CHAT, "model": "x"}, 404, "model", "model_not_found"),
     "model-retrieve-unknown": ("GET", "/v1/models/gpt-17", None, 404, "model", "model_not_found"),
     "responses-store-true": ("POST", "/v1/responses", {"input": "hi", "store": True}, 400, "store",
