@@ -124,3 +124,4 @@ class ForwardContext:
     attention: AttentionRunner | None
     linear: LinearStepMeta | None
     mesh: UlyssesMesh | None = None
+    shared: dict = field(default_factory=dict)  # values the layers derive once per forward (RoPE's cos/sin)

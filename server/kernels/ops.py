@@ -1,10 +1,10 @@
 """Kernel dispatch: the fast kernel on CUDA where one exists, the plain-torch reference otherwise.
 
 Every op here has the signature and semantics of its ``*_ref`` twin; callers never pick a backend.
-On CUDA: lightning attention and merges run the Triton kernels (merge_state on flashinfer where installed),
-attention_runs runs flashinfer for fp16/bf16 where installed, Gated DeltaNet runs fla-core's kernels for
-fp16/bf16 where installed. The fast modules are imported on first CUDA use,
-so CPU processes never build Triton kernels.
+On CUDA: RMSNorm, SiLU-and-multiply, RoPE, lightning attention and merges run the Triton kernels (merge_state on
+flashinfer where installed), attention_runs runs flashinfer for fp16/bf16 where installed, Gated DeltaNet runs
+fla-core's kernels for fp16/bf16 where installed. The fast modules are imported on first CUDA use, so CPU
+processes never build Triton kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from server.kernels.lightning_ref import (
     lightning_state_correction_ref,
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
+from server.kernels.pointwise_ref import rms_norm_ref, rope_ref, silu_and_mul_ref
 
 LIGHTNING_BLOCK = 64
 
@@ -75,6 +76,35 @@ def attention_runs(
     q_pos = runs_to_positions(q_runs, q.device)
     k_pos = runs_to_positions(k_runs, q.device)
     return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
+    """See :func:`server.kernels.pointwise_ref.rms_norm_ref`."""
+    if _fast(x) and weight.dtype == x.dtype and x.stride(-1) == 1:
+        from server.kernels.pointwise import MAX_NORM_WIDTH, rms_norm_triton
+
+        if x.shape[-1] <= MAX_NORM_WIDTH:
+            return rms_norm_triton(x, weight, eps, zero_centered)
+    return rms_norm_ref(x, weight, eps, zero_centered)
+
+
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """See :func:`server.kernels.pointwise_ref.silu_and_mul_ref`."""
+    if _fast(h) and h.stride(-1) == 1:
+        from server.kernels.pointwise import silu_and_mul_triton
+
+        return silu_and_mul_triton(h)
+    return silu_and_mul_ref(h)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """See :func:`server.kernels.pointwise_ref.rope_ref`. On CUDA the result is written into ``x`` (callers use the
+    returned tensor and never ``x`` again)."""
+    if _fast(x) and x.dim() == 3 and x.stride(-1) == 1 and cos.dtype == x.dtype:
+        from server.kernels.pointwise import rope_triton_
+
+        return rope_triton_(x, cos, sin)
+    return rope_ref(x, cos, sin)
 
 
 def lightning_prefill(q, k, v, slopes, cu_seqlens, initial_states=None):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.kernels import ops
 from server.layers.linear import as_tensor, copy_into, divide
 from server.sp.groups import ParallelState
 
@@ -66,8 +67,7 @@ class FusedMoE(nn.Module):
             if c == 0:
                 continue
             idx = token_of[start : start + c]
-            h = F.linear(x[idx], self.w13[e])
-            h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
+            h = ops.silu_and_mul(F.linear(x[idx], self.w13[e]))
             y = F.linear(h, self.w2[e]) * w_of[start : start + c].unsqueeze(-1).to(x.dtype)
             out.index_add_(0, idx, y)
             start += c
@@ -82,13 +82,13 @@ class FusedMoE(nn.Module):
         t = x.shape[0]
         if t * self.top_k < self.num_experts:
             h = torch.bmm(self.w13[experts.flatten()], x.repeat_interleave(self.top_k, 0).unsqueeze(-1))
-            h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
+            h = ops.silu_and_mul(h.squeeze(-1)).unsqueeze(-1)
             y = torch.bmm(self.w2[experts.flatten()], h).view(t, self.top_k, -1)
             return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
         gate = torch.zeros(t, self.num_experts, dtype=x.dtype, device=x.device)
         gate.scatter_(1, experts, weights.to(x.dtype))
         h = torch.einsum("th,eih->tei", x, self.w13)
-        h = F.silu(h[..., : self.inter]) * h[..., self.inter :]
+        h = ops.silu_and_mul(h)
         return torch.einsum("tei,ehi,te->th", h, self.w2, gate)
 
 
@@ -120,5 +120,5 @@ class SharedExpertMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.shared_w13)
-        shared = F.linear(F.silu(h[:, : self.shared_inter]) * h[:, self.shared_inter :], self.shared_w2)
+        shared = F.linear(ops.silu_and_mul(h), self.shared_w2)
         return self.experts(x) + torch.sigmoid(F.linear(x, self.shared_gate)) * shared

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.kernels import ops
 from server.layers.linear import as_tensor, copy_into
 from server.sp.groups import ParallelState
 
@@ -16,9 +17,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class TPRMSNorm(nn.Module):
@@ -54,9 +53,7 @@ class ZeroCenteredRMSNorm(RMSNorm):
         self.weight.data.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps, zero_centered=True)
 
 
 class GatedRMSNorm(RMSNorm):

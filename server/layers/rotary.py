@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from server.kernels import ops
+
 
 def rope_inv_freq(head_dim: int, params: dict, max_position: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[head_dim/2]`` and the cos/sin scale (``attention_factor``) for ``params``."""
@@ -87,20 +89,24 @@ class RotaryEmbedding(nn.Module):
         inv, self.scale = rope_inv_freq(head_dim, params, max_position)
         self.rot_dim = 2 * inv.numel()
         self.register_buffer("inv_freq", inv, persistent=False)
+        # Layers with equal frequencies share one cos/sin per forward (see ``forward``'s ``shared``).
+        self.key = ("rope", head_dim, max_position, repr(sorted(params.items())))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` ``[T, rot]`` in ``dtype``: computed in fp32, then rounded, as the reference models do."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.scale).to(dtype).unsqueeze(1), (emb.sin() * self.scale).to(dtype).unsqueeze(1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
-
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rot_dim
-        xr, rest = x[..., :r], x[..., r:]
-        x1, x2 = xr[..., : r // 2], xr[..., r // 2 :]
-        rotated = torch.cat([-x2, x1], dim=-1)
-        out = xr * cos + rotated * sin
-        return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                shared: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shared``: a dict that lives for one forward pass (``ForwardContext.shared``); the first layer stores
+        its cos/sin there and the others reuse them (the positions are the same for every layer). On CUDA the
+        rotation is written into q and k (see :func:`server.kernels.ops.rope`)."""
+        key = (self.key, q.dtype)
+        cs = shared.get(key) if shared is not None else None
+        if cs is None:
+            cs = self.cos_sin(positions, q.dtype)
+            if shared is not None:
+                shared[key] = cs
+        return ops.rope(q, *cs), ops.rope(k, *cs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from server.kernels import ops
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from server.layers.linear import MergedColumnSeqParallelLinear, RowSeqParallelLinear, default_weight_loader
 from server.layers.norm import RMSNorm
@@ -35,9 +35,7 @@ class GatedMLP(nn.Module):
         self.down_proj = RowSeqParallelLinear(intermediate, hidden, pstate, bias, dtype)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
-        h = self.gate_up_proj(x, seq_sharded)
-        g, u = h.chunk(2, dim=-1)
-        return self.down_proj(F.silu(g) * u, seq_sharded)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, seq_sharded)), seq_sharded)
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], rules: list[tuple[str, str, object]],
@@ -85,6 +83,7 @@ class CausalLM(nn.Module):
 
     def forward(self, ctx) -> torch.Tensor:
         """Final hidden states of this rank's local rows ``[T, hidden]`` (all rows, also when seq-sharded)."""
+        ctx.shared.clear()  # derived per forward: a context reused (CUDA-graph warm-up, then capture) derives anew
         x = self.embed_tokens(ctx.input_ids, ctx.seq_sharded)
         for layer in self.layers:
             x = layer(x, ctx)

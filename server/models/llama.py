@@ -41,7 +41,7 @@ class LlamaAttentionBlock(nn.Module):
         q, k, v = q.view(-1, self.nh, self.d), k.view(-1, self.nkv, self.d), v.view(-1, self.nkv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(ctx.positions, q, k)
+        q, k = self.rotary(ctx.positions, q, k, ctx.shared)
         o = self.attn(q, k, v, ctx)
         return self.o_proj(o.flatten(1), ctx.seq_sharded)
 

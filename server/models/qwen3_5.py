@@ -134,7 +134,7 @@ class GatedAttentionBlock(nn.Module):
         qg, k, v = qkv.split([2 * self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q, gate = qg.view(n, self.nh, 2 * self.d).split(self.d, dim=-1)
         q, k = self.q_norm(q), self.k_norm(k.view(n, self.nkv, self.d))
-        q, k = self.rotary(ctx.positions, q, k)
+        q, k = self.rotary(ctx.positions, q, k, ctx.shared)
         o = self.attn(q, k, v.view(n, self.nkv, self.d), ctx)
         return self.o_proj(o.flatten(1) * torch.sigmoid(gate.reshape(n, -1)), ctx.seq_sharded)
 
