@@ -5,13 +5,13 @@
 #   benchmarks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
 #   benchmarks/gpu_suite.sh prefill prefill-at-limit modes placement
 #       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
-# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them (as prebuilt modules) to
-# bring along. Triton's
-# kernels (ours, fla-core's) compile and fla's autotune on first use too (over 2 minutes for the GDN shapes): with
-# TRITON_CACHE_AUTOTUNING=1 (set below) the tuning results are cached beside the compiled kernels, and the
-# triton-cache step packs ~/.triton/cache; unpack it into ~ on the next host. That archive is large (23 MB with
-# fla's GDN kernels); the autotune-cache step packs only the tuning results, which should spare a fresh host the tuning
-# runs (not the compilation of the chosen configs; not tried yet).
+# A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them as prebuilt modules to
+# bring along, and the aot step unpacks them on the next host. Triton's kernels (ours, fla-core's) compile and fla's
+# autotune on first use too (over 2 minutes for the GDN shapes): with TRITON_CACHE_AUTOTUNING=1 (set below) the
+# tuning results are cached beside the compiled kernels, and the triton-cache step packs ~/.triton/cache; unpack it
+# into ~ on the next host. That archive is large (23 MB with fla's GDN kernels); the autotune-cache step packs only
+# the tuning results, which should spare a fresh host the tuning runs (not the compilation of the chosen configs;
+# not tried yet).
 # Results record $GIT_COMMIT (set it to the checkout's commit: the host's .git may be stale).
 set -u
 WORK=${WORK:-/tmp/gpu-suite}
@@ -42,6 +42,10 @@ for step in "$@"; do
     kernel-tests)  # Triton lightning and merge_state kernels
         timeout 420 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/kernels 2>&1 |
             tee "$WORK/gpu_kernel_tests.log" | tail -20
+        ;;
+    aot)  # unpack prebuilt flashinfer modules (what jit-cache packs; default .fi/fi_aot.tgz): no JIT builds for them
+        fi=$(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")
+        mkdir -p "$fi/data/aot" && tar -xzf "${FI_AOT:-.fi/fi_aot.tgz}" -C "$fi/data/aot" && ls "$fi/data/aot" | wc -l
         ;;
     jit-cache)  # the compiled flashinfer modules as prebuilt ("AOT") modules, to bring to a fresh host: unpack with
         # `tar -xzf flashinfer_aot.tgz -C $(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")/data/aot`
