@@ -33,13 +33,12 @@ from server.engine.procutil import free_port
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.step_profile import PROFILE
-from server.engine.worker import gather_memory_stats, send_message, setup_rank, worker_main
+from server.engine.worker import gather_memory_stats, release_rank, send_message, setup_rank, worker_main
 from server.forward.plan import MemoryStatsRequest, Placement, Shutdown
 from server.layers.sampler import SampledBatch, SampleRequest, sample, sample_async
 from server.models.builtin import builtin_model_path
 from server.models.loader import check_model_parallelism, read_model_config
 from server.sampling_params import SamplingParams
-from server.sp.groups import destroy_parallel_state
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +386,7 @@ class Engine:
             for p in self.procs:
                 if p.is_alive():
                     p.kill()
-            self.runner.release()  # first: its CUDA graphs hold the communicators of the collectives they captured
-            destroy_parallel_state(self.pstate)
+            release_rank(self.runner, self.pstate)
 
     def __del__(self):
         try:

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import pickle
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -70,6 +71,31 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
              time.monotonic() - started, joined - started, built - joined, allocated - built,
              time.monotonic() - allocated)
     return pstate, runner
+
+
+def release_rank(runner: ModelRunner, pstate: ParallelState, timeout: float = 30.0) -> bool:
+    """Free this rank's model, caches and CUDA graphs, then its process groups; False if that did not finish in
+    ``timeout`` seconds (logged; shutdown goes on without it).
+
+    The graphs go first: a graph that captured collectives holds their communicators. The wait is bounded because
+    both parts can block in the driver (a device sync, a communicator teardown) when a peer is gone."""
+    done = threading.Event()
+
+    def release() -> None:
+        try:
+            runner.release()
+            destroy_parallel_state(pstate)
+        except Exception as e:  # noqa: BLE001 - shutdown goes on; the log says what failed
+            log.error("rank %d: releasing its resources failed: %s: %s", pstate.rank, type(e).__name__, e)
+        finally:
+            done.set()
+
+    threading.Thread(target=release, name="release-rank", daemon=True).start()
+    if done.wait(timeout):
+        return True
+    log.error("rank %d: releasing its graphs and process groups did not finish in %.0f s; shutting down without it",
+              pstate.rank, timeout)
+    return False
 
 
 Message = StepPlan | MemoryStatsRequest | Shutdown
@@ -159,8 +185,7 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
                 break
             else:
                 raise TypeError(f"unexpected control message {type(message).__name__}")
-        runner.release()  # first: its CUDA graphs hold the communicators of the collectives they captured
-        destroy_parallel_state(pstate)
+        release_rank(runner, pstate)
     except Exception as e:
         # One line: rank 0 fails the same way (or reports this rank's death); the traceback is for --log-level debug.
         log.error("worker rank %d failed: %s: %s", rank, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import logging
 import os
 import socket
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -24,8 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,30 +206,15 @@ def init_parallel_state(
     return state
 
 
-def destroy_parallel_state(state: ParallelState, timeout: float = 30.0) -> None:
+def destroy_parallel_state(state: ParallelState) -> None:
     """Release every group of this process, without waiting for the other ranks.
 
     NCCL's orderly destroy waits for each communicator's peers to destroy theirs too, so a rank that left first
     (or was killed) makes it hang; an abort frees the communicators at once. It is only called between steps, with
-    no collective in flight, and leaves the process free to join new groups (a second engine in one process). Should
-    the release itself block (a driver-level wait), shutdown goes on after ``timeout`` seconds with an error in the
-    log instead of hanging."""
-    if not (state.world_size > 1 and dist.is_initialized()):
-        return
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    done = threading.Event()
-
-    def release() -> None:
-        try:
-            if abort is not None:
-                abort()
-            else:  # a torch without it: the orderly destroy
-                dist.destroy_process_group()
-        except Exception as e:  # noqa: BLE001 - shutdown goes on; the log says what failed
-            log.error("releasing the process groups failed: %s: %s", type(e).__name__, e)
-        finally:
-            done.set()
-
-    threading.Thread(target=release, name="release-groups", daemon=True).start()
-    if not done.wait(timeout):
-        log.error("releasing the process groups did not finish in %.0f s; shutting down without it", timeout)
+    no collective in flight, and leaves the process free to join new groups (a second engine in one process)."""
+    if state.world_size > 1 and dist.is_initialized():
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        else:  # a torch without it: the orderly destroy
+            dist.destroy_process_group()

@@ -60,3 +60,31 @@ def _idle(rank: int, port: int) -> None:
 
 def test_an_idle_worker_waits_past_the_collective_timeout() -> None:
     mp.spawn(_idle, args=(free_port(),), nprocs=2, join=True)
+
+
+class _Releasable:
+    """Stands in for a model runner whose release blocks in the driver (what a dead NCCL peer can cause on a GPU,
+    and which a CPU cannot reproduce): only ``release`` is called."""
+
+    def __init__(self, block_s: float):
+        self.block_s = block_s
+        self.released = False
+
+    def release(self) -> None:
+        time.sleep(self.block_s)
+        self.released = True
+
+
+def test_release_rank_is_bounded(caplog):
+    """Shutdown frees a rank's graphs and groups within a time bound: a release that blocks is left behind with an
+    error in the log instead of hanging the shutdown; one that finishes reports so."""
+    from server.engine.worker import release_rank
+
+    pstate = ParallelState()  # one rank: no groups to release
+    quick = _Releasable(0.0)
+    assert release_rank(quick, pstate, timeout=5.0) and quick.released
+    stuck = _Releasable(3.0)
+    started = time.monotonic()
+    assert not release_rank(stuck, pstate, timeout=0.3)
+    assert time.monotonic() - started < 2.0 and not stuck.released
+    assert "did not finish" in caplog.text
