@@ -1,4 +1,5 @@
-"""Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention.
+"""Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention,
+and the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs).
 
     python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
 
@@ -37,6 +38,8 @@ from server.kernels.lightning import (  # noqa: E402
 )
 from server.kernels.lightning_ref import lightning_prefill_ref  # noqa: E402
 from server.kernels.merge_state import flashinfer_cascade, merge_state_triton, merge_states_triton  # noqa: E402
+from server.kernels.pointwise import rms_norm_triton, rope_triton_, silu_and_mul_triton  # noqa: E402
+from server.kernels.pointwise_ref import rms_norm_ref, rope_ref, silu_and_mul_ref  # noqa: E402
 
 HEAD_DIM = 128
 FLOP_BLOCK = 64
@@ -52,6 +55,8 @@ COUNTING = {
     "attention_flops": "4 * Hq * D per visible (query, key) pair (QK^T and PV); causal counts the lower triangle",
     "copy_bandwidth": "device-to-device copy of 1 GiB, bytes read + bytes written",
     "decode_bytes": "K and V of every request read once (bf16); q and o ignored",
+    "pointwise_us": "GPU time per call inside a CUDA graph of 200 calls (replay time / 200): what a decode step "
+                    "replayed from a graph pays per op, launch gaps included",
 }
 # Lightning prefill variants swept per shape: "default" is what ops.lightning_prefill runs (block 64, value slice
 # 64, 4 warps, 3 stages, segments for about one program per SM); the others change one knob of it.
@@ -255,6 +260,72 @@ def merge_state(rows: list, budget: Budget) -> None:
             row["gbps"][name] = nbytes / bench_ms(fn) / 1e6
         rows.append(row)
         del o, lse
+        torch.cuda.empty_cache()
+
+
+def graph_us(fn: Callable[[], object], calls: int = 200, reps: int = 5) -> float:
+    """Microseconds per call of ``fn`` replayed from one CUDA graph holding ``calls`` calls (median of reps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def _rope_torch(rot, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    cos, sin = rot.cos_sin(pos, q.dtype)
+    return rope_ref(q, cos, sin), rope_ref(k, cos, sin)
+
+
+def _rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return rope_triton_(q, cos, sin), rope_triton_(k, cos, sin)
+
+
+def pointwise(rows: list, budget: Budget) -> None:
+    """Llama-3-8B's widths (hidden 4096, MLP 14336, 32 q / 8 kv heads of 128) at decode batches 1 and 32 and a
+    prefill chunk of 8192 rows: one call of each op, torch (the reference, several kernels) vs one Triton kernel.
+    A layer calls RMSNorm twice, SiLU-and-multiply once and RoPE on q and k."""
+    from server.layers.rotary import RotaryEmbedding
+
+    dt = torch.bfloat16
+    rot = RotaryEmbedding(HEAD_DIM, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}, 131072)
+    w = torch.randn(4096, device="cuda", dtype=dt)
+    for n in tqdm([1, 32, 8192], desc="pointwise", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"rows": n, "skipped": "time budget"})
+            continue
+        x = torch.randn(n, 4096, device="cuda", dtype=dt)
+        h = torch.randn(n, 2 * 14336, device="cuda", dtype=dt)
+        qkv = torch.randn(n, 48 * HEAD_DIM, device="cuda", dtype=dt)
+        q, k = qkv[:, : 32 * HEAD_DIM].view(n, 32, HEAD_DIM), qkv[:, 32 * HEAD_DIM : 40 * HEAD_DIM].view(n, 8, HEAD_DIM)
+        pos = torch.randint(0, 131072, (n,), device="cuda")
+        cos, sin = rot.cos_sin(pos, dt)
+        ops = {
+            "rms_norm": (partial(rms_norm_ref, x, w, 1e-5), partial(rms_norm_triton, x, w, 1e-5)),
+            "silu_and_mul": (partial(silu_and_mul_ref, h), partial(silu_and_mul_triton, h)),
+            # torch: cos/sin from the positions in every layer, then q and k; Triton: q and k in place (cos/sin
+            # come once per forward)
+            "rope_q_k": (partial(_rope_torch, rot, pos, q, k), partial(_rope_triton, q, k, cos, sin)),
+        }
+        for name, (ref, fast) in ops.items():
+            rows.append({"op": name, "rows": n, "torch_us": graph_us(ref), "triton_us": graph_us(fast)})
+        del x, h, qkv
         torch.cuda.empty_cache()
 
 
@@ -469,6 +540,13 @@ def render_markdown(res: dict) -> str:
                   f"| {r['make_batch_ms']:.2f} |"
                   for r in paged if r["case"] == "decode"]
         lines.append("")
+    pw = [r for r in res.get("pointwise", []) if "torch_us" in r]
+    if pw:
+        lines += ["## Pointwise ops of a decoder layer (bf16, Llama-3-8B widths), inside CUDA graphs", "",
+                  "| op | rows | torch us / call | Triton us / call | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['op']} | {r['rows']} | {r['torch_us']:.1f} | {r['triton_us']:.1f} | "
+                  f"{r['torch_us'] / r['triton_us']:.1f}x |" for r in pw]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -481,7 +559,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
                                                       "lightning_correction", "ring_attention", "paged_attention",
-                                                      "lightning_prefill"])
+                                                      "lightning_prefill", "pointwise"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
@@ -503,6 +581,7 @@ def main() -> None:
         "lightning_decode": lambda r: lightning_decode(r, budget),
         "lightning_correction": lambda r: lightning_correction(r, budget),
         "paged_attention": lambda r: paged_attention(r, budget),
+        "pointwise": lambda r: pointwise(r, budget),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []
