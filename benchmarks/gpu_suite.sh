@@ -115,6 +115,10 @@ for step in "$@"; do
             tests/engine/test_gpu_engine.py tests/sp/test_ulysses.py 2>&1 | grep -v "^frame" | tee "$WORK/uly_tests.log" |
             tail -15
         ;;
+    pointwise)  # RMSNorm, SiLU-and-multiply, RoPE: torch vs Triton per call inside CUDA graphs, and their GPU tests
+        timeout 120 python benchmarks/bench_kernels.py --sections ceilings pointwise --out-dir "$WORK" 2>&1 | tail -12
+        timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_pointwise_kernels.py 2>&1 | tail -3
+        ;;
     decode-profile)  # host time per stage of decode steps (rank 0 printed, rank 1 logged at shutdown)
         SERVER_STEP_PROFILE=1 timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 131072 \
             --batch 1 --sp-size 1 2 --graphs on --decode-steps 32 --out "$WORK/decode_profile.json" \
