@@ -169,13 +169,13 @@ class _SamplingBody(RequestBody):
     repetition_penalty: RepetitionPenalty | None = None
     logit_bias: LogitBias | None = None
     prompt_logprobs: Logprobs | None = None  # vLLM's
+    return_token_ids: bool | None = None  # vLLM's: the prompt's and the completion's token ids in the response
 
 
 class CompletionRequest(_SamplingBody):
     prompt: Any  # str | list[str] | list[int] | list[list[int]]; checked by normalize_prompt
     logprobs: Logprobs | None = None
     echo: bool | None = None
-    return_token_ids: bool | None = None  # vLLM's: choices carry prompt_token_ids and token_ids
 
 
 class TextPart(BaseModel):

@@ -221,14 +221,14 @@ class OpenAIServing:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             chunk_head = {**head, "object": "chat.completion.chunk"}
             return await stream(request, gen, lambda events: self._chat_chunks(
-                events, chunk_head, n, logprobs is not None, len(prompt_ids), include_usage))
+                events, chunk_head, n, logprobs is not None, prompt_ids, include_usage, bool(req.return_token_ids)))
         results = await collect(request, gen)
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": r.text},
              "logprobs": self.chat_logprobs(r.logprobs) if logprobs is not None else None,
-             "finish_reason": r.finish_reason}
+             "finish_reason": r.finish_reason, **({"token_ids": r.token_ids} if req.return_token_ids else {})}
             for i, r in enumerate(results)
         ]
         completion_tokens = sum(r.completion_tokens for r in results)
@@ -236,29 +236,36 @@ class OpenAIServing:
         body = {**head, "choices": choices, "usage": usage(len(prompt_ids), completion_tokens, cached)}
         if req.prompt_logprobs is not None:  # vLLM's place for chat: the response's, as the choices share the prompt
             body["prompt_logprobs"] = self.prompt_logprobs(results[0].prompt_logprobs, req.prompt_logprobs)
+        if req.return_token_ids:  # vLLM's places: the prompt's ids on the response, each choice's own on it
+            body["prompt_token_ids"] = prompt_ids
         return JSONResponse(body)
 
     async def _chat_chunks(self, events: AsyncIterator[ChoiceEvent], head: dict, n: int, with_logprobs: bool,
-                           prompt_tokens: int, include_usage: bool):
+                           prompt_ids: list[int], include_usage: bool, with_ids: bool):
+        """With ``return_token_ids`` (vLLM's) the first chunk carries ``prompt_token_ids`` and every choice chunk
+        the ``token_ids`` it adds, so every token has a chunk even while its text is held back."""
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
-            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}], **extra}
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, token_ids=None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            if with_ids:
+                choice["token_ids"] = token_ids or []
+            return {**head, "choices": [choice], **extra}
 
         completion_tokens = [0] * n
         cached = 0
         for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""})
+            first = chunk(i, {"role": "assistant", "content": ""})
+            yield {**first, "prompt_token_ids": prompt_ids} if with_ids and i == 0 else first
         async for ev in events:
             completion_tokens[ev.index] = ev.completion_tokens
             if ev.index == 0:
                 cached = max(cached, ev.cached_tokens)
-            if ev.text or ev.logprobs or ev.finish_reason:
+            if ev.text or ev.logprobs or ev.finish_reason or (with_ids and ev.token_ids):
                 lp = self.chat_logprobs(ev.logprobs or []) if with_logprobs else None
-                yield chunk(ev.index, {"content": ev.text} if ev.text else {}, lp, ev.finish_reason)
+                yield chunk(ev.index, {"content": ev.text} if ev.text else {}, lp, ev.finish_reason, ev.token_ids)
         if include_usage:
-            yield {**head, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens), cached)}
+            yield {**head, "choices": [], "usage": usage(len(prompt_ids), sum(completion_tokens), cached)}
 
     def chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
         """OpenAI's chat shape; ``bytes`` are the token's own bytes (part of a UTF-8 character for some

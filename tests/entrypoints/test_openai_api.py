@@ -109,6 +109,25 @@ def test_return_token_ids_whole_and_streamed(server, offline, tokenizer):
     assert "token_ids" not in plain["choices"][0]
 
 
+def test_chat_return_token_ids(server, offline, tokenizer):
+    """Chat (vLLM's places): the response's ``prompt_token_ids`` are the rendered template's ids, each choice's
+    ``token_ids`` its completion; streamed, the first chunk has the prompt's ids and the choice chunks together
+    every completion id."""
+    messages = [{"role": "user", "content": "Where is the library?"}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    want = offline.generate([prompt], greedy(7), use_tqdm=False)[0]
+    body = {"model": "builtin", "messages": messages, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert whole["prompt_token_ids"] == prompt
+    assert whole["choices"][0]["token_ids"] == want.token_ids
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(e) for e in sse_events(r.read())]
+    assert events[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in e for e in events[1:])
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == want.token_ids
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == want.text
+
+
 def test_chat_streaming_and_not(client, offline, tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the library?"}]
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
@@ -503,8 +522,8 @@ BAD_INPUTS = {
     "chat-continue-and-generation-prompt": ("POST", "/v1/chat/completions",
                                             {**CHAT, "continue_final_message": True, "add_generation_prompt": True},
                                             400, "continue_final_message", None),
-    "chat-return-token-ids": ("POST", "/v1/chat/completions", {**CHAT, "return_token_ids": True}, 400,
-                              "return_token_ids", "unrecognized_parameter"),
+    "chat-return-token-ids-number": ("POST", "/v1/chat/completions", {**CHAT, "return_token_ids": 1}, 400,
+                                     "return_token_ids", "invalid_type"),
     "chat-unknown-model": ("POST", "/v1/chat/completions", {**CHAT, "model": "x"}, 404, "model", "model_not_found"),
     "model-retrieve-unknown": ("GET", "/v1/models/gpt-17", None, 404, "model", "model_not_found"),
     "responses-store-true": ("POST", "/v1/responses", {"input": "hi", "store": True}, 400, "store",
