@@ -228,6 +228,12 @@ class StepAttention:
             packed, out, lse = buffers
             out.zero_()
             lse.fill_(-math.inf)
+        elif not merging and not meta.ring and len(self.batches) == 1 and self.batches[0].row_range == (0, len(q)):
+            # one batch of every row (a decode step at sp = 1): its output is the result, no zeroed copy
+            batch = self.batches[0]
+            ragged = batch.kind == "ragged"
+            o = self.backend.run_batch(batch, q, k if ragged else None, v if ragged else None, cache, scale)[0]
+            return o if o.dtype == q.dtype else o.to(q.dtype)
         else:
             out = torch.zeros_like(q)
             lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None

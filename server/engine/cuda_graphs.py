@@ -87,7 +87,7 @@ class DecodeGraphs:
 
     def _context(self, bs: int, batches) -> ForwardContext:
         r = self.runner
-        meta = AttentionStepMeta(write_rows=self.rows[:bs], write_slots=self.inputs[2, :bs],
+        meta = AttentionStepMeta(write_rows=slice(0, bs), write_slots=self.inputs[2, :bs],
                                  merge_mask=self.inputs[4, :bs] if r.pstate.sp_size > 1 else None)
         attention = StepAttention(self.backends[bs], meta, batches) if r.attn_layers else None
         linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.rows[:bs], local_slots=self.inputs[3, :bs],

@@ -177,8 +177,13 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
         if shard_len == 0:  # no keys here: (o, lse) = (0, -inf)
             continue
         entries.append(LocalEntry(lc.row_start, lc.num_rows, table.pages(chunk.req).tolist(), shard_len, stores))
+    rows = np.concatenate(write_rows) if write_rows else None
+    if rows is not None and bool(np.all(np.diff(rows) == 1)):  # one ascending run: a view, not a gather
+        rows_arg: torch.Tensor | slice | None = slice(int(rows[0]), int(rows[-1]) + 1)
+    else:
+        rows_arg = _tensor(rows, torch.long, dev) if rows is not None else None
     return AttentionStepMeta(
-        write_rows=_tensor(np.concatenate(write_rows), torch.long, dev) if write_rows else None,
+        write_rows=rows_arg,
         write_slots=_tensor(np.concatenate(write_slots), torch.long, dev) if write_slots else None,
         ring=ring, local=entries,
         merge_rows=_tensor(merge_rows, torch.long, dev) if merge_rows else None,

@@ -67,7 +67,7 @@ class LocalEntry:
 class AttentionStepMeta:
     """This rank's softmax-attention work in one step, shared by every softmax layer."""
 
-    write_rows: torch.Tensor | None  # local rows whose K/V this rank stores ...
+    write_rows: torch.Tensor | slice | None  # local rows whose K/V this rank stores (a slice: one contiguous run) ...
     write_slots: torch.Tensor | None  # ... and their flat cache slots (page * page_size + offset)
     ring: list[RingEntry] = field(default_factory=list)
     local: list[LocalEntry] = field(default_factory=list)
