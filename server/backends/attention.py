@@ -224,11 +224,13 @@ class StepAttention:
         # graph steps merge every row: the partial results are written where the SP all-gather reads them
         buffers = packed_partials(*q.shape, q.dtype, q.device) if meta.merge_mask is not None else None
         packed = None
+        covered = not meta.ring and len(self.batches) == 1 and self.batches[0].row_range == (0, len(q))
         if buffers is not None:
             packed, out, lse = buffers
-            out.zero_()
-            lse.fill_(-math.inf)
-        elif not merging and not meta.ring and len(self.batches) == 1 and self.batches[0].row_range == (0, len(q)):
+            if not covered:  # rows no batch writes are (0, -inf)
+                out.zero_()
+                lse.fill_(-math.inf)
+        elif not merging and covered:
             # one batch of every row (a decode step at sp = 1): its output is the result, no zeroed copy
             batch = self.batches[0]
             ragged = batch.kind == "ragged"
