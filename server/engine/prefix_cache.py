@@ -127,17 +127,18 @@ class PrefixCache:
         return best, max((m for _, m in candidates), default=0)
 
     def add(self, tokens: list[int], runs: list[list[Run]], pages: list[list[int]],
-            snapshots: dict[int, int]) -> CacheEntry:
+            snapshots: dict[int, int], hashes: list[int] | None = None) -> CacheEntry:
+        """``hashes``: ``chain_hashes(tokens, block)`` when the caller has them already."""
         entry = CacheEntry(next(self._ids), tokens, runs, pages, snapshots)
-        entry.hashes = chain_hashes(tokens, self.block)
+        entry.hashes = chain_hashes(tokens, self.block) if hashes is None else hashes
         for h in entry.hashes:
             self.index.setdefault(h, set()).add(entry.id)
         self.entries[entry.id] = entry
         return entry
 
-    def duplicate_of(self, tokens: list[int]) -> CacheEntry | None:
+    def duplicate_of(self, tokens: list[int], hashes: list[int] | None = None) -> CacheEntry | None:
         """An entry holding exactly these tokens (the same prompt ended twice)."""
-        hashes = chain_hashes(tokens, self.block)
+        hashes = chain_hashes(tokens, self.block) if hashes is None else hashes
         pool = self.index.get(hashes[-1], set()) if hashes else set(self.entries)
         return next((self.entries[i] for i in pool if self.entries[i].tokens == tokens), None)
 
