@@ -18,6 +18,7 @@ WORK=${WORK:-/tmp/gpu-suite}
 export TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$WORK"
 BP="python benchmarks/bench_prefill.py"
+fi_dir() { python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))"; }
 
 # bench_prefill in its own process with a time limit, so that a rank that runs out of memory mid-collective
 # costs only its own config: $1 = seconds, $2 = result name, the rest = arguments.
@@ -44,15 +45,15 @@ for step in "$@"; do
             tee "$WORK/gpu_kernel_tests.log" | tail -20
         ;;
     aot)  # unpack prebuilt flashinfer modules (what jit-cache packs; default .fi/fi_aot.tgz): no JIT builds for them
-        fi=$(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")
-        mkdir -p "$fi/data/aot" && tar -xzf "${FI_AOT:-.fi/fi_aot.tgz}" -C "$fi/data/aot" && ls "$fi/data/aot" | wc -l
+        mkdir -p "$(fi_dir)/data/aot" && tar -xzf "${FI_AOT:-.fi/fi_aot.tgz}" -C "$(fi_dir)/data/aot" &&
+            ls "$(fi_dir)/data/aot" | wc -l
         ;;
     jit-cache)  # the compiled flashinfer modules as prebuilt ("AOT") modules, to bring to a fresh host: unpack with
-        # `tar -xzf flashinfer_aot.tgz -C $(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")/data/aot`
+        # the aot step (flashinfer's data/aot/NAME/NAME.so)
         # (a copy of ~/.cache/flashinfer's .so files alone does not help: its modules are rebuilt unless ninja's own
         # records say they are fresh; a module in data/aot/NAME/NAME.so is loaded without building)
         aot=$(mktemp -d)
-        for so in $(find ~/.cache/flashinfer "$(python -c "import flashinfer, os; print(os.path.dirname(flashinfer.__file__))")/data/aot" -name '*.so' 2>/dev/null); do
+        for so in $(find ~/.cache/flashinfer "$(fi_dir)/data/aot" -name '*.so' 2>/dev/null); do
             name=$(basename "$so" .so)
             mkdir -p "$aot/$name" && cp -n "$so" "$aot/$name/"
         done

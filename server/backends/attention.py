@@ -234,8 +234,8 @@ class StepAttention:
             # one batch of every row (a decode step at sp = 1): its output is the result, no zeroed copy
             batch = self.batches[0]
             ragged = batch.kind == "ragged"
-            o = self.backend.run_batch(batch, q, k if ragged else None, v if ragged else None, cache, scale)[0]
-            return o if o.dtype == q.dtype else o.to(q.dtype)
+            return self.backend.run_batch(batch, q, k if ragged else None, v if ragged else None, cache,
+                                          scale)[0].to(q.dtype)
         else:
             out = torch.zeros_like(q)
             lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None

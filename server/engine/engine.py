@@ -237,11 +237,15 @@ class Engine:
             if seq.status != Status.RUNNING:  # aborted meanwhile
                 continue
             seq.output_ids.pop()  # the placeholder (always the last: the next token is sampled after this)
-            try:
-                outputs.append(self._append_token(seq, tok, lp, now))
-            except Exception as e:
-                outputs.append(self._fail_request(seq, "the stop checks", e))
+            outputs.append(self._deliver(seq, tok, lp, now))
         return outputs
+
+    def _deliver(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
+        """``seq``'s new token through the stop checks; a failure there ends this request only."""
+        try:
+            return self._append_token(seq, token, logprob, now)
+        except Exception as e:
+            return self._fail_request(seq, "the stop checks", e)
 
     def _sample_requests(self, seqs: list[Sequence]) -> list[SampleRequest]:
         for s in seqs:
@@ -258,10 +262,7 @@ class Engine:
             except Exception as e:
                 outputs.append(self._fail_request(seq, "sampling", e))
                 continue
-            try:
-                outputs.append(self._append_token(seq, tok, lp, now))
-            except Exception as e:
-                outputs.append(self._fail_request(seq, "the stop checks", e))
+            outputs.append(self._deliver(seq, tok, lp, now))
         return outputs
 
     @staticmethod
