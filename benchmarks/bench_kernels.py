@@ -304,7 +304,7 @@ def pointwise(rows: list, budget: Budget) -> None:
     dt = torch.bfloat16
     rot = RotaryEmbedding(HEAD_DIM, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                     "original_max_position_embeddings": 8192}, 131072)
+                                     "original_max_position_embeddings": 8192}, 131072).cuda()
     w = torch.randn(4096, device="cuda", dtype=dt)
     for n in tqdm([1, 32, 8192], desc="pointwise", mininterval=5):
         if budget.left() < 0:

@@ -3,9 +3,10 @@
 Without a GPU the kernels run under ``TRITON_INTERPRET=1``. fp16 has exact rounding there, so RoPE (products and
 sums rounded once each, as torch rounds them) must match bit for bit. Elsewhere the allowance is in units in the
 last place (ulp) of the output dtype: fp32 a few (the sum of squares in another order, exp and rsqrt of another
-library), half precision one (a rounding that the fp32 difference tips), and bf16 under the interpreter three (its
-bf16 conversions truncate instead of rounding to nearest, once per rounded operation); on a GPU the bf16 checks
-run again with round-to-nearest.
+library), half precision two (an intermediate rounded to half precision, such as SiLU(gate) or the normalised row,
+can land one ulp apart when the fp32 values differ in their last bits; the product with the other factor carries
+that ulp and adds its own rounding), and bf16 under the interpreter three (its bf16 conversions truncate instead of
+rounding to nearest, once per rounded operation); on a GPU the bf16 checks run again with round-to-nearest.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ MANTISSA = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 def allowance(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
         return 4
-    return 3 if dtype == torch.bfloat16 and not torch.cuda.is_available() else 1
+    return 3 if dtype == torch.bfloat16 and not torch.cuda.is_available() else 2
 
 
 def assert_within_ulp(got: torch.Tensor, want: torch.Tensor, ulps: int | None = None) -> None:
