@@ -4,7 +4,9 @@ In torch these are 8 (RMSNorm), 2 (SiLU and multiply) and about 10 (RoPE on q an
 step replayed from a CUDA graph each tiny kernel still costs a few microseconds of GPU time, and a Llama-3-8B layer
 calls them ~40 times: about a thousand launches per token, milliseconds against a weight read of ~4 ms. Here each op
 is one launch. The kernels round where the torch forms round (every half-precision product or sum rounded once), so
-their outputs equal the references' bit for bit, except RMSNorm's sum of squares, whose order differs.
+they differ from the references only where fp32 arithmetic differs: RMSNorm's sum of squares in another order, the
+exp and rsqrt of another library, and on a GPU a product and a sum that the compiler fuses into one multiply-add
+(a rounded intermediate can land one unit in the last place apart; tests/kernels/test_pointwise_kernels.py).
 """
 
 from __future__ import annotations

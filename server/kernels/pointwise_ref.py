@@ -2,7 +2,7 @@
 
 These are the references (and the CPU path) of :mod:`server.kernels.pointwise`. Each rounds where the reference
 models (``transformers``) round: in bf16 a product or sum of two half-precision tensors is computed in fp32 and
-rounded once, so the Triton kernels reproduce the results bit for bit (up to the order of the RMSNorm's sum).
+rounded once; the Triton kernels round at the same places.
 """
 
 from __future__ import annotations
