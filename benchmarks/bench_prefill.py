@@ -129,6 +129,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         mem_fraction_static=args.mem_fraction,
         max_model_len=max(contexts) + 8,
         cuda_graph="off",  # prefill only (max_tokens=1): no decode graphs to capture
+        enable_prefix_cache=False,  # a repeat of the same prompt must prefill it again, not hit the cache
     )
     with LLM(path, **kw) as llm:
         eng = llm.engine
