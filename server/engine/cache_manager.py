@@ -97,7 +97,9 @@ class CacheManager:
         prompt leaves a longer cached prefix than the hit's snapshot covers (a prefill chunk ends there)."""
         if self.prefix is None or not seq.use_prefix_cache:
             return None
-        hit, shared = self.prefix.search(seq.prompt_ids)
+        if seq.prompt_hashes is None:
+            seq.prompt_hashes = chain_hashes(seq.prompt_ids, self.prefix.block)
+        hit, shared = self.prefix.search(seq.prompt_ids, seq.prompt_hashes)
         if self.prefix.needs_state and self.snapshot_slots:
             seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
         return hit
@@ -146,9 +148,8 @@ class CacheManager:
             rows = rows_before(entry.runs[r], m)
             full, partial = divmod(rows, self.page_size)
             shared = entry.pages[r][:full]
-            for p in shared:
-                self._ref(r, p, 1, 0)
-            seq.pages[r] = list(shared)
+            self._hold(r, shared)
+            seq.pages[r] = shared
             if partial:
                 copy = self.take_page(r)
                 self.pending_page_copies[r].append((entry.pages[r][full], copy))
@@ -187,7 +188,8 @@ class CacheManager:
         tokens = seq.token_ids(0, seq.num_computed)
         if self.prefix.needs_state:  # the state after the last computed token (saved before the slot is reused)
             self.snapshot(seq)
-        hashes = chain_hashes(tokens, self.prefix.block)  # once for both uses (2 ms for 128K tokens)
+        # once for both uses, from the prompt's (hashing 128K tokens takes about 2 ms)
+        hashes = chain_hashes(tokens, self.prefix.block, seq.prompt_hashes or ())
         same = self.prefix.duplicate_of(tokens, hashes)
         if same is not None:  # the same tokens ended before: keep the older entry, free this copy
             for r in range(self.sp_size):
@@ -200,8 +202,7 @@ class CacheManager:
         entry = self.prefix.add(tokens, [list(r) for r in seq.kv_runs], [list(p) for p in seq.pages],
                                 dict(seq.snapshots), hashes)
         for r in range(self.sp_size):  # the request's hold on its pages passes to the entry
-            for p in entry.pages[r]:
-                self._ref(r, p, 0, 1)
+            self._pass_to_entry(r, entry.pages[r])
 
     def snapshot(self, seq: Sequence) -> None:
         """Save the state of ``seq``'s slot after its ``num_computed`` tokens (at the start of the next step)."""
@@ -288,6 +289,28 @@ class CacheManager:
                 table.pop(page, None)
         if not after[0]:
             self.freed[r].append(page)
+
+    def _hold(self, r: int, pages: list[int]) -> None:
+        """``_ref(r, p, 1, 0)`` for each of ``pages`` (held already, by an entry): one more request holds them.
+        A cached prefix of 128K tokens is 8192 pages, so this loop is written out."""
+        refs, by_entries = self.refs[r], self.entry_refs[r]
+        was_cached_only = 0
+        for p in pages:
+            n = refs[p]
+            was_cached_only += n == by_entries.get(p, 0)
+            refs[p] = n + 1
+        self.cached_only[r] -= was_cached_only
+
+    def _pass_to_entry(self, r: int, pages: list[int]) -> None:
+        """``_ref(r, p, 0, 1)`` for each of ``pages``, written out: a new entry holds them in place of the request
+        that ends (the request's hold passes to the entry, so the holder count stays)."""
+        refs, by_entries = self.refs[r], self.entry_refs[r]
+        now_cached_only = 0
+        for p in pages:
+            e = by_entries.get(p, 0) + 1
+            by_entries[p] = e
+            now_cached_only += refs[p] == e
+        self.cached_only[r] += now_cached_only
 
     def append(self, seq: Sequence, sp_rank: int, pos_start: int, length: int) -> list[int]:
         """Store positions ``pos_start..pos_start+length-1`` at the end of the rank's shard; the new pages."""

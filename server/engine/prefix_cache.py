@@ -29,13 +29,30 @@ from dataclasses import dataclass, field
 from server.kernels.ops import Run
 
 
-def chain_hashes(tokens: list[int], block: int) -> list[int]:
-    """The chain hash of every full ``block`` of ``tokens``: block k's hash covers tokens ``[0, (k+1)*block)``."""
-    out, h = [], 0
-    for k in range(len(tokens) // block):
+def chain_hashes(tokens: list[int], block: int, known: list[int] = ()) -> list[int]:
+    """The chain hash of every full ``block`` of ``tokens``: block k's hash covers tokens ``[0, (k+1)*block)``.
+    ``known``: the hashes of the first blocks of ``tokens`` already computed (a prompt's, for the prompt and its
+    output); only the blocks after them are hashed."""
+    out = list(known[: len(tokens) // block])
+    h = out[-1] if out else 0
+    for k in range(len(out), len(tokens) // block):
         h = hash((h, tuple(tokens[k * block : (k + 1) * block])))
         out.append(h)
     return out
+
+
+def shared_blocks(a: list[int], b: list[int]) -> int:
+    """Leading chain hashes two lists have in common. A chain hash covers every token before it, so the lists agree
+    on a prefix and differ after it: a binary search finds its end (a hash collision can only shorten or lengthen
+    the answer, which the caller checks against the tokens)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def rows_before(runs: list[Run], m: int) -> int:
@@ -84,37 +101,50 @@ class PrefixCache:
         self.hit_tokens = 0  # prompt tokens served from the cache (a counter for metrics)
         self.evictions = 0  # entries dropped to make room
 
-    def _candidates(self, prompt: list[int]) -> list[tuple[CacheEntry, int]]:
-        """Every entry that shares at least one full block with ``prompt``, with the tokens it shares (at most
-        ``len(prompt) - 1``: one prompt token is always left to compute)."""
+    def _candidates(self, prompt: list[int], hashes: list[int] | None) -> list[tuple[CacheEntry, int, int]]:
+        """Every entry that shares at least one full block with ``prompt`` by its chain hashes: ``(entry, d, m)``
+        with ``d`` the tokens of the shared full blocks (not yet checked against the tokens: see :meth:`search`)
+        and ``m >= d`` the tokens it shares, extended into the next block token by token (at most
+        ``len(prompt) - 1``: one prompt token is always left to compute).
+
+        Every entry that shares a block shares the first one, and its depth is where its chain and the prompt's
+        part (:func:`shared_blocks`): the cost is a binary search per entry that starts like the prompt, not a walk
+        over the prompt's blocks per entry."""
         limit = len(prompt) - 1
-        depths: dict[int, int] = {}  # entry -> full blocks of the prompt it holds
-        depth = 0
-        for h in chain_hashes(prompt[:limit], self.block):
-            found = self.index.get(h)
-            if not found:
-                break
-            depth += self.block
-            depths.update(dict.fromkeys(found, depth))
+        hashes = chain_hashes(prompt, self.block) if hashes is None else hashes
+        hashes = hashes[: limit // self.block]
         out = []
-        for i, d in depths.items():
+        for i in self.index.get(hashes[0], ()) if hashes else ():
             e = self.entries[i]
-            if e.tokens[:d] != prompt[:d]:  # a hash collision
+            d = shared_blocks(e.hashes, hashes) * self.block
+            if not d:
                 continue
             m, end = d, min(limit, len(e.tokens))
             while m < end and e.tokens[m] == prompt[m]:  # the prefix may end mid-block
                 m += 1
-            out.append((e, m))
+            out.append((e, d, m))
         return out
 
-    def search(self, prompt: list[int]) -> tuple[PrefixHit | None, int]:
+    def search(self, prompt: list[int], hashes: list[int] | None = None) -> tuple[PrefixHit | None, int]:
         """The longest usable cached prefix of ``prompt`` (at least one prompt token is left to compute), and the
-        most tokens it shares with one entry, state snapshots aside (0: none). Every entry met on the walk is a
+        most tokens it shares with one entry, state snapshots aside (0: none). Every entry that shares a block is a
         candidate: for linear-attention models a shallower entry can hold a deeper usable snapshot than the
-        deepest one (a request that hit a cached prefix snapshots only its own chunks)."""
-        candidates = self._candidates(prompt)
-        best: PrefixHit | None = None
-        for e, m in candidates:
+        deepest one (a request that hit a cached prefix snapshots only its own chunks). ``hashes``: the prompt's
+        :func:`chain_hashes`, when known.
+
+        A hash match is trusted only after the tokens compare equal (hashes of token tuples can be made to
+        collide): the candidates are checked best first, so a lookup compares the prompt with one or two entries,
+        not with every entry that shares its first block."""
+        candidates = self._candidates(prompt, hashes)
+        checked: dict[int, bool] = {}
+
+        def same_tokens(e: CacheEntry, d: int) -> bool:
+            if e.id not in checked:
+                checked[e.id] = e.tokens[:d] == prompt[:d]
+            return checked[e.id]
+
+        hits = []
+        for e, d, m in candidates:
             snapshot = None
             if self.needs_state:
                 usable = [t for t in e.snapshots if t <= m]
@@ -122,9 +152,15 @@ class PrefixCache:
                     continue
                 m = max(usable)
                 snapshot = e.snapshots[m]
-            if m > 0 and (best is None or (m, e.last_used) > (best.tokens, best.entry.last_used)):
-                best = PrefixHit(e, m, snapshot)
-        return best, max((m for _, m in candidates), default=0)
+            if m > 0:
+                hits.append((m, e.last_used, e.id, d, snapshot))
+        best = None
+        for m, _, i, d, snapshot in sorted(hits, reverse=True):
+            if same_tokens(self.entries[i], d):
+                best = PrefixHit(self.entries[i], m, snapshot)
+                break
+        shared = next((m for e, d, m in sorted(candidates, key=lambda c: c[2], reverse=True) if same_tokens(e, d)), 0)
+        return best, shared
 
     def add(self, tokens: list[int], runs: list[list[Run]], pages: list[list[int]],
             snapshots: dict[int, int], hashes: list[int] | None = None) -> CacheEntry:

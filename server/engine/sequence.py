@@ -43,6 +43,9 @@ class Sequence:
     # where its prompt leaves a cached one (linear-attention models): a prefill chunk ends there, so the state at
     # that point is snapshotted for the next request that shares the same prefix
     snapshot_at: int | None = None
+    # the prompt's chain hashes for the prefix cache (computed once: a waiting request is looked up at every step,
+    # and its entry, when it ends, starts with the same blocks)
+    prompt_hashes: list[int] | None = None
     # prompt logprobs computed so far (SamplingParams.prompt_logprobs), None for the first token; handed to the
     # output of the first generated token, then dropped here
     prompt_logprobs: list[PromptTokenLogprob | None] | None = None

@@ -9,11 +9,14 @@ the same engine at sp = tp = 1 with the cache off.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from server import LLM, SamplingParams
+from server.engine.cache_manager import CacheManager
 from server.engine.io_struct import GenerateRequest
-from server.engine.prefix_cache import PrefixCache, chain_hashes, rows_before, truncate_runs
+from server.engine.prefix_cache import PrefixCache, chain_hashes, rows_before, shared_blocks, truncate_runs
 from tests.helpers import prompt, save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -52,6 +55,60 @@ def test_index_matches_by_page_chains_and_token_by_token():
     # an SP rank's shard: rows of positions below m are a prefix of its rows
     runs = [(0, 5, 0), (5, 5, 15), (10, 3, 40)]
     assert rows_before(runs, 17) == 7 and truncate_runs(runs, 17) == [(0, 5, 0), (5, 2, 15)]
+
+
+def test_hash_matches_are_checked_against_the_tokens():
+    """A chain-hash match is used only when the tokens agree: an entry whose hashes claim the prompt's blocks but
+    whose tokens differ (a collision, forced here) is skipped, and the next best entry serves the hit."""
+    cache = PrefixCache(page_size=4, needs_state=False)
+    honest = cache.add(list(range(8)) + [50, 51], [[(0, 10, 0)]], [[1, 2, 3]], {})
+    prompt = list(range(12)) + [99]
+    forged_tokens = [9] * 12
+    forged = cache.add(forged_tokens, [[(0, 12, 0)]], [[4, 5, 6]], {}, hashes=chain_hashes(prompt, 4)[:3])
+    hit, shared = cache.search(prompt)
+    assert hit.entry is honest and hit.tokens == 8 and shared == 8
+    cache.remove(honest)
+    assert cache.search(prompt) == (None, 0)
+    cache.remove(forged)
+    assert not cache.index
+
+
+def test_chain_hashes_continue_from_known_ones_and_shared_blocks_bisects():
+    tokens = prompt(203, seed=3)
+    whole = chain_hashes(tokens, 16)
+    assert chain_hashes(tokens, 16, chain_hashes(tokens[:150], 16)) == whole
+    assert chain_hashes(tokens[:100], 16, whole) == whole[:6]
+    other = chain_hashes(tokens[:70] + [1] + tokens[71:], 16)
+    assert shared_blocks(whole, other) == 4 and shared_blocks(whole, whole[:7]) == 7
+    assert shared_blocks(whole, []) == 0 and shared_blocks(whole, chain_hashes([5] + tokens[1:], 16)) == 0
+
+
+def test_bulk_page_holds_count_as_one_reference_each():
+    """The written-out loops for a cached prefix's pages (a request takes them; an ended request's pages pass to
+    its entry) leave the reference counts and the cached-only count as page-by-page updates do."""
+    rng = random.Random(0)
+    bulk, single = (CacheManager(num_pages=64, page_size=4, sp_size=1, num_slots=4, split_threshold=8,
+                                 split_budget=16) for _ in range(2))
+    for cm in (bulk, single):
+        rng.seed(1)
+        pages = [cm.take_page(0) for _ in range(40)]
+        for p in pages:
+            for _ in range(rng.randrange(3)):
+                cm._ref(0, p, 1, 1)  # held by entries too
+    rng.seed(2)
+    for _ in range(20):
+        pages = rng.sample(range(1, 41), 10)
+        if rng.random() < 0.5:
+            held = [p for p in pages if single.refs[0].get(p)]
+            bulk._hold(0, held)
+            for p in held:
+                single._ref(0, p, 1, 0)
+        else:
+            own = [p for p in pages if single.refs[0].get(p, 0) > single.entry_refs[0].get(p, 0)]
+            bulk._pass_to_entry(0, own)
+            for p in own:
+                single._ref(0, p, 0, 1)
+        assert (bulk.refs, bulk.entry_refs, bulk.cached_only) == (single.refs, single.entry_refs, single.cached_only)
 
 
 def run_workload(llm: LLM) -> tuple[list[list[int]], list[int]]:
