@@ -143,8 +143,9 @@ for step in "$@"; do
         prefill 200 chunked --model llama3-8b --sp-size 1 2 --repeat 1 --context 131072 --chunk 8192
         ;;
     gdn)  # Qwen3.5-27B shape through the server's default 8192-token chunks: sp 1 and 2 at 128K, sp 2 at 512K
-        # (one step of a whole 128K prompt does not fit beside the weights: fla's per-chunk states and the MLP)
-        prefill 120 gdn_sp1 --model qwen3.5-27b --sp-size 1 --repeat 1 --context 131072 --chunk 8192
+        # (one step of a whole 128K prompt does not fit beside the weights: fla's per-chunk states and the MLP).
+        # Two runs each: on a fresh host the first run of a shape includes fla's compilation and tuning
+        prefill 220 gdn_sp1 --model qwen3.5-27b --sp-size 1 --repeat 2 --context 131072 --chunk 8192
         prefill 240 gdn_sp2 --model qwen3.5-27b --sp-size 2 --repeat 1 --context 131072 524288 --chunk 8192
         ;;
     ulysses)  # ring vs Ulysses (U = 2) at sp = 2 against sp = 1, Llama-3-8B 128K in one step
