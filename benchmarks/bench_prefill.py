@@ -129,7 +129,9 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         mem_fraction_static=args.mem_fraction,
         max_model_len=max(contexts) + 8,
         cuda_graph="off",  # prefill only (max_tokens=1): no decode graphs to capture
-        enable_prefix_cache=False,  # a repeat of the same prompt must prefill it again, not hit the cache
+        # off by default: a repeat of the same prompt must prefill it again, not hit the cache; on, the KV capacity
+        # is the server's default one (the cache's linear-state snapshots take part of the budget)
+        enable_prefix_cache=args.prefix_cache == "on",
     )
     with LLM(path, **kw) as llm:
         eng = llm.engine
@@ -273,6 +275,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=1, help="prompts of each context submitted together")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--prefix-cache", default="off", choices=["on", "off"],
+                    help="the prefix cache (off: repeats prefill again; on: the server's default memory plan)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--plot", default=None, help="PNG plot file")

@@ -148,6 +148,14 @@ for step in "$@"; do
         prefill 220 gdn_sp1 --model qwen3.5-27b --sp-size 1 --repeat 2 --context 131072 --chunk 8192
         prefill 240 gdn_sp2 --model qwen3.5-27b --sp-size 2 --repeat 1 --context 131072 524288 --chunk 8192
         ;;
+    gdn-512k)  # Qwen3.5-27B shape, 512K through the default chunks on one GPU (its sp = 2 row: gdn_prefill_h200x2.md)
+        prefill 400 gdn_512k_sp1 --model qwen3.5-27b --sp-size 1 --repeat 1 --context 524288 --chunk 8192
+        ;;
+    gdn-longest)  # a prompt that fits at sp = 2 and not at sp = 1 with the server's default memory plan (the
+        # prefix cache on: 953,696 tokens of KV on one GPU), at the shape's 1M position limit
+        prefill 580 gdn_longest --model qwen3.5-27b --sp-size 1 2 --repeat 1 --context 1000000 --chunk 8192 \
+            --prefix-cache on
+        ;;
     ulysses)  # ring vs Ulysses (U = 2) at sp = 2 against sp = 1, Llama-3-8B 128K in one step
         prefill 150 uly_llama --model llama3-8b --sp-size 1 2 --ulysses-degree 1 2 --repeat 1 --context 131072
         ;;
