@@ -7,6 +7,7 @@ and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,6 +198,10 @@ class ModelRunner:
         self.graphs = None
         self.attn_layers, self.lightning_layers, self.gdn_layers = [], [], []
         self.backend.release()
+        # The modules hold reference cycles (a parameter's weight_loader is a bound method of its module), so the
+        # weights outlive the last reference until the cyclic collector runs: collect now, or the next engine in
+        # this process plans its caches around memory that is no longer used
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -88,3 +88,26 @@ def test_release_rank_is_bounded(caplog):
     assert not release_rank(stuck, pstate, timeout=0.3)
     assert time.monotonic() - started < 2.0 and not stuck.released
     assert "did not finish" in caplog.text
+
+
+def test_shutdown_frees_the_weights_without_the_cyclic_collector(tmp_path):
+    """The modules hold reference cycles (a parameter's weight_loader is a bound method of its module): shutdown
+    collects them itself, so the next engine in the process gets the memory back. With the automatic collector off,
+    every parameter must be gone once the engine has shut down."""
+    import gc
+    import weakref
+
+    from server import LLM, SamplingParams
+    from tests.helpers import save_tiny_model
+
+    llm = LLM(save_tiny_model("llama", str(tmp_path)), dtype="float32", device="cpu", max_model_len=256)
+    llm.generate([list(range(40))], SamplingParams(max_tokens=2))
+    params = [weakref.ref(p) for p in llm.engine.runner.model.parameters()]
+    assert params
+    gc.disable()
+    try:
+        llm.shutdown()
+        alive = sum(r() is not None for r in params)
+    finally:
+        gc.enable()
+    assert alive == 0, f"{alive} of {len(params)} parameters outlived the shutdown"
