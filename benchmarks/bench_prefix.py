@@ -68,6 +68,37 @@ def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
             itl = (total - out.ttft_s) / max(1, len(out.token_ids) - 1)
             emit({"model": model, "sp": sp, "cache": cache, "turn": i, "name": name, "prompt_tokens": len(prompt),
                   "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s, "itl_ms": itl * 1e3})
+        if args.profile and cache:
+            question = prompts[0][: args.doc_len] + torch.randint(0, vocab, (args.question_len,), generator=g).tolist()
+            emit(profiled_question(args, llm, question, model, sp))
+
+
+def profiled_question(args, llm: LLM, prompt: list[int], model: str, sp: int) -> dict:
+    """One more sibling question, prefill only (one output token), under torch.profiler on rank 0: where its TTFT
+    goes. Writes rank 0's op table beside ``--out`` and returns a row with the TTFT, the device time of rank 0's
+    kernels (collectives included: a kernel waiting for a peer counts as busy) and the host time of its ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    events = prof.key_averages()
+
+    def total(attr: str) -> float:
+        return sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3  # us -> ms
+
+    device_ms = total("self_device_time_total") if cuda else 0.0
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=25)
+    if args.out:
+        path = f"{os.path.splitext(args.out)[0]}_profile_{os.path.basename(model.rstrip('/'))}_sp{sp}.txt"
+        with open(path, "w") as f:
+            f.write(f"{model} sp={sp}: one cached question of {len(prompt)} tokens, TTFT {out.ttft_s * 1e3:.1f} ms, "
+                    f"rank 0 device {device_ms:.1f} ms\n\n{table}\n")
+    return {"model": model, "sp": sp, "cache": True, "turn": -1, "name": "profiled question",
+            "prompt_tokens": len(prompt), "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s, "itl_ms": 0.0,
+            "rank0_device_ms": device_ms, "rank0_host_op_ms": total("self_cpu_time_total")}
 
 
 def main() -> None:
@@ -86,6 +117,9 @@ def main() -> None:
     ap.add_argument("--cache", nargs="+", choices=["on", "off"], default=["on", "off"])
     ap.add_argument("--warmup-len", type=int, default=0,
                     help="first run one unmeasured prompt of this many tokens (compiles and tunes the kernels)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the cache-on turns, one more question (prefill only) under torch.profiler on rank 0: "
+                         "its op table next to --out, its device and host times in a row named 'profiled question'")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)

@@ -174,6 +174,11 @@ for step in "$@"; do
             --questions 5 --follow-ups 1 --off-turns 2 --cache off --warmup-len 16384 --sp-size 2 \
             --out "$WORK/prefix_off.json" 2>&1 | grep -E "^\||Error" | tee "$WORK/prefix_off.log"
         ;;
+    prefix-profile)  # where a cached question's TTFT goes: rank 0's ops under torch.profiler, sp 1 and 2, hybrid
+        timeout 300 python benchmarks/bench_prefix.py --model minimax-hybrid --doc-len 131072 --questions 2 \
+            --follow-ups 0 --cache on --warmup-len 16384 --sp-size 1 2 --profile --out "$WORK/prefix_profile.json" \
+            2>&1 | grep -E "^\||Error" | tee "$WORK/prefix_profile.log"
+        ;;
     modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
         prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
         prefill 100 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather

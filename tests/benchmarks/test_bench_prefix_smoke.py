@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.benchmarks.bench_testing import run_bench, tiny_model
@@ -12,7 +14,12 @@ def test_bench_prefix_runs_on_cpu(tmp_path):
     model = tiny_model(tmp_path, "llama3-8b", intermediate_size=96)
     rows = run_bench("bench_prefix.py", "--model", model, "--doc-len", 200, "--question-len", 10, "--questions", 2,
                      "--follow-ups", 1, "--output-len", 4, "--sp-size", 1, "--device", "cpu", "--cpu-cache-gb", 0.05,
-                     out=tmp_path / "p.json", cpu_only=True)
+                     "--profile", out=tmp_path / "p.json", cpu_only=True)
+    [profiled] = [r for r in rows if r["name"] == "profiled question"]
+    assert profiled["cached_tokens"] >= 200 and profiled["rank0_host_op_ms"] > 0  # a sibling: the document cached
+    table = (tmp_path / f"p_profile_{os.path.basename(str(model).rstrip('/'))}_sp1.txt").read_text()
+    assert "Self CPU" in table
+    rows.remove(profiled)
     assert len(rows) == 2 * 4  # cache on and off, 4 turns each
     on = [r for r in rows if r["cache"]]
     assert on[0]["cached_tokens"] == 0 and all(r["cached_tokens"] >= 200 for r in on[1:])  # the document, reused
