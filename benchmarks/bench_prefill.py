@@ -115,12 +115,14 @@ def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, w
 def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: list[int], args, emit) -> None:
     """Run one (model, sp, tp, U) config over ``contexts``; every row goes to ``emit`` as soon as it is measured."""
     cfg = model_config(model)
+    softmax_u = ulysses if args.ulysses_layers == "all" else 1  # the softmax layers' mesh (linear: the plain ring)
     kw = dict(
         device=args.device,
         load_format="dummy",
         sp_size=sp,
         tp_size=tp,
         ulysses_degree=ulysses,
+        ulysses_layers=args.ulysses_layers,
         max_running_requests=max(2, args.num_prompts),
         chunked_prefill_size=args.chunk or max(contexts) * args.num_prompts,
         sp_min_tokens=args.sp_min_tokens,
@@ -148,12 +150,13 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
                 sp=sp,
                 tp=tp,
                 ulysses_degree=ulysses,
+                ulysses_layers=args.ulysses_layers,
                 context=n,
                 ring_mode=args.ring_mode,
                 lasp_mode=args.lasp_mode,
-                sp_method=sp_method(where, ulysses, sp),
+                sp_method=sp_method(where, softmax_u, sp),
                 # one split step of the whole prompt (a chunked prompt moves this per chunk, prefix ring aside)
-                softmax_bytes_per_layer=softmax_bytes_per_layer(cfg, n, sp, tp, ulysses, where, dtype_bytes),
+                softmax_bytes_per_layer=softmax_bytes_per_layer(cfg, n, sp, tp, softmax_u, where, dtype_bytes),
                 num_prompts=args.num_prompts,
                 sp_min_tokens=args.sp_min_tokens,
                 placement=where,
@@ -270,6 +273,8 @@ def main() -> None:
     ap.add_argument("--lasp-mode", default="ring", choices=["ring", "allgather"])
     ap.add_argument("--ulysses-degree", nargs="+", type=int, default=[1],
                     help="Ulysses degrees U to run (U x sp/U mesh); those that do not divide an SP size are skipped")
+    ap.add_argument("--ulysses-layers", default="all", choices=["all", "linear"],
+                    help="the layers that use the Ulysses mesh (linear: lightning and GDN only, softmax on the ring)")
     ap.add_argument("--chunk", type=int, default=0, help="chunked prefill size (0: the largest context)")
     ap.add_argument("--sp-min-tokens", type=int, default=1024)
     ap.add_argument("--num-prompts", type=int, default=1, help="prompts of each context submitted together")

@@ -10,6 +10,7 @@ ATTENTION_BACKENDS = ("auto", "flashinfer", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 CUDA_GRAPH_MODES = ("auto", "off", "eager")
+ULYSSES_LAYERS = ("all", "linear")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class EngineConfig:
     sp_size: int = 1
     tp_size: int = 1
     ulysses_degree: int = 1  # U: the SP group is a U x (sp / U) mesh for split prefill chunks; 1 = the plain ring
+    # which layers of a split chunk use that mesh: "all", or "linear" (lightning and GDN layers; softmax layers then
+    # run the plain ring over the whole SP group)
+    ulysses_layers: str = "all"
     sp_min_tokens: int = 1024  # a prefill chunk with at least this many new tokens is split over the SP group
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_running_requests: int = 64
@@ -78,6 +82,8 @@ class EngineConfig:
                 self.ulysses_degree >= 1 and self.sp_size % self.ulysses_degree == 0,
                 f"--ulysses-degree must be >= 1 and divide --sp-size {self.sp_size}, got {self.ulysses_degree}",
             ),
+            (self.ulysses_layers in ULYSSES_LAYERS,
+             f"--ulysses-layers must be one of {ULYSSES_LAYERS}, got {self.ulysses_layers!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),
             (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (

@@ -226,7 +226,7 @@ class ModelRunner:
                     PROFILE.mark("logits")
                 return result
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
-                               self.mesh.ulysses_degree)
+                               self.mesh.ulysses_degree, self.config.ulysses_layers)
         if plan.prev_tokens:
             self.take_prev_tokens(rows.input_ids)
         ctx = self.context(rows)

@@ -94,10 +94,10 @@ def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, ring_mode: str = "ring",
-                    lasp_mode: str = "ring", ulysses_degree: int = 1) -> StepRows:
+                    lasp_mode: str = "ring", ulysses_degree: int = 1, ulysses_layers: str = "all") -> StepRows:
     """The rank's rows and metadata of ``plan``; ``table`` must already have applied it. With ``ulysses_degree``
-    > 1 split requests are marked to be computed on the U x R mesh (:class:`UlyssesRuns`, ``SplitLinearEntry.
-    ulysses``)."""
+    > 1 split requests are marked to be computed on the U x R mesh (:class:`UlyssesRuns` for softmax layers unless
+    ``ulysses_layers`` is ``linear``, ``SplitLinearEntry.ulysses``)."""
     dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
     ids: list[int] = []
     pos: list[int] = []
@@ -123,7 +123,7 @@ def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, 
         input_ids=_tensor(ids, torch.long, dev),
         positions=_tensor(pos, torch.long, dev),
         num_rows=num_rows,
-        attention=_attention_meta(local, table, pstate, ring_mode, ulysses_degree > 1),
+        attention=_attention_meta(local, table, pstate, ring_mode, ulysses_degree > 1 and ulysses_layers == "all"),
         linear=_linear_meta(plan, local, table, pstate, lasp_mode, ulysses_degree > 1),
         seq_sharded=plan.seq_sharded,
     )

@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
-from server.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig
+from server.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, ULYSSES_LAYERS, EngineConfig
 
 BUILTIN_MODEL_NAME = "builtin"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -60,10 +60,10 @@ class ServerArgs:
         path = self.engine.model_path
         if path is None:  # the built-in model's shapes, without generating it
             check_model_parallelism("<built-in model>", builtin_config(VOCAB_SIZE, 0, 1), self.engine.tp_size, "dummy",
-                                    self.engine.ulysses_degree)
+                                    self.engine.ulysses_degree, self.engine.ulysses_layers)
         else:
             check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format,
-                                    self.engine.ulysses_degree)
+                                    self.engine.ulysses_degree, self.engine.ulysses_layers)
 
 
 def check_chat_template(value: str) -> None:
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ulysses degree U: split prefill chunks are computed on a U x (sp / U) mesh (all-to-all "
                           "over heads inside groups of U SP ranks, the ring across them); must divide --sp-size and "
                           "each TP rank's heads; 1 = the plain ring")
+    par.add_argument("--ulysses-layers", default=d.ulysses_layers, choices=ULYSSES_LAYERS,
+                     help="the layers that use the Ulysses mesh: all, or linear (lightning and Gated DeltaNet layers; "
+                          "softmax layers then run the ring over the whole SP group)")
     par.add_argument("--sp-min-tokens", type=int, default=d.sp_min_tokens,
                      help="a prefill chunk with at least this many new tokens is split over the SP group")
     par.add_argument("--ring-mode", default=d.ring_mode, choices=("ring", "allgather"),

@@ -57,11 +57,12 @@ def read_model_config(model_path: str) -> dict:
 
 
 def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_format: str,
-                            ulysses_degree: int = 1) -> None:
+                            ulysses_degree: int = 1, ulysses_layers: str = "all") -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
     own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
-    rank's heads over ``ulysses_degree``), or a config that lacks an entry, is one ``ValueError`` here rather than
-    a failure on every rank. Also checks that the weights exist unless they are random (``dummy``)."""
+    rank's heads over ``ulysses_degree``; softmax heads only when ``ulysses_layers`` is ``all``), or a config that
+    lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the weights
+    exist unless they are random (``dummy``)."""
     arch = cfg["architectures"][0]
     try:
         with torch.device("meta"):
@@ -70,19 +71,20 @@ def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_forma
     except KeyError as e:
         raise ValueError(f"{os.path.join(model_path, 'config.json')} has no {e} entry, which {arch} needs") from None
     try:
-        check_ulysses_heads(model, ulysses_degree)
+        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == "all")
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
         raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
 
 
-def check_ulysses_heads(model: nn.Module, ulysses_degree: int) -> None:
+def check_ulysses_heads(model: nn.Module, ulysses_degree: int, softmax: bool = True) -> None:
     """Raise ``ValueError`` (naming ``--ulysses-degree`` and ``--tp-size``) unless every attention layer's heads on a
     TP rank split over the Ulysses group: softmax query heads and lightning heads a multiple of U, softmax KV heads
-    and GDN key heads a multiple or a divisor of U (replicated when fewer), GDN value heads a multiple of U."""
+    and GDN key heads a multiple or a divisor of U (replicated when fewer), GDN value heads a multiple of U.
+    ``softmax=False``: the softmax layers do not use the mesh (``--ulysses-layers linear``) and are not checked."""
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, Attention) and softmax:
             ulysses_kv_heads(m.num_heads, m.num_kv_heads, ulysses_degree)
         elif isinstance(m, LightningAttention):
             heads = m.slopes.numel()

@@ -65,3 +65,14 @@ def test_bench_prefill_ulysses_degree_on_cpu(tmp_path):
     assert all(r["ttft_s"] > 0 and "error" not in r for r in rows)
     assert [r["softmax_bytes_per_layer"] for r in rows] == [
         0.0, ring_bytes_per_layer(200, 2, 16, 2, 4), ulysses_bytes_per_layer(200, 4, 2, 16, 2, 2, 4)]
+
+
+@pytest.mark.slow
+def test_bench_prefill_ulysses_for_linear_layers_only(tmp_path):
+    """``--ulysses-layers linear``: the softmax layers stay on the ring (their method and bytes are the ring's)."""
+    model = tiny_model(tmp_path, "llama3-8b")
+    rows = run_bench("bench_prefill.py", "--model", model, "--context", 200, "--sp-size", 2, "--ulysses-degree", 2,
+                     "--ulysses-layers", "linear", "--device", "cpu", "--sp-min-tokens", 64, "--repeat", 1,
+                     out=tmp_path / "r.json")
+    assert [(r["ulysses_degree"], r["ulysses_layers"], r["sp_method"]) for r in rows] == [(2, "linear", "ring")]
+    assert rows[0]["softmax_bytes_per_layer"] == ring_bytes_per_layer(200, 2, 16, 2, 4) and rows[0]["ttft_s"] > 0

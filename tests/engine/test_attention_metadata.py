@@ -144,6 +144,13 @@ def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: i
         steps = [build_step_rows(plan, t, ps, ulysses_degree=sp) for t, ps in zip(tables, pstates)]
         _check_step([_rank_step(_eager_view(rows), *c, kinds) for rows, c in zip(steps, caches)])
         _check_ulysses_runs(steps)
+        if sp > 1:  # --ulysses-layers linear: the softmax entries of the plain ring, the linear ones on the mesh
+            linear_only = build_step_rows(plan, tables[0], pstates[0], ulysses_degree=sp, ulysses_layers="linear")
+            plain = build_step_rows(plan, tables[0], pstates[0])
+            assert [e.ulysses for e in linear_only.attention.ring] == [None] * len(plain.attention.ring)
+            assert len(linear_only.attention.ring) == len(steps[0].attention.ring)
+            assert [e.ulysses for e in linear_only.linear.split] == [e.ulysses for e in steps[0].linear.split]
+            assert all(e.ulysses for e in steps[0].linear.split)
         sched.advance(seqs, plan)
         for q, c in zip(seqs, plan.chunks):
             if c.sample:

@@ -77,3 +77,29 @@ def test_decode_in_graph_form_after_ulysses_prefill(reference):
     path, _, tokens = reference["minimax_7to1"]
     with LLM(path, **ENGINE, sp_size=2, ulysses_degree=2, cuda_graph="eager", cuda_graph_max_bs=4) as llm:
         assert [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)] == tokens
+
+
+@pytest.mark.parametrize("arch", ["minimax_7to1", "qwen3_5"])
+@pytest.mark.parametrize("sp,tp,ulysses", [(2, 1, 2), (4, 1, 2), (2, 2, 2)])
+def test_ulysses_for_the_linear_layers_only(reference, arch, sp, tp, ulysses):
+    """``ulysses_layers="linear"``: lightning and GDN layers of split chunks on the mesh, softmax layers on the
+    plain SP ring; the same logits and tokens as one rank."""
+    path, logits, tokens = reference[arch]
+    with LLM(path, **ENGINE, sp_size=sp, tp_size=tp, ulysses_degree=ulysses, ulysses_layers="linear") as llm:
+        assert_logits_close(llm.engine.prompt_logits(LONG), logits)
+        assert [o.token_ids for o in llm.generate(BATCH, GREEDY, use_tqdm=False)] == tokens
+        stats = llm.engine.stats()
+        assert stats.kv_pages_used == 0 and stats.state_slots_used == 0
+
+
+def test_linear_only_ulysses_checks_only_the_linear_heads(tmp_path):
+    """Softmax heads that do not split over U are an error only when the softmax layers use the mesh."""
+    path = save_tiny_model("qwen3_5", str(tmp_path), linear_num_value_heads=8, num_attention_heads=6,
+                           num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"--ulysses-degree=4"):
+        LLM(path, device="cpu", sp_size=4, ulysses_degree=4)
+    assert multiprocessing.active_children() == []
+    with LLM(path, **ENGINE, sp_size=4, ulysses_degree=4, ulysses_layers="linear") as llm:
+        assert len(llm.generate([prompt(60)], GREEDY, use_tqdm=False)[0].token_ids) == GREEDY.max_tokens
+    with pytest.raises(ValueError, match="--ulysses-layers must be one of"):
+        LLM(path, device="cpu", sp_size=2, ulysses_degree=2, ulysses_layers="softmax")
