@@ -329,6 +329,38 @@ def pointwise(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
+def gdn(rows: list, budget: Budget) -> None:
+    """Gated DeltaNet kernels at the Qwen3.5-27B layer shape (16 key / 48 value heads of 128, bf16), one sequence
+    of T tokens from a nonzero state: the chunked prefill one rank runs without SP (or on its heads under
+    Ulysses), the SP chunk-affine pass (value columns ``[v | 0]`` from ``[0 | I]``: the output from zero, the chunk's
+    transition and its state contribution), and the correction ``O_loc + Q~ S_in`` after the combine. Their
+    ratio is the extra GDN work per token that GDN state passing costs against sp = 1."""
+    for t in tqdm([8192, 32768], desc="gdn", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"tokens": t, "skipped": "time budget"})
+            continue
+        rows.append(_gdn_case(t))
+        torch.cuda.empty_cache()
+
+
+def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128) -> dict:
+    from server.kernels import ops
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q, k = (torch.randn(t, hk, d, device=dev, dtype=dt) for _ in range(2))
+    v = torch.randn(t, hv, d, device=dev, dtype=dt)
+    g = -torch.rand(t, hv, device=dev) * 0.1
+    beta = torch.rand(t, hv, device=dev)
+    cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
+    state = torch.randn(1, hv, d, d, device=dev) * 0.01
+    prefill = bench_ms(partial(ops.gdn_prefill, q, k, v, g, beta, cu, state))
+    affine = bench_ms(partial(ops.gdn_chunk_affine, q, k, v, g, beta, cu))
+    o_loc, q_tilde, _, _ = ops.gdn_chunk_affine(q, k, v, g, beta, cu)
+    correction = bench_ms(partial(ops.gdn_state_correction, o_loc, q_tilde, cu, state))
+    return {"tokens": t, "prefill_ms": prefill, "chunk_affine_ms": affine, "correction_ms": correction,
+            "prefill_us_per_token": prefill * 1e3 / t, "sp_pass_over_prefill": (affine + correction) / prefill}
+
+
 def merge_states_transposing(merge: Callable, o: torch.Tensor, lse: torch.Tensor):
     """flashinfer's K-way merge fed from our ``[K, N, H, D]`` layout: it wants ``[N, K, H, D]``."""
     return merge(o.transpose(0, 1).contiguous(), lse.transpose(0, 1).contiguous())
@@ -547,6 +579,14 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['op']} | {r['rows']} | {r['torch_us']:.1f} | {r['triton_us']:.1f} | "
                   f"{r['torch_us'] / r['triton_us']:.1f}x |" for r in pw]
         lines.append("")
+    gd = [r for r in res.get("gdn", []) if "prefill_ms" in r]
+    if gd:
+        lines += ["## Gated DeltaNet at the Qwen3.5-27B layer shape (bf16, 16 / 48 heads of 128, one sequence)", "",
+                  "| tokens | chunked prefill ms | SP chunk-affine pass ms | correction ms | (affine + correction) / "
+                  "prefill |", "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['prefill_ms']:.2f} | {r['chunk_affine_ms']:.2f} | {r['correction_ms']:.2f} | "
+                  f"{r['sp_pass_over_prefill']:.2f} |" for r in gd]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -559,7 +599,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
                                                       "lightning_correction", "ring_attention", "paged_attention",
-                                                      "lightning_prefill", "pointwise"])
+                                                      "lightning_prefill", "pointwise", "gdn"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
@@ -582,6 +622,7 @@ def main() -> None:
         "lightning_correction": lambda r: lightning_correction(r, budget),
         "paged_attention": lambda r: paged_attention(r, budget),
         "pointwise": lambda r: pointwise(r, budget),
+        "gdn": lambda r: gdn(r, budget),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []

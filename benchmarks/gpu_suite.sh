@@ -148,6 +148,9 @@ for step in "$@"; do
         prefill 220 gdn_sp1 --model qwen3.5-27b --sp-size 1 --repeat 2 --context 131072 --chunk 8192
         prefill 240 gdn_sp2 --model qwen3.5-27b --sp-size 2 --repeat 1 --context 131072 524288 --chunk 8192
         ;;
+    gdn-kernels)  # fla's GDN chunked prefill vs the SP chunk-affine pass at the Qwen3.5-27B layer shape
+        timeout 200 python benchmarks/bench_kernels.py --sections ceilings gdn --out-dir "$WORK" 2>&1 | tail -8
+        ;;
     gdn-ulysses)  # Qwen3.5-27B shape at sp = 2, 128K through the default chunks: Ulysses (U = 2) for every layer and
         # for the GDN layers only (softmax on the ring), against the GDN state passing of the gdn step
         prefill 300 gdn_uly --model qwen3.5-27b --sp-size 2 --ulysses-degree 2 --repeat 2 --context 131072 --chunk 8192
