@@ -2,12 +2,13 @@
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1``. fp16 has exact rounding there, so RoPE (products and
 sums rounded once each, as torch rounds them) must match bit for bit; compiled for a GPU, a product and the sum may
-become one fused multiply-add, so RoPE is held to a few ulps of its terms (the sum can cancel) there. Elsewhere the allowance is in units in the
-last place (ulp) of the output dtype: fp32 a few (the sum of squares in another order, exp and rsqrt of another
-library), half precision two (an intermediate rounded to half precision, such as SiLU(gate) or the normalised row,
-can land one ulp apart when the fp32 values differ in their last bits; the product with the other factor carries
-that ulp and adds its own rounding), and bf16 under the interpreter three (its bf16 conversions truncate instead of
-rounding to nearest, once per rounded operation); on a GPU the bf16 checks run again with round-to-nearest.
+become one fused multiply-add, so RoPE is held to a few ulps of its terms (the sum can cancel) there. Elsewhere the
+allowance is in units in the last place (ulp) of the output dtype: fp32 a few (the sum of squares in another order,
+exp and rsqrt of another library), half precision two (an intermediate rounded to half precision, such as SiLU(gate)
+or the normalised row, can land one ulp apart when the fp32 values differ in their last bits; the product with the
+other factor carries that ulp and adds its own rounding), and bf16 under the interpreter three (its bf16 conversions
+truncate instead of rounding to nearest, once per rounded operation); on a GPU the bf16 checks run again with
+round-to-nearest.
 """
 
 from __future__ import annotations
