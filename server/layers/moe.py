@@ -15,6 +15,14 @@ from server.kernels import ops
 from server.layers.linear import as_tensor, copy_into, divide
 from server.sp.groups import ParallelState
 
+# On CUDA a step of at most this many tokens runs the sync-free forms even outside a CUDA graph. The dense form
+# computes every expert for every token: E / top_k times the FLOPs of the routed ones, but each expert's weights are
+# read once either way, and at T tokens the extra FLOPs take T * bandwidth / matmul rate of a weight read (about
+# T / 180 on an H200), so up to 128 tokens they cost less than the weights they share. The per-expert loop instead
+# launches about six kernels per expert that has tokens and waits for the device once per layer: with 64 or 512
+# experts that is thousands of launches for a short prompt or a question over a cached prefix.
+SYNC_FREE_MAX_TOKENS = 128
+
 
 class FusedMoE(nn.Module):
     """x ``[T, hidden]`` -> partial ``[T, hidden]`` (sum over TP = the MoE output).
@@ -54,7 +62,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph: no host sync, static shapes
+        # a CUDA graph (no host sync, static shapes), or few tokens (see SYNC_FREE_MAX_TOKENS)
+        if x.is_cuda and (torch.cuda.is_current_stream_capturing() or x.shape[0] <= SYNC_FREE_MAX_TOKENS):
             return self.forward_sync_free(x, weights, experts)
         out = torch.zeros_like(x)
         flat = experts.view(-1)

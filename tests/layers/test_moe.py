@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.layers.moe import FusedMoE
+from server.layers.moe import SYNC_FREE_MAX_TOKENS, FusedMoE
 from server.sp.groups import ParallelState
+from tests.helpers import needs_cuda
 
 
 def per_token_reference(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
@@ -30,3 +31,20 @@ def test_sync_free_forms_match(tokens: int) -> None:
     want = per_token_reference(moe, x)
     torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(moe.forward_sync_free(x, *moe.route(x)), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [5, SYNC_FREE_MAX_TOKENS, SYNC_FREE_MAX_TOKENS + 1])
+def test_eager_steps_of_few_tokens_take_the_sync_free_form_on_cuda(tokens: int) -> None:
+    """Up to SYNC_FREE_MAX_TOKENS tokens an eager CUDA step runs the sync-free form (bit for bit), above it the
+    per-expert loop; both match the per-token reference (fp32)."""
+    torch.manual_seed(tokens)
+    moe = FusedMoE(64, 8, 32, 48, ParallelState(device=torch.device("cuda"))).cuda()
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(tokens, 32, device="cuda")
+    got = moe(x)
+    if tokens <= SYNC_FREE_MAX_TOKENS:
+        assert torch.equal(got, moe.forward_sync_free(x, *moe.route(x)))
+    torch.testing.assert_close(got, per_token_reference(moe, x), atol=1e-4, rtol=1e-4)
