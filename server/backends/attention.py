@@ -232,17 +232,12 @@ class StepAttention:
                 lse.fill_(-math.inf)
         elif not merging and covered:
             # one batch of every row (a decode step at sp = 1): its output is the result, no zeroed copy
-            batch = self.batches[0]
-            ragged = batch.kind == "ragged"
-            return self.backend.run_batch(batch, q, k if ragged else None, v if ragged else None, cache,
-                                          scale)[0].to(q.dtype)
+            return self._run_batch(self.batches[0], q, k, v, cache, scale)[0].to(q.dtype)
         else:
             out = torch.zeros_like(q)
             lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None
         for batch in self.batches:
-            ragged = batch.kind == "ragged"  # the only kind that reads the step's own k/v rows
-            o_b, lse_b = self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
-                                                batch.take(v) if ragged else None, cache, scale)
+            o_b, lse_b = self._run_batch(batch, q, k, v, cache, scale)
             batch.put(out, o_b)
             if lse is not None:
                 batch.put(lse, lse_b)
@@ -259,6 +254,13 @@ class StepAttention:
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
             out, _ = merge_over_sp(out, lse, ps, keep=meta.merge_mask, packed=packed)
         return out
+
+    def _run_batch(self, batch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o, lse)`` of one batch's rows of the step's q (and k/v: ``ragged`` is the only kind that reads them)."""
+        ragged = batch.kind == "ragged"
+        return self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
+                                      batch.take(v) if ragged else None, cache, scale)
 
     @property
     def _ring_fn(self):

@@ -99,7 +99,9 @@ def test_linear_only_ulysses_checks_only_the_linear_heads(tmp_path):
     with pytest.raises(ValueError, match=r"--ulysses-degree=4"):
         LLM(path, device="cpu", sp_size=4, ulysses_degree=4)
     assert multiprocessing.active_children() == []
+    with LLM(path, **ENGINE) as llm:
+        want = llm.generate([LONG], GREEDY, use_tqdm=False)[0].token_ids
     with LLM(path, **ENGINE, sp_size=4, ulysses_degree=4, ulysses_layers="linear") as llm:
-        assert len(llm.generate([prompt(60)], GREEDY, use_tqdm=False)[0].token_ids) == GREEDY.max_tokens
+        assert llm.generate([LONG], GREEDY, use_tqdm=False)[0].token_ids == want
     with pytest.raises(ValueError, match="--ulysses-layers must be one of"):
         LLM(path, device="cpu", sp_size=2, ulysses_degree=2, ulysses_layers="softmax")
