@@ -35,3 +35,13 @@ def test_bench_prefix_cache_off_alone_after_a_warmup(tmp_path):
                      "--cache", "off", "--off-turns", 2, "--warmup-len", 40, out=tmp_path / "p.json", cpu_only=True)
     assert [(r["cache"], r["turn"]) for r in rows] == [(False, 0), (False, 1)]  # the warm-up is not a row
     assert all(r["cached_tokens"] == 0 and r["prompt_tokens"] == 128 for r in rows)
+
+
+def test_bench_prefix_host_hits_the_document_from_the_second_question(tmp_path):
+    """The host-side benchmark drives the real cache manager: the first question leaves the snapshot at the
+    document's end, every later one hits the whole document (hybrid); a softmax model hits from the first."""
+    rows = run_bench("bench_prefix_host.py", "--doc-len", 512, "--questions", 3, out=tmp_path / "h.json", cpu_only=True)
+    assert [r["cached_tokens"] for r in rows] == [0, 0, 512, 512]
+    rows = run_bench("bench_prefix_host.py", "--doc-len", 512, "--questions", 2, "--no-hybrid", "--sp-size", 1,
+                     out=tmp_path / "s.json", cpu_only=True)
+    assert [r["cached_tokens"] for r in rows] == [0, 512, 512]
