@@ -81,7 +81,7 @@ def profiled_question(args, llm: LLM, prompt: list[int], model: str, sp: int) ->
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
     events = prof.key_averages()
 
@@ -91,11 +91,12 @@ def profiled_question(args, llm: LLM, prompt: list[int], model: str, sp: int) ->
     device_ms = total("self_device_time_total") if cuda else 0.0
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=25)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25)
     if args.out:
         path = f"{os.path.splitext(args.out)[0]}_profile_{os.path.basename(model.rstrip('/'))}_sp{sp}.txt"
         with open(path, "w") as f:
             f.write(f"{model} sp={sp}: one cached question of {len(prompt)} tokens, TTFT {out.ttft_s * 1e3:.1f} ms, "
-                    f"rank 0 device {device_ms:.1f} ms\n\n{table}\n")
+                    f"rank 0 device {device_ms:.1f} ms\n\n{table}\n\nBy input shape:\n{by_shape}\n")
     return {"model": model, "sp": sp, "cache": True, "turn": -1, "name": "profiled question",
             "prompt_tokens": len(prompt), "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s, "itl_ms": 0.0,
             "rank0_device_ms": device_ms, "rank0_host_op_ms": total("self_cpu_time_total")}

@@ -96,9 +96,12 @@ class FusedMoE(nn.Module):
             return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
         gate = torch.zeros(t, self.num_experts, dtype=x.dtype, device=x.device)
         gate.scatter_(1, experts, weights.to(x.dtype))
-        h = torch.einsum("th,eih->tei", x, self.w13)
-        h = ops.silu_and_mul(h)
-        return torch.einsum("tei,ehi,te->th", h, self.w2, gate)
+        e, hidden = self.num_experts, x.shape[1]
+        # every expert on every token as plain matmuls over views of the weights: an einsum over (e, i) would
+        # permute w2 to [hidden, E * I] first, a copy of every expert's down weights per layer per step
+        h = ops.silu_and_mul(F.linear(x, self.w13.view(-1, hidden)).view(t, e, -1))  # [T, E, I]
+        h = (h * gate.unsqueeze(-1)).transpose(0, 1)  # [E, T, I], the routing weight (0 if unused) applied
+        return torch.bmm(h, self.w2.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
 
 
 class SharedExpertMoE(nn.Module):
