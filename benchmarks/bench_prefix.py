@@ -77,6 +77,7 @@ def profiled_question(args, llm: LLM, prompt: list[int], model: str, sp: int) ->
     """One more sibling question, prefill only (one output token), under torch.profiler on rank 0: where its TTFT
     goes. Writes rank 0's op table beside ``--out`` and returns a row with the TTFT, the device time of rank 0's
     kernels (collectives included: a kernel waiting for a peer counts as busy) and the host time of its ops."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -85,10 +86,13 @@ def profiled_question(args, llm: LLM, prompt: list[int], model: str, sp: int) ->
         [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
     events = prof.key_averages()
 
-    def total(attr: str) -> float:
-        return sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3  # us -> ms
+    def total(attr: str, keep=lambda e: True) -> float:
+        return sum(getattr(e, attr, 0.0) or 0.0 for e in events if keep(e)) / 1e3  # us -> ms
 
-    device_ms = total("self_device_time_total") if cuda else 0.0
+    # device time: the kernels' and copies' own events (an op's self device time repeats its kernels'), as the
+    # profiler's own table footer counts it
+    on_device = lambda e: e.device_type == DeviceType.CUDA and not e.is_user_annotation  # noqa: E731
+    device_ms = total("self_device_time_total", on_device) if cuda else 0.0
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=25)
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25)
