@@ -55,6 +55,7 @@ class EngineConfig:
     # the cache budget
     prefix_cache_snapshots: int | None = None
     seed: int = 0
+    profile_dir: str | None = None  # where POST /start_profile ... /stop_profile write every rank's profile; None: off
     dist_init_addr: str | None = None  # tcp://host:port for the workers' rendezvous; a free local port if None
     nnodes: int = 1
     node_rank: int = 0

@@ -123,6 +123,16 @@ class LLM:
         bar.close()
         return [pending[r].out for r in order]
 
+    def start_profile(self, output_dir: str | None = None, record_shapes: bool = False) -> str:
+        """Profile every rank (``torch.profiler``) from now until :meth:`stop_profile`; the output directory
+        (``output_dir``, or the ``profile_dir`` the LLM was made with)."""
+        return self.engine.start_profile(output_dir, record_shapes)
+
+    def stop_profile(self) -> list[dict]:
+        """Stop profiling: every rank writes ``{tag}-rank{r}.trace.json.gz`` and ``.ops.txt`` into the output
+        directory; their paths, ``device_ms`` and ``host_op_ms`` (or ``error``), by rank."""
+        return self.engine.stop_profile()
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import multiprocessing.process
+import os
 import time
 from dataclasses import dataclass
 
@@ -30,11 +31,19 @@ from server.engine.io_struct import (
 )
 from server.engine.model_runner import ScoredRows
 from server.engine.procutil import free_port
+from server.engine.profiler import RankProfiler
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.step_profile import PROFILE
-from server.engine.worker import gather_memory_stats, release_rank, send_message, setup_rank, worker_main
-from server.forward.plan import MemoryStatsRequest, Placement, Shutdown
+from server.engine.worker import (
+    gather_memory_stats,
+    profile_rank,
+    release_rank,
+    send_message,
+    setup_rank,
+    worker_main,
+)
+from server.forward.plan import MemoryStatsRequest, Placement, ProfileRequest, Shutdown
 from server.layers.sampler import SampledBatch, SampleRequest, sample, sample_async
 from server.models.builtin import builtin_model_path
 from server.models.loader import check_model_parallelism, read_model_config
@@ -125,6 +134,8 @@ class Engine:
         self.inflight: InFlight | None = None
         self.rng = torch.Generator().manual_seed(config.seed)
         self.num_steps = 0
+        self.profiler = RankProfiler(0, self.device)
+        self.num_profiles = 0
         self.num_prev_token_steps = 0  # steps whose decode rows read the previous step's tokens on the device
         self.last_step = StepCounts()
         self.closed = False
@@ -370,6 +381,37 @@ class Engine:
         """Every rank's device memory (peak allocated since the last reset, allocated now), by rank."""
         send_message(self.pstate, MemoryStatsRequest(reset))
         return gather_memory_stats(self.pstate, reset)
+
+    def start_profile(self, output_dir: str | None = None, record_shapes: bool = False) -> str:
+        """Start ``torch.profiler`` on every rank from the next step on (``server/engine/profiler.py``); the
+        directory (``output_dir``, default ``config.profile_dir``) where :meth:`stop_profile` writes the profiles."""
+        out = output_dir or self.config.profile_dir
+        if not out:
+            raise ValueError("profiling is off: start the server with --profile-dir DIR")
+        if self.profiler.running:
+            raise ValueError("a profile is running already: stop it first")
+        out = os.path.abspath(out)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"the profile directory {out} cannot be created: {e.strerror}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"the profile directory {out} is not writable")
+        self.num_profiles += 1
+        request = ProfileRequest(True, out, f"profile-{time.strftime('%Y%m%d-%H%M%S')}-{self.num_profiles}",
+                                 record_shapes)
+        send_message(self.pstate, request)
+        self.profiler.start(request)
+        return out
+
+    def stop_profile(self) -> list[dict]:
+        """Stop every rank's profiler; each writes its trace and op table. Their summaries, by rank (paths,
+        ``device_ms``, ``host_op_ms``, or ``error``)."""
+        if not self.profiler.running:
+            raise ValueError("no profile is running: start one first")
+        request = ProfileRequest(False)
+        send_message(self.pstate, request)
+        return profile_rank(self.profiler, self.pstate, request)
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.procs]

@@ -36,6 +36,24 @@ class CacheFlushed:
 
 
 @dataclass
+class ProfileControl:
+    """Start (``start``) or stop the profiler on every rank; the engine answers :class:`ProfileReply`."""
+
+    start: bool
+    record_shapes: bool = False
+
+
+@dataclass
+class ProfileReply:
+    """``error``: why the engine refused (None: done); ``output_dir`` of a start; ``ranks``: each rank's summary
+    of a stop (``server/engine/profiler.py``)."""
+
+    error: str | None = None
+    output_dir: str | None = None
+    ranks: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class PromptTokenLogprob(TokenLogprob):
     """A prompt token's logprob given the tokens before it, its top alternatives, and its ``rank``: how many tokens
     of the vocabulary are at least as likely (vLLM's definition, so the most likely token has rank 1)."""

@@ -18,8 +18,9 @@ import torch.distributed as dist
 from server.config import EngineConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.procutil import die_with_parent
+from server.engine.profiler import RankProfiler
 from server.engine.step_profile import PROFILE
-from server.forward.plan import MemoryStatsRequest, Shutdown, StepPlan
+from server.forward.plan import MemoryStatsRequest, ProfileRequest, Shutdown, StepPlan
 from server.models.loader import read_model_config
 from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
 from server.sp.ulysses import init_ulysses_mesh
@@ -98,7 +99,7 @@ def release_rank(runner: ModelRunner, pstate: ParallelState, timeout: float = 30
     return False
 
 
-Message = StepPlan | MemoryStatsRequest | Shutdown
+Message = StepPlan | MemoryStatsRequest | ProfileRequest | Shutdown
 
 # Messages travel pickled in one broadcast of a fixed-size buffer on the gloo message group (its first 8 bytes hold
 # the length; the group has no practical timeout, so idle workers wait there for as long as it takes); a larger one
@@ -151,13 +152,25 @@ def memory_stats(pstate: ParallelState, reset: bool) -> dict:
     return out
 
 
-def gather_memory_stats(pstate: ParallelState, reset: bool) -> list[dict] | None:
-    mine = memory_stats(pstate, reset)
+def gather_to_driver(pstate: ParallelState, mine: object) -> list | None:
+    """Every rank's ``mine``, by rank, on rank 0 (None on the others)."""
     if pstate.world_size == 1:
         return [mine]
     box = [None] * pstate.world_size if pstate.is_driver else None
     dist.gather_object(mine, box, dst=0, group=pstate.world_cpu_group)
     return box
+
+
+def gather_memory_stats(pstate: ParallelState, reset: bool) -> list[dict] | None:
+    return gather_to_driver(pstate, memory_stats(pstate, reset))
+
+
+def profile_rank(profiler: RankProfiler, pstate: ParallelState, request: ProfileRequest) -> list[dict] | None:
+    """Start this rank's profiler, or stop it and gather every rank's summary on rank 0."""
+    if request.start:
+        profiler.start(request)
+        return None
+    return gather_to_driver(pstate, profiler.stop())
 
 
 def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: str, log_level: str = "WARNING") -> None:
@@ -166,6 +179,7 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
     logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(message)s")
     try:
         pstate, runner = setup_rank(config, rank, model_path, init_method)
+        profiler = RankProfiler(rank, pstate.device)
         while True:
             if PROFILE:
                 PROFILE.start()
@@ -179,6 +193,8 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
                     PROFILE.end()
             elif isinstance(message, MemoryStatsRequest):
                 gather_memory_stats(pstate, message.reset)
+            elif isinstance(message, ProfileRequest):
+                profile_rank(profiler, pstate, message)
             elif isinstance(message, Shutdown):
                 if PROFILE:
                     log.warning("rank %d step profile: %s", rank, PROFILE.table())

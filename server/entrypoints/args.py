@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static,
                      help="fraction of GPU memory for weights and caches")
     run.add_argument("--cpu-cache-gb", type=float, default=d.cpu_cache_gb, help="cache budget on CPU, in GiB")
+    run.add_argument("--profile-dir", default=d.profile_dir,
+                     help="enable POST /start_profile and /stop_profile: every rank's torch.profiler trace and op "
+                          "table go to this directory (on each node)")
     return p
 
 

@@ -30,6 +30,8 @@ from server.engine.io_struct import (
     EngineStats,
     FlushCache,
     GenerateRequest,
+    ProfileControl,
+    ProfileReply,
     RequestOutput,
 )
 from server.engine.procutil import die_with_parent
@@ -158,6 +160,17 @@ def _start_engine(config: EngineConfig, log_level: str):
     return engine
 
 
+def control_profile(engine, msg: ProfileControl) -> ProfileReply:
+    """Start or stop the profiler on every rank; a refusal (off, running already, not running) is the reply's
+    error."""
+    try:
+        if msg.start:
+            return ProfileReply(output_dir=engine.start_profile(record_shapes=msg.record_shapes))
+        return ProfileReply(ranks=engine.stop_profile())
+    except ValueError as e:
+        return ProfileReply(error=str(e))
+
+
 def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket, watchdog: StepWatchdog | None = None) -> None:
     """Forever: take every queued message, run one step if anything is unfinished, send what changed."""
     last_stats: EngineStats | None = None
@@ -184,6 +197,8 @@ def serve_engine(engine, inp: zmq.Socket, out: zmq.Socket, watchdog: StepWatchdo
                 engine.abort_request(msg.rid)
             elif isinstance(msg, FlushCache):
                 out.send_pyobj(CacheFlushed(engine.flush_prefix_cache()))
+            elif isinstance(msg, ProfileControl):
+                out.send_pyobj(control_profile(engine, msg))
         outputs = []
         if engine.has_unfinished():
             if watchdog is not None:

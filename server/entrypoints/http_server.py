@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from server.entrypoints.native import NativeServing
-from server.entrypoints.protocol import APIError, model_not_found
+from server.entrypoints.protocol import APIError, StartProfileRequest, bad_request, model_not_found, parse_body
 from server.entrypoints.responses import ResponsesServing
 from server.entrypoints.serving import OpenAIServing
 from server.entrypoints.tokenize import TokenizeServing
@@ -173,6 +173,25 @@ def build_app(args: ServerArgs) -> FastAPI:
     async def flush_cache() -> dict:
         """Drop the prefix cache's entries that no running request uses."""
         return {"flushed_entries": await tm.flush_cache()}
+
+    @app.post("/start_profile", dependencies=auth)
+    async def start_profile(request: Request) -> dict:
+        """Start torch.profiler on every rank (the server needs --profile-dir); optional body
+        ``{"record_shapes": bool}``."""
+        raw = await request.body()
+        body = parse_body(raw, StartProfileRequest) if raw.strip() else StartProfileRequest()
+        reply = await tm.control_profile(True, body.record_shapes)
+        if reply.error:
+            raise bad_request(reply.error)
+        return {"status": "started", "output_dir": reply.output_dir}
+
+    @app.post("/stop_profile", dependencies=auth)
+    async def stop_profile() -> dict:
+        """Stop every rank's profiler: each writes its Chrome trace and op table; their paths and times by rank."""
+        reply = await tm.control_profile(False)
+        if reply.error:
+            raise bad_request(reply.error)
+        return {"status": "stopped", "ranks": reply.ranks}
 
     @app.get("/health")
     async def health() -> JSONResponse:

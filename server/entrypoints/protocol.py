@@ -141,6 +141,13 @@ class RequestBody(BaseModel):
     neutral_only_fields: ClassVar[dict[str, Any]] = NEUTRAL_ONLY_FIELDS
 
 
+class StartProfileRequest(RequestBody):
+    """POST /start_profile (an empty body is the defaults). Where the profiles go is the server's
+    ``--profile-dir``, not a request field: a client does not choose paths on the server."""
+
+    record_shapes: bool = False
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False

@@ -37,6 +37,8 @@ from server.engine.io_struct import (
     CacheFlushed,
     FlushCache,
     GenerateRequest,
+    ProfileControl,
+    ProfileReply,
     PromptTokenLogprob,
     RequestOutput,
     TokenLogprob,
@@ -63,6 +65,7 @@ ENGINE_STOP_TIMEOUT_S = 10.0
 REJECTION_STATUS = {"queue_full": 429, "internal_error": 500}  # every other engine rejection: the request, 400
 TOKENIZER_THREADS = 4
 FLUSH_TIMEOUT_S = 60.0
+PROFILE_TIMEOUT_S = 600.0  # a stop waits for every rank to write its trace (large after many steps)
 
 
 @dataclass
@@ -159,6 +162,7 @@ class TokenizerManager:
         self._tasks: list[asyncio.Task] = []
         self._on_fatal: Callable[[str], None] = lambda message: None
         self._flushes: list[asyncio.Future] = []  # /flush_cache calls waiting for the engine, in order
+        self._profiles: list[asyncio.Future] = []  # /start_profile and /stop_profile calls, in order
         self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         for _ in range(TOKENIZER_THREADS):  # start the threads now: starting one waits for the GIL
             self._pool.submit(time.sleep, 0.01)
@@ -312,7 +316,15 @@ class TokenizerManager:
         self._send(FlushCache())
         return await asyncio.wait_for(future, FLUSH_TIMEOUT_S)
 
-    def _send(self, msg: GenerateRequest | AbortRequest | FlushCache) -> None:
+    async def control_profile(self, start: bool, record_shapes: bool = False) -> ProfileReply:
+        """Start or stop the profiler on every rank (see ``server/engine/profiler.py``); the engine's reply."""
+        self.check_available()
+        future = asyncio.get_running_loop().create_future()
+        self._profiles.append(future)
+        self._send(ProfileControl(start, record_shapes))
+        return await asyncio.wait_for(future, PROFILE_TIMEOUT_S)
+
+    def _send(self, msg: GenerateRequest | AbortRequest | FlushCache | ProfileControl) -> None:
         if self.dead_reason is not None:
             return
         try:
@@ -345,6 +357,11 @@ class TokenizerManager:
                 future = self._flushes.pop(0)
                 if not future.done():
                     future.set_result(msg.entries)
+        elif isinstance(msg, ProfileReply):
+            if self._profiles:
+                future = self._profiles.pop(0)
+                if not future.done():
+                    future.set_result(msg)
         elif isinstance(msg, EngineReady):
             await self._on_ready(msg)
         elif isinstance(msg, EngineStartFailed):
@@ -482,7 +499,13 @@ class TokenizerManager:
             return
         self.metrics.healthy.set(0)
         logger.error("%s; failing %d in-flight request(s); /health now fails", reason, len(self._choices))
-        self._fail_all(APIError(500, f"The engine failed: {reason}.", type="server_error", code="engine_dead"))
+        error = APIError(500, f"The engine failed: {reason}.", type="server_error", code="engine_dead")
+        self._fail_all(error)
+        for future in self._flushes + self._profiles:  # control calls waiting for the engine's answer
+            if not future.done():
+                future.set_exception(error)
+        self._flushes.clear()
+        self._profiles.clear()
 
     def _fail_all(self, error: APIError) -> None:
         choices, self._choices = self._choices, {}

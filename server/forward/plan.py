@@ -114,5 +114,16 @@ class MemoryStatsRequest:
 
 
 @dataclass(frozen=True)
+class ProfileRequest:
+    """Control message: every rank starts ``torch.profiler`` (``start``), or stops it and writes its trace and op
+    table into ``output_dir`` under the names ``tag`` gives (see :mod:`server.engine.profiler`)."""
+
+    start: bool
+    output_dir: str = ""
+    tag: str = ""
+    record_shapes: bool = False
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Control message: the workers leave their loop and exit."""

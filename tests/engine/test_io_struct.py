@@ -8,11 +8,21 @@ from server.engine.io_struct import (
     AbortRequest,
     EngineStats,
     GenerateRequest,
+    ProfileControl,
+    ProfileReply,
     PromptTokenLogprob,
     RequestOutput,
     TokenLogprob,
 )
-from server.forward.plan import ChunkPlan, MemoryStatsRequest, Placement, PromptScoring, Shutdown, StepPlan
+from server.forward.plan import (
+    ChunkPlan,
+    MemoryStatsRequest,
+    Placement,
+    ProfileRequest,
+    PromptScoring,
+    Shutdown,
+    StepPlan,
+)
 from server.sampling_params import SamplingParams
 
 
@@ -28,6 +38,9 @@ def test_messages_round_trip():
                   ChunkPlan(4, 0, 8, Placement.SPLIT, 0, False, ((1,), (2,)), PromptScoring(3, 99))], [42], [(3, 5)],
                  [1, 2]),
         MemoryStatsRequest(reset=False),
+        ProfileRequest(True, "/tmp/p", "profile-1", record_shapes=True),
+        ProfileControl(False),
+        ProfileReply(ranks=[{"rank": 0, "trace": "/tmp/p/x.trace.json.gz", "device_ms": 1.5}]),
         Shutdown(),
     ]
     for m in msgs:

@@ -622,3 +622,11 @@ def test_bad_input_gets_error_envelope_and_server_stays_healthy(server, case):
     assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert _wait_idle(server)  # nothing left running, no cache pages or state slots held
+
+
+def test_profiling_is_off_without_profile_dir(server):
+    """/start_profile needs the server's --profile-dir (the parallel server's test profiles every rank)."""
+    r = httpx.post(f"{server.url}/start_profile", timeout=60)
+    assert r.status_code == 400 and "--profile-dir" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/stop_profile", timeout=60)
+    assert r.status_code == 400 and "no profile is running" in r.json()["error"]["message"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 
 import httpx
 import openai
@@ -35,8 +36,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(PARALLEL_ARGS, tmp_path_factory.mktemp("srv") / "log")
+def profile_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, profile_dir):
+    srv = start_server(PARALLEL_ARGS + ["--profile-dir", str(profile_dir)], tmp_path_factory.mktemp("srv") / "log")
     tree = descendants(srv.proc.pid)
     yield srv
     assert srv.stop(signal.SIGINT) == 0, srv.log()
@@ -93,6 +99,31 @@ def test_concurrent_streams_match_reference(server, reference):
             return await asyncio.gather(*(one(http, p) for p in PROMPTS * 2))
 
     assert asyncio.run(run_all()) == [r.text for r in reference] * 2
+
+
+def test_profile_every_rank_over_http(server, client, profile_dir):
+    """POST /start_profile and /stop_profile: all four ranks (sp 2 x tp 2) write a trace of the request between."""
+    def post(path: str, **kw) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", timeout=300, **kw)
+
+    r = post("/stop_profile")
+    assert r.status_code == 400 and "no profile is running" in r.json()["error"]["message"]
+    r = post("/start_profile", json={"output_dir": "/tmp"})  # the directory is the server's flag, not a field
+    assert r.status_code == 400 and r.json()["error"]["param"] == "output_dir"
+    assert post("/start_profile", json={"record_shapes": "yes"}).status_code == 400
+    r = post("/start_profile")
+    assert r.status_code == 200 and r.json() == {"status": "started", "output_dir": str(profile_dir.resolve())}
+    assert post("/start_profile", json={}).status_code == 400  # one at a time
+    out = client.completions.create(model="builtin", prompt=PROMPTS[3], max_tokens=4, temperature=0)
+    assert out.choices[0].text
+    r = post("/stop_profile")
+    assert r.status_code == 200, r.text
+    ranks = r.json()["ranks"]
+    assert [x["rank"] for x in ranks] == [0, 1, 2, 3]
+    for x in ranks:
+        assert "error" not in x and x["host_op_ms"] > 0, x
+        assert Path(x["trace"]).parent == profile_dir.resolve() and Path(x["trace"]).stat().st_size > 0
+        assert "aten::" in Path(x["ops"]).read_text()
 
 
 def test_killed_worker_rank_fails_requests_and_health(tmp_path):
