@@ -74,36 +74,21 @@ def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
 
 
 def profiled_question(args, llm: LLM, prompt: list[int], model: str, sp: int) -> dict:
-    """One more sibling question, prefill only (one output token), under torch.profiler on rank 0: where its TTFT
-    goes. Writes rank 0's op table beside ``--out`` and returns a row with the TTFT, the device time of rank 0's
-    kernels (collectives included: a kernel waiting for a peer counts as busy) and the host time of its ops."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=True) as prof:
+    """One more sibling question, prefill only (one output token), under ``torch.profiler`` on every rank
+    (``LLM.start_profile``): where its TTFT goes. Each rank's Chrome trace and op table (by input shape) go to a
+    directory beside ``--out``; the row has the TTFT and, by rank, the device time of its kernels (collectives
+    included: a kernel waiting for a peer counts as busy) and the host time of its ops."""
+    base = os.path.splitext(args.out)[0] if args.out else "bench_prefix"
+    out_dir = f"{base}_profile_{os.path.basename(model.rstrip('/'))}_sp{sp}"
+    llm.start_profile(out_dir, record_shapes=True)
+    try:
         [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
-    events = prof.key_averages()
-
-    def total(attr: str, keep=lambda e: True) -> float:
-        return sum(getattr(e, attr, 0.0) or 0.0 for e in events if keep(e)) / 1e3  # us -> ms
-
-    # device time: the kernels' and copies' own events (an op's self device time repeats its kernels'), as the
-    # profiler's own table footer counts it
-    on_device = lambda e: e.device_type == DeviceType.CUDA and not e.is_user_annotation  # noqa: E731
-    device_ms = total("self_device_time_total", on_device) if cuda else 0.0
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    table = events.table(sort_by=sort, row_limit=25)
-    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25)
-    if args.out:
-        path = f"{os.path.splitext(args.out)[0]}_profile_{os.path.basename(model.rstrip('/'))}_sp{sp}.txt"
-        with open(path, "w") as f:
-            f.write(f"{model} sp={sp}: one cached question of {len(prompt)} tokens, TTFT {out.ttft_s * 1e3:.1f} ms, "
-                    f"rank 0 device {device_ms:.1f} ms\n\n{table}\n\nBy input shape:\n{by_shape}\n")
+    finally:
+        ranks = llm.stop_profile()
     return {"model": model, "sp": sp, "cache": True, "turn": -1, "name": "profiled question",
             "prompt_tokens": len(prompt), "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s, "itl_ms": 0.0,
-            "rank0_device_ms": device_ms, "rank0_host_op_ms": total("self_cpu_time_total")}
+            "profile_dir": out_dir, "device_ms": [r.get("device_ms") for r in ranks],
+            "host_op_ms": [r.get("host_op_ms") for r in ranks]}
 
 
 def main() -> None:
@@ -123,8 +108,9 @@ def main() -> None:
     ap.add_argument("--warmup-len", type=int, default=0,
                     help="first run one unmeasured prompt of this many tokens (compiles and tunes the kernels)")
     ap.add_argument("--profile", action="store_true",
-                    help="after the cache-on turns, one more question (prefill only) under torch.profiler on rank 0: "
-                         "its op table next to --out, its device and host times in a row named 'profiled question'")
+                    help="after the cache-on turns, one more question (prefill only) under torch.profiler on every "
+                         "rank: traces and op tables in a directory next to --out, device and host times by rank "
+                         "in a row named 'profiled question'")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)
