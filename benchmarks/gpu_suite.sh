@@ -183,7 +183,7 @@ for step in "$@"; do
             --questions 5 --follow-ups 1 --off-turns 2 --cache off --warmup-len 16384 --sp-size 2 \
             --out "$WORK/prefix_off.json" 2>&1 | grep -E "^\||Error" | tee "$WORK/prefix_off.log"
         ;;
-    prefix-profile)  # where a cached question's TTFT goes: rank 0's ops under torch.profiler, sp 1 and 2, hybrid
+    prefix-profile)  # where a cached question's TTFT goes: every rank under torch.profiler, sp 1 and 2, hybrid
         timeout 300 python benchmarks/bench_prefix.py --model minimax-hybrid --doc-len 131072 --questions 2 \
             --follow-ups 0 --cache on --warmup-len 16384 --sp-size 1 2 --profile --out "$WORK/prefix_profile.json" \
             2>&1 | grep -E "^\||Error" | tee "$WORK/prefix_profile.log"
