@@ -123,10 +123,11 @@ class LLM:
         bar.close()
         return [pending[r].out for r in order]
 
-    def start_profile(self, output_dir: str | None = None, record_shapes: bool = False) -> str:
-        """Profile every rank (``torch.profiler``) from now until :meth:`stop_profile`; the output directory
-        (``output_dir``, or the ``profile_dir`` the LLM was made with)."""
-        return self.engine.start_profile(output_dir, record_shapes)
+    def start_profile(self, output_dir: str | None = None, record_shapes: bool = False,
+                      num_steps: int | None = None) -> str:
+        """Profile every rank (``torch.profiler``) from now until :meth:`stop_profile` (or for ``num_steps`` engine
+        steps); the output directory (``output_dir``, or the ``profile_dir`` the LLM was made with)."""
+        return self.engine.start_profile(output_dir, record_shapes, num_steps)
 
     def stop_profile(self) -> list[dict]:
         """Stop profiling: every rank writes ``{tag}-rank{r}.trace.json.gz`` and ``.ops.txt`` into the output

@@ -136,6 +136,9 @@ class Engine:
         self.num_steps = 0
         self.profiler = RankProfiler(0, self.device)
         self.num_profiles = 0
+        self.profile_started_at = 0
+        self.profile_stop_at: int | None = None  # a profile started with num_steps stops by itself at this step
+        self.stopped_profile: list[dict] | None = None  # its summaries, until stop_profile returns them
         self.num_prev_token_steps = 0  # steps whose decode rows read the previous step's tokens on the device
         self.last_step = StepCounts()
         self.closed = False
@@ -181,6 +184,14 @@ class Engine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._step()
+        if self.profile_stop_at is not None and self.num_steps >= self.profile_stop_at:
+            self.stopped_profile = self.stop_profile()
+            log.info("profile of %d steps written: %s", self.num_steps - self.profile_started_at,
+                     ", ".join(r.get("trace") or r.get("error", "") for r in self.stopped_profile))
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if PROFILE:
             PROFILE.start()
         outputs, self.pending = self.pending, []
@@ -382,14 +393,18 @@ class Engine:
         send_message(self.pstate, MemoryStatsRequest(reset))
         return gather_memory_stats(self.pstate, reset)
 
-    def start_profile(self, output_dir: str | None = None, record_shapes: bool = False) -> str:
+    def start_profile(self, output_dir: str | None = None, record_shapes: bool = False,
+                      num_steps: int | None = None) -> str:
         """Start ``torch.profiler`` on every rank from the next step on (``server/engine/profiler.py``); the
-        directory (``output_dir``, default ``config.profile_dir``) where :meth:`stop_profile` writes the profiles."""
+        directory (``output_dir``, default ``config.profile_dir``) where :meth:`stop_profile` writes the profiles.
+        With ``num_steps`` the profile stops by itself after that many steps."""
         out = output_dir or self.config.profile_dir
         if not out:
             raise ValueError("profiling is off: start the server with --profile-dir DIR")
         if self.profiler.running:
             raise ValueError("a profile is running already: stop it first")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         out = os.path.abspath(out)
         try:
             os.makedirs(out, exist_ok=True)
@@ -402,13 +417,21 @@ class Engine:
                                  record_shapes)
         send_message(self.pstate, request)
         self.profiler.start(request)
+        self.stopped_profile = None
+        self.profile_started_at = self.num_steps
+        self.profile_stop_at = None if num_steps is None else self.num_steps + num_steps
         return out
 
     def stop_profile(self) -> list[dict]:
         """Stop every rank's profiler; each writes its trace and op table. Their summaries, by rank (paths,
-        ``device_ms``, ``host_op_ms``, or ``error``)."""
+        ``device_ms``, ``host_op_ms``, or ``error``). After a profile that stopped by itself (``num_steps``), its
+        summaries, once."""
         if not self.profiler.running:
+            if self.stopped_profile is not None:
+                done, self.stopped_profile = self.stopped_profile, None
+                return done
             raise ValueError("no profile is running: start one first")
+        self.profile_stop_at = None
         request = ProfileRequest(False)
         send_message(self.pstate, request)
         return profile_rank(self.profiler, self.pstate, request)

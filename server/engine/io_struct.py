@@ -41,6 +41,7 @@ class ProfileControl:
 
     start: bool
     record_shapes: bool = False
+    num_steps: int | None = None  # a start: stop by itself after this many steps
 
 
 @dataclass

@@ -165,7 +165,8 @@ def control_profile(engine, msg: ProfileControl) -> ProfileReply:
     error."""
     try:
         if msg.start:
-            return ProfileReply(output_dir=engine.start_profile(record_shapes=msg.record_shapes))
+            out = engine.start_profile(record_shapes=msg.record_shapes, num_steps=msg.num_steps)
+            return ProfileReply(output_dir=out)
         return ProfileReply(ranks=engine.stop_profile())
     except ValueError as e:
         return ProfileReply(error=str(e))

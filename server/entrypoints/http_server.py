@@ -177,17 +177,18 @@ def build_app(args: ServerArgs) -> FastAPI:
     @app.post("/start_profile", dependencies=auth)
     async def start_profile(request: Request) -> dict:
         """Start torch.profiler on every rank (the server needs --profile-dir); optional body
-        ``{"record_shapes": bool}``."""
+        ``{"record_shapes": bool, "num_steps": int}``."""
         raw = await request.body()
         body = parse_body(raw, StartProfileRequest) if raw.strip() else StartProfileRequest()
-        reply = await tm.control_profile(True, body.record_shapes)
+        reply = await tm.control_profile(True, body.record_shapes, body.num_steps)
         if reply.error:
             raise bad_request(reply.error)
         return {"status": "started", "output_dir": reply.output_dir}
 
     @app.post("/stop_profile", dependencies=auth)
     async def stop_profile() -> dict:
-        """Stop every rank's profiler: each writes its Chrome trace and op table; their paths and times by rank."""
+        """Stop every rank's profiler: each writes its Chrome trace and op table; their paths and times by rank
+        (after a start with ``num_steps``, the profile that stopped by itself, once)."""
         reply = await tm.control_profile(False)
         if reply.error:
             raise bad_request(reply.error)

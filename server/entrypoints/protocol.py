@@ -42,6 +42,7 @@ MAX_N = 128
 MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 40  # more than any int64/uint64 needs
 MAX_PROMPTS = 1024  # prompts of one completions request (each is one choice or more)
+MAX_PROFILE_STEPS = 100_000
 
 # Accepted and ignored: they do not change what is generated.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
@@ -143,9 +144,11 @@ class RequestBody(BaseModel):
 
 class StartProfileRequest(RequestBody):
     """POST /start_profile (an empty body is the defaults). Where the profiles go is the server's
-    ``--profile-dir``, not a request field: a client does not choose paths on the server."""
+    ``--profile-dir``, not a request field: a client does not choose paths on the server. ``num_steps``: stop by
+    itself after that many engine steps (SGLang's field), instead of at POST /stop_profile."""
 
     record_shapes: bool = False
+    num_steps: Annotated[int, Field(ge=1, le=MAX_PROFILE_STEPS)] | None = None
 
 
 class StreamOptions(BaseModel):

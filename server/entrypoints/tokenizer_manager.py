@@ -316,12 +316,13 @@ class TokenizerManager:
         self._send(FlushCache())
         return await asyncio.wait_for(future, FLUSH_TIMEOUT_S)
 
-    async def control_profile(self, start: bool, record_shapes: bool = False) -> ProfileReply:
+    async def control_profile(self, start: bool, record_shapes: bool = False,
+                              num_steps: int | None = None) -> ProfileReply:
         """Start or stop the profiler on every rank (see ``server/engine/profiler.py``); the engine's reply."""
         self.check_available()
         future = asyncio.get_running_loop().create_future()
         self._profiles.append(future)
-        self._send(ProfileControl(start, record_shapes))
+        self._send(ProfileControl(start, record_shapes, num_steps))
         return await asyncio.wait_for(future, PROFILE_TIMEOUT_S)
 
     def _send(self, msg: GenerateRequest | AbortRequest | FlushCache | ProfileControl) -> None:

@@ -47,3 +47,18 @@ def test_every_rank_writes_its_trace_and_op_table(tmp_path):
         again = llm.stop_profile()
         assert {r["trace"] for r in again}.isdisjoint(r["trace"] for r in ranks)
         assert all(os.path.exists(r["trace"]) for r in again)
+
+
+def test_a_profile_of_num_steps_stops_by_itself(tmp_path):
+    with LLM(device="cpu", cpu_cache_gb=0.1, sp_size=2, sp_min_tokens=16) as llm:
+        with pytest.raises(ValueError, match="num_steps"):
+            llm.start_profile(str(tmp_path), num_steps=0)
+        steps = llm.engine.num_steps
+        llm.start_profile(str(tmp_path), num_steps=2)
+        [out] = llm.generate([PROMPT], GREEDY, use_tqdm=False)  # a prefill and 3 decode steps at least
+        assert len(out.token_ids) == 4 and llm.engine.num_steps >= steps + 4
+        assert not llm.engine.profiler.running  # stopped after its 2 steps, files written
+        ranks = llm.stop_profile()  # its summaries, once
+        assert [r["rank"] for r in ranks] == [0, 1] and all(os.path.exists(r["trace"]) for r in ranks)
+        with pytest.raises(ValueError, match="no profile is running"):
+            llm.stop_profile()

@@ -111,6 +111,8 @@ def test_profile_every_rank_over_http(server, client, profile_dir):
     r = post("/start_profile", json={"output_dir": "/tmp"})  # the directory is the server's flag, not a field
     assert r.status_code == 400 and r.json()["error"]["param"] == "output_dir"
     assert post("/start_profile", json={"record_shapes": "yes"}).status_code == 400
+    r = post("/start_profile", json={"num_steps": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_steps"
     r = post("/start_profile")
     assert r.status_code == 200 and r.json() == {"status": "started", "output_dir": str(profile_dir.resolve())}
     assert post("/start_profile", json={}).status_code == 400  # one at a time
