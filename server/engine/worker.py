@@ -37,6 +37,18 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return dev
 
 
+def rank_threads(config: EngineConfig) -> int:
+    """Intra-op threads of one rank: this node's CPUs shared by its ranks. Every rank's host work (building a step's
+    index tensors, the CPU backend's kernels) runs at the same moment, and torch's default of one thread per core in
+    every rank oversubscribes the CPUs: measured on 2x H200 (32 CPUs), a question on a cached 131K-token document
+    spent 19 ms in two host tensor ops at sp = 2 that take 0.4 ms at sp = 1 (docs/architecture.md, "Host threads")."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // config.local_world_size)
+
+
 def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: str,
                check_ranks: Callable[[], None] | None = None) -> tuple[ParallelState, ModelRunner]:
     """Join the groups (the Ulysses mesh's too), build this rank's model, agree on the cache size with every rank,
@@ -53,9 +65,7 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
                                  check_ranks=check_ranks)
     mesh = init_ulysses_mesh(pstate, config.ulysses_degree)  # collective: every rank, right after the groups
     joined = time.monotonic()
-    if device.type == "cpu":
-        # Several ranks share the CPU: one intra-op thread each avoids oversubscription.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+    torch.set_num_threads(rank_threads(config))
     runner = ModelRunner(config, model_path, read_model_config(model_path), pstate, mesh)
     built = time.monotonic()
     pages = torch.tensor(runner.plan_cache(), dtype=torch.long)  # [KV pages, state snapshots]
