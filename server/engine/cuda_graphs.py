@@ -14,6 +14,7 @@ on CPU this way); ``off`` runs every step eagerly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -24,7 +25,7 @@ from server.backends.attention import StepAttention, decode_batch
 from server.engine.step_builder import INPUT_ROWS, PaddedDecode, build_padded_decode, rank_row_count
 from server.engine.step_profile import PROFILE
 from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
-from server.forward.plan import StepPlan
+from server.forward.plan import Placement, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,13 @@ class DecodeGraphs:
         self.rows = torch.arange(top, device=dev)
         self.cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
         self.backends = runner.backend.graph_decode(self.buckets, runner.table.page_table.shape[1])
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # sp > 1: a second graph per bucket for steps whose rows are all replicated, with the dense MLPs split
+        # over the SP ranks (ForwardContext.split_mlp)
+        self.variants = [False] + [True] * bool(runner.config.sp_split_mlp and runner.model.sp_split_mlp_ok())
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.steps = 0  # decode steps run in the graph form
+        self.split_steps = 0  # ... of which with the MLPs split over SP
         if capture:
             self._capture_all()
 
@@ -85,14 +90,15 @@ class DecodeGraphs:
         n = max(rank_row_count(plan, ps.sp_size, r) for r in range(ps.sp_size))
         return next((b for b in self.buckets if b >= n), None)
 
-    def _context(self, bs: int, batches) -> ForwardContext:
+    def _context(self, bs: int, batches, split: bool) -> ForwardContext:
         r = self.runner
         meta = AttentionStepMeta(write_rows=slice(0, bs), write_slots=self.inputs[2, :bs],
                                  merge_mask=self.inputs[4, :bs] if r.pstate.sp_size > 1 else None)
         attention = StepAttention(self.backends[bs], meta, batches) if r.attn_layers else None
         linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.rows[:bs], local_slots=self.inputs[3, :bs],
                                 local_cu=self.cu[: bs + 1], all_decode=True, mode=r.config.lasp_mode)
-        return ForwardContext(r.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear)
+        return ForwardContext(r.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear,
+                              split_mlp=split)
 
     def _load(self, step: PaddedDecode, bs: int, prev_tokens: bool) -> list:
         """Copy a padded step into the static buffers and plan its attention; the step's batches."""
@@ -123,13 +129,16 @@ class DecodeGraphs:
         batches = self._load(step, bs, plan.prev_tokens)
         if PROFILE:
             PROFILE.mark("load")
+        # every SP rank computes every row (the same rows in the same order): the MLPs may split over SP
+        split = self.variants[-1] and all(c.placement == Placement.REPLICATED for c in plan.chunks)
         self.steps += 1
+        self.split_steps += split
         if self.capture:
-            self.graphs[bs].replay()
+            self.graphs[bs, split].replay()
             if PROFILE:
                 PROFILE.mark("replay")
-            return self.outputs[bs], step
-        hidden = r.model(self._context(bs, batches))
+            return self.outputs[bs, split], step
+        hidden = r.model(self._context(bs, batches, split))
         if PROFILE:
             PROFILE.mark("forward")
         return hidden, step
@@ -140,14 +149,14 @@ class DecodeGraphs:
         start = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
         page = r.config.page_size
-        for bs in reversed(self.buckets):  # the largest first: the smaller ones reuse its memory
-            batches = []
+        for bs, split in itertools.product(reversed(self.buckets), self.variants):  # the largest first: the
+            batches = []  # smaller ones reuse its memory
             if r.attn_layers:  # every row on the scratch page
                 ones = np.ones(bs, dtype=np.int64)
                 batches = [decode_batch(page, np.arange(bs + 1, dtype=np.int32), np.zeros(bs, dtype=np.int32),
                                         ones.astype(np.int32), ones)]
                 self.backends[bs].plan_batches(batches)
-            ctx = self._context(bs, batches)
+            ctx = self._context(bs, batches, split)
             stream = torch.cuda.Stream(r.device)
             stream.wait_stream(torch.cuda.current_stream(r.device))
             with torch.cuda.stream(stream):
@@ -156,8 +165,9 @@ class DecodeGraphs:
             torch.cuda.current_stream(r.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = r.model(ctx)
-            self.graphs[bs] = graph
+                self.outputs[bs, split] = r.model(ctx)
+            self.graphs[bs, split] = graph
         torch.cuda.synchronize(r.device)
-        log.info("rank %d: captured %d decode CUDA graphs (batch sizes %s) in %.1f s", r.pstate.rank,
-                 len(self.buckets), ",".join(map(str, self.buckets)), time.monotonic() - start)
+        log.info("rank %d: captured %d decode CUDA graphs (batch sizes %s%s) in %.1f s", r.pstate.rank,
+                 len(self.graphs), ",".join(map(str, self.buckets)),
+                 "; each also with the MLPs split over SP" if len(self.variants) > 1 else "", time.monotonic() - start)

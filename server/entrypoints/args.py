@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode steps of up to this many requests replay a CUDA graph captured at start-up")
     run.add_argument("--disable-cuda-graph", dest="cuda_graph", action="store_const", const="off",
                      default=argparse.SUPPRESS, help="run every decode step eagerly")
+    run.add_argument("--disable-sp-split-mlp", dest="sp_split_mlp", action="store_false", default=argparse.SUPPRESS,
+                     help="sp > 1: every SP rank computes the whole dense MLP in decode steps of replicated requests "
+                          "(by default each computes 1/sp of it and the results are summed)")
     run.add_argument("--disable-overlap-schedule", dest="overlap_schedule", action="store_false",
                      default=argparse.SUPPRESS,
                      help="wait for each step's tokens before preparing the next step (no host / device overlap)")

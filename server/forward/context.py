@@ -124,4 +124,7 @@ class ForwardContext:
     attention: AttentionRunner | None
     linear: LinearStepMeta | None
     mesh: UlyssesMesh | None = None
+    # Every row is computed identically on every SP rank (a decode step of replicated requests): a dense MLP may
+    # split its intermediate over the SP ranks, each reading 1/P of its weights (models.common.GatedMLP)
+    split_mlp: bool = False
     shared: dict = field(default_factory=dict)  # values the layers derive once per forward (RoPE's cos/sin)

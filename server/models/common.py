@@ -34,8 +34,34 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedColumnSeqParallelLinear(hidden, [intermediate, intermediate], pstate, bias, dtype)
         self.down_proj = RowSeqParallelLinear(intermediate, hidden, pstate, bias, dtype)
 
-    def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
+        self.pstate = pstate
+        self.intermediate = self.down_proj.in_per_rank  # this TP rank's share
+
+    def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
+        if sp_split:
+            return self.forward_sp_split(x)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, seq_sharded)), seq_sharded)
+
+    def sp_splittable(self) -> bool:
+        return self.intermediate % self.pstate.sp_size == 0
+
+    def forward_sp_split(self, x: torch.Tensor) -> torch.Tensor:
+        """The same result when ``x`` is identical on every SP rank: SP rank r computes intermediate columns
+        ``[r I/P, (r+1) I/P)`` of its TP share (views of the weights it holds: 1/P of the bytes read), and the
+        partial down projections are summed over TP, then over SP. Decode of long replicated requests reads the
+        weights on every SP rank; this cuts that read to 1/P for one all-reduce of the rows per layer
+        (docs/sp.md, "Decode")."""
+        p, r, n = self.pstate.sp_size, self.pstate.sp_rank, self.intermediate
+        part = n // p
+        cols = slice(r * part, (r + 1) * part)
+        w = self.gate_up_proj.weight.view(2, n, -1)[:, cols]  # [2, I/P, hidden]: gate rows, up rows
+        h = torch.matmul(x, w.transpose(1, 2))  # [2, T, I/P]
+        if self.gate_up_proj.bias is not None:
+            h = h + self.gate_up_proj.bias.view(2, 1, n)[:, :, cols]
+        h = ops.silu_and_mul(h.permute(1, 0, 2).reshape(x.shape[0], 2 * part))
+        y = torch.nn.functional.linear(h, self.down_proj.weight[:, cols])
+        y = self.pstate.sp_all_reduce(self.pstate.tp_all_reduce(y))
+        return y if self.down_proj.bias is None else y + self.down_proj.bias
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], rules: list[tuple[str, str, object]],
@@ -89,6 +115,11 @@ class CausalLM(nn.Module):
             x = layer(x, ctx)
         x = self.norm(x)
         return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def sp_split_mlp_ok(self) -> bool:
+        """Every layer's MLP is dense and splits evenly over the SP ranks (:meth:`GatedMLP.forward_sp_split`)."""
+        mlps = [getattr(layer, "mlp", None) for layer in self.layers]
+        return self.pstate.sp_size > 1 and all(isinstance(m, GatedMLP) and m.sp_splittable() for m in mlps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)

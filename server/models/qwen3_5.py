@@ -147,7 +147,9 @@ class SharedExpertMoEBlock(nn.Module):
                                    cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], pstate, dtype,
                                    cfg.get("norm_topk_prob", True))
 
-    def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
+        if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
+            raise ValueError("the SP-split MLP is for dense MLPs")
         if seq_sharded:
             return self.pstate.tp_reduce_scatter(self.moe(self.pstate.tp_all_gather(x, dim=0)))
         return self.pstate.tp_all_reduce(self.moe(x))
@@ -172,7 +174,7 @@ class Qwen3_5DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mixer = self.linear_attn if self.is_linear else self.self_attn
         x = x + mixer(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
 
 
 # checkpoint fragment -> parameter fragment (shard id) beyond the q/k/v of QKV_RULES

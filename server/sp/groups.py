@@ -86,6 +86,12 @@ class ParallelState:
         return out
 
     # ---- sequence-parallel collectives -----------------------------------------------------------
+    def sp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the SP group, in place (the same result on every SP rank)."""
+        if self.sp_size > 1:
+            dist.all_reduce(x, group=self.sp_group)
+        return x
+
     def sp_all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Equal-shaped ``x`` of every SP rank, in SP-rank order."""
         if self.sp_size == 1:

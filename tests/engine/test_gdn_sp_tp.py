@@ -49,7 +49,7 @@ def test_ring_and_allgather_match(reference):
     check(reference, "qwen3_5", sp_size=4, lasp_mode="allgather")
 
 
-@pytest.mark.parametrize("arch,sp", [("qwen3_5", 1), ("qwen3_next", 2)])
+@pytest.mark.parametrize("arch,sp", [("qwen3_5", 1), ("qwen3_5", 2), ("qwen3_next", 2)])
 def test_decode_in_graph_form_matches(reference, arch, sp):
     """GDN decode (conv and recurrent states, padded rows on the scratch slot) in the CUDA-graph form, eagerly."""
     check(reference, arch, sp_size=sp, cuda_graph="eager", cuda_graph_max_bs=2)

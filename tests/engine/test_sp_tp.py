@@ -27,7 +27,8 @@ def reference(tmp_path_factory):
                                  BATCH, GREEDY)
 
 
-def check(reference, arch: str, **kw) -> None:
+def check(reference, arch: str, **kw):
+    """Run the checks; returns rank 0's decode graphs (None without them), for their counters."""
     with LLM(reference[arch][0], **{**ENGINE, **kw}) as llm:
         assert_matches_reference(llm, reference[arch], LONG, BATCH, GREEDY)
         tokens = reference[arch][3]
@@ -35,6 +36,7 @@ def check(reference, arch: str, **kw) -> None:
         # a short request alone: homed on one SP rank while the others run steps with no rows at all
         assert llm.generate([BATCH[1]], GREEDY)[0].token_ids == tokens[1]
         assert llm.engine.stats().kv_pages_used == 0
+        return llm.engine.runner.graphs
 
 
 @pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])
@@ -58,5 +60,15 @@ def test_tp_without_sequence_sharding_matches(reference):
 def test_decode_in_graph_form_matches(reference, arch, sp, tp):
     """Decode steps padded to the CUDA-graph buckets (scratch page and slot for padded rows, KV writes of rows a
     rank does not store sent to the scratch page, the SP merge kept by mask) give the same tokens; run eagerly,
-    the form CUDA graphs replay on a GPU."""
-    check(reference, arch, sp_size=sp, tp_size=tp, cuda_graph="eager", cuda_graph_max_bs=4)
+    the form CUDA graphs replay on a GPU. At sp > 1 the long request's decode steps (every row replicated) split
+    Llama's MLPs over the SP ranks (MiniMax's MoE layers do not split)."""
+    graphs = check(reference, arch, sp_size=sp, tp_size=tp, cuda_graph="eager", cuda_graph_max_bs=4)
+    assert graphs.steps > 0
+    assert (graphs.split_steps > 0) == (sp > 1 and arch == "llama")
+    assert graphs.split_steps < graphs.steps  # the batch's homed requests: steps that do not split
+
+
+def test_decode_without_the_sp_split_mlp_matches(reference):
+    graphs = check(reference, "llama", sp_size=2, cuda_graph="eager", cuda_graph_max_bs=4,
+                   sp_split_mlp=False)
+    assert graphs.steps > 0 and graphs.split_steps == 0
