@@ -22,6 +22,7 @@ Cells whose KV does not fit (the engine rejects the requests) are recorded as sk
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -38,6 +39,7 @@ from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
 from server.engine.step_profile import PROFILE  # noqa: E402
+from server.models.common import GatedMLP  # noqa: E402
 
 
 def copy_gbps(device: torch.device) -> float | None:
@@ -59,10 +61,15 @@ def copy_gbps(device: torch.device) -> float | None:
     return 2 * (1 << 31) / secs / 1e9
 
 
-def step_bytes(engine: Engine, context: int, batch: int) -> int:
-    """Bytes one decode step reads on rank 0: weights, its KV shard of every request, the states (read + write)."""
+def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False) -> int:
+    """Bytes one decode step reads on rank 0: weights, its KV shard of every request, the states (read + write).
+    ``split_mlp``: the step split the dense MLPs over the SP ranks (each reads 1/sp of their weights)."""
     r = engine.runner
     weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    if split_mlp:
+        mlp = sum(p.numel() * p.element_size() for m in r.model.modules() if isinstance(m, GatedMLP)
+                  for p in m.parameters())
+        weights -= mlp - mlp // engine.config.sp_size
     kv_per_token = r.cache_bytes_per_page() // engine.config.page_size
     kv = batch * (context // engine.config.sp_size + 1) * kv_per_token
     return weights + kv + 2 * batch * r.state_bytes_per_slot()
@@ -89,6 +96,8 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
         firsts |= {o.rid for o in engine.step() if o.new_token_ids}
     prefill_s = time.perf_counter() - started
     times = []
+    graphs = engine.runner.graphs
+    split_before = graphs.split_steps if graphs else 0
     if PROFILE:
         PROFILE.reset()
     for _ in range(steps):
@@ -102,13 +111,15 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
         engine.abort_request(rid)
     engine.step()
     times.sort()
-    return {"itl_ms": statistics.fmean(times), "itl_p50_ms": times[len(times) // 2],
+    split = (graphs.split_steps if graphs else 0) - split_before
+    return {"split_mlp_steps": split, "itl_ms": statistics.fmean(times), "itl_p50_ms": times[len(times) // 2],
             "itl_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "prefill_s": prefill_s}
 
 
-def run_config(args, model: str, sp: int, graphs: str, overlap: str, gbps: float | None, emit) -> None:
+def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit) -> None:
     cfg = EngineConfig(model_path=model_dir(model), load_format="dummy", sp_size=sp, tp_size=args.tp_size,
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
+                       sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
                        max_running_requests=max(args.batch), mem_fraction_static=args.mem_fraction_static,
                        max_model_len=max(args.context) + args.decode_steps + 8)
@@ -119,10 +130,12 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, gbps: float
         cells = [(c, b) for c in args.context for b in args.batch]
         for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs} overlap={overlap}", mininterval=5):
             row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
-                   "graphs": graphs == "on", "overlap": overlap == "on", "startup_s": startup_s}
+                   "graphs": graphs == "on", "overlap": overlap == "on", "sp_split_mlp": split == "on",
+                   "startup_s": startup_s}
             try:
                 row.update(measure_cell(engine, context, batch, args.decode_steps, seed=len(args.batch)))
-                row["floor_ms"] = step_bytes(engine, context, batch) / gbps / 1e6 if gbps else None
+                split_all = row["split_mlp_steps"] == args.decode_steps
+                row["floor_ms"] = step_bytes(engine, context, batch, split_all) / gbps / 1e6 if gbps else None
             except RequestRejected as e:
                 row["skipped"] = str(e)[:200]
             emit(row)
@@ -167,6 +180,9 @@ def main() -> None:
     ap.add_argument("--graphs", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="overlapped steps (the engine's default) and / or steps that wait for their tokens")
+    ap.add_argument("--sp-split-mlp", nargs="+", default=["on"], choices=["on", "off"],
+                    help="sp > 1: dense MLPs split over the SP ranks in decode steps of replicated requests (the "
+                         "engine's default) and / or not")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -178,19 +194,20 @@ def main() -> None:
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                for overlap in args.overlap:
+                for overlap, split in itertools.product(args.overlap, args.sp_split_mlp if sp > 1 else ["on"]):
                     try:
-                        run_config(args, model, sp, graphs, overlap, gbps, emit)
+                        run_config(args, model, sp, graphs, overlap, split, gbps, emit)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
                               "overlap": overlap == "on", "context": None, "batch": None,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
-    print("| model | sp | tp | context | batch | graphs | overlap | ITL ms (p50 / p99) | floor ms | of floor |")
-    print("|---|---:|---:|---:|---:|---|---|---|---:|---:|")
+    print("| model | sp | tp | context | batch | graphs | overlap | split MLP steps | ITL ms (p50 / p99) | floor ms "
+          "| of floor |")
+    print("|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|")
     for r in rows:
         cell = (f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
-                f"{r['overlap']} | ")
+                f"{r['overlap']} | {r.get('split_mlp_steps', '')} | ")
         if "itl_ms" not in r:
             print(cell + "skipped | | |")
             continue
