@@ -66,18 +66,32 @@ class ColumnParallelLinear(nn.Module):
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stored as one matrix (e.g. gate and up projections); each rank holds its
-    slice of every part, concatenated. ``shard_id`` is the part's index."""
+    slice of every part, concatenated. ``shard_id`` is the part's index.
+
+    ``groups`` > 1 (equal parts only) stores the rows in that many groups, each holding 1/groups of every part,
+    part after part: ``[gate_0, up_0, gate_1, up_1, ...]``. Group g's rows are then one contiguous block, which an
+    SP rank can multiply alone (:meth:`server.models.common.GatedMLP.forward_sp_split`)."""
 
     def __init__(self, in_features: int, out_sizes: list[int], pstate: ParallelState, bias: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, groups: int = 1):
         self.out_sizes = [divide(s, pstate.tp_size, "a merged column-parallel part") for s in out_sizes]
+        if groups > 1 and (len(set(self.out_sizes)) != 1 or self.out_sizes[0] % groups):
+            raise ValueError(f"{groups} row groups need equal parts that they divide, got {self.out_sizes}")
+        self.groups = groups
         super().__init__(in_features, sum(out_sizes), pstate, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         size = self.out_sizes[shard_id]
-        offset = sum(self.out_sizes[:shard_id])
         start = self.pstate.tp_rank * size
-        copy_into(param.data[offset : offset + size], as_tensor(loaded[start : start + size]), "a merged layer part")
+        rows = as_tensor(loaded[start : start + size])
+        if self.groups == 1:
+            offset = sum(self.out_sizes[:shard_id])
+            copy_into(param.data[offset : offset + size], rows, "a merged layer part")
+            return
+        g, parts = size // self.groups, len(self.out_sizes)
+        for i in range(self.groups):
+            at = (i * parts + shard_id) * g
+            copy_into(param.data[at : at + g], rows[i * g : (i + 1) * g], "a merged layer part")
 
 
 class QKVParallelLinear(ColumnParallelLinear):

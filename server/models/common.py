@@ -26,42 +26,46 @@ def head_dim_of(cfg: dict) -> int:
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` with gate/up merged and column-split, down row-split."""
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` with gate/up merged and column-split, down row-split.
+
+    With sp > 1 the merged gate/up rows are stored in sp groups (``[gate_0, up_0, gate_1, up_1]`` at sp = 2, see
+    :class:`server.layers.linear.MergedColumnParallelLinear`): the intermediate's order is unchanged (group after
+    group), and SP rank r's share of the intermediate is one contiguous block of rows."""
 
     def __init__(self, hidden: int, intermediate: int, pstate: ParallelState, dtype: torch.dtype,
                  bias: bool = False):
         super().__init__()
-        self.gate_up_proj = MergedColumnSeqParallelLinear(hidden, [intermediate, intermediate], pstate, bias, dtype)
-        self.down_proj = RowSeqParallelLinear(intermediate, hidden, pstate, bias, dtype)
-
         self.pstate = pstate
-        self.intermediate = self.down_proj.in_per_rank  # this TP rank's share
+        self.intermediate = intermediate // pstate.tp_size  # this TP rank's share
+        self.groups = pstate.sp_size if self.intermediate % pstate.sp_size == 0 else 1
+        self.gate_up_proj = MergedColumnSeqParallelLinear(hidden, [intermediate, intermediate], pstate, bias, dtype,
+                                                          groups=self.groups)
+        self.down_proj = RowSeqParallelLinear(intermediate, hidden, pstate, bias, dtype)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
         if sp_split:
             return self.forward_sp_split(x)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, seq_sharded)), seq_sharded)
+        h = self.gate_up_proj(x, seq_sharded)  # [T, 2I]: groups of [gate_g | up_g]
+        t = h.shape[0]
+        h = ops.silu_and_mul(h.view(t * self.groups, 2 * self.intermediate // self.groups)).view(t, self.intermediate)
+        return self.down_proj(h, seq_sharded)
 
     def sp_splittable(self) -> bool:
-        return self.intermediate % self.pstate.sp_size == 0
+        return self.pstate.sp_size > 1 and self.groups == self.pstate.sp_size
 
     def forward_sp_split(self, x: torch.Tensor) -> torch.Tensor:
-        """The same result when ``x`` is identical on every SP rank: SP rank r computes intermediate columns
-        ``[r I/P, (r+1) I/P)`` of its TP share (views of the weights it holds: 1/P of the bytes read), and the
-        partial down projections are summed over TP, then over SP. Decode of long replicated requests reads the
-        weights on every SP rank; this cuts that read to 1/P for one all-reduce of the rows per layer
-        (docs/sp.md, "Decode")."""
-        p, r, n = self.pstate.sp_size, self.pstate.sp_rank, self.intermediate
-        part = n // p
-        cols = slice(r * part, (r + 1) * part)
-        w = self.gate_up_proj.weight.view(2, n, -1)[:, cols]  # [2, I/P, hidden]: gate rows, up rows
-        h = torch.matmul(x, w.transpose(1, 2))  # [2, T, I/P]
-        if self.gate_up_proj.bias is not None:
-            h = h + self.gate_up_proj.bias.view(2, 1, n)[:, :, cols]
-        h = ops.silu_and_mul(h.permute(1, 0, 2).reshape(x.shape[0], 2 * part))
-        y = torch.nn.functional.linear(h, self.down_proj.weight[:, cols])
-        y = self.pstate.sp_all_reduce(self.pstate.tp_all_reduce(y))
-        return y if self.down_proj.bias is None else y + self.down_proj.bias
+        """The same result when ``x`` is identical on every SP rank: SP rank r computes its group of the
+        intermediate (rows ``[2 r I/P, 2 (r+1) I/P)`` of gate/up, columns ``[r I/P, (r+1) I/P)`` of down: views of
+        the weights it holds, 1/P of the bytes), and the partial down projections are summed over TP, then over SP.
+        Decode of long replicated requests reads the weights on every SP rank; this cuts that read to 1/P for one
+        all-reduce of the rows per layer (docs/sp.md, "Decode")."""
+        r, part = self.pstate.sp_rank, self.intermediate // self.pstate.sp_size
+        rows = slice(2 * r * part, 2 * (r + 1) * part)
+        bias = self.gate_up_proj.bias
+        h = torch.nn.functional.linear(x, self.gate_up_proj.weight[rows], None if bias is None else bias[rows])
+        h = torch.nn.functional.linear(ops.silu_and_mul(h), self.down_proj.weight[:, r * part : (r + 1) * part])
+        h = self.pstate.sp_all_reduce(self.pstate.tp_all_reduce(h))
+        return h if self.down_proj.bias is None else h + self.down_proj.bias
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], rules: list[tuple[str, str, object]],
