@@ -46,7 +46,8 @@ class EngineConfig:
     seq_parallel_tp: bool = True  # long SP prefills keep the residual stream sharded over TP
     cuda_graph: str = "auto"  # auto: capture decode graphs on CUDA | off | eager: pad decode steps, no capture
     cuda_graph_max_bs: int = 64  # the largest decode batch replayed from a graph
-    # sp > 1: graph decode steps whose rows are all replicated split dense MLPs over the SP ranks (docs/sp.md, "Decode")
+    # sp > 1: graph decode steps whose rows are all replicated split dense MLPs over the SP ranks
+    # (docs/sp.md, "Decode: dense MLPs split over the SP ranks")
     sp_split_mlp: bool = True
     # rank 0 prepares step N+1 while the device runs step N; step N's tokens reach the host one step later
     # (docs/architecture.md, "Overlapped steps"). None: on CUDA, and on CPU with one rank (several CPU ranks share

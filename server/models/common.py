@@ -58,7 +58,7 @@ class GatedMLP(nn.Module):
         intermediate (rows ``[2 r I/P, 2 (r+1) I/P)`` of gate/up, columns ``[r I/P, (r+1) I/P)`` of down: views of
         the weights it holds, 1/P of the bytes), and the partial down projections are summed over TP, then over SP.
         Decode of long replicated requests reads the weights on every SP rank; this cuts that read to 1/P for one
-        all-reduce of the rows per layer (docs/sp.md, "Decode")."""
+        all-reduce of the rows per layer (docs/sp.md, "Decode: dense MLPs split over the SP ranks")."""
         r, part = self.pstate.sp_rank, self.intermediate // self.pstate.sp_size
         rows = slice(2 * r * part, 2 * (r + 1) * part)
         bias = self.gate_up_proj.bias
