@@ -6,6 +6,8 @@ all-reduces, the SP merge of replicated rows) line up. The step's inputs are cop
 ids, positions, KV write slots (rows this rank does not store write to the scratch page), state slots (padded rows
 use the scratch slot), the SP merge mask, and the attention backend's fixed index buffers, which its plan refills
 (:meth:`server.backends.flashinfer_backend.FlashInferAttentionBackend.graph_decode`). Then the graph replays.
+At sp > 1 a bucket has a second graph for steps whose rows are all replicated, in which dense MLPs split over the
+SP ranks (``ForwardContext.split_mlp``; docs/sp.md, "Decode: dense MLPs split over the SP ranks").
 
 Modes (``EngineConfig.cuda_graph``): ``auto`` captures on CUDA with the flashinfer backend; ``eager`` pads and
 fills the same static buffers but runs the model eagerly (any device: the tests check the graph path's metadata
