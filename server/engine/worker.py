@@ -37,8 +37,12 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return dev
 
 
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any engine in this process changed it
+
+
 def rank_threads(config: EngineConfig) -> int:
-    """Intra-op threads of one rank: this node's CPUs shared by its ranks. Every rank's host work (building a step's
+    """Intra-op threads of one rank: this node's CPUs shared by its ranks (and never more than torch's default, one
+    per physical core or ``OMP_NUM_THREADS``). Every rank's host work (building a step's
     index tensors, the CPU backend's kernels) runs at the same moment, and torch's default of one thread per core in
     every rank oversubscribes the CPUs: measured on 2x H200 (32 CPUs), a question on a cached 131K-token document
     spent 19 ms in two host tensor ops at sp = 2 that take 0.4 ms at sp = 1 (docs/architecture.md, "Host threads")."""
@@ -46,7 +50,7 @@ def rank_threads(config: EngineConfig) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, cpus // config.local_world_size)
+    return max(1, min(_DEFAULT_THREADS, cpus // config.local_world_size))
 
 
 def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: str,
