@@ -41,11 +41,11 @@ _DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any eng
 
 
 def rank_threads(config: EngineConfig) -> int:
-    """Intra-op threads of one rank: this node's CPUs shared by its ranks (and never more than torch's default, one
-    per physical core or ``OMP_NUM_THREADS``). Every rank's host work (building a step's
-    index tensors, the CPU backend's kernels) runs at the same moment, and torch's default of one thread per core in
-    every rank oversubscribes the CPUs: measured on 2x H200 (32 CPUs), a question on a cached 131K-token document
-    spent 19 ms in two host tensor ops at sp = 2 that take 0.4 ms at sp = 1 (docs/architecture.md, "Host threads")."""
+    """Intra-op threads of one rank: this node's CPUs shared by its ranks, never more than torch's default (one per
+    physical core, or ``OMP_NUM_THREADS``). Every rank's host work (building a step's index tensors, the CPU
+    backend's kernels) runs at the same moment, and torch's default in every rank oversubscribes the CPUs: measured
+    on 2x H200 (32 CPUs), a question on a cached 131K-token document spent 19 ms in two host tensor ops at sp = 2
+    that take 0.6 ms at sp = 1 (docs/architecture.md, "Host threads")."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
