@@ -46,6 +46,39 @@ TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]
 LogitBias = Annotated[dict[TokenIdKey, LogitBiasValue], Field(max_length=MAX_LOGIT_BIAS)]
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_STRUCTURED_SPEC_CHARS = 1 << 20
+
+
+@dataclass(frozen=True, config=ConfigDict(strict=True))
+class StructuredOutput:
+    """A constraint on the generated text, compiled to a grammar and enforced by a token mask on every step.
+
+    ``kind``: ``json`` (``spec`` is a JSON schema, as JSON text), ``json_object`` (any JSON object; ``spec`` empty),
+    ``regex`` (``spec`` is a regular expression), ``choice`` (``spec`` is a JSON list of strings: the output is one
+    of them), ``grammar`` (``spec`` is an EBNF grammar in xgrammar's GBNF dialect). ``after``: when set, the output is
+    free until this text has been generated (a reasoning model's end-of-thinking marker) and constrained from then on.
+    """
+
+    kind: str
+    spec: str = ""
+    after: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_KINDS}, got {v!r}")
+        return v
+
+    @field_validator("spec")
+    @classmethod
+    def _bounded_spec(cls, v: str) -> str:
+        if len(v) > MAX_STRUCTURED_SPEC_CHARS:
+            raise ValueError(f"a structured output spec may have at most {MAX_STRUCTURED_SPEC_CHARS} characters")
+        return v
+
+
 @dataclass(config=ConfigDict(strict=True))
 class SamplingParams:
     """How to pick each new token and when to stop.
@@ -87,6 +120,8 @@ class SamplingParams:
     repetition_penalty: RepetitionPenalty = 1.0
     logit_bias: Annotated[dict[TokenId, LogitBiasValue], Field(max_length=MAX_LOGIT_BIAS)] = Field(
         default_factory=dict)
+    # the output must match this (server.engine grammar masks); None: unconstrained
+    structured: StructuredOutput | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
