@@ -28,7 +28,8 @@ from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
 from server.layers.gdn import GDNAttention, GDNStatePool
 from server.layers.lightning import LightningAttention, LightningStatePool
-from server.models.loader import build_model, resolve_dtype
+from server.models.config import ModelConfig
+from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
 from server.sp.ulysses import UlyssesMesh, init_ulysses_mesh
 
@@ -77,7 +78,7 @@ class ModelRunner:
     State slots: ``num_slots`` for requests plus one scratch slot (index ``num_slots``) for padded graph rows.
     """
 
-    def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState,
+    def __init__(self, config: EngineConfig, model_path: str, model_cfg: ModelConfig, pstate: ParallelState,
                  mesh: UlyssesMesh | None = None):
         self.config = config
         self.pstate = pstate
@@ -107,7 +108,7 @@ class ModelRunner:
         # recorded once a step's inputs are on the device: the next step's host-side buffers (pinned staging,
         # flashinfer's plan buffers) are rewritten only after that
         self._inputs_copied: torch.cuda.Event | None = None
-        self.score_slice_rows = max(1, min(SCORE_MAX_ROWS, SCORE_SLICE_LOGITS // model_cfg["vocab_size"]))
+        self.score_slice_rows = max(1, min(SCORE_MAX_ROWS, SCORE_SLICE_LOGITS // model_cfg.vocab_size))
 
     def _geometry(self) -> AttentionGeometry | None:
         shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in self.attn_layers}
@@ -124,7 +125,7 @@ class ModelRunner:
         return gdn + sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
 
     def head_dim_of(self, layer: LightningAttention) -> int:
-        return self.model.cfg.get("head_dim") or self.model.cfg["hidden_size"] // self.model.cfg["num_attention_heads"]
+        return self.model.cfg.head_dim
 
     def available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -174,9 +175,7 @@ class ModelRunner:
                  self.config.page_size, self.num_slots, self.backend.name)
 
     def config_max_len(self) -> int:
-        cfg = self.model.cfg
-        return min(self.config.max_model_len or cfg.get("max_position_embeddings", 4096),
-                   cfg.get("max_position_embeddings", 1 << 62))
+        return context_length(self.config, self.model.cfg)
 
     def enable_decode_graphs(self) -> None:
         """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
