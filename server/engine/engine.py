@@ -351,7 +351,7 @@ class Engine:
         if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
                 and len(seq.output_ids) >= p.min_tokens:
             reason, matched = "stop", tok
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_ids) >= seq.max_new_tokens:
             reason = "length"
         if reason:
             self.scheduler.finish(seq)

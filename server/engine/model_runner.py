@@ -276,8 +276,8 @@ class ModelRunner:
         sampled = sorted((lc for lc in chunks if lc.chunk.sample), key=lambda lc: lc.index)
         if not sampled:
             return None
-        counts = [sum(1 for lc in sampled if lc.chunk.holder == r) for r in range(ps.sp_size)]
-        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.holder == ps.sp_rank]
+        counts = [sum(1 for lc in sampled if lc.chunk.sample_rank == r) for r in range(ps.sp_size)]
+        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.sample_rank == ps.sp_rank]
         if mine == list(range(len(mine))):  # decode: the first rows, in order
             rows = hidden[: len(mine)]
         else:
@@ -289,7 +289,7 @@ class ModelRunner:
             taken = [0] * ps.sp_size
             ordered = []
             for lc in sampled:
-                r = lc.chunk.holder
+                r = lc.chunk.sample_rank
                 ordered.append(parts[r][taken[r]])
                 taken[r] += 1
             rows = torch.stack(ordered)
