@@ -31,6 +31,8 @@ SCRATCH_PAGE = 0
 
 
 class CacheManager:
+    """Rank 0's bookkeeping of KV pages per SP rank, state slots and snapshots, reservations and the prefix cache."""
+
     def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int, split_threshold: int,
                  split_budget: int, prefix_cache: PrefixCache | None = None, snapshot_slots: int = 0):
         self.num_pages = num_pages  # per rank, the scratch page included

@@ -50,6 +50,8 @@ def append_run(runs: list[Run], row: int, pos_start: int, length: int) -> None:
 
 @dataclass
 class RequestState:
+    """One running request in a rank's mirror: its slot, every SP rank's KV runs, this rank's page table row."""
+
     slot: int
     runs: list[list[Run]]  # per SP rank: (shard row, length, position) runs of its KV shard
     shard_lens: list[int]  # per SP rank
