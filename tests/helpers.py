@@ -110,6 +110,19 @@ def tiny_config(arch: str, **over):
                                   "full_attn_alpha_factor": 1.1, "full_attn_beta_factor": 0.9,
                                   "linear_attn_alpha_factor": 0.8, "linear_attn_beta_factor": 1.2,
                                   "mlp_alpha_factor": 1.05, "mlp_beta_factor": 0.95, **over})
+    elif arch == "qwen3_moe":  # the second layer dense (mlp_only_layers); 6 experts: not a multiple of 4 or 8 ranks
+        cfg = tf.Qwen3MoeConfig(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, "num_experts": 6,
+                                   "num_experts_per_tok": 2, "moe_intermediate_size": 24, "norm_topk_prob": True,
+                                   "mlp_only_layers": [1], **over})
+    elif arch == "minimax_m2":  # partial rotary (12 of 24), sigmoid routing with a correction bias
+        cfg = tf.MiniMaxM2Config(**{**COMMON, "intermediate_size": 24, "head_dim": 24, "rotary_dim": 12,
+                                    "num_hidden_layers": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
+                                    "bos_token_id": None, "eos_token_id": None, **over})
+    elif arch == "glm4_moe":  # a dense first layer, grouped routing (3 groups of 2, best 2 compete), shared expert
+        cfg = tf.Glm4MoeConfig(**{**COMMON, "head_dim": 24, "num_hidden_layers": 2, "n_routed_experts": 6,
+                                  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_group": 3,
+                                  "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
+                                  "use_qk_norm": True, "attention_bias": True, **over})
     elif arch == "qwen3_5_vl":  # a vision-language checkpoint whose language model is qwen3_5
         vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=COMMON["hidden_size"],
                       patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
@@ -144,6 +157,10 @@ def save_tiny_model(arch: str, root: str, seed: int = 0, **over) -> str:
     cfg = tiny_config(arch, **over)
     auto = tf.AutoModelForImageTextToText if arch.endswith("_vl") else tf.AutoModelForCausalLM
     model = auto.from_config(cfg, dtype=torch.float32)
+    for name, buf in model.named_buffers():
+        # initialised to zero; a nonzero bias makes the tests see that it steers the choice of experts
+        if name.endswith("e_score_correction_bias"):
+            buf.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return path
 

@@ -176,7 +176,7 @@ class SharedExpertMoEBlock(nn.Module):
         self.pstate = pstate
         moe = cfg.moe
         self.moe = SharedExpertMoE(moe.num_experts, moe.top_k, cfg.hidden_size, moe.intermediate_size,
-                                   moe.shared_intermediate_size, pstate, dtype, moe.norm_topk_prob)
+                                   moe.shared_intermediate_size, pstate, dtype, moe.router())
 
     def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
         if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers

@@ -14,7 +14,8 @@ from server import LLM, SamplingParams
 from tests.helpers import assert_logits_close, hf_model, prompt, save_tiny_model
 
 ARCHS = ["llama", "llama_tied", "llama_yarn", "mistral", "qwen2", "qwen3", "minimax_alt", "minimax_7to1",
-         "minimax_linear"]  # the last: lightning layers only, no KV cache at all
+         "minimax_linear",  # lightning layers only, no KV cache at all
+         "qwen3_moe", "minimax_m2", "glm4_moe"]
 
 
 @pytest.fixture(scope="module")
