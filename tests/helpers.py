@@ -100,7 +100,7 @@ def tiny_config(arch: str, **over):
         cfg = tf.Qwen2Config(**{**COMMON, "num_hidden_layers": 2, **over})
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, **over})
-    elif arch.startswith("minimax"):
+    elif arch.startswith("minimax") and arch != "minimax_m2":
         n = 8 if arch == "minimax_7to1" else 4
         types = {"minimax_7to1": ["linear_attention"] * 7 + ["full_attention"],
                  "minimax_linear": ["linear_attention"] * n}.get(arch,
@@ -172,6 +172,24 @@ def hf_model(path: str):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` (no EOS stop)."""
+    with torch.no_grad():
+        # an explicit mask: otherwise transformers masks prompt tokens equal to pad_token_id
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def transformers_reference(path: str, long: list[int], batch: list[list[int]], max_new_tokens: int) -> tuple:
+    """(checkpoint, prompt logits of ``long`` and of ``batch[1]``, greedy tokens of each of ``batch``) computed by
+    transformers in fp32: the reference :func:`assert_matches_reference` takes."""
+    model = hf_model(path)
+    with torch.no_grad():
+        logits = [model(torch.tensor([ids])).logits[0] for ids in (long, batch[1])]
+    return (path, *logits, [hf_greedy(model, ids, max_new_tokens) for ids in batch])
 
 
 @contextlib.contextmanager
