@@ -42,6 +42,8 @@ class MoEConfig:
     correction_bias: bool = False  # e_score_correction_bias: added to the scores for choosing experts only
 
     def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.top_k} must be between 1 and the {self.num_experts} experts")
         if self.num_experts % self.n_group:
             raise ValueError(f"n_group {self.n_group} must divide the number of routed experts {self.num_experts}")
 
