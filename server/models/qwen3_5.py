@@ -171,6 +171,8 @@ class GatedAttentionBlock(nn.Module):
 
 
 class Qwen3_5DecoderLayer(nn.Module):
+    """One Qwen3.5 layer: a GDN or gated-attention token mixer, then a dense or sparse MLP."""
+
     def __init__(self, cfg: Qwen3_5Config, layer_idx: int, layer_type: str, pstate: ParallelState,
                  dtype: torch.dtype):
         super().__init__()
