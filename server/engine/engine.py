@@ -96,7 +96,7 @@ class Engine:
         self.model_path = config.model_path or builtin_model_path()
         self.model_cfg = read_model_config(self.model_path)
         check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format,
-                                config.ulysses_degree, config.ulysses_layers)
+                                config.ulysses_degree, config.ulysses_layers, config.quantization)
         self.tokenizer_path = config.tokenizer_path or self.model_path
         limit = self.model_cfg.get("max_position_embeddings", 4096)
         if self.model_cfg.get("sliding_window") and self.model_cfg.get("use_sliding_window", True):

@@ -86,7 +86,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
         ops.set_kernel_backend(config.attention_backend)
         torch.manual_seed(config.seed)
-        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
+        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed,
+                                 config.quantization)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.lightning_layers = [m for m in self.model.modules() if isinstance(m, LightningAttention)]
         self.gdn_layers = [m for m in self.model.modules() if isinstance(m, GDNAttention)]

@@ -14,8 +14,11 @@ from safetensors import safe_open
 from torch import nn
 
 from server.layers.attention import Attention
+from server.layers.fp8 import parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
+from server.layers.linear import quantize_linear_layers
+from server.models.fp8_checkpoint import iterate_fp8_checkpoint
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -57,13 +60,18 @@ def read_model_config(model_path: str) -> dict:
 
 
 def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_format: str,
-                            ulysses_degree: int = 1, ulysses_layers: str = "all") -> None:
+                            ulysses_degree: int = 1, ulysses_layers: str = "all",
+                            quantization: str | None = None) -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
     own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
     rank's heads over ``ulysses_degree``; softmax heads only when ``ulysses_layers`` is ``all``), or a config that
     lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the weights
-    exist unless they are random (``dummy``)."""
+    exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads."""
     arch = cfg["architectures"][0]
+    try:
+        parse_fp8_scheme(cfg, quantization)
+    except ValueError as e:
+        raise ValueError(f"{model_path}: {e}") from None
     try:
         with torch.device("meta"):
             model = MODEL_CLASSES[arch](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
@@ -136,12 +144,19 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def build_model(model_path: str, cfg: dict, pstate: ParallelState, dtype: torch.dtype, load_format: str,
-                seed: int = 0) -> nn.Module:
+                seed: int = 0, quantization: str | None = None) -> nn.Module:
+    """The model of this rank with its weights. FP8 checkpoints keep their FP8 linear weights (with their scales);
+    ``quantization="fp8"`` (or random weights of an FP8 config) quantizes the remaining linear weights per channel."""
     cls = MODEL_CLASSES[cfg["architectures"][0]]
+    scheme = parse_fp8_scheme(cfg, quantization)
     with torch.device(pstate.device):
         model = cls(cfg, pstate, dtype)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
-    else:
+    elif scheme is None or scheme.online:
         model.load_weights(iterate_safetensors(model_path))
+    else:
+        model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
+    if scheme is not None and (scheme.online or load_format == "dummy"):
+        log.info("quantized %d linear layers to FP8 (per-channel scales)", quantize_linear_layers(model))
     return model.eval()
