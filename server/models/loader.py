@@ -17,7 +17,7 @@ from server.layers.attention import Attention
 from server.layers.fp8 import parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
-from server.layers.linear import quantize_linear_layers
+from server.layers.linear import RowParallelLinear, quantize_linear_layers
 from server.models.fp8_checkpoint import iterate_fp8_checkpoint
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
@@ -69,7 +69,7 @@ def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_forma
     exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads."""
     arch = cfg["architectures"][0]
     try:
-        parse_fp8_scheme(cfg, quantization)
+        scheme = parse_fp8_scheme(cfg, quantization)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     try:
@@ -78,12 +78,25 @@ def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_forma
                                         torch.float32)
     except KeyError as e:
         raise ValueError(f"{os.path.join(model_path, 'config.json')} has no {e} entry, which {arch} needs") from None
+    if scheme is not None and scheme.block is not None:
+        check_fp8_block_shards(model, scheme.block[1], tp_size)
     try:
         check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == "all")
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
         raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
+
+
+def check_fp8_block_shards(model: nn.Module, block_k: int, tp_size: int) -> None:
+    """Raise ``ValueError`` naming ``--tp-size`` when a row-parallel layer's TP shard of input columns would cut the
+    checkpoint's FP8 scale blocks of ``block_k`` columns (row cuts are exact: scales are kept per row)."""
+    for name, m in model.named_modules():
+        if isinstance(m, RowParallelLinear) and tp_size > 1 and m.in_per_rank % block_k:
+            raise ValueError(
+                f"--tp-size {tp_size} gives {name} {m.in_per_rank} input columns per rank, which cuts the checkpoint's "
+                f"FP8 scale blocks of {block_k} columns; choose a --tp-size for which "
+                f"{m.in_per_rank * tp_size} / tp is a multiple of {block_k}")
 
 
 def check_ulysses_heads(model: nn.Module, ulysses_degree: int, softmax: bool = True) -> None:
