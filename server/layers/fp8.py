@@ -17,6 +17,7 @@ fall on a block boundary, or loading stops with an error naming ``--tp-size``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +40,13 @@ class Fp8Scheme:
     online: bool = False
 
 
-def parse_fp8_scheme(cfg: dict, quantization: str | None) -> Fp8Scheme | None:
-    """The FP8 scheme of a model config (its ``quantization_config``) and the ``--quantization`` flag; None when the
-    weights are not FP8. Raises ``ValueError`` for quantized checkpoints this server cannot load."""
+def parse_fp8_scheme(qc: Mapping | None, quantization: str | None) -> Fp8Scheme | None:
+    """The FP8 scheme of a checkpoint's ``quantization_config`` (``qc``, None if it has none) and the
+    ``--quantization`` flag; None when the weights are not FP8. Raises ``ValueError`` for quantized checkpoints
+    this server cannot load."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization must be one of {[q for q in QUANTIZATIONS if q]} or left out, "
                          f"got {quantization!r}")
-    qc = cfg.get("quantization_config")
     if not qc:
         return Fp8Scheme(online=True) if quantization == "fp8" else None
     method = qc.get("quant_method")
@@ -61,7 +62,7 @@ def parse_fp8_scheme(cfg: dict, quantization: str | None) -> Fp8Scheme | None:
                      "'compressed-tensors' FP8 checkpoints (or a high-precision checkpoint with --quantization fp8)")
 
 
-def compressed_tensors_scheme(qc: dict) -> Fp8Scheme:
+def compressed_tensors_scheme(qc: Mapping) -> Fp8Scheme:
     """A compressed-tensors config whose groups are all FP8 (8-bit float) weights: per-tensor, per-channel or
     block weight scales; dynamic (per-token) or static (per-tensor) activation scales."""
     groups = list((qc.get("config_groups") or {}).values())

@@ -19,14 +19,14 @@ def ct_config(strategy: str, dynamic: bool = True, **weights) -> dict:
 
 def test_schemes_from_quantization_config():
     block = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
-    assert parse_fp8_scheme({"quantization_config": block}, None) == Fp8Scheme(block=(128, 128))
-    assert parse_fp8_scheme({"quantization_config": ct_config("channel")}, None) == Fp8Scheme()
-    assert parse_fp8_scheme({"quantization_config": ct_config("tensor", dynamic=False)}, None) == \
+    assert parse_fp8_scheme(block, None) == Fp8Scheme(block=(128, 128))
+    assert parse_fp8_scheme(ct_config("channel"), None) == Fp8Scheme()
+    assert parse_fp8_scheme(ct_config("tensor", dynamic=False), None) == \
         Fp8Scheme(static_activations=True)
-    assert parse_fp8_scheme({"quantization_config": ct_config("block", block_structure=[64, 64])}, "fp8") == \
+    assert parse_fp8_scheme(ct_config("block", block_structure=[64, 64]), "fp8") == \
         Fp8Scheme(block=(64, 64))
-    assert parse_fp8_scheme({}, None) is None
-    assert parse_fp8_scheme({}, "fp8") == Fp8Scheme(online=True)
+    assert parse_fp8_scheme(None, None) is None
+    assert parse_fp8_scheme(None, "fp8") == Fp8Scheme(online=True)
 
 
 @pytest.mark.parametrize("qc,words", [
@@ -37,7 +37,7 @@ def test_schemes_from_quantization_config():
 ])
 def test_unsupported_quantization_is_a_clear_error(qc, words):
     with pytest.raises(ValueError, match=words):
-        parse_fp8_scheme({"quantization_config": qc}, None)
+        parse_fp8_scheme(qc, None)
 
 
 def block_weight(n=70, k=80, bn=32, bk=32):
