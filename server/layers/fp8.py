@@ -195,3 +195,19 @@ def checkpoint_scale(weight_shape: tuple[int, ...], scale: torch.Tensor, block: 
         return scale.reshape(*lead, 1, 1).expand(*lead, n, 1).contiguous()
     raise ValueError(f"{name}: weight scale of shape {tuple(scale.shape)} fits neither per-tensor nor per-channel "
                      f"scales of a {list(weight_shape)} weight")
+
+
+# ---- FP8 KV cache (per-tensor scales) -------------------------------------------------------------------------------
+def kv_quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """K or V rows -> FP8 pages: ``x / scale`` rounded to e4m3 (saturating at +-448)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def kv_dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 pages -> ``dtype`` values ``x * scale`` (the same products wherever a kernel or the reference reads them)."""
+    return (x.float() * scale).to(dtype)
+
+
+def kv_round(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` as an FP8 cache stores it: what every reader of the pages sees."""
+    return kv_dequantize(kv_quantize(x, scale), scale, x.dtype)

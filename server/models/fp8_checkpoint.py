@@ -56,3 +56,24 @@ def iterate_fp8_checkpoint(model_path: str, scheme: Fp8Scheme) -> Iterator[tuple
             yield name, Fp8Weight(sl, scale, shape, block_k, name, input_scale)
         log.info("read %d FP8 weights with their scales (%s)", fp8,
                  f"blocks {list(scheme.block)}" if scheme.block else "per-channel / per-tensor scales")
+
+
+def read_kv_scales(model_path: str) -> dict[str, float]:
+    """The checkpoint's per-tensor KV-cache scales, by tensor name (``...self_attn.k_scale``, ``...v_scale``, also
+    under ``attn.`` or ``k_proj.`` / ``v_proj.`` as quantizers write them); empty when it has none."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(model_path, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith((".k_scale", ".v_scale")):
+                    out[name] = float(f.get_tensor(name).float().max())
+    return out
+
+
+def kv_scale_of(scales: dict[str, float], block: str, which: str) -> float | None:
+    """The ``k`` or ``v`` scale of the attention block named ``block`` (``layers.3.self_attn``), if stored."""
+    for name in (f"{block}.{which}_scale", f"{block}.attn.{which}_scale", f"{block}.{which}_proj.{which}_scale"):
+        for full in (name, "model." + name):
+            if full in scales:
+                return scales[full]
+    return None

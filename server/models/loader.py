@@ -19,7 +19,7 @@ from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.layers.linear import RowParallelLinear, quantize_linear_layers
 from server.models.config import ModelConfig, read_config_json
-from server.models.fp8_checkpoint import iterate_fp8_checkpoint
+from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -169,4 +169,16 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
         model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
     if scheme is not None and (scheme.online or load_format == "dummy"):
         log.info("quantized %d linear layers to FP8 (per-channel scales)", quantize_linear_layers(model))
+    if load_format != "dummy":
+        set_kv_scales(model, read_kv_scales(model_path))
     return model.eval()
+
+
+def set_kv_scales(model: nn.Module, scales: dict[str, float]) -> None:
+    """Give each softmax layer the checkpoint's per-tensor K/V cache scales (an FP8 KV cache stores ``k / k_scale``);
+    layers without them keep 1.0."""
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            block = name.rsplit(".", 1)[0]
+            m.k_scale = kv_scale_of(scales, block, "k") or 1.0
+            m.v_scale = kv_scale_of(scales, block, "v") or 1.0

@@ -13,7 +13,9 @@ union of all ranks' KV would return. Visibility is by global position (key j is 
   attended to its local shard; one all-gather of ``(o, lse)`` and a merge.
 
 Each TP rank holds its own KV heads, so all traffic stays inside the SP group (peers with the same tp_rank).
-K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received.
+K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received. FP8 K/V
+(an FP8 KV cache) travel as they are stored, half the bytes of bf16, as raw bytes (no collective backend needs to
+know the dtype); ``attn_fn`` dequantizes them with the layer's per-tensor scales, which every rank holds.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a 1-byte float tensor (FP8) as uint8, the tensor itself otherwise: what a transfer moves."""
+    return t.view(torch.uint8) if t.dtype.is_floating_point and t.element_size() == 1 else t
+
+
 def _post_ring_transfer(
     kv: tuple[torch.Tensor, torch.Tensor], incoming: tuple[torch.Tensor, torch.Tensor], pstate: ParallelState
 ) -> list[dist.Work]:
@@ -87,8 +94,8 @@ def _post_ring_transfer(
     Every rank posts all four ops every step, empty blocks included, so the ring stays in lock-step.
     """
     nxt, prev = pstate.sp_peer(pstate.sp_rank + 1), pstate.sp_peer(pstate.sp_rank - 1)
-    ops_ = [dist.P2POp(dist.isend, t, nxt, pstate.sp_group) for t in kv]
-    ops_ += [dist.P2POp(dist.irecv, t, prev, pstate.sp_group) for t in incoming]
+    ops_ = [dist.P2POp(dist.isend, _wire(t), nxt, pstate.sp_group) for t in kv]
+    ops_ += [dist.P2POp(dist.irecv, _wire(t), prev, pstate.sp_group) for t in incoming]
     return dist.batch_isend_irecv(ops_)
 
 
@@ -152,7 +159,8 @@ def allgather_kv_attention(
     rows = _shard_rows(k, kv_runs_per_rank, pstate)
     if pstate.sp_size == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    k_shards, v_shards = (pstate.sp_all_gather(_pad_rows(t, max(rows))) for t in (k, v))
+    k_shards, v_shards = ([s.view(t.dtype) for s in pstate.sp_all_gather(_wire(_pad_rows(t, max(rows))))]
+                          for t in (k, v))
     visible = [i for i, shard_runs in enumerate(kv_runs_per_rank) if _any_visible(q_runs, shard_runs)]
     if not visible:
         return _no_keys(q, v.shape[2])
