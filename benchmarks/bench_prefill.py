@@ -149,6 +149,8 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         llm.generate([list(range(warm))], params)  # JIT compiles, allocator warm-up
         base = {s["rank"]: s["allocated_bytes"] for s in eng.memory_stats(reset=True)}
         dtype_bytes = torch.empty(0, dtype=eng.runner.dtype).element_size()
+        if kv_dtype == "fp8_e4m3" and softmax_u == 1:  # the ring passes the FP8 pages as they are stored
+            dtype_bytes = 1
         for n in contexts:
             where = placement(n, sp, eng.config)
             row = dict(
