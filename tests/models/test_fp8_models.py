@@ -4,7 +4,8 @@
 The checkpoints are the tiny random ones of tests/helpers.py with their projection and expert weights quantized to
 ``float8_e4m3fn``: blocks smaller than 128 (32 x 16: several per weight, uneven last row blocks of 48-row k/v
 projections; 24 x 40: uneven last column blocks) and one layer left in high precision (``modules_to_not_convert``
-/ ``ignore``). The engine keeps the linear weights in FP8 with their scales and computes in fp32 on the dequantized
+/ ``ignore``); MoE cases MiniMax (all parallel layouts), Qwen3.5-MoE (one rank), and Qwen3-MoE where the server has
+it. The engine keeps the linear weights in FP8 with their scales and computes in fp32 on the dequantized
 weight, so logits agree to fp32 tolerance and greedy tokens are identical. Parallel runs (sp x tp) must give the
 same; a TP shard that would cut a scale block is refused at start-up naming ``--tp-size``.
 """
@@ -57,8 +58,10 @@ def check(llm: LLM, ref: tuple[torch.Tensor, list[int]], ids: list[int]) -> None
     assert llm.generate([ids], GREEDY)[0].token_ids == ref[1]
 
 
+# Qwen3.5-MoE: FP8 experts and Gated DeltaNet projections through their own loaders (dequantized at load)
 CASES = [("llama", "block", (32, 16)), ("llama", "block", (24, 40)), ("llama", "channel", (1, 1)),
-         ("llama", "tensor", (1, 1))] + [(a, "block", (32, 16)) for a in moe_archs()]
+         ("llama", "tensor", (1, 1)), ("qwen3_5_moe", "block", (32, 16))]
+CASES += [(a, "block", (32, 16)) for a in moe_archs()]
 
 
 @pytest.mark.parametrize("arch,scheme,block", CASES)
