@@ -101,3 +101,23 @@ def test_tp_shard_that_cuts_a_scale_block_is_refused(root):
     fp8, _ = save_fp8_model("llama", root, "block", (32, 32))
     with pytest.raises(ValueError, match=r"--tp-size 2 gives .*48 input columns per rank.*blocks of 32 columns"):
         LLM(fp8, device="cpu", tp_size=2)
+
+
+def test_fp8_flags_reach_the_engine_config_and_unsupported_checkpoints_stop_at_start(root):
+    import json
+    import os
+
+    from server.entrypoints.args import parse_server_args
+
+    engine = parse_server_args(["--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"]).engine
+    assert (engine.quantization, engine.kv_cache_dtype) == ("fp8", "fp8_e4m3")
+    fp8, _ = save_fp8_model("llama", root, "channel")
+    with open(os.path.join(fp8, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    awq = os.path.join(root, "awq")
+    os.makedirs(awq)
+    with open(os.path.join(awq, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
+        parse_server_args(["--model-path", awq]).validate()
