@@ -169,6 +169,8 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
         model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
     if scheme is not None and (scheme.online or load_format == "dummy"):
         log.info("quantized %d linear layers to FP8 (per-channel scales)", quantize_linear_layers(model))
+    if scheme is not None and pstate.device.type == "cuda":
+        torch.cuda.empty_cache()  # the high-precision storage FP8 layers replaced: free memory is sized from here
     if load_format != "dummy":
         set_kv_scales(model, read_kv_scales(model_path))
     return model.eval()
