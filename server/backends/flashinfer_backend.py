@@ -86,8 +86,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if batch.kind == "ragged":  # k/v may be strided views of a fused projection
             return w.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse=True)
         if batch.gathered:
-            flat_k, flat_v = cache.k.flatten(0, 1), cache.v.flatten(0, 1)
-            k, v = cache.dequantize(flat_k[batch.gather_slots], flat_v[batch.gather_slots], q.dtype)
+            k, v = cache.dequantize(*cache.rows(batch.gather_slots), q.dtype)
             return w.run(q.contiguous(), k, v, return_lse=True)
         return w.run(q.contiguous(), (cache.k, cache.v), return_lse=True, **kv_scales(cache))
 

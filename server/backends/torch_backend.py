@@ -13,6 +13,7 @@ import torch
 from server.backends.attention import AttentionBackend, AttentionBatch
 from server.kernels import ops
 from server.kernels.attention_ref import attention_with_lse_ref
+from server.layers.fp8 import take_rows
 
 
 def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -40,7 +41,7 @@ def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor 
             else:
                 slots = (pages[:, None] * batch.page_size + torch.arange(batch.page_size, device=pages.device))
                 slots = slots.flatten()[:nk]
-            ks, vs = flat_k[slots], flat_v[slots]
+            ks, vs = take_rows(flat_k, slots), take_rows(flat_v, slots)
             if dequantize is not None:
                 ks, vs = dequantize(ks, vs, q.dtype)
         nk = ks.shape[0]
@@ -95,7 +96,7 @@ class TorchGraphDecode(AttentionBackend):
         b, hq, d = q.shape
         hk, page = cache.k.shape[2], self.page_size
         slots = (self.pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
-        ks, vs = cache.dequantize(cache.k.flatten(0, 1)[slots], cache.v.flatten(0, 1)[slots], torch.float32)
+        ks, vs = cache.dequantize(*cache.rows(slots), torch.float32)
         ks, vs = ks.float(), vs.float()  # [B, L, Hk, D]
         s = torch.einsum("bhrd,blhd->bhrl", q.float().view(b, hk, hq // hk, d), ks) * scale
         visible = torch.arange(slots.shape[1], device=q.device)[None, :] < self.kv_lens[:, None]  # [B, L]

@@ -12,7 +12,7 @@ from torch import nn
 
 from server.forward.context import ForwardContext
 from server.layers.cache_spec import CacheLayer, PagedKVSpec
-from server.layers.fp8 import FP8, kv_dequantize, kv_quantize, kv_round
+from server.layers.fp8 import FP8, kv_dequantize, kv_quantize, kv_round, raw_bytes, take_rows
 
 
 class PagedKVCache:
@@ -33,12 +33,16 @@ class PagedKVCache:
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.fp8:
             k, v = kv_quantize(k, self.k_scale), kv_quantize(v, self.v_scale)
-        self.k.view(-1, *self.k.shape[2:])[slots] = k
-        self.v.view(-1, *self.v.shape[2:])[slots] = v
+        raw_bytes(self.k).view(-1, *self.k.shape[2:])[slots] = raw_bytes(k)
+        raw_bytes(self.v).view(-1, *self.v.shape[2:])[slots] = raw_bytes(v)
 
     def read(self, page_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (-1, *self.k.shape[2:])
-        return self.k[page_table].view(shape)[:length], self.v[page_table].view(shape)[:length]
+        return take_rows(self.k, page_table).view(shape)[:length], take_rows(self.v, page_table).view(shape)[:length]
+
+    def rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of flat cache slots (``page * page_size + offset``), as stored."""
+        return take_rows(self.k.flatten(0, 1), slots), take_rows(self.v.flatten(0, 1), slots)
 
     def dequantize(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V rows read from these pages (or received from a peer's) as ``dtype`` values."""

@@ -86,8 +86,10 @@ class PagedKVSpec(CacheSpec):
                             self.k_scale, self.v_scale)
 
     def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
-        cache.k[dst] = cache.k[src]
-        cache.v[dst] = cache.v[src]
+        from server.layers.fp8 import raw_bytes  # FP8 pages copied as bytes
+
+        for t in (raw_bytes(cache.k), raw_bytes(cache.v)):
+            t[dst] = t[src]
 
 
 class StateSpec(CacheSpec):

@@ -211,3 +211,14 @@ def kv_dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Te
 def kv_round(x: torch.Tensor, scale: float) -> torch.Tensor:
     """``x`` as an FP8 cache stores it: what every reader of the pages sees."""
     return kv_dequantize(kv_quantize(x, scale), scale, x.dtype)
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor's storage as uint8 (a view), other tensors as they are: indexing, scatters and transfers move
+    bytes, and every device and collective backend handles uint8."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def take_rows(t: torch.Tensor, index) -> torch.Tensor:
+    """``t[index]`` for any dtype (FP8 through its bytes)."""
+    return raw_bytes(t)[index].view(t.dtype)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from server.kernels import ops
 from server.kernels.ops import Run
+from server.layers.fp8 import raw_bytes
 from server.sp.groups import ParallelState
 
 # attn_fn(q, k, v, q_runs, k_runs, scale) -> (o, lse): the contract of ops.attention_runs.
@@ -81,11 +82,6 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def _wire(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a 1-byte float tensor (FP8) as uint8, the tensor itself otherwise: what a transfer moves."""
-    return t.view(torch.uint8) if t.dtype.is_floating_point and t.element_size() == 1 else t
-
-
 def _post_ring_transfer(
     kv: tuple[torch.Tensor, torch.Tensor], incoming: tuple[torch.Tensor, torch.Tensor], pstate: ParallelState
 ) -> list[dist.Work]:
@@ -94,8 +90,8 @@ def _post_ring_transfer(
     Every rank posts all four ops every step, empty blocks included, so the ring stays in lock-step.
     """
     nxt, prev = pstate.sp_peer(pstate.sp_rank + 1), pstate.sp_peer(pstate.sp_rank - 1)
-    ops_ = [dist.P2POp(dist.isend, _wire(t), nxt, pstate.sp_group) for t in kv]
-    ops_ += [dist.P2POp(dist.irecv, _wire(t), prev, pstate.sp_group) for t in incoming]
+    ops_ = [dist.P2POp(dist.isend, raw_bytes(t), nxt, pstate.sp_group) for t in kv]
+    ops_ += [dist.P2POp(dist.irecv, raw_bytes(t), prev, pstate.sp_group) for t in incoming]
     return dist.batch_isend_irecv(ops_)
 
 
@@ -159,8 +155,7 @@ def allgather_kv_attention(
     rows = _shard_rows(k, kv_runs_per_rank, pstate)
     if pstate.sp_size == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    k_shards, v_shards = ([s.view(t.dtype) for s in pstate.sp_all_gather(_wire(_pad_rows(t, max(rows))))]
-                          for t in (k, v))
+    k_shards, v_shards = (pstate.sp_all_gather(_pad_rows(raw_bytes(t), max(rows))) for t in (k, v))
     visible = [i for i, shard_runs in enumerate(kv_runs_per_rank) if _any_visible(q_runs, shard_runs)]
     if not visible:
         return _no_keys(q, v.shape[2])
@@ -168,8 +163,8 @@ def allgather_kv_attention(
     for i in visible:
         runs.extend((row + offset, length, pos) for row, length, pos in kv_runs_per_rank[i])
         offset += rows[i]
-    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible])
-    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible])
+    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible]).view(k.dtype)
+    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible]).view(v.dtype)
     return attn_fn(q, k_all, v_all, q_runs, runs, scale)
 
 
