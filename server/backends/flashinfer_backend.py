@@ -42,6 +42,8 @@ def kv_scales(cache) -> dict:
 
 
 class FlashInferAttentionBackend(AttentionBackend):
+    """Attention on flashinfer's batch prefill / decode kernels (CUDA, fp16/bf16, head dim 64/128/256)."""
+
     name = "flashinfer"
 
     def __init__(self, pstate, page_size: int, geometry: AttentionGeometry, dtype: torch.dtype):

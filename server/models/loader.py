@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from server.config import EngineConfig
+from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
 from server.layers.fp8 import parse_fp8_scheme
 from server.layers.gdn import GDNAttention
@@ -73,7 +73,7 @@ def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, loa
     if scheme is not None and scheme.block is not None:
         check_fp8_block_shards(model, scheme.block[1], tp_size)
     try:
-        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == "all")
+        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == UlyssesLayers.ALL)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
