@@ -34,9 +34,9 @@ def structured_checkpoint(root: str) -> str:
 
 
 def closing_bias(tokenizer: Tokenizer, value: float = 6.0) -> dict[int, float]:
-    """A logit bias toward tokens made only of closing punctuation and digits' ends (``"``, ``}``, ``]``, ``,``),
-    and against whitespace-only tokens."""
-    bias = {}
+    """A logit bias toward EOS and the tokens made only of closing punctuation (``"``, ``}``, ``]``, ``,``), and
+    against whitespace-only tokens."""
+    bias = {i: value for i in tokenizer.eos_token_ids}
     for i in range(tokenizer.vocab_size):
         text = tokenizer.token_bytes(i)
         if text and all(c in b'"}],' for c in text):
@@ -80,7 +80,7 @@ SCHEMAS: list[dict] = [
                       "required": ["x", "y"]}},
      "type": "object", "properties": {"from": {"$ref": "#/$defs/pt"}, "to": {"$ref": "#/$defs/pt"}},
      "required": ["from", "to"]},
-    {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
+    {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 999}, {"type": "boolean"}]},
     {"type": "object", "properties": {"t": {"type": "integer", "minimum": 10, "maximum": 99}},
      "required": ["t"]},
     {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {
