@@ -3,8 +3,9 @@ matcher per constrained request on rank 0, and the token bitmask of a step's con
 
 A constraint becomes an xgrammar ``Grammar`` (:func:`structured_grammar`, no vocabulary needed: the HTTP process
 checks requests with it), then, in the engine, a grammar compiled against the model's vocabulary (cached by its
-text). Each step the engine asks :class:`GrammarMasks` for the bitmask of the rows it is about to sample, after
-the previous step's tokens advanced the matchers, and the sampler applies it to the logits on the device
+text, compiled in a background thread while the request's prompt is prefilled). Each step the engine asks
+:class:`GrammarMasks` for the bitmask of the rows it is about to sample, after the previous step's tokens advanced
+the matchers, and the sampler applies it to the logits on the device
 (:func:`server.layers.sampler.apply_token_bitmask`); the matcher then advances by the sampled token and reports
 when the grammar has ended (its stop token accepted). See docs/architecture.md, "Structured outputs".
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -96,12 +98,14 @@ def tokenizer_info(tokenizer, vocab_size: int, stop_ids: list[int]) -> xgr.Token
 
 @dataclass
 class _Constraint:
-    """One request's constraint: its compiled grammar, and its matcher once the output is constrained (at once,
-    or after the ``after`` marker; ``tail`` holds the last output bytes while the marker is looked for)."""
+    """One request's constraint: its grammar (being compiled), whether the output is constrained yet (at once, or
+    after the ``after`` marker; ``tail`` holds the last output bytes while the marker is looked for), and its
+    matcher, made when first needed."""
 
-    grammar: xgr.CompiledGrammar
+    grammar: Future[xgr.CompiledGrammar]
     stop_ids: list[int]
     after: bytes | None
+    active: bool
     matcher: xgr.GrammarMatcher | None = None
     tail: bytes = b""
 
@@ -109,7 +113,9 @@ class _Constraint:
 class GrammarMasks:
     """The constraints of the running requests on rank 0, by request id: compile at admission, the step's bitmask
     of the constrained rows, advance by each sampled token. The vocabulary is read on the first constrained
-    request, so an engine that never sees one pays nothing."""
+    request, so an engine that never sees one pays nothing. Grammars compile in one background thread (xgrammar's
+    compiler uses its own threads too), so a new schema does not stall the running requests' steps; a request
+    waits for its grammar only if its prompt was prefilled before the compilation ended."""
 
     def __init__(self, tokenizer_path: str, vocab_size: int, eos_ids: list[int], max_rows: int,
                  device: torch.device):
@@ -118,7 +124,8 @@ class GrammarMasks:
         self.constraints: dict[str, _Constraint] = {}
         self._tokenizer = None
         self._compiler: xgr.GrammarCompiler | None = None
-        self._compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()  # by (kind, spec)
+        self._compiled: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()  # (kind, spec)
+        self._pool: ThreadPoolExecutor | None = None
         self._host: torch.Tensor | None = None  # bitmask staging rows (pinned on CUDA), one per running request
         self._device_mask: torch.Tensor | None = None
 
@@ -133,32 +140,38 @@ class GrammarMasks:
             raise ValueError("structured outputs need an end-of-sequence token: the model names none")
         info = tokenizer_info(self._tokenizer, self.vocab_size, self.eos_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=4)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         words = xgr.get_bitmask_shape(1, self.vocab_size)[1]
         self._host = torch.zeros(self.max_rows, words, dtype=torch.int32,
                                  pin_memory=self.device.type == "cuda")
         self._device_mask = torch.zeros(self.max_rows, words, dtype=torch.int32, device=self.device)
 
     def add(self, rid: str, so: StructuredOutput, stop_token_ids: list[int]) -> None:
-        """Compile ``so`` for request ``rid`` (``ValueError`` if invalid); ``stop_token_ids`` end it too."""
-        grammar = self._compile(so)
+        """Start compiling ``so`` for request ``rid`` (``ValueError`` at once if it is invalid); ``stop_token_ids``
+        end it too."""
         stop_ids = list(dict.fromkeys([*self.eos_ids, *stop_token_ids]))
-        c = _Constraint(grammar, stop_ids, so.after.encode() if so.after else None)
-        if c.after is None:
-            c.matcher = xgr.GrammarMatcher(grammar, override_stop_tokens=stop_ids)
-        self.constraints[rid] = c
+        after = so.after.encode() if so.after else None
+        self.constraints[rid] = _Constraint(self._compile(so), stop_ids, after, active=after is None)
 
-    def _compile(self, so: StructuredOutput) -> xgr.CompiledGrammar:
-        """``so``'s grammar compiled against the vocabulary, cached by its text."""
+    def _compile(self, so: StructuredOutput) -> Future[xgr.CompiledGrammar]:
+        """``so``'s grammar compiled against the vocabulary (a future), cached by its text."""
         if self._compiler is None:
             self._start()
         key = (so.kind, so.spec)
         grammar = self._compiled.get(key)
         if grammar is None:
-            grammar = self._compiled[key] = self._compiler.compile_grammar(structured_grammar(so))
+            parsed = structured_grammar(so)  # parsed here: an invalid spec is refused at admission
+            grammar = self._compiled[key] = self._pool.submit(self._compiler.compile_grammar, parsed)
             if len(self._compiled) > COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
         return grammar
+
+    @staticmethod
+    def _matcher(c: _Constraint) -> xgr.GrammarMatcher:
+        if c.matcher is None:
+            c.matcher = xgr.GrammarMatcher(c.grammar.result(), override_stop_tokens=c.stop_ids)
+        return c.matcher
 
     def drop(self, rid: str) -> None:
         self.constraints.pop(rid, None)
@@ -167,7 +180,7 @@ class GrammarMasks:
         """Whether ``rid``'s next token is masked (it has a constraint, and its ``after`` marker, if any, was
         generated)."""
         c = self.constraints.get(rid)
-        return c is not None and c.matcher is not None
+        return c is not None and c.active
 
     def token_mask(self, rids: list[str]) -> TokenMask | None:
         """The bitmask of the constrained rows among ``rids`` (a step's sampled requests, in row order), on the
@@ -180,7 +193,7 @@ class GrammarMasks:
         if not rows:
             return None
         for j, i in enumerate(rows):
-            self.constraints[rids[i]].matcher.fill_next_token_bitmask(self._host, j)
+            self._matcher(self.constraints[rids[i]]).fill_next_token_bitmask(self._host, j)
         n = len(rows)
         dev = self._device_mask[:n]
         dev.copy_(self._host[:n], non_blocking=True)
@@ -192,19 +205,19 @@ class GrammarMasks:
         c = self.constraints.get(rid)
         if c is None:
             return False
-        if c.matcher is None:
+        if not c.active:
             self._look_for_marker(c, token)
             return False
-        if not c.matcher.accept_token(token):
+        matcher = self._matcher(c)
+        if not matcher.accept_token(token):
             raise ValueError(f"token {token} does not continue the structured output")
-        return c.matcher.is_terminated()
+        return matcher.is_terminated()
 
     def _look_for_marker(self, c: _Constraint, token: int) -> None:
         """Free output until the bytes of ``c.after`` have been generated (however they were tokenized); the
         constraint starts with the next token."""
         text = c.tail + self._tokenizer.token_bytes(token)
         if c.after in text:
-            c.matcher = xgr.GrammarMatcher(c.grammar, override_stop_tokens=c.stop_ids)
-            c.tail = b""
+            c.active, c.tail = True, b""
         else:
             c.tail = text[-(len(c.after) - 1):] if len(c.after) > 1 else b""
