@@ -127,7 +127,7 @@ class Engine:
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
-        self.grammars = GrammarMasks(self.tokenizer_path, self.model_cfg["vocab_size"], self.eos_token_ids,
+        self.grammars = GrammarMasks(self.tokenizer_path, self.model_cfg.vocab_size, self.eos_token_ids,
                                      config.max_running_requests, self.device)
         self.pending: list[RequestOutput] = []
         self.inflight: InFlight | None = None
