@@ -13,7 +13,7 @@ shard of the batch's KV, its linear-attention states read and written) over the 
 
 Structured outputs: ``--structured json`` measures every cell twice in the same engine, unconstrained and with
 every request constrained to a JSON schema (``--json-schema FILE``, default: an unbounded array of records with
-bounded strings, enums, numbers, booleans and a nested array), both sampled at temperature 1 with the same logit
+bounded strings, enums, numbers, booleans and a nested object), both sampled at temperature 1 with the same logit
 bias (the tokens holding ``]`` at -100, so the outer array never closes and every request decodes every step), and
 prints the two ITLs and the grammar's cost per step. A model directory without a tokenizer gets a synthetic
 byte-level BPE one of the model's vocabulary size (``benchmarks/synthetic_tokenizer.py``), since the mask's cost
@@ -56,14 +56,16 @@ from server.models.common import GatedMLP  # noqa: E402
 from server.sampling_params import StructuredOutput  # noqa: E402
 from server.tokenizer import Tokenizer  # noqa: E402
 
-# Records as an agent's tool might ask for them; unbounded in length (see the module docstring)
+# Records as an agent's tool might ask for them; unbounded in length, and no inner array: a bounded one would force
+# a "]" token, which may close the outer array too (see the module docstring)
 DEFAULT_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0, "maximum": 100000},
     "name": {"type": "string", "maxLength": 16},
     "kind": {"enum": ["file", "directory", "link"]},
     "score": {"type": "number", "minimum": 0, "maximum": 1},
     "ok": {"type": "boolean"},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
+    "meta": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 0, "maximum": 1 << 30},
+                                              "owner": {"type": "string", "maxLength": 12}}}},
     "required": ["id", "name", "kind", "ok"]}}
 
 

@@ -13,6 +13,7 @@ when the grammar has ended (its stop token accepted). See docs/architecture.md, 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,9 @@ from server.sampling_params import StructuredOutput
 # newlines a weak model can loop in when any whitespace is allowed.
 MAX_JSON_WHITESPACE = 32
 COMPILED_CACHE_SIZE = 256  # compiled grammars kept by the engine, least recently used dropped first
+# Threads that fill a step's bitmask rows (xgrammar's batch fill, outside the GIL): a row of a large vocabulary
+# takes up to a millisecond, and the rows must be ready before the forward they overlap with ends.
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 _XGR_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # xgrammar's "[time] file.cc:line: " error prefix
 
 
@@ -126,6 +130,7 @@ class GrammarMasks:
         self._compiler: xgr.GrammarCompiler | None = None
         self._compiled: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()  # (kind, spec)
         self._pool: ThreadPoolExecutor | None = None
+        self._filler: xgr.BatchGrammarMatcher | None = None
         self._host: torch.Tensor | None = None  # bitmask staging rows (pinned on CUDA), one per running request
         self._device_mask: torch.Tensor | None = None
 
@@ -141,6 +146,7 @@ class GrammarMasks:
         info = tokenizer_info(self._tokenizer, self.vocab_size, self.eos_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=4)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._filler = xgr.BatchGrammarMatcher(FILL_THREADS)
         words = xgr.get_bitmask_shape(1, self.vocab_size)[1]
         self._host = torch.zeros(self.max_rows, words, dtype=torch.int32,
                                  pin_memory=self.device.type == "cuda")
@@ -192,8 +198,8 @@ class GrammarMasks:
         rows = [i for i, rid in enumerate(rids) if self.constrained(rid)]
         if not rows:
             return None
-        for j, i in enumerate(rows):
-            self._matcher(self.constraints[rids[i]]).fill_next_token_bitmask(self._host, j)
+        matchers = [self._matcher(self.constraints[rids[i]]) for i in rows]
+        self._filler.batch_fill_next_token_bitmask(matchers, self._host)
         n = len(rows)
         dev = self._device_mask[:n]
         dev.copy_(self._host[:n], non_blocking=True)
