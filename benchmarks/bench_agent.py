@@ -40,7 +40,7 @@ from benchmarks.model_shapes import prefill_flops  # noqa: E402
 from server import SamplingParams  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.io_struct import GenerateRequest  # noqa: E402
+from server.messages import GenerateRequest  # noqa: E402
 
 
 def matmul_tflops(device: torch.device) -> float | None:

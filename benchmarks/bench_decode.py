@@ -26,7 +26,7 @@ depends on the vocabulary:
         --structured json
 
 With ``SERVER_STEP_PROFILE=1`` in the environment, rank 0's host time per stage of the timed steps is printed per
-cell, and every worker logs its own at shutdown (:mod:`server.engine.step_profile`).
+cell, and every worker logs its own at shutdown (:mod:`server.execution.step_profile`).
 
 Cells whose KV does not fit (the engine rejects the requests) are recorded as skipped. JSON: ``{"environment",
 "copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, overlap, structured, itl_ms, itl_p50_ms, itl_p99_ms,
@@ -53,9 +53,9 @@ from benchmarks.synthetic_tokenizer import save_synthetic_tokenizer  # noqa: E40
 from server import SamplingParams  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
-from server.engine.step_profile import PROFILE  # noqa: E402
+from server.execution.step_profile import PROFILE  # noqa: E402
 from server.layers.moe import FusedMoE  # noqa: E402
+from server.messages import GenerateRequest, RequestRejected  # noqa: E402
 from server.models.common import GatedMLP  # noqa: E402
 from server.sampling_params import StructuredOutput  # noqa: E402
 from server.tokenizer import Tokenizer  # noqa: E402

@@ -21,7 +21,7 @@ planned once), which every softmax layer of the step then runs through :meth:`St
 4. replicated rows (the same queries on every SP rank, KV sharded over SP) merge their partial results by base-2
    LSE over the SP group, all requests in one all-gather.
 With sp = 1 only steps 1-2 remain. A CUDA-graph decode step uses the same object over static buffers, with the
-merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.engine.cuda_graphs`).
+merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.execution.cuda_graphs`).
 """
 
 from __future__ import annotations

@@ -20,23 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from server.config import EngineConfig
+from server.control.scheduler import Scheduler
+from server.control.sequence import Sequence, Status
 from server.engine.faults import inject_fault
 from server.engine.grammar import GrammarMasks
-from server.engine.io_struct import (
-    EngineStats,
-    GenerateRequest,
-    PromptTokenLogprob,
-    RequestOutput,
-    RequestRejected,
-    StepCounts,
-)
-from server.engine.model_runner import ScoredRows
-from server.engine.procutil import free_port
-from server.engine.profiler import RankProfiler
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence, Status
-from server.engine.step_profile import PROFILE
-from server.engine.worker import (
+from server.execution.model_runner import ScoredRows
+from server.execution.procutil import free_port
+from server.execution.profiler import RankProfiler
+from server.execution.step_profile import PROFILE
+from server.execution.worker import (
     gather_memory_stats,
     profile_rank,
     release_rank,
@@ -46,6 +38,14 @@ from server.engine.worker import (
 )
 from server.forward.plan import MemoryStatsRequest, Placement, ProfileRequest, Shutdown
 from server.layers.sampler import SampledBatch, SampleRequest, sample, sample_async
+from server.messages import (
+    EngineStats,
+    GenerateRequest,
+    PromptTokenLogprob,
+    RequestOutput,
+    RequestRejected,
+    StepCounts,
+)
 from server.models.builtin import builtin_model_path
 from server.models.config import ModelConfig
 from server.models.loader import check_model_parallelism, context_length, read_model_config
@@ -403,7 +403,7 @@ class Engine:
 
     def start_profile(self, output_dir: str | None = None, record_shapes: bool = False,
                       num_steps: int | None = None) -> str:
-        """Start ``torch.profiler`` on every rank from the next step on (``server/engine/profiler.py``); the
+        """Start ``torch.profiler`` on every rank from the next step on (``server/execution/profiler.py``); the
         directory (``output_dir``, default ``config.profile_dir``) where :meth:`stop_profile` writes the profiles.
         With ``num_steps`` the profile stops by itself after that many steps."""
         out = output_dir or self.config.profile_dir

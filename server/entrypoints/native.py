@@ -28,7 +28,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     RequestBody,
     bad_request,
@@ -46,6 +45,7 @@ from server.entrypoints.protocol import (
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, clamp_logprob, collect, stream
 from server.entrypoints.structured import sglang_structured_output
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
+from server.messages import PromptTokenLogprob, TokenLogprob
 from server.sampling_params import (
     LogitBias,
     Logprobs,

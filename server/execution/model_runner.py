@@ -1,8 +1,8 @@
 """One rank's model, caches, request mirror and forward step.
 
 A step: the plan updates the rank's request mirror (:class:`RequestTable`), the step's rows and metadata are
-built once (:mod:`server.engine.step_builder`), the attention backend prepares them once (plans, index tensors),
-and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`server.engine.cuda_graphs`).
+built once (:mod:`server.execution.step_builder`), the attention backend prepares them once (plans, index tensors),
+and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`server.execution.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch.distributed as dist
 from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
-from server.engine.request_table import RequestTable
-from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
-from server.engine.step_profile import PROFILE
+from server.execution.request_table import RequestTable
+from server.execution.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
+from server.execution.step_profile import PROFILE
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, StepPlan
 from server.kernels import ops
@@ -182,7 +182,7 @@ class ModelRunner:
 
     def enable_decode_graphs(self) -> None:
         """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
-        from server.engine.cuda_graphs import DecodeGraphs, GraphRun, graph_run
+        from server.execution.cuda_graphs import DecodeGraphs, GraphRun, graph_run
 
         mode = graph_run(self.config, self.device)
         if mode != GraphRun.OFF:
