@@ -73,7 +73,8 @@ class OpenAIServing:
         prompt_ids = [await self.tm.encode(p) for p in prompts]
         ids, params, echo = [], [], []
         for p, p_ids in zip(prompts, prompt_ids, strict=True):
-            params += sampling_params_for(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+            max_tokens = req.max_tokens if req.max_tokens is not None else self.tm.default_max_tokens(len(p_ids))
+            params += sampling_params_for(req, max_tokens=max_tokens, logprobs=req.logprobs,
                                           prompt_logprobs=completion_prompt_logprobs(req), prompt_len=len(p_ids),
                                           max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
             ids += [p_ids] * n
@@ -211,6 +212,8 @@ class OpenAIServing:
         prompt_ids = await self.tm.encode_chat(chat_messages(req.messages), *chat_generation_prompt(
             req.add_generation_prompt, req.continue_final_message))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = self.tm.default_max_tokens(len(prompt_ids))
         params = sampling_params_for(req, max_tokens=max_tokens, logprobs=logprobs,
                                      prompt_logprobs=req.prompt_logprobs, prompt_len=len(prompt_ids),
                                      max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
