@@ -195,6 +195,40 @@ def test_n_choices_and_seeds(client):
     assert finished == {0: "length", 1: "length"}
 
 
+def test_offline_n_matches_the_servers_choices(client, offline):
+    """SamplingParams.n: one CompletionOutput per prompt, its ``outputs`` the n completions, seeded seed + i as the
+    server seeds a request's choices."""
+    outs = offline.generate([PROMPTS[1], PROMPTS[2]], [SamplingParams(n=2, seed=77, max_tokens=4, ignore_eos=True),
+                                                       greedy(2)], use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [2, 1] and all(o.outputs[0] is o for o in outs)
+    served = client.completions.create(model="builtin", prompt=PROMPTS[1], n=2, seed=77, max_tokens=4,
+                                       temperature=1.0, extra_body={"ignore_eos": True})
+    assert [o.text for o in outs[0].outputs] == [c.text for c in served.choices]
+    assert outs[0].outputs[0].text != outs[0].outputs[1].text
+    with pytest.raises(ValueError, match="n"):
+        SamplingParams(n=0)
+
+
+def test_offline_chat_matches_the_servers_chat(client, offline, tokenizer):
+    """LLM.chat renders with the model's chat template as /v1/chat/completions does: the same greedy reply; one
+    conversation or a list of them; chat_template and chat_template_kwargs reach the template."""
+    conversations = [[{"role": "user", "content": "Where is the ferry?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bread?"}]]
+    outs = offline.chat(conversations, greedy(4), use_tqdm=False)
+    for conversation, out in zip(conversations, outs, strict=True):
+        served = client.chat.completions.create(model="builtin", messages=conversation, max_tokens=4, temperature=0,
+                                                extra_body={"ignore_eos": True})
+        assert out.text == served.choices[0].message.content
+        assert out.prompt_token_ids == tokenizer.encode_chat(conversation)
+    [one] = offline.chat(conversations[0], greedy(1), use_tqdm=False)
+    assert one.token_ids == outs[0].token_ids[:1]
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix }}"
+    [custom] = offline.chat(conversations[0], greedy(1), use_tqdm=False, chat_template=template,
+                            chat_template_kwargs={"suffix": " Answer:"})
+    assert custom.prompt == "Where is the ferry? Answer:"
+    assert custom.prompt_token_ids == tokenizer.encode("Where is the ferry? Answer:", add_special_tokens=False)
+
+
 def test_stop_strings(server, client, offline):
     [full] = offline.generate([PROMPTS[2]], greedy(24), use_tqdm=False)
     words = full.text.split()
