@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
+from tests.entrypoints.server_testing import REPO, openai_client, prometheus_value, sse_events, start_server
 
 PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
 CACHE_GB = "0.25"
@@ -193,6 +194,18 @@ def test_n_choices_and_seeds(client):
             if ch.finish_reason:
                 finished[ch.index] = ch.finish_reason
     assert finished == {0: "length", 1: "length"}
+
+
+def test_readme_first_curl_works_against_the_builtin_model(server):
+    """The README's first screen: the built-in model's nature, its name, and a curl for it that works."""
+    readme = (REPO / "README.md").read_text()
+    first_screen = readme[:readme.index("## What is in it")]
+    assert "random weights" in first_screen and "`builtin`" in first_screen
+    m = re.search(r"curl localhost:30000(/v1/\S+) .*?-d '(\{.*?\})'", first_screen, re.S)
+    path, body = m.group(1), json.loads(m.group(2))
+    assert body["model"] == "builtin"
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
 
 
 def test_offline_n_matches_the_servers_choices(client, offline):
