@@ -39,7 +39,7 @@ from server.entrypoints.protocol import (
     check_token_ids,
     make_sampling_params,
     normalize_prompt,
-    parse_body,
+    parse_body_off_loop,
     stop_list,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, clamp_logprob, collect, stream
@@ -165,7 +165,7 @@ class NativeServing:
 
     async def generate(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), GenerateRequest)
+        req = await parse_body_off_loop(await request.body(), GenerateRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check(req.top_logprobs_num is None or req.return_logprob, "top_logprobs_num",

@@ -29,7 +29,7 @@ from server.entrypoints.protocol import (
     check_context_length,
     check_model,
     make_sampling_params,
-    parse_body,
+    parse_body_off_loop,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, collect, sse, stream
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
@@ -90,7 +90,7 @@ class ResponsesServing:
 
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ResponsesRequest)
+        req = await parse_body_off_loop(await request.body(), ResponsesRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         prompt_ids = await self.tm.encode_chat(_messages(req), param="input")

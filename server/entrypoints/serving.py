@@ -33,7 +33,7 @@ from server.entrypoints.protocol import (
     choice_count,
     completion_prompt_logprobs,
     normalize_prompt,
-    parse_body,
+    parse_body_off_loop,
     sampling_params_for,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, clamp_logprob, collect, stream
@@ -63,7 +63,7 @@ class OpenAIServing:
     # ---- /v1/completions -------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), CompletionRequest)
+        req = await parse_body_off_loop(await request.body(), CompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
@@ -202,7 +202,7 @@ class OpenAIServing:
     # ---- /v1/chat/completions --------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ChatCompletionRequest)
+        req = await parse_body_off_loop(await request.body(), ChatCompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
