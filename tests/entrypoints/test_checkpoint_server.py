@@ -148,44 +148,60 @@ def test_max_tokens_omitted_or_null_is_the_server_default(server):
         assert used == DEFAULT_MAX_TOKENS if body["status"] == "incomplete" else 1 <= used <= DEFAULT_MAX_TOKENS
 
 
+def _huge_prompt_round(url: str, raw: dict[str, bytes]) -> tuple[dict[str, float], list[float]]:
+    """POST each body once while a thread polls /health: the seconds each POST took (its answer checked: 400
+    context_length_exceeded) and the seconds of every /health answer meanwhile (each checked: 200)."""
+    health: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def poll_health() -> None:
+        while not done.is_set():
+            start = time.monotonic()
+            status = httpx.get(f"{url}/health", timeout=10).status_code
+            health.append((status, time.monotonic() - start))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    posts = {}
+    try:
+        for path, content in raw.items():
+            start = time.monotonic()
+            r = httpx.post(f"{url}{path}", content=content, timeout=120,
+                           headers={**AUTH, "Content-Type": "application/json"})
+            posts[path] = time.monotonic() - start
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+            assert f"maximum context length is {MAX_MODEL_LEN} tokens" in r.json()["error"]["message"]
+    finally:
+        done.set()
+        poller.join(timeout=30)
+    assert len(health) >= 3 and all(status == 200 for status, _ in health), health
+    return posts, [seconds for _, seconds in health]
+
+
 def test_20mb_prompt_is_refused_at_once_while_health_answers(server):
-    """20 MB of text to an 8192-token model: 400 within 2 s without tokenizing it, /health within 1 s all along,
-    with two more processes keeping the CPUs busy."""
+    """20 MB of text to an 8192-token model: 400 within 2 s without tokenizing it (which takes minutes), /health
+    within 1 s all along, with two more processes keeping the CPUs busy. The bounds must hold in one of two rounds:
+    on a shared CI machine one round can lose the CPUs for a second."""
     text = ("The harbour master reads tide tables aloud to the gulls. " * 400_000)[:20_000_000]
     bodies = {"/v1/completions": {"prompt": text, "max_tokens": 1},
               "/v1/chat/completions": {"messages": [{"role": "user", "content": text}], "max_tokens": 1},
               "/generate": {"text": text}}
     raw = {path: json.dumps(body).encode() for path, body in bodies.items()}  # encoded here, not on the clock
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    health: list[tuple[int, float]] = []  # (status, seconds) of each /health call meanwhile
-    done = threading.Event()
-
-    def poll_health() -> None:
-        while not done.is_set():
-            start = time.monotonic()
-            status = httpx.get(f"{server.url}/health", timeout=10).status_code
-            health.append((status, time.monotonic() - start))
-            time.sleep(0.02)
-
-    poller = threading.Thread(target=poll_health)
+    rounds = []
     try:
-        poller.start()
-        for path, content in raw.items():
-            start = time.monotonic()
-            r = httpx.post(f"{server.url}{path}", content=content, timeout=60,
-                           headers={**AUTH, "Content-Type": "application/json"})
-            elapsed = time.monotonic() - start
-            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
-            assert f"maximum context length is {MAX_MODEL_LEN} tokens" in r.json()["error"]["message"]
-            assert elapsed < 2.0, f"{path}: {elapsed:.2f} s"
+        for _ in range(2):
+            posts, health = _huge_prompt_round(server.url, raw)
+            rounds.append((posts, max(health)))
+            if max(posts.values()) < 2.0 and max(health) < 1.0:
+                break
     finally:
-        done.set()
-        poller.join(timeout=30)
         for p in burners:
             p.kill()
             p.wait()
-    assert len(health) >= 3 and all(status == 200 for status, _ in health), health
-    assert max(seconds for _, seconds in health) < 1.0, health
+    posts, health_max = rounds[-1]
+    assert max(posts.values()) < 2.0 and health_max < 1.0, rounds
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
