@@ -11,6 +11,9 @@ shard of the batch's KV, its linear-attention states read and written) over the 
         --sp-size 1 2 --graphs on off --overlap on off --out benchmarks/results/decode_h200.json \\
         --plot benchmarks/results/decode.png
 
+``--quantization none fp8`` and ``--kv-cache-dtype auto fp8_e4m3`` run each weight / KV format as its own config
+(FP8 weights: random weights quantized per channel at load); every row records the KV tokens the engine holds.
+
 With ``SERVER_STEP_PROFILE=1`` in the environment, rank 0's host time per stage of the timed steps is printed per
 cell, and every worker logs its own at shutdown (:mod:`server.engine.step_profile`).
 
@@ -39,6 +42,7 @@ from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
 from server.engine.step_profile import PROFILE  # noqa: E402
+from server.layers.moe import FusedMoE  # noqa: E402
 from server.models.common import GatedMLP  # noqa: E402
 
 
@@ -63,9 +67,15 @@ def copy_gbps(device: torch.device) -> float | None:
 
 def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False) -> int:
     """Bytes one decode step reads on rank 0: weights, its KV shard of every request, the states (read + write).
-    ``split_mlp``: the step split the dense MLPs over the SP ranks (each reads 1/sp of their weights)."""
+    ``split_mlp``: the step split the dense MLPs over the SP ranks (each reads 1/sp of their weights). Of a MoE
+    layer's experts only those the batch's tokens choose must be read: with top-k of E chosen uniformly, the
+    expected share is ``1 - (1 - k/E)^batch``."""
     r = engine.runner
     weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    for m in r.model.modules():
+        if isinstance(m, FusedMoE):
+            unread = (1 - m.top_k / m.num_experts) ** batch
+            weights -= int(unread * sum(p.numel() * p.element_size() for p in (m.w13, m.w2)))
     if split_mlp:
         mlp = sum(p.numel() * p.element_size() for m in r.model.modules() if isinstance(m, GatedMLP)
                   for p in m.parameters())
@@ -98,14 +108,13 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
     times = []
     graphs = engine.runner.graphs
     split_before = graphs.split_steps if graphs else 0
-    if PROFILE:
-        PROFILE.reset()
+    PROFILE.reset()
     for _ in range(steps):
         t0 = time.perf_counter()
         outs = engine.step()
         times.append((time.perf_counter() - t0) * 1e3)
         assert sum(len(o.new_token_ids) for o in outs) == batch, "every request decodes one token per step"
-    if PROFILE:
+    if PROFILE.enabled:
         print(f"rank 0 step profile, context {context} batch {batch}: {PROFILE.table()}", flush=True)
     for rid in rids:
         engine.abort_request(rid)
@@ -116,8 +125,10 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
             "itl_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "prefill_s": prefill_s}
 
 
-def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit) -> None:
+def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit,
+               quant: str = "none", kv_dtype: str = "auto") -> None:
     cfg = EngineConfig(model_path=model_dir(model), load_format="dummy", sp_size=sp, tp_size=args.tp_size,
+                       quantization=None if quant == "none" else quant, kv_cache_dtype=kv_dtype,
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
                        sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
@@ -126,11 +137,14 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str,
     started = time.perf_counter()
     engine = Engine(cfg)
     startup_s = time.perf_counter() - started
+    kv_tokens = (engine.runner.num_pages - 1) * cfg.page_size * sp  # every SP rank holds its shard
     try:
         cells = [(c, b) for c in args.context for b in args.batch]
-        for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs} overlap={overlap}", mininterval=5):
+        desc = f"{model} sp={sp} graphs={graphs} overlap={overlap} weights={quant} kv={kv_dtype}"
+        for context, batch in tqdm(cells, desc=desc, mininterval=5):
             row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
                    "graphs": graphs == "on", "overlap": overlap == "on", "sp_split_mlp": split == "on",
+                   "quantization": quant, "kv_cache_dtype": kv_dtype, "kv_tokens": kv_tokens,
                    "startup_s": startup_s}
             try:
                 row.update(measure_cell(engine, context, batch, args.decode_steps, seed=len(args.batch)))
@@ -183,6 +197,10 @@ def main() -> None:
     ap.add_argument("--sp-split-mlp", nargs="+", default=["on"], choices=["on", "off"],
                     help="sp > 1: dense MLPs split over the SP ranks in decode steps of replicated requests (the "
                          "engine's default) and / or not")
+    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
+                    help="weights: none (the model dtype) and/or fp8 (per-channel FP8 GEMMs), each a config")
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8_e4m3"],
+                    help="KV pages: auto (the model dtype) and/or fp8_e4m3, each a config")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -194,19 +212,22 @@ def main() -> None:
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                for overlap, split in itertools.product(args.overlap, args.sp_split_mlp if sp > 1 else ["on"]):
+                for overlap, split, quant, kv_dtype in itertools.product(
+                        args.overlap, args.sp_split_mlp if sp > 1 else ["on"], args.quantization,
+                        args.kv_cache_dtype):
                     try:
-                        run_config(args, model, sp, graphs, overlap, split, gbps, emit)
+                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, quant, kv_dtype)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
                               "overlap": overlap == "on", "context": None, "batch": None,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
-    print("| model | sp | tp | context | batch | graphs | overlap | split MLP steps | ITL ms (p50 / p99) | floor ms "
-          "| of floor |")
-    print("|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|")
+    print("| model | weights | KV | KV tokens | sp | tp | context | batch | graphs | overlap | split MLP steps "
+          "| ITL ms (p50 / p99) | floor ms | of floor |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|---:|")
     for r in rows:
-        cell = (f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+        cell = (f"| {r['model']} | {r.get('quantization', '')} | {r.get('kv_cache_dtype', '')} | "
+                f"{r.get('kv_tokens', '')} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
                 f"{r['overlap']} | {r.get('split_mlp_steps', '')} | ")
         if "itl_ms" not in r:
             print(cell + "skipped | | |")

@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch loads only where a device is asked for: `launch_server.py --help` stays fast
     import torch
 
+
+class CommMode(str, enum.Enum):
+    """How a split chunk's layers see the other SP ranks: ``ring`` passes KV (softmax) or states (LASP / GDN) from
+    rank to rank; ``allgather`` gathers every rank's KV (softmax) or chunk messages (LASP-2 / GDN) at once."""
+
+    RING = "ring"
+    ALLGATHER = "allgather"
+
+
+class CudaGraphMode(str, enum.Enum):
+    """``auto``: capture decode graphs on CUDA; ``off``; ``eager``: pad decode steps into the graphs' static
+    buffers but run them eagerly (any device: how the CPU tests cover the graph path)."""
+
+    AUTO = "auto"
+    OFF = "off"
+    EAGER = "eager"
+
+
+class UlyssesLayers(str, enum.Enum):
+    """Which layers of a split chunk run on the Ulysses mesh: ``all``, or ``linear`` (lightning, GDN; softmax layers
+    then run the plain ring over the whole SP group)."""
+
+    ALL = "all"
+    LINEAR = "linear"
+
+
 ATTENTION_BACKENDS = ("auto", "flashinfer", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-CUDA_GRAPH_MODES = ("auto", "off", "eager")
-ULYSSES_LAYERS = ("all", "linear")
+CUDA_GRAPH_MODES = tuple(m.value for m in CudaGraphMode)
+ULYSSES_LAYERS = tuple(m.value for m in UlyssesLayers)
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+# fields given as strings (flags, keyword arguments) and held as these enums
+_ENUM_FIELDS = {"ring_mode": CommMode, "lasp_mode": CommMode, "cuda_graph": CudaGraphMode,
+                "ulysses_layers": UlyssesLayers}
 
 
 @dataclass(frozen=True)
@@ -28,6 +60,10 @@ class EngineConfig:
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if fp32), float32 on CPU
     load_format: str = "auto"
+    # None: as the checkpoint is (FP8 checkpoints run FP8); "fp8": also quantize a high-precision checkpoint's linear
+    # weights per channel at load (docs/kernels.md, "FP8 GEMMs")
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8_e4m3: KV pages in FP8 with per-tensor scales
     sp_size: int = 1
     tp_size: int = 1
     ulysses_degree: int = 1  # U: the SP group is a U x (sp / U) mesh for split prefill chunks; 1 = the plain ring
@@ -65,6 +101,12 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
 
+    def __post_init__(self) -> None:
+        for name, kind in _ENUM_FIELDS.items():  # an unknown value stays as given: validate() names the flag
+            value = getattr(self, name)
+            if value in {m.value for m in kind}:
+                object.__setattr__(self, name, kind(value))
+
     @property
     def world_size(self) -> int:
         return self.sp_size * self.tp_size
@@ -90,6 +132,10 @@ class EngineConfig:
                 self.ulysses_degree >= 1 and self.sp_size % self.ulysses_degree == 0,
                 f"--ulysses-degree must be >= 1 and divide --sp-size {self.sp_size}, got {self.ulysses_degree}",
             ),
+            (self.quantization is None or self.quantization in QUANTIZATIONS,
+             f"--quantization must be one of {QUANTIZATIONS} or left out, got {self.quantization!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"),
             (self.ulysses_layers in ULYSSES_LAYERS,
              f"--ulysses-layers must be one of {ULYSSES_LAYERS}, got {self.ulysses_layers!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),

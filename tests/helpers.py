@@ -100,7 +100,7 @@ def tiny_config(arch: str, **over):
         cfg = tf.Qwen2Config(**{**COMMON, "num_hidden_layers": 2, **over})
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, **over})
-    elif arch.startswith("minimax"):
+    elif arch.startswith("minimax") and arch != "minimax_m2":
         n = 8 if arch == "minimax_7to1" else 4
         types = {"minimax_7to1": ["linear_attention"] * 7 + ["full_attention"],
                  "minimax_linear": ["linear_attention"] * n}.get(arch,
@@ -110,6 +110,19 @@ def tiny_config(arch: str, **over):
                                   "full_attn_alpha_factor": 1.1, "full_attn_beta_factor": 0.9,
                                   "linear_attn_alpha_factor": 0.8, "linear_attn_beta_factor": 1.2,
                                   "mlp_alpha_factor": 1.05, "mlp_beta_factor": 0.95, **over})
+    elif arch == "qwen3_moe":  # the second layer dense (mlp_only_layers); 6 experts: not a multiple of 4 or 8 ranks
+        cfg = tf.Qwen3MoeConfig(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, "num_experts": 6,
+                                   "num_experts_per_tok": 2, "moe_intermediate_size": 24, "norm_topk_prob": True,
+                                   "mlp_only_layers": [1], **over})
+    elif arch == "minimax_m2":  # partial rotary (12 of 24), sigmoid routing with a correction bias
+        cfg = tf.MiniMaxM2Config(**{**COMMON, "intermediate_size": 24, "head_dim": 24, "rotary_dim": 12,
+                                    "num_hidden_layers": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
+                                    "bos_token_id": None, "eos_token_id": None, **over})
+    elif arch == "glm4_moe":  # a dense first layer, grouped routing (3 groups of 2, best 2 compete), shared expert
+        cfg = tf.Glm4MoeConfig(**{**COMMON, "head_dim": 24, "num_hidden_layers": 2, "n_routed_experts": 6,
+                                  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_group": 3,
+                                  "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
+                                  "use_qk_norm": True, "attention_bias": True, **over})
     elif arch == "qwen3_5_vl":  # a vision-language checkpoint whose language model is qwen3_5
         vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=COMMON["hidden_size"],
                       patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
@@ -144,6 +157,10 @@ def save_tiny_model(arch: str, root: str, seed: int = 0, **over) -> str:
     cfg = tiny_config(arch, **over)
     auto = tf.AutoModelForImageTextToText if arch.endswith("_vl") else tf.AutoModelForCausalLM
     model = auto.from_config(cfg, dtype=torch.float32)
+    for name, buf in model.named_buffers():
+        # initialised to zero; a nonzero bias makes the tests see that it steers the choice of experts
+        if name.endswith("e_score_correction_bias"):
+            buf.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return path
 
@@ -155,6 +172,24 @@ def hf_model(path: str):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` (no EOS stop)."""
+    with torch.no_grad():
+        # an explicit mask: otherwise transformers masks prompt tokens equal to pad_token_id
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def transformers_reference(path: str, long: list[int], batch: list[list[int]], max_new_tokens: int) -> tuple:
+    """(checkpoint, prompt logits of ``long`` and of ``batch[1]``, greedy tokens of each of ``batch``) computed by
+    transformers in fp32: the reference :func:`assert_matches_reference` takes."""
+    model = hf_model(path)
+    with torch.no_grad():
+        logits = [model(torch.tensor([ids])).logits[0] for ids in (long, batch[1])]
+    return (path, *logits, [hf_greedy(model, ids, max_new_tokens) for ids in batch])
 
 
 @contextlib.contextmanager
@@ -178,3 +213,84 @@ def torch_gdn_reference():
     finally:
         for mod, fn, original in swapped:
             setattr(mod, fn, original)
+
+
+# ---- FP8 checkpoints -------------------------------------------------------------------------------------------
+def fp8_quantize_blocks(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> FP8 ``q`` and fp32 ``scale [ceil(N/bn), ceil(K/bk)]`` (``w ~= q * scale`` blockwise; the
+    last blocks may be short), as block-scaled FP8 checkpoints store them (``weight_scale_inv``)."""
+    n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.nn.functional.pad(w.float(), (0, kb * bk - k, 0, nb * bn - n)).view(nb, bn, kb, bk)
+    scale = padded.abs().amax(dim=(1, 3)) / 448.0
+    q = (padded / scale[:, None, :, None]).view(nb * bn, kb * bk)[:n, :k].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    n, k = q.shape
+    return q.float() * scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+
+
+def is_fp8_linear_weight(name: str) -> bool:
+    """The projection and expert weights FP8 checkpoints quantize (not embeddings, LM head, norms or routers)."""
+    return name.endswith(".weight") and ("_proj." in name or ".experts." in name)
+
+
+def save_fp8_model(arch: str, root: str, scheme: str, block: tuple[int, int] = (32, 16),
+                   keep: tuple[str, ...] = (), **over) -> tuple[str, str]:
+    """An FP8 checkpoint made from the tiny random ``arch`` checkpoint, and its dequantized fp32 twin (what
+    ``transformers`` runs as the reference). ``scheme``: ``block`` (``quant_method: fp8``, ``weight_block_size``
+    ``block``, ``weight_scale_inv``), ``channel`` or ``tensor`` (compressed-tensors, ``weight_scale``, dynamic
+    per-token activations). Weights whose names contain a ``keep`` fragment stay fp32 and are listed in the
+    config's ``modules_to_not_convert`` / ``ignore``."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model(arch, root, **over)
+    tag = f"{arch}_fp8_{scheme}_{block[0]}x{block[1]}" + ("_keep" if keep else "")
+    fp8_dir, ref_dir = os.path.join(root, tag), os.path.join(root, tag + "_dequantized")
+    if os.path.isfile(os.path.join(fp8_dir, "config.json")):
+        return fp8_dir, ref_dir
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out, ref, kept = {}, {}, []
+    for name, w in tensors.items():
+        module = name.removesuffix(".weight")
+        if not is_fp8_linear_weight(name) or w.dim() != 2:
+            out[name] = ref[name] = w
+            continue
+        if any(k in name for k in keep):
+            out[name] = ref[name] = w
+            kept.append(module)
+            continue
+        if scheme == "block":
+            q, scale = fp8_quantize_blocks(w, *block)
+            out[module + ".weight_scale_inv"] = scale
+            ref[name] = fp8_dequantize_blocks(q, scale, *block)
+        else:
+            bn = w.shape[0] if scheme == "tensor" else 1
+            q, scale = fp8_quantize_blocks(w, bn, w.shape[1])
+            out[module + ".weight_scale"] = scale.reshape(-1) if scheme == "tensor" else scale
+            ref[name] = fp8_dequantize_blocks(q, scale, bn, w.shape[1])
+        out[name] = q
+    for d in (fp8_dir, ref_dir):
+        shutil.copytree(src, d)
+    save_file(out, os.path.join(fp8_dir, "model.safetensors"))
+    save_file(ref, os.path.join(ref_dir, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    if scheme == "block":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(block), "modules_to_not_convert": kept}
+    else:
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", *kept],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": scheme, "symmetric": True, "dynamic": False},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+    with open(os.path.join(fp8_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return fp8_dir, ref_dir

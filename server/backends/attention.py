@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.config import CommMode
 from server.forward.context import AttentionStepMeta, LocalEntry, RingEntry
 from server.kernels import ops
-from server.kernels.ops import Run
+from server.runs import Run
 from server.sp.groups import ParallelState
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, packed_partials, ring_attention
 from server.sp.ulysses import UlyssesMesh
@@ -53,6 +54,7 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
     scale: float
+    kv_dtype: torch.dtype | None = None  # the KV pages' dtype when it is not the model's (FP8)
 
 
 def local_kind(num_rows: int, kv_len: int, stores: bool) -> str:
@@ -180,8 +182,9 @@ def sort_into_batches(entries: list[LocalEntry], page_size: int, device: torch.d
 
 
 class AttentionBackend:
-    """A backend: how batches and ring pieces are computed. Subclasses implement :meth:`run_batch` and
-    :meth:`attention_runs`, and may plan kernels in :meth:`plan_batches` (called once per step)."""
+    """A backend: how batches and ring pieces are computed. Subclasses implement :meth:`run_batch`,
+    :meth:`attention_runs` and :meth:`graph_decode` (the CUDA-graph form: capture and replay go through its
+    backends), and may plan kernels in :meth:`plan_batches` (called once per step)."""
 
     name = "base"
 
@@ -208,6 +211,11 @@ class AttentionBackend:
     def attention_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run],
                        k_runs: list[Run], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Position-run attention (:func:`server.kernels.ops.attention_runs` semantics) for the ring's blocks."""
+        raise NotImplementedError
+
+    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
+        """Backends for CUDA-graph decode steps, one per batch-size bucket, each reading fixed index buffers that its
+        :meth:`plan_batches` refills before a replay (``max_pages``: the longest page table of a request)."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -255,9 +263,9 @@ class StepAttention:
             if e.ulysses is not None:
                 out[rows] = self._ulysses_split(e, q[rows], k[rows], v[rows], cache, scale)
                 continue
-            k_shard, v_shard = cache.read(e.page_table, e.shard_len)
+            k_shard, v_shard = cache.read(e.page_table, e.shard_len)  # FP8 pages travel as they are stored
             out[rows], _ = self._ring_fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
-                                         attn_fn=self.backend.attention_runs)
+                                         attn_fn=self._attn_fn(cache, q.dtype))
         if meta.merge_rows is not None:
             out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
@@ -271,9 +279,19 @@ class StepAttention:
         return self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
                                       batch.take(v) if ragged else None, cache, scale)
 
+    def _attn_fn(self, cache, dtype: torch.dtype):
+        """The backend's position-run attention, reading FP8 K/V blocks (the ring's, as received) dequantized."""
+        if not cache.fp8:
+            return self.backend.attention_runs
+
+        def attend(q, k, v, q_runs, k_runs, scale):
+            return self.backend.attention_runs(q, *cache.dequantize(k, v, dtype), q_runs, k_runs, scale)
+
+        return attend
+
     @property
     def _ring_fn(self):
-        return ring_attention if self.meta.ring_mode == "ring" else allgather_kv_attention
+        return ring_attention if self.meta.ring_mode == CommMode.RING else allgather_kv_attention
 
     def _ulysses_split(self, e: RingEntry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
                        scale: float) -> torch.Tensor:
@@ -286,7 +304,7 @@ class StepAttention:
             return new.o
         k_prefix, v_prefix = cache.read(e.page_table, e.prefix_len)
         o_prefix, lse_prefix = self._ring_fn(q, k_prefix, v_prefix, e.q_runs, e.ulysses.prefix_runs, scale,
-                                             self.backend.pstate, attn_fn=attn_fn)
+                                             self.backend.pstate, attn_fn=self._attn_fn(cache, q.dtype))
         o, lse = new.o.float(), new.lse
         ops.merge_state_into(o, lse, o_prefix, lse_prefix)
         return o.to(q.dtype)

@@ -95,7 +95,7 @@ class Engine:
         self.model_path = config.model_path or builtin_model_path()
         self.model_cfg = read_model_config(self.model_path)
         check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format,
-                                config.ulysses_degree, config.ulysses_layers)
+                                config.ulysses_degree, config.ulysses_layers, config.quantization)
         self.tokenizer_path = config.tokenizer_path or self.model_path
         self.max_model_len = context_length(config, self.model_cfg)
         self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)
@@ -188,17 +188,17 @@ class Engine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
-        if PROFILE:
-            PROFILE.start()
+        PROFILE.start()
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
         if not plan.chunks:
             return outputs + self._resolve()
-        if PROFILE:
-            PROFILE.mark("schedule") if plan.is_decode else PROFILE.cancel()
+        if plan.is_decode:
+            PROFILE.mark("schedule")
+        else:
+            PROFILE.cancel()
         send_message(self.pstate, plan)
-        if PROFILE:
-            PROFILE.mark("send")
+        PROFILE.mark("send")
         self.num_steps += 1
         self.num_prev_token_steps += plan.prev_tokens
         self.last_step = StepCounts(
@@ -218,13 +218,11 @@ class Engine:
         rows, live = zip(*sampled)
         logits = out.logits if len(rows) == out.logits.shape[0] else out.logits[list(rows)]
         outputs += self._sample(logits, list(live))
-        if PROFILE:
-            PROFILE.mark("sample")
+        PROFILE.mark("sample")
         if not self.overlap:
             outputs += self._resolve()
-        if PROFILE:
-            PROFILE.mark("finish")
-            PROFILE.end()
+        PROFILE.mark("finish")
+        PROFILE.end()
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -247,8 +245,7 @@ class Engine:
             return []
         flight, self.inflight = self.inflight, None
         tokens, logprobs = flight.batch.result()
-        if PROFILE:
-            PROFILE.mark("wait")
+        PROFILE.mark("wait")
         outputs = []
         now = time.monotonic()
         for seq, tok, lp in zip(flight.seqs, tokens, logprobs):
@@ -351,7 +348,7 @@ class Engine:
         if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
                 and len(seq.output_ids) >= p.min_tokens:
             reason, matched = "stop", tok
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_ids) >= seq.max_new_tokens:
             reason = "length"
         if reason:
             self.scheduler.finish(seq)

@@ -20,11 +20,12 @@ from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
 from server.engine.request_table import RequestTable
-from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
+from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
 from server.engine.step_profile import PROFILE
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, StepPlan
 from server.kernels import ops
+from server.kernels.fp8 import FP8
 from server.models.config import ModelConfig
 from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
@@ -84,9 +85,11 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
         ops.set_kernel_backend(config.attention_backend)
         torch.manual_seed(config.seed)
-        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
+        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed,
+                                 config.quantization)
         # every layer that keeps per-request state, with what it declares (server/layers/cache_spec.py)
-        self.cache_layers = [(layer, layer.cache_spec()) for layer in self.model.cache_layers()]
+        kv_dtype = FP8 if config.kv_cache_dtype == "fp8_e4m3" else None
+        self.cache_layers = [(layer, layer.cache_spec().with_kv_dtype(kv_dtype)) for layer in self.model.cache_layers()]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         self.snapshot_slots = 0
@@ -167,19 +170,25 @@ class ModelRunner:
         max_pages = -(-self.config_max_len() // self.config.page_size) + 2
         self.table = RequestTable(self.pstate.sp_size, self.pstate.sp_rank, slots, max_pages, self.config.page_size,
                                   self.device)
-        log.info("rank %d: %d KV pages of %d tokens, %d state slots, %s attention", self.pstate.rank, num_pages,
-                 self.config.page_size, self.num_slots, self.backend.name)
+        kv_dtypes = sorted({str(s.kv_dtype or self.dtype).removeprefix("torch.") for _, s in self.cache_layers
+                            if s.paged}) or ["none"]
+        log.info("rank %d: %d KV pages of %d tokens (%d tokens of KV in %s, %.2f GiB), %d state slots, %s attention",
+                 self.pstate.rank, num_pages, self.config.page_size, (num_pages - 1) * self.config.page_size,
+                 "/".join(kv_dtypes), num_pages * self.cache_bytes_per_page() / (1 << 30), self.num_slots,
+                 self.backend.name)
 
     def config_max_len(self) -> int:
         return context_length(self.config, self.model.cfg)
 
     def enable_decode_graphs(self) -> None:
         """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
-        from server.engine.cuda_graphs import DecodeGraphs, graph_mode
+        from server.engine.cuda_graphs import DecodeGraphs, GraphRun, graph_run
 
-        mode = graph_mode(self.config, self.device, self.backend)
-        if mode != "off":
-            self.graphs = DecodeGraphs(self, capture=mode == "capture")
+        mode = graph_run(self.config, self.device)
+        if mode != GraphRun.OFF:
+            self.graphs = DecodeGraphs(self.model, self.pstate, self.config, self.backend, self.table,
+                                       self.scratch_slot, self.num_slots, self.has_kv, mode == GraphRun.CAPTURE,
+                                       self.inputs_copied)
 
     def release(self) -> None:
         """Drop the model and caches so the device memory returns to the allocator's free pool."""
@@ -208,33 +217,26 @@ class ModelRunner:
         self._copy(plan)
         if plan.prev_tokens and self.pstate.world_size > 1:
             dist.broadcast(self.last_tokens, src=0)
-        if PROFILE:
-            PROFILE.mark("apply")
+        PROFILE.mark("apply")
         if self.graphs is not None and plan.is_decode:
-            out = self.graphs.run(plan)
+            out = self.graphs.run(plan, self.last_tokens if plan.prev_tokens else None)
             if out is not None:
                 hidden, step = out
                 result = self._outputs(hidden, plan, step.chunks)
-                if PROFILE:
-                    PROFILE.mark("logits")
+                PROFILE.mark("logits")
                 return result
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
                                self.mesh.ulysses_degree, self.config.ulysses_layers)
         if plan.prev_tokens:
-            self.take_prev_tokens(rows.input_ids)
+            take_prev_tokens(rows.input_ids, self.last_tokens)
         ctx = self.context(rows)
         self.inputs_copied()
         hidden = self.model(ctx)
-        if PROFILE:
-            PROFILE.mark("forward")
+        PROFILE.mark("forward")
         if plan.all_logits:
             every = self._rows_on_driver(hidden, plan, lambda c: c.num_new)
             return None if every is None else StepOutput(self.model.compute_logits(every))
         return self._outputs(hidden, plan, rows.chunks)
-
-    def take_prev_tokens(self, ids: torch.Tensor) -> None:
-        """Replace, in place, the token ids -(i + 1) of ``ids`` by the previous step's sampled token i."""
-        ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
 
     def inputs_copied(self) -> None:
         """Mark the step's inputs as copied to the device (see ``_inputs_copied``)."""
@@ -276,8 +278,8 @@ class ModelRunner:
         sampled = sorted((lc for lc in chunks if lc.chunk.sample), key=lambda lc: lc.index)
         if not sampled:
             return None
-        counts = [sum(1 for lc in sampled if lc.chunk.holder == r) for r in range(ps.sp_size)]
-        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.holder == ps.sp_rank]
+        counts = [sum(1 for lc in sampled if lc.chunk.sample_rank == r) for r in range(ps.sp_size)]
+        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.sample_rank == ps.sp_rank]
         if mine == list(range(len(mine))):  # decode: the first rows, in order
             rows = hidden[: len(mine)]
         else:
@@ -289,7 +291,7 @@ class ModelRunner:
             taken = [0] * ps.sp_size
             ordered = []
             for lc in sampled:
-                r = lc.chunk.holder
+                r = lc.chunk.sample_rank
                 ordered.append(parts[r][taken[r]])
                 taken[r] += 1
             rows = torch.stack(ordered)

@@ -3,7 +3,7 @@
 Every function here returns the partial-attention pair ``(o, lse)``: ``o [Nq, Hq, Dv]`` in q's dtype and
 ``lse [Nq, Hq]`` fp32 in base 2 (-inf where a query sees no key), exactly what one ``attn_fn`` call over the
 union of all ranks' KV would return. Visibility is by global position (key j is visible to query i iff
-``pos(k_j) <= pos(q_i)``), described by runs ``(row_start, length, pos_start)`` (:data:`server.kernels.ops.Run`).
+``pos(k_j) <= pos(q_i)``), described by runs ``(row_start, length, pos_start)`` (:mod:`server.runs`).
 
 - :func:`ring_attention`: pass-KV ring, the default for SP prefill. Each rank sends on the block it holds while
   it attends to it; partials are merged in fp32 as they arrive.
@@ -13,7 +13,9 @@ union of all ranks' KV would return. Visibility is by global position (key j is 
   attended to its local shard; one all-gather of ``(o, lse)`` and a merge.
 
 Each TP rank holds its own KV heads, so all traffic stays inside the SP group (peers with the same tp_rank).
-K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received.
+K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received. FP8 K/V
+(an FP8 KV cache) travel as they are stored, half the bytes of bf16, as raw bytes (no collective backend needs to
+know the dtype); ``attn_fn`` dequantizes them with the layer's per-tensor scales, which every rank holds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from server.kernels import ops
-from server.kernels.ops import Run
+from server.kernels.fp8 import raw_bytes
+from server.runs import Run, runs_rows
 from server.sp.groups import ParallelState
 
 # attn_fn(q, k, v, q_runs, k_runs, scale) -> (o, lse): the contract of ops.attention_runs.
@@ -34,15 +37,11 @@ AttnFn = Callable[
 ]
 
 
-def _n_rows(runs: list[Run]) -> int:
-    return sum(n for _, n, _ in runs)
-
-
 def _shard_rows(k: torch.Tensor, kv_runs_per_rank: list[list[Run]], pstate: ParallelState) -> list[int]:
     """Rows of every SP rank's KV shard; checks that the local shard matches its runs."""
     if len(kv_runs_per_rank) != pstate.sp_size:
         raise ValueError(f"kv_runs_per_rank has {len(kv_runs_per_rank)} entries, expected sp_size={pstate.sp_size}")
-    rows = [_n_rows(runs) for runs in kv_runs_per_rank]
+    rows = [runs_rows(runs) for runs in kv_runs_per_rank]
     if k.shape[0] != rows[pstate.sp_rank]:
         raise ValueError(f"local KV has {k.shape[0]} rows but kv_runs_per_rank[{pstate.sp_rank}] describes "
                          f"{rows[pstate.sp_rank]}")
@@ -87,8 +86,8 @@ def _post_ring_transfer(
     Every rank posts all four ops every step, empty blocks included, so the ring stays in lock-step.
     """
     nxt, prev = pstate.sp_peer(pstate.sp_rank + 1), pstate.sp_peer(pstate.sp_rank - 1)
-    ops_ = [dist.P2POp(dist.isend, t, nxt, pstate.sp_group) for t in kv]
-    ops_ += [dist.P2POp(dist.irecv, t, prev, pstate.sp_group) for t in incoming]
+    ops_ = [dist.P2POp(dist.isend, raw_bytes(t), nxt, pstate.sp_group) for t in kv]
+    ops_ += [dist.P2POp(dist.irecv, raw_bytes(t), prev, pstate.sp_group) for t in incoming]
     return dist.batch_isend_irecv(ops_)
 
 
@@ -152,7 +151,7 @@ def allgather_kv_attention(
     rows = _shard_rows(k, kv_runs_per_rank, pstate)
     if pstate.sp_size == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    k_shards, v_shards = (pstate.sp_all_gather(_pad_rows(t, max(rows))) for t in (k, v))
+    k_shards, v_shards = (pstate.sp_all_gather(_pad_rows(raw_bytes(t), max(rows))) for t in (k, v))
     visible = [i for i, shard_runs in enumerate(kv_runs_per_rank) if _any_visible(q_runs, shard_runs)]
     if not visible:
         return _no_keys(q, v.shape[2])
@@ -160,8 +159,8 @@ def allgather_kv_attention(
     for i in visible:
         runs.extend((row + offset, length, pos) for row, length, pos in kv_runs_per_rank[i])
         offset += rows[i]
-    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible])
-    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible])
+    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible]).view(k.dtype)
+    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible]).view(v.dtype)
     return attn_fn(q, k_all, v_all, q_runs, runs, scale)
 
 
