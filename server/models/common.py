@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from server.kernels import ops
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from server.layers.linear import MergedColumnSeqParallelLinear, RowSeqParallelLinear, default_weight_loader
+from server.layers.linear import (
+    MergedColumnSeqParallelLinear,
+    RowSeqParallelLinear,
+    as_tensor,
+    default_weight_loader,
+)
 from server.layers.norm import RMSNorm
 from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
@@ -65,6 +70,35 @@ class GatedMLP(nn.Module):
         h = torch.nn.functional.linear(ops.silu_and_mul(h), self.down_proj.weight[:, r * part : (r + 1) * part])
         h = self.pstate.sp_all_reduce(self.pstate.tp_all_reduce(h))
         return h if self.down_proj.bias is None else h + self.down_proj.bias
+
+
+def dispatch_expert_weights(weights: Iterable[tuple[str, object]], params: dict[str, nn.Parameter],
+                            target: str) -> Iterator[tuple[str, object]]:
+    """Per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` or fused ``mlp.experts.gate_up_proj [E, 2I, H]`` /
+    ``mlp.experts.down_proj [E, H, I]`` checkpoint tensors go to the stacked ``{layer}{target}.w13`` / ``.w2``
+    parameters of a :class:`server.layers.moe.FusedMoE`; every other tensor is passed on."""
+    for name, t in weights:
+        base = name.removeprefix("model.")
+        if ".mlp.experts." not in base:
+            yield name, t
+            continue
+        prefix, rest = base.split(".mlp.experts.")
+        w13, w2 = params[prefix + target + ".w13"], params[prefix + target + ".w2"]
+        if rest in ("gate_up_proj", "down_proj"):
+            full = as_tensor(t)
+            inter = full.shape[-1] if rest == "down_proj" else full.shape[1] // 2
+            for e in range(full.shape[0]):
+                if rest == "down_proj":
+                    w2.weight_loader(w2, full[e], e)
+                else:
+                    w13.weight_loader(w13, full[e, :inter], (e, 0))
+                    w13.weight_loader(w13, full[e, inter:], (e, 1))
+            continue
+        expert, which, _ = rest.split(".")
+        if which == "down_proj":
+            w2.weight_loader(w2, t, int(expert))
+        else:
+            w13.weight_loader(w13, t, (int(expert), 0 if which == "gate_proj" else 1))
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], rules: list[tuple[str, str, object]],

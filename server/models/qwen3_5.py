@@ -37,7 +37,7 @@ from server.layers.linear import (
 from server.layers.moe import SharedExpertMoE
 from server.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from server.layers.rotary import RotaryEmbedding
-from server.models.common import QKV_RULES, CausalLM, GatedMLP
+from server.models.common import QKV_RULES, CausalLM, GatedMLP, dispatch_expert_weights
 from server.models.config import ModelConfig, MoEConfig
 from server.sp.groups import ParallelState
 
@@ -245,33 +245,8 @@ class Qwen3_5ForCausalLM(CausalLM):
                 elif not name.startswith("mtp."):
                     yield name.replace("model.language_model.", "model."), t
 
-        def dispatch_experts(weights):
-            """Per-expert ``experts.{e}.{gate,up,down}_proj.weight`` or fused ``experts.gate_up_proj [E, 2I, H]`` /
-            ``experts.down_proj [E, H, I]`` go to the stacked expert parameters."""
-            for name, t in weights:
-                base = name.removeprefix("model.")
-                if ".mlp.experts." not in base:
-                    yield name, t
-                    continue
-                prefix, rest = base.split(".mlp.experts.")
-                w13, w2 = params[prefix + ".mlp.moe.experts.w13"], params[prefix + ".mlp.moe.experts.w2"]
-                if rest in ("gate_up_proj", "down_proj"):
-                    full = as_tensor(t)
-                    inter = full.shape[-1] if rest == "down_proj" else full.shape[1] // 2
-                    for e in range(full.shape[0]):
-                        if rest == "down_proj":
-                            w2.weight_loader(w2, full[e], e)
-                        else:
-                            w13.weight_loader(w13, full[e, :inter], (e, 0))
-                            w13.weight_loader(w13, full[e, inter:], (e, 1))
-                    continue
-                expert, which, _ = rest.split(".")
-                if which == "down_proj":
-                    w2.weight_loader(w2, t, int(expert))
-                else:
-                    w13.weight_loader(w13, t, (int(expert), 0 if which == "gate_proj" else 1))
-
-        self.load_checkpoint(dispatch_experts(language_model_only(weights)), QKV_RULES + RULES,
+        self.load_checkpoint(dispatch_expert_weights(language_model_only(weights), params, ".mlp.moe.experts"),
+                             QKV_RULES + RULES,
                              ignore=("rotary_emb.inv_freq",))
         if skipped_vision:
             log.info("serving the language model only: skipped %d vision-tower tensors", len(skipped_vision))
