@@ -64,7 +64,8 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         self.pstate = pstate
         self.heads = divide(num_heads, pstate.tp_size, "the number of attention heads")
-        self.nope, self.rope_dim, self.v_dim, self.kv_lora = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.kv_lora = kv_lora_rank
         qk = qk_nope_head_dim + qk_rope_head_dim
         if q_lora_rank:
             self.q_a_proj = ReplicatedLinear(hidden, q_lora_rank, bias, dtype)
