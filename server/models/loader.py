@@ -18,6 +18,7 @@ from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
+from server.models.kimi_linear import KimiLinearForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -39,6 +40,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "KimiLinearForCausalLM": KimiLinearForCausalLM,
 }
 
 
