@@ -165,8 +165,8 @@ class KimiLinearForCausalLM(CausalLM):
             if m and self.layers[int(m.group(1))].is_linear:
                 name = name.replace(".self_attn.", ".linear_attn.")
             name = name.replace(".block_sparse_moe.", ".mlp.")
-            name = re.sub(r"\.experts\.(\d+)\.(w[123])\.", lambda e: f".experts.{e.group(1)}.{EXPERT_NAMES[e.group(2)]}.",
-                          name)
+            name = re.sub(r"\.experts\.(\d+)\.(w[123])\.",
+                          lambda e: f".experts.{e.group(1)}.{EXPERT_NAMES[e.group(2)]}.", name)
             yield name, t
 
     def load_weights(self, weights) -> None:
