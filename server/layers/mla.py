@@ -43,6 +43,24 @@ def yarn_softmax_mscale(rope: dict | None) -> float:
     return (0.1 * m * math.log(factor) + 1.0) ** 2
 
 
+class LatentPagedCache:
+    """One MLA layer's latent pages on this rank: ``[num_pages, page_size, kv_lora_rank + rope_dim]``, each row a
+    token's ``[c_kv | k_pe]`` shared by all heads (the input of the absorbed decode,
+    :func:`server.sp.mla_sp.mla_decode_over_sp`)."""
+
+    def __init__(self, num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.kv_lora_rank = kv_lora_rank
+        self.pages = torch.zeros(num_pages, page_size, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+
+    def write(self, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        self.pages.view(-1, self.pages.shape[-1])[slots] = torch.cat([c_kv, k_pe], dim=-1).to(self.pages.dtype)
+
+    def read(self, page_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.pages[page_table].view(-1, self.pages.shape[-1])[:length]
+        return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
+
+
 class ReplicatedLinear(nn.Module):
     """``y = x W^T (+ b)`` with the whole W on every rank (small down projections)."""
 
