@@ -121,7 +121,7 @@ class Engine:
         if self.overlap is None:
             self.overlap = self.device.type == "cuda" or config.world_size == 1
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
-                                   bool(self.runner.lightning_layers or self.runner.gdn_layers),
+                                   self.runner.has_state,
                                    self.runner.snapshot_slots)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
@@ -351,7 +351,7 @@ class Engine:
         if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
                 and len(seq.output_ids) >= p.min_tokens:
             reason, matched = "stop", tok
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_ids) >= seq.max_new_tokens:
             reason = "length"
         if reason:
             self.scheduler.finish(seq)
@@ -365,7 +365,7 @@ class Engine:
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         prefix = self.cache.prefix
-        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
+        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

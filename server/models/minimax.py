@@ -76,7 +76,7 @@ class LightningBlock(nn.Module):
         # The reference normalizes the lightning output with its default eps, not rms_norm_eps.
         self.norm = TPRMSNorm(heads * d, 1e-6, pstate, dtype)
         slopes = minimax_slopes(heads, layer_idx, cfg.num_layers)
-        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h])
+        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h], d)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if ctx.seq_sharded:  # gather the tokens once for both column layers
