@@ -7,10 +7,14 @@ Per token the layer projects a latent ``c_kv = RMSNorm(W_DKV x)`` (``kv_lora_ran
 square of yarn's ``mscale(factor, mscale_all_dim)`` where the config scales RoPE by yarn (as the reference does).
 Kimi-Linear's layers apply no rotation (``rope=None``) but keep the shared ``k_pe`` part.
 
-This layer runs the expanded form through the engine's softmax attention: K is ``[k_nope | k_pe]`` per head and V
-is zero-padded to the same head size (zero columns add nothing to the output, which is cut back to
-``v_head_dim``), so the ring, all-gather-KV mode, paged decode, the SP decode merge, CUDA graphs and the prefix
-cache serve MLA unchanged; the paged cache holds the expanded K/V of this rank's heads.
+The cache holds latents, not per-head K/V (:class:`LatentKVSpec`): ``[c_kv | k_pe]``, ``L + R`` values per token
+for all heads (576 at DeepSeek-V3's shapes, against 128 x (192 + 128) expanded). Attention runs in the absorbed
+form through the engine's softmax attention as MQA: each head's query ``[W_UK_h^T q_nope_h | q_pe_h]`` against the
+one latent key head, the latent as the value; the ring (and all-gather-KV mode) passes latent blocks, paged decode
+reads latent pages, replicated rows merge over SP in latent space (``o_lat`` is linear in the probabilities), CUDA
+graphs and the prefix cache (latent pages) work unchanged; one up-projection ``o_h = W_UV_h o_lat`` follows.
+:mod:`server.sp.mla_sp` has the expanded-per-block ring (``k_nope = W_UK c_kv``, ``v = W_UV c_kv`` on the rank
+that receives a block) for comparison.
 
 TP: heads split over TP (``q_b_proj`` / ``q_proj`` and ``kv_b_proj`` column-split by head, ``o_proj`` row-split);
 the down projections ``q_a_proj`` and ``kv_a_proj_with_mqa`` and their norms are small and replicated.
@@ -25,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.forward.context import ForwardContext
+from server.kernels.mla_ref import mla_absorb_queries, mla_up_project
 from server.layers.attention import Attention
+from server.layers.cache_spec import PagedKVSpec
 from server.layers.linear import ColumnSeqParallelLinear, RowSeqParallelLinear, divide
 from server.layers.norm import RMSNorm
 from server.layers.rotary import RotaryEmbedding
@@ -43,22 +49,50 @@ def yarn_softmax_mscale(rope: dict | None) -> float:
     return (0.1 * m * math.log(factor) + 1.0) ** 2
 
 
-class LatentPagedCache:
-    """One MLA layer's latent pages on this rank: ``[num_pages, page_size, kv_lora_rank + rope_dim]``, each row a
-    token's ``[c_kv | k_pe]`` shared by all heads (the input of the absorbed decode,
-    :func:`server.sp.mla_sp.mla_decode_over_sp`)."""
+class LatentKVCache:
+    """One MLA layer's latent pages on this rank: ``[num_pages, page_size, 1, kv_lora_rank + rope_dim]``, each row a
+    token's ``[c_kv | k_pe]`` shared by all heads. In the absorbed form the latent is both the key and (its first
+    ``kv_lora_rank`` columns) the value, so ``k`` and ``v`` are the same tensor and a write stores it once."""
 
-    def __init__(self, num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.kv_lora_rank = kv_lora_rank
-        self.pages = torch.zeros(num_pages, page_size, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+    def __init__(self, num_pages: int, page_size: int, width: int, dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(num_pages, page_size, 1, width, dtype=dtype, device=device)
+        self.v = self.k
 
-    def write(self, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        self.pages.view(-1, self.pages.shape[-1])[slots] = torch.cat([c_kv, k_pe], dim=-1).to(self.pages.dtype)
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.view(-1, *self.k.shape[2:])[slots] = k
 
     def read(self, page_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.pages[page_table].view(-1, self.pages.shape[-1])[:length]
-        return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
+        rows = self.k[page_table].view(-1, *self.k.shape[2:])[:length]
+        return rows, rows
+
+
+class LatentKVSpec(PagedKVSpec):
+    """MLA's paged cache: one ``kv_lora_rank + rope_dim`` latent per token for all heads (:class:`LatentKVCache`).
+    The backend sees MQA: ``num_heads`` query heads, one KV head of the latent's width."""
+
+    def __init__(self, num_heads: int, width: int, scale: float):
+        super().__init__(num_heads, 1, width, scale)
+
+    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
+        return page_size * self.head_dim * (self.kv_dtype or dtype).itemsize
+
+    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> LatentKVCache:
+        return LatentKVCache(units, page_size, self.head_dim, self.kv_dtype or dtype, device)
+
+    def copy(self, cache: LatentKVCache, src: torch.Tensor, dst: torch.Tensor) -> None:
+        cache.k[dst] = cache.k[src]
+
+
+class LatentAttention(Attention):
+    """:class:`Attention` over latent pages (:class:`LatentKVSpec`): queries ``[T, H, L + R]`` in latent space,
+    key = value = the latent ``[T, 1, L + R]``; returns ``o_lat`` ``[T, H, L + R]`` (its first L columns are the
+    attention-weighted latent, the rest is unused)."""
+
+    def __init__(self, num_heads: int, width: int, scale: float):
+        super().__init__(num_heads, 1, width, scale)
+
+    def cache_spec(self) -> LatentKVSpec:
+        return LatentKVSpec(self.num_heads, self.head_dim, self.scale)
 
 
 class ReplicatedLinear(nn.Module):
@@ -102,9 +136,7 @@ class MultiHeadLatentAttention(nn.Module):
         order = torch.cat([torch.arange(0, qk_rope_head_dim, 2), torch.arange(1, qk_rope_head_dim, 2)])
         self.register_buffer("rope_order", order if rope_interleave else torch.arange(qk_rope_head_dim),
                              persistent=False)
-        self.head_dim = max(qk, v_head_dim)
-        scale = qk**-0.5 * yarn_softmax_mscale(rope)
-        self.attn = Attention(self.heads, self.heads, self.head_dim, scale)
+        self.attn = LatentAttention(self.heads, kv_lora_rank + qk_rope_head_dim, qk**-0.5 * yarn_softmax_mscale(rope))
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -121,9 +153,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe, k_pe = q_pe[..., self.rope_order], k_pe[:, self.rope_order].unsqueeze(1)
         if self.rotary is not None:
             q_pe, k_pe = self.rotary(ctx.positions, q_pe.contiguous(), k_pe.contiguous(), ctx.shared)
-        k_nope, v = self.kv_b_proj(c_kv).view(n, h, -1).split([self.nope, self.v_dim], dim=-1)
-        pad_qk, pad_v = self.head_dim - self.nope - self.rope_dim, self.head_dim - self.v_dim
-        q = F.pad(torch.cat([q_nope, q_pe], dim=-1), (0, pad_qk))
-        k = F.pad(torch.cat([k_nope, k_pe.expand(n, h, -1)], dim=-1), (0, pad_qk))
-        o = self.attn(q, k, F.pad(v, (0, pad_v)), ctx)[..., : self.v_dim]
+        kv_b = self.kv_b_proj.weight
+        q_lat = mla_absorb_queries(q_nope, q_pe, kv_b, self.nope, self.v_dim)
+        latent = torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1)  # [T, 1, L + R]: key and value
+        o_lat = self.attn(q_lat, latent, latent, ctx)[..., : self.kv_lora]
+        o = mla_up_project(o_lat, kv_b, self.nope, self.v_dim)
         return self.o_proj(o.reshape(n, -1), ctx.seq_sharded)

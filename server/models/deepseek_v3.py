@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class DeepseekV3Config(ModelConfig):
     """MLA sizes (``q_lora_rank`` None: no q LoRA), the routing of the sparse layers and which layers are sparse.
-    ``head_dim`` is the expanded head size the attention backend sees, ``max(qk_nope + qk_rope, v)``."""
+    ``head_dim`` is the query/key head size ``qk_nope + qk_rope`` (the cache holds latents, see
+    :class:`server.layers.mla.LatentKVSpec`)."""
 
     q_lora_rank: int | None
     kv_lora_rank: int
@@ -55,7 +56,7 @@ class DeepseekV3Config(ModelConfig):
                              "supported (supported: sigmoid with noaux_tc, as DeepSeek-V3, Kimi-K2 and Moonlight)")
         n, qk = raw["num_hidden_layers"], raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]
         own = dict(q_lora_rank=raw.get("q_lora_rank") or None, num_kv_heads=raw["num_attention_heads"],
-                   head_dim=max(qk, raw["v_head_dim"]), rope_interleave=bool(raw.get("rope_interleave", True)),
+                   head_dim=qk, rope_interleave=bool(raw.get("rope_interleave", True)),
                    n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
                    routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
                    num_mtp_layers=raw.get("num_nextn_predict_layers") or 0,

@@ -14,7 +14,7 @@ import torch
 
 from server.kernels.mla_ref import mla_absorb_queries, mla_expand, mla_latent_attention, mla_up_project
 from server.kernels.ops import attention_runs, runs_to_positions
-from server.layers.mla import LatentPagedCache
+from server.layers.mla import LatentKVCache, LatentKVSpec
 from server.sp.groups import ParallelState
 from server.sp.mla_sp import (
     MLA_FORMS,
@@ -63,14 +63,18 @@ def test_absorbed_equals_expanded_on_one_rank() -> None:
 
 
 def test_latent_pages_round_trip_and_ring_bytes() -> None:
-    cache = LatentPagedCache(num_pages=5, page_size=4, kv_lora_rank=L, rope_dim=R, dtype=torch.float32,
-                             device=torch.device("cpu"))
+    spec = LatentKVSpec(num_heads=H, width=L + R, scale=SCALE)
+    cache = spec.allocate(5, 4, torch.float32, torch.device("cpu"))
+    assert spec.unit_bytes(4, torch.float32) == 4 * (L + R) * 4 and spec.geometry == (H, 1, L + R, SCALE)
     _, _, c_kv, k_pe, _ = _inputs(9, 1)
+    latent = torch.cat([c_kv, k_pe], -1).unsqueeze(1)
     pages = torch.tensor([3, 0, 4])
     slots = (pages[:, None] * 4 + torch.arange(4)).flatten()[:9]
-    cache.write(slots, c_kv, k_pe)
-    got_c, got_pe = cache.read(pages, 9)
-    assert torch.equal(got_c, c_kv) and torch.equal(got_pe, k_pe)
+    cache.write(slots, latent, latent)
+    k, v = cache.read(pages, 9)
+    assert torch.equal(k, latent) and v is k  # stored once: key and value are the latent
+    spec.copy(cache, torch.tensor([3]), torch.tensor([1]))
+    assert torch.equal(cache.k[1], cache.k[3])
     # DeepSeek-V3: 576 values per token against 128 heads x (192 + 128) expanded: 71x fewer bytes
     assert mla_ring_bytes_per_token(512, 64, 2) == 1152
     assert expanded_ring_bytes_per_token(128, 192, 128, 2) // mla_ring_bytes_per_token(512, 64, 2) == 71
@@ -110,11 +114,11 @@ def _worker(pstate: ParallelState) -> None:
     q2_nope, q2_pe, c2, pe2, _ = _inputs(n + 2, 3)
     all_c, all_pe = torch.cat([c_kv, c2[n:]]), torch.cat([k_pe, pe2[n:]])
     mine = torch.cat([k_rows, torch.tensor([n, n + 1])]) if r == 0 else k_rows  # rank 0 owns the new tokens
-    cache = LatentPagedCache(num_pages=16, page_size=4, kv_lora_rank=L, rope_dim=R, dtype=torch.float32,
-                             device=torch.device("cpu"))
+    cache = LatentKVCache(num_pages=16, page_size=4, width=L + R, dtype=torch.float32, device=torch.device("cpu"))
     pages = torch.arange(15, 15 - (len(mine) + 3) // 4, -1)
-    cache.write((pages[:, None] * 4 + torch.arange(4)).flatten()[: len(mine)], all_c[mine], all_pe[mine])
-    local_c, local_pe = cache.read(pages, len(mine))
+    latent = torch.cat([all_c[mine], all_pe[mine]], -1).unsqueeze(1)
+    cache.write((pages[:, None] * 4 + torch.arange(4)).flatten()[: len(mine)], latent, latent)
+    local_c, local_pe = cache.read(pages, len(mine))[0][:, 0].split([L, R], dim=-1)
     k_runs = [(i, 1, int(p)) for i, p in enumerate(mine)]
     dq_runs = [(0, 1, n), (1, 1, n + 1)]
     o = mla_decode_over_sp(q2_nope[n:, heads], q2_pe[n:, heads], local_c, local_pe, dq_runs, k_runs, kv_b_local,
