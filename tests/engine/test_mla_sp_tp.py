@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 
 ARCHS = ("deepseek_v3", "kimi_linear")
 LONG = prompt(301)
-BATCH = [prompt(301), prompt(13, seed=1), prompt(5, seed=2)]
+# grouped routing picks a whole group by the sum of two scores: a prompt whose tokens leave two groups within ~1e-6
+# of each other may route differently under another summation order, which is no error; these prompts leave
+# margins above 5e-4 on the tiny checkpoints
+BATCH = [prompt(301), prompt(13, seed=3), prompt(5, seed=2)]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE = dict(device="cpu", sp_min_tokens=8, chunked_prefill_size=260, page_size=8)
 
