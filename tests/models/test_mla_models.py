@@ -8,8 +8,11 @@ that ignores it, or picks experts outside the kept groups, changes the tokens.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -17,7 +20,8 @@ from safetensors.torch import save_file
 
 from server import LLM, SamplingParams
 from server.models.kimi_linear import KimiLinearConfig
-from tests.helpers import assert_logits_close, hf_model, prompt, save_tiny_model
+from tests.engine.test_gpu_engine import check_bf16, check_tokens
+from tests.helpers import assert_logits_close, hf_model, needs_cuda, prompt, save_tiny_model
 
 ARCHS = ["deepseek_v3", "deepseek_v3_nolora", "kimi_linear"]
 
@@ -78,3 +82,38 @@ def test_published_kimi_linear_config_keys():
     assert cfg.sparse_layers == frozenset(range(1, 27)) and cfg.q_lora_rank is None
     assert cfg.max_position_embeddings == 1048576 and cfg.head_dim == 192
     assert (cfg.linear_num_heads, cfg.linear_head_dim, cfg.linear_conv_kernel_dim) == (32, 128, 4)
+
+
+@contextlib.contextmanager
+def torch_kda_reference():
+    """transformers' Kimi-Linear runs its own torch KDA loops inside (fla-core's kernels compute fp32 in TF32)."""
+    mod = sys.modules["transformers.models.kimi_linear.modeling_kimi_linear"]
+    names = ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention")
+    saved = {n: getattr(mod, n) for n in names}
+    for n in names:
+        setattr(mod, n, inspect.unwrap(saved[n]))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(mod, n, f)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_cuda_within_transformers_bf16_error(models, arch):
+    """bf16 on CUDA (fla-core's KDA kernels for the KDA layers): our logits no further from transformers' fp32 than
+    transformers' own bf16 (the bound of tests/engine/test_gpu_engine.py); greedy tokens near-argmaxes."""
+    ids = prompt(300)
+    with LLM(models[arch], device="cuda", dtype="bfloat16", chunked_prefill_size=128, cuda_graph_max_bs=4) as llm:
+        ours = llm.engine.prompt_logits(ids)
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
+    ref = hf_model(models[arch]).cuda()
+    x = torch.tensor([ids + out], device="cuda")
+    with torch.no_grad():
+        with torch_kda_reference() if arch == "kimi_linear" else contextlib.nullcontext():
+            fp32 = ref(x).logits[0].float()
+        hf_err = (ref.to(torch.bfloat16)(x).logits[0].float() - fp32).abs()
+    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)])
+    check_tokens(out, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
