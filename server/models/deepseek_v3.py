@@ -1,6 +1,7 @@
 """DeepSeek-V3 and the checkpoints that use its architecture (Kimi-K2, Moonlight): multi-head latent attention
-(:mod:`server.layers.mla`), dense MLPs in the first ``first_k_dense_replace`` layers, then grouped-sigmoid-routed
-experts with shared experts (:mod:`server.layers.grouped_moe`).
+(:mod:`server.layers.mla`), dense MLPs in the first ``first_k_dense_replace`` layers, then routed experts (grouped
+sigmoid routing with a score-correction bias, :func:`server.layers.moe_routing.grouped_sigmoid_topk`) with ungated
+shared experts.
 
 Reads top to bottom: embedding -> N x (RMSNorm, MLA, residual, RMSNorm, MLP or MoE, residual) -> RMSNorm -> LM head.
 The multi-token-prediction layers that DeepSeek-V3 checkpoints append (``model.layers.{N}`` and beyond, N =
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 from server.forward.context import ForwardContext
-from server.layers.grouped_moe import GroupedTopkMoE, SharedExpertsMoE
 from server.layers.mla import MultiHeadLatentAttention
+from server.layers.moe import SharedExpertMoE
 from server.layers.norm import RMSNorm
-from server.models.common import CausalLM, GatedMLP, dispatch_expert_weights
+from server.models.common import GATED_MLP_RULES, CausalLM, GatedMLP, MoEMLP, stacked_expert_weights
 from server.models.config import ModelConfig, MoEConfig
 from server.sp.groups import ParallelState
 
@@ -39,9 +40,6 @@ class DeepseekV3Config(ModelConfig):
     qk_rope_head_dim: int
     v_head_dim: int
     rope_interleave: bool = True
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
     sparse_layers: frozenset[int] = frozenset()
     num_mtp_layers: int = 0
 
@@ -57,8 +55,6 @@ class DeepseekV3Config(ModelConfig):
         n, qk = raw["num_hidden_layers"], raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]
         own = dict(q_lora_rank=raw.get("q_lora_rank") or None, num_kv_heads=raw["num_attention_heads"],
                    head_dim=qk, rope_interleave=bool(raw.get("rope_interleave", True)),
-                   n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
-                   routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
                    num_mtp_layers=raw.get("num_nextn_predict_layers") or 0,
                    **{k: raw[k] for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")})
         if raw.get("n_routed_experts"):
@@ -66,7 +62,10 @@ class DeepseekV3Config(ModelConfig):
             own["moe"] = MoEConfig(num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"],
                                    intermediate_size=raw["moe_intermediate_size"],
                                    shared_intermediate_size=raw["moe_intermediate_size"] * shared,
-                                   norm_topk_prob=bool(raw.get("norm_topk_prob", True)))
+                                   norm_topk_prob=bool(raw.get("norm_topk_prob", True)), scoring="sigmoid",
+                                   n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
+                                   routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
+                                   correction_bias=True)
             first, every = raw.get("first_k_dense_replace") or 0, raw.get("moe_layer_freq") or 1
             own["sparse_layers"] = frozenset(i for i in range(n) if i >= first and i % every == 0)
         return own
@@ -81,12 +80,12 @@ def latent_attention(cfg: DeepseekV3Config, pstate: ParallelState, dtype: torch.
                                     cfg.attention_bias, pstate, dtype)
 
 
-def sparse_mlp(cfg: DeepseekV3Config, pstate: ParallelState, dtype: torch.dtype) -> SharedExpertsMoE:
-    """Grouped-sigmoid-routed experts plus the shared experts."""
+def sparse_mlp(cfg: DeepseekV3Config, pstate: ParallelState, dtype: torch.dtype) -> MoEMLP:
+    """Routed experts (the config's router, with the score-correction bias) plus the ungated shared experts."""
     moe = cfg.moe
-    experts = GroupedTopkMoE(moe.num_experts, moe.top_k, cfg.hidden_size, moe.intermediate_size, cfg.n_group,
-                             cfg.topk_group, cfg.routed_scaling_factor, pstate, dtype, moe.norm_topk_prob)
-    return SharedExpertsMoE(experts, cfg.hidden_size, moe.shared_intermediate_size, pstate, dtype)
+    return MoEMLP(SharedExpertMoE(moe.num_experts, moe.top_k, cfg.hidden_size, moe.intermediate_size,
+                                  moe.shared_intermediate_size, pstate, dtype, moe.router(), correction_bias=True,
+                                  gated=False), pstate)
 
 
 class DeepseekV3DecoderLayer(nn.Module):
@@ -103,14 +102,14 @@ class DeepseekV3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
 
 
-# checkpoint fragment -> parameter fragment (shard id); first match wins
+# checkpoint fragment -> parameter fragment (shard id) beyond the dense MLP's GATED_MLP_RULES; first match wins
 MOE_RULES = [
-    (".mlp.shared_experts.gate_proj.", ".mlp.shared_experts.gate_up_proj.", 0),
-    (".mlp.shared_experts.up_proj.", ".mlp.shared_experts.gate_up_proj.", 1),
-    (".mlp.gate.e_score_correction_bias", ".mlp.experts.e_score_correction_bias", None),
-    (".mlp.gate.weight", ".mlp.experts.gate", None),
-    (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-    (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
+    (".mlp.shared_experts.gate_proj.weight", ".mlp.moe.shared_w13", 0),
+    (".mlp.shared_experts.up_proj.weight", ".mlp.moe.shared_w13", 1),
+    (".mlp.shared_experts.down_proj.weight", ".mlp.moe.shared_w2", None),
+    (".mlp.gate.e_score_correction_bias", ".mlp.moe.experts.e_score_correction_bias", None),
+    (".mlp.gate.weight", ".mlp.moe.experts.gate", None),
+    *GATED_MLP_RULES,
 ]
 
 
@@ -137,6 +136,6 @@ class DeepseekV3ForCausalLM(CausalLM):
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(cfg, i, pstate, dtype) for i in range(cfg.num_layers))
 
     def load_weights(self, weights) -> None:
-        params = dict(self.named_parameters())
-        weights = dispatch_expert_weights(served_layers_only(weights, self.cfg.num_layers), params, ".mlp.experts")
+        weights = stacked_expert_weights(served_layers_only(weights, self.cfg.num_layers),
+                                         dict(self.named_parameters()), ".mlp.experts.", ".mlp.moe.experts.")
         self.load_checkpoint(weights, MOE_RULES, ignore=("rotary_emb.inv_freq",))

@@ -12,7 +12,7 @@ Reads top to bottom: embedding -> N x (RMSNorm, token mixer, residual, RMSNorm, 
 - ``full_attention``: :class:`server.layers.mla.MultiHeadLatentAttention` without rotation.
 
 Checkpoints name both mixers ``self_attn`` and the MLP ``block_sparse_moe`` (experts ``w1``/``w3``/``w2``); the
-loader renames them to this module's names.
+loader maps them to this module's names.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from server.layers.linear import (
 )
 from server.layers.mla import ReplicatedLinear
 from server.layers.norm import GatedRMSNorm, RMSNorm
-from server.models.common import CausalLM, GatedMLP, dispatch_expert_weights
+from server.models.common import CausalLM, GatedMLP, stacked_expert_weights
 from server.models.deepseek_v3 import MOE_RULES, DeepseekV3Config, latent_attention, sparse_mlp
 from server.sp.groups import ParallelState
 
@@ -145,7 +145,6 @@ RULES = [
     *[(f".linear_attn.{p}_conv1d.weight", ".linear_attn.attn.conv_weight", i) for i, p in enumerate("qkv")],
     *MOE_RULES,
 ]
-EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 class KimiLinearForCausalLM(CausalLM):
@@ -159,17 +158,14 @@ class KimiLinearForCausalLM(CausalLM):
 
     def _renamed(self, weights):
         """Checkpoint names -> this module's: KDA layers' ``self_attn`` -> ``linear_attn``, ``block_sparse_moe`` ->
-        ``mlp``, experts' ``w1``/``w3``/``w2`` -> ``gate_proj``/``up_proj``/``down_proj``."""
+        ``mlp``."""
         for name, t in weights:
             m = re.match(r"(?:model\.)?layers\.(\d+)\.", name)
             if m and self.layers[int(m.group(1))].is_linear:
                 name = name.replace(".self_attn.", ".linear_attn.")
-            name = name.replace(".block_sparse_moe.", ".mlp.")
-            name = re.sub(r"\.experts\.(\d+)\.(w[123])\.",
-                          lambda e: f".experts.{e.group(1)}.{EXPERT_NAMES[e.group(2)]}.", name)
-            yield name, t
+            yield name.replace(".block_sparse_moe.", ".mlp."), t
 
     def load_weights(self, weights) -> None:
-        params = dict(self.named_parameters())
-        self.load_checkpoint(dispatch_expert_weights(self._renamed(weights), params, ".mlp.experts"), RULES,
-                             ignore=("rotary_emb.inv_freq",))
+        weights = stacked_expert_weights(self._renamed(weights), dict(self.named_parameters()), ".mlp.experts.",
+                                         ".mlp.moe.experts.", names=("w1", "w3", "w2"))
+        self.load_checkpoint(weights, RULES, ignore=("rotary_emb.inv_freq",))

@@ -12,16 +12,19 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from server.config import EngineConfig
+from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
+from server.models.glm4_moe import Glm4MoeForCausalLM
 from server.models.kimi_linear import KimiLinearForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
+from server.models.minimax_m2 import MiniMaxM2ForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
+from server.models.qwen3_moe import Qwen3MoeForCausalLM
 from server.sp.groups import ParallelState
 from server.sp.ulysses import ulysses_kv_heads
 
@@ -41,6 +44,9 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "KimiLinearForCausalLM": KimiLinearForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
+    "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
 }
 
 
@@ -67,7 +73,7 @@ def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, loa
         model = MODEL_CLASSES[cfg.architecture](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
                                                 torch.float32)
     try:
-        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == "all")
+        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == UlyssesLayers.ALL)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
