@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.model_shapes import SHAPES, prefill_flops, shape_dir  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
-from server.sp.comm_volume import ulysses_bytes_per_layer  # noqa: E402
+from server.sp.comm_volume import latent_ring_bytes_per_layer, ulysses_bytes_per_layer  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
@@ -109,6 +109,8 @@ def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, w
     """Bytes one rank sends per softmax layer to prefill a split prompt of n tokens in one step (0 if not split)."""
     if where != "split":
         return 0.0
+    if "kv_lora_rank" in cfg and ulysses == 1:  # MLA: the ring passes latents
+        return latent_ring_bytes_per_layer(n, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], sp, dtype_bytes)
     heads, kv_heads = cfg["num_attention_heads"] // tp, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return ulysses_bytes_per_layer(n, heads, max(kv_heads, 1), head_dim, sp, ulysses, dtype_bytes)
