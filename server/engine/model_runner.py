@@ -23,7 +23,7 @@ from server.engine.request_table import RequestTable
 from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
 from server.engine.step_profile import PROFILE
 from server.forward.context import ForwardContext
-from server.forward.plan import ChunkPlan, StepPlan
+from server.forward.plan import ChunkPlan, Placement, StepPlan
 from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
 from server.layers.gdn import GDNAttention, GDNStatePool
@@ -274,8 +274,10 @@ class ModelRunner:
     def context(self, rows: StepRows, backend=None) -> ForwardContext:
         """The forward context of a step's rows, its attention prepared by ``backend`` (default: the rank's)."""
         attention = (backend or self.backend).prepare(rows.attention, self.mesh) if self.attn_layers else None
+        replicated = sum(lc.num_rows for lc in rows.chunks if lc.chunk.placement == Placement.REPLICATED)
         return ForwardContext(self.pstate, rows.input_ids, rows.positions, rows.num_rows, rows.seq_sharded,
-                              attention, rows.linear, self.mesh)
+                              attention, rows.linear, self.mesh,
+                              replicated_rows=replicated if self.pstate.sp_size > 1 else 0)
 
     def _sampled_logits(self, hidden: torch.Tensor, chunks: list[LocalChunk]) -> torch.Tensor | None:
         """Logits of the last new token of every sampled request, in plan order, on SP rank 0. Requests homed

@@ -19,7 +19,7 @@ from server.layers.linear import (
     RowSeqParallelLinear,
     divide,
 )
-from server.layers.moe import FusedMoE
+from server.layers.moe import FusedMoE, moe_block_forward
 from server.layers.norm import RMSNorm, TPRMSNorm
 from server.models.common import QKV_RULES, CausalLM, head_dim_of
 from server.models.llama import LlamaAttentionBlock
@@ -67,10 +67,8 @@ class MoEBlock(nn.Module):
         self.experts = FusedMoE(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"],
                                 cfg["intermediate_size"], pstate, dtype)
 
-    def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
-        if seq_sharded:
-            return self.pstate.tp_reduce_scatter(self.experts(self.pstate.tp_all_gather(x, dim=0)))
-        return self.pstate.tp_all_reduce(self.experts(x))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return moe_block_forward(self.experts, x, ctx)
 
 
 class MiniMaxDecoderLayer(nn.Module):
@@ -92,7 +90,7 @@ class MiniMaxDecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         x = h * self.alpha + self.self_attn(h, ctx) * self.beta
         h = self.post_attention_layernorm(x)
-        return h * self.mlp_alpha + self.block_sparse_moe(h, ctx.seq_sharded) * self.mlp_beta
+        return h * self.mlp_alpha + self.block_sparse_moe(h, ctx) * self.mlp_beta
 
 
 class MiniMaxForCausalLM(CausalLM):

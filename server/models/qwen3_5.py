@@ -33,7 +33,7 @@ from server.layers.linear import (
     copy_into,
     divide,
 )
-from server.layers.moe import SharedExpertMoE
+from server.layers.moe import SharedExpertMoE, moe_block_forward
 from server.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from server.layers.rotary import RotaryEmbedding, rope_params_from_config
 from server.models.common import QKV_RULES, CausalLM, GatedMLP, head_dim_of
@@ -147,12 +147,10 @@ class SharedExpertMoEBlock(nn.Module):
                                    cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], pstate, dtype,
                                    cfg.get("norm_topk_prob", True))
 
-    def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
-        if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.split_mlp:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
             raise ValueError("the SP-split MLP is for dense MLPs")
-        if seq_sharded:
-            return self.pstate.tp_reduce_scatter(self.moe(self.pstate.tp_all_gather(x, dim=0)))
-        return self.pstate.tp_all_reduce(self.moe(x))
+        return moe_block_forward(self.moe, x, ctx)
 
 
 class Qwen3_5DecoderLayer(nn.Module):
@@ -174,7 +172,10 @@ class Qwen3_5DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mixer = self.linear_attn if self.is_linear else self.self_attn
         x = x + mixer(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SharedExpertMoEBlock):
+            return x + self.mlp(h, ctx)
+        return x + self.mlp(h, ctx.seq_sharded, ctx.split_mlp)
 
 
 # checkpoint fragment -> parameter fragment (shard id) beyond the q/k/v of QKV_RULES
