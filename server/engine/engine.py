@@ -389,9 +389,10 @@ class Engine:
         return self.cache.flush()
 
     def memory_stats(self, reset: bool = True) -> list[dict]:
-        """Every rank's device memory (peak allocated since the last reset, allocated now), by rank."""
+        """Every rank's device memory (peak allocated since the last reset, allocated now) and what holds it
+        (weight, KV cache and state bytes, its experts; :meth:`ModelRunner.footprint`), by rank."""
         send_message(self.pstate, MemoryStatsRequest(reset))
-        return gather_memory_stats(self.pstate, reset)
+        return gather_memory_stats(self.pstate, reset, self.runner)
 
     def start_profile(self, output_dir: str | None = None, record_shapes: bool = False,
                       num_steps: int | None = None) -> str:

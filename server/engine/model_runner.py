@@ -28,6 +28,7 @@ from server.kernels import ops
 from server.layers.attention import Attention, PagedKVCache
 from server.layers.gdn import GDNAttention, GDNStatePool
 from server.layers.lightning import LightningAttention, LightningStatePool
+from server.layers.moe import FusedMoE
 from server.models.loader import build_model, resolve_dtype
 from server.sp.groups import ParallelState
 from server.sp.ulysses import UlyssesMesh, init_ulysses_mesh
@@ -172,6 +173,29 @@ class ModelRunner:
                                   self.device)
         log.info("rank %d: %d KV pages of %d tokens, %d state slots, %s attention", self.pstate.rank, num_pages,
                  self.config.page_size, self.num_slots, self.backend.name)
+
+    def footprint(self) -> dict:
+        """What this rank stores, in bytes: its weights (its TP shard, and its experts only with expert parallelism),
+        its KV cache pages and its state pools (zero before the caches are allocated); ``experts``: the ``[first,
+        end)`` experts of every MoE layer here (None without MoE layers)."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        kv = sum(a.cache.k.numel() * a.cache.k.element_size() * 2 for a in self.attn_layers if a.cache is not None)
+        state = 0
+        for lt in self.lightning_layers:
+            state += lt.pool.states.numel() * lt.pool.states.element_size() if lt.pool is not None else 0
+        for g in self.gdn_layers:
+            if g.pool is not None:
+                state += g.pool.states.numel() * g.pool.states.element_size()
+                state += g.pool.conv.numel() * g.pool.conv.element_size()
+        moe = next((m for m in self.model.modules() if isinstance(m, FusedMoE)), None)
+        return {"weight_bytes": weights, "kv_cache_bytes": kv, "state_bytes": state,
+                "experts": None if moe is None else (moe.first, moe.end)}
+
+    def footprint_line(self) -> str:
+        f = self.footprint()
+        experts = "" if f["experts"] is None else f", experts [{f['experts'][0]}, {f['experts'][1]})"
+        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
+                f"states {f['state_bytes'] / 2**30:.3f} GiB{experts}")
 
     def config_max_len(self) -> int:
         cfg = self.model.cfg

@@ -68,7 +68,20 @@ class ServerMetrics:
         self.step_decode = histogram("step_decode_tokens", "Tokens decoded in one engine step.", COUNT_BUCKETS)
         self.sp_placements = Counter(PREFIX + "sp_placements", "Requests of engine steps by SP placement: split "
                                      "over the SP group, or computed on their home SP rank.", ["placement"], **r)
+        rank = ["rank", "sp_rank", "tp_rank"]
+        self.rank_weights = Gauge(PREFIX + "rank_weight_bytes", "Weight bytes each rank stores.", rank, **r)
+        self.rank_kv = Gauge(PREFIX + "rank_kv_cache_bytes", "KV cache bytes each rank allocated.", rank, **r)
+        self.rank_state = Gauge(PREFIX + "rank_state_bytes", "Linear-attention state pool bytes each rank allocated.",
+                                rank, **r)
         self._num_steps = 0
+
+    def set_rank_memory(self, ranks: list[dict]) -> None:
+        """Every rank's footprint (``Engine.memory_stats``), once the engine is ready."""
+        for m in ranks:
+            labels = {"rank": str(m["rank"]), "sp_rank": str(m["sp_rank"]), "tp_rank": str(m["tp_rank"])}
+            self.rank_weights.labels(**labels).set(m["weight_bytes"])
+            self.rank_kv.labels(**labels).set(m["kv_cache_bytes"])
+            self.rank_state.labels(**labels).set(m["state_bytes"])
 
     def set_engine_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
