@@ -19,6 +19,7 @@ import torch.distributed as dist
 from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
+from server.engine.memory import kv_bytes_per_token, lightning_head_dim, state_bytes_per_request, weight_bytes
 from server.engine.request_table import RequestTable
 from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
 from server.engine.step_profile import PROFILE
@@ -117,15 +118,10 @@ class ModelRunner:
         return AttentionGeometry(*shapes.pop())
 
     def cache_bytes_per_page(self) -> int:
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(2 * self.config.page_size * a.num_kv_heads * a.head_dim * itemsize for a in self.attn_layers)
+        return self.config.page_size * kv_bytes_per_token(self.model, self.dtype)
 
     def state_bytes_per_slot(self) -> int:
-        gdn = sum(g.state_bytes(self.dtype) for g in self.gdn_layers)
-        return gdn + sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
-
-    def head_dim_of(self, layer: LightningAttention) -> int:
-        return self.model.cfg.get("head_dim") or self.model.cfg["hidden_size"] // self.model.cfg["num_attention_heads"]
+        return state_bytes_per_request(self.model, self.model.cfg, self.dtype)
 
     def available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -165,7 +161,7 @@ class ModelRunner:
             a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
                                    self.device)
         for lt in self.lightning_layers:
-            lt.pool = LightningStatePool(slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
+            lt.pool = LightningStatePool(slots, lt.slopes.numel(), lightning_head_dim(self.model.cfg), self.device)
         for g in self.gdn_layers:
             g.pool = GDNStatePool(slots, g.hv, g.dk, g.dv, g.conv_channels, g.conv_width, self.dtype, self.device)
         max_pages = -(-self.config_max_len() // self.config.page_size) + 2
@@ -178,7 +174,7 @@ class ModelRunner:
         """What this rank stores, in bytes: its weights (its TP shard, and its experts only with expert parallelism),
         its KV cache pages and its state pools (zero before the caches are allocated); ``experts``: the ``[first,
         end)`` experts of every MoE layer here (None without MoE layers)."""
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = weight_bytes(self.model)
         kv = sum(a.cache.k.numel() * a.cache.k.element_size() * 2 for a in self.attn_layers if a.cache is not None)
         state = 0
         for lt in self.lightning_layers:

@@ -67,8 +67,9 @@ def test_expert_blocks_cover_every_expert_once():
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize("sp,tp", [(2, 1), (2, 2), (4, 2)])
+# 8 processes (4 x 2) take over a minute each on two cores: that layout runs for the model with the most experts
+@pytest.mark.parametrize("arch,sp,tp", [(a, sp, tp) for a in MODELS for sp, tp in ((2, 1), (2, 2))]
+                         + [("qwen3_next", 4, 2)])
 def test_expert_parallel_matches_transformers(references, arch, sp, tp):
     path, tokens = references[arch]
     with LLM(path, sp_size=sp, tp_size=tp, **ENGINE) as llm:
