@@ -15,7 +15,7 @@ import multiprocessing as mp
 import multiprocessing.process
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -211,6 +211,8 @@ class Engine:
             sum(c.placement == Placement.SPLIT for c in plan.chunks),
             sum(c.placement == Placement.HOMED for c in plan.chunks))
         out = self.runner.run(plan)
+        if self.runner.moe_layers:
+            self.last_step = replace(self.last_step, expert_pairs=self.runner.take_expert_pairs())
         self.scheduler.advance(seqs, plan)
         outputs += self._resolve()  # the previous step's tokens, while the device runs this one
         for i, scored in out.prompt_logprobs.items():

@@ -92,6 +92,7 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.lightning_layers = [m for m in self.model.modules() if isinstance(m, LightningAttention)]
         self.gdn_layers = [m for m in self.model.modules() if isinstance(m, GDNAttention)]
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE) and m.expert_parallel]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         has_state = bool(self.lightning_layers or self.gdn_layers)
@@ -170,6 +171,15 @@ class ModelRunner:
         log.info("rank %d: %d KV pages of %d tokens, %d state slots, %s attention", self.pstate.rank, num_pages,
                  self.config.page_size, self.num_slots, self.backend.name)
 
+    def take_expert_pairs(self) -> tuple[int, ...]:
+        """Expert parallel: the (token, expert) pairs each rank computed since the last call, summed over the MoE
+        layers (eager steps; empty otherwise). Every rank knows every rank's counts (the exchanged splits)."""
+        total: list[int] = []
+        for m in self.moe_layers:
+            pairs = m.take_pairs()
+            total = [a + b for a, b in zip(total, pairs)] if total else pairs
+        return tuple(total)
+
     def footprint(self) -> dict:
         """What this rank stores, in bytes: its weights (its TP shard, and its experts only with expert parallelism),
         its KV cache pages and its state pools (zero before the caches are allocated); ``experts``: the ``[first,
@@ -216,7 +226,7 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
         self.graphs = None
-        self.attn_layers, self.lightning_layers, self.gdn_layers = [], [], []
+        self.attn_layers, self.lightning_layers, self.gdn_layers, self.moe_layers = [], [], [], []
         self.backend.release()
         # The modules hold reference cycles (a parameter's weight_loader is a bound method of its module), so the
         # weights outlive the last reference until the cyclic collector runs: collect now, or the next engine in

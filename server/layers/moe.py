@@ -74,6 +74,14 @@ class FusedMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(local, hidden, self.inter, dtype=dtype), requires_grad=False)
         self.w13.weight_loader = self.w13_loader
         self.w2.weight_loader = self.w2_loader
+        # expert parallel: (token, expert) pairs each rank received in the exact exchanges since the last
+        # take_pairs() (the graph form's counts stay on the device and are not counted)
+        self.pairs: list[int] = []
+
+    def take_pairs(self) -> list[int]:
+        """Pairs each rank computed since the last call (empty if none were counted)."""
+        pairs, self.pairs = self.pairs, []
+        return pairs
 
     @property
     def num_local_experts(self) -> int:
@@ -173,9 +181,11 @@ class FusedMoE(nn.Module):
         ids = self.local_index[flat]
         if mask is None:
             order = torch.argsort(dest, stable=True)
-            sent = torch.bincount(dest, minlength=ps.world_size)
-            counts = torch.cat([sent, ps.world_all_to_all(sent)]).tolist()  # the one host sync
-            out_rows, in_rows = counts[ps.world_size :], counts[: ps.world_size]
+            # every rank's pair count per peer (the one host sync): the exchange's splits, and the step's load
+            counts = ps.world_all_gather(torch.bincount(dest, minlength=ps.world_size)).tolist()
+            out_rows, in_rows = [c[ps.rank] for c in counts], counts[ps.rank]
+            self.pairs = [a + b for a, b in zip(self.pairs, map(sum, zip(*counts)))] if self.pairs else \
+                [sum(c) for c in zip(*counts)]
             recv = ps.world_all_to_all(x[order // k], out_rows, in_rows)
             recv_ids = ps.world_all_to_all(ids[order], out_rows, in_rows)
             back = ps.world_all_to_all(self._received(recv, recv_ids, False), in_rows, out_rows)

@@ -74,6 +74,14 @@ class ParallelState:
             dist.all_reduce(x, group=self.world_group)
         return x
 
+    def world_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's equal-shaped ``x`` stacked along a new leading dim, in rank order."""
+        if self.world_size == 1:
+            return x.unsqueeze(0)
+        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.world_group)
+        return out.view(self.world_size, *x.shape)
+
     def world_all_to_all(self, x: torch.Tensor, out_rows: list[int] | None = None,
                          in_rows: list[int] | None = None) -> torch.Tensor:
         """Rank r's ``x`` rows ``in_rows[j]`` go to rank j, which receives ``out_rows[r]`` from r (equal splits of

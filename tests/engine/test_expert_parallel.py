@@ -83,9 +83,11 @@ def test_expert_parallel_matches_transformers(references, arch, sp, tp):
     assert held == list(range(MODELS[arch][1]))  # every expert on exactly one rank
 
 
-def test_expert_parallel_weight_bytes_in_metrics(tmp_path):
+def test_expert_parallel_weight_bytes_and_load_in_metrics(tmp_path):
     """A MoE-dominated model at sp = 2 x tp = 2: each rank's weight bytes in /metrics are at most 1.15 x a quarter
-    of the checkpoint's (expert blocks are 1/4 each; attention and embeddings 1/tp)."""
+    of the checkpoint's (expert blocks are 1/4 each; attention and embeddings 1/tp). The pairs the ranks computed
+    add up to every row the request ran (prompt, then each generated token but the last) times top-k times the MoE
+    layers: each row went to its experts exactly once over the four ranks."""
     from safetensors import safe_open
 
     path = save_tiny_model("minimax_alt", str(tmp_path), num_local_experts=16, intermediate_size=512,
@@ -97,6 +99,8 @@ def test_expert_parallel_weight_bytes_in_metrics(tmp_path):
     srv = start_server(["--device", "cpu", "--model-path", path, "--sp-size", "2", "--tp-size", "2",
                         "--enable-expert-parallel", "--cpu-cache-gb", "0.05"], tmp_path / "log")
     try:
+        body = {"model": path, "prompt": "The tide tables say", "max_tokens": 5, "temperature": 0}
+        usage = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120).json()["usage"]
         text = httpx.get(f"{srv.url}/metrics", timeout=30).text
     finally:
         assert srv.stop() == 0, srv.log()
@@ -106,4 +110,9 @@ def test_expert_parallel_weight_bytes_in_metrics(tmp_path):
             per_rank[line.split('rank="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
     assert sorted(per_rank) == ["0", "1", "2", "3"]
     assert all(0 < b <= 1.15 * total / 4 for b in per_rank.values()), (per_rank, total)
+    pairs = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("server_expert_rank_pairs_total{")]
+    assert len(pairs) == 4 and all(p > 0 for p in pairs)
+    rows = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert sum(pairs) == rows * 2 * 4  # top-2, 4 MoE layers
     assert "memory: weights" in srv.log()  # every rank's footprint in the start-up log
