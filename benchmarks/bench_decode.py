@@ -116,8 +116,10 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
             "itl_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "prefill_s": prefill_s}
 
 
-def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit) -> None:
+def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit,
+               ep: str = "off") -> None:
     cfg = EngineConfig(model_path=model_dir(model), load_format="dummy", sp_size=sp, tp_size=args.tp_size,
+                       enable_expert_parallel=ep == "on",
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
                        sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
@@ -131,7 +133,7 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str,
         for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs} overlap={overlap}", mininterval=5):
             row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
                    "graphs": graphs == "on", "overlap": overlap == "on", "sp_split_mlp": split == "on",
-                   "startup_s": startup_s}
+                   "expert_parallel": ep == "on", "startup_s": startup_s}
             try:
                 row.update(measure_cell(engine, context, batch, args.decode_steps, seed=len(args.batch)))
                 split_all = row["split_mlp_steps"] == args.decode_steps
@@ -183,6 +185,9 @@ def main() -> None:
     ap.add_argument("--sp-split-mlp", nargs="+", default=["on"], choices=["on", "off"],
                     help="sp > 1: dense MLPs split over the SP ranks in decode steps of replicated requests (the "
                          "engine's default) and / or not")
+    ap.add_argument("--enable-expert-parallel", nargs="+", default=["off"], choices=["on", "off"],
+                    help="MoE models: experts spread over every rank (at one GPU: the dispatch / combine path with "
+                         "identity exchanges) and / or TP-sliced")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -194,20 +199,21 @@ def main() -> None:
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                for overlap, split in itertools.product(args.overlap, args.sp_split_mlp if sp > 1 else ["on"]):
+                for overlap, split, ep in itertools.product(args.overlap, args.sp_split_mlp if sp > 1 else ["on"],
+                                                            args.enable_expert_parallel):
                     try:
-                        run_config(args, model, sp, graphs, overlap, split, gbps, emit)
+                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, ep)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
                               "overlap": overlap == "on", "context": None, "batch": None,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
-    print("| model | sp | tp | context | batch | graphs | overlap | split MLP steps | ITL ms (p50 / p99) | floor ms "
-          "| of floor |")
-    print("|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|")
+    print("| model | sp | tp | EP | context | batch | graphs | overlap | split MLP steps | ITL ms (p50 / p99) "
+          "| floor ms | of floor |")
+    print("|---|---:|---:|---|---:|---:|---|---|---:|---|---:|---:|")
     for r in rows:
-        cell = (f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
-                f"{r['overlap']} | {r.get('split_mlp_steps', '')} | ")
+        cell = (f"| {r['model']} | {r['sp']} | {r['tp']} | {r.get('expert_parallel', False)} | {r['context']} | "
+                f"{r['batch']} | {r['graphs']} | {r['overlap']} | {r.get('split_mlp_steps', '')} | ")
         if "itl_ms" not in r:
             print(cell + "skipped | | |")
             continue
