@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from server.layers.expert_parallel import expert_range
 from server.models.builtin import builtin_model_path
 from tests.entrypoints.server_testing import start_server
 from tests.helpers import hf_model, prompt, save_tiny_model, torch_gdn_reference
@@ -56,15 +55,6 @@ def references(tmp_path_factory):
         path = save_tiny_model(arch, root, **over)
         out[arch] = (path, hf_greedy(path))
     return out
-
-
-def test_expert_blocks_cover_every_expert_once():
-    for experts in (1, 5, 10, 16, 128, 512):
-        for ranks in (1, 2, 3, 4, 8):
-            blocks = [expert_range(experts, ranks, r) for r in range(ranks)]
-            assert [e for a, b in blocks for e in range(a, b)] == list(range(experts))
-            sizes = [b - a for a, b in blocks]
-            assert max(sizes) - min(sizes) <= 1
 
 
 # 8 processes (4 x 2) take over a minute each on two cores: that layout runs for the model with the most experts

@@ -48,3 +48,21 @@ def test_eager_steps_of_few_tokens_take_the_sync_free_form_on_cuda(tokens: int) 
     if tokens <= SYNC_FREE_MAX_TOKENS:
         assert torch.equal(got, moe.forward_sync_free(x, *moe.route(x)))
     torch.testing.assert_close(got, per_token_reference(moe, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_expert_parallel_rows_at_one_rank_match(tokens: int) -> None:
+    """The dispatch / combine path at EP size 1 (exchanges the identity): the exact form on every row, and the static
+    form on the masked rows (zeros on the others), against the per-token loop."""
+    torch.manual_seed(tokens)
+    moe = FusedMoE(8, 3, 16, 24, ParallelState(expert_parallel=True))
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(tokens, 16)
+    ref = per_token_reference(moe, x)
+    torch.testing.assert_close(moe.expert_parallel_rows(x), ref, rtol=1e-5, atol=1e-5)
+    mask = torch.arange(tokens) % 2 == 0
+    static = moe.expert_parallel_rows(x, mask)
+    torch.testing.assert_close(static[mask], ref[mask], rtol=1e-5, atol=1e-5)
+    assert not static[~mask].any()
+    assert sum(moe.take_pairs()) == tokens * 3  # the exact exchange counted every (row, expert) pair
