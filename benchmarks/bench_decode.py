@@ -77,7 +77,7 @@ def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False
 
 def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    vocab = engine.model_cfg["vocab_size"]
+    vocab = engine.model_cfg.vocab_size
     # Requests that finish their prompt first decode while the others prefill: no limit inside the measurement.
     params = SamplingParams(temperature=0, max_tokens=steps + 4096, ignore_eos=True)
     rids = [f"c{context}-b{batch}-{i}-{seed}" for i in range(batch)]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
 from server.layers.expert_parallel import expert_range
-from server.models.loader import MODEL_CLASSES, resolve_dtype
+from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype
 from server.sp.groups import ParallelState
 
 GPUS = {"80 GB": 80e9, "141 GB": 141e9}
@@ -44,42 +43,41 @@ class RankPlan:
 
 
 def load_config(model_path: str | None, shape: str | None) -> dict:
-    if shape is not None:
-        from benchmarks.model_shapes import SHAPES
+    """config.json's keys (a vision-language checkpoint's text model merged in), or a named shape's."""
+    if shape is None:
+        return read_config_json(model_path)
+    from benchmarks.model_shapes import SHAPES
 
-        if shape not in SHAPES:
-            raise SystemExit(f"--shape: unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-        cfg = dict(SHAPES[shape])
-    else:
-        with open(os.path.join(model_path, "config.json")) as f:
-            cfg = json.load(f)
-    if "text_config" in cfg:  # vision-language checkpoint: the language model's config is nested
-        cfg = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **cfg["text_config"]}
-    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    cfg.setdefault("rms_norm_eps", 1e-6)
-    return cfg
+    if shape not in SHAPES:
+        raise SystemExit(f"--shape: unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return dict(SHAPES[shape])
 
 
-def plan_rank(cfg: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None) -> RankPlan:
+def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None) -> RankPlan:
     """Rank 0's plan (the most experts of any rank)."""
-    dtype = resolve_dtype("auto", cfg, torch.device("cuda"))  # what a GPU serves: the checkpoint's half dtype
-    kv = kv_dtype or dtype
-    arch = cfg["architectures"][0]
+    arch = raw["architectures"][0]
     if arch not in MODEL_CLASSES:
-        return plan_from_arithmetic(cfg, sp, tp, expert_parallel, dtype, kv)
+        return plan_from_arithmetic(raw, sp, tp, expert_parallel, kv_dtype)
+    cls = MODEL_CLASSES[arch]
+    cfg = cls.config_class.from_hf(raw)
+    dtype = resolve_dtype("auto", cfg, torch.device("cuda"))  # what a GPU serves: the checkpoint's half dtype
     pstate = ParallelState(sp_size=sp, tp_size=tp, device=torch.device("meta"), expert_parallel=expert_parallel)
     with torch.device("meta"):
-        model = MODEL_CLASSES[arch](cfg, pstate, dtype)
-    return RankPlan(weight_bytes(model), kv_bytes_per_token(model, kv), state_bytes_per_request(model, cfg, dtype),
-                    "model")
+        model = cls(cfg, pstate, dtype)
+    return RankPlan(weight_bytes(model), kv_bytes_per_token(model, kv_dtype or dtype),
+                    state_bytes_per_request(model, dtype), "model")
 
 
-def plan_from_arithmetic(cfg: dict, sp: int, tp: int, expert_parallel: bool, dtype: torch.dtype,
-                         kv: torch.dtype) -> RankPlan:
-    """A softmax decoder (embedding, attention with q/k norms, dense or MoE MLPs, LM head) counted from ``cfg``."""
+def plan_from_arithmetic(cfg: dict, sp: int, tp: int, expert_parallel: bool,
+                         kv_dtype: torch.dtype | None = None) -> RankPlan:
+    """A softmax decoder (embedding, attention with q/k norms, dense or MoE MLPs, LM head) counted from config.json's
+    keys ``cfg``, in bf16."""
+    dtype = torch.bfloat16
+    kv = kv_dtype or dtype
     h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    heads, kv_heads = cfg["num_attention_heads"] // tp, max(1, cfg["num_key_value_heads"] // tp)
+    heads = cfg["num_attention_heads"] // tp
+    kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp)
     attn = h * (heads + 2 * kv_heads) * hd + heads * hd * h + 2 * hd + 2 * h
     experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
     if experts:

@@ -96,7 +96,7 @@ class DecodeGraphs:
         r = self.runner
         meta = AttentionStepMeta(write_rows=slice(0, bs), write_slots=self.inputs[2, :bs],
                                  merge_mask=self.inputs[4, :bs] if r.pstate.sp_size > 1 else None)
-        attention = StepAttention(self.backends[bs], meta, batches) if r.attn_layers else None
+        attention = StepAttention(self.backends[bs], meta, batches) if r.has_kv else None
         linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.rows[:bs], local_slots=self.inputs[3, :bs],
                                 local_cu=self.cu[: bs + 1], all_decode=True, mode=r.config.lasp_mode)
         return ForwardContext(r.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear,
@@ -110,7 +110,7 @@ class DecodeGraphs:
         if prev_tokens:
             self.runner.take_prev_tokens(self.inputs[0, :bs])
         batches = []
-        if self.runner.attn_layers:
+        if self.runner.has_kv:
             batches = [decode_batch(self.runner.config.page_size, step.kv_indptr, step.kv_indices,
                                     step.last_page_len, step.kv_lens)]
             self.backends[bs].plan_batches(batches)
@@ -154,7 +154,7 @@ class DecodeGraphs:
         page = r.config.page_size
         for bs, split in itertools.product(reversed(self.buckets), self.variants):  # the largest first: the
             batches = []  # smaller ones reuse its memory
-            if r.attn_layers:  # every row on the scratch page
+            if r.has_kv:  # every row on the scratch page
                 ones = np.ones(bs, dtype=np.int64)
                 batches = [decode_batch(page, np.arange(bs + 1, dtype=np.int32), np.zeros(bs, dtype=np.int32),
                                         ones.astype(np.int32), ones)]
