@@ -205,6 +205,7 @@ def main() -> None:
                         run_config(args, model, sp, graphs, overlap, split, gbps, emit, ep)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
+                              "expert_parallel": ep == "on",
                               "overlap": overlap == "on", "context": None, "batch": None,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
