@@ -80,17 +80,16 @@ def dispatch_mask(rows: int, replicated: torch.Tensor | None, pstate: ParallelSt
 
 def expert_parallel_forward(x: torch.Tensor, pstate: ParallelState, replicated_rows: int,
                             replicated_mask: torch.Tensor | None, static: bool,
-                            rows_exact: Callable[[torch.Tensor], torch.Tensor],
-                            rows_static: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                            rows: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
     """The MoE output of every row of ``x`` ``[T, hidden]`` (this SP rank's rows, the same on its TP ranks), each
-    row computed once over the world. Eager steps: the first ``replicated_rows`` rows are held by every SP rank;
-    ``rows_exact(src)`` returns the MoE output of this rank's source rows (a collective: every rank calls it).
-    Static form: ``replicated_mask`` flags the replicated rows (None at sp = 1) and ``rows_static(x, mask)`` returns
-    the output of the masked rows, zeros elsewhere."""
+    row computed once over the world. ``rows(src, None)`` is the exact form: the MoE output of this rank's source
+    rows ``src`` (a collective: every rank calls it); ``rows(x, mask)`` the static form: the output of the rows
+    ``mask`` flags, zeros elsewhere. Eager steps: the first ``replicated_rows`` rows are held by every SP rank.
+    Static form: ``replicated_mask`` flags the replicated rows (None at sp = 1)."""
     ps = pstate
     if static:
         rep = replicated_mask.bool() if replicated_mask is not None and ps.sp_size > 1 else None
-        out = rows_static(x, dispatch_mask(x.shape[0], rep, ps))
+        out = rows(x, dispatch_mask(x.shape[0], rep, ps))
         if rep is None:
             return ps.tp_all_reduce(out)
         zero = torch.zeros((), dtype=out.dtype, device=out.device)
@@ -101,7 +100,7 @@ def expert_parallel_forward(x: torch.Tensor, pstate: ParallelState, replicated_r
     t, r = x.shape[0], replicated_rows if ps.sp_size > 1 else 0
     ra, rb = row_block(r, ps.world_size, ps.rank)
     la, lb = row_block(t - r, ps.tp_size, ps.tp_rank)
-    y = rows_exact(torch.cat([x[ra:rb], x[r + la : r + lb]]))
+    y = rows(torch.cat([x[ra:rb], x[r + la : r + lb]]), None)
     out = torch.zeros_like(x)
     out[ra:rb] = y[: rb - ra]
     out[r + la : r + lb] = y[rb - ra :]

@@ -268,7 +268,7 @@ def moe_block_forward(moe: FusedMoE | SharedExpertMoE, x: torch.Tensor, ctx: For
         return ps.tp_all_reduce(moe(x))
     rows = ps.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
     out = expert_parallel_forward(rows, ps, ctx.replicated_rows, ctx.replicated_mask, ctx.static_shapes,
-                                  moe.expert_parallel_rows, moe.expert_parallel_rows)
+                                  moe.expert_parallel_rows)
     if ctx.seq_sharded:
         n = x.shape[0]
         return out[ps.tp_rank * n : (ps.tp_rank + 1) * n]

@@ -4,7 +4,8 @@ Tiny fp32 MoE checkpoints whose expert counts do not divide the world (5 and 10 
 top-2 and top-3; Qwen3-Next and Qwen3.5-MoE with a shared expert) must give transformers' greedy tokens for:
 a prompt split over SP whose 4-token tail chunk is replicated on every SP rank (chunked prefill at 50), a short
 prompt homed on one SP rank, decode steps of both in the CUDA-graph form (fixed-size padded exchange, run eagerly)
-and, with three requests over the largest graph batch, in the eager form (exact exchange) with replicated rows.
+and, with three requests over the largest graph batch, in the eager form (exact exchange) with replicated rows;
+overlapped steps at sp = 2 x tp = 1.
 Every rank reports its experts: each expert lives on exactly one rank.
 """
 
@@ -62,12 +63,14 @@ def references(tmp_path_factory):
                          + [("qwen3_next", 4, 2)])
 def test_expert_parallel_matches_transformers(references, arch, sp, tp):
     path, tokens = references[arch]
-    with LLM(path, sp_size=sp, tp_size=tp, **ENGINE) as llm:
+    # overlapped steps at tp = 1 (the engine turns them off for several CPU ranks by default)
+    with LLM(path, sp_size=sp, tp_size=tp, overlap_schedule=tp == 1, **ENGINE) as llm:
         # two requests: decode steps in the graph form; three: over the largest graph batch, eager decode steps
         assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)] == tokens[:2]
         graph_steps = llm.engine.runner.graphs.steps
         assert graph_steps > 0
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == tokens
+        assert (llm.engine.num_prev_token_steps > 0) == (tp == 1)  # steps that fed back an in-flight token
         ranks = llm.engine.memory_stats(reset=False)
     held = sorted(e for m in ranks for e in range(*m["experts"]))
     assert held == list(range(MODELS[arch][1]))  # every expert on exactly one rank
