@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import time
 
-from server.engine.prefix_cache import PrefixCache, PrefixHit, chain_hashes, rows_before, truncate_runs
-from server.engine.request_table import append_run
+from server.engine.prefix_cache import PrefixCache, PrefixHit, chain_hashes
 from server.engine.sequence import Sequence
+from server.runs import append_run, rows_before, truncate_runs
 
 SCRATCH_PAGE = 0
 
 
 class CacheManager:
+    """Rank 0's bookkeeping of KV pages per SP rank, state slots and snapshots, reservations and the prefix cache."""
+
     def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int, split_threshold: int,
                  split_budget: int, prefix_cache: PrefixCache | None = None, snapshot_slots: int = 0):
         self.num_pages = num_pages  # per rank, the scratch page included

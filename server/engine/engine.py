@@ -188,17 +188,17 @@ class Engine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
-        if PROFILE:
-            PROFILE.start()
+        PROFILE.start()
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
         if not plan.chunks:
             return outputs + self._resolve()
-        if PROFILE:
-            PROFILE.mark("schedule") if plan.is_decode else PROFILE.cancel()
+        if plan.is_decode:
+            PROFILE.mark("schedule")
+        else:
+            PROFILE.cancel()
         send_message(self.pstate, plan)
-        if PROFILE:
-            PROFILE.mark("send")
+        PROFILE.mark("send")
         self.num_steps += 1
         self.num_prev_token_steps += plan.prev_tokens
         self.last_step = StepCounts(
@@ -220,13 +220,11 @@ class Engine:
         rows, live = zip(*sampled)
         logits = out.logits if len(rows) == out.logits.shape[0] else out.logits[list(rows)]
         outputs += self._sample(logits, list(live))
-        if PROFILE:
-            PROFILE.mark("sample")
+        PROFILE.mark("sample")
         if not self.overlap:
             outputs += self._resolve()
-        if PROFILE:
-            PROFILE.mark("finish")
-            PROFILE.end()
+        PROFILE.mark("finish")
+        PROFILE.end()
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -249,8 +247,7 @@ class Engine:
             return []
         flight, self.inflight = self.inflight, None
         tokens, logprobs = flight.batch.result()
-        if PROFILE:
-            PROFILE.mark("wait")
+        PROFILE.mark("wait")
         outputs = []
         now = time.monotonic()
         for seq, tok, lp in zip(flight.seqs, tokens, logprobs):

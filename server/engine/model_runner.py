@@ -21,7 +21,7 @@ from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
 from server.engine.memory import weight_bytes
 from server.engine.request_table import RequestTable
-from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
+from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
 from server.engine.step_profile import PROFILE
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, Placement, StepPlan
@@ -204,11 +204,13 @@ class ModelRunner:
 
     def enable_decode_graphs(self) -> None:
         """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
-        from server.engine.cuda_graphs import DecodeGraphs, graph_mode
+        from server.engine.cuda_graphs import DecodeGraphs, GraphRun, graph_run
 
-        mode = graph_mode(self.config, self.device, self.backend)
-        if mode != "off":
-            self.graphs = DecodeGraphs(self, capture=mode == "capture")
+        mode = graph_run(self.config, self.device)
+        if mode != GraphRun.OFF:
+            self.graphs = DecodeGraphs(self.model, self.pstate, self.config, self.backend, self.table,
+                                       self.scratch_slot, self.num_slots, self.has_kv, mode == GraphRun.CAPTURE,
+                                       self.inputs_copied)
 
     def release(self) -> None:
         """Drop the model and caches so the device memory returns to the allocator's free pool."""
@@ -237,33 +239,26 @@ class ModelRunner:
         self._copy(plan)
         if plan.prev_tokens and self.pstate.world_size > 1:
             dist.broadcast(self.last_tokens, src=0)
-        if PROFILE:
-            PROFILE.mark("apply")
+        PROFILE.mark("apply")
         if self.graphs is not None and plan.is_decode:
-            out = self.graphs.run(plan)
+            out = self.graphs.run(plan, self.last_tokens if plan.prev_tokens else None)
             if out is not None:
                 hidden, step = out
                 result = self._outputs(hidden, plan, step.chunks)
-                if PROFILE:
-                    PROFILE.mark("logits")
+                PROFILE.mark("logits")
                 return result
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
                                self.mesh.ulysses_degree, self.config.ulysses_layers)
         if plan.prev_tokens:
-            self.take_prev_tokens(rows.input_ids)
+            take_prev_tokens(rows.input_ids, self.last_tokens)
         ctx = self.context(rows)
         self.inputs_copied()
         hidden = self.model(ctx)
-        if PROFILE:
-            PROFILE.mark("forward")
+        PROFILE.mark("forward")
         if plan.all_logits:
             every = self._rows_on_driver(hidden, plan, lambda c: c.num_new)
             return None if every is None else StepOutput(self.model.compute_logits(every))
         return self._outputs(hidden, plan, rows.chunks)
-
-    def take_prev_tokens(self, ids: torch.Tensor) -> None:
-        """Replace, in place, the token ids -(i + 1) of ``ids`` by the previous step's sampled token i."""
-        ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
 
     def inputs_copied(self) -> None:
         """Mark the step's inputs as copied to the device (see ``_inputs_copied``)."""

@@ -26,7 +26,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from server.kernels.ops import Run
+from server.runs import Run
 
 
 def chain_hashes(tokens: list[int], block: int, known: list[int] = ()) -> list[int]:
@@ -55,23 +55,10 @@ def shared_blocks(a: list[int], b: list[int]) -> int:
     return lo
 
 
-def rows_before(runs: list[Run], m: int) -> int:
-    """Rows of a shard (runs in position order) whose positions are below ``m``."""
-    return sum(min(max(m - pos, 0), n) for _, n, pos in runs)
-
-
-def truncate_runs(runs: list[Run], m: int) -> list[Run]:
-    """The runs of the rows of positions below ``m``."""
-    out = []
-    for row, n, pos in runs:
-        if pos >= m:
-            break
-        out.append((row, min(n, m - pos), pos))
-    return out
-
-
 @dataclass
 class CacheEntry:
+    """A cached prefix: its tokens' chain hashes, every SP rank's pages and runs, its state snapshots, users."""
+
     id: int
     tokens: list[int]  # positions 0..len-1 have KV on the ranks below
     runs: list[list[Run]]  # per SP rank
@@ -84,6 +71,8 @@ class CacheEntry:
 
 @dataclass
 class PrefixHit:
+    """The usable part of a cache entry for a new prompt: the entry, the tokens it serves, the snapshot to restore."""
+
     entry: CacheEntry
     tokens: int  # matched prompt tokens (their KV, and the state after them, come from the entry)
     snapshot: int | None  # the state slot to restore (linear-attention models)

@@ -32,6 +32,8 @@ from server.forward.plan import ChunkPlan, Placement, PromptScoring, StartedRequ
 
 
 class Scheduler:
+    """Rank 0's step planner: admission, chunked prefill under a per-rank token budget, SP placement, plans."""
+
     def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int,
                  has_linear_layers: bool = False, snapshot_slots: int | None = None):
         self.config = config

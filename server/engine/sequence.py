@@ -7,11 +7,13 @@ import time
 from dataclasses import dataclass, field
 
 from server.engine.io_struct import PromptTokenLogprob
-from server.kernels.ops import Run
+from server.runs import Run
 from server.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
+    """Where a request is in its life: waiting for admission, running, finished."""
+
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
@@ -19,6 +21,8 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
+    """One request as rank 0's scheduler tracks it: tokens, placement, pages and runs per SP rank, slot, limits."""
+
     rid: str
     prompt_ids: list[int]
     params: SamplingParams

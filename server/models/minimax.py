@@ -64,6 +64,8 @@ class MiniMaxConfig(ModelConfig):
 
 
 class LightningBlock(nn.Module):
+    """MiniMax's lightning-attention token mixer: projections, lightning attention (LASP under SP), norm, gate."""
+
     def __init__(self, cfg: MiniMaxConfig, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         hidden, d, heads = cfg.hidden_size, cfg.head_dim, cfg.num_heads
@@ -90,6 +92,8 @@ class LightningBlock(nn.Module):
 
 
 class MoEBlock(nn.Module):
+    """MiniMax's sparse MLP: the experts' partial sums reduced over TP (or reduce-scattered when seq-sharded)."""
+
     def __init__(self, cfg: MiniMaxConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
@@ -101,6 +105,8 @@ class MoEBlock(nn.Module):
 
 
 class MiniMaxDecoderLayer(nn.Module):
+    """One MiniMax layer: post-norm residuals with the config's alpha/beta factors around mixer and MoE."""
+
     def __init__(self, cfg: MiniMaxConfig, layer_idx: int, layer_type: str, pstate: ParallelState,
                  dtype: torch.dtype):
         super().__init__()
@@ -124,6 +130,8 @@ class MiniMaxDecoderLayer(nn.Module):
 
 
 class MiniMaxForCausalLM(CausalLM):
+    """MiniMax-Text-01: lightning and softmax layers (layer_types), MoE MLPs."""
+
     config_class = MiniMaxConfig
 
     def __init__(self, cfg: MiniMaxConfig, pstate: ParallelState, dtype: torch.dtype):
