@@ -24,7 +24,7 @@ def test_weights_match_published_parameter_counts(shape):
 def test_built_model_and_config_arithmetic_agree():
     """Two independent counts of one shape: the model built on meta, and the config arithmetic (which also serves
     families without a model class), at tp = 2 and with expert parallelism over 8 ranks."""
-    cfg = load_config(None, "qwen3-30b-a3b-like")
+    cfg = load_config(None, "qwen3-30b-a3b")
     for sp, tp, ep in ((1, 2, False), (4, 2, True)):
         built = plan_rank(cfg, sp, tp, ep, None)
         counted = plan_from_arithmetic(cfg, sp, tp, ep)
