@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch_server.py: error: {e}", file=sys.stderr)
         return 2
     if args.engine.node_rank > 0:  # a worker node: its ranks join node 0's engine, no HTTP here
-        from server.engine.worker import run_worker_node
+        from server.execution.worker import run_worker_node
         from server.models.builtin import builtin_model_path
 
         return run_worker_node(args.engine, args.engine.model_path or builtin_model_path(), args.log_level.upper())

@@ -38,6 +38,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 CUDA_GRAPH_MODES = tuple(m.value for m in CudaGraphMode)
 ULYSSES_LAYERS = tuple(m.value for m in UlyssesLayers)
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 # fields given as strings (flags, keyword arguments) and held as these enums
 _ENUM_FIELDS = {"ring_mode": CommMode, "lasp_mode": CommMode, "cuda_graph": CudaGraphMode,
                 "ulysses_layers": UlyssesLayers}
@@ -56,6 +58,10 @@ class EngineConfig:
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if fp32), float32 on CPU
     load_format: str = "auto"
+    # None: as the checkpoint is (FP8 checkpoints run FP8); "fp8": also quantize a high-precision checkpoint's linear
+    # weights per channel at load (docs/kernels.md, "FP8 GEMMs")
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8_e4m3: KV pages in FP8 with per-tensor scales
     sp_size: int = 1
     tp_size: int = 1
     ulysses_degree: int = 1  # U: the SP group is a U x (sp / U) mesh for split prefill chunks; 1 = the plain ring
@@ -125,6 +131,10 @@ class EngineConfig:
                 self.ulysses_degree >= 1 and self.sp_size % self.ulysses_degree == 0,
                 f"--ulysses-degree must be >= 1 and divide --sp-size {self.sp_size}, got {self.ulysses_degree}",
             ),
+            (self.quantization is None or self.quantization in QUANTIZATIONS,
+             f"--quantization must be one of {QUANTIZATIONS} or left out, got {self.quantization!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"),
             (self.ulysses_layers in ULYSSES_LAYERS,
              f"--ulysses-layers must be one of {ULYSSES_LAYERS}, got {self.ulysses_layers!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.io_struct import GenerateRequest, PromptTokenLogprob, TokenLogprob
+from server.messages import GenerateRequest, PromptTokenLogprob, TokenLogprob
 from server.sampling_params import SamplingParams
 
 

@@ -6,7 +6,7 @@
 The model of the rank that stores the most (rank 0: the first ``E mod N`` ranks hold one expert more) is built on
 the meta device, so every layer shards itself as it would on a GPU; its parameters give the weight bytes, its
 softmax layers the KV bytes per token, its linear-attention layers the state bytes per request
-(:mod:`server.engine.memory`). An architecture without a model class here is computed from its config's numbers
+(:mod:`server.execution.memory`). An architecture without a model class here is computed from its config's numbers
 (a softmax decoder with dense or MoE MLPs) and marked so. Per GPU of 80 and 141 GB: the KV tokens that fit in
 ``--mem-fraction-static`` of it after the weights and ``--max-running-requests`` request states (activations and
 CUDA graphs are not counted: keep the fraction below 1 for them), and over the SP group (a long request's KV is
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from server.config import EngineConfig
-from server.engine.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
+from server.execution.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
 from server.layers.expert_parallel import expert_range
 from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype
 from server.sp.groups import ParallelState

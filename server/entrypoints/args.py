@@ -6,7 +6,15 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
-from server.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, ULYSSES_LAYERS, EngineConfig
+from server.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    ULYSSES_LAYERS,
+    EngineConfig,
+)
 
 BUILTIN_MODEL_NAME = "builtin"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -124,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: the checkpoint's dtype on CUDA (bfloat16 for float32 checkpoints), float32 on CPU")
     mdl.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
                      help="dummy: random weights of the checkpoint's shapes (benchmarks)")
+    mdl.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                     help="fp8: quantize a high-precision checkpoint's linear weights per channel at load; FP8 "
+                          "checkpoints run in FP8 without it")
+    mdl.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                     help="auto: the model's dtype; fp8_e4m3: KV pages in FP8 (half the bytes, twice the tokens)")
     mdl.add_argument("--max-model-len", type=int, default=None,
                      help="longest prompt + completion in tokens; default: the model's max_position_embeddings")
     mdl.add_argument("--seed", type=int, default=d.seed, help="seed of the random weights and of unseeded sampling")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from server.config import EngineConfig
-from server.engine.io_struct import (
+from server.execution.procutil import die_with_parent
+from server.messages import (
     AbortRequest,
     CacheFlushed,
     EngineStats,
@@ -34,7 +35,6 @@ from server.engine.io_struct import (
     ProfileReply,
     RequestOutput,
 )
-from server.engine.procutil import die_with_parent
 
 logger = logging.getLogger(__name__)
 

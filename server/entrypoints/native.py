@@ -28,7 +28,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     RequestBody,
     bad_request,
@@ -41,9 +40,12 @@ from server.entrypoints.protocol import (
     normalize_prompt,
     parse_body,
     stop_list,
+    structured_output,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, clamp_logprob, collect, stream
+from server.entrypoints.structured import sglang_structured_output
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
+from server.messages import PromptTokenLogprob, TokenLogprob
 from server.sampling_params import (
     LogitBias,
     Logprobs,
@@ -65,12 +67,13 @@ DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default
 
 
 class NativeSamplingParams(RequestBody):
-    """``sampling_params`` of ``/generate`` in SGLang's names; structured output, custom logit processors and
-    n > 1 are not supported (refused unless neutral)."""
+    """``sampling_params`` of ``/generate`` in SGLang's names; ``json_schema`` (JSON text), ``regex`` and ``ebnf``
+    constrain the output (server/entrypoints/structured.py); structural tags, custom logit processors and n > 1 are
+    not supported (refused unless neutral)."""
 
     ignored_fields: ClassVar[frozenset[str]] = frozenset()
     neutral_only_fields: ClassVar[dict[str, Any]] = {
-        "n": 1, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None, "stop_regex": None,
+        "n": 1, "structural_tag": None, "stop_regex": None,
         "custom_params": None, "no_stop_trim": False, "spaces_between_special_tokens": True,
     }
     max_new_tokens: MaxTokens | None = None
@@ -88,6 +91,9 @@ class NativeSamplingParams(RequestBody):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     sampling_seed: Seed | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class GenerateRequest(RequestBody):
@@ -148,13 +154,15 @@ def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, 
     if max_tokens is None:
         max_tokens = max(min(DEFAULT_MAX_NEW_TOKENS, max_model_len - prompt_len), 1)
     check_context_length(prompt_len, max_tokens, max_model_len, "text" if req.text is not None else "input_ids")
-    fields = f.model_dump(exclude={"max_new_tokens", "min_new_tokens", "sampling_seed", "stop"})
+    fields = f.model_dump(exclude={"max_new_tokens", "min_new_tokens", "sampling_seed", "stop", "json_schema", "regex",
+                                   "ebnf"})
     names = {k: f"sampling_params.{k}" for k in fields} | {"max_tokens": "sampling_params.max_new_tokens",
                                                          "min_tokens": "sampling_params.min_new_tokens"}
     top = (req.top_logprobs_num or 0) if req.return_logprob else None
     return make_sampling_params(names, **fields, max_tokens=max_tokens, min_tokens=f.min_new_tokens,
                                 seed=f.sampling_seed, stop=stop_list(f.stop), logprobs=top,
-                                prompt_logprobs=top if _logprob_start(req) is not None else None)
+                                prompt_logprobs=top if _logprob_start(req) is not None else None,
+                                structured=structured_output(sglang_structured_output, f.json_schema, f.regex, f.ebnf))
 
 
 class NativeServing:

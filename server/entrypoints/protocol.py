@@ -15,11 +15,17 @@ Every rejection is an ``APIError``, which the HTTP layer answers with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from server.entrypoints.structured import (
+    ResponseFormat,
+    StructuredOutputError,
+    StructuredOutputsParams,
+    openai_structured_output,
+)
 from server.sampling_params import (
     SEED_MODULUS,
     LogitBias,
@@ -33,6 +39,7 @@ from server.sampling_params import (
     Seed,
     StopStrings,
     StopTokenIds,
+    StructuredOutput,
     Temperature,
     TopK,
     TopP,
@@ -49,7 +56,7 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt
 # OpenAI / vLLM parameters that would change the output and are not implemented: accepted only at their neutral
 # value.
 NEUTRAL_ONLY_FIELDS: dict[str, Any] = {
-    "best_of": 1, "suffix": "", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+    "best_of": 1, "suffix": "", "tools": [], "tool_choice": "none",
 }
 
 
@@ -180,6 +187,13 @@ class _SamplingBody(RequestBody):
     logit_bias: LogitBias | None = None
     prompt_logprobs: Logprobs | None = None  # vLLM's
     return_token_ids: bool | None = None  # vLLM's: the prompt's and the completion's token ids in the response
+    # structured outputs (server/entrypoints/structured.py): OpenAI's, vLLM's and vLLM's older names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingBody):
@@ -377,6 +391,14 @@ def make_sampling_params(param_names: dict[str, str] | None = None, **fields: An
                           param=param) from None
 
 
+def structured_output(resolve: Callable[..., StructuredOutput | None], *args: Any) -> StructuredOutput | None:
+    """``resolve(*args)`` (a resolver of :mod:`server.entrypoints.structured`), its refusal as a 400."""
+    try:
+        return resolve(*args)
+    except StructuredOutputError as e:
+        raise bad_request(str(e), param=e.param, code="invalid_value") from None
+
+
 def sampling_params_for(
     req: _SamplingBody,
     *,
@@ -406,6 +428,8 @@ def sampling_params_for(
         skip_special_tokens=req.skip_special_tokens,
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
+        structured=structured_output(openai_structured_output, req.response_format, req.structured_outputs, {
+            name: getattr(req, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}),
     )
     return [
         with_seed(base, None if req.seed is None else (req.seed + i) % SEED_MODULUS) for i in range(n)

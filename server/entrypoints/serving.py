@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,6 +37,7 @@ from server.entrypoints.protocol import (
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, clamp_logprob, collect, stream
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
+from server.messages import PromptTokenLogprob, TokenLogprob
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

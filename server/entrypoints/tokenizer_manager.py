@@ -32,17 +32,6 @@ import zmq
 import zmq.asyncio
 
 from server.engine.faults import inject_fault
-from server.engine.io_struct import (
-    AbortRequest,
-    CacheFlushed,
-    FlushCache,
-    GenerateRequest,
-    ProfileControl,
-    ProfileReply,
-    PromptTokenLogprob,
-    RequestOutput,
-    TokenLogprob,
-)
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.engine_process import (
     EngineCrashed,
@@ -55,6 +44,17 @@ from server.entrypoints.engine_process import (
 )
 from server.entrypoints.metrics import ServerMetrics
 from server.entrypoints.protocol import APIError
+from server.messages import (
+    AbortRequest,
+    CacheFlushed,
+    FlushCache,
+    GenerateRequest,
+    ProfileControl,
+    ProfileReply,
+    PromptTokenLogprob,
+    RequestOutput,
+    TokenLogprob,
+)
 from server.sampling_params import SamplingParams
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -318,7 +318,7 @@ class TokenizerManager:
 
     async def control_profile(self, start: bool, record_shapes: bool = False,
                               num_steps: int | None = None) -> ProfileReply:
-        """Start or stop the profiler on every rank (see ``server/engine/profiler.py``); the engine's reply."""
+        """Start or stop the profiler on every rank (see ``server/execution/profiler.py``); the engine's reply."""
         self.check_available()
         future = asyncio.get_running_loop().create_future()
         self._profiles.append(future)

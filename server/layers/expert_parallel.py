@@ -21,7 +21,7 @@ Two forms of the exchange (:meth:`server.layers.moe.FusedMoE.expert_parallel_row
 
 - exact (eager steps): the per-peer pair counts are exchanged first (one small all-to-all and a host sync), then
   the rows travel with uneven splits: no padding, no dropping;
-- static (decode steps in graph form, :mod:`server.engine.cuda_graphs`): no host sync and fixed shapes. Every rank
+- static (decode steps in graph form, :mod:`server.execution.cuda_graphs`): no host sync and fixed shapes. Every rank
   sends every peer ``ceil(B / tp) * top_k`` pair slots (B the bucket's rows: the most pairs one rank can send one
   peer, so nothing is dropped); unused slots carry expert id -1 and zero rows. The cost: N times the worst-case
   pair count travels and is computed (the receiver runs its experts over all slots in the sync-free form), against

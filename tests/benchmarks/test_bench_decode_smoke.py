@@ -21,6 +21,17 @@ def test_bench_decode_runs_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_decode_structured_runs_on_cpu(tmp_path):
+    """--structured json: each cell unconstrained and JSON-constrained (a synthetic tokenizer: the shape has none)."""
+    model = tiny_model(tmp_path, "llama3-8b", intermediate_size=96, vocab_size=1024)
+    rows = run_bench("bench_decode.py", "--model", model, "--context", 40, "--batch", 3, "--sp-size", 1,
+                     "--graphs", "off", "--decode-steps", 4, "--structured", "json", out=tmp_path / "d.json",
+                     cpu_only=True)
+    assert [r["structured"] for r in rows] == ["none", "json"]
+    assert all(r["itl_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_bench_decode_expert_parallel_flag_on_cpu(tmp_path):
     """The Qwen3-30B-A3B shape, shrunk, with and without the expert-parallel path at one rank."""
     model = tiny_model(tmp_path, "qwen3-30b-a3b", num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32)
