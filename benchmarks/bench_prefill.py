@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.model_shapes import SHAPES, prefill_flops, shape_dir  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
-from server.sp.comm_volume import ulysses_bytes_per_layer  # noqa: E402
+from server.sp.comm_volume import latent_ring_bytes_per_layer, ulysses_bytes_per_layer  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
@@ -109,6 +109,8 @@ def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, w
     """Bytes one rank sends per softmax layer to prefill a split prompt of n tokens in one step (0 if not split)."""
     if where != "split":
         return 0.0
+    if "kv_lora_rank" in cfg and ulysses == 1:  # MLA: the ring passes latents
+        return latent_ring_bytes_per_layer(n, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], sp, dtype_bytes)
     heads, kv_heads = cfg["num_attention_heads"] // tp, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return ulysses_bytes_per_layer(n, heads, max(kv_heads, 1), head_dim, sp, ulysses, dtype_bytes)
@@ -218,7 +220,13 @@ def add_speedups(rows: list[dict]) -> None:
             r["efficiency"] = r["speedup"] / r["sp"]
 
 
-def print_table(rows: list[dict]) -> None:
+CPU_WARNING = ("WARNING: --device cpu: these timings are NOT meaningful. The CPU ranks share the machine's cores "
+               "(and gloo is no NVLink), so TTFT, speedup and efficiency here measure contention, not sequence-"
+               "parallel prefill; CPU runs check that every configuration runs. Measure on GPUs (--device cuda).")
+
+
+def print_table(rows: list[dict], cpu: bool = False) -> None:
+    """The rows as a table; on CPU without speedup and efficiency (see ``CPU_WARNING``)."""
     print(
         f"{'model':16} {'w/kv':>9} {'sp':>2} {'tp':>2} {'U':>2} {'context':>8} {'n':>3} {'mode':>10} {'MiB/layer':>9} "
         f"{'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} {'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
@@ -234,11 +242,14 @@ def print_table(rows: list[dict]) -> None:
             print(f"{head}  {r.get('error')}")
             continue
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
+        speedup = "-" if cpu else f"{r.get('speedup', float('nan')):.2f}"
+        eff = "-" if cpu else f"{r.get('efficiency', float('nan')):.2f}"
         print(
-            f"{head} {r['ttft_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} "
-            f"{r.get('efficiency', float('nan')):>5.2f} "
+            f"{head} {r['ttft_s']:>8.3f} {r['tokens_per_s']:>9.0f} {speedup:>7} {eff:>5} "
             f"{mfu:>5} {max(r['peak_mem_gib']):>13.1f} {max(r['activation_peak_gib']):>8.1f}"
         )
+    if cpu:
+        print(CPU_WARNING, file=sys.stderr, flush=True)
 
 
 def default_modes(r: dict) -> bool:
@@ -329,6 +340,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         save()
 
+    cpu = args.device == "cpu"
+    if cpu and not args.merge:
+        print(CPU_WARNING, file=sys.stderr, flush=True)
     grid = [] if args.merge else [(m, sp, tp, u, q, kv) for m in args.model for tp in args.tp_size
                                   for sp in args.sp_size for u in args.ulysses_degree if sp % u == 0
                                   for q in args.quantization for kv in args.kv_cache_dtype]
@@ -339,7 +353,7 @@ def main() -> None:
             emit(dict(model=m, sp=sp, tp=tp, ulysses_degree=u, context=None, quantization=q, kv_cache_dtype=kv,
                       error=f"{type(e).__name__}: {e}"))
     save()
-    print_table(rows)
+    print_table(rows, cpu)
     if args.plot:
         plot(rows, args.plot)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a device is asked for: `launch_server.py --help` stays fast
+    import torch
 
 
 class CommMode(str, enum.Enum):
@@ -118,6 +120,8 @@ class EngineConfig:
         return self.world_size // self.nnodes
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -171,8 +175,6 @@ class EngineConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
         if self.sp_size > 1 and 0 < self.chunked_prefill_size < 2 * self.sp_size:
             raise ValueError(f"--chunked-prefill-size must be at least 2 x --sp-size ({2 * self.sp_size}) so that a "
                              f"prompt chunk can be split over the SP group, got {self.chunked_prefill_size}")
@@ -184,6 +186,10 @@ class EngineConfig:
             raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr tcp://HOST:PORT of node 0, the same on every node")
+        import torch  # last: every check above answers a flag mistake without loading it
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
         if self.torch_device().type == "cuda" and self.local_world_size > torch.cuda.device_count():
             raise ValueError(
                 f"--sp-size {self.sp_size} x --tp-size {self.tp_size} needs {self.local_world_size} GPUs per node, "

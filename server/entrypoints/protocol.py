@@ -14,6 +14,7 @@ Every rejection is an ``APIError``, which the HTTP layer answers with
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, ClassVar, Literal
@@ -284,6 +285,18 @@ def check_extra_fields(body: RequestBody, prefix: str = "") -> None:
 def parse_body(raw: bytes, model: type[RequestBody]) -> Any:
     """Decode and validate a request body (see the module docstring); every failure is an ``APIError`` 400."""
     return validate_body(parse_json_object(raw), model)
+
+
+LARGE_BODY_BYTES = 1 << 20
+
+
+async def parse_body_off_loop(raw: bytes, model: type[RequestBody]) -> Any:
+    """:func:`parse_body`, on a worker thread for a body of ``LARGE_BODY_BYTES`` or more: decoding and validating
+    megabytes takes tens of milliseconds of CPU, during which the event loop would answer nothing (``/health``); a
+    worker thread hands the GIL back every few milliseconds."""
+    if len(raw) < LARGE_BODY_BYTES:
+        return parse_body(raw, model)
+    return await asyncio.to_thread(parse_body, raw, model)
 
 
 def validate_body(obj: dict, model: type[RequestBody]) -> Any:

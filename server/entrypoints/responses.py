@@ -30,7 +30,7 @@ from server.entrypoints.protocol import (
     check_context_length,
     check_model,
     make_sampling_params,
-    parse_body,
+    parse_body_off_loop,
     structured_output,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, collect, sse, stream
@@ -94,11 +94,13 @@ class ResponsesServing:
 
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ResponsesRequest)
+        req = await parse_body_off_loop(await request.body(), ResponsesRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
-        prompt_ids = await self.tm.encode_chat(_messages(req))
-        max_tokens = req.max_output_tokens or max(self.tm.max_model_len - len(prompt_ids), 1)
+        prompt_ids = await self.tm.encode_chat(_messages(req), param="input")
+        max_tokens = req.max_output_tokens
+        if max_tokens is None:
+            max_tokens = self.tm.default_max_tokens(len(prompt_ids)) or max(self.tm.max_model_len - len(prompt_ids), 1)
         check_context_length(len(prompt_ids), max_tokens, self.tm.max_model_len, "input")
         params = make_sampling_params({"max_tokens": "max_output_tokens"}, max_tokens=max_tokens,
                                       temperature=req.temperature, top_p=req.top_p,
