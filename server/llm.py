@@ -14,6 +14,7 @@ from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.messages import GenerateRequest, PromptTokenLogprob, TokenLogprob
 from server.sampling_params import SamplingParams
+from server.tokenizer import IncrementalDetokenizer, Tokenizer, text_delta
 
 
 @dataclass
@@ -67,8 +68,6 @@ class LLM:
         self.engine = Engine(self.config)
         self.tokenizer = None
         try:
-            from server.tokenizer import Tokenizer
-
             self.tokenizer = Tokenizer.from_pretrained(self.engine.tokenizer_path)
         except (ValueError, OSError):
             pass  # token-id prompts still work (dummy benchmark models ship no tokenizer)
@@ -131,11 +130,8 @@ class LLM:
             else:
                 ids, text = list(prompt), None
             rid = f"offline-{next(self._ids)}"
-            sp = SamplingParams(**vars(sp))  # the engine may clamp max_tokens; keep the caller's object intact
             detok = None
             if self.tokenizer is not None:
-                from server.tokenizer import IncrementalDetokenizer
-
                 detok = IncrementalDetokenizer(self.tokenizer, stop=sp.stop, skip_special_tokens=sp.skip_special_tokens)
             pending[rid] = _Pending(CompletionOutput(text, ids, "", [], None,
                                                      [] if sp.logprobs is not None else None), detok)
@@ -156,17 +152,16 @@ class LLM:
                     p.out.prompt_logprobs = o.prompt_logprobs
                 if o.new_logprobs and p.out.logprobs is not None:
                     p.out.logprobs.extend(o.new_logprobs)
-                if p.detok is not None and not p.detok.stopped:
-                    p.pieces.append(p.detok.add(o.new_token_ids))
-                    if p.detok.stopped and not o.finished:
+                if p.detok is not None:
+                    delta = text_delta(p.detok, o.new_token_ids, o.finished, o.finish_reason, o.matched_stop)
+                    p.pieces.append(delta.text)
+                    if delta.abort:
                         self.engine.abort_request(o.rid)
-                        o.finished, o.finish_reason = True, "stop"
+                        o.finished = True
+                    if delta.finish_reason:
+                        o.finish_reason = delta.finish_reason
                 if o.finished:
                     if p.detok is not None:
-                        if p.detok.stopped:
-                            o.finish_reason = "stop"
-                        else:
-                            p.pieces.append(p.detok.flush())
                         p.out.text = "".join(p.pieces)
                     p.out.finish_reason = o.finish_reason
                     remaining.discard(o.rid)

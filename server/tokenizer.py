@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -407,3 +408,28 @@ class IncrementalDetokenizer:
                     longest = n
                     break
         return longest
+
+
+@dataclass
+class TextDelta:
+    """One engine output of a request turned into text: the new text (stop strings applied), and, when the request
+    ends here, how (``finish_reason`` "stop" or "length"; ``matched_stop`` the stop string or token id).
+    ``abort``: a stop string ended it before the engine did, so the caller aborts it in the engine (freeing its
+    caches). A request the engine ended otherwise (abort, error) gets no finish reason here: the caller decides."""
+
+    text: str
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    abort: bool = False
+
+
+def text_delta(detok: IncrementalDetokenizer, new_token_ids: Iterable[int], finished: bool,
+               finish_reason: str | None, matched_stop: int | None) -> TextDelta:
+    """The one output path of the offline API and the HTTP server: detokenize a step's new tokens, apply stop
+    strings, and flush the held-back text when the engine ends the request."""
+    text = detok.add(new_token_ids)
+    if detok.stopped:
+        return TextDelta(text, "stop", detok.matched_stop, abort=not finished)
+    if finished and finish_reason in ("stop", "length"):
+        return TextDelta(text + detok.flush(), finish_reason, matched_stop)
+    return TextDelta(text)

@@ -1,6 +1,7 @@
 """The HTTP process's side of the engine.
 
-``TokenizerManager`` starts the engine process, tokenizes prompts, sends ``GenerateRequest`` / ``AbortRequest``
+``TokenizerManager`` starts the engine process (through :class:`server.entrypoints.supervisor.EngineSupervisor`,
+which also watches it), tokenizes prompts, sends ``GenerateRequest`` / ``AbortRequest``
 over zmq, detokenizes the engine's outputs incrementally (stop strings included: a matched stop string ends
 the choice here and aborts it in the engine, which frees its caches) and hands each HTTP handler the events of
 its choices. It also watches the engine process and every worker: a death, or a step that outlives the
@@ -17,22 +18,13 @@ requests and the server go on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import multiprocessing as mp
-import os
-import shutil
-import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import zmq
-import zmq.asyncio
 
 from server.engine.faults import inject_fault
 from server.entrypoints.args import ServerArgs
@@ -43,10 +35,10 @@ from server.entrypoints.engine_process import (
     EngineStalled,
     EngineStartFailed,
     Rejection,
-    run_engine_process,
 )
 from server.entrypoints.metrics import ServerMetrics
 from server.entrypoints.protocol import APIError
+from server.entrypoints.supervisor import EngineSupervisor
 from server.messages import (
     AbortRequest,
     CacheFlushed,
@@ -59,12 +51,10 @@ from server.messages import (
     TokenLogprob,
 )
 from server.sampling_params import SamplingParams
-from server.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.tokenizer import IncrementalDetokenizer, Tokenizer, text_delta
 
 logger = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 0.2
-ENGINE_STOP_TIMEOUT_S = 10.0
 REJECTION_STATUS = {"queue_full": 429, "internal_error": 500}  # every other engine rejection: the request, 400
 TOKENIZER_THREADS = 4
 FLUSH_TIMEOUT_S = 60.0
@@ -137,16 +127,6 @@ class _Choice:
 SHUTTING_DOWN = APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a dead child its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
 class TokenizerManager:
     """See the module docstring. ``start()`` returns at once; ``healthy`` turns true once every rank is ready."""
 
@@ -160,9 +140,7 @@ class TokenizerManager:
         self.draining = False  # shutting down: new requests get 503, in-flight ones finish within the grace period
         self._ready = False
         self._choices: dict[str, _Choice] = {}
-        self._worker_pids: list[int] = []
-        self._proc: mp.process.BaseProcess | None = None
-        self._tasks: list[asyncio.Task] = []
+        self.engine = EngineSupervisor(args)
         self._on_fatal: Callable[[str], None] = lambda message: None
         self._flushes: list[asyncio.Future] = []  # /flush_cache calls waiting for the engine, in order
         self._profiles: list[asyncio.Future] = []  # /start_profile and /stop_profile calls, in order
@@ -182,58 +160,14 @@ class TokenizerManager:
     async def start(self, on_fatal: Callable[[str], None]) -> None:
         """Start the engine process; ``on_fatal(message)`` is called if it fails before it is ready."""
         self._on_fatal = on_fatal
-        self._ipc_dir = tempfile.mkdtemp(prefix="server-zmq-")
-        requests_addr = f"ipc://{self._ipc_dir}/requests"
-        outputs_addr = f"ipc://{self._ipc_dir}/outputs"
-        self._sync_ctx = zmq.Context()
-        self._to_engine = self._sync_ctx.socket(zmq.PUSH)
-        self._to_engine.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a busy engine
-        self._to_engine.bind(requests_addr)
-        self._async_ctx = zmq.asyncio.Context()
-        self._from_engine = self._async_ctx.socket(zmq.PULL)
-        self._from_engine.setsockopt(zmq.RCVHWM, 0)
-        self._from_engine.bind(outputs_addr)
-        self._proc = mp.get_context("spawn").Process(
-            target=run_engine_process,
-            args=(self.args.engine, requests_addr, outputs_addr, self.args.log_level, self.args.watchdog_timeout),
-            name="engine",
-        )
-        self._proc.start()
-        logger.info("engine process %d started; loading the model", self._proc.pid)
-        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch_loop())]
+        await self.engine.start(self._on_message, self._on_death)
 
     async def shutdown(self) -> None:
-        """Fail what is in flight, stop the engine process and every worker, remove the sockets."""
-        for task in self._tasks:
-            task.cancel()
+        """Fail what is in flight, stop the engine process and every worker."""
         self._fail_all(SHUTTING_DOWN)
         self._ready = False
-        if self._proc is not None:
-            await asyncio.to_thread(self._stop_engine_process)
+        await self.engine.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._to_engine.close(linger=0)
-        self._from_engine.close(linger=0)
-        self._sync_ctx.term()
-        self._async_ctx.term()
-        shutil.rmtree(self._ipc_dir, ignore_errors=True)
-
-    def _stop_engine_process(self) -> None:
-        proc = self._proc
-        if proc.is_alive():
-            proc.terminate()  # SIGTERM: the engine shuts its workers down in order
-            proc.join(ENGINE_STOP_TIMEOUT_S)
-        self._kill_engine_tree()
-        proc.join(ENGINE_STOP_TIMEOUT_S)
-
-    def _kill_engine_tree(self) -> None:
-        """SIGKILL the engine and its workers (a hung or stopped process, or what is left after a death)."""
-        proc = self._proc
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in self._worker_pids:
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
 
     def fail_in_flight(self, error: APIError) -> None:
         """End every in-flight request with ``error`` (shutdown after the grace period)."""
@@ -354,30 +288,10 @@ class TokenizerManager:
         return await asyncio.wait_for(future, PROFILE_TIMEOUT_S)
 
     def _send(self, msg: GenerateRequest | AbortRequest | FlushCache | ProfileControl) -> None:
-        if self.dead_reason is not None:
-            return
-        try:
-            self._to_engine.send_pyobj(msg, zmq.NOBLOCK)
-        except zmq.Again:  # no engine connected any more: the watcher is about to notice
+        if self.dead_reason is None and not self.engine.send(msg):  # no engine connected: the watcher will notice
             self._on_death("the engine process stopped accepting requests")
 
     # ---- engine messages -------------------------------------------------------------------------------------
-    async def _receive_loop(self) -> None:
-        while True:
-            try:
-                msg = await self._from_engine.recv_pyobj()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a message that does not unpickle: drop it, keep serving
-                logger.exception("dropped a message from the engine that could not be read")
-                continue
-            try:
-                await self._on_message(msg)
-            except Exception as e:  # a bug here must not leave every waiting client hanging
-                logger.exception("failed to handle %s from the engine", type(msg).__name__)
-                self._on_death(f"internal error in the server: {type(e).__name__}: {e}")
-                return
-
     async def _on_message(self, msg: object) -> None:
         if isinstance(msg, EngineOutputs):
             self._on_outputs(msg)
@@ -398,11 +312,11 @@ class TokenizerManager:
             self._on_death(f"the engine failed to start: {msg.message}")
         elif isinstance(msg, EngineStalled):
             self._on_death(msg.message)
-            await asyncio.to_thread(self._kill_engine_tree)
+            await asyncio.to_thread(self.engine.kill_tree)
         elif isinstance(msg, EngineCrashed):
             logger.error("engine crashed:\n%s", msg.traceback)
             # A dead worker makes rank 0's next collective fail: name the cause, not the symptom.
-            self._on_death(self._dead_process() or f"engine crashed: {msg.message.splitlines()[0][:300]}")
+            self._on_death(self.engine.dead_process() or f"engine crashed: {msg.message.splitlines()[0][:300]}")
 
     async def _on_ready(self, msg: EngineReady) -> None:
         path = self.args.engine.tokenizer_path or msg.tokenizer_path
@@ -414,8 +328,8 @@ class TokenizerManager:
             return
         self.max_model_len = msg.max_model_len
         self.vocab_size = self.tokenizer.vocab_size
-        self._worker_pids = msg.worker_pids
-        self._ready = True
+        self.engine.worker_pids = msg.worker_pids
+        self._ready = self.engine.ready = True
         self.metrics.set_rank_memory(msg.rank_memory)
         self.metrics.healthy.set(1)
         logger.info("engine ready: %d rank(s), max_model_len %d; serving %r", 1 + len(msg.worker_pids),
@@ -459,16 +373,14 @@ class TokenizerManager:
         detok = choice.detokenizer
         inject_fault("detokenize", choice.seed)
         choice.cached_tokens = max(choice.cached_tokens, out.cached_tokens)
-        event = ChoiceEvent(choice.index, detok.add(out.new_token_ids), list(out.new_token_ids), out.new_logprobs,
+        delta = text_delta(detok, out.new_token_ids, out.finished, out.finish_reason, out.matched_stop)
+        event = ChoiceEvent(choice.index, delta.text, list(out.new_token_ids), out.new_logprobs,
                             choice.prompt_tokens, choice.completion_tokens, cached_tokens=choice.cached_tokens,
                             prompt_logprobs=out.prompt_logprobs)
-        if detok.stopped:
-            event.finish_reason, event.matched_stop = "stop", detok.matched_stop
-            if not out.finished:
+        if delta.finish_reason:
+            event.finish_reason, event.matched_stop = delta.finish_reason, delta.matched_stop
+            if delta.abort:
                 self._send(AbortRequest(choice.rid))  # free its caches now; its abort output is ignored
-        elif out.finished and out.finish_reason in ("stop", "length"):
-            event.text += detok.flush()
-            event.finish_reason, event.matched_stop = out.finish_reason, out.matched_stop
         elif out.finished:
             event.error = APIError(500, f"The engine ended the request: {out.error or out.finish_reason}.",
                                    type="server_error", code=out.finish_reason)
@@ -500,31 +412,13 @@ class TokenizerManager:
                     choice.rid, reason, choice.prompt_tokens, choice.completion_tokens, ttft, now - choice.arrival)
 
     # ---- failures --------------------------------------------------------------------------------------------
-    def _dead_process(self) -> str | None:
-        """Which of the engine's processes died, if any."""
-        dead = [pid for pid in self._worker_pids if not pid_alive(pid)]
-        if dead:
-            return f"worker process {dead[0]} died"
-        if not self._proc.is_alive():
-            return f"the engine process exited with code {self._proc.exitcode}"
-        return None
-
-    async def _watch_loop(self) -> None:
-        while self.dead_reason is None:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            reason = self._dead_process()
-            if reason is not None:
-                if not self._ready:
-                    await asyncio.sleep(1.0)  # let the receive loop deliver the engine's own last words first
-                    reason += " before it was ready"
-                self._on_death(reason)
-
     def _on_death(self, reason: str) -> None:
         """The engine is gone for good. Before it was ready the server cannot serve at all and exits; after,
         it fails what is in flight and keeps answering /health with 503."""
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
+        self.engine.report_death(reason)  # once: the watcher stops
         if not self._ready:
             self._on_fatal(reason)
             return
