@@ -118,7 +118,8 @@ class ModelRunner:
 
     def cache_bytes_per_page(self) -> int:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(2 * self.config.page_size * a.num_kv_heads * a.head_dim * itemsize for a in self.attn_layers)
+        return sum(self.config.page_size * (2 * a.num_kv_heads * a.head_dim * itemsize + 4 * (a.window is not None))
+                   for a in self.attn_layers)
 
     def state_bytes_per_slot(self) -> int:
         gdn = sum(g.state_bytes(self.dtype) for g in self.gdn_layers)
@@ -163,7 +164,7 @@ class ModelRunner:
         slots = self.total_slots
         for a in self.attn_layers:
             a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
-                                   self.device)
+                                   self.device, positions=a.window is not None)
         for lt in self.lightning_layers:
             lt.pool = LightningStatePool(slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
         for g in self.gdn_layers:
@@ -261,8 +262,7 @@ class ModelRunner:
         if pages and self.attn_layers:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*pages))
             for a in self.attn_layers:
-                a.cache.k[dst] = a.cache.k[src]
-                a.cache.v[dst] = a.cache.v[src]
+                a.cache.copy_pages(src, dst)
         for src, dst in plan.state_copies:  # in order: a snapshot may be saved and restored in one step
             for lt in self.lightning_layers:
                 lt.pool.states[dst] = lt.pool.states[src]

@@ -14,16 +14,28 @@ from server.forward.context import ForwardContext
 
 
 class PagedKVCache:
-    """One layer's K and V pages on this rank: ``[num_pages, page_size, kv_heads, head_dim]`` each."""
+    """One layer's K and V pages on this rank: ``[num_pages, page_size, kv_heads, head_dim]`` each; with
+    ``positions``, also every slot's global token position ``[num_pages, page_size]`` int32 (sliding-window layers:
+    a rank's KV shard holds tokens of scattered positions, and the window is a rule on positions)."""
 
     def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, positions: bool = False):
         self.k = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(num_pages, page_size, dtype=torch.int32, device=device) if positions else None
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
         self.k.view(-1, *self.k.shape[2:])[slots] = k
         self.v.view(-1, *self.v.shape[2:])[slots] = v
+        if self.pos is not None:
+            self.pos.view(-1)[slots] = pos.to(torch.int32)
+
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages ``src`` onto ``dst`` (a cached prefix's last page, copied on write)."""
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+        if self.pos is not None:
+            self.pos[dst] = self.pos[src]
 
     def read(self, page_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (-1, *self.k.shape[2:])
@@ -32,15 +44,25 @@ class PagedKVCache:
 
 class Attention(nn.Module):
     """Core attention of one layer (after q/k/v projection and RoPE). q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on
-    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding)."""
+    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding).
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    ``window``: a sliding window (a query sees itself and the ``window - 1`` keys before it; its cache keeps token
+    positions). ``sinks``: learned per-head sink logits ``[num_heads]`` (this rank's heads), applied once to the
+    merged result (:mod:`server.kernels.sinks`)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None = None,
+                 sinks: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.window = window
+        self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=dtype), requires_grad=False) if sinks else None
         self.cache: PagedKVCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return ctx.attention.forward(q, k, v, self.cache, self.scale)
+        if self.window is None and self.sinks is None:
+            return ctx.attention.forward(q, k, v, self.cache, self.scale)
+        return ctx.attention.forward(q, k, v, self.cache, self.scale, window=self.window, sinks=self.sinks,
+                                     positions=ctx.positions)

@@ -17,6 +17,7 @@ from server.layers.attention import Attention
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.models.config import ModelConfig, read_config_json
+from server.models.gpt_oss import GptOssForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -37,6 +38,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 

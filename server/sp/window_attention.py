@@ -1,0 +1,127 @@
+"""Sliding-window attention of a split request over KV sharded across the SP group: a KV halo, no ring
+(docs/sp.md, "Sliding-window layers: the KV halo").
+
+With window w a query at position i sees keys j with ``i - w < j <= i``. A rank's query run ``[a, b)`` (one zigzag
+chunk) therefore needs the keys ``[a - w + 1, b)``: ``[a, b)`` are its own new rows, stored on this rank in this
+step, and the **halo** ``[a - w + 1, a)`` lies in the preceding chunk (another rank's, or this rank's when it owns
+both), or further back in the request's cached prefix, which is spread over the SP ranks (chunked prefill, prefix
+cache hits). Every rank knows every rank's query runs and shard runs ``(row_start, length, pos_start)``, so each
+can work out, without looking at data, which of its rows some rank's halo needs; one all-gather of those rows
+(padded to the largest send, at most ``2P (w - 1)`` rows) gives every rank its halo. Each rank then attends its
+queries to its own rows in ``[a - w + 1, b)`` plus the halo rows other ranks sent: O(n_local x w) work and
+O(P w) bytes per rank, independent of the prompt length, where the ring moves every shard past every rank.
+
+Returns the partial pair ``(o, lse)`` over every key of the request (base-2 LSE; sinks are applied by the caller,
+once, after this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from server.kernels import ops
+from server.kernels.ops import Run
+from server.sp.groups import ParallelState
+
+Interval = tuple[int, int]  # [lo, hi) of positions
+
+
+def _union(intervals: list[Interval]) -> list[Interval]:
+    """Sorted, disjoint intervals covering the same positions (empty ones dropped)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def halo_intervals(q_runs: list[Run], window: int) -> list[Interval]:
+    """The positions before each query run that its window reaches: ``[a - w + 1, a)`` per run starting at a."""
+    return _union([(max(0, p - window + 1), p) for _, n, p in q_runs if n > 0])
+
+
+def select_runs(runs: list[Run], intervals: list[Interval]) -> list[Run]:
+    """The parts of ``runs`` (rows holding consecutive positions) whose positions lie in ``intervals``, in row
+    order, as runs of the same rows."""
+    out = []
+    for row, n, pos in runs:
+        for lo, hi in intervals:
+            a, b = max(lo, pos), min(hi, pos + n)
+            if a < b:
+                out.append((row + a - pos, b - a, a))
+    return sorted(out)
+
+
+def _rows(runs: list[Run], device: torch.device) -> torch.Tensor:
+    if not runs:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(r, r + n, device=device) for r, n, _ in runs])
+
+
+def _rebased(runs: list[Run]) -> list[Run]:
+    """``runs`` laid out back to back from row 0."""
+    out, row = [], 0
+    for _, n, pos in runs:
+        out.append((row, n, pos))
+        row += n
+    return out
+
+
+def window_attention(
+    q: torch.Tensor,
+    read_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    q_runs_per_rank: list[list[Run]],
+    kv_runs_per_rank: list[list[Run]],
+    scale: float,
+    window: int,
+    pstate: ParallelState,
+    attn_fn=ops.attention_runs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window attention of this rank's queries to the request's KV on every SP rank, by a KV halo.
+
+    q ``[Nq, Hq, D]`` described by ``q_runs_per_rank[sp_rank]``; ``read_rows(rows)`` returns this rank's shard's
+    k/v rows ``[len(rows), Hk, D]`` (the shard described by ``kv_runs_per_rank[sp_rank]``; this step's new rows
+    are in it). Every rank passes every rank's runs. ``attn_fn`` has the contract of
+    :func:`server.kernels.ops.attention_runs` and takes ``window``."""
+    p, r, dev = pstate.sp_size, pstate.sp_rank, q.device
+    if len(q_runs_per_rank) != p or len(kv_runs_per_rank) != p:
+        raise ValueError(f"window_attention needs the runs of all {p} SP ranks")
+    halos = [halo_intervals(runs, window) for runs in q_runs_per_rank]
+    wanted = _union([iv for h in halos for iv in h])  # positions some rank's halo needs
+    sends = [select_runs(kv_runs_per_rank[s], wanted) for s in range(p)]
+    longest = max(sum(n for _, n, _ in runs) for runs in sends)
+    # own keys: every row of this shard within some local query's window
+    own_runs = select_runs(kv_runs_per_rank[r], _union([(max(0, a - window + 1), a + n)
+                                                         for _, n, a in q_runs_per_rank[r] if n > 0]))
+    parts_k, parts_v, k_runs = [], [], []
+    if own_runs:
+        k_own, v_own = read_rows(_rows(own_runs, dev))
+        parts_k.append(k_own)
+        parts_v.append(v_own)
+        k_runs = _rebased(own_runs)
+    if longest and p > 1:
+        k_send, v_send = read_rows(_rows(sends[r], dev))  # may be empty: every rank still posts `longest` rows
+        buf = torch.zeros(2, longest, *k_send.shape[1:], dtype=k_send.dtype, device=dev)
+        buf[0, : len(k_send)] = k_send
+        buf[1, : len(v_send)] = v_send
+        gathered = pstate.sp_all_gather(buf)
+        offset = sum(n for _, n, _ in k_runs)
+        for s in range(p):
+            if s == r:  # this rank's halo rows are already among its own keys
+                continue
+            mine = select_runs(_rebased(sends[s]), halos[r])
+            if not mine:
+                continue
+            idx = _rows(mine, dev)
+            parts_k.append(gathered[s][0][idx])
+            parts_v.append(gathered[s][1][idx])
+            k_runs += [(offset + row, n, pos) for row, n, pos in _rebased(mine)]
+            offset += len(idx)
+    if not parts_k:
+        return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=dev)
+    k_all, v_all = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in (parts_k, parts_v))
+    return attn_fn(q, k_all, v_all, q_runs_per_rank[r], k_runs, scale, window=window)
