@@ -56,6 +56,7 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
     scale: float
+    window: int | None = None  # the sliding window of the model's window layers (None: it has none)
 
 
 def local_kind(num_rows: int, kv_len: int, stores: bool) -> str:
@@ -201,6 +202,10 @@ class AttentionBackend:
 
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         """Plan kernels for this step's batches (once per step, before the first layer)."""
+
+    def graph_capturable(self) -> bool:
+        """Whether decode steps of this model can be captured in CUDA graphs on this backend."""
+        return True
 
     def run_batch(self, batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                   cache, scale: float, window: int | None = None,

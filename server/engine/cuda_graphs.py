@@ -47,7 +47,7 @@ def graph_mode(config, device: torch.device, backend) -> str:
         return "off"
     if config.cuda_graph == "eager":
         return "eager"
-    if device.type == "cuda" and hasattr(backend, "graph_decode"):
+    if device.type == "cuda" and hasattr(backend, "graph_decode") and backend.graph_capturable():
         return "capture"
     return "off"
 

@@ -112,9 +112,10 @@ class ModelRunner:
 
     def _geometry(self) -> AttentionGeometry | None:
         shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in self.attn_layers}
-        if len(shapes) != 1:
+        windows = {a.window for a in self.attn_layers} - {None}
+        if len(shapes) != 1 or len(windows) > 1:
             return None  # no softmax layers, or layers of different shapes: the reference handles any
-        return AttentionGeometry(*shapes.pop())
+        return AttentionGeometry(*shapes.pop(), window=windows.pop() if windows else None)
 
     def cache_bytes_per_page(self) -> int:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()

@@ -121,7 +121,22 @@ def window_attention(
             parts_v.append(gathered[s][1][idx])
             k_runs += [(offset + row, n, pos) for row, n, pos in _rebased(mine)]
             offset += len(idx)
+    out = q.new_zeros(q.shape)
+    lse = torch.full(q.shape[:2], float("-inf"), device=dev)
     if not parts_k:
-        return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=dev)
+        return out, lse
     k_all, v_all = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in (parts_k, parts_v))
-    return attn_fn(q, k_all, v_all, q_runs_per_rank[r], k_runs, scale, window=window)
+    # one call per query run, over its keys in position order: positions [a - w + 1, b) without a gap, so a
+    # kernel's bottom-right aligned causal mask with window_left = w - 1 is exactly the window
+    for row, n, a in q_runs_per_rank[r]:
+        if n == 0:
+            continue
+        lo = max(0, a - window + 1)
+        keys = sorted(select_runs(k_runs, [(lo, a + n)]), key=lambda run: run[2])
+        if sum(m for _, m, _ in keys) != a + n - lo:
+            raise ValueError(f"window_attention: keys of positions [{lo}, {a + n}) are missing from the shards")
+        idx = _rows(keys, dev)
+        rows = slice(row, row + n)
+        out[rows], lse[rows] = attn_fn(q[rows], k_all[idx], v_all[idx], [(0, n, a)], [(0, a + n - lo, lo)], scale,
+                                       window=window)
+    return out, lse

@@ -22,7 +22,7 @@ from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
 from server.sp.ring_attention import merge_over_sp
 from server.sp.window_attention import window_attention
-from tests.helpers import FP32_TOL
+from tests.helpers import FP32_TOL, needs_flashinfer
 from tests.sp.sp_testing import run_on_group
 from tests.sp.test_ring_attention import _runs, _spread
 
@@ -114,3 +114,21 @@ def test_sinks_on_one_rank_match_reference():
     empty = torch.full((2, HQ), -math.inf)
     o_e, lse_e = apply_attention_sinks(torch.zeros(2, HQ, D), empty, sinks)
     assert torch.all(o_e == 0) and torch.allclose(lse_e, sinks.expand(2, -1) / math.log(2))
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+def test_flashinfer_window_call_matches_reference():
+    """The halo's per-chunk call on flashinfer (causal, window_left = w - 1, bf16, head dim 64) against the
+    reference on the same inputs."""
+    from server.kernels.flashinfer_attention import attention_runs_flashinfer
+
+    g = torch.Generator().manual_seed(3)
+    n, lo, a, w = 300, 873, 1000, 128  # queries at [1000, 1300), keys at [873, 1300)
+    q = torch.randn(n, 8, 64, generator=g).cuda().bfloat16()
+    k, v = (torch.randn(a + n - lo, 2, 64, generator=g).cuda().bfloat16() for _ in range(2))
+    q_runs, k_runs = [(0, n, a)], [(0, a + n - lo, lo)]
+    o, lse = attention_runs_flashinfer(q, k, v, q_runs, k_runs, 64**-0.5, w)
+    want_o, want_lse = attention_runs(q, k, v, q_runs, k_runs, 64**-0.5, w)
+    torch.testing.assert_close(o.float(), want_o.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-3)
