@@ -252,7 +252,7 @@ class StepAttention:
         ``sinks`` ``[Hq]`` are applied once, to every row's merged result (:mod:`server.kernels.sinks`)."""
         meta, ps = self.meta, self.backend.pstate
         if meta.write_rows is not None:
-            pos = positions[meta.write_rows] if cache.pos is not None else None
+            pos = positions[meta.write_rows] if window is not None else None  # window caches keep positions
             cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows], pos)
         merging = meta.merge_rows is not None or meta.merge_mask is not None
         keep_lse = merging or sinks is not None

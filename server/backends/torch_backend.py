@@ -64,7 +64,8 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
-        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale, window, q_pos, cache.pos)
+        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale, window, q_pos,
+                                   cache.pos if window is not None else None)
 
     def attention_runs(self, q, k, v, q_runs, k_runs, scale, window=None):
         return ops.attention_runs(q, k, v, q_runs, k_runs, scale, window)
