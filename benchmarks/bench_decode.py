@@ -98,14 +98,13 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
     times = []
     graphs = engine.runner.graphs
     split_before = graphs.split_steps if graphs else 0
-    if PROFILE:
-        PROFILE.reset()
+    PROFILE.reset()
     for _ in range(steps):
         t0 = time.perf_counter()
         outs = engine.step()
         times.append((time.perf_counter() - t0) * 1e3)
         assert sum(len(o.new_token_ids) for o in outs) == batch, "every request decodes one token per step"
-    if PROFILE:
+    if PROFILE.enabled:
         print(f"rank 0 step profile, context {context} batch {batch}: {PROFILE.table()}", flush=True)
     for rid in rids:
         engine.abort_request(rid)

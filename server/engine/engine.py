@@ -121,7 +121,7 @@ class Engine:
         if self.overlap is None:
             self.overlap = self.device.type == "cuda" or config.world_size == 1
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
-                                   bool(self.runner.lightning_layers or self.runner.gdn_layers),
+                                   self.runner.has_state,
                                    self.runner.snapshot_slots)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
@@ -188,17 +188,17 @@ class Engine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
-        if PROFILE:
-            PROFILE.start()
+        PROFILE.start()
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
         if not plan.chunks:
             return outputs + self._resolve()
-        if PROFILE:
-            PROFILE.mark("schedule") if plan.is_decode else PROFILE.cancel()
+        if plan.is_decode:
+            PROFILE.mark("schedule")
+        else:
+            PROFILE.cancel()
         send_message(self.pstate, plan)
-        if PROFILE:
-            PROFILE.mark("send")
+        PROFILE.mark("send")
         self.num_steps += 1
         self.num_prev_token_steps += plan.prev_tokens
         self.last_step = StepCounts(
@@ -218,13 +218,11 @@ class Engine:
         rows, live = zip(*sampled)
         logits = out.logits if len(rows) == out.logits.shape[0] else out.logits[list(rows)]
         outputs += self._sample(logits, list(live))
-        if PROFILE:
-            PROFILE.mark("sample")
+        PROFILE.mark("sample")
         if not self.overlap:
             outputs += self._resolve()
-        if PROFILE:
-            PROFILE.mark("finish")
-            PROFILE.end()
+        PROFILE.mark("finish")
+        PROFILE.end()
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -247,8 +245,7 @@ class Engine:
             return []
         flight, self.inflight = self.inflight, None
         tokens, logprobs = flight.batch.result()
-        if PROFILE:
-            PROFILE.mark("wait")
+        PROFILE.mark("wait")
         outputs = []
         now = time.monotonic()
         for seq, tok, lp in zip(flight.seqs, tokens, logprobs):
@@ -351,7 +348,7 @@ class Engine:
         if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
                 and len(seq.output_ids) >= p.min_tokens:
             reason, matched = "stop", tok
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_ids) >= seq.max_new_tokens:
             reason = "length"
         if reason:
             self.scheduler.finish(seq)
@@ -365,7 +362,7 @@ class Engine:
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         prefix = self.cache.prefix
-        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
+        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from server.forward.context import ForwardContext
+from server.layers.cache_spec import CacheLayer, PagedKVSpec
 
 
 class PagedKVCache:
@@ -42,9 +43,10 @@ class PagedKVCache:
         return self.k[page_table].view(shape)[:length], self.v[page_table].view(shape)[:length]
 
 
-class Attention(nn.Module):
+class Attention(CacheLayer, nn.Module):
     """Core attention of one layer (after q/k/v projection and RoPE). q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on
-    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding).
+    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding). Its cache: K/V pages
+    (:class:`server.layers.cache_spec.PagedKVSpec`) in the model dtype, with token positions for a window layer.
 
     ``window``: a sliding window (a query sees itself and the ``window - 1`` keys before it; its cache keeps token
     positions). ``sinks``: learned per-head sink logits ``[num_heads]`` (this rank's heads), applied once to the
@@ -60,6 +62,9 @@ class Attention(nn.Module):
         self.window = window
         self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=dtype), requires_grad=False) if sinks else None
         self.cache: PagedKVCache | None = None
+
+    def cache_spec(self) -> PagedKVSpec:
+        return PagedKVSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, window=self.window)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.window is None and self.sinks is None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from server.kernels import ops
+from server.layers.cache_spec import CacheLayer
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from server.layers.linear import MergedColumnSeqParallelLinear, RowSeqParallelLinear, default_weight_loader
 from server.layers.norm import RMSNorm
@@ -120,6 +121,10 @@ class CausalLM(nn.Module):
             x = layer(x, ctx)
         x = self.norm(x)
         return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def cache_layers(self) -> list[CacheLayer]:
+        """Every layer that keeps per-request state, in model order (the engine allocates their caches)."""
+        return [m for m in self.modules() if isinstance(m, CacheLayer)]
 
     def sp_split_mlp_ok(self) -> bool:
         """Every layer's MLP is dense and splits evenly over the SP ranks (:meth:`GatedMLP.forward_sp_split`)."""

@@ -68,6 +68,8 @@ class LlamaAttentionBlock(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """One Llama-family layer: pre-norm attention and SwiGLU MLP with residuals."""
+
     def __init__(self, cfg: LlamaConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.self_attn = LlamaAttentionBlock(cfg, pstate, dtype, cfg.qkv_bias, cfg.qk_norm)

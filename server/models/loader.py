@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from server.config import EngineConfig
+from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
@@ -65,7 +65,7 @@ def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, loa
         model = MODEL_CLASSES[cfg.architecture](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
                                                 torch.float32)
     try:
-        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == "all")
+        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == UlyssesLayers.ALL)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):

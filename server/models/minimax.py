@@ -64,6 +64,8 @@ class MiniMaxConfig(ModelConfig):
 
 
 class LightningBlock(nn.Module):
+    """MiniMax's lightning-attention token mixer: projections, lightning attention (LASP under SP), norm, gate."""
+
     def __init__(self, cfg: MiniMaxConfig, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         hidden, d, heads = cfg.hidden_size, cfg.head_dim, cfg.num_heads
@@ -76,7 +78,7 @@ class LightningBlock(nn.Module):
         # The reference normalizes the lightning output with its default eps, not rms_norm_eps.
         self.norm = TPRMSNorm(heads * d, 1e-6, pstate, dtype)
         slopes = minimax_slopes(heads, layer_idx, cfg.num_layers)
-        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h])
+        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h], d)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if ctx.seq_sharded:  # gather the tokens once for both column layers
@@ -90,6 +92,8 @@ class LightningBlock(nn.Module):
 
 
 class MoEBlock(nn.Module):
+    """MiniMax's sparse MLP: the experts' partial sums reduced over TP (or reduce-scattered when seq-sharded)."""
+
     def __init__(self, cfg: MiniMaxConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
@@ -103,6 +107,8 @@ class MoEBlock(nn.Module):
 
 
 class MiniMaxDecoderLayer(nn.Module):
+    """One MiniMax layer: post-norm residuals with the config's alpha/beta factors around mixer and MoE."""
+
     def __init__(self, cfg: MiniMaxConfig, layer_idx: int, layer_type: str, pstate: ParallelState,
                  dtype: torch.dtype):
         super().__init__()
@@ -126,6 +132,8 @@ class MiniMaxDecoderLayer(nn.Module):
 
 
 class MiniMaxForCausalLM(CausalLM):
+    """MiniMax-Text-01: lightning and softmax layers (layer_types), MoE MLPs."""
+
     config_class = MiniMaxConfig
 
     def __init__(self, cfg: MiniMaxConfig, pstate: ParallelState, dtype: torch.dtype):

@@ -171,6 +171,8 @@ class GatedAttentionBlock(nn.Module):
 
 
 class SharedExpertMoEBlock(nn.Module):
+    """Qwen3.5 / Qwen3-Next sparse MLP: routed experts plus a sigmoid-gated shared expert, over TP."""
+
     def __init__(self, cfg: Qwen3_5Config, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
@@ -187,6 +189,8 @@ class SharedExpertMoEBlock(nn.Module):
 
 
 class Qwen3_5DecoderLayer(nn.Module):
+    """One Qwen3.5 layer: a GDN or gated-attention token mixer, then a dense or sparse MLP."""
+
     def __init__(self, cfg: Qwen3_5Config, layer_idx: int, layer_type: str, pstate: ParallelState,
                  dtype: torch.dtype):
         super().__init__()
