@@ -92,9 +92,18 @@ class GptOssMoE(nn.Module):
         return out
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """The same result with no host sync (CUDA graphs, short steps): every expert on every token, weighted by
-        the routing (0 for experts a token does not use)."""
+        """The same result with no host sync (CUDA graphs, short steps). Fewer (token, expert) pairs than experts
+        (decode at small batch): each pair's expert weights gathered, so only the routed experts are read; more:
+        every expert on every token, weighted by the routing (0 for experts a token does not use)."""
         t, e, hidden = x.shape[0], self.num_experts, x.shape[1]
+        if t * self.top_k < e:
+            flat = experts.flatten()
+            h = torch.bmm(self.w13[flat], x.repeat_interleave(self.top_k, 0).unsqueeze(-1)).squeeze(-1)
+            h = self.activation(h + self.b13[flat])
+            y = torch.bmm(self.w2[flat], h.unsqueeze(-1)).squeeze(-1)
+            if self.pstate.tp_rank == 0:
+                y = y + self.b2[flat]
+            return (y.view(t, self.top_k, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
         gate = torch.zeros(t, e, dtype=x.dtype, device=x.device)
         gate.scatter_(1, experts, weights.to(x.dtype))
         h = self.activation(F.linear(x, self.w13.view(-1, hidden)).view(t, e, -1) + self.b13)  # [T, E, I]
