@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from server.kernels import ops
-from server.kernels.ops import Run
+from server.runs import Run, back_to_back, position_order, rows_of, runs_in_positions, runs_rows
 from server.sp.groups import ParallelState
 
 Interval = tuple[int, int]  # [lo, hi) of positions
@@ -44,31 +44,10 @@ def halo_intervals(q_runs: list[Run], window: int) -> list[Interval]:
     return _union([(max(0, p - window + 1), p) for _, n, p in q_runs if n > 0])
 
 
-def select_runs(runs: list[Run], intervals: list[Interval]) -> list[Run]:
-    """The parts of ``runs`` (rows holding consecutive positions) whose positions lie in ``intervals``, in row
-    order, as runs of the same rows."""
-    out = []
-    for row, n, pos in runs:
-        for lo, hi in intervals:
-            a, b = max(lo, pos), min(hi, pos + n)
-            if a < b:
-                out.append((row + a - pos, b - a, a))
-    return sorted(out)
-
-
 def _rows(runs: list[Run], device: torch.device) -> torch.Tensor:
-    if not runs:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(r, r + n, device=device) for r, n, _ in runs])
-
-
-def _rebased(runs: list[Run]) -> list[Run]:
-    """``runs`` laid out back to back from row 0."""
-    out, row = [], 0
-    for _, n, pos in runs:
-        out.append((row, n, pos))
-        row += n
-    return out
+    """The row index of ``runs``, in order."""
+    idx = rows_of(runs, device)
+    return torch.arange(runs_rows(runs), device=device) if idx is None else idx
 
 
 def window_attention(
@@ -92,34 +71,34 @@ def window_attention(
         raise ValueError(f"window_attention needs the runs of all {p} SP ranks")
     halos = [halo_intervals(runs, window) for runs in q_runs_per_rank]
     wanted = _union([iv for h in halos for iv in h])  # positions some rank's halo needs
-    sends = [select_runs(kv_runs_per_rank[s], wanted) for s in range(p)]
-    longest = max(sum(n for _, n, _ in runs) for runs in sends)
+    sends = [runs_in_positions(kv_runs_per_rank[s], wanted) for s in range(p)]
+    longest = max(runs_rows(runs) for runs in sends)
     # own keys: every row of this shard within some local query's window
-    own_runs = select_runs(kv_runs_per_rank[r], _union([(max(0, a - window + 1), a + n)
+    own_runs = runs_in_positions(kv_runs_per_rank[r], _union([(max(0, a - window + 1), a + n)
                                                          for _, n, a in q_runs_per_rank[r] if n > 0]))
     parts_k, parts_v, k_runs = [], [], []
     if own_runs:
         k_own, v_own = read_rows(_rows(own_runs, dev))
         parts_k.append(k_own)
         parts_v.append(v_own)
-        k_runs = _rebased(own_runs)
+        k_runs = back_to_back(own_runs)
     if longest and p > 1:
         k_send, v_send = read_rows(_rows(sends[r], dev))  # may be empty: every rank still posts `longest` rows
         buf = torch.zeros(2, longest, *k_send.shape[1:], dtype=k_send.dtype, device=dev)
         buf[0, : len(k_send)] = k_send
         buf[1, : len(v_send)] = v_send
         gathered = pstate.sp_all_gather(buf)
-        offset = sum(n for _, n, _ in k_runs)
+        offset = runs_rows(k_runs)
         for s in range(p):
             if s == r:  # this rank's halo rows are already among its own keys
                 continue
-            mine = select_runs(_rebased(sends[s]), halos[r])
+            mine = runs_in_positions(back_to_back(sends[s]), halos[r])
             if not mine:
                 continue
             idx = _rows(mine, dev)
             parts_k.append(gathered[s][0][idx])
             parts_v.append(gathered[s][1][idx])
-            k_runs += [(offset + row, n, pos) for row, n, pos in _rebased(mine)]
+            k_runs += [(offset + row, n, pos) for row, n, pos in back_to_back(mine)]
             offset += len(idx)
     out = q.new_zeros(q.shape)
     lse = torch.full(q.shape[:2], float("-inf"), device=dev)
@@ -132,8 +111,8 @@ def window_attention(
         if n == 0:
             continue
         lo = max(0, a - window + 1)
-        keys = sorted(select_runs(k_runs, [(lo, a + n)]), key=lambda run: run[2])
-        if sum(m for _, m, _ in keys) != a + n - lo:
+        keys, _ = position_order(runs_in_positions(k_runs, [(lo, a + n)]))
+        if runs_rows(keys) != a + n - lo:
             raise ValueError(f"window_attention: keys of positions [{lo}, {a + n}) are missing from the shards")
         idx = _rows(keys, dev)
         rows = slice(row, row + n)

@@ -16,8 +16,9 @@ import math
 import pytest
 import torch
 
-from server.kernels.ops import attention_runs, runs_to_positions
+from server.kernels.ops import attention_runs
 from server.kernels.sinks import apply_attention_sinks
+from server.runs import runs_to_positions
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
 from server.sp.ring_attention import merge_over_sp
