@@ -4,7 +4,9 @@ Measures the TTFT of one prompt (dummy weights, one prefill step) and, at the mo
 layer's attention kernel causal over the whole prompt and with the window (flashinfer, ``window_left = w - 1``),
 then prints each layer kind's attention time times its layer count, as a share of the TTFT.
 
-    python benchmarks/bench_window_share.py --model gpt-oss-20b --context 131072
+    python benchmarks/bench_window_share.py --model gpt-oss-20b --context 131000
+
+(131000: the prompt plus its one output token stay within gpt-oss's 131072 positions.)
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def kernel_ms(n: int, cfg: dict, window: int | None, reps: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-oss-20b", choices=[m for m in SHAPES if m.startswith("gpt-oss")])
-    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--context", type=int, default=131000)
     args = ap.parse_args()
     cfg, n = SHAPES[args.model], args.context
     with LLM(shape_dir(args.model), device="cuda", load_format="dummy", chunked_prefill_size=n,
