@@ -12,6 +12,8 @@ import pytest
 from server import LLM, SamplingParams
 from tests.helpers import (
     assert_matches_reference,
+    hf_greedy,
+    hf_model,
     prompt,
     save_tiny_model,
     single_rank_reference,
@@ -82,7 +84,7 @@ def test_decode_without_the_sp_split_mlp_matches(reference):
 
 # ---- gpt-oss: sliding-window layers (window 16) and attention sinks, against transformers ------------------------
 DOC = prompt(300, seed=7)
-BRANCH = DOC[:251] + prompt(29, seed=8)  # shares 251 tokens with DOC: the cached prefix ends inside a window
+OSS_BRANCH = DOC[:251] + prompt(29, seed=8)  # shares 251 tokens with DOC: the cached prefix ends inside a window
 OSS_BATCH = [DOC, prompt(5, seed=9), prompt(40, seed=10)]
 OSS_GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 # chunks of 12 tokens per SP rank: every zigzag piece of a split chunk is shorter than the window, so halos reach
@@ -93,20 +95,9 @@ OSS_ENGINE = dict(device="cpu", sp_min_tokens=8, chunked_prefill_size=12, page_s
 @pytest.fixture(scope="module")
 def gpt_oss_reference(tmp_path_factory):
     """The tiny gpt-oss checkpoint and transformers' greedy tokens for the batch and the branch prompt."""
-    import torch
-
-    from tests.helpers import hf_model, save_tiny_model
-
     path = save_tiny_model("gpt_oss", str(tmp_path_factory.mktemp("ckpt")))
     ref = hf_model(path)
-    tokens = []
-    with torch.no_grad():
-        for ids in [*OSS_BATCH, BRANCH]:
-            out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=OSS_GREEDY.max_tokens, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
-            tokens.append(out[0, len(ids):].tolist())
-    return path, tokens
+    return path, [hf_greedy(ref, ids, OSS_GREEDY.max_tokens) for ids in [*OSS_BATCH, OSS_BRANCH]]
 
 
 @pytest.mark.parametrize("sp,tp,graph", [(1, 1, "off"), (1, 1, "eager"), (2, 2, "eager"), (4, 1, "off"),
@@ -118,7 +109,7 @@ def test_gpt_oss_matches_transformers(gpt_oss_reference, sp, tp, graph):
     path, want = gpt_oss_reference
     with LLM(path, sp_size=sp, tp_size=tp, cuda_graph=graph, cuda_graph_max_bs=4, **OSS_ENGINE) as llm:
         assert [o.token_ids for o in llm.generate(OSS_BATCH, OSS_GREEDY, use_tqdm=False)] == want[:3]
-        branch = llm.generate([BRANCH], OSS_GREEDY)[0]
+        branch = llm.generate([OSS_BRANCH], OSS_GREEDY)[0]
         assert branch.token_ids == want[3]
         assert 0 < branch.cached_tokens <= 251  # a hit that ends inside a window (mid-page: copied on write)
         if graph == "eager":
