@@ -21,7 +21,7 @@ planned once), which every softmax layer of the step then runs through :meth:`St
 4. replicated rows (the same queries on every SP rank, KV sharded over SP) merge their partial results by base-2
    LSE over the SP group, all requests in one all-gather.
 With sp = 1 only steps 1-2 remain. A CUDA-graph decode step uses the same object over static buffers, with the
-merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.engine.cuda_graphs`).
+merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.execution.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
     scale: float
+    kv_dtype: torch.dtype | None = None  # the KV pages' dtype when it is not the model's (FP8)
     window: int | None = None  # the sliding window of the model's window layers (None: it has none)
 
 
@@ -233,11 +234,12 @@ class AttentionBackend:
         """Free what the backend holds on the device."""
 
 
-def _read_shard_rows(cache, page_table: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``rows`` of this rank's shard of a request (``page_table``: its pages), read from ``cache``."""
+def _read_shard_rows(cache, page_table: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of this rank's shard of a request (``page_table``: its pages), read from ``cache`` as ``dtype``
+    values (FP8 pages dequantized)."""
     page = cache.k.shape[1]
-    slots = page_table[rows // page] * page + rows % page
-    return cache.k.flatten(0, 1)[slots], cache.v.flatten(0, 1)[slots]
+    return cache.dequantize(*cache.rows(page_table[rows // page] * page + rows % page), dtype)
 
 
 class StepAttention:
@@ -283,18 +285,19 @@ class StepAttention:
             batch.put(out, o_b)
             if lse is not None:
                 batch.put(lse, lse_b)
-        attn_fn = self.backend.attention_runs
+        attn_fn = self._attn_fn(cache, q.dtype)
         if window is not None:
             attn_fn = functools.partial(attn_fn, window=window)
         for e in meta.ring:
             rows = slice(e.row_start, e.row_start + e.num_rows)
             if window is not None:
-                o_e, lse_e = window_attention(q[rows], functools.partial(_read_shard_rows, cache, e.page_table),
-                                              e.q_runs_per_rank, e.kv_runs, scale, window, ps, attn_fn)
+                read_rows = functools.partial(_read_shard_rows, cache, e.page_table, q.dtype)
+                o_e, lse_e = window_attention(q[rows], read_rows, e.q_runs_per_rank, e.kv_runs, scale, window, ps,
+                                              attn_fn)
             elif e.ulysses is not None:
                 o_e, lse_e = self._ulysses_split(e, q[rows], k[rows], v[rows], cache, scale, attn_fn)
             else:
-                k_shard, v_shard = cache.read(e.page_table, e.shard_len)
+                k_shard, v_shard = cache.read(e.page_table, e.shard_len)  # FP8 pages travel as they are stored
                 o_e, lse_e = self._ring_fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
                                            attn_fn=attn_fn)
             out[rows] = o_e
@@ -320,6 +323,16 @@ class StepAttention:
         extra = {} if window is None else {"window": window, "q_pos": batch.take(positions)}
         return self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
                                       batch.take(v) if ragged else None, cache, scale, **extra)
+
+    def _attn_fn(self, cache, dtype: torch.dtype):
+        """The backend's position-run attention, reading FP8 K/V blocks (the ring's, as received) dequantized."""
+        if not cache.fp8:
+            return self.backend.attention_runs
+
+        def attend(q, k, v, q_runs, k_runs, scale, window=None):
+            return self.backend.attention_runs(q, *cache.dequantize(k, v, dtype), q_runs, k_runs, scale, window)
+
+        return attend
 
     @property
     def _ring_fn(self):
