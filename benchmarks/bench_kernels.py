@@ -1,5 +1,7 @@
 """Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention,
-and the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs).
+the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs),
+and one MoE layer through the expert-parallel dispatch / combine path at EP size 1 against the TP-sliced MoE
+(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes).
 
     python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
 
@@ -343,13 +345,13 @@ def gdn(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
-def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128) -> dict:
+def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128, per_channel: bool = False) -> dict:
     from server.kernels import ops
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     q, k = (torch.randn(t, hk, d, device=dev, dtype=dt) for _ in range(2))
     v = torch.randn(t, hv, d, device=dev, dtype=dt)
-    g = -torch.rand(t, hv, device=dev) * 0.1
+    g = -torch.rand(t, hv, *((d,) if per_channel else ()), device=dev) * 0.1
     beta = torch.rand(t, hv, device=dev)
     cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
     state = torch.randn(1, hv, d, d, device=dev) * 0.01
@@ -359,6 +361,30 @@ def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128) -> dict:
     correction = bench_ms(partial(ops.gdn_state_correction, o_loc, q_tilde, cu, state))
     return {"tokens": t, "prefill_ms": prefill, "chunk_affine_ms": affine, "correction_ms": correction,
             "prefill_us_per_token": prefill * 1e3 / t, "sp_pass_over_prefill": (affine + correction) / prefill}
+
+
+def kda(rows: list, budget: Budget) -> None:
+    """Kimi Delta Attention at the Kimi-Linear-48B-A3B layer shape (32 heads of 128, per-channel decays, bf16), one
+    sequence of T tokens from a nonzero state: fla-core's ``chunk_kda`` called alone, then our dispatched ops (the
+    same kernel behind the adapter: empty-sequence handling, head repetition, state copies), the SP chunk-affine pass
+    and the correction. ``op_over_fla`` is what the adapter costs; ``sp_pass_over_prefill`` what KDA state passing
+    costs against sp = 1."""
+    from fla.ops.kda import chunk_kda
+
+    for t in tqdm([8192, 32768], desc="kda", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"tokens": t, "skipped": "time budget"})
+            continue
+        row = _gdn_case(t, hk=32, hv=32, per_channel=True)
+        dev, dt, h, d = torch.device("cuda"), torch.bfloat16, 32, 128
+        q, k, v = (torch.randn(1, t, h, d, device=dev, dtype=dt) for _ in range(3))
+        g = -torch.rand(1, t, h, d, device=dev) * 0.1
+        beta = torch.rand(1, t, h, device=dev)
+        state = torch.randn(1, h, d, d, device=dev) * 0.01
+        fla = bench_ms(partial(chunk_kda, q=q, k=k, v=v, g=g, beta=beta, scale=d**-0.5, initial_state=state,
+                               output_final_state=True, use_qk_l2norm_in_kernel=True))
+        rows.append({**row, "fla_chunk_kda_ms": fla, "op_over_fla": row["prefill_ms"] / fla})
+        torch.cuda.empty_cache()
 
 
 def merge_states_transposing(merge: Callable, o: torch.Tensor, lse: torch.Tensor):
@@ -496,6 +522,47 @@ def paged_attention(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
+def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
+    """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8, bf16) on T tokens, with the
+    same weights: the TP-sliced forward (tp = 1, what a model without ``--enable-expert-parallel`` runs), the expert-
+    parallel exact path at EP size 1 (routing, pair counts, sort by owner, the identity exchanges, the experts, the
+    combine at the source), and at decode sizes the static form of graph steps (fixed pair slots), both forms also
+    inside CUDA graphs where they capture. The difference is the dispatch / combine path's cost without any
+    communication; the all-to-all over N ranks adds ``2 * T * top_k * hidden * 2`` bytes per layer on the wire."""
+    from server.layers.moe import FusedMoE
+    from server.sp.groups import ParallelState
+
+    hidden, experts, top_k, inter = 2048, 128, 8, 768
+    dev = torch.device("cuda")
+    layers = {}
+    for ep in (False, True):
+        with torch.device(dev):
+            m = FusedMoE(experts, top_k, hidden, inter, ParallelState(device=dev, expert_parallel=ep),
+                         torch.bfloat16)
+        layers[ep] = m
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for p in layers[False].parameters():
+        p.data.normal_(0.0, 0.02, generator=gen)
+    for name in ("gate", "w13", "w2"):
+        getattr(layers[True], name).data.copy_(getattr(layers[False], name).data)
+    for t in tokens:
+        if budget.left() <= 0:
+            break
+        x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        mask = torch.ones(t, dtype=torch.bool, device=dev)
+        ref = layers[False](x)
+        row = {"tokens": t, "tp_sliced_ms": bench_ms(partial(layers[False], x)),
+               "ep_exact_ms": bench_ms(partial(layers[True].expert_parallel_rows, x)),
+               "ep_exact_err": rel_err(layers[True].expert_parallel_rows(x), ref)}
+        if t <= 256:
+            row["ep_static_ms"] = bench_ms(partial(layers[True].expert_parallel_rows, x, mask))
+            row["ep_static_err"] = rel_err(layers[True].expert_parallel_rows(x, mask), ref)
+            row["tp_sliced_graph_us"] = graph_us(partial(layers[False], x), calls=20)
+            row["ep_static_graph_us"] = graph_us(partial(layers[True].expert_parallel_rows, x, mask), calls=20)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def _bandwidth_table(rows: list[dict], copy: float | None, title: str, keys: tuple[str, str]) -> list[str]:
     """A GB/s table (with the fraction of the copy bandwidth) of the measured rows, keyed by two columns."""
     rows = [r for r in rows if "gbps" in r]
@@ -587,6 +654,27 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['tokens']} | {r['prefill_ms']:.2f} | {r['chunk_affine_ms']:.2f} | {r['correction_ms']:.2f} | "
                   f"{r['sp_pass_over_prefill']:.2f} |" for r in gd]
         lines.append("")
+    moe = [r for r in res.get("moe_ep", []) if "tp_sliced_ms" in r]
+    if moe:
+        lines += ["## One MoE layer: expert-parallel dispatch / combine at EP size 1 vs the TP-sliced MoE", "",
+                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8, bf16), the same weights; graph columns are "
+                  "us per call replayed from a CUDA graph.", "",
+                  "| tokens | TP-sliced ms | EP exact ms | EP / TP | EP static ms | TP-sliced graph us "
+                  "| EP static graph us | max rel. err |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['tp_sliced_ms']:.3f} | {r['ep_exact_ms']:.3f} | "
+                  f"{r['ep_exact_ms'] / r['tp_sliced_ms']:.2f} | {fmt(r.get('ep_static_ms'), 3)} | "
+                  f"{fmt(r.get('tp_sliced_graph_us'), 1)} | {fmt(r.get('ep_static_graph_us'), 1)} | "
+                  f"{max(r['ep_exact_err'], r.get('ep_static_err', 0.0)):.1e} |" for r in moe]
+        lines.append("")
+    kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
+    if kd:
+        lines += ["## KDA at the Kimi-Linear-48B-A3B layer shape (bf16, 32 heads of 128, per-channel decays)", "",
+                  "| tokens | fla chunk_kda ms | our op ms | op / fla | SP chunk-affine pass ms | correction ms | "
+                  "(affine + correction) / prefill |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['fla_chunk_kda_ms']:.2f} | {r['prefill_ms']:.2f} | {r['op_over_fla']:.2f} | "
+                  f"{r['chunk_affine_ms']:.2f} | {r['correction_ms']:.2f} | {r['sp_pass_over_prefill']:.2f} |"
+                  for r in kd]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -599,11 +687,13 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
                                                       "lightning_correction", "ring_attention", "paged_attention",
-                                                      "lightning_prefill", "pointwise", "gdn"])
+                                                      "lightning_prefill", "pointwise", "gdn", "kda"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
     p.add_argument("--ring-tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 256, 4096, 32768],
+                   help="tokens of the moe_ep section")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later cases are skipped once spent")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -623,6 +713,8 @@ def main() -> None:
         "paged_attention": lambda r: paged_attention(r, budget),
         "pointwise": lambda r: pointwise(r, budget),
         "gdn": lambda r: gdn(r, budget),
+        "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens),
+        "kda": lambda r: kda(r, budget),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []

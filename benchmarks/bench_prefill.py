@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.model_shapes import SHAPES, prefill_flops, shape_dir  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
-from server.sp.comm_volume import ulysses_bytes_per_layer  # noqa: E402
+from server.sp.comm_volume import latent_ring_bytes_per_layer, ulysses_bytes_per_layer  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
@@ -109,6 +109,8 @@ def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, w
     """Bytes one rank sends per softmax layer to prefill a split prompt of n tokens in one step (0 if not split)."""
     if where != "split":
         return 0.0
+    if "kv_lora_rank" in cfg and ulysses == 1:  # MLA: the ring passes latents
+        return latent_ring_bytes_per_layer(n, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], sp, dtype_bytes)
     heads, kv_heads = cfg["num_attention_heads"] // tp, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return ulysses_bytes_per_layer(n, heads, max(kv_heads, 1), head_dim, sp, ulysses, dtype_bytes)
@@ -129,6 +131,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         tp_size=tp,
         ulysses_degree=ulysses,
         ulysses_layers=args.ulysses_layers,
+        enable_expert_parallel=args.enable_expert_parallel,
         max_running_requests=max(2, args.num_prompts),
         chunked_prefill_size=args.chunk or max(contexts) * args.num_prompts,
         sp_min_tokens=args.sp_min_tokens,
@@ -159,6 +162,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
                 tp=tp,
                 ulysses_degree=ulysses,
                 ulysses_layers=args.ulysses_layers,
+                expert_parallel=args.enable_expert_parallel,
                 context=n,
                 ring_mode=args.ring_mode,
                 lasp_mode=args.lasp_mode,
@@ -297,6 +301,8 @@ def main() -> None:
                     help="Ulysses degrees U to run (U x sp/U mesh); those that do not divide an SP size are skipped")
     ap.add_argument("--ulysses-layers", default="all", choices=["all", "linear"],
                     help="the layers that use the Ulysses mesh (linear: lightning and GDN only, softmax on the ring)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE models: experts spread over every rank (at one GPU: the dispatch / combine path)")
     ap.add_argument("--chunk", type=int, default=0, help="chunked prefill size (0: the largest context)")
     ap.add_argument("--sp-min-tokens", type=int, default=1024)
     ap.add_argument("--num-prompts", type=int, default=1, help="prompts of each context submitted together")

@@ -215,6 +215,108 @@ SHAPES = {
         "norm_topk_prob": True,
         "eos_token_id": [151329, 151336, 151338],
     },
+    # Moonlight-16B-A3B (DeepseekV3ForCausalLM): MLA without q LoRA, 16 heads, 64 experts (top-6) + 2 shared
+    "moonlight-16b-a3b": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 163840,
+        "hidden_size": 2048,
+        "intermediate_size": 11264,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.446,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "q_lora_rank": None,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 50000.0,
+        "rms_norm_eps": 1e-5,
+        # 8192 natively; raised so that 32K / 128K prompts run (dummy weights: the cost is the same)
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+    # DeepSeek-V3 (671B): for the planning command and estimates (it does not fit one node in bf16)
+    "deepseek-v3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3,
+        "moe_layer_freq": 1,
+        "n_group": 8,
+        "topk_group": 4,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 163840,
+        "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+    # Kimi-Linear-48B-A3B: 3 KDA layers per MLA layer (MLA without RoPE), KDA 32 heads x 128, 256 experts (top-8)
+    "kimi-linear-48b-a3b": {
+        "architectures": ["KimiLinearForCausalLM"],
+        "model_type": "kimi_linear",
+        "vocab_size": 163840,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "moe_intermediate_size": 1024,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_experts": 256,
+        "num_shared_experts": 1,
+        "num_experts_per_token": 8,
+        "first_k_dense_replace": 1,
+        "num_expert_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.446,
+        "moe_renormalize": True,
+        "q_lora_rank": None,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "model_max_length": 1048576,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "linear_attn_config": {"head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4,
+                               "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
+                               "kda_layers": [i for i in range(1, 28) if i not in (4, 8, 12, 16, 20, 24, 27)]},
+    },
 }
 
 
@@ -253,6 +355,69 @@ SHAPES["gpt-oss-20b"] = _gpt_oss(24, 32)
 SHAPES["gpt-oss-120b"] = _gpt_oss(36, 128)
 
 
+# The published config.json values of the models long-context users run (docs/sp.md, "Memory per GPU"), for the
+# planner (python -m server.plan --shape ...) and for benchmarks with dummy weights.
+_QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+              "head_dim": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+SHAPES.update({
+    # MiniMax-Text-01 (456B): 80 layers, 7 lightning then 1 softmax, 32 experts of 9216 (top-2), hidden 6144. The
+    # residual factors are those of its config (layernorm_*_alpha = 3.5565588200778455, beta 1.0).
+    "minimax-text-01": {
+        "architectures": ["MiniMaxForCausalLM"], "model_type": "minimax", "vocab_size": 200064, "hidden_size": 6144,
+        "intermediate_size": 9216, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 10240000, "tie_word_embeddings": False,
+        "rope_theta": 10000000.0, "rotary_dim": 64, "torch_dtype": "bfloat16", "num_local_experts": 32,
+        "num_experts_per_tok": 2, "block_size": 256,
+        "layer_types": (["linear_attention"] * 7 + ["full_attention"]) * 10,
+        "full_attn_alpha_factor": 3.5565588200778455, "full_attn_beta_factor": 1.0,
+        "linear_attn_alpha_factor": 3.5565588200778455, "linear_attn_beta_factor": 1.0,
+        "mlp_alpha_factor": 3.5565588200778455, "mlp_beta_factor": 1.0,
+    },
+    # Qwen3.5-397B-A17B's language model: 60 layers (15 x (3 GDN + 1 gated attention)), 512 experts of 1024 (top-10)
+    # plus a shared expert of 1024, attention 32 q / 2 KV heads x 256, GDN 16 key / 64 value heads x 128.
+    "qwen3.5-397b-a17b": {
+        "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", "vocab_size": 248320,
+        "hidden_size": 4096, "intermediate_size": 4096, "num_hidden_layers": 60, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10,
+        "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024, "norm_topk_prob": True,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 15,
+    },
+    # Qwen3-Next-80B-A3B: 48 layers (12 x (3 GDN + 1 gated attention)), 512 experts of 512 (top-10) plus a shared
+    # expert of 512, attention 16 q / 2 KV heads x 256, GDN 16 key / 32 value heads x 128.
+    "qwen3-next-80b-a3b": {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
+    },
+    # Qwen3-235B-A22B: 94 layers, 128 experts of 1536 (top-8), attention 64 q / 4 KV heads x 128.
+    "qwen3-235b-a22b": {
+        **_QWEN3_MOE, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
+        "num_attention_heads": 64, "num_key_value_heads": 4, "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1536,
+    },
+    # Llama-3.1-70B: 80 layers, attention 64 q / 8 KV heads x 128, MLP 28672.
+    "llama3.1-70b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+        "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+        "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+})
+
+
 def shape_dir(name: str) -> str:
     """A directory holding only ``config.json`` for the named shape."""
     path = os.path.join(tempfile.gettempdir(), f"bench-shape-{name}")
@@ -272,6 +437,42 @@ def _gdn_flops(cfg: dict, n: int) -> float:
     return proj + hv * (2 * n * c * (2 * dk + dv) + 3 * 2 * n * dk * dv)
 
 
+def _mla_flops(cfg: dict, n: int) -> float:
+    """One MLA layer on n tokens in the absorbed form the engine runs: projections (q, or q LoRA down and up;
+    the latent down projection; the per-head absorption of q_nope into latent space and the up-projection of the
+    latent output; out) and causal attention of every head over ``L + R`` key and ``L`` value features."""
+    h, nh, lat, rope = cfg["hidden_size"], cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, v, ql = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
+    qk = nope + rope
+    q = h * ql + ql * nh * qk if ql else h * nh * qk
+    proj = 2 * n * (q + h * (lat + rope) + nh * nope * lat + nh * lat * v + nh * v * h)
+    return proj + nh * 2 * (2 * lat + rope) * n * n / 2
+
+
+def _kda_flops(cfg: dict, n: int) -> float:
+    """One KDA layer: Gated DeltaNet's cost with one key head per value head, plus the low-rank gate projections."""
+    lin = cfg["linear_attn_config"]
+    gdn = dict(hidden_size=cfg["hidden_size"], linear_num_key_heads=lin["num_heads"],
+               linear_num_value_heads=lin["num_heads"], linear_key_head_dim=lin["head_dim"],
+               linear_value_head_dim=lin["head_dim"])
+    return _gdn_flops(gdn, n) + 2 * n * 2 * (cfg["hidden_size"] + lin["num_heads"] * lin["head_dim"]) * lin["head_dim"]
+
+
+def _latent_model_flops(cfg: dict, n: int) -> float:
+    """DeepSeek-V3 / Kimi-Linear shapes: MLA (or KDA) layers, dense first layers, routed + shared experts."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    top_k = cfg.get("num_experts_per_tok") or cfg["num_experts_per_token"]
+    shared = cfg.get("n_shared_experts") or cfg.get("num_shared_experts") or 0
+    sparse = 2 * n * 3 * h * cfg["moe_intermediate_size"] * (top_k + shared)
+    dense = 2 * n * 3 * h * cfg["intermediate_size"]
+    kda = set(cfg.get("linear_attn_config", {}).get("kda_layers", []))
+    total = 2 * h * cfg["vocab_size"]  # LM head on the last token only
+    for i in range(layers):
+        total += _kda_flops(cfg, n) if i + 1 in kda else _mla_flops(cfg, n)
+        total += dense if i < cfg.get("first_k_dense_replace", 0) else sparse
+    return total
+
+
 def _mlp_width(cfg: dict, layer: int) -> int:
     """The intermediate width a token's MLP computes in ``layer``: a dense SwiGLU's, or the chosen experts' plus the
     shared expert's (MiniMax's experts: ``intermediate_size`` each; the others': ``moe_intermediate_size``)."""
@@ -287,7 +488,9 @@ def prefill_flops(cfg: dict, n: int) -> float:
     """Forward FLOPs of prefilling n tokens (2 per multiply-add), counting work actually needed:
     dense/active-expert matmuls, causal softmax attention (QK^T and PV over the lower triangle), lightning
     attention computed blockwise (intra-block masked products + inter-block state products + state updates) and
-    Gated DeltaNet computed chunkwise."""
+    Gated DeltaNet computed chunkwise; MLA in the absorbed form, KDA as Gated DeltaNet."""
+    if "kv_lora_rank" in cfg:
+        return _latent_model_flops(cfg, n)
     h, d = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]

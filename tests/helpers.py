@@ -149,6 +149,31 @@ def tiny_config(arch: str, **over):
                                  "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                                                      "beta_slow": 1.0, "truncate": False, "rope_theta": 10000.0,
                                                      "original_max_position_embeddings": 256}, **over})
+    elif arch.startswith("deepseek_v3"):
+        # odd LoRA ranks, qk head (12 + 8) != v head (10), yarn with mscale_all_dim (scales the softmax), one
+        # dense layer then MoE layers: 8 experts in 4 groups, 2 groups kept, 3 experts per token, a shared expert
+        mla = dict(q_lora_rank=23, kv_lora_rank=19, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                   num_key_value_heads=4,
+                   rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
+        moe = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, moe_intermediate_size=24,
+                   n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
+        if arch == "deepseek_v3_nolora":  # no q LoRA, plain RoPE, no interleave, every layer sparse
+            mla.update(q_lora_rank=None, rope_scaling=None, rope_interleave=False)
+            moe.update(first_k_dense_replace=0)
+        cfg = tf.DeepseekV3Config(**{**COMMON, **mla, **moe, "num_hidden_layers": 3, **over})
+    elif arch == "kimi_linear":
+        # KDA layers around one MLA layer (no q LoRA, no RoPE), odd kv LoRA rank, KDA head dim != MLA head dims,
+        # a dense first MLP then MoE: 8 experts in 2 groups, 1 group kept, 3 experts per token, a shared expert
+        cfg = tf.KimiLinearConfig(**{**COMMON, "num_key_value_heads": 4, "num_hidden_layers": 4, "q_lora_rank": None,
+                                     "kv_lora_rank": 19, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+                                     "v_head_dim": 10, "linear_head_dim": 16, "linear_num_heads": 4,
+                                     "num_local_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3,
+                                     "moe_intermediate_size": 24, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                     "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                                     "linear_attention"],
+                                     "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"], **over})
     else:
         raise ValueError(arch)
     return cfg

@@ -127,7 +127,8 @@ class DecodeGraphs:
         linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.rows[:bs], local_slots=self.inputs[3, :bs],
                                 local_cu=self.cu[: bs + 1], all_decode=True, mode=self.config.lasp_mode)
         return ForwardContext(self.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear,
-                              split_mlp=split)
+                              split_mlp=split, replicated_mask=self.inputs[4, :bs] if self.pstate.sp_size > 1 else None,
+                              static_shapes=True)
 
     def _load(self, step: PaddedDecode, bs: int, last_tokens: torch.Tensor | None) -> list:
         """Copy a padded step into the static buffers and plan its attention; the step's batches."""

@@ -19,9 +19,11 @@ from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.layers.linear import RowParallelLinear, quantize_linear_layers
 from server.models.config import ModelConfig, read_config_json
+from server.models.deepseek_v3 import DeepseekV3ForCausalLM
 from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
 from server.models.glm4_moe import Glm4MoeForCausalLM
 from server.models.gpt_oss import GptOssForCausalLM
+from server.models.kimi_linear import KimiLinearForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.minimax_m2 import MiniMaxM2ForCausalLM
@@ -44,6 +46,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "KimiLinearForCausalLM": KimiLinearForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
