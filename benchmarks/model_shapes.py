@@ -320,6 +320,41 @@ SHAPES = {
 }
 
 
+def _gpt_oss(layers: int, experts: int) -> dict:
+    """gpt-oss-20b / 120b as published (config.json): alternating 128-token sliding-window and full layers, 64 q /
+    8 KV heads x 64, sinks, top-4 experts of intermediate 2880, YaRN x32 over 4096, MXFP4 experts (random bf16
+    weights here: ``--load-format dummy``)."""
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "attention_bias": True,
+        "torch_dtype": "bfloat16",
+        "rope_theta": 150000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096},
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+        "num_local_experts": experts,
+        "num_experts_per_tok": 4,
+        "swiglu_limit": 7.0,
+        "eos_token_id": 200002,
+    }
+
+
+SHAPES["gpt-oss-20b"] = _gpt_oss(24, 32)
+SHAPES["gpt-oss-120b"] = _gpt_oss(36, 128)
+
+
 # The published config.json values of the models long-context users run (docs/sp.md, "Memory per GPU"), for the
 # planner (python -m server.plan --shape ...) and for benchmarks with dummy weights.
 _QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
@@ -475,5 +510,8 @@ def prefill_flops(cfg: dict, n: int) -> float:
         else:
             proj = 2 * n * h * (q_out * nh * d + 2 * nkv * d + nh * d)
             attn = nh * 2 * 2 * d * n * n / 2  # causal: half of QK^T and PV
+            if t == "sliding_attention":  # query i sees min(i + 1, w) keys
+                w = min(cfg["sliding_window"], n)
+                attn = nh * 2 * 2 * d * (n * w - w * (w - 1) / 2)
         total += proj + attn + mlp
     return total

@@ -90,3 +90,23 @@ def rows_of(runs: list[Run], device: torch.device) -> torch.Tensor | None:
             return torch.cat([torch.arange(row, row + n, device=device) for row, n, _ in runs])
         next_row += n
     return None
+
+
+def runs_in_positions(runs: list[Run], intervals: list[tuple[int, int]]) -> list[Run]:
+    """The parts of ``runs`` whose positions lie in ``intervals`` (``[lo, hi)``, disjoint), in row order."""
+    out = []
+    for row, n, pos in runs:
+        for lo, hi in intervals:
+            a, b = max(lo, pos), min(hi, pos + n)
+            if a < b:
+                out.append((row + a - pos, b - a, a))
+    return sorted(out)
+
+
+def back_to_back(runs: list[Run]) -> list[Run]:
+    """The rows of ``runs``, in that order, laid out from row 0 without gaps."""
+    out, row = [], 0
+    for _, n, pos in runs:
+        out.append((row, n, pos))
+        row += n
+    return out

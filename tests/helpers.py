@@ -141,6 +141,14 @@ def tiny_config(arch: str, **over):
             cls = tf.Qwen3_5MoeTextConfig if arch == "qwen3_5_moe" else tf.Qwen3_5TextConfig
             cfg = cls(**{**COMMON, **gdn, **(moe if arch == "qwen3_5_moe" else {}), "num_hidden_layers": 4,
                          "layer_types": types, **over})
+    elif arch == "gpt_oss":
+        # window 16 on alternating layers (prompts of a few hundred tokens cross many windows), learned sinks
+        # (transformers initialises them randomly), 5 experts (not divisible by 2 or 4), YaRN RoPE
+        cfg = tf.GptOssConfig(**{**COMMON, "head_dim": 24, "num_hidden_layers": 2, "sliding_window": 16,
+                                 "num_local_experts": 5, "num_experts_per_tok": 2, "intermediate_size": 48,
+                                 "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                     "beta_slow": 1.0, "truncate": False, "rope_theta": 10000.0,
+                                                     "original_max_position_embeddings": 256}, **over})
     elif arch.startswith("deepseek_v3"):
         # odd LoRA ranks, qk head (12 + 8) != v head (10), yarn with mscale_all_dim (scales the softmax), one
         # dense layer then MoE layers: 8 experts in 4 groups, 2 groups kept, 3 experts per token, a shared expert

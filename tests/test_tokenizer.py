@@ -328,6 +328,64 @@ def test_held_back_prefix_is_flushed(tok_dir):
     assert det.flush() == "square" and det.text == text and det.matched_stop is None
 
 
+# A template in the style gpt-oss checkpoints ship (harmony format): a macro, a namespace carried across the loop,
+# strftime_now, kwargs the caller passes (reasoning_effort, model_identity), tools as JSON, the assistant's
+# reasoning in an "analysis" channel and its answer in "final", and errors by raise_exception.
+HARMONY_STYLE_TEMPLATE = """\
+{%- macro render_tool(tool) -%}
+// {{ tool.description }}
+type {{ tool.name }} = (_: {{ tool.parameters | tojson }}) => any;
+{%- endmacro -%}
+{%- set identity = model_identity if model_identity is defined else "You are a helpful model." -%}
+<|start|>system<|message|>{{ identity }}
+Current date: {{ strftime_now("%Y-%m-%d") }}
+Reasoning: {{ (reasoning_effort if reasoning_effort is defined else "medium") | lower }}
+{%- if tools %}
+# Tools
+{% for tool in tools %}{{ render_tool(tool) }}
+{% endfor %}
+{%- endif %}<|end|>
+{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}{%- if m.role == "user" -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+{%- if m.role == "system" -%}
+<|start|>developer<|message|># Instructions
+{{ m.content | trim }}<|end|>
+{%- elif m.role == "user" -%}
+<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role == "assistant" -%}
+{%- if m.thinking is defined and loop.index0 > ns.last_user -%}
+<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>
+{%- endif -%}
+<|start|>assistant<|channel|>final<|message|>{{ m.content }}{{ "<|return|>" if loop.last else "<|end|>" }}
+{%- else -%}
+{{- raise_exception("unknown role " + m.role) -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}
+"""
+
+
+def test_harmony_style_template_matches_transformers(bytelevel_dir, tmp_path):
+    """gpt-oss's chat template is a chat_template.jinja with the features above: it loads and renders as
+    transformers renders it, kwargs included."""
+    directory = tmp_path / "harmony"
+    shutil.copytree(bytelevel_dir, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "chat_template.jinja").write_text(HARMONY_STYLE_TEMPLATE)
+    ours, ref = Tokenizer.from_pretrained(str(directory)), AutoTokenizer.from_pretrained(str(directory))
+    tools = [{"name": "get_tide", "description": "Tide table", "parameters": {"type": "object", "properties": {}}}]
+    messages = [*CONVERSATIONS[1][:3], {**CONVERSATIONS[1][2], "thinking": "Short answer."}, CONVERSATIONS[1][3]]
+    for kwargs in ({}, {"reasoning_effort": "HIGH", "tools": tools, "model_identity": "You are oss."}):
+        for msgs in (CONVERSATIONS[0], messages, messages[:4]):
+            expected = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+            assert ours.apply_chat_template(msgs, **kwargs) == expected
+    with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role tool"):
+        ours.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
 def _metaspace_nfkc_tokenizer() -> Tokenizer:
     """A SentencePiece-style BPE (Metaspace '▁' for spaces, byte fallback) behind an NFKC normalizer, which can
     shrink text (a 3-byte full-width letter becomes 1 byte) before it is split."""

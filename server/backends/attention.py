@@ -26,6 +26,7 @@ merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.exe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -36,11 +37,13 @@ import torch
 from server.config import CommMode
 from server.forward.context import AttentionStepMeta, LocalEntry, RingEntry
 from server.kernels import ops
+from server.kernels.sinks import apply_attention_sinks
 from server.runs import Run
 from server.sp.groups import ParallelState
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, packed_partials, ring_attention
 from server.sp.ulysses import UlyssesMesh
 from server.sp.ulysses_attention import ulysses_attention
+from server.sp.window_attention import window_attention
 
 KINDS = ("ragged", "gathered_causal", "gathered_full", "paged_causal", "paged_full", "decode")
 GATHER_MIN_ROWS = 64  # entries with at least this many query rows read a gathered copy of their KV
@@ -55,6 +58,7 @@ class AttentionGeometry:
     head_dim: int
     scale: float
     kv_dtype: torch.dtype | None = None  # the KV pages' dtype when it is not the model's (FP8)
+    window: int | None = None  # the sliding window of the model's window layers (None: it has none)
 
 
 def local_kind(num_rows: int, kv_len: int, stores: bool) -> str:
@@ -202,15 +206,23 @@ class AttentionBackend:
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         """Plan kernels for this step's batches (once per step, before the first layer)."""
 
+    def graph_capturable(self) -> bool:
+        """Whether decode steps of this model can be captured in CUDA graphs on this backend."""
+        return True
+
     def run_batch(self, batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                  cache, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  cache, scale: float, window: int | None = None,
+                  q_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(o, lse)`` of a batch: q the batch's rows, k/v the same rows (read by ``ragged`` only), ``cache`` the
-        layer's :class:`server.layers.attention.PagedKVCache`."""
+        layer's :class:`server.layers.attention.PagedKVCache`; with a sliding ``window``, ``q_pos`` are the rows'
+        global positions and the keys' come from ``cache.pos`` (ragged: the rows' own)."""
         raise NotImplementedError
 
     def attention_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run],
-                       k_runs: list[Run], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position-run attention (:func:`server.kernels.ops.attention_runs` semantics) for the ring's blocks."""
+                       k_runs: list[Run], scale: float,
+                       window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position-run attention (:func:`server.kernels.ops.attention_runs` semantics) for the ring's blocks and
+        the window halo."""
         raise NotImplementedError
 
     def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
@@ -220,6 +232,14 @@ class AttentionBackend:
 
     def release(self) -> None:
         """Free what the backend holds on the device."""
+
+
+def _read_shard_rows(cache, page_table: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of this rank's shard of a request (``page_table``: its pages), read from ``cache`` as ``dtype``
+    values (FP8 pages dequantized)."""
+    page = cache.k.shape[1]
+    return cache.dequantize(*cache.rows(page_table[rows // page] * page + rows % page), dtype)
 
 
 class StepAttention:
@@ -232,12 +252,19 @@ class StepAttention:
         self.batches = batches
         self.mesh = mesh
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, scale: float) -> torch.Tensor:
-        """q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on this rank's local rows -> o ``[T, Hq, D]``."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, scale: float,
+                window: int | None = None, sinks: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on this rank's local rows -> o ``[T, Hq, D]``. A sliding ``window``
+        masks by position (``positions`` ``[T]``, the rows' global positions; the cache keeps its keys' positions)
+        and computes split requests by a KV halo instead of the ring (:mod:`server.sp.window_attention`);
+        ``sinks`` ``[Hq]`` are applied once, to every row's merged result (:mod:`server.kernels.sinks`)."""
         meta, ps = self.meta, self.backend.pstate
         if meta.write_rows is not None:
-            cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows])
+            pos = positions[meta.write_rows] if window is not None else None  # window caches keep positions
+            cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows], pos)
         merging = meta.merge_rows is not None or meta.merge_mask is not None
+        keep_lse = merging or sinks is not None
         # graph steps merge every row: the partial results are written where the SP all-gather reads them
         buffers = packed_partials(*q.shape, q.dtype, q.device) if meta.merge_mask is not None else None
         packed = None
@@ -247,45 +274,63 @@ class StepAttention:
             if not covered:  # rows no batch writes are (0, -inf)
                 out.zero_()
                 lse.fill_(-math.inf)
-        elif not merging and covered:
+        elif not keep_lse and covered:
             # one batch of every row (a decode step at sp = 1): its output is the result, no zeroed copy
-            return self._run_batch(self.batches[0], q, k, v, cache, scale)[0].to(q.dtype)
+            return self._run_batch(self.batches[0], q, k, v, cache, scale, window, positions)[0].to(q.dtype)
         else:
             out = torch.zeros_like(q)
-            lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if merging else None
+            lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device) if keep_lse else None
         for batch in self.batches:
-            o_b, lse_b = self._run_batch(batch, q, k, v, cache, scale)
+            o_b, lse_b = self._run_batch(batch, q, k, v, cache, scale, window, positions)
             batch.put(out, o_b)
             if lse is not None:
                 batch.put(lse, lse_b)
+        attn_fn = self._attn_fn(cache, q.dtype)
+        if window is not None:
+            attn_fn = functools.partial(attn_fn, window=window)
         for e in meta.ring:
             rows = slice(e.row_start, e.row_start + e.num_rows)
-            if e.ulysses is not None:
-                out[rows] = self._ulysses_split(e, q[rows], k[rows], v[rows], cache, scale)
-                continue
-            k_shard, v_shard = cache.read(e.page_table, e.shard_len)  # FP8 pages travel as they are stored
-            out[rows], _ = self._ring_fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
-                                         attn_fn=self._attn_fn(cache, q.dtype))
+            if window is not None:
+                read_rows = functools.partial(_read_shard_rows, cache, e.page_table, q.dtype)
+                o_e, lse_e = window_attention(q[rows], read_rows, e.q_runs_per_rank, e.kv_runs, scale, window, ps,
+                                              attn_fn)
+            elif e.ulysses is not None:
+                o_e, lse_e = self._ulysses_split(e, q[rows], k[rows], v[rows], cache, scale, attn_fn)
+            else:
+                k_shard, v_shard = cache.read(e.page_table, e.shard_len)  # FP8 pages travel as they are stored
+                o_e, lse_e = self._ring_fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
+                                           attn_fn=attn_fn)
+            out[rows] = o_e
+            if lse is not None:
+                lse[rows] = lse_e
         if meta.merge_rows is not None:
-            out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
+            out[meta.merge_rows], merged = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
+            lse[meta.merge_rows] = merged
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
-            out, _ = merge_over_sp(out, lse, ps, keep=meta.merge_mask, packed=packed)
+            out, merged = merge_over_sp(out, lse, ps, keep=meta.merge_mask, packed=packed)
+            if sinks is not None:
+                lse = torch.where(meta.merge_mask[:, None] != 0, merged, lse)
+        if sinks is not None:  # once, after every partial is merged (DESIGN: counted once, not per partial)
+            out, _ = apply_attention_sinks(out, lse, sinks)
         return out
 
-    def _run_batch(self, batch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(o, lse)`` of one batch's rows of the step's q (and k/v: ``ragged`` is the only kind that reads them)."""
+    def _run_batch(self, batch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, scale: float,
+                   window: int | None = None, positions: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o, lse)`` of one batch's rows of the step's q (and k/v: ``ragged`` is the only kind that reads them);
+        with a ``window``, the rows' positions too."""
         ragged = batch.kind == "ragged"
+        extra = {} if window is None else {"window": window, "q_pos": batch.take(positions)}
         return self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
-                                      batch.take(v) if ragged else None, cache, scale)
+                                      batch.take(v) if ragged else None, cache, scale, **extra)
 
     def _attn_fn(self, cache, dtype: torch.dtype):
         """The backend's position-run attention, reading FP8 K/V blocks (the ring's, as received) dequantized."""
         if not cache.fp8:
             return self.backend.attention_runs
 
-        def attend(q, k, v, q_runs, k_runs, scale):
-            return self.backend.attention_runs(q, *cache.dequantize(k, v, dtype), q_runs, k_runs, scale)
+        def attend(q, k, v, q_runs, k_runs, scale, window=None):
+            return self.backend.attention_runs(q, *cache.dequantize(k, v, dtype), q_runs, k_runs, scale, window)
 
         return attend
 
@@ -294,18 +339,17 @@ class StepAttention:
         return ring_attention if self.meta.ring_mode == CommMode.RING else allgather_kv_attention
 
     def _ulysses_split(self, e: RingEntry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
-                       scale: float) -> torch.Tensor:
+                       scale: float, attn_fn) -> tuple[torch.Tensor, torch.Tensor]:
         """A split entry on the U x R mesh: its rows attend to the request's new tokens by Ulysses x ring (q/k/v of
         the step, not the cache) and to its cached prefix, token-sharded over the SP group, by the pass-KV ring (or
         all-gather KV) restricted to every rank's prefix rows; the two partials merge by LSE in fp32."""
-        attn_fn = self.backend.attention_runs
         new = ulysses_attention(q, k, v, e.ulysses.new_runs, scale, self.mesh, attn_fn=attn_fn, return_lse=True)
         if not e.ulysses.has_prefix:
-            return new.o
+            return new.o, new.lse
         k_prefix, v_prefix = cache.read(e.page_table, e.prefix_len)
         o_prefix, lse_prefix = self._ring_fn(q, k_prefix, v_prefix, e.q_runs, e.ulysses.prefix_runs, scale,
-                                             self.backend.pstate, attn_fn=self._attn_fn(cache, q.dtype))
+                                             self.backend.pstate, attn_fn=attn_fn)
         o, lse = new.o.float(), new.lse
         ops.merge_state_into(o, lse, o_prefix, lse_prefix)
-        return o.to(q.dtype)
+        return o.to(q.dtype), lse
 

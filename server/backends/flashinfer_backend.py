@@ -9,6 +9,11 @@ step before the first layer runs; every layer then only launches kernels. The ri
 
 For CUDA graphs, one decode wrapper per batch-size bucket is built over fixed index buffers
 (``use_cuda_graph=True``); :meth:`plan_graph_decode` refills them before each replay.
+
+Sliding-window layers (gpt-oss): at sp = 1 every entry's KV rows are its positions in order, so a second set of
+wrappers planned with ``window_left = w - 1`` (bottom-right aligned) is exactly the window. At sp > 1 a rank's
+shard holds scattered positions, so the window's local batches run the torch reference with the stored key
+positions (eager decode, no CUDA graph); split chunks run the halo's one windowed call per zigzag chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from server.backends.attention import KINDS, AttentionBackend, AttentionBatch, AttentionGeometry, indptr
+from server.backends.torch_backend import batch_attention_ref
 from server.kernels.flashinfer_attention import (
     FLASHINFER_HEAD_DIMS,
     attention_runs_flashinfer,
@@ -53,6 +59,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.fi = flashinfer_module()
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=pstate.device)
         self.wrappers = {kind: self._make_wrapper(kind) for kind in KINDS}
+        # window layers at sp = 1: the same batches planned with window_left (see the module docstring)
+        self.windowed = geometry.window is not None and pstate.sp_size == 1
+        self.window_wrappers = {kind: self._make_wrapper(kind) for kind in KINDS} if self.windowed else {}
 
     def _make_wrapper(self, kind: str):
         if kind == "ragged" or kind.startswith("gathered_"):
@@ -61,16 +70,21 @@ class FlashInferAttentionBackend(AttentionBackend):
             return self.fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD", use_tensor_cores=True)
         return self.fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
 
+    def graph_capturable(self) -> bool:
+        return self.geometry.window is None or self.windowed
+
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         for b in batches:
             self._plan(self.wrappers[b.kind], b)
+            if self.windowed:
+                self._plan(self.window_wrappers[b.kind], b, self.geometry.window)
 
-    def _plan(self, w, b: AttentionBatch) -> None:
+    def _plan(self, w, b: AttentionBatch, window: int | None = None) -> None:
         g = self.geometry
         # paged kinds read FP8 pages in the kernel; ragged and gathered ones get model-dtype K/V
         paged = b.kind == "decode" or b.kind.startswith("paged_")
         common = dict(q_data_type=self.dtype, kv_data_type=(g.kv_dtype or self.dtype) if paged else self.dtype,
-                      sm_scale=g.scale)
+                      sm_scale=g.scale, window_left=-1 if window is None else window - 1)
         if b.kind == "ragged":
             w.plan(b.qo_indptr, b.kv_indptr, g.num_heads, g.num_kv_heads, g.head_dim, causal=True, **common)
         elif b.gathered:
@@ -83,8 +97,11 @@ class FlashInferAttentionBackend(AttentionBackend):
             w.plan(b.qo_indptr, b.kv_indptr, b.kv_indices, b.last_page_len, g.num_heads, g.num_kv_heads,
                    g.head_dim, self.page_size, causal=b.causal, **common)
 
-    def run_batch(self, batch, q, k, v, cache, scale):
-        w = self.wrappers[batch.kind]
+    def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
+        if window is not None and not self.windowed:  # sp > 1: shards of scattered positions
+            return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale, cache.dequantize, window, q_pos,
+                                       cache.pos)
+        w = (self.window_wrappers if window is not None else self.wrappers)[batch.kind]
         if batch.kind == "ragged":  # k/v may be strided views of a fused projection
             return w.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse=True)
         if batch.gathered:
@@ -92,8 +109,8 @@ class FlashInferAttentionBackend(AttentionBackend):
             return w.run(q.contiguous(), k, v, return_lse=True)
         return w.run(q.contiguous(), (cache.k, cache.v), return_lse=True, **kv_scales(cache))
 
-    def attention_runs(self, q, k, v, q_runs, k_runs, scale):
-        return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale)
+    def attention_runs(self, q, k, v, q_runs, k_runs, scale, window=None):
+        return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale, window)
 
     def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
         """Backends for CUDA-graph decode steps, one per batch-size bucket: each runs its decode batch on a wrapper
@@ -105,11 +122,13 @@ class FlashInferAttentionBackend(AttentionBackend):
         indices_buf = torch.zeros(top * max_pages, dtype=torch.int32, device=dev)
         out = {}
         for bs in buckets:
-            w = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, kv_layout="NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=indptr_buf[: bs + 1], paged_kv_indices_buffer=indices_buf,
-                paged_kv_last_page_len_buffer=last_buf[:bs], backend="fa2")
-            out[bs] = FlashInferGraphDecode(self, w)
+            def wrapper(bs=bs):
+                return self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                    self.workspace, kv_layout="NHD", use_cuda_graph=True, use_tensor_cores=True,
+                    paged_kv_indptr_buffer=indptr_buf[: bs + 1], paged_kv_indices_buffer=indices_buf,
+                    paged_kv_last_page_len_buffer=last_buf[:bs], backend="fa2")
+            # window layers: a second wrapper over the same buffers, planned with window_left
+            out[bs] = FlashInferGraphDecode(self, wrapper(), wrapper() if self.windowed else None)
         return out
 
     def release(self) -> None:
@@ -123,15 +142,19 @@ class FlashInferGraphDecode(AttentionBackend):
 
     name = "flashinfer-graph"
 
-    def __init__(self, parent: FlashInferAttentionBackend, wrapper):
+    def __init__(self, parent: FlashInferAttentionBackend, wrapper, window_wrapper=None):
         super().__init__(parent.pstate, parent.page_size)
         self.parent = parent
         self.wrapper = wrapper
+        self.window_wrapper = window_wrapper
 
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         if [b.kind for b in batches] != ["decode"]:
             raise ValueError(f"a CUDA-graph step runs one decode batch, got {[b.kind for b in batches]}")
         self.parent._plan(self.wrapper, batches[0])
+        if self.window_wrapper is not None:
+            self.parent._plan(self.window_wrapper, batches[0], self.parent.geometry.window)
 
-    def run_batch(self, batch, q, k, v, cache, scale):
-        return self.wrapper.run(q, (cache.k, cache.v), return_lse=True, **kv_scales(cache))
+    def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
+        w = self.wrapper if window is None else self.window_wrapper
+        return w.run(q, (cache.k, cache.v), return_lse=True, **kv_scales(cache))

@@ -17,11 +17,14 @@ from server.kernels.fp8 import take_rows
 
 
 def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                        dequantize=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, dequantize=None,
+                        window: int | None = None, q_pos: torch.Tensor | None = None,
+                        pos_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch on the position-mask reference. q ``[rows, Hq, D]`` (the batch's rows, in order); k/v the
     batch's rows of the step (read by ``ragged`` only); caches ``[pages, page_size, Hk, D]``, their rows turned into
-    q's dtype by ``dequantize(k, v, dtype)`` where given (FP8 pages). Returns ``(o, lse base 2)``."""
+    q's dtype by ``dequantize(k, v, dtype)`` where given (FP8 pages). With a sliding ``window`` the mask uses true
+    positions: ``q_pos`` ``[rows]`` and the keys' from ``pos_cache`` ``[pages, page_size]`` (ragged: the rows'
+    own). Returns ``(o, lse base 2)``."""
     outs, lses = [], []
     qo, kvp = batch.qo_indptr.tolist(), batch.kv_indptr.tolist()
     last = batch.last_page_len.tolist()
@@ -45,10 +48,17 @@ def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor 
             if dequantize is not None:
                 ks, vs = dequantize(ks, vs, q.dtype)
         nk = ks.shape[0]
+        if window is not None:
+            qp = q_pos[qo[i] : qo[i + 1]]
+            kp = qp if batch.kind == "ragged" else pos_cache.flatten()[slots]
+            o, lse = attention_with_lse_ref(qs, ks, vs, qp, kp, scale, window)
+            outs.append(o)
+            lses.append(lse)
+            continue
         k_pos = torch.arange(nk, device=q.device)
         # Bottom-right causal: query i is at position nk - nq + i; full: every query after every key.
-        q_pos = torch.arange(nk - nq, nk, device=q.device) if batch.causal else torch.full((nq,), nk, device=q.device)
-        o, lse = attention_with_lse_ref(qs, ks, vs, q_pos, k_pos, scale)
+        qp = torch.arange(nk - nq, nk, device=q.device) if batch.causal else torch.full((nq,), nk, device=q.device)
+        o, lse = attention_with_lse_ref(qs, ks, vs, qp, k_pos, scale)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
@@ -59,11 +69,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def run_batch(self, batch, q, k, v, cache, scale):
-        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale, cache.dequantize)
+    def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
+        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale, cache.dequantize, window, q_pos,
+                                   cache.pos if window is not None else None)
 
-    def attention_runs(self, q, k, v, q_runs, k_runs, scale):
-        return ops.attention_runs(q, k, v, q_runs, k_runs, scale)
+    def attention_runs(self, q, k, v, q_runs, k_runs, scale, window=None):
+        return ops.attention_runs(q, k, v, q_runs, k_runs, scale, window)
 
     def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
         """Backends for CUDA-graph decode steps, one per bucket (``max_pages``: the longest page table)."""
@@ -94,7 +105,7 @@ class TorchGraphDecode(AttentionBackend):
         self.pages.copy_(table)
         self.kv_lens.copy_(torch.tensor(b.kv_lens))
 
-    def run_batch(self, batch, q, k, v, cache, scale):
+    def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
         b, hq, d = q.shape
         hk, page = cache.k.shape[2], self.page_size
         slots = (self.pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
@@ -102,7 +113,9 @@ class TorchGraphDecode(AttentionBackend):
         ks, vs = ks.float(), vs.float()  # [B, L, Hk, D]
         s = torch.einsum("bhrd,blhd->bhrl", q.float().view(b, hk, hq // hk, d), ks) * scale
         visible = torch.arange(slots.shape[1], device=q.device)[None, :] < self.kv_lens[:, None]  # [B, L]
+        if window is not None:  # keys by their stored positions; a shard may hold none in the window
+            visible &= cache.pos.flatten()[slots] > q_pos[:, None] - window
         s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
-        o = torch.einsum("bhrl,blhd->bhrd", torch.exp(s - lse[..., None]), vs)
+        o = torch.einsum("bhrl,blhd->bhrd", torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None]), vs)
         return o.reshape(b, hq, vs.shape[-1]).to(q.dtype), (lse / math.log(2)).reshape(b, hq)

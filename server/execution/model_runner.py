@@ -123,9 +123,10 @@ class ModelRunner:
 
     def _geometry(self) -> AttentionGeometry | None:
         shapes = {spec.geometry for _, spec in self.cache_layers if spec.paged}
-        if len(shapes) != 1:
+        windows = {getattr(spec, "window", None) for _, spec in self.cache_layers if spec.paged} - {None}
+        if len(shapes) != 1 or len(windows) > 1:
             return None  # no softmax layers, or layers of different shapes: the reference handles any
-        return AttentionGeometry(*shapes.pop())
+        return AttentionGeometry(*shapes.pop(), window=windows.pop() if windows else None)
 
     def cache_bytes_per_page(self) -> int:
         return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if s.paged)
@@ -214,6 +215,8 @@ class ModelRunner:
         from server.execution.cuda_graphs import DecodeGraphs, GraphRun, graph_run
 
         mode = graph_run(self.config, self.device)
+        if mode == GraphRun.CAPTURE and not self.backend.graph_capturable():
+            mode = GraphRun.OFF
         if mode != GraphRun.OFF:
             self.graphs = DecodeGraphs(self.model, self.pstate, self.config, self.backend, self.table,
                                        self.scratch_slot, self.num_slots, self.has_kv, mode == GraphRun.CAPTURE,

@@ -172,7 +172,8 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
         if chunk.placement == Placement.SPLIT and p > 1:
             ring.append(RingEntry(lc.row_start, lc.num_rows, _piece_runs(lc.pieces), [list(x) for x in st.runs],
                                   table.device_pages(chunk.req).long(), shard_len,
-                                  _ulysses_runs(chunk, st, p) if ulysses else None))
+                                  _ulysses_runs(chunk, st, p) if ulysses else None,
+                                  [_piece_runs(computed_pieces(chunk, p, s)) for s in range(p)]))
             continue
         if chunk.placement == Placement.REPLICATED and p > 1:
             merge_rows += range(lc.row_start, lc.row_start + lc.num_rows)

@@ -45,6 +45,8 @@ class RingEntry:
     page_table: torch.Tensor  # this rank's pages of the request (device, long)
     shard_len: int  # rows of this rank's shard
     ulysses: UlyssesRuns | None = None
+    # per SP rank: its new rows of the request (relative to its first new row); the window halo reads them
+    q_runs_per_rank: list[list[Run]] = field(default_factory=list)
 
     @property
     def prefix_len(self) -> int:

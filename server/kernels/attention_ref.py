@@ -2,7 +2,8 @@
 
 The reference for every attention backend. Visibility is by global position: key j is visible to query i
 iff ``k_pos[j] <= q_pos[i]``, which covers causal prefill, a cached prefix, decode, and the blocks of a
-sequence-parallel ring (zigzag chunks) with one rule.
+sequence-parallel ring (zigzag chunks) with one rule. A sliding window ``w`` adds ``k_pos[j] > q_pos[i] - w``
+(transformers' convention: a query sees itself and the ``w - 1`` keys before it).
 
 LSE convention (project-wide): base 2, ``lse = log2(sum_j 2^(s_ij * log2(e)))`` with ``s = scale * q.k``;
 rows with no visible key have ``lse = -inf`` and output 0.
@@ -24,8 +25,10 @@ def attention_with_lse_ref(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (``Hq % Hk == 0``, GQA), positions int ``[Nq]``/``[Nk]``.
+    """q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (``Hq % Hk == 0``, GQA), positions int ``[Nq]``/``[Nk]``; ``window``:
+    the sliding window (None: every earlier key).
 
     Returns ``o [Nq, Hq, D]`` in q's dtype and ``lse [Nq, Hq]`` fp32, base 2. Computed in fp32.
     """
@@ -40,6 +43,8 @@ def attention_with_lse_ref(
     # scores [Hk, rep, Nq, Nk]
     s = torch.einsum("qhrd,khd->hrqk", qf, kf) * scale
     visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [Nq, Nk]
+    if window is not None:
+        visible &= k_pos.view(1, -1) > q_pos.view(-1, 1) - window
     s = s.masked_fill(~visible, -math.inf)
     lse_e = torch.logsumexp(s, dim=-1)  # [Hk, rep, Nq]
     p = torch.exp(s - lse_e.unsqueeze(-1).masked_fill(torch.isinf(lse_e).unsqueeze(-1), 0.0))

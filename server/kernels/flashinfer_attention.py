@@ -154,7 +154,16 @@ def flashinfer_piece(
 
 
 def attention_runs_flashinfer(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`server.kernels.ops.attention_runs` on flashinfer (see :func:`flashinfer_supports` for the inputs)."""
-    return attention_runs_by_pieces(q, k, v, q_runs, k_runs, scale, flashinfer_piece)
+    """:func:`server.kernels.ops.attention_runs` on flashinfer (see :func:`flashinfer_supports` for the inputs).
+    With a sliding ``window``: one query run and one key run of consecutive positions ending at the same position
+    (what :func:`server.sp.window_attention.window_attention` passes), one causal call with ``window_left``."""
+    if window is None:
+        return attention_runs_by_pieces(q, k, v, q_runs, k_runs, scale, flashinfer_piece)
+    if len(q_runs) != 1 or len(k_runs) != 1 or sum(q_runs[0][1:]) != sum(k_runs[0][1:]):
+        raise ValueError("windowed flashinfer attention takes one query run and one key run that end together, "
+                         f"got {q_runs} and {k_runs}")
+    return flashinfer_module().single_prefill_with_kv_cache(
+        q, k, v, causal=True, sm_scale=scale, kv_layout="NHD", return_lse=True, window_left=window - 1)

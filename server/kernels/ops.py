@@ -54,17 +54,19 @@ def _fast(x: torch.Tensor) -> bool:
 
 
 def attention_runs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run], k_runs: list[Run], scale: float,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)`` (the reference; backends
-    bring their own, see :meth:`server.backends.attention.AttentionBackend.attention_runs`).
+    """Softmax attention where key j is visible to query i iff ``pos(k_j) <= pos(q_i)`` (and, with a sliding
+    ``window``, ``pos(k_j) > pos(q_i) - window``) (the reference; backends bring their own, see
+    :meth:`server.backends.attention.AttentionBackend.attention_runs`).
 
     q ``[Nq, Hq, D]``, k/v ``[Nk, Hk, D]`` (GQA: ``Hq % Hk == 0``). Returns ``o [Nq, Hq, D]`` (q's dtype) and
     ``lse [Nq, Hq]`` fp32 in base 2 (-inf for rows that see no key).
     """
     q_pos = runs_to_positions(q_runs, q.device)
     k_pos = runs_to_positions(k_runs, q.device)
-    return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
+    return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale, window)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:

@@ -18,23 +18,35 @@ from server.layers.cache_spec import CacheLayer, PagedKVSpec
 class PagedKVCache:
     """One layer's K and V pages on this rank: ``[num_pages, page_size, kv_heads, head_dim]`` each. FP8 pages
     (``fp8``) store ``k / k_scale``, ``v / v_scale``; :meth:`read` returns the pages as stored (the SP ring passes
-    them so, half the bytes) and :meth:`dequantize` turns them into values for a kernel that reads no FP8."""
+    them so, half the bytes) and :meth:`dequantize` turns them into values for a kernel that reads no FP8. With
+    ``positions``, also every slot's global token position ``[num_pages, page_size]`` int32 (sliding-window layers:
+    a rank's KV shard holds tokens of scattered positions, and the window is a rule on positions)."""
 
     def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0):
+                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0, positions: bool = False):
         self.k = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.k_scale, self.v_scale = k_scale, v_scale
+        self.pos = torch.zeros(num_pages, page_size, dtype=torch.int32, device=device) if positions else None
 
     @property
     def fp8(self) -> bool:
         return self.k.dtype == FP8
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
         if self.fp8:
             k, v = kv_quantize(k, self.k_scale), kv_quantize(v, self.v_scale)
         raw_bytes(self.k).view(-1, *self.k.shape[2:])[slots] = raw_bytes(k)
         raw_bytes(self.v).view(-1, *self.v.shape[2:])[slots] = raw_bytes(v)
+        if self.pos is not None:
+            self.pos.view(-1)[slots] = pos.to(torch.int32)
+
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages ``src`` onto ``dst`` (a cached prefix's last page, copied on write)."""
+        for t in (raw_bytes(self.k), raw_bytes(self.v)):
+            t[dst] = t[src]
+        if self.pos is not None:
+            self.pos[dst] = self.pos[src]
 
     def read(self, page_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (-1, *self.k.shape[2:])
@@ -62,21 +74,32 @@ class Attention(CacheLayer, nn.Module):
     """Core attention of one layer (after q/k/v projection and RoPE). q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on
     this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding). Its cache: K/V pages
     (:class:`server.layers.cache_spec.PagedKVSpec`) in the model dtype, or FP8 (``--kv-cache-dtype fp8_e4m3``)
-    with the per-tensor ``k_scale`` / ``v_scale`` the checkpoint gives (1.0 without)."""
+    with the per-tensor ``k_scale`` / ``v_scale`` the checkpoint gives (1.0 without); with token positions for a
+    window layer.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    ``window``: a sliding window (a query sees itself and the ``window - 1`` keys before it; its cache keeps token
+    positions). ``sinks``: learned per-head sink logits ``[num_heads]`` (this rank's heads), applied once to the
+    merged result (:mod:`server.kernels.sinks`)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None = None,
+                 sinks: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.window = window
+        self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=dtype), requires_grad=False) if sinks else None
         self.k_scale = self.v_scale = 1.0
         self.cache: PagedKVCache | None = None
 
     def cache_spec(self) -> PagedKVSpec:
         return PagedKVSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, k_scale=self.k_scale,
-                           v_scale=self.v_scale)
+                           v_scale=self.v_scale, window=self.window)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         k, v = self.cache.round(k, v)
-        return ctx.attention.forward(q, k, v, self.cache, self.scale)
+        if self.window is None and self.sinks is None:
+            return ctx.attention.forward(q, k, v, self.cache, self.scale)
+        return ctx.attention.forward(q, k, v, self.cache, self.scale, window=self.window, sinks=self.sinks,
+                                     positions=ctx.positions)

@@ -22,6 +22,7 @@ from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
 from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
 from server.models.glm4_moe import Glm4MoeForCausalLM
+from server.models.gpt_oss import GptOssForCausalLM
 from server.models.kimi_linear import KimiLinearForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
@@ -50,6 +51,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 

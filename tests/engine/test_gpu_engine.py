@@ -30,7 +30,7 @@ pytestmark = pytest.mark.gpu
 # The tests decode one or two requests: graphs for batches up to 4 (not the default 64) keep start-up short.
 FEW_GRAPHS = dict(cuda_graph_max_bs=4)
 ARCHS = ["llama", "qwen2", "qwen3", "minimax_alt", "minimax_7to1", "qwen3_5", "qwen3_next", "qwen3_moe", "minimax_m2",
-         "glm4_moe"]
+         "glm4_moe", "gpt_oss"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_bf16_cuda_within_transformers_bf16_error(models, arch):
 
 
 @needs_2_gpus
-@pytest.mark.parametrize("arch", ["llama", "minimax_7to1", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llama", "minimax_7to1", "qwen3_5", "gpt_oss"])
 @pytest.mark.parametrize("sp,tp,mode,ulysses", [(2, 1, "ring", 1), (2, 1, "allgather", 1), (1, 2, "ring", 1),
                                                 (2, 1, "ring", 2)])
 def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode, ulysses):
@@ -123,7 +123,7 @@ def test_nccl_sp_tp_fp32_identical_to_single_gpu(models, arch, sp, tp):
 
 
 @needs_cuda
-@pytest.mark.parametrize("arch", ["llama", "minimax_7to1", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llama", "minimax_7to1", "qwen3_5", "gpt_oss"])
 def test_cuda_graphs_give_the_eager_tokens_fp32(models, arch):
     """Decode replayed from CUDA graphs (captured per bucket, padded rows on the scratch page and slot) gives the
     eager tokens exactly in fp32, for a batch that mixes lengths and one request alone."""

@@ -15,7 +15,8 @@ from tests.helpers import assert_logits_close, hf_greedy, hf_model, prompt, save
 
 ARCHS = ["llama", "llama_tied", "llama_yarn", "mistral", "qwen2", "qwen3", "minimax_alt", "minimax_7to1",
          "minimax_linear",  # lightning layers only, no KV cache at all
-         "qwen3_moe", "minimax_m2", "glm4_moe"]
+         "qwen3_moe", "minimax_m2", "glm4_moe",
+         "gpt_oss"]  # sliding window 16 (the 77-token prompt crosses it), sinks, biased clamped-SwiGLU MoE
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_prefill_logits_and_greedy_match_transformers(models, arch):
     assert len(out.logprobs) == 32 and out.finish_reason == "length"
 
 
-@pytest.mark.parametrize("arch", ["llama", "minimax_alt"])
+@pytest.mark.parametrize("arch", ["llama", "minimax_alt", "gpt_oss"])  # gpt_oss: chunks shorter than its window
 def test_chunked_prefill_matches_unchunked(models, arch):
     ids = prompt(150)
     with LLM(models[arch], device="cpu", chunked_prefill_size=0) as llm:
