@@ -551,10 +551,10 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
     """A turn's short query over a long cached prefix (Llama-3-8B attention: 32 q / 8 kv heads, d = 128, page 16):
     64 / 1K / 4K new tokens over 16K / 128K cached ones, one layer. The kinds the engine runs (``paged_causal``:
     flashinfer's paged prefill with its own split choice; ``gathered_causal``: gather the KV, then ragged prefill)
-    beside paged prefill with flashinfer's ``fixed_split_size`` and the KV split explicitly over S entries of one
-    batch (merged by LSE). Reports ms, TFLOP/s, GB/s (K/V read once) and time over the floor, max(bytes / copy
-    rate, FLOPs / matmul rate), of the measured ceilings, and each variant's largest difference from
-    ``paged_causal``."""
+    beside paged prefill with flashinfer's ``fixed_split_size`` (KV chunks of a fixed number of pages instead of its
+    own search) and the KV split explicitly over S entries of one batch (merged by LSE). Reports ms, TFLOP/s, GB/s
+    (K/V read once) and time over the floor, max(bytes / copy rate, FLOPs / matmul rate) of the measured ceilings,
+    and each variant's largest difference from ``paged_causal``."""
     import inspect
     import types
 
@@ -595,10 +595,10 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
                 variants[kind] = partial(backend.run_batch, batch, q, None, None, types.SimpleNamespace(k=kc, v=vc),
                                          scale)
             if has_fixed:
-                for split in (256, 1024, 4096):
+                for split in (64, 256, 1024):  # pages of KV per chunk
                     w = _paged_prefill(fi, workspace, table, n, prefix, hq, hk, d, page, scale,
                                        fixed_split_size=split)
-                    variants[f"paged fixed_split_size={split}"] = partial(w.run, q, (kc, vc), return_lse=True)
+                    variants[f"paged split {split * page} tokens"] = partial(w.run, q, (kc, vc), return_lse=True)
             for segments in (8, 32) if n <= 1024 else ():  # the queries are repeated per segment
                 run, s = _split_kv_prefill(fi, workspace, table, n, prefix, hq, hk, d, page, scale, segments)
                 variants[f"split over {s} entries + merge"] = partial(run, q, kc, vc)
