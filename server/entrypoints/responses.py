@@ -3,7 +3,8 @@ content), ``instructions`` (a system message placed first), ``max_output_tokens`
 ``stream``. The prompt is the chat template's rendering of the messages, as for chat completions.
 
 Nothing is stored: ``store`` must be false (or left out) and ``previous_response_id`` is refused; tools,
-reasoning, structured text formats and the other output-changing fields are refused unless neutral. A stream
+reasoning and the other output-changing fields are refused unless neutral. ``text.format`` (``json_schema``,
+``json_object``) constrains the output (server/entrypoints/structured.py). A stream
 sends OpenAI's typed events (``event: response.created`` ... ``response.output_text.delta`` ...
 ``response.completed``, or ``response.incomplete`` when ``max_output_tokens`` ended it), each with its
 ``sequence_number``; there is no ``[DONE]``.
@@ -29,9 +30,11 @@ from server.entrypoints.protocol import (
     check_context_length,
     check_model,
     make_sampling_params,
-    parse_body,
+    parse_body_off_loop,
+    structured_output,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, collect, sse, stream
+from server.entrypoints.structured import TextOptions, text_format_structured_output
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
 from server.sampling_params import MaxTokens, Temperature, TopP
 
@@ -60,7 +63,7 @@ class ResponsesRequest(RequestBody):
     neutral_only_fields: ClassVar[dict[str, Any]] = {
         "store": False, "previous_response_id": None, "conversation": None, "background": False, "tools": [],
         "tool_choice": "auto", "parallel_tool_calls": True, "max_tool_calls": None, "reasoning": None,
-        "text": {"format": {"type": "text"}}, "truncation": "disabled", "include": [], "top_logprobs": None,
+        "truncation": "disabled", "include": [], "top_logprobs": None,
         "prompt": None, "stream_options": None,
     }
     model: str | None = None
@@ -70,6 +73,7 @@ class ResponsesRequest(RequestBody):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stream: bool = False
+    text: TextOptions | None = None
 
 
 def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -90,14 +94,17 @@ class ResponsesServing:
 
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ResponsesRequest)
+        req = await parse_body_off_loop(await request.body(), ResponsesRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
-        prompt_ids = await self.tm.encode_chat(_messages(req))
-        max_tokens = req.max_output_tokens or max(self.tm.max_model_len - len(prompt_ids), 1)
+        prompt_ids = await self.tm.encode_chat(_messages(req), param="input")
+        max_tokens = req.max_output_tokens
+        if max_tokens is None:
+            max_tokens = self.tm.default_max_tokens(len(prompt_ids)) or max(self.tm.max_model_len - len(prompt_ids), 1)
         check_context_length(len(prompt_ids), max_tokens, self.tm.max_model_len, "input")
         params = make_sampling_params({"max_tokens": "max_output_tokens"}, max_tokens=max_tokens,
-                                      temperature=req.temperature, top_p=req.top_p)
+                                      temperature=req.temperature, top_p=req.top_p,
+                                      structured=structured_output(text_format_structured_output, req.text))
         gen = self.tm.submit([prompt_ids], [params], arrival)
         shape = _Shape(req, self.model, len(prompt_ids))
         if req.stream:
@@ -118,6 +125,11 @@ class _Shape:
         self.created = int(time.time())
         self.seq = 0
 
+    def text(self) -> dict:
+        """The response's ``text`` options: the request's format (``text`` when none was given)."""
+        fmt = self.req.text.format if self.req.text is not None else None
+        return {"format": {"type": "text"} if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True)}
+
     def _part(self, text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -135,7 +147,7 @@ class _Shape:
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
             "output": [] if r is None else [self._message(r.text, status)], "parallel_tool_calls": True,
             "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
-            "temperature": 1.0 if req.temperature is None else req.temperature, "text": {"format": {"type": "text"}},
+            "temperature": 1.0 if req.temperature is None else req.temperature, "text": self.text(),
             "tool_choice": "auto", "tools": [], "top_p": 1.0 if req.top_p is None else req.top_p,
             "truncation": "disabled", "usage": None, "user": None, "metadata": {},
         }

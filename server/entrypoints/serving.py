@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,11 +32,12 @@ from server.entrypoints.protocol import (
     choice_count,
     completion_prompt_logprobs,
     normalize_prompt,
-    parse_body,
+    parse_body_off_loop,
     sampling_params_for,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, clamp_logprob, collect, stream
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
+from server.messages import PromptTokenLogprob, TokenLogprob
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
@@ -63,7 +63,7 @@ class OpenAIServing:
     # ---- /v1/completions -------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), CompletionRequest)
+        req = await parse_body_off_loop(await request.body(), CompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
@@ -73,7 +73,8 @@ class OpenAIServing:
         prompt_ids = [await self.tm.encode(p) for p in prompts]
         ids, params, echo = [], [], []
         for p, p_ids in zip(prompts, prompt_ids, strict=True):
-            params += sampling_params_for(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+            max_tokens = req.max_tokens if req.max_tokens is not None else self.tm.default_max_tokens(len(p_ids))
+            params += sampling_params_for(req, max_tokens=max_tokens, logprobs=req.logprobs,
                                           prompt_logprobs=completion_prompt_logprobs(req), prompt_len=len(p_ids),
                                           max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
             ids += [p_ids] * n
@@ -201,7 +202,7 @@ class OpenAIServing:
     # ---- /v1/chat/completions --------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ChatCompletionRequest)
+        req = await parse_body_off_loop(await request.body(), ChatCompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
@@ -211,6 +212,8 @@ class OpenAIServing:
         prompt_ids = await self.tm.encode_chat(chat_messages(req.messages), *chat_generation_prompt(
             req.add_generation_prompt, req.continue_final_message))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = self.tm.default_max_tokens(len(prompt_ids))
         params = sampling_params_for(req, max_tokens=max_tokens, logprobs=logprobs,
                                      prompt_logprobs=req.prompt_logprobs, prompt_len=len(prompt_ids),
                                      max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)

@@ -4,7 +4,7 @@ captured at start-up.
 A decode step (every request one new token, none split) is padded to the smallest bucket that holds the most rows
 any SP rank computes, so every rank replays the same bucket and the collectives inside the graphs (the TP
 all-reduces, the SP merge of replicated rows) line up. A short extend step (prefill chunks of a few tokens, a turn
-over a cached prefix, with or without decode rows beside it; :func:`server.engine.step_builder.extend_fits`) is
+over a cached prefix, with or without decode rows beside it; :func:`server.execution.step_builder.extend_fits`) is
 padded the same way to a token bucket (16, 32, 64, ... up to ``cuda_graph_max_extend_tokens``) and a fixed number
 of attention entries, the padded rows forming padding entries over the scratch page: its attention is one
 ``paged_causal`` batch, its launches one replay instead of a few hundred small kernels. The step's inputs are
@@ -34,8 +34,8 @@ import torch
 
 from server.backends.attention import AttentionBackend, GraphShape, StepAttention, padded_batch
 from server.config import CudaGraphMode, EngineConfig
-from server.engine.request_table import RequestTable, computed_pieces
-from server.engine.step_builder import (
+from server.execution.request_table import RequestTable
+from server.execution.step_builder import (
     INPUT_ROWS,
     PaddedStep,
     build_padded_step,
@@ -43,9 +43,9 @@ from server.engine.step_builder import (
     rank_row_count,
     take_prev_tokens,
 )
-from server.engine.step_profile import PROFILE
+from server.execution.step_profile import PROFILE
 from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
-from server.forward.plan import Placement, StepPlan
+from server.forward.plan import Placement, StepPlan, computed_pieces
 from server.sp.groups import ParallelState
 
 log = logging.getLogger(__name__)
