@@ -116,16 +116,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         indices_buf = torch.zeros(top * max_pages + pad_pages, dtype=torch.int32, device=dev)
         out: dict[GraphShape, AttentionBackend] = {}
         for s in shapes:
-            bufs = dict(paged_kv_indptr_buffer=indptr_buf[: s.entries + 1], paged_kv_indices_buffer=indices_buf,
-                        paged_kv_last_page_len_buffer=last_buf[: s.entries])
+            indptr, last = indptr_buf[: s.entries + 1], last_buf[: s.entries]
             if s.decode:
                 w = self.fi.BatchDecodeWithPagedKVCacheWrapper(
                     self.workspace, kv_layout="NHD", use_cuda_graph=True, use_tensor_cores=True, backend="fa2",
-                    **bufs)
-            else:
+                    paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices_buf,
+                    paged_kv_last_page_len_buffer=last)
+            else:  # the prefill wrapper names its buffers *_buf
                 w = self.fi.BatchPrefillWithPagedKVCacheWrapper(
                     self.workspace, kv_layout="NHD", use_cuda_graph=True, qo_indptr_buf=qo_buf[: s.entries + 1],
-                    **bufs)
+                    paged_kv_indptr_buf=indptr, paged_kv_indices_buf=indices_buf, paged_kv_last_page_len_buf=last)
             out[s] = FlashInferGraphStep(self, w)
         return out
 
