@@ -84,8 +84,9 @@ class EngineConfig:
     seq_parallel_tp: bool = True  # long SP prefills keep the residual stream sharded over TP
     cuda_graph: str = "auto"  # auto: capture decode graphs on CUDA | off | eager: pad decode steps, no capture
     cuda_graph_max_bs: int = 64  # the largest decode batch replayed from a graph
-    # the largest short extend step (new tokens of every request together) replayed from a graph; 0: none
-    cuda_graph_max_extend_tokens: int = 256
+    # the largest short extend step (new tokens of every request together) replayed from a graph (token buckets 16,
+    # 32, ... up to it; 256 covers an agent's short turns); 0: none, until the captured form is checked on GPUs
+    cuda_graph_max_extend_tokens: int = 0
     # sp > 1: graph decode steps whose rows are all replicated split dense MLPs over the SP ranks
     # (docs/sp.md, "Decode: dense MLPs split over the SP ranks")
     sp_split_mlp: bool = True

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode steps of up to this many requests replay a CUDA graph captured at start-up")
     run.add_argument("--cuda-graph-max-extend-tokens", type=int, default=d.cuda_graph_max_extend_tokens,
                      help="short extend steps (a turn's new tokens over a cached prefix) of up to this many tokens "
-                          "replay a CUDA graph per token bucket (16, 32, ...); 0: none")
+                          "replay a CUDA graph per token bucket (16, 32, ...); 0 (default): none")
     run.add_argument("--disable-cuda-graph", "--enforce-eager", dest="cuda_graph", action="store_const", const="off",
                      default=argparse.SUPPRESS, help="run every step eagerly")
     run.add_argument("--disable-sp-split-mlp", dest="sp_split_mlp", action="store_false", default=argparse.SUPPRESS,

@@ -139,7 +139,7 @@ def test_cuda_graphs_give_the_eager_tokens_fp32(models, arch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
     """Short turns over a cached prefix replayed from the extend CUDA graphs (token buckets, flashinfer's paged
     prefill over fixed buffers) give the tokens of the same padded steps run eagerly (the same kernels, bf16)."""
