@@ -171,11 +171,12 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
 
 
 def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit,
-               quant: str = "none", kv_dtype: str = "auto") -> None:
+               quant: str = "none", kv_dtype: str = "auto", ep: str = "off") -> None:
     tokenizer, bias = structured_setup(args, model, model_config(model)["vocab_size"])
     kinds = {"none": [None], "json": [None, StructuredOutput("json", args.schema_text)]}[args.structured]
     cfg = EngineConfig(model_path=model_dir(model), tokenizer_path=tokenizer, load_format="dummy", sp_size=sp,
                        tp_size=args.tp_size, quantization=None if quant == "none" else quant, kv_cache_dtype=kv_dtype,
+                       enable_expert_parallel=ep == "on",
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
                        sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
@@ -192,7 +193,8 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str,
             row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
                    "graphs": graphs == "on", "overlap": overlap == "on", "sp_split_mlp": split == "on",
                    "quantization": quant, "kv_cache_dtype": kv_dtype, "kv_tokens": kv_tokens,
-                   "structured": kind.kind if kind else "none", "startup_s": startup_s}
+                   "structured": kind.kind if kind else "none", "expert_parallel": ep == "on",
+                   "startup_s": startup_s}
             try:
                 row.update(measure_cell(engine, context, batch, args.decode_steps, len(args.batch), kind, bias))
                 split_all = row["split_mlp_steps"] == args.decode_steps
@@ -251,6 +253,9 @@ def main() -> None:
     ap.add_argument("--structured", default="none", choices=["none", "json"],
                     help="json: measure each cell also with every request constrained to a JSON schema")
     ap.add_argument("--json-schema", default=None, help="the schema for --structured json (a JSON file)")
+    ap.add_argument("--enable-expert-parallel", nargs="+", default=["off"], choices=["on", "off"],
+                    help="MoE models: experts spread over every rank (at one GPU: the dispatch / combine path with "
+                         "identity exchanges) and / or TP-sliced")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -266,13 +271,14 @@ def main() -> None:
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                for overlap, split, quant, kv_dtype in itertools.product(
+                for overlap, split, quant, kv_dtype, ep in itertools.product(
                         args.overlap, args.sp_split_mlp if sp > 1 else ["on"], args.quantization,
-                        args.kv_cache_dtype):
+                        args.kv_cache_dtype, args.enable_expert_parallel):
                     try:
-                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, quant, kv_dtype)
+                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, quant, kv_dtype, ep)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
+                              "expert_parallel": ep == "on",
                               "overlap": overlap == "on", "context": None, "batch": None,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
@@ -280,7 +286,8 @@ def main() -> None:
           "| split MLP steps | ITL ms (p50 / p99) | floor ms | of floor |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|")
     for r in rows:
-        cell = (f"| {r['model']} | {r.get('quantization', '')} | {r.get('kv_cache_dtype', '')} | "
+        ep = " (EP)" if r.get("expert_parallel") else ""
+        cell = (f"| {r['model']}{ep} | {r.get('quantization', '')} | {r.get('kv_cache_dtype', '')} | "
                 f"{r.get('kv_tokens', '')} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
                 f"{r['overlap']} | {r.get('structured', 'none')} | {r.get('split_mlp_steps', '')} | ")
         if "itl_ms" not in r:

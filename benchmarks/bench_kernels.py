@@ -1,7 +1,8 @@
 """Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention,
-the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs), and
-a turn's short query over a long cached prefix (``short_turn_attention``: the attention kinds and KV splits beside
-the floor; run it after ``ceilings``).
+the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs),
+one MoE layer through the expert-parallel dispatch / combine path at EP size 1 against the TP-sliced MoE
+(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes), and a turn's short query over a long cached prefix
+(``short_turn_attention``: the attention kinds and KV splits beside the floor; run it after ``ceilings``).
 
     python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
 
@@ -646,6 +647,47 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
+    """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8, bf16) on T tokens, with the
+    same weights: the TP-sliced forward (tp = 1, what a model without ``--enable-expert-parallel`` runs), the expert-
+    parallel exact path at EP size 1 (routing, pair counts, sort by owner, the identity exchanges, the experts, the
+    combine at the source), and at decode sizes the static form of graph steps (fixed pair slots), both forms also
+    inside CUDA graphs where they capture. The difference is the dispatch / combine path's cost without any
+    communication; the all-to-all over N ranks adds ``2 * T * top_k * hidden * 2`` bytes per layer on the wire."""
+    from server.layers.moe import FusedMoE
+    from server.sp.groups import ParallelState
+
+    hidden, experts, top_k, inter = 2048, 128, 8, 768
+    dev = torch.device("cuda")
+    layers = {}
+    for ep in (False, True):
+        with torch.device(dev):
+            m = FusedMoE(experts, top_k, hidden, inter, ParallelState(device=dev, expert_parallel=ep),
+                         torch.bfloat16)
+        layers[ep] = m
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for p in layers[False].parameters():
+        p.data.normal_(0.0, 0.02, generator=gen)
+    for name in ("gate", "w13", "w2"):
+        getattr(layers[True], name).data.copy_(getattr(layers[False], name).data)
+    for t in tokens:
+        if budget.left() <= 0:
+            break
+        x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        mask = torch.ones(t, dtype=torch.bool, device=dev)
+        ref = layers[False](x)
+        row = {"tokens": t, "tp_sliced_ms": bench_ms(partial(layers[False], x)),
+               "ep_exact_ms": bench_ms(partial(layers[True].expert_parallel_rows, x)),
+               "ep_exact_err": rel_err(layers[True].expert_parallel_rows(x), ref)}
+        if t <= 256:
+            row["ep_static_ms"] = bench_ms(partial(layers[True].expert_parallel_rows, x, mask))
+            row["ep_static_err"] = rel_err(layers[True].expert_parallel_rows(x, mask), ref)
+            row["tp_sliced_graph_us"] = graph_us(partial(layers[False], x), calls=20)
+            row["ep_static_graph_us"] = graph_us(partial(layers[True].expert_parallel_rows, x, mask), calls=20)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def _bandwidth_table(rows: list[dict], copy: float | None, title: str, keys: tuple[str, str]) -> list[str]:
     """A GB/s table (with the fraction of the copy bandwidth) of the measured rows, keyed by two columns."""
     rows = [r for r in rows if "gbps" in r]
@@ -750,6 +792,18 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['tokens']} | {r['prefill_ms']:.2f} | {r['chunk_affine_ms']:.2f} | {r['correction_ms']:.2f} | "
                   f"{r['sp_pass_over_prefill']:.2f} |" for r in gd]
         lines.append("")
+    moe = [r for r in res.get("moe_ep", []) if "tp_sliced_ms" in r]
+    if moe:
+        lines += ["## One MoE layer: expert-parallel dispatch / combine at EP size 1 vs the TP-sliced MoE", "",
+                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8, bf16), the same weights; graph columns are "
+                  "us per call replayed from a CUDA graph.", "",
+                  "| tokens | TP-sliced ms | EP exact ms | EP / TP | EP static ms | TP-sliced graph us "
+                  "| EP static graph us | max rel. err |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['tp_sliced_ms']:.3f} | {r['ep_exact_ms']:.3f} | "
+                  f"{r['ep_exact_ms'] / r['tp_sliced_ms']:.2f} | {fmt(r.get('ep_static_ms'), 3)} | "
+                  f"{fmt(r.get('tp_sliced_graph_us'), 1)} | {fmt(r.get('ep_static_graph_us'), 1)} | "
+                  f"{max(r['ep_exact_err'], r.get('ep_static_err', 0.0)):.1e} |" for r in moe]
+        lines.append("")
     kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
     if kd:
         lines += ["## KDA at the Kimi-Linear-48B-A3B layer shape (bf16, 32 heads of 128, per-channel decays)", "",
@@ -777,6 +831,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
     p.add_argument("--ring-tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 256, 4096, 32768],
+                   help="tokens of the moe_ep section")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later cases are skipped once spent")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -796,6 +852,7 @@ def main() -> None:
         "paged_attention": lambda r: paged_attention(r, budget),
         "pointwise": lambda r: pointwise(r, budget),
         "gdn": lambda r: gdn(r, budget),
+        "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens),
         "kda": lambda r: kda(r, budget),
         "short_turn_attention": lambda r: short_turn_attention(r, budget, res.get("ceilings", {})),
     }

@@ -131,6 +131,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         tp_size=tp,
         ulysses_degree=ulysses,
         ulysses_layers=args.ulysses_layers,
+        enable_expert_parallel=args.enable_expert_parallel,
         max_running_requests=max(2, args.num_prompts),
         chunked_prefill_size=args.chunk or max(contexts) * args.num_prompts,
         sp_min_tokens=args.sp_min_tokens,
@@ -161,6 +162,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
                 tp=tp,
                 ulysses_degree=ulysses,
                 ulysses_layers=args.ulysses_layers,
+                expert_parallel=args.enable_expert_parallel,
                 context=n,
                 ring_mode=args.ring_mode,
                 lasp_mode=args.lasp_mode,
@@ -299,6 +301,8 @@ def main() -> None:
                     help="Ulysses degrees U to run (U x sp/U mesh); those that do not divide an SP size are skipped")
     ap.add_argument("--ulysses-layers", default="all", choices=["all", "linear"],
                     help="the layers that use the Ulysses mesh (linear: lightning and GDN only, softmax on the ring)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE models: experts spread over every rank (at one GPU: the dispatch / combine path)")
     ap.add_argument("--chunk", type=int, default=0, help="chunked prefill size (0: the largest context)")
     ap.add_argument("--sp-min-tokens", type=int, default=1024)
     ap.add_argument("--num-prompts", type=int, default=1, help="prompts of each context submitted together")

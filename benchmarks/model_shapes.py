@@ -320,6 +320,69 @@ SHAPES = {
 }
 
 
+# The published config.json values of the models long-context users run (docs/sp.md, "Memory per GPU"), for the
+# planner (python -m server.plan --shape ...) and for benchmarks with dummy weights.
+_QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+              "head_dim": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+SHAPES.update({
+    # MiniMax-Text-01 (456B): 80 layers, 7 lightning then 1 softmax, 32 experts of 9216 (top-2), hidden 6144. The
+    # residual factors are those of its config (layernorm_*_alpha = 3.5565588200778455, beta 1.0).
+    "minimax-text-01": {
+        "architectures": ["MiniMaxForCausalLM"], "model_type": "minimax", "vocab_size": 200064, "hidden_size": 6144,
+        "intermediate_size": 9216, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 10240000, "tie_word_embeddings": False,
+        "rope_theta": 10000000.0, "rotary_dim": 64, "torch_dtype": "bfloat16", "num_local_experts": 32,
+        "num_experts_per_tok": 2, "block_size": 256,
+        "layer_types": (["linear_attention"] * 7 + ["full_attention"]) * 10,
+        "full_attn_alpha_factor": 3.5565588200778455, "full_attn_beta_factor": 1.0,
+        "linear_attn_alpha_factor": 3.5565588200778455, "linear_attn_beta_factor": 1.0,
+        "mlp_alpha_factor": 3.5565588200778455, "mlp_beta_factor": 1.0,
+    },
+    # Qwen3.5-397B-A17B's language model: 60 layers (15 x (3 GDN + 1 gated attention)), 512 experts of 1024 (top-10)
+    # plus a shared expert of 1024, attention 32 q / 2 KV heads x 256, GDN 16 key / 64 value heads x 128.
+    "qwen3.5-397b-a17b": {
+        "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", "vocab_size": 248320,
+        "hidden_size": 4096, "intermediate_size": 4096, "num_hidden_layers": 60, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10,
+        "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024, "norm_topk_prob": True,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 15,
+    },
+    # Qwen3-Next-80B-A3B: 48 layers (12 x (3 GDN + 1 gated attention)), 512 experts of 512 (top-10) plus a shared
+    # expert of 512, attention 16 q / 2 KV heads x 256, GDN 16 key / 32 value heads x 128.
+    "qwen3-next-80b-a3b": {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
+    },
+    # Qwen3-235B-A22B: 94 layers, 128 experts of 1536 (top-8), attention 64 q / 4 KV heads x 128.
+    "qwen3-235b-a22b": {
+        **_QWEN3_MOE, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
+        "num_attention_heads": 64, "num_key_value_heads": 4, "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1536,
+    },
+    # Llama-3.1-70B: 80 layers, attention 64 q / 8 KV heads x 128, MLP 28672.
+    "llama3.1-70b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+        "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+        "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+})
+
+
 def shape_dir(name: str) -> str:
     """A directory holding only ``config.json`` for the named shape."""
     path = os.path.join(tempfile.gettempdir(), f"bench-shape-{name}")

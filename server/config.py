@@ -90,6 +90,9 @@ class EngineConfig:
     # sp > 1: graph decode steps whose rows are all replicated split dense MLPs over the SP ranks
     # (docs/sp.md, "Decode: dense MLPs split over the SP ranks")
     sp_split_mlp: bool = True
+    # MoE experts spread over all sp x tp ranks (E / N each; rows exchanged by all-to-all) instead of every rank
+    # holding each expert's 1/tp slice (docs/sp.md, "Expert parallelism")
+    enable_expert_parallel: bool = False
     # rank 0 prepares step N+1 while the device runs step N; step N's tokens reach the host one step later
     # (docs/architecture.md, "Overlapped steps"). None: on CUDA, and on CPU with one rank (several CPU ranks share
     # the cores that would overlap, and the token broadcast is a blocking gloo call there)

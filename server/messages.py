@@ -110,6 +110,8 @@ class StepCounts:
     decode_tokens: int = 0
     sp_split: int = 0
     sp_homed: int = 0
+    # expert parallel, eager steps: (token, expert) pairs each rank computed, summed over the MoE layers
+    expert_pairs: tuple[int, ...] = ()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import multiprocessing as mp
 import multiprocessing.process
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -217,6 +217,8 @@ class Engine:
             sum(c.placement == Placement.SPLIT for c in plan.chunks),
             sum(c.placement == Placement.HOMED for c in plan.chunks))
         out = self.runner.run(plan)
+        if self.runner.moe_layers:
+            self.last_step = replace(self.last_step, expert_pairs=self.runner.take_expert_pairs())
         self.scheduler.advance(seqs, plan)
         outputs += self._resolve()  # the previous step's tokens, while the device runs this one
         for i, scored in out.prompt_logprobs.items():
@@ -397,9 +399,10 @@ class Engine:
         return self.cache.flush()
 
     def memory_stats(self, reset: bool = True) -> list[dict]:
-        """Every rank's device memory (peak allocated since the last reset, allocated now), by rank."""
+        """Every rank's device memory (peak allocated since the last reset, allocated now) and what holds it
+        (weight, KV cache and state bytes, its experts; :meth:`ModelRunner.footprint`), by rank."""
         send_message(self.pstate, MemoryStatsRequest(reset))
-        return gather_memory_stats(self.pstate, reset)
+        return gather_memory_stats(self.pstate, reset, self.runner)
 
     def start_profile(self, output_dir: str | None = None, record_shapes: bool = False,
                       num_steps: int | None = None) -> str:

@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--dist-init-addr", default=None,
                      help="tcp://host:port for the ranks' rendezvous (node 0's address with --nnodes > 1); "
                           "default: a free local port")
+    par.add_argument("--enable-expert-parallel", action="store_true", default=d.enable_expert_parallel,
+                     help="MoE experts spread over all sp x tp ranks (all-to-all), not sliced over TP on each")
     par.add_argument("--nnodes", type=int, default=d.nnodes,
                      help="nodes of one server; each runs sp x tp / nnodes ranks (TP inside a node)")
     par.add_argument("--node-rank", type=int, default=d.node_rank,

@@ -47,6 +47,7 @@ class EngineReady:
     worker_pids: list[int]  # this node's ranks 1.. (other nodes watch their own)
     tokenizer_path: str
     max_model_len: int
+    rank_memory: list[dict] = field(default_factory=list)  # every rank's weight, KV and state bytes (by rank)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
     stopped = False
     try:
         out.send_pyobj(EngineReady(os.getpid(), list(engine.worker_pids()), engine.tokenizer_path,
-                                   engine.max_model_len))
+                                   engine.max_model_len, engine.memory_stats(reset=False)))
         serve_engine(engine, inp, out, StepWatchdog(ctx, outputs_addr, watchdog_timeout_s))
     except SystemExit:  # SIGTERM: the server is shutting down
         stopped = True

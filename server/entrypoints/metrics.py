@@ -30,8 +30,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = {"registry": self.registry}
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, **r)
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, **r)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
             return Histogram(PREFIX + name, doc, buckets=buckets, **r)
@@ -68,7 +68,24 @@ class ServerMetrics:
         self.step_decode = histogram("step_decode_tokens", "Tokens decoded in one engine step.", COUNT_BUCKETS)
         self.sp_placements = Counter(PREFIX + "sp_placements", "Requests of engine steps by SP placement: split "
                                      "over the SP group, or computed on their home SP rank.", ["placement"], **r)
+        rank = ["rank", "sp_rank", "tp_rank"]
+        self.rank_weights = Gauge(PREFIX + "rank_weight_bytes", "Weight bytes each rank stores.", rank, **r)
+        self.rank_kv = Gauge(PREFIX + "rank_kv_cache_bytes", "KV cache bytes each rank allocated.", rank, **r)
+        self.rank_state = Gauge(PREFIX + "rank_state_bytes", "Linear-attention state pool bytes each rank allocated.",
+                                rank, **r)
+        self.expert_pairs = Counter(PREFIX + "expert_rank_pairs", "Expert parallel: (token, expert) pairs each rank "
+                                    "computed, summed over the MoE layers (eager steps).", ["ep_rank"], **r)
+        self.expert_pairs_last = gauge("expert_rank_pairs_last_step", "Expert parallel: (token, expert) pairs each "
+                                       "rank computed in the latest counted step.", ("ep_rank",))
         self._num_steps = 0
+
+    def set_rank_memory(self, ranks: list[dict]) -> None:
+        """Every rank's footprint (``Engine.memory_stats``), once the engine is ready."""
+        for m in ranks:
+            labels = {"rank": str(m["rank"]), "sp_rank": str(m["sp_rank"]), "tp_rank": str(m["tp_rank"])}
+            self.rank_weights.labels(**labels).set(m["weight_bytes"])
+            self.rank_kv.labels(**labels).set(m["kv_cache_bytes"])
+            self.rank_state.labels(**labels).set(m["state_bytes"])
 
     def set_engine_stats(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -90,6 +107,9 @@ class ServerMetrics:
             self.step_decode.observe(step.decode_tokens)
             self.sp_placements.labels(placement="split").inc(step.sp_split)
             self.sp_placements.labels(placement="homed").inc(step.sp_homed)
+            for rank, pairs in enumerate(step.expert_pairs):
+                self.expert_pairs.labels(ep_rank=str(rank)).inc(pairs)
+                self.expert_pairs_last.labels(ep_rank=str(rank)).set(pairs)
 
     def on_finish(self, finish_reason: str, prompt_tokens: int, e2e_s: float | None, cached_tokens: int = 0) -> None:
         self.requests.labels(finish_reason=finish_reason).inc()

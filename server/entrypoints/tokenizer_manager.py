@@ -416,6 +416,7 @@ class TokenizerManager:
         self.vocab_size = self.tokenizer.vocab_size
         self._worker_pids = msg.worker_pids
         self._ready = True
+        self.metrics.set_rank_memory(msg.rank_memory)
         self.metrics.healthy.set(1)
         logger.info("engine ready: %d rank(s), max_model_len %d; serving %r", 1 + len(msg.worker_pids),
                     msg.max_model_len, self.args.served_model_name)

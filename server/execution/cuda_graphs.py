@@ -169,7 +169,8 @@ class StepGraphs:
         linear = LinearStepMeta(zero_slots=zero_slots, split=[], local_rows=self.rows[:n], local_slots=slots,
                                 local_cu=cu, all_decode=shape.decode, mode=self.config.lasp_mode)
         return ForwardContext(self.pstate, self.inputs[0, :n], self.inputs[1, :n], n, False, attention, linear,
-                              split_mlp=split)
+                              split_mlp=split, replicated_mask=self.inputs[4, :n] if self.pstate.sp_size > 1 else None,
+                              static_shapes=True)
 
     def _load(self, step: PaddedStep, shape: GraphShape, last_tokens: torch.Tensor | None) -> list:
         """Copy a padded step into the static buffers and plan its attention; the step's batches."""

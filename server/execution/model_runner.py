@@ -20,13 +20,15 @@ import torch.distributed as dist
 from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
+from server.execution.memory import weight_bytes
 from server.execution.request_table import RequestTable
 from server.execution.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
 from server.execution.step_profile import PROFILE
 from server.forward.context import ForwardContext
-from server.forward.plan import ChunkPlan, StepPlan
+from server.forward.plan import ChunkPlan, Placement, StepPlan
 from server.kernels import ops
 from server.kernels.fp8 import FP8
+from server.layers.moe import FusedMoE
 from server.models.config import ModelConfig
 from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
@@ -91,6 +93,7 @@ class ModelRunner:
         # every layer that keeps per-request state, with what it declares (server/layers/cache_spec.py)
         kv_dtype = FP8 if config.kv_cache_dtype == "fp8_e4m3" else None
         self.cache_layers = [(layer, layer.cache_spec().with_kv_dtype(kv_dtype)) for layer in self.model.cache_layers()]
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE) and m.expert_parallel]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         self.snapshot_slots = 0
@@ -178,6 +181,32 @@ class ModelRunner:
                  "/".join(kv_dtypes), num_pages * self.cache_bytes_per_page() / (1 << 30), self.num_slots,
                  self.backend.name)
 
+    def take_expert_pairs(self) -> tuple[int, ...]:
+        """Expert parallel: the (token, expert) pairs each rank computed since the last call, summed over the MoE
+        layers (eager steps; empty otherwise). Every rank knows every rank's counts (the exchanged splits)."""
+        total: list[int] = []
+        for m in self.moe_layers:
+            pairs = m.take_pairs()
+            total = [a + b for a, b in zip(total, pairs)] if total else pairs
+        return tuple(total)
+
+    def footprint(self) -> dict:
+        """What this rank stores, in bytes: its weights (its TP shard, and its experts only with expert parallelism),
+        its KV cache pages and its state slots (zero before the caches are allocated); ``experts``: the ``[first,
+        end)`` experts of every MoE layer here (None without MoE layers)."""
+        allocated = self.table is not None
+        moe = next((m for m in self.model.modules() if isinstance(m, FusedMoE)), None)
+        return {"weight_bytes": weight_bytes(self.model),
+                "kv_cache_bytes": self.cache_bytes_per_page() * self.num_pages if allocated and self.has_kv else 0,
+                "state_bytes": self.state_bytes_per_slot() * self.total_slots if allocated else 0,
+                "experts": None if moe is None else (moe.first, moe.end)}
+
+    def footprint_line(self) -> str:
+        f = self.footprint()
+        experts = "" if f["experts"] is None else f", experts [{f['experts'][0]}, {f['experts'][1]})"
+        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
+                f"states {f['state_bytes'] / 2**30:.3f} GiB{experts}")
+
     def config_max_len(self) -> int:
         return context_length(self.config, self.model.cfg)
 
@@ -200,7 +229,7 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
         self.graphs = None
-        self.cache_layers = []
+        self.cache_layers, self.moe_layers = [], []
         self.backend.release()
         # The modules hold reference cycles (a parameter's weight_loader is a bound method of its module), so the
         # weights outlive the last reference until the cyclic collector runs: collect now, or the next engine in
@@ -270,8 +299,10 @@ class ModelRunner:
     def context(self, rows: StepRows, backend=None) -> ForwardContext:
         """The forward context of a step's rows, its attention prepared by ``backend`` (default: the rank's)."""
         attention = (backend or self.backend).prepare(rows.attention, self.mesh) if self.has_kv else None
+        replicated = sum(lc.num_rows for lc in rows.chunks if lc.chunk.placement == Placement.REPLICATED)
         return ForwardContext(self.pstate, rows.input_ids, rows.positions, rows.num_rows, rows.seq_sharded,
-                              attention, rows.linear, self.mesh)
+                              attention, rows.linear, self.mesh,
+                              replicated_rows=replicated if self.pstate.sp_size > 1 else 0)
 
     def _sampled_logits(self, hidden: torch.Tensor, chunks: list[LocalChunk]) -> torch.Tensor | None:
         """Logits of the last new token of every sampled request, in plan order, on SP rank 0. Requests homed

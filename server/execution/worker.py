@@ -66,7 +66,7 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
     if every:  # a stuck or slow rank shows where it is: every thread's stack on stderr, every N seconds
         faulthandler.dump_traceback_later(float(every), repeat=True)
     pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method,
-                                 check_ranks=check_ranks)
+                                 check_ranks=check_ranks, expert_parallel=config.enable_expert_parallel)
     mesh = init_ulysses_mesh(pstate, config.ulysses_degree)  # collective: every rank, right after the groups
     joined = time.monotonic()
     torch.set_num_threads(rank_threads(config))
@@ -82,6 +82,7 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
     runner.allocate_caches(int(pages[0]), int(pages[1]))
     allocated = time.monotonic()
     runner.enable_decode_graphs()
+    log.info("rank %d (sp %d, tp %d) memory: %s", rank, pstate.sp_rank, pstate.tp_rank, runner.footprint_line())
     log.info("rank %d started in %.1f s: groups %.1f s, model %.1f s, caches %.1f s, decode graphs %.1f s", rank,
              time.monotonic() - started, joined - started, built - joined, allocated - built,
              time.monotonic() - allocated)
@@ -154,13 +155,17 @@ def send_message(pstate: ParallelState, message: Message) -> None:
         dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=pstate.message_group)
 
 
-def memory_stats(pstate: ParallelState, reset: bool) -> dict:
-    """This rank's device memory: peak allocated since the last reset, and currently allocated (bytes)."""
+def memory_stats(pstate: ParallelState, reset: bool, runner: ModelRunner | None = None) -> dict:
+    """This rank's device memory: peak allocated since the last reset, and currently allocated (bytes); with
+    ``runner``, also what holds it (:meth:`ModelRunner.footprint`: weights, KV cache, state pools, experts)."""
     dev = pstate.device
+    out = {"rank": pstate.rank, "sp_rank": pstate.sp_rank, "tp_rank": pstate.tp_rank, "peak_bytes": 0,
+           "allocated_bytes": 0}
+    if runner is not None:
+        out.update(runner.footprint())
     if dev.type != "cuda":
-        return {"rank": pstate.rank, "peak_bytes": 0, "allocated_bytes": 0}
-    out = {"rank": pstate.rank, "peak_bytes": torch.cuda.max_memory_allocated(dev),
-           "allocated_bytes": torch.cuda.memory_allocated(dev)}
+        return out
+    out.update(peak_bytes=torch.cuda.max_memory_allocated(dev), allocated_bytes=torch.cuda.memory_allocated(dev))
     if reset:
         torch.cuda.reset_peak_memory_stats(dev)
     return out
@@ -175,8 +180,8 @@ def gather_to_driver(pstate: ParallelState, mine: object) -> list | None:
     return box
 
 
-def gather_memory_stats(pstate: ParallelState, reset: bool) -> list[dict] | None:
-    return gather_to_driver(pstate, memory_stats(pstate, reset))
+def gather_memory_stats(pstate: ParallelState, reset: bool, runner: ModelRunner | None = None) -> list[dict] | None:
+    return gather_to_driver(pstate, memory_stats(pstate, reset, runner))
 
 
 def profile_rank(profiler: RankProfiler, pstate: ParallelState, request: ProfileRequest) -> list[dict] | None:
@@ -203,7 +208,7 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
                 PROFILE.mark("rest")
                 PROFILE.end()
             elif isinstance(message, MemoryStatsRequest):
-                gather_memory_stats(pstate, message.reset)
+                gather_memory_stats(pstate, message.reset, runner)
             elif isinstance(message, ProfileRequest):
                 profile_rank(profiler, pstate, message)
             elif isinstance(message, Shutdown):

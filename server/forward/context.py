@@ -127,4 +127,10 @@ class ForwardContext:
     # Every row is computed identically on every SP rank (a decode step of replicated requests): a dense MLP may
     # split its intermediate over the SP ranks, each reading 1/P of its weights (models.common.GatedMLP)
     split_mlp: bool = False
+    # Rows every SP rank holds (replicated requests; sp > 1), which expert parallelism dispatches once over the
+    # world: eager steps, the count of the leading rows that are; graph-form steps (``static_shapes``), a 0/1 flag
+    # per row. ``static_shapes``: a padded step in the CUDA-graph form (no host syncs, fixed shapes)
+    replicated_rows: int = 0
+    replicated_mask: torch.Tensor | None = None
+    static_shapes: bool = False
     shared: dict = field(default_factory=dict)  # values the layers derive once per forward (RoPE's cos/sin)

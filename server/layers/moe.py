@@ -1,9 +1,17 @@
-"""Sparse mixture of experts with TP-sharded experts, routed by a router of :mod:`server.layers.moe_routing`
-(top-k softmax renormalized, as MiniMax/Mixtral, unless given), optionally beside a shared expert, sigmoid-gated
-(Qwen3-Next, Qwen3.5-MoE) or plain (GLM-4.5).
+"""Sparse mixture of experts, routed by a router of :mod:`server.layers.moe_routing` (top-k softmax renormalized,
+as MiniMax/Mixtral, unless given), optionally beside a shared expert, sigmoid-gated (Qwen3-Next, Qwen3.5-MoE) or
+plain (GLM-4.5).
 
-Every TP rank holds each expert's slice of the intermediate dimension (gate/up column-split, down row-split),
-so a token's expert output is a partial sum that the caller's row reduction completes.
+Two layouts of the experts (``ParallelState.expert_parallel``):
+- TP-sliced: every TP rank holds each expert's slice of the intermediate dimension (gate/up column-split, down
+  row-split), so a token's expert output is a partial sum that the row reduction over TP completes;
+- expert parallel: each of the N = sp x tp ranks holds whole experts, ``E / N`` of them, and every token row is
+  sent to its experts' owners and back (:mod:`server.layers.expert_parallel`). The router and the shared expert
+  are replicated and run on the row's dispatching rank: the router is ``E x hidden`` and the shared expert one
+  expert's size, small beside the routed experts, and running them where the row is dispatched computes each row
+  once with no reduction of partial sums.
+
+:func:`moe_block_forward` is what a model's MoE block calls: it picks the layout's collectives.
 """
 
 from __future__ import annotations
@@ -12,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.forward.context import ForwardContext
 from server.kernels import ops
+from server.layers.expert_parallel import (
+    expert_owners,
+    expert_parallel_forward,
+    expert_range,
+    static_pair_capacity,
+)
 from server.layers.linear import as_tensor, copy_into, divide
 from server.layers.moe_routing import Router, make_router
 from server.sp.groups import ParallelState
@@ -27,10 +42,13 @@ SYNC_FREE_MAX_TOKENS = 128
 
 
 class FusedMoE(nn.Module):
-    """x ``[T, hidden]`` -> partial ``[T, hidden]`` (sum over TP = the MoE output).
+    """x ``[T, hidden]`` -> ``[T, hidden]``: TP-sliced, a partial sum (sum over TP = the MoE output); expert parallel,
+    :meth:`expert_parallel_rows` gives the whole output of the rows this rank dispatches.
 
-    Weights: ``w13 [E, 2*I/tp, hidden]`` (gate rows then up rows), ``w2 [E, hidden, I/tp]``; router ``[E, hidden]``
-    replicated; with ``correction_bias``, the router's ``e_score_correction_bias [E]`` (fp32, replicated).
+    Weights: ``w13 [E_local, 2*I_local, hidden]`` (gate rows then up rows), ``w2 [E_local, hidden, I_local]``, with
+    ``E_local = E, I_local = I / tp`` TP-sliced and ``E_local`` = this rank's experts (:func:`expert_range`),
+    ``I_local = I`` expert parallel; router ``[E, hidden]`` replicated; with ``correction_bias``, the router's
+    ``e_score_correction_bias [E]`` (fp32, replicated).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, pstate: ParallelState,
@@ -43,36 +61,76 @@ class FusedMoE(nn.Module):
         # fp32 whatever the model dtype: a bias of ~1e-3 steers selection between scores a few 1e-3 apart
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32),
                                                     requires_grad=False) if correction_bias else None
-        self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
+        # also at one rank (every expert here, the exchanges the identity): what benchmarks time the path's cost by
+        self.expert_parallel = pstate.expert_parallel
+        if self.expert_parallel:
+            self.first, self.end = expert_range(num_experts, pstate.ep_size, pstate.rank)
+            self.inter = intermediate
+            owners = expert_owners(num_experts, pstate.ep_size)
+            firsts = [expert_range(num_experts, pstate.ep_size, r)[0] for r in owners]
+            # per expert: its owner rank and its index among the owner's experts (device lookups, no host sync)
+            self.register_buffer("owner", torch.tensor(owners, dtype=torch.long), persistent=False)
+            self.register_buffer("local_index", torch.arange(num_experts) - torch.tensor(firsts, dtype=torch.long),
+                                 persistent=False)
+        else:
+            self.first, self.end = 0, num_experts
+            self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
+        local = self.end - self.first
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.inter, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(local, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, hidden, self.inter, dtype=dtype), requires_grad=False)
         self.w13.weight_loader = self.w13_loader
         self.w2.weight_loader = self.w2_loader
+        # expert parallel: (token, expert) pairs each rank received in the exact exchanges since the last
+        # take_pairs() (the graph form's counts stay on the device and are not counted)
+        self.pairs: list[int] = []
+
+    def take_pairs(self) -> list[int]:
+        """Pairs each rank computed since the last call (empty if none were counted)."""
+        pairs, self.pairs = self.pairs, []
+        return pairs
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.end - self.first
+
+    def _slice_start(self) -> int:
+        """First intermediate row of this rank's slice (expert parallel: the whole expert)."""
+        return 0 if self.expert_parallel else self.pstate.tp_rank * self.inter
 
     def w13_loader(self, param: nn.Parameter, loaded, shard_id: tuple[int, int]) -> None:
         expert, part = shard_id  # part 0 = gate (w1), 1 = up (w3)
-        s = self.pstate.tp_rank * self.inter
-        dst = param.data[expert, part * self.inter : (part + 1) * self.inter]
+        if not self.first <= expert < self.end:  # stored by another rank
+            return
+        s = self._slice_start()
+        dst = param.data[expert - self.first, part * self.inter : (part + 1) * self.inter]
         copy_into(dst, as_tensor(loaded[s : s + self.inter]), f"expert {expert} gate/up")
 
     def w2_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
-        s = self.pstate.tp_rank * self.inter
-        copy_into(param.data[shard_id], as_tensor(loaded[:, s : s + self.inter]), f"expert {shard_id} down")
+        if not self.first <= shard_id < self.end:
+            return
+        s = self._slice_start()
+        copy_into(param.data[shard_id - self.first], as_tensor(loaded[:, s : s + self.inter]),
+                  f"expert {shard_id} down")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.router(F.linear(x, self.gate).float(), self.e_score_correction_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
+        return self.compute(x, weights, experts)
+
+    def compute(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``sum_j weights[:, j] * expert_{experts[:, j]}(x)`` over this rank's experts (local indices)."""
         # a CUDA graph (no host sync, static shapes), or few tokens (see SYNC_FREE_MAX_TOKENS)
         if x.is_cuda and (torch.cuda.is_current_stream_capturing() or x.shape[0] <= SYNC_FREE_MAX_TOKENS):
             return self.forward_sync_free(x, weights, experts)
         out = torch.zeros_like(x)
+        k = experts.shape[1]
         flat = experts.view(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.num_local_experts).tolist()
+        token_of = order // k
         w_of = weights.view(-1)[order]
         start = 0
         for e, c in enumerate(counts):
@@ -85,40 +143,91 @@ class FusedMoE(nn.Module):
             start += c
         return out
 
-
     def forward_sync_free(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The same result without a host sync (decode steps captured in CUDA graphs). Few tokens (fewer
         (token, expert) pairs than experts) run their experts' weights gathered per pair; more run every expert on
         every token, weighted by the routing (zero for the experts a token does not use): decode reads every
         expert's weights once either way."""
-        t = x.shape[0]
-        if t * self.top_k < self.num_experts:
-            h = torch.bmm(self.w13[experts.flatten()], x.repeat_interleave(self.top_k, 0).unsqueeze(-1))
+        t, k, e = x.shape[0], experts.shape[1], self.num_local_experts
+        if t * k < e:
+            h = torch.bmm(self.w13[experts.flatten()], x.repeat_interleave(k, 0).unsqueeze(-1))
             h = ops.silu_and_mul(h.squeeze(-1)).unsqueeze(-1)
-            y = torch.bmm(self.w2[experts.flatten()], h).view(t, self.top_k, -1)
+            y = torch.bmm(self.w2[experts.flatten()], h).view(t, k, -1)
             return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
-        gate = torch.zeros(t, self.num_experts, dtype=x.dtype, device=x.device)
-        gate.scatter_(1, experts, weights.to(x.dtype))
-        e, hidden = self.num_experts, x.shape[1]
+        gate = torch.zeros(t, e, dtype=x.dtype, device=x.device)
+        gate.scatter_add_(1, experts, weights.to(x.dtype))
+        hidden = x.shape[1]
         # every expert on every token as plain matmuls over views of the weights: an einsum over (e, i) would
         # permute w2 to [hidden, E * I] first, a copy of every expert's down weights per layer per step
         h = ops.silu_and_mul(F.linear(x, self.w13.view(-1, hidden)).view(t, e, -1))  # [T, E, I]
         h = (h * gate.unsqueeze(-1)).transpose(0, 1)  # [E, T, I], the routing weight (0 if unused) applied
         return torch.bmm(h, self.w2.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
 
+    # ---- expert parallel -------------------------------------------------------------------------------------
+    def _received(self, x: torch.Tensor, ids: torch.Tensor, static: bool) -> torch.Tensor:
+        """Unweighted outputs of received pairs ``x [M, hidden]`` for local experts ``ids [M]`` (-1: an unused
+        static slot, whose output is zero)."""
+        if self.num_local_experts == 0 or x.shape[0] == 0:
+            return torch.zeros_like(x)
+        used = ids >= 0
+        w = used.to(torch.float32).unsqueeze(-1)
+        e = torch.where(used, ids, 0).unsqueeze(-1)
+        return self.forward_sync_free(x, w, e) if static else self.compute(x, w, e)
+
+    def expert_parallel_rows(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed MoE output of this rank's source rows (a collective over every rank). ``mask`` None: every row of
+        ``x`` is a source row, exchanged exactly (pair counts first). Otherwise the static form: the rows ``mask``
+        flags are dispatched through fixed-size pair slots and the others get zeros (module docstring of
+        :mod:`server.layers.expert_parallel`)."""
+        ps, n, k, hidden = self.pstate, x.shape[0], self.top_k, x.shape[1]
+        weights, experts = self.route(x)
+        flat = experts.reshape(-1)
+        dest = self.owner[flat]
+        ids = self.local_index[flat]
+        if mask is None:
+            order = torch.argsort(dest, stable=True)
+            # every rank's pair count per peer (the one host sync): the exchange's splits, and the step's load
+            counts = ps.world_all_gather(torch.bincount(dest, minlength=ps.world_size)).tolist()
+            out_rows, in_rows = [c[ps.rank] for c in counts], counts[ps.rank]
+            self.pairs = [a + b for a, b in zip(self.pairs, map(sum, zip(*counts)))] if self.pairs else \
+                [sum(c) for c in zip(*counts)]
+            recv = ps.world_all_to_all(x[order // k], out_rows, in_rows)
+            recv_ids = ps.world_all_to_all(ids[order], out_rows, in_rows)
+            back = ps.world_all_to_all(self._received(recv, recv_ids, False), in_rows, out_rows)
+            pairs = torch.empty_like(back)
+            pairs[order] = back
+            return (pairs.view(n, k, hidden) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+        cap, peers = static_pair_capacity(n, ps.tp_size, k), ps.world_size
+        valid = mask.repeat_interleave(k)
+        dest = torch.where(valid, dest, peers)  # peer N: nowhere
+        onehot = (dest.unsqueeze(1) == torch.arange(peers + 1, device=x.device)).long()  # one_hot checks on the host
+        slot = (onehot.cumsum(0) * onehot).sum(1) - 1  # the pair's place among those for its peer
+        index = torch.where(valid, dest * cap + slot, peers * cap)  # slot N * cap: a discarded row
+        send = x.new_zeros(peers * cap + 1, hidden).index_copy_(0, index, x.repeat_interleave(k, 0))
+        send_ids = torch.full((peers * cap + 1,), -1, dtype=torch.long, device=x.device)
+        send_ids.index_copy_(0, index, torch.where(valid, ids, -1))
+        recv = ps.world_all_to_all(send[:-1])
+        back = ps.world_all_to_all(self._received(recv, ps.world_all_to_all(send_ids[:-1]), True))
+        pairs = torch.cat([back, back.new_zeros(1, hidden)])[index].view(n, k, hidden)
+        w = torch.where(valid.view(n, k), weights, 0.0)
+        return (pairs * w.unsqueeze(-1).to(x.dtype)).sum(1)
+
 
 class SharedExpertMoE(nn.Module):
     """Routed experts plus an always-on shared expert, scaled by ``sigmoid(x w_gate)`` when ``gated``: x
     ``[T, hidden]`` -> partial ``[T, hidden]`` (sum over TP = the output). The gate is a per-token scalar,
     replicated, so it can scale each rank's partial shared-expert sum before the one reduction the caller does for
-    both. ``router`` and ``correction_bias`` are :class:`FusedMoE`'s."""
+    both. ``router`` and ``correction_bias`` are :class:`FusedMoE`'s. Expert parallel, the shared expert is stored
+    whole on every rank and runs on the row's dispatching rank beside its routed experts."""
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, shared_intermediate: int,
                  pstate: ParallelState, dtype: torch.dtype | None = None, router: Router | None = None,
                  correction_bias: bool = False, gated: bool = True):
         super().__init__()
         self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, pstate, dtype, router, correction_bias)
-        self.shared_inter = divide(shared_intermediate, pstate.tp_size, "the shared expert intermediate size")
+        self.expert_parallel = self.experts.expert_parallel
+        slices = 1 if self.expert_parallel else pstate.tp_size
+        self.shared_inter = divide(shared_intermediate, slices, "the shared expert intermediate size")
         self.shared_w13 = nn.Parameter(torch.empty(2 * self.shared_inter, hidden, dtype=dtype), requires_grad=False)
         self.shared_w2 = nn.Parameter(torch.empty(hidden, self.shared_inter, dtype=dtype), requires_grad=False)
         self.shared_gate = nn.Parameter(torch.empty(1, hidden, dtype=dtype), requires_grad=False) if gated else None
@@ -126,18 +235,47 @@ class SharedExpertMoE(nn.Module):
         self.shared_w13.weight_loader = self.shared_w13_loader
         self.shared_w2.weight_loader = self.shared_w2_loader
 
+    def _shared_start(self) -> int:
+        return 0 if self.expert_parallel else self.pstate.tp_rank * self.shared_inter
+
     def shared_w13_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
-        n, s = self.shared_inter, self.pstate.tp_rank * self.shared_inter
+        n, s = self.shared_inter, self._shared_start()
         copy_into(param.data[shard_id * n : (shard_id + 1) * n], as_tensor(loaded[s : s + n]),
                   "the shared expert gate/up")
 
     def shared_w2_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        s = self.pstate.tp_rank * self.shared_inter
+        s = self._shared_start()
         copy_into(param, as_tensor(loaded[:, s : s + self.shared_inter]), "the shared expert down")
 
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(ops.silu_and_mul(F.linear(x, self.shared_w13)), self.shared_w2)
+        return out if self.shared_gate is None else torch.sigmoid(F.linear(x, self.shared_gate)) * out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.shared_w13)
-        shared = F.linear(ops.silu_and_mul(h), self.shared_w2)
-        if self.shared_gate is not None:
-            shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
-        return self.experts(x) + shared
+        return self.experts(x) + self.shared(x)
+
+    def expert_parallel_rows(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`FusedMoE.expert_parallel_rows` plus the shared expert of the same rows."""
+        routed = self.experts.expert_parallel_rows(x, mask)
+        if mask is None:
+            return routed + self.shared(x)
+        return torch.where(mask.unsqueeze(-1), routed + self.shared(x), torch.zeros((), dtype=x.dtype,
+                                                                                     device=x.device))
+
+
+def moe_block_forward(moe: FusedMoE | SharedExpertMoE, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """The MoE output of this rank's rows ``x`` (its TP share when ``ctx.seq_sharded``), complete: TP-sliced, the
+    partial sums reduced over TP (reduce-scattered over rows when seq-sharded); expert parallel, the rows exchanged
+    with the experts' owners (:func:`server.layers.expert_parallel.expert_parallel_forward`)."""
+    ps = moe.pstate
+    if not moe.expert_parallel:
+        if ctx.seq_sharded:
+            return ps.tp_reduce_scatter(moe(ps.tp_all_gather(x, dim=0)))
+        return ps.tp_all_reduce(moe(x))
+    rows = ps.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+    out = expert_parallel_forward(rows, ps, ctx.replicated_rows, ctx.replicated_mask, ctx.static_shapes,
+                                  moe.expert_parallel_rows)
+    if ctx.seq_sharded:
+        n = x.shape[0]
+        return out[ps.tp_rank * n : (ps.tp_rank + 1) * n]
+    return out

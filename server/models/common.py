@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from server.forward.context import ForwardContext
 from server.kernels import ops
 from server.layers.cache_spec import CacheLayer
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -17,6 +18,7 @@ from server.layers.linear import (
     as_tensor,
     default_weight_loader,
 )
+from server.layers.moe import moe_block_forward
 from server.layers.norm import RMSNorm
 from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
@@ -77,20 +79,27 @@ class GatedMLP(nn.Module):
 
 class MoEMLP(nn.Module):
     """A decoder layer's sparse MLP: ``moe`` (:class:`server.layers.moe.FusedMoE` or
-    :class:`server.layers.moe.SharedExpertMoE`) returns each TP rank's partial sum; one TP reduction completes it
-    (a reduce-scatter over tokens when the residual stream is sequence-sharded, after gathering them)."""
+    :class:`server.layers.moe.SharedExpertMoE`) TP-sliced returns each TP rank's partial sum, which one TP reduction
+    completes (a reduce-scatter over tokens when the residual stream is sequence-sharded, after gathering them);
+    expert parallel, its rows are exchanged with the experts' owners (:func:`server.layers.moe.moe_block_forward`)."""
 
     def __init__(self, moe: nn.Module, pstate: ParallelState):
         super().__init__()
         self.moe = moe
         self.pstate = pstate
 
-    def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
-        if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.split_mlp:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
             raise ValueError("the SP-split MLP is for dense MLPs")
-        if seq_sharded:
-            return self.pstate.tp_reduce_scatter(self.moe(self.pstate.tp_all_gather(x, dim=0)))
-        return self.pstate.tp_all_reduce(self.moe(x))
+        return moe_block_forward(self.moe, x, ctx)
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """A decoder layer's MLP on ``x``: a sparse one reads the step's rows (expert parallelism dispatches each row
+    once), a dense one only how the rows are sharded and whether it splits over SP."""
+    if isinstance(mlp, MoEMLP):
+        return mlp(x, ctx)
+    return mlp(x, ctx.seq_sharded, ctx.split_mlp)
 
 
 class PreNormDecoderLayer(nn.Module):
@@ -108,8 +117,7 @@ class PreNormDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        mlp = getattr(self, self.mlp_name)
-        return x + mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
+        return x + mlp_forward(getattr(self, self.mlp_name), self.post_attention_layernorm(x), ctx)
 
 
 def stacked_expert_weights(weights: Iterable[tuple[str, object]], params: dict[str, nn.Parameter], ck_experts: str,

@@ -21,7 +21,7 @@ from server.forward.context import ForwardContext
 from server.layers.mla import MultiHeadLatentAttention
 from server.layers.moe import SharedExpertMoE
 from server.layers.norm import RMSNorm
-from server.models.common import GATED_MLP_RULES, CausalLM, GatedMLP, MoEMLP, stacked_expert_weights
+from server.models.common import GATED_MLP_RULES, CausalLM, GatedMLP, MoEMLP, mlp_forward, stacked_expert_weights
 from server.models.config import ModelConfig, MoEConfig
 from server.sp.groups import ParallelState
 
@@ -99,7 +99,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
+        return x + mlp_forward(self.mlp, self.post_attention_layernorm(x), ctx)
 
 
 # checkpoint fragment -> parameter fragment (shard id) beyond the dense MLP's GATED_MLP_RULES; first match wins

@@ -36,7 +36,7 @@ from server.layers.linear import (
 )
 from server.layers.mla import ReplicatedLinear
 from server.layers.norm import GatedRMSNorm, RMSNorm
-from server.models.common import CausalLM, GatedMLP, stacked_expert_weights
+from server.models.common import CausalLM, GatedMLP, mlp_forward, stacked_expert_weights
 from server.models.deepseek_v3 import MOE_RULES, DeepseekV3Config, latent_attention, sparse_mlp
 from server.sp.groups import ParallelState
 
@@ -137,7 +137,7 @@ class KimiLinearDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mixer = self.linear_attn if self.is_linear else self.self_attn
         x = x + mixer(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
+        return x + mlp_forward(self.mlp, self.post_attention_layernorm(x), ctx)
 
 
 RULES = [

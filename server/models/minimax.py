@@ -21,7 +21,7 @@ from server.layers.linear import (
     RowSeqParallelLinear,
     divide,
 )
-from server.layers.moe import FusedMoE
+from server.layers.moe import FusedMoE, moe_block_forward
 from server.layers.norm import RMSNorm, TPRMSNorm
 from server.models.common import QKV_RULES, CausalLM
 from server.models.config import ModelConfig, MoEConfig
@@ -100,10 +100,8 @@ class MoEBlock(nn.Module):
         self.experts = FusedMoE(cfg.moe.num_experts, cfg.moe.top_k, cfg.hidden_size, cfg.moe.intermediate_size,
                                 pstate, dtype)
 
-    def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
-        if seq_sharded:
-            return self.pstate.tp_reduce_scatter(self.experts(self.pstate.tp_all_gather(x, dim=0)))
-        return self.pstate.tp_all_reduce(self.experts(x))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return moe_block_forward(self.experts, x, ctx)
 
 
 class MiniMaxDecoderLayer(nn.Module):
@@ -128,7 +126,7 @@ class MiniMaxDecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         x = h * self.alpha + self.self_attn(h, ctx) * self.beta
         h = self.post_attention_layernorm(x)
-        return h * self.mlp_alpha + self.block_sparse_moe(h, ctx.seq_sharded) * self.mlp_beta
+        return h * self.mlp_alpha + self.block_sparse_moe(h, ctx) * self.mlp_beta
 
 
 class MiniMaxForCausalLM(CausalLM):

@@ -37,7 +37,7 @@ from server.layers.linear import (
 from server.layers.moe import SharedExpertMoE
 from server.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from server.layers.rotary import RotaryEmbedding
-from server.models.common import QKV_RULES, CausalLM, GatedMLP, MoEMLP, stacked_expert_weights
+from server.models.common import QKV_RULES, CausalLM, GatedMLP, MoEMLP, mlp_forward, stacked_expert_weights
 from server.models.config import ModelConfig, MoEConfig
 from server.sp.groups import ParallelState
 
@@ -191,7 +191,7 @@ class Qwen3_5DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mixer = self.linear_attn if self.is_linear else self.self_attn
         x = x + mixer(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
+        return x + mlp_forward(self.mlp, self.post_attention_layernorm(x), ctx)
 
 
 # checkpoint fragment -> parameter fragment (shard id) beyond the q/k/v of QKV_RULES

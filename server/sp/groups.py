@@ -44,6 +44,10 @@ class ParallelState:
     # Global ranks of the members of this rank's SP and TP groups, in group-rank order.
     sp_ranks: tuple[int, ...] = (0,)
     tp_ranks: tuple[int, ...] = (0,)
+    # MoE experts stored 1/N per rank over all N = sp x tp ranks (server.layers.expert_parallel), exchanging token
+    # rows over ``world_group`` (the device backend, every rank in global-rank order)
+    expert_parallel: bool = False
+    world_group: dist.ProcessGroup | None = None
 
     @property
     def world_size(self) -> int:
@@ -57,6 +61,37 @@ class ParallelState:
     def is_driver(self) -> bool:
         """Rank 0 schedules, samples and returns results."""
         return self.rank == 0
+
+    @property
+    def ep_size(self) -> int:
+        """Ranks the MoE experts are spread over: every rank with expert parallelism, else 1 (TP-sliced experts)."""
+        return self.world_size if self.expert_parallel else 1
+
+    # ---- world collectives (expert parallelism) --------------------------------------------------
+    def world_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over every rank, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.world_group)
+        return x
+
+    def world_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's equal-shaped ``x`` stacked along a new leading dim, in rank order."""
+        if self.world_size == 1:
+            return x.unsqueeze(0)
+        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.world_group)
+        return out.view(self.world_size, *x.shape)
+
+    def world_all_to_all(self, x: torch.Tensor, out_rows: list[int] | None = None,
+                         in_rows: list[int] | None = None) -> torch.Tensor:
+        """Rank r's ``x`` rows ``in_rows[j]`` go to rank j, which receives ``out_rows[r]`` from r (equal splits of
+        dim 0 when both are None)."""
+        if self.world_size == 1:
+            return x
+        out = torch.empty((x.shape[0] if out_rows is None else sum(out_rows), *x.shape[1:]), dtype=x.dtype,
+                          device=x.device)
+        dist.all_to_all_single(out, x.contiguous(), out_rows, in_rows, group=self.world_group)
+        return out
 
     # ---- tensor-parallel collectives -------------------------------------------------------------
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,15 +200,17 @@ def init_parallel_state(
     init_method: str,
     timeout_s: float = 600.0,
     check_ranks: Callable[[], None] | None = None,
+    expert_parallel: bool = False,
 ) -> ParallelState:
     """Join the world and build the SP/TP groups (device backend + gloo twins).
 
     Every rank must call this with the same sizes: ``new_group`` is collective over the world. Rank 0 may pass
-    ``check_ranks`` (see :func:`wait_for_ranks`).
+    ``check_ranks`` (see :func:`wait_for_ranks`). ``expert_parallel``: MoE experts spread over every rank.
     """
     world = sp_size * tp_size
     state = ParallelState(
-        sp_size=sp_size, tp_size=tp_size, sp_rank=rank // tp_size, tp_rank=rank % tp_size, device=device
+        sp_size=sp_size, tp_size=tp_size, sp_rank=rank // tp_size, tp_rank=rank % tp_size, device=device,
+        expert_parallel=expert_parallel,
     )
     if world == 1:
         return state
@@ -195,6 +232,8 @@ def init_parallel_state(
         device_id=device if device.type == "cuda" else None,
     )
     grid = torch.arange(world).view(sp_size, tp_size)
+    if expert_parallel:
+        state.world_group = dist.new_group(list(range(world)), backend=backend, timeout=timeout)
     state.world_cpu_group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
     # Workers block in the message broadcast between steps, for as long as the engine is idle: a finite timeout
     # would end them after that long without a request.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from server.backends.attention import GATHER_MIN_ROWS, AttentionGeometry, local_kind, make_batch
 from server.backends.torch_backend import TorchAttentionBackend
 from server.forward.context import LocalEntry
+from server.layers.attention import PagedKVCache
 from server.sp.groups import ParallelState
 from tests.helpers import gpu, needs_flashinfer
 
@@ -84,9 +85,11 @@ def expected(kind: str, entries, qkv, caches, scale: float):
     return torch.cat(outs), torch.cat(lses)
 
 
-class Cache:
+class Cache(PagedKVCache):
+    """The layer's page cache over given K/V pages."""
+
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
+        self.k, self.v, self.k_scale, self.v_scale = k, v, 1.0, 1.0
 
 
 def backend_for(device: str, hq: int, hk: int, d: int, dtype, scale: float):

@@ -29,3 +29,14 @@ def test_bench_decode_structured_runs_on_cpu(tmp_path):
                      cpu_only=True)
     assert [r["structured"] for r in rows] == ["none", "json"]
     assert all(r["itl_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_decode_expert_parallel_flag_on_cpu(tmp_path):
+    """The Qwen3-30B-A3B shape, shrunk, with and without the expert-parallel path at one rank."""
+    model = tiny_model(tmp_path, "qwen3-30b-a3b", num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32)
+    rows = run_bench("bench_decode.py", "--model", model, "--context", 40, "--batch", 2, "--sp-size", 1,
+                     "--graphs", "off", "--decode-steps", 3, "--enable-expert-parallel", "off", "on",
+                     out=tmp_path / "d.json", cpu_only=True)
+    assert sorted(r["expert_parallel"] for r in rows) == [False, True]
+    assert all(r["itl_ms"] > 0 for r in rows)

@@ -173,3 +173,21 @@ def test_cuda_graphs_over_nccl_fp32(models, arch, sp, tp):
     with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, **kw) as llm:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
         assert llm.engine.runner.graphs.steps >= 15
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["minimax_7to1", "qwen3_next"])
+@pytest.mark.parametrize("sp,tp", [(1, 1), (2, 1), (1, 2)])
+def test_expert_parallel_with_cuda_graphs_fp32(models, arch, sp, tp):
+    """Expert parallelism (at one GPU the exchanges are the identity; over two, NCCL all-to-alls, also inside the
+    captured decode graphs in the static form) gives the TP-sliced engine's tokens in fp32."""
+    if torch.cuda.device_count() < sp * tp:
+        pytest.skip(f"needs {sp * tp} CUDA GPUs")
+    prompts = [prompt(1000), prompt(7)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
+    with LLM(models[arch], cuda_graph="off", **kw) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, enable_expert_parallel=True, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.engine.runner.graphs.capture and llm.engine.runner.graphs.steps >= 15

@@ -94,11 +94,15 @@ def moe_references(tmp_path_factory):
             for arch in MOE_FAMILIES}
 
 
-@pytest.mark.parametrize("arch,sp,tp,graph", [(a, 4, 2, "eager") for a in MOE_FAMILIES] +
-                         [("qwen3_moe", 2, 2, "off"), ("minimax_m2", 4, 1, "off"), ("glm4_moe", 2, 2, "off")])
-def test_moe_families_match_transformers(moe_references, arch, sp, tp, graph):
+# the last three: expert parallelism over every rank (docs/sp.md, "Expert parallelism")
+@pytest.mark.parametrize("arch,sp,tp,graph,ep", [(a, 4, 2, "eager", False) for a in MOE_FAMILIES] +
+                         [("qwen3_moe", 2, 2, "off", False), ("minimax_m2", 4, 1, "off", False),
+                          ("glm4_moe", 2, 2, "off", False), ("qwen3_moe", 2, 2, "eager", True),
+                          ("minimax_m2", 2, 1, "off", True), ("glm4_moe", 2, 2, "eager", True)])
+def test_moe_families_match_transformers(moe_references, arch, sp, tp, graph, ep):
     path, logits, short_logits, tokens = moe_references[arch]
-    with LLM(path, **{**ENGINE, "sp_size": sp, "tp_size": tp, "cuda_graph": graph, "cuda_graph_max_bs": 4}) as llm:
+    with LLM(path, **{**ENGINE, "sp_size": sp, "tp_size": tp, "cuda_graph": graph, "cuda_graph_max_bs": 4,
+                      "enable_expert_parallel": ep}) as llm:
         assert_matches_reference(llm, (path, logits, short_logits, tokens[:-1]), LONG, BATCH, MOE_GREEDY)
         hits = llm.engine.stats().prefix_cache_hit_tokens
         assert llm.generate([BRANCH], MOE_GREEDY)[0].token_ids == tokens[-1]

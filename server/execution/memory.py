@@ -1,0 +1,27 @@
+"""What a rank's model stores, in bytes: weights, KV cache per token, per-request state.
+
+The planning command (:mod:`server.plan`) reads them off a model built on the meta device, so each layer's own
+sharding (TP heads, expert blocks) is what is counted; the caches are what the layers declare
+(:mod:`server.layers.cache_spec`), as the model runner sizes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter of this rank's model (its shard)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes one stored token takes in this rank's paged caches (``dtype``: the model's; a spec may fix its own)."""
+    return sum(spec.unit_bytes(1, dtype) for spec in (m.cache_spec() for m in model.cache_layers()) if spec.paged)
+
+
+def state_bytes_per_request(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of one request's slot in this rank's fixed-size caches (linear-attention states)."""
+    return sum(spec.unit_bytes(1, dtype) for spec in (m.cache_spec() for m in model.cache_layers())
+               if not spec.paged)

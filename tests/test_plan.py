@@ -1,0 +1,59 @@
+"""The planning command (``python -m server.plan``) against published parameter counts and a saved checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from server.plan import load_config, main, plan_from_arithmetic, plan_rank
+from tests.helpers import save_tiny_model
+
+# Parameter counts the model cards publish (language model only).
+PUBLISHED = {"llama3.1-70b": 70_553_706_496, "qwen3-30b-a3b": 30_532_122_624, "qwen3-235b-a22b": 235_093_634_560}
+PLANNED = ["minimax-text-01", "qwen3.5-397b-a17b", "qwen3-235b-a22b", "qwen3-coder-480b-a35b", "qwen3-next-80b-a3b",
+           "llama3.1-70b"]
+
+
+@pytest.mark.parametrize("shape", list(PUBLISHED))
+def test_weights_match_published_parameter_counts(shape):
+    assert plan_rank(load_config(None, shape), 1, 1, False, None).weights == 2 * PUBLISHED[shape]  # bf16
+
+
+def test_built_model_and_config_arithmetic_agree():
+    """Two independent counts of one shape: the model built on meta, and the config arithmetic (which also serves
+    families without a model class), at tp = 2 and with expert parallelism over 8 ranks."""
+    cfg = load_config(None, "qwen3-30b-a3b")
+    for sp, tp, ep in ((1, 2, False), (4, 2, True)):
+        built = plan_rank(cfg, sp, tp, ep, None)
+        counted = plan_from_arithmetic(cfg, sp, tp, ep)
+        assert built.kv_per_token == counted.kv_per_token
+        assert abs(built.weights - counted.weights) < 1e-5 * built.weights
+
+
+def test_checkpoint_directory_and_expert_parallel_share(tmp_path):
+    """A saved MoE checkpoint: at sp = tp = 1 the planned bf16 weights are half its fp32 tensor bytes. At sp = 2 x
+    tp = 2, expert parallelism turns rank 0's half of every expert into 2 of the 5 experts whole, and its half of
+    the shared expert into all of it."""
+    path = save_tiny_model("qwen3_5_moe", str(tmp_path), num_experts=5, num_experts_per_tok=3)
+    with safe_open(f"{path}/model.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = load_config(path, None)
+    assert plan_rank(cfg, 1, 1, False, None).weights * 2 == sum(t.nbytes for t in tensors.values())
+    experts = sum(t.nbytes for k, t in tensors.items() if ".mlp.experts." in k) // 2  # bf16
+    shared = sum(t.nbytes for k, t in tensors.items() if ".mlp.shared_expert." in k) // 2
+    tp_sliced = plan_rank(cfg, 2, 2, False, None).weights
+    assert plan_rank(cfg, 2, 2, True, None).weights == tp_sliced - experts // 2 + 2 * experts // 5 + shared // 2
+
+
+def test_cli_table_for_the_large_models(capsys):
+    main(["--shape", *PLANNED, "--sp-size", "4", "--tp-size", "2", "--enable-expert-parallel", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in rows] == PLANNED
+    by = {r["model"]: r for r in rows}
+    # Qwen3-Next: 512 experts of 2048 x 512 x 3 in 48 layers, 64 per rank, bf16
+    assert by["qwen3-next-80b-a3b"]["weights_gb"] > 48 * 64 * 3 * 2048 * 512 * 2 / 1e9
+    assert by["qwen3-next-80b-a3b"]["fits_80 GB"] and not by["qwen3-coder-480b-a35b"]["fits_80 GB"]
+    main(["--shape", "llama3.1-70b", "--tp-size", "2"])
+    assert "| llama3.1-70b | 70.6 |" in capsys.readouterr().out
