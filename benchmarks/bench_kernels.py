@@ -1,7 +1,8 @@
 """Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention,
 the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs),
-and one MoE layer through the expert-parallel dispatch / combine path at EP size 1 against the TP-sliced MoE
-(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes).
+one MoE layer through the expert-parallel dispatch / combine path at EP size 1 against the TP-sliced MoE
+(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes), and a turn's short query over a long cached prefix
+(``short_turn_attention``: the attention kinds and KV splits beside the floor; run it after ``ceilings``).
 
     python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
 
@@ -522,6 +523,130 @@ def paged_attention(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
+def _paged_prefill(fi, workspace, table: list[int], n: int, prefix: int, hq: int, hk: int, d: int, page: int,
+                   scale: float, **plan_kw):
+    """A planned paged prefill wrapper for one entry of ``n`` causal queries after ``prefix`` cached keys."""
+    total = n + prefix
+    pages = -(-total // page)
+    w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+    w.plan(torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, pages], dtype=torch.int32),
+           torch.tensor(table[:pages], dtype=torch.int32),
+           torch.tensor([total - (pages - 1) * page], dtype=torch.int32), hq, hk, d, page, causal=True,
+           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=scale, **plan_kw)
+    return w
+
+
+def _split_kv_prefill(fi, workspace, table: list[int], n: int, prefix: int, hq: int, hk: int, d: int, page: int,
+                      scale: float, segments: int):
+    """Short queries over a long KV split explicitly into ``segments`` entries of one batch: the queries repeated
+    per segment, every segment but the last non-causal (all its keys precede the queries), the last causal over the
+    queries' own keys, then the partial results merged by LSE. Returns a callable ``run(q, k_cache, v_cache)``."""
+    total = n + prefix
+    pages = -(-total // page)
+    last = prefix // page  # pages before it hold only keys that precede every query
+    per = max(1, -(-last // max(1, segments - 1)))
+    full = [(a, min(a + per, last)) for a in range(0, last, per)]
+    wf = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD") if full else None
+    if full:
+        m = len(full)
+        wf.plan(torch.arange(m + 1, dtype=torch.int32) * n,
+                torch.tensor([0] + [b for _, b in full], dtype=torch.int32),  # segments are consecutive
+                torch.tensor(table[: full[-1][1]], dtype=torch.int32), torch.full((m,), page, dtype=torch.int32),
+                hq, hk, d, page, causal=False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                sm_scale=scale)
+    wc = fi.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+    wc.plan(torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, pages - last], dtype=torch.int32),
+            torch.tensor(table[last:pages], dtype=torch.int32),
+            torch.tensor([total - (pages - 1) * page], dtype=torch.int32), hq, hk, d, page, causal=True,
+            q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=scale)
+
+    def run(q, kc, vc):
+        o_c, s_c = wc.run(q, (kc, vc), return_lse=True)
+        if not full:
+            return o_c
+        o_f, s_f = wf.run(q.repeat(len(full), 1, 1), (kc, vc), return_lse=True)
+        v = torch.cat([o_f.view(len(full), n, hq, d), o_c[None]]).transpose(0, 1)  # [n, S, H, D]
+        lse = torch.cat([s_f.view(len(full), n, hq), s_c[None]]).transpose(0, 1)
+        return fi.merge_states(v.contiguous(), lse.contiguous())[0]
+
+    return run, len(full) + 1
+
+
+def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
+    """A turn's short query over a long cached prefix (Llama-3-8B attention: 32 q / 8 kv heads, d = 128, page 16):
+    64 / 1K / 4K new tokens over 16K / 128K cached ones, one layer. The kinds the engine runs (``paged_causal``:
+    flashinfer's paged prefill with its own split choice; ``gathered_causal``: gather the KV, then ragged prefill)
+    beside paged prefill with flashinfer's ``fixed_split_size`` (KV chunks of a fixed number of pages instead of its
+    own search) and the KV split explicitly over S entries of one batch (merged by LSE). Reports ms, TFLOP/s, GB/s
+    (K/V read once) and time over the floor, max(bytes / copy rate, FLOPs / matmul rate) of the measured ceilings,
+    and each variant's largest difference from ``paged_causal``."""
+    import inspect
+    import types
+
+    from server.backends.attention import AttentionGeometry, make_batch
+    from server.backends.flashinfer_backend import WORKSPACE_BYTES, FlashInferAttentionBackend
+    from server.forward.context import LocalEntry
+    from server.kernels.flashinfer_attention import flashinfer_module
+    from server.sp.groups import ParallelState
+
+    fi = flashinfer_module()
+    if fi is None:
+        rows.append({"skipped": "flashinfer not importable"})
+        return
+    hq, hk, d, page = 32, 8, HEAD_DIM, 16
+    scale = d**-0.5
+    dev = torch.device("cuda")
+    backend = FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, scale),
+                                         torch.bfloat16)
+    workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+    has_fixed = "fixed_split_size" in inspect.signature(fi.BatchPrefillWithPagedKVCacheWrapper.plan).parameters
+    copy_gbps, tflops_peak = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
+    for prefix in (16384, 131072):
+        for n in (64, 1024, 4096):
+            if budget.left() < 0:
+                rows.append({"tokens": n, "prefix": prefix, "skipped": "time budget"})
+                continue
+            total = n + prefix
+            kc, vc, (table,) = _paged_cache([total], hk, d, page)
+            q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
+            flops = 4 * hq * d * (n * prefix + n * (n + 1) / 2)
+            nbytes = 2 * total * hk * d * 2 + 2 * n * hq * d * 2  # K and V once, q in and o out
+            floor_ms = max(nbytes / copy_gbps / 1e6 if copy_gbps else 0, flops / tflops_peak / 1e9 if tflops_peak
+                           else 0) or None
+            variants: dict[str, Callable[[], object]] = {}
+            for kind in ("paged_causal", "gathered_causal"):
+                batch = make_batch(kind, page, [LocalEntry(0, n, table, total, True)], dev)
+                backend.plan_batches([batch])
+                variants[kind] = partial(backend.run_batch, batch, q, None, None, types.SimpleNamespace(k=kc, v=vc),
+                                         scale)
+            if has_fixed:
+                for split in (64, 256, 1024):  # pages of KV per chunk
+                    w = _paged_prefill(fi, workspace, table, n, prefix, hq, hk, d, page, scale,
+                                       fixed_split_size=split)
+                    variants[f"paged split {split * page} tokens"] = partial(w.run, q, (kc, vc), return_lse=True)
+            for segments in (8, 32) if n <= 1024 else ():  # the queries are repeated per segment
+                run, s = _split_kv_prefill(fi, workspace, table, n, prefix, hq, hk, d, page, scale, segments)
+                variants[f"split over {s} entries + merge"] = partial(run, q, kc, vc)
+            row = {"tokens": n, "prefix": prefix, "floor_ms": floor_ms, "ms": {}, "errors": {}, "max_abs_diff": {}}
+            want = variants["paged_causal"]()[0].float()
+            for name, fn in variants.items():
+                try:
+                    out = fn()
+                    out = out[0] if isinstance(out, tuple) else out
+                    row["max_abs_diff"][name] = (want - out.float()).abs().max().item()
+                    row["ms"][name] = bench_ms(fn)
+                except Exception as e:  # a variant this flashinfer cannot run: keep the others
+                    row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["tflops"] = {k: flops / ms / 1e9 for k, ms in row["ms"].items()}
+            row["gbps"] = {k: nbytes / ms / 1e6 for k, ms in row["ms"].items()}
+            rows.append(row)
+            print(f"short turn {n} over {prefix}: floor {fmt(floor_ms, 3)} ms; " + "; ".join(
+                f"{k} {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s, {nbytes / ms / 1e6:.0f} GB/s"
+                f"{f', {ms / floor_ms:.1f}x floor' if floor_ms else ''})" for k, ms in row["ms"].items()), flush=True)
+            del kc, vc
+            torch.cuda.empty_cache()
+
+
 def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
     """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8, bf16) on T tokens, with the
     same weights: the TP-sliced forward (tp = 1, what a model without ``--enable-expert-parallel`` runs), the expert-
@@ -639,6 +764,19 @@ def render_markdown(res: dict) -> str:
                   f"| {r['make_batch_ms']:.2f} |"
                   for r in paged if r["case"] == "decode"]
         lines.append("")
+    turns = [r for r in res.get("short_turn_attention", []) if r.get("ms")]
+    if turns:
+        names = list(dict.fromkeys(n for r in turns for n in r["ms"]))
+        lines += ["## Short turns over a long cached prefix (one layer, bf16, 32 q / 8 kv heads, d = 128, page 16)", "",
+                  "ms per kind (time over the floor, max(bytes / copy rate, FLOPs / matmul rate), in brackets).", "",
+                  "| tokens | prefix | floor ms | " + " | ".join(names) + " |",
+                  "| ---: | ---: | ---: |" + " ---: |" * len(names)]
+        for r in turns:
+            fl = r.get("floor_ms")
+            cells = [f"{r['ms'][n]:.3f} ({fmt(r['ms'][n] / fl if fl else None, 1)}x)" if n in r["ms"] else "-"
+                     for n in names]
+            lines.append(f"| {r['tokens']} | {r['prefix']} | {fmt(fl, 3)} | " + " | ".join(cells) + " |")
+        lines.append("")
     pw = [r for r in res.get("pointwise", []) if "torch_us" in r]
     if pw:
         lines += ["## Pointwise ops of a decoder layer (bf16, Llama-3-8B widths), inside CUDA graphs", "",
@@ -687,7 +825,8 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
                                                       "lightning_correction", "ring_attention", "paged_attention",
-                                                      "lightning_prefill", "pointwise", "gdn", "kda"])
+                                                      "lightning_prefill", "pointwise", "gdn", "kda",
+                                                      "short_turn_attention"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
@@ -715,6 +854,7 @@ def main() -> None:
         "gdn": lambda r: gdn(r, budget),
         "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens),
         "kda": lambda r: kda(r, budget),
+        "short_turn_attention": lambda r: short_turn_attention(r, budget, res.get("ceilings", {})),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []

@@ -5,7 +5,16 @@ Every turn is one request (greedy, ``--output-len`` tokens) on the offline engin
 first question; turns 1..Q are the document plus another question (siblings); then ``--follow-ups`` turns each
 extend the previous conversation (the previous prompt, its answer, a new question). TTFT is measured per turn
 (``CompletionOutput.ttft_s``), with the prompt tokens the cache served; decode ITL over the answer is reported too
-(the cache must not slow decode). Random token ids at real model shapes (dummy weights).
+(the cache must not slow decode). Random token ids at real model shapes (dummy weights). Each turn's floor is
+beside it: max(bytes it must read (the weights, the KV of the prompt) over the measured copy rate, its FLOPs (the
+weights' matmuls of its new tokens, attention to every earlier token) over the measured bf16 matmul rate).
+``--cuda-graph-max-extend-tokens`` takes several values: each is a run (0: short turns run eagerly; 256: turns of up
+to 256 new tokens replay a CUDA graph).
+
+A short turn over a 128K cached prefix, 64 / 1K / 4K new tokens, with the extend graphs off and on:
+
+    python benchmarks/bench_prefix.py --model llama3-8b --doc-len 131072 --question-len 64 --questions 2 \
+        --follow-ups 0 --sp-size 1 --cache on --cuda-graph-max-extend-tokens 0 256 --warmup-len 4096
 
     python benchmarks/bench_prefix.py --model llama3-8b minimax-hybrid --doc-len 131072 --questions 5 \\
         --sp-size 1 2 --out benchmarks/results/prefix_h200x2.json
@@ -35,9 +44,44 @@ def turns(args, vocab: int) -> list[list[int]]:
     return [doc + ids(args.question_len) for _ in range(args.questions + 1)]
 
 
-def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
+def device_rates(device: str) -> tuple[float | None, float | None]:
+    """Measured copy rate (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s); None off CUDA."""
+    if device != "cuda":
+        return None, None
+    from benchmarks.bench_decode import copy_gbps
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    tflops = 2 * 8192**3 * 20 / (time.perf_counter() - start) / 1e12
+    return copy_gbps(torch.device("cuda")), tflops
+
+
+def turn_floor_ms(llm: LLM, new: int, cached: int, gbps: float | None, tflops: float | None) -> float | None:
+    """A turn's floor on one rank (sp = 1): max(weights + the prompt's KV over the copy rate, the new tokens'
+    matmul and attention FLOPs over the matmul rate)."""
+    if gbps is None or tflops is None:
+        return None
+    r = llm.engine.runner
+    weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    matmul_params = sum(p.numel() for n, p in r.model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    kv = r.cache_bytes_per_page() // r.config.page_size * (cached + new)
+    g = r._geometry()
+    softmax_layers = sum(1 for _, spec in r.cache_layers if spec.paged)
+    attention = 4 * softmax_layers * g.num_heads * g.head_dim * (new * cached + new * (new + 1) / 2) if g else 0
+    flops = 2 * matmul_params * new + attention
+    return max((weights + kv) / gbps / 1e6, flops / tflops / 1e9)
+
+
+def run_config(args, model: str, sp: int, cache: bool, extend: int, rates, emit) -> None:
     vocab = model_config(model)["vocab_size"]
     kw = dict(load_format="dummy", sp_size=sp, enable_prefix_cache=cache, device=args.device, cuda_graph_max_bs=4,
+              cuda_graph_max_extend_tokens=extend,
               max_model_len=args.doc_len + (args.follow_ups + 2) * (args.question_len + args.output_len) + 64)
     if args.chunked_prefill_size:
         kw["chunked_prefill_size"] = args.chunked_prefill_size
@@ -66,8 +110,10 @@ def run_config(args, model: str, sp: int, cache: bool, emit) -> None:
             total = time.perf_counter() - start
             history = prompt + out.token_ids
             itl = (total - out.ttft_s) / max(1, len(out.token_ids) - 1)
-            emit({"model": model, "sp": sp, "cache": cache, "turn": i, "name": name, "prompt_tokens": len(prompt),
-                  "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s, "itl_ms": itl * 1e3})
+            floor = turn_floor_ms(llm, len(prompt) - out.cached_tokens, out.cached_tokens, *rates) if sp == 1 else None
+            emit({"model": model, "sp": sp, "cache": cache, "extend_graph_tokens": extend, "turn": i, "name": name,
+                  "prompt_tokens": len(prompt), "cached_tokens": out.cached_tokens, "ttft_s": out.ttft_s,
+                  "itl_ms": itl * 1e3, "floor_ms": floor})
         if args.profile and cache:
             question = prompts[0][: args.doc_len] + torch.randint(0, vocab, (args.question_len,), generator=g).tolist()
             emit(profiled_question(args, llm, question, model, sp))
@@ -111,16 +157,29 @@ def main() -> None:
                     help="after the cache-on turns, one more question (prefill only) under torch.profiler on every "
                          "rank: traces and op tables in a directory next to --out, device and host times by rank "
                          "in a row named 'profiled question'")
+    ap.add_argument("--cuda-graph-max-extend-tokens", nargs="+", type=int, default=[256],
+                    help="one run per value: extend steps of up to this many tokens replay a CUDA graph (0: none)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu-cache-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows, emit = results_log(args.out)
+    rates = device_rates(args.device)
+    print(f"copy {rates[0] and round(rates[0])} GB/s, bf16 matmul {rates[1] and round(rates[1])} TFLOP/s")
 
     for model in args.model:
         for sp in args.sp_size:
-            for cache in (c == "on" for c in args.cache):
-                run_config(args, model, sp, cache, emit)
+            for extend in args.cuda_graph_max_extend_tokens:
+                for cache in (c == "on" for c in args.cache):
+                    run_config(args, model, sp, cache, extend, rates, emit)
+    print("| model | sp | extend graphs | turn | prompt | cached | TTFT (ms) | floor (ms) | of floor |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["cache"] and r["turn"] >= 0:
+            fl = r["floor_ms"]
+            print(f"| {r['model']} | {r['sp']} | {r['extend_graph_tokens']} | {r['name']} | {r['prompt_tokens']} | "
+                  f"{r['cached_tokens']} | {r['ttft_s'] * 1e3:.1f} | {fl and round(fl, 1)} | "
+                  f"{fl and round(r['ttft_s'] * 1e3 / fl, 2)} |")
     if "on" not in args.cache:
         print("| model | sp | turn | prompt | TTFT without cache (s) | ITL (ms) |")
         print("|---|---:|---|---:|---:|---:|")
@@ -131,7 +190,8 @@ def main() -> None:
     print("| model | sp | turn | prompt | cached | TTFT on (s) | TTFT off (s) | speedup | ITL on / off (ms) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for on in (r for r in rows if r["cache"]):
-        offs = [r for r in rows if not r["cache"] and (r["model"], r["sp"]) == (on["model"], on["sp"])]
+        key = ("model", "sp", "extend_graph_tokens")
+        offs = [r for r in rows if not r["cache"] and all(r.get(k) == on.get(k) for k in key)]
         if not offs:
             continue
         off = next((r for r in offs if r["turn"] == on["turn"]), None) or \

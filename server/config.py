@@ -84,6 +84,9 @@ class EngineConfig:
     seq_parallel_tp: bool = True  # long SP prefills keep the residual stream sharded over TP
     cuda_graph: str = "auto"  # auto: capture decode graphs on CUDA | off | eager: pad decode steps, no capture
     cuda_graph_max_bs: int = 64  # the largest decode batch replayed from a graph
+    # the largest short extend step (new tokens of every request together) replayed from a graph (token buckets 16,
+    # 32, ... up to it; 256 covers an agent's short turns); 0: none, until the captured form is checked on GPUs
+    cuda_graph_max_extend_tokens: int = 0
     # sp > 1: graph decode steps whose rows are all replicated split dense MLPs over the SP ranks
     # (docs/sp.md, "Decode: dense MLPs split over the SP ranks")
     sp_split_mlp: bool = True
@@ -167,6 +170,8 @@ class EngineConfig:
             (self.cuda_graph in CUDA_GRAPH_MODES,
              f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}"),
             (self.cuda_graph_max_bs >= 0, f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}"),
+            (self.cuda_graph_max_extend_tokens >= 0,
+             f"--cuda-graph-max-extend-tokens must be >= 0, got {self.cuda_graph_max_extend_tokens}"),
             (self.overlap_schedule in (None, True, False),
              f"overlap_schedule must be True, False or None (auto), got {self.overlap_schedule!r}"),
             (self.prefix_cache_snapshots is None or self.prefix_cache_snapshots >= 0,

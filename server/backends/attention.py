@@ -80,6 +80,16 @@ def indptr(lengths: list[int]) -> torch.Tensor:
     return _int32([0, *itertools.accumulate(lengths)])
 
 
+@dataclass(frozen=True)
+class GraphShape:
+    """The static shape of a padded (CUDA-graph) step: its rows and attention entries. A decode step has one row per
+    entry (``decode``); an extend step's entries hold any number of rows (padding entries may hold none)."""
+
+    rows: int
+    entries: int
+    decode: bool
+
+
 @dataclass
 class AttentionBatch:
     """The entries of one kind in one step. ``rows`` are local query rows, entry by entry; for ``ragged`` the
@@ -166,15 +176,16 @@ def make_batch(kind: str, page_size: int, entries: list[LocalEntry], device: tor
     )
 
 
-def decode_batch(page_size: int, kv_indptr: np.ndarray, kv_indices: np.ndarray, last_page_len: np.ndarray,
-                 kv_lens: np.ndarray) -> AttentionBatch:
-    """The ``decode`` batch of rows ``0..len(kv_lens)-1`` straight from its page CSR arrays (a graph step's)."""
-    n = len(kv_lens)
+def padded_batch(page_size: int, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray,
+                 last_page_len: np.ndarray, kv_lens: np.ndarray) -> AttentionBatch:
+    """The one batch of a padded (CUDA-graph) step straight from its CSR arrays: every row, entry by entry, causal
+    over each entry's pages; ``decode`` when every entry has one row, else ``paged_causal`` (entries may be empty)."""
+    q_lens = np.diff(qo_indptr).tolist()
     return AttentionBatch(
-        kind="decode", page_size=page_size, q_lens=[1] * n, rows=None, row_range=(0, n),
-        qo_indptr=torch.arange(n + 1, dtype=torch.int32), kv_indptr=torch.from_numpy(kv_indptr),
-        kv_indices=torch.from_numpy(kv_indices), last_page_len=torch.from_numpy(last_page_len),
-        kv_lens=kv_lens.tolist(),
+        kind="decode" if all(n == 1 for n in q_lens) else "paged_causal", page_size=page_size, q_lens=q_lens,
+        rows=None, row_range=(0, int(qo_indptr[-1])), qo_indptr=torch.from_numpy(qo_indptr),
+        kv_indptr=torch.from_numpy(kv_indptr), kv_indices=torch.from_numpy(kv_indices),
+        last_page_len=torch.from_numpy(last_page_len), kv_lens=kv_lens.tolist(),
     )
 
 
@@ -187,10 +198,11 @@ def sort_into_batches(entries: list[LocalEntry], page_size: int, device: torch.d
 
 class AttentionBackend:
     """A backend: how batches and ring pieces are computed. Subclasses implement :meth:`run_batch`,
-    :meth:`attention_runs` and :meth:`graph_decode` (the CUDA-graph form: capture and replay go through its
+    :meth:`attention_runs` and :meth:`graph_backends` (the padded-step form: capture and replay go through its
     backends), and may plan kernels in :meth:`plan_batches` (called once per step)."""
 
     name = "base"
+    capturable = False  # runs inside a CUDA graph: no host work and no host syncs after planning
 
     def __init__(self, pstate: ParallelState, page_size: int):
         self.pstate = pstate
@@ -225,9 +237,10 @@ class AttentionBackend:
         the window halo."""
         raise NotImplementedError
 
-    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
-        """Backends for CUDA-graph decode steps, one per batch-size bucket, each reading fixed index buffers that its
-        :meth:`plan_batches` refills before a replay (``max_pages``: the longest page table of a request)."""
+    def graph_backends(self, shapes: list[GraphShape], max_pages: int) -> dict[GraphShape, AttentionBackend]:
+        """Backends for padded steps, one per :class:`GraphShape`, each running the step's one batch; a capturable
+        one reads fixed index buffers that its :meth:`plan_batches` refills before a replay (``max_pages``: the
+        longest page table of a request)."""
         raise NotImplementedError
 
     def release(self) -> None:

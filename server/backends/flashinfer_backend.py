@@ -1,5 +1,5 @@
 """flashinfer attention backend (CUDA, fp16/bf16): batch wrappers planned once per step, and their CUDA-graph
-form for decode.
+form for padded steps.
 
 Each kind of :mod:`server.backends.attention` runs on one wrapper: ragged prefill for ``ragged`` and
 ``gathered_*`` (the gathered KV is contiguous), paged prefill for ``paged_*``, paged decode (tensor-core GQA path,
@@ -7,8 +7,9 @@ Each kind of :mod:`server.backends.attention` runs on one wrapper: ragged prefil
 step before the first layer runs; every layer then only launches kernels. The ring's blocks run
 ``single_prefill_with_kv_cache`` per causal / full piece (:mod:`server.kernels.flashinfer_attention`).
 
-For CUDA graphs, one decode wrapper per batch-size bucket is built over fixed index buffers
-(``use_cuda_graph=True``); :meth:`plan_graph_decode` refills them before each replay.
+For CUDA graphs, one wrapper per padded-step shape (decode wrappers per batch-size bucket, paged prefill wrappers
+per token bucket of short extend steps) is built over fixed index buffers (``use_cuda_graph=True``); planning
+refills them before each replay.
 
 Sliding-window layers (gpt-oss): at sp = 1 every entry's KV rows are its positions in order, so a second set of
 wrappers planned with ``window_left = w - 1`` (bottom-right aligned) is exactly the window. At sp > 1 a rank's
@@ -20,7 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from server.backends.attention import KINDS, AttentionBackend, AttentionBatch, AttentionGeometry, indptr
+from server.backends.attention import (
+    KINDS,
+    AttentionBackend,
+    AttentionBatch,
+    AttentionGeometry,
+    GraphShape,
+    indptr,
+)
 from server.backends.torch_backend import batch_attention_ref
 from server.kernels.flashinfer_attention import (
     FLASHINFER_HEAD_DIMS,
@@ -112,23 +120,34 @@ class FlashInferAttentionBackend(AttentionBackend):
     def attention_runs(self, q, k, v, q_runs, k_runs, scale, window=None):
         return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale, window)
 
-    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
-        """Backends for CUDA-graph decode steps, one per batch-size bucket: each runs its decode batch on a wrapper
-        over fixed index buffers (shared by the buckets; ``max_pages``: the longest page table of a request)."""
+    def graph_backends(self, shapes: list[GraphShape], max_pages: int) -> dict[GraphShape, AttentionBackend]:
+        """Backends for padded steps, one per shape: decode shapes on decode wrappers, extend shapes on paged prefill
+        wrappers (causal; flashinfer splits the long KV of a few query tiles over CTAs itself), each over fixed index
+        buffers shared by the shapes (``max_pages``: the longest page table of a request)."""
         dev = self.pstate.device
-        top = max(buckets)
+        top = max(s.entries for s in shapes)
+        pad_pages = max(s.rows for s in shapes) // self.page_size + top  # padding entries' scratch pages
+        qo_buf = torch.zeros(top + 1, dtype=torch.int32, device=dev)
         indptr_buf = torch.zeros(top + 1, dtype=torch.int32, device=dev)
         last_buf = torch.zeros(top, dtype=torch.int32, device=dev)
-        indices_buf = torch.zeros(top * max_pages, dtype=torch.int32, device=dev)
-        out = {}
-        for bs in buckets:
-            def wrapper(bs=bs):
-                return self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                    self.workspace, kv_layout="NHD", use_cuda_graph=True, use_tensor_cores=True,
-                    paged_kv_indptr_buffer=indptr_buf[: bs + 1], paged_kv_indices_buffer=indices_buf,
-                    paged_kv_last_page_len_buffer=last_buf[:bs], backend="fa2")
+        indices_buf = torch.zeros(top * max_pages + pad_pages, dtype=torch.int32, device=dev)
+        out: dict[GraphShape, AttentionBackend] = {}
+        for s in shapes:
+            indptr, last = indptr_buf[: s.entries + 1], last_buf[: s.entries]
+
+            def wrapper(s=s, indptr=indptr, last=last):
+                if s.decode:
+                    return self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                        self.workspace, kv_layout="NHD", use_cuda_graph=True, use_tensor_cores=True, backend="fa2",
+                        paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices_buf,
+                        paged_kv_last_page_len_buffer=last)
+                # the prefill wrapper names its buffers *_buf
+                return self.fi.BatchPrefillWithPagedKVCacheWrapper(
+                    self.workspace, kv_layout="NHD", use_cuda_graph=True, qo_indptr_buf=qo_buf[: s.entries + 1],
+                    paged_kv_indptr_buf=indptr, paged_kv_indices_buf=indices_buf, paged_kv_last_page_len_buf=last)
+
             # window layers: a second wrapper over the same buffers, planned with window_left
-            out[bs] = FlashInferGraphDecode(self, wrapper(), wrapper() if self.windowed else None)
+            out[s] = FlashInferGraphStep(self, wrapper(), wrapper() if self.windowed else None)
         return out
 
     def release(self) -> None:
@@ -136,11 +155,12 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.workspace = None
 
 
-class FlashInferGraphDecode(AttentionBackend):
-    """Decode batches of one CUDA-graph bucket on a fixed-buffer wrapper; planning refills its buffers, so the
-    captured kernels read the new step's pages at replay."""
+class FlashInferGraphStep(AttentionBackend):
+    """The one batch of a padded step of one shape on a fixed-buffer wrapper (decode or paged prefill); planning
+    refills its buffers, so the captured kernels read the new step's pages at replay."""
 
     name = "flashinfer-graph"
+    capturable = True
 
     def __init__(self, parent: FlashInferAttentionBackend, wrapper, window_wrapper=None):
         super().__init__(parent.pstate, parent.page_size)
@@ -149,12 +169,12 @@ class FlashInferGraphDecode(AttentionBackend):
         self.window_wrapper = window_wrapper
 
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
-        if [b.kind for b in batches] != ["decode"]:
-            raise ValueError(f"a CUDA-graph step runs one decode batch, got {[b.kind for b in batches]}")
+        if len(batches) != 1 or batches[0].kind not in ("decode", "paged_causal"):
+            raise ValueError(f"a padded step runs one decode or paged_causal batch, got {[b.kind for b in batches]}")
         self.parent._plan(self.wrapper, batches[0])
         if self.window_wrapper is not None:
             self.parent._plan(self.window_wrapper, batches[0], self.parent.geometry.window)
 
     def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
         w = self.wrapper if window is None else self.window_wrapper
-        return w.run(q, (cache.k, cache.v), return_lse=True, **kv_scales(cache))
+        return w.run(q.contiguous(), (cache.k, cache.v), return_lse=True, **kv_scales(cache))

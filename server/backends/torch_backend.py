@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from server.backends.attention import AttentionBackend, AttentionBatch
+from server.backends.attention import AttentionBackend, AttentionBatch, GraphShape
 from server.kernels import ops
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.fp8 import take_rows
@@ -76,9 +76,10 @@ class TorchAttentionBackend(AttentionBackend):
     def attention_runs(self, q, k, v, q_runs, k_runs, scale, window=None):
         return ops.attention_runs(q, k, v, q_runs, k_runs, scale, window)
 
-    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
-        """Backends for CUDA-graph decode steps, one per bucket (``max_pages``: the longest page table)."""
-        return {bs: TorchGraphDecode(self, bs, max_pages) for bs in buckets}
+    def graph_backends(self, shapes: list[GraphShape], max_pages: int) -> dict[GraphShape, AttentionBackend]:
+        """Decode shapes: :class:`TorchGraphDecode` over static buffers (capturable). Extend shapes: this backend, on
+        the padded batch's CSR arrays (host work: run eagerly, never captured)."""
+        return {s: TorchGraphDecode(self, s.rows, max_pages) if s.decode else self for s in shapes}
 
 
 class TorchGraphDecode(AttentionBackend):
@@ -87,6 +88,7 @@ class TorchGraphDecode(AttentionBackend):
     so it can be captured (fp32 models on a GPU, and the graph form on any device)."""
 
     name = "torch-graph"
+    capturable = True
 
     def __init__(self, parent: TorchAttentionBackend, bucket: int, max_pages: int):
         super().__init__(parent.pstate, parent.page_size)

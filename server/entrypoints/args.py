@@ -275,8 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--page-size", "--block-size", type=int, default=d.page_size, help="KV cache page size in tokens")
     run.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
                      help="decode steps of up to this many requests replay a CUDA graph captured at start-up")
+    run.add_argument("--cuda-graph-max-extend-tokens", type=int, default=d.cuda_graph_max_extend_tokens,
+                     help="short extend steps (a turn's new tokens over a cached prefix) of up to this many tokens "
+                          "replay a CUDA graph per token bucket (16, 32, ...); 0 (default): none")
     run.add_argument("--disable-cuda-graph", "--enforce-eager", dest="cuda_graph", action="store_const", const="off",
-                     default=argparse.SUPPRESS, help="run every decode step eagerly")
+                     default=argparse.SUPPRESS, help="run every step eagerly")
     run.add_argument("--disable-sp-split-mlp", dest="sp_split_mlp", action="store_false", default=argparse.SUPPRESS,
                      help="sp > 1: every SP rank computes the whole dense MLP in decode steps of replicated requests "
                           "(by default each computes 1/sp of it and the results are summed)")

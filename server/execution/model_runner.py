@@ -2,7 +2,8 @@
 
 A step: the plan updates the rank's request mirror (:class:`RequestTable`), the step's rows and metadata are
 built once (:mod:`server.execution.step_builder`), the attention backend prepares them once (plans, index tensors),
-and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`server.execution.cuda_graphs`).
+and the model runs, eagerly or, for decode steps and short extend steps, as a CUDA graph replay
+(:mod:`server.execution.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -211,16 +212,17 @@ class ModelRunner:
         return context_length(self.config, self.model.cfg)
 
     def enable_decode_graphs(self) -> None:
-        """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
-        from server.execution.cuda_graphs import DecodeGraphs, GraphRun, graph_run
+        """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket and short extend steps per
+        token bucket; see cuda_graphs.py."""
+        from server.execution.cuda_graphs import GraphRun, StepGraphs, graph_run
 
         mode = graph_run(self.config, self.device)
         if mode == GraphRun.CAPTURE and not self.backend.graph_capturable():
             mode = GraphRun.OFF
         if mode != GraphRun.OFF:
-            self.graphs = DecodeGraphs(self.model, self.pstate, self.config, self.backend, self.table,
-                                       self.scratch_slot, self.num_slots, self.has_kv, mode == GraphRun.CAPTURE,
-                                       self.inputs_copied)
+            self.graphs = StepGraphs(self.model, self.pstate, self.config, self.backend, self.table,
+                                     self.scratch_slot, self.num_slots, self.has_kv, self.has_state,
+                                     mode == GraphRun.CAPTURE, self.inputs_copied)
 
     def release(self) -> None:
         """Drop the model and caches so the device memory returns to the allocator's free pool."""
@@ -250,7 +252,7 @@ class ModelRunner:
         if plan.prev_tokens and self.pstate.world_size > 1:
             dist.broadcast(self.last_tokens, src=0)
         PROFILE.mark("apply")
-        if self.graphs is not None and plan.is_decode:
+        if self.graphs is not None:
             out = self.graphs.run(plan, self.last_tokens if plan.prev_tokens else None)
             if out is not None:
                 hidden, step = out

@@ -227,60 +227,98 @@ def _linear_meta(plan: StepPlan, local: list[LocalChunk], table: RequestTable, p
 
 
 @dataclass
-class PaddedDecode:
-    """A decode step padded to ``bucket`` rows, as host arrays: what a CUDA-graph step copies into its static buffers
-    (one pinned host-to-device copy of ``inputs``) and the decode batch's page CSR arrays for the backend's plan."""
+class PaddedStep:
+    """A step padded to a static shape of ``rows`` rows and ``entries`` attention entries, as host arrays: what a
+    CUDA-graph step copies into its static buffers (one pinned host-to-device copy of ``inputs``) and the page CSR
+    arrays of its one attention batch for the backend's plan. A decode step has one row per entry."""
 
     chunks: list[LocalChunk]  # in row order; real rows first
     num_rows: int
-    inputs: np.ndarray  # [INPUT_ROWS, bucket] int64: token ids, positions, KV write slots, state slots, merge flags
-    kv_indptr: np.ndarray  # [bucket + 1] int32
+    inputs: np.ndarray  # [INPUT_ROWS, rows] int64: token ids, positions, KV write slots, state slots, merge flags
+    qo_indptr: np.ndarray  # [entries + 1] int32: rows of each entry (padding entries last)
+    entry_slots: np.ndarray  # [entries] int64: state slot of each entry (padding: the scratch slot)
+    kv_indptr: np.ndarray  # [entries + 1] int32
     kv_indices: np.ndarray  # int32
-    last_page_len: np.ndarray  # [bucket] int32
-    kv_lens: np.ndarray  # [bucket] int64
+    last_page_len: np.ndarray  # [entries] int32
+    kv_lens: np.ndarray  # [entries] int64
 
 
 INPUT_ROWS = 5  # ids, positions, write slots, state slots, merge flags
 
 
-def build_padded_decode(plan: StepPlan, table: RequestTable, pstate: ParallelState, bucket: int,
-                        scratch_slot: int) -> PaddedDecode | None:
-    """A decode step (:attr:`StepPlan.is_decode`) padded to ``bucket`` rows, the shape of a CUDA-graph step: every row
-    writes its K/V (rows this rank does not store write to slot 0 of the scratch page 0), padded rows attend to the
-    scratch page and use state slot ``scratch_slot``, and the SP merge runs over all rows and is kept where the merge
-    flag is set. None if a row has no KV on this rank (the eager path handles that step)."""
+def extend_fits(plan: StepPlan, sp_size: int) -> bool:
+    """A step that is not decode but may run padded (:func:`build_padded_step`): no split chunk, no logits of every
+    row, and every chunk of several rows stored by every rank that computes it (homed, or any chunk at sp = 1), so
+    each entry attends causally to its own rank's KV. Every rank decides it from the plan alone."""
+    return bool(plan.chunks) and not plan.all_logits and all(
+        c.placement != Placement.SPLIT and (c.num_new == 1 or c.placement == Placement.HOMED or sp_size == 1)
+        for c in plan.chunks)
+
+
+def build_padded_step(plan: StepPlan, table: RequestTable, pstate: ParallelState, rows: int, entries: int,
+                      scratch_slot: int) -> PaddedStep | None:
+    """``plan`` (a decode step, or one :func:`extend_fits` takes) padded to ``rows`` rows and ``entries`` attention
+    entries, the shape of a CUDA-graph step. Every row writes its K/V (rows this rank does not store write to slot 0
+    of the scratch page 0); the padded rows form padding entries (one row each while there are entries, the rest on
+    the last) that attend causally to the scratch page and use state slot ``scratch_slot``; padding entries without
+    rows read one scratch key. The SP merge runs over all rows and is kept where the merge flag is set. None if the
+    step does not fit, or an entry has no KV on this rank (the eager path handles that step)."""
     p, r, page = pstate.sp_size, pstate.sp_rank, table.page_size
-    inputs = np.zeros((INPUT_ROWS, bucket), dtype=np.int64)
+    inputs = np.zeros((INPUT_ROWS, rows), dtype=np.int64)
     inputs[3] = scratch_slot
-    kv_lens = np.ones(bucket, dtype=np.int64)
+    q_lens: list[int] = []
+    kv_lens: list[int] = []
+    slots: list[int] = []
     tables: list[np.ndarray] = []
     local: list[LocalChunk] = []
+    offsets = np.cumsum([0] + [c.num_new for c in plan.chunks])
     row = 0
     for i in row_order(plan):
         c = plan.chunks[i]
         pieces = computed_pieces(c, p, r)
-        local.append(LocalChunk(c, i, row, len(pieces), pieces))
-        if not pieces:
+        n = c.num_new if pieces else 0
+        local.append(LocalChunk(c, i, row, n, pieces))
+        if not n:
             continue
         st = table.requests[c.req]
         kv_len = st.shard_lens[r]
-        if kv_len == 0:
+        stores = bool(stored_pieces(c, p, r))
+        if kv_len == 0 or row + n > rows or len(q_lens) == entries or n > 1 and not stores:
             return None
-        pages = table.pages(c.req)
-        inputs[:, row] = (plan.token_ids[i], c.start, 0, st.slot, c.placement == Placement.REPLICATED and p > 1)
-        if stored_pieces(c, p, r):  # the new token is the last row of this rank's shard
-            inputs[2, row] = int(pages[(kv_len - 1) // page]) * page + (kv_len - 1) % page
-        kv_lens[row] = kv_len
-        tables.append(pages[: -(-kv_len // page)])
-        row += 1
-    n_pages = np.ones(bucket, dtype=np.int64)
-    n_pages[:row] = [len(t) for t in tables]
-    return PaddedDecode(
+        end = row + n
+        inputs[0, row:end] = plan.token_ids[offsets[i] : offsets[i] + n]
+        inputs[1, row:end] = np.arange(c.start, c.start + n)
+        if stores:  # the new rows are the last rows of this rank's shard
+            inputs[2, row:end] = table.slots_of(c.req, np.arange(kv_len - n, kv_len))
+        inputs[3, row:end] = st.slot
+        inputs[4, row:end] = c.placement == Placement.REPLICATED and p > 1
+        q_lens.append(n)
+        kv_lens.append(kv_len)
+        slots.append(st.slot)
+        tables.append(table.pages(c.req)[: -(-kv_len // page)])
+        row = end
+    pad_rows, pad_entries = rows - row, entries - len(q_lens)
+    if pad_rows and not pad_entries:
+        return None
+    pad = [1] * min(pad_rows, pad_entries) + [0] * max(0, pad_entries - pad_rows)
+    if pad_rows > pad_entries:
+        pad[-1] += pad_rows - pad_entries
+    for n in pad:  # causal over as many scratch keys as rows (page 0, repeated)
+        kv_len = max(n, 1)
+        q_lens.append(n)
+        kv_lens.append(kv_len)
+        tables.append(np.zeros(-(-kv_len // page), dtype=np.int32))
+    slots += [scratch_slot] * pad_entries
+    lens = np.array(kv_lens, dtype=np.int64)
+    n_pages = np.array([len(t) for t in tables], dtype=np.int64)
+    return PaddedStep(
         chunks=local, num_rows=row, inputs=inputs,
+        qo_indptr=np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
+        entry_slots=np.array(slots, dtype=np.int64),
         kv_indptr=np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32),
-        kv_indices=np.concatenate([*tables, np.zeros(bucket - row, dtype=np.int32)]).astype(np.int32),
-        last_page_len=(kv_lens - (n_pages - 1) * page).astype(np.int32),
-        kv_lens=kv_lens,
+        kv_indices=np.concatenate(tables).astype(np.int32),
+        last_page_len=(lens - (n_pages - 1) * page).astype(np.int32),
+        kv_lens=lens,
     )
 
 

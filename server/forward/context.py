@@ -131,7 +131,7 @@ class ForwardContext:
     split_mlp: bool = False
     # Rows every SP rank holds (replicated requests; sp > 1), which expert parallelism dispatches once over the
     # world: eager steps, the count of the leading rows that are; graph-form steps (``static_shapes``), a 0/1 flag
-    # per row. ``static_shapes``: a decode step in the CUDA-graph form (no host syncs, fixed shapes)
+    # per row. ``static_shapes``: a padded step in the CUDA-graph form (no host syncs, fixed shapes)
     replicated_rows: int = 0
     replicated_mask: torch.Tensor | None = None
     static_shapes: bool = False

@@ -203,3 +203,48 @@ def test_hybrid_siblings_find_a_snapshot_at_the_shared_prefix_end(reference, sp,
     step = sp * CHUNK  # the first prompt's chunk ends (a split chunk takes sp x CHUNK tokens)
     assert doc_len % step and doc_len % PAGE  # the document ends mid-chunk and mid-page
     assert runs[True][1] == [0, doc_len // step * step, doc_len]
+
+
+def turns(llm: LLM) -> tuple[list, list]:
+    """Short turns over a cached document, the way an agent sends them: the document alone, then turns on it
+    (siblings together, the next turn of a conversation), and two requests with prompt logprobs (which compute
+    their whole prompt). Greedy tokens and prompt logprobs."""
+    scored = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    llm.generate([DOC], GREEDY, use_tqdm=False)
+    outs = llm.generate([DOC + QUESTIONS[0]], scored, use_tqdm=False)
+    outs += llm.generate([DOC + q for q in QUESTIONS[1:]], GREEDY, use_tqdm=False)
+    outs += llm.generate([DOC + QUESTIONS[1] + outs[1].token_ids + QUESTIONS[2]], scored, use_tqdm=False)
+    assert all(o.cached_tokens > 0 for o in outs[1:3])
+    logprobs = [[(t.token_id, t.logprob, t.rank, t.top) if t else None for t in o.prompt_logprobs]
+                for o in (outs[0], outs[-1])]
+    return [o.token_ids for o in outs], logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("turns"))
+    return {arch: save_tiny_model(arch, root) for arch in ("llama", "minimax_7to1")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "minimax_7to1"])
+@pytest.mark.parametrize("sp", [1, 2])
+def test_short_turns_in_padded_extend_form_match(tiny_models, arch, sp):
+    """Turns over a cached prefix run as padded extend steps (token buckets, padding entries on the scratch page and
+    slot; a hybrid's restored state snapshot copied before the step), eagerly here, the form CUDA graphs replay on
+    a GPU: the same greedy tokens and prompt logprobs as the plain steps. At sp = 2 the requests are homed (a turn
+    over an SP-sharded prefix computes its rows on every SP rank and runs as a plain step)."""
+    runs = {}
+    engine = {**ENGINE, "chunked_prefill_size": 256, "sp_min_tokens": 1000}  # every prompt in one homed chunk
+    for graphs in ("off", "eager"):  # extend buckets 16, 32, ..., 256: every step fits one
+        with LLM(tiny_models[arch], sp_size=sp, cpu_cache_gb=cache_gb(arch, sp), cuda_graph=graphs,
+                 cuda_graph_max_bs=4, cuda_graph_max_extend_tokens=256, **engine) as llm:
+            runs[graphs] = turns(llm)
+            if graphs == "eager":
+                assert llm.engine.runner.graphs.extend_steps > 0
+    assert runs["eager"][0] == runs["off"][0]
+    # the same ranks and alternatives; logprobs to fp32 rounding (a GEMM of a padded bucket sums in another order)
+    for got, want in zip(runs["eager"][1], runs["off"][1], strict=True):
+        assert [w and (w[0], w[2], [t for t, _ in w[3]]) for w in want] == \
+            [g and (g[0], g[2], [t for t, _ in g[3]]) for g in got]
+        flat = [[lp for w in rows if w for lp in (w[1], *(x for _, x in w[3]))] for rows in (got, want)]
+        assert flat[0] == pytest.approx(flat[1], abs=1e-5)

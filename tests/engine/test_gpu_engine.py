@@ -138,6 +138,29 @@ def test_cuda_graphs_give_the_eager_tokens_fp32(models, arch):
         assert llm.engine.runner.graphs.capture and llm.engine.runner.graphs.steps >= 40
 
 
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
+def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
+    """Short turns over a cached prefix replayed from the extend CUDA graphs (token buckets, flashinfer's paged
+    prefill over fixed buffers) give the tokens of the same padded steps run eagerly (the same kernels, bf16)."""
+    doc = prompt(700)
+    turns = [doc + prompt(n, seed=n) for n in (7, 40, 130)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", cuda_graph_max_bs=4,
+              cuda_graph_max_extend_tokens=256)
+    runs = {}
+    for mode in ("eager", "auto"):
+        with LLM(models[arch], cuda_graph=mode, **kw) as llm:
+            llm.generate([doc], params)
+            outs = [llm.generate([t], params)[0] for t in turns]  # one turn at a time, each over the cached doc
+            outs += llm.generate(turns, params)  # siblings together: one extend step of three chunks
+            assert all(o.cached_tokens >= 688 for o in outs)
+            runs[mode] = [o.token_ids for o in outs]
+            graphs = llm.engine.runner.graphs
+            assert graphs.capture == (mode == "auto") and graphs.extend_steps >= 4
+    assert runs["auto"] == runs["eager"]
+
+
 @needs_2_gpus
 @pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("minimax_7to1", 2, 1), ("llama", 1, 2), ("qwen3_5", 2, 1)])
 def test_cuda_graphs_over_nccl_fp32(models, arch, sp, tp):

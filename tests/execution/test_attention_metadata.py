@@ -1,10 +1,10 @@
 """The step's attention metadata, driven by the real scheduler, against causal attention over whole requests.
 
 For every step of several request mixes, every SP rank applies the plan to its request mirror, builds its step
-rows (:func:`build_step_rows`, split entries marked for a Ulysses mesh; for decode steps also the padded CUDA-graph
-form), writes its cache through the metadata's write slots, runs its local batches on the reference (which reads
-the same CSR arrays and gather slots as the flashinfer kernels), and the replicated rows are merged over the SP
-ranks (``merge_rows`` order, or ``merge_mask`` in the padded form). Every row that does not go through the ring
+rows (:func:`build_step_rows`, split entries marked for a Ulysses mesh; for decode and short extend steps also the
+padded CUDA-graph form), writes its cache through the metadata's write slots, runs its local batches on the reference
+(which reads the same CSR arrays and gather slots as the flashinfer kernels), and the replicated rows are merged over
+the SP ranks (``merge_rows`` order, or ``merge_mask`` in the padded form). Every row that does not go through the ring
 must equal attention of its query to all keys of its request at positions <= its own. Queries, keys and values are
 functions of (request, position), so the expected result is computed without the engine. Split entries' Ulysses
 runs must cut every rank's shard into its cached prefix and its new rows.
@@ -17,13 +17,14 @@ import math
 import pytest
 import torch
 
-from server.backends.attention import GATHER_MIN_ROWS, decode_batch, sort_into_batches
+from server.backends.attention import GATHER_MIN_ROWS, padded_batch, sort_into_batches
 from server.backends.torch_backend import batch_attention_ref
 from server.config import EngineConfig
 from server.control.scheduler import Scheduler
 from server.control.sequence import Sequence
 from server.execution.request_table import RequestTable
-from server.execution.step_builder import build_padded_decode, build_step_rows
+from server.execution.step_builder import build_padded_step, build_step_rows, extend_fits, rank_row_count
+from server.forward.plan import computed_pieces
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.merge_state_ref import merge_states_ref
 from server.runs import runs_rows, runs_to_positions
@@ -59,11 +60,12 @@ def _eager_view(rows):
 
 
 def _graph_view(step):
-    """The same for a padded graph step: every row writes, one decode batch, the merge by flag."""
+    """The same for a padded graph step: every row writes, one batch (decode or paged_causal), the merge by flag."""
     n, bucket = step.num_rows, step.inputs.shape[1]
-    ids = [(f"r{lc.chunk.req}", int(step.inputs[1, lc.row_start])) for lc in step.chunks if lc.num_rows]
+    ids = [(f"r{lc.chunk.req}", int(step.inputs[1, lc.row_start + i])) for lc in step.chunks
+           for i in range(lc.num_rows)]
     ids += [("pad", 0)] * (bucket - n)
-    batch = decode_batch(PAGE, step.kv_indptr, step.kv_indices, step.last_page_len, step.kv_lens)
+    batch = padded_batch(PAGE, step.qo_indptr, step.kv_indptr, step.kv_indices, step.last_page_len, step.kv_lens)
     return (ids, torch.arange(bucket), torch.from_numpy(step.inputs[2]), [batch], set(),
             torch.nonzero(torch.from_numpy(step.inputs[4])).flatten())
 
@@ -117,8 +119,9 @@ def _check_ulysses_runs(steps) -> None:
 
 
 def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: int = 3) -> set[str]:
-    """Serve the prompts to the end; check every non-ring row of every step on every rank, and every decode step
-    in its padded CUDA-graph form too. Returns the kinds."""
+    """Serve the prompts to the end; check every non-ring row of every step on every rank, and every decode or
+    short extend step in its padded CUDA-graph form too. Returns the kinds (and "padded decode" / "padded extend"
+    for the padded forms checked)."""
     cfg = EngineConfig(sp_size=sp, page_size=PAGE, chunked_prefill_size=budget, sp_min_tokens=sp_min,
                        max_running_requests=SLOTS)
     sched = Scheduler(cfg, 2048, SLOTS, max_model_len=4096)
@@ -133,9 +136,13 @@ def run_mix(sp: int, prompts: list[int], sp_min: int, budget: int, max_tokens: i
         assert plan.chunks, "the scheduler made no progress"
         for t in tables:
             t.apply(plan)
-        if plan.is_decode:  # the graph form first: it must leave the caches exactly as the eager form does
-            bucket = max(8, len(plan.chunks))
-            padded = [build_padded_decode(plan, t, ps, bucket, SLOTS) for t, ps in zip(tables, pstates)]
+        if plan.is_decode or extend_fits(plan, sp):  # the graph form first: it must leave the caches exactly as the
+            # eager form does. Decode: a row per entry; extend: padded rows and entries (some with no rows)
+            rows = max(rank_row_count(plan, sp, r) for r in range(sp))
+            entries = max(sum(1 for c in plan.chunks if computed_pieces(c, sp, r)) for r in range(sp))
+            rows, entries = (max(8, rows),) * 2 if plan.is_decode else (rows + 5, entries + 3)
+            padded = [build_padded_step(plan, t, ps, rows, entries, SLOTS) for t, ps in zip(tables, pstates)]
+            kinds.add("padded decode" if plan.is_decode else "padded extend")
             saved = [(kc.clone(), vc.clone()) for kc, vc in caches]
             _check_step([_rank_step(_graph_view(step), *c, kinds) for step, c in zip(padded, caches)])
             for (kc, vc), (k0, v0) in zip(caches, saved):
@@ -171,7 +178,8 @@ def test_local_rows_equal_attention_over_the_whole_request(sp: int) -> None:
     kinds |= run_mix(sp, [sp * 150 + 30], sp_min=200, budget=150)
     kinds |= run_mix(sp, [140, 2], sp_min=300, budget=140)
     kinds |= run_mix(sp, [sp * 20 + 9], sp_min=8, budget=10)  # split chunks after split chunks (a cached prefix)
-    expected = {"ragged", "decode", "paged_causal", "gathered_causal"}
+    kinds |= run_mix(sp, [13, 6, 9], sp_min=64, budget=16)  # short homed chunks beside decodes: padded extend steps
+    expected = {"ragged", "decode", "paged_causal", "gathered_causal", "padded decode", "padded extend"}
     if sp > 1:
         expected |= {"paged_full", "gathered_full"}
     assert expected <= kinds, kinds
