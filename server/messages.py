@@ -129,3 +129,56 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0  # prompt tokens served from the cache since start
     num_steps: int = 0
     last_step: StepCounts = field(default_factory=StepCounts)
+
+# ---- the engine process to the HTTP process ----------------------------------------------------------------------
+@dataclass
+class EngineReady:
+    """The engine process is ready: its pid, its workers' pids, the tokenizer, the context limit, the ranks'
+    memory."""
+
+    pid: int
+    worker_pids: list[int]  # this node's ranks 1.. (other nodes watch their own)
+    tokenizer_path: str
+    max_model_len: int
+    rank_memory: list[dict] = field(default_factory=list)  # every rank's weight, KV and state bytes (by rank)
+
+
+@dataclass
+class EngineStartFailed:
+    """The engine process could not start (the message says why, in one line)."""
+
+    message: str  # one line for the user
+    traceback: str
+
+
+@dataclass
+class EngineCrashed:
+    """The engine process failed after it was ready."""
+
+    message: str
+    traceback: str
+
+
+@dataclass
+class EngineStalled:
+    """A step outlived the watchdog timeout."""
+
+    message: str
+
+
+@dataclass
+class Rejection:
+    """The engine refused one request (``code`` says why: queue_full, context_length_exceeded, ...)."""
+
+    rid: str
+    message: str
+    code: str
+
+
+@dataclass
+class EngineOutputs:
+    """One batch of the engine's outputs, refusals and stats, sent after each step."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    stats: EngineStats = field(default_factory=EngineStats)

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import zmq
 
@@ -28,57 +27,22 @@ from server.execution.procutil import die_with_parent
 from server.messages import (
     AbortRequest,
     CacheFlushed,
+    EngineCrashed,
+    EngineOutputs,
+    EngineReady,
+    EngineStalled,
+    EngineStartFailed,
     EngineStats,
     FlushCache,
     GenerateRequest,
     ProfileControl,
     ProfileReply,
-    RequestOutput,
+    Rejection,
 )
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000
-
-
-@dataclass
-class EngineReady:
-    pid: int
-    worker_pids: list[int]  # this node's ranks 1.. (other nodes watch their own)
-    tokenizer_path: str
-    max_model_len: int
-    rank_memory: list[dict] = field(default_factory=list)  # every rank's weight, KV and state bytes (by rank)
-
-
-@dataclass
-class EngineStartFailed:
-    message: str  # one line for the user
-    traceback: str
-
-
-@dataclass
-class EngineCrashed:
-    message: str
-    traceback: str
-
-
-@dataclass
-class EngineStalled:
-    message: str
-
-
-@dataclass
-class Rejection:
-    rid: str
-    message: str
-    code: str
-
-
-@dataclass
-class EngineOutputs:
-    outputs: list[RequestOutput] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    stats: EngineStats = field(default_factory=EngineStats)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

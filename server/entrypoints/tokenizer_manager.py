@@ -28,25 +28,23 @@ from dataclasses import dataclass
 
 from server.engine.faults import inject_fault
 from server.entrypoints.args import ServerArgs
-from server.entrypoints.engine_process import (
-    EngineCrashed,
-    EngineOutputs,
-    EngineReady,
-    EngineStalled,
-    EngineStartFailed,
-    Rejection,
-)
 from server.entrypoints.metrics import ServerMetrics
 from server.entrypoints.protocol import APIError
 from server.entrypoints.supervisor import EngineSupervisor
 from server.messages import (
     AbortRequest,
     CacheFlushed,
+    EngineCrashed,
+    EngineOutputs,
+    EngineReady,
+    EngineStalled,
+    EngineStartFailed,
     FlushCache,
     GenerateRequest,
     ProfileControl,
     ProfileReply,
     PromptTokenLogprob,
+    Rejection,
     RequestOutput,
     TokenLogprob,
 )
