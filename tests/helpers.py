@@ -1,5 +1,7 @@
-"""What the tests share: devices and markers, dtype tolerances, and tiny random Hugging Face checkpoints (saved
-with transformers' save_pretrained).
+"""What the tests share: devices and markers, dtype tolerances, tiny random Hugging Face checkpoints (saved with
+transformers' save_pretrained) and the transformers references, functions run on every rank of a real SP x TP group,
+and the benchmark smoke tests' shrunk shapes. The HTTP tests' server helpers are in
+``tests/entrypoints/server_testing.py`` beside their shared fixtures (``tests/entrypoints/conftest.py``).
 
 Checkpoint shapes are uneven on purpose: GQA ratio > 1, head_dim != hidden / heads where the architecture allows
 it, odd vocabulary sizes. ``initializer_range`` is larger than real models' so logits are well spread and greedy
@@ -9,11 +11,21 @@ decoding is not decided by rounding noise.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import subprocess
 import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+
+from benchmarks.model_shapes import SHAPES
+from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
 
 # ---- devices and markers ----------------------------------------------------------------------------------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,3 +339,65 @@ def save_fp8_model(arch: str, root: str, scheme: str, block: tuple[int, int] = (
     with open(os.path.join(fp8_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     return fp8_dir, ref_dir
+
+
+# ---- multi-rank groups: a function on every rank of a real SP x TP group (spawned processes, gloo / NCCL) --------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[[ParallelState], None], sp: int, tp: int, port: int, device_type: str) -> None:
+    torch.set_num_threads(1)  # W processes share the machine's cores
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    pstate = init_parallel_state(rank, sp, tp, device, f"tcp://127.0.0.1:{port}", timeout_s=120)
+    try:
+        fn(pstate)
+    except BaseException:
+        # spawn reports only the first rank that exits, often a peer that saw this one's socket close
+        print(f"rank {rank} (sp {pstate.sp_rank}, tp {pstate.tp_rank}) failed:", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        raise
+    finally:
+        destroy_parallel_state(pstate)
+
+
+def run_on_group(fn: Callable[[ParallelState], None], sp: int, tp: int = 1, device_type: str = "cpu") -> None:
+    """Call ``fn(pstate)`` on all ``sp * tp`` ranks; an exception on any rank fails the caller.
+
+    ``fn`` must be a module-level function (it is pickled into the spawned processes); ``pstate.device`` is
+    the rank's device (``cuda:rank`` with ``device_type="cuda"``).
+    """
+    mp.spawn(_entry, args=(fn, sp, tp, free_port(), device_type), nprocs=sp * tp, join=True)
+
+
+# ---- benchmark smoke tests: a model directory at a shrunk real shape, one benchmark run -------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CPU size; the architecture, its layer kinds and the rest of the shape's config are kept
+BENCH_TINY = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            vocab_size=300, num_hidden_layers=2)
+
+
+def tiny_model(tmp_path: Path, shape: str, **over) -> Path:
+    """A directory holding only config.json: ``SHAPES[shape]`` shrunk by ``BENCH_TINY``, then ``over``."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**SHAPES[shape], **BENCH_TINY, **over}))
+    return model
+
+
+def run_bench(script: str, *args, out: Path, timeout: int = 300, cpu_only: bool = False,
+              output: list[str] | None = None) -> list[dict]:
+    """Run ``benchmarks/<script>`` with ``args`` and ``--out out``; the rows it wrote (its stdout and stderr are
+    appended to ``output`` if given)."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args), "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu_only else None
+    r = subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT, env=env, capture_output=output is not None,
+                       text=True)
+    if output is not None:
+        output += [r.stdout, r.stderr]
+    return json.loads(out.read_text())["rows"]

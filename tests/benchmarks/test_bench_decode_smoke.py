@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.bench_testing import run_bench, tiny_model
+from tests.helpers import run_bench, tiny_model
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.model_shapes import SHAPES
 from server.sp.comm_volume import ring_bytes_per_layer, ulysses_bytes_per_layer
-from tests.benchmarks.bench_testing import ROOT, run_bench, tiny_model
+from tests.helpers import ROOT, run_bench, tiny_model
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.benchmarks.bench_testing import run_bench, tiny_model
+from tests.helpers import run_bench, tiny_model
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from benchmarks.model_shapes import shape_dir
 from server.models.loader import MODEL_CLASSES, read_model_config
 from server.sp.groups import ParallelState
-from tests.benchmarks.bench_testing import run_bench, tiny_model
+from tests.helpers import run_bench, tiny_model
 
 # total parameters as published (model cards), without the multi-token-prediction layers the engine does not load
 PUBLISHED = {"qwen3-30b-a3b": 30.5e9, "qwen3-coder-480b-a35b": 480e9, "minimax-m2": 230e9, "glm-4.6": 355e9}

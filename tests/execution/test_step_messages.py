@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from server.execution.worker import MESSAGE_BUFFER_BYTES, receive_message, send_message
 from server.forward.plan import ChunkPlan, MemoryStatsRequest, Placement, Shutdown, StepPlan
 from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
-from tests.sp.sp_testing import free_port, run_on_group
+from tests.helpers import free_port, run_on_group
 
 
 def messages() -> list:

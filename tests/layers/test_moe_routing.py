@@ -9,7 +9,7 @@ import torch
 
 from server.layers.moe_routing import make_router
 from server.layers.norm import TPRMSNorm
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import run_on_group
 
 HIDDEN, TOKENS = 32, 300
 

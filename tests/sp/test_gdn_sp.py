@@ -21,7 +21,7 @@ from server.kernels.gdn_ref import GDN_CHUNK, causal_conv1d_prefill_ref, gdn_chu
 from server.sp.gdn_sp import GDN_SP_MODES, conv_halo_exchange, gdn_combine_states, gdn_sp_prefill
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_chunks, zigzag_partition
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import run_on_group
 
 FP32_TOL = {"rtol": 2e-5, "atol": 2e-5}
 HK, HV, DK, DV, KERNEL = 2, 6, 8, 12, 4

@@ -17,8 +17,7 @@ from server.kernels.ops import LIGHTNING_BLOCK
 from server.sp.groups import ParallelState
 from server.sp.lasp import LASP_MODES, lasp_combine_states, lasp_prefill
 from server.sp.partition import zigzag_chunks, zigzag_partition
-from tests.helpers import FP32_TOL
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import FP32_TOL, run_on_group
 
 SLOPES = torch.tensor([0.9, 0.3, 0.08, 0.02])  # ALiBi-like spread: short and long memories
 

@@ -24,7 +24,7 @@ from server.sp.mla_sp import (
     mla_ring_prefill,
 )
 from server.sp.partition import zigzag_partition
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import run_on_group
 
 H, L, R, DN, DV = 4, 19, 6, 10, 7  # heads, kv_lora_rank, rope dim, nope dim, v dim: all different, L odd
 SCALE = (DN + R) ** -0.5 * 1.3

@@ -18,8 +18,7 @@ from server.runs import Run, runs_to_positions
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention
-from tests.helpers import FP32_TOL
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import FP32_TOL, run_on_group
 
 
 @dataclass

@@ -40,8 +40,7 @@ from server.sp.ulysses import (
 from server.sp.ulysses_attention import HeadShardedKV, ulysses_attention
 from server.sp.ulysses_gdn import ulysses_gdn_prefill
 from server.sp.ulysses_lightning import ulysses_lightning_prefill
-from tests.helpers import FP32_TOL
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import FP32_TOL, run_on_group
 
 BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}
 # (sp, ulysses_degree, tp): R = 1 with U = 2 and 4 (KV heads replicated), R = 2 (Ulysses x ring) with tp = 2

@@ -23,8 +23,7 @@ from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
 from server.sp.ring_attention import merge_over_sp
 from server.sp.window_attention import window_attention
-from tests.helpers import FP32_TOL, needs_flashinfer
-from tests.sp.sp_testing import run_on_group
+from tests.helpers import FP32_TOL, needs_flashinfer, run_on_group
 from tests.sp.test_ring_attention import _runs, _spread
 
 pytestmark = pytest.mark.slow
