@@ -13,14 +13,12 @@ import sys
 import pytest
 
 from server.models.builtin import builtin_model_path
-from tests.entrypoints.server_testing import REPO, start_server
+from tests.entrypoints.server_testing import REPO
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1"], tmp_path_factory.mktemp("srv") / "log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
+def server(builtin_server):
+    return builtin_server  # shared by the modules that need no flags of their own (tests/entrypoints/conftest.py)
 
 
 @pytest.mark.parametrize("mode", [

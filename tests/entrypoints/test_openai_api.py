@@ -15,17 +15,15 @@ import pytest
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import REPO, openai_client, prometheus_value, sse_events, start_server
+from tests.entrypoints.server_testing import REPO, openai_client, prometheus_value, sse_events
 
 PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
-CACHE_GB = "0.25"
+CACHE_GB = "0.25"  # the shared server's (tests/entrypoints/conftest.py): the offline engine matches it
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(["--device", "cpu", "--cpu-cache-gb", CACHE_GB], tmp_path_factory.mktemp("srv") / "log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
+def server(builtin_server):
+    return builtin_server  # shared by the modules that need no flags of their own (tests/entrypoints/conftest.py)
 
 
 @pytest.fixture(scope="module")

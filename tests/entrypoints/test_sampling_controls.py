@@ -12,7 +12,7 @@ import torch
 from server import LLM
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import openai_client, start_server
+from tests.entrypoints.server_testing import openai_client
 
 PROMPT = "The town sits where two rivers meet, and the town"
 STEPS = 8
@@ -20,10 +20,8 @@ TIE = 1e-3  # steps whose two best adjusted logits are closer than this may pick
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1"], tmp_path_factory.mktemp("srv") / "log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
+def server(builtin_server):
+    return builtin_server  # shared by the modules that need no flags of their own (tests/entrypoints/conftest.py)
 
 
 @pytest.fixture(scope="module")
