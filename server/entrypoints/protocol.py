@@ -160,6 +160,8 @@ class StartProfileRequest(RequestBody):
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: usage in the stream (at the end, or on every chunk)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
@@ -198,18 +200,24 @@ class _SamplingBody(RequestBody):
 
 
 class CompletionRequest(_SamplingBody):
+    """The body of ``POST /v1/completions``."""
+
     prompt: Any  # str | list[str] | list[int] | list[list[int]]; checked by normalize_prompt
     logprobs: Logprobs | None = None
     echo: bool | None = None
 
 
 class TextPart(BaseModel):
+    """A text part of a message's content list."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    """One message of a chat request (role, content, and the tool-call fields of the roles that have them)."""
+
     # name / tool_calls / tool_call_id / reasoning_content reach the chat template as the client sent them.
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -221,6 +229,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingBody):
+    """The body of ``POST /v1/chat/completions``."""
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None

@@ -50,6 +50,8 @@ class ContentPart(BaseModel):
 
 
 class InputMessage(BaseModel):
+    """One input item of a Responses API request."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
@@ -59,6 +61,8 @@ class InputMessage(BaseModel):
 
 
 class ResponsesRequest(RequestBody):
+    """The body of ``POST /v1/responses``."""
+
     ignored_fields: ClassVar[frozenset[str]] = IGNORED_FIELDS - {"store"}
     neutral_only_fields: ClassVar[dict[str, Any]] = {
         "store": False, "previous_response_id": None, "conversation": None, "background": False, "tools": [],

@@ -24,6 +24,8 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 class ClientDisconnected(Exception):
+    """The client went away while its response streamed: the request is aborted."""
+
     pass
 
 

@@ -30,6 +30,8 @@ from server.sampling_params import TokenId
 
 
 class TokenizeCompletionRequest(RequestBody):
+    """``POST /tokenize`` with a prompt."""
+
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
@@ -38,6 +40,8 @@ class TokenizeCompletionRequest(RequestBody):
 
 class TokenizeChatRequest(RequestBody):
     # Special tokens come from the chat template alone, as for /v1/chat/completions.
+    """``POST /tokenize`` with chat messages (rendered through the chat template)."""
+
     neutral_only_fields: ClassVar[dict[str, Any]] = NEUTRAL_ONLY_FIELDS | {"add_special_tokens": False}
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -47,6 +51,8 @@ class TokenizeChatRequest(RequestBody):
 
 
 class DetokenizeRequest(RequestBody):
+    """The body of ``POST /detokenize``."""
+
     model: str | None = None
     tokens: list[TokenId]
 

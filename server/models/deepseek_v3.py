@@ -89,6 +89,8 @@ def sparse_mlp(cfg: DeepseekV3Config, pstate: ParallelState, dtype: torch.dtype)
 
 
 class DeepseekV3DecoderLayer(nn.Module):
+    """One DeepSeek-V3 layer: MLA, then a dense MLP (first layers) or the routed + shared experts."""
+
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.self_attn = latent_attention(cfg, pstate, dtype, dict(cfg.rope))

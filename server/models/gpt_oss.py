@@ -71,6 +71,8 @@ class GptOssAttentionBlock(LlamaAttentionBlock):
 
 
 class GptOssDecoderLayer(nn.Module):
+    """One gpt-oss layer: sliding-window or full attention with sinks, then the MoE, pre-norm residuals."""
+
     def __init__(self, cfg: GptOssConfig, layer_type: str, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
@@ -123,6 +125,8 @@ def expert_tensors(weights: Iterable[tuple[str, object]], dtype: torch.dtype) ->
 
 
 class GptOssForCausalLM(CausalLM):
+    """gpt-oss-20b / 120b: alternating sliding-window and full layers with learned sinks, MoE MLPs."""
+
     config_class = GptOssConfig
 
     def __init__(self, cfg: GptOssConfig, pstate: ParallelState, dtype: torch.dtype):

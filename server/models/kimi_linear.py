@@ -122,6 +122,8 @@ class KimiDeltaAttentionBlock(nn.Module):
 
 
 class KimiLinearDecoderLayer(nn.Module):
+    """One Kimi-Linear layer: a KDA or MLA token mixer, then a dense or sparse MLP."""
+
     def __init__(self, cfg: KimiLinearConfig, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.is_linear = cfg.layer_types[layer_idx] == "linear_attention"
