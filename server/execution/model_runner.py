@@ -28,7 +28,6 @@ from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, Placement, StepPlan
 from server.kernels import ops
 from server.kernels.fp8 import FP8
-from server.layers.moe import FusedMoE
 from server.models.config import ModelConfig
 from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
@@ -93,7 +92,7 @@ class ModelRunner:
         # every layer that keeps per-request state, with what it declares (server/layers/cache_spec.py)
         kv_dtype = FP8 if config.kv_cache_dtype == "fp8_e4m3" else None
         self.cache_layers = [(layer, layer.cache_spec().with_kv_dtype(kv_dtype)) for layer in self.model.cache_layers()]
-        self.moe_layers = [m for m in self.model.modules() if isinstance(m, FusedMoE) and m.expert_parallel]
+        self.moe_layers = [m for m in self.model.moe_layers() if m.expert_parallel]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         self.snapshot_slots = 0
@@ -196,7 +195,7 @@ class ModelRunner:
         its KV cache pages and its state slots (zero before the caches are allocated); ``experts``: the ``[first,
         end)`` experts of every MoE layer here (None without MoE layers)."""
         allocated = self.table is not None
-        moe = next((m for m in self.model.modules() if isinstance(m, FusedMoE)), None)
+        moe = next(iter(self.model.moe_layers()), None)
         return {"weight_bytes": weight_bytes(self.model),
                 "kv_cache_bytes": self.cache_bytes_per_page() * self.num_pages if allocated and self.has_kv else 0,
                 "state_bytes": self.state_bytes_per_slot() * self.total_slots if allocated else 0,

@@ -18,7 +18,7 @@ from server.layers.linear import (
     as_tensor,
     default_weight_loader,
 )
-from server.layers.moe import moe_block_forward
+from server.layers.moe import FusedMoE, moe_block_forward
 from server.layers.norm import RMSNorm
 from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
@@ -211,6 +211,10 @@ class CausalLM(nn.Module):
             x = layer(x, ctx)
         x = self.norm(x)
         return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def moe_layers(self) -> list[FusedMoE]:
+        """Every routed-expert layer, in model order (expert-parallel exchange counts, the rank's expert range)."""
+        return [m for m in self.modules() if isinstance(m, FusedMoE)]
 
     def cache_layers(self) -> list[CacheLayer]:
         """Every layer that keeps per-request state, in model order (the engine allocates their caches)."""
