@@ -54,46 +54,6 @@ class CacheLayer:
         raise NotImplementedError
 
 
-class PagedKVSpec(CacheSpec):
-    """Softmax attention's K and V: ``[pages, page_size, kv_heads, head_dim]`` each, in ``kv_dtype`` (None: the
-    model's). The query heads and scale are the attention geometry the backend plans its kernels for. FP8 pages
-    (``float8_e4m3fn``) hold ``k / k_scale`` and ``v / v_scale`` (per-tensor scales of the layer). A sliding
-    ``window`` layer also keeps every slot's token position (int32; the window is a rule on positions, and a rank's
-    SP shard holds scattered ones)."""
-
-    paged = True
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 kv_dtype: torch.dtype | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                 window: int | None = None):
-        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.kv_dtype, self.k_scale, self.v_scale = kv_dtype, k_scale, v_scale
-        self.window = window
-
-    def with_kv_dtype(self, kv_dtype: torch.dtype | None) -> PagedKVSpec:
-        return PagedKVSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_dtype, self.k_scale,
-                           self.v_scale, self.window)
-
-    @property
-    def geometry(self) -> tuple[int, int, int, float, torch.dtype | None]:
-        """(query heads, KV heads, head dim, scale, KV dtype or None for the model's): layers with equal geometry
-        share the backend's plans."""
-        return self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.kv_dtype
-
-    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
-        kv = 2 * page_size * self.num_kv_heads * self.head_dim * (self.kv_dtype or dtype).itemsize
-        return kv + (4 * page_size if self.window is not None else 0)
-
-    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> Any:
-        from server.layers.attention import PagedKVCache
-
-        return PagedKVCache(units, page_size, self.num_kv_heads, self.head_dim, self.kv_dtype or dtype, device,
-                            self.k_scale, self.v_scale, positions=self.window is not None)
-
-    def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
-        cache.copy_pages(src, dst)
-
-
 class StateSpec(CacheSpec):
     """Fixed-size per-request tensors, named: ``shapes[name] = (shape of one slot, dtype or None for the model's)``.
     The cache object, ``factory(**tensors)``, has one ``[slots, *shape]`` tensor per name, zero-initialised (the

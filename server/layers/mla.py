@@ -30,8 +30,7 @@ from torch import nn
 
 from server.forward.context import ForwardContext
 from server.kernels.mla_ref import mla_absorb_queries, mla_up_project
-from server.layers.attention import Attention
-from server.layers.cache_spec import PagedKVSpec
+from server.layers.attention import Attention, PagedKVSpec
 from server.layers.linear import ColumnSeqParallelLinear, RowSeqParallelLinear, divide
 from server.layers.norm import RMSNorm
 from server.layers.rotary import RotaryEmbedding
