@@ -154,6 +154,7 @@ class StartProfileRequest(RequestBody):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class _SamplingBody(RequestBody):
@@ -180,9 +181,14 @@ class _SamplingBody(RequestBody):
     logit_bias: LogitBias | None = None
     prompt_logprobs: Logprobs | None = None  # vLLM's
     return_token_ids: bool | None = None  # vLLM's: the prompt's and the completion's token ids in the response
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:{id}"
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None  # vLLM's prefix-cache isolation
 
 
 class CompletionRequest(_SamplingBody):
+    neutral_only_fields: ClassVar[dict[str, Any]] = NEUTRAL_ONLY_FIELDS | {"use_beam_search": False}
     prompt: Any  # str | list[str] | list[int] | list[list[int]]; checked by normalize_prompt
     logprobs: Logprobs | None = None
     echo: bool | None = None
@@ -195,9 +201,12 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    # name / tool_calls / tool_call_id / reasoning_content reach the chat template as the client sent them.
-    model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """A message. As vLLM accepts them: any role the chat template knows (custom roles included; the template
+    refuses those it does not), and fields beyond OpenAI's, which reach the template as sent (as do ``name``,
+    ``tool_calls``, ``tool_call_id`` and ``reasoning_content``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Annotated[str, Field(min_length=1, max_length=64)]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -205,13 +214,53 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A tool the model may call (OpenAI's function tool)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the function to call."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_SamplingBody):
+    neutral_only_fields: ClassVar[dict[str, Any]] = {
+        k: v for k, v in NEUTRAL_ONLY_FIELDS.items() if k not in ("tools", "tool_choice")
+    } | {"use_beam_search": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Logprobs | None = None
     add_generation_prompt: bool | None = None  # vLLM: default true
     continue_final_message: bool | None = None  # vLLM: continue the last message (a prefilled answer)
+    tools: Annotated[list[Tool], Field(max_length=1024)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM / SGLang: more variables for the chat template
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None  # reaches the template
+    separate_reasoning: bool | None = None  # SGLang's: false leaves the reasoning in the content
+    include_reasoning: bool | None = None  # vLLM's: false drops the reasoning
+    echo: bool | None = None  # vLLM's: the last message's content first, when it is the assistant's
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
