@@ -122,6 +122,8 @@ class SamplingParams:
         default_factory=dict)
     # the output must match this (server.engine grammar masks); None: unconstrained
     structured: StructuredOutput | None = None
+    # vLLM's per-tenant prefix-cache isolation: requests share cached pages only with requests of the same salt
+    cache_salt: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

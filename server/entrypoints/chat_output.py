@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from server.entrypoints.reasoning_parsers import ReasoningParser
 from server.entrypoints.tool_parsers import ParsedCall, ParsedTools, ToolParser
-from server.entrypoints.tool_parsers.base import new_call_id
+from server.entrypoints.tool_parsers.base import held_back, new_call_id
 from server.entrypoints.tool_parsers.hermes import json_call
 
 
@@ -81,10 +81,11 @@ class ChatOutput:
         self._sent_args: list[int] = []
         self._ids: list[str] = []
 
-    def _strip(self, text: str) -> str:
+    def _strip(self, text: str, final: bool) -> str:
+        """``text`` without control tokens (and, while streaming, without an end that may become one)."""
         for token in self.config.control_tokens:
             text = text.replace(token, "")
-        return text
+        return text if final else text[: len(text) - held_back(text, self.config.control_tokens)]
 
     def _parse(self, final: bool) -> _Parsed:
         c = self.config
@@ -105,7 +106,8 @@ class ChatOutput:
         else:
             parsed = ParsedTools(text)
         calls = parsed.calls[:1] if c.single_call else parsed.calls
-        return _Parsed(self._strip(reasoning) if c.include_reasoning else "", self._strip(parsed.content), calls)
+        reasoning = self._strip(reasoning, final) if c.include_reasoning else ""
+        return _Parsed(reasoning, self._strip(parsed.content, final), calls)
 
     def _grown(self, now: _Parsed) -> dict:
         """The delta from what was sent to ``now`` (parts that did not grow are left out)."""

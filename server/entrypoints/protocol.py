@@ -454,11 +454,22 @@ def sampling_params_for(
         ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, cache_salt=req.cache_salt,
     )
     return [
         with_seed(base, None if req.seed is None else (req.seed + i) % SEED_MODULUS) for i in range(n)
     ]
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: the last ``max_model_len - 1``,
+    leaving room for one generated token); None or a longer ``keep`` leaves the prompt whole."""
+    if keep is None:
+        return ids
+    check(keep != 0, "truncate_prompt_tokens",
+          "'truncate_prompt_tokens' must be -1 (keep what the context holds) or a number of tokens >= 1.")
+    keep = max_model_len - 1 if keep == -1 else keep
+    return ids[-keep:] if 0 < keep < len(ids) else ids
 
 
 def with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

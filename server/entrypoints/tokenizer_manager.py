@@ -251,11 +251,12 @@ class TokenizerManager:
         return await self._in_pool(self.tokenizer.decode, ids, skip_special_tokens)
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False) -> list[int]:
+                          continue_final_message: bool = False, **variables) -> list[int]:
+        """The rendered chat template's ids; ``variables`` reach the template (``tools``, ``enable_thinking``)."""
         try:
             return await self._in_pool(self.tokenizer.encode_chat, messages, add_generation_prompt,
                                        continue_final_message=continue_final_message,
-                                       control_tokens_in_content=self.args.allow_control_tokens_in_chat)
+                                       control_tokens_in_content=self.args.allow_control_tokens_in_chat, **variables)
         except Exception as e:  # a template's raise_exception, a missing template, a forged control token
             raise APIError(400, f"The chat template could not format the messages: {e}", param="messages") from None
 
