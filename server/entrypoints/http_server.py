@@ -37,6 +37,7 @@ from server.entrypoints.protocol import (
     parse_body,
     parse_json_object,
 )
+from server.entrypoints.reasoning_parsers import reasoning_parser_class
 from server.entrypoints.responses import ResponsesServing
 from server.entrypoints.serving import OpenAIServing
 from server.entrypoints.tokenize import TokenizeServing
@@ -102,7 +103,9 @@ def build_app(args: ServerArgs) -> FastAPI:
     tm = TokenizerManager(args, metrics)
     name = args.served_model_name
     serving = OpenAIServing(tm, name)
-    native, responses, tokenize = NativeServing(tm, name), ResponsesServing(tm, name), TokenizeServing(tm, name)
+    reasoning = reasoning_parser_class(args.reasoning_parser) if args.reasoning_parser else None
+    native, responses, tokenize = (NativeServing(tm, name), ResponsesServing(tm, name, reasoning),
+                                   TokenizeServing(tm, name))
 
     def on_fatal(message: str) -> None:
         print(f"launch_server.py: error: {message}", file=sys.stderr, flush=True)
@@ -160,6 +163,10 @@ def build_app(args: ServerArgs) -> FastAPI:
     @app.post("/v1/responses", dependencies=auth)
     async def create_response(request: Request) -> Response:
         return await responses.create(request)
+
+    @app.get("/v1/responses/{response_id}", dependencies=auth)
+    async def retrieve_response(response_id: str) -> dict:
+        return responses.retrieve(response_id)
 
     @app.post("/generate", dependencies=auth)
     async def generate(request: Request) -> Response:
