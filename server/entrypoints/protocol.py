@@ -184,6 +184,7 @@ class _SamplingBody(RequestBody):
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds)
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:{id}"
+    logprob_token_ids: StopTokenIds | None = None  # vLLM's: the logprobs of these ids instead of the top ones
     cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None  # vLLM's prefix-cache isolation
 
 
@@ -441,6 +442,9 @@ def sampling_params_for(
     context. Raises 400 ``context_length_exceeded`` when prompt + max_tokens does not fit ``max_model_len``."""
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
     check_token_ids(req.logit_bias or {}, vocab_size, "logit_bias")
+    check_token_ids(req.logprob_token_ids or [], vocab_size, "logprob_token_ids")
+    check(not req.logprob_token_ids or logprobs is not None, "logprob_token_ids",
+          "'logprob_token_ids' needs logprobs: send 'logprobs' (chat: 'logprobs': true).")
     is_chat = isinstance(req, ChatCompletionRequest)
     if max_tokens is None:
         max_tokens = max(max_model_len - prompt_len, 1)
@@ -455,6 +459,7 @@ def sampling_params_for(
         skip_special_tokens=req.skip_special_tokens,
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, cache_salt=req.cache_salt,
+        logprob_token_ids=req.logprob_token_ids,
     )
     return [
         with_seed(base, None if req.seed is None else (req.seed + i) % SEED_MODULUS) for i in range(n)
@@ -475,7 +480,8 @@ def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> lis
 def with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     """A copy of ``params`` (lists and dicts copied too) with another seed."""
     return SamplingParams(**{**vars(params), "seed": seed, "stop": list(params.stop),
-                             "stop_token_ids": list(params.stop_token_ids), "logit_bias": dict(params.logit_bias)})
+                             "stop_token_ids": list(params.stop_token_ids), "logit_bias": dict(params.logit_bias),
+                             "logprob_token_ids": list(params.logprob_token_ids)})
 
 
 def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, param: str) -> None:

@@ -124,7 +124,7 @@ class OpenAIServing:
         for i, r in enumerate(results):
             lp = None
             if req.logprobs is not None:
-                lp = self._completion_logprobs([(x.token_id, x) for x in r.logprobs], len(echo[i]), req.logprobs,
+                lp = self._completion_logprobs([(x.token_id, x) for x in r.logprobs], len(echo[i]), top_n(req),
                                                bool(req.return_tokens_as_token_ids))
                 if req.echo:
                     lp = self._echo_logprobs(ids[i], r.prompt_logprobs, req.logprobs, lp,
@@ -184,7 +184,7 @@ class OpenAIServing:
                 lp = None
                 if req.logprobs is not None:
                     lp = self._completion_logprobs([(x.token_id, x) for x in ev.logprobs or []], offsets[i],
-                                                   req.logprobs, as_ids)
+                                                   top_n(req), as_ids)
                     offsets[i] += sum(len(t) for t in lp["tokens"])  # as in a whole response, whatever the
                     # detokenizer holds back (part of a character)
                 yield chunk(i, ev.text, lp, ev)
@@ -349,6 +349,12 @@ class OpenAIServing:
 
         content = [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]
         return {"content": content, "refusal": None}
+
+
+def top_n(req: CompletionRequest) -> int:
+    """Alternatives per generated token in a completion's logprobs: ``logprobs``, or each of vLLM's
+    ``logprob_token_ids``."""
+    return len(req.logprob_token_ids) if req.logprob_token_ids else req.logprobs
 
 
 def stream_usage(req: ChatCompletionRequest | CompletionRequest) -> str | None:

@@ -351,3 +351,25 @@ def test_required_schema_accepts_calls_and_rejects_others():
     single = required_schema([Tool.model_validate(WEATHER)], single=True)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([ok[0], ok[0]], single)
+
+
+def test_logprob_token_ids(server):
+    """vLLM's logprob_token_ids: the alternatives are the given ids, in order, with the logprobs the same request
+    reports for them when they are among its top 20."""
+    top = chat(server, max_tokens=1, logprobs=True, top_logprobs=20, return_tokens_as_token_ids=True)
+    first = top["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    picked = [first[k] for k in (7, 0, 19)]
+    ids = [int(t["token"].removeprefix("token_id:")) for t in picked]
+    c = chat(server, max_tokens=1, logprobs=True, top_logprobs=3, logprob_token_ids=ids,
+             return_tokens_as_token_ids=True)
+    entry = c["choices"][0]["logprobs"]["content"][0]
+    assert [t["token"] for t in entry["top_logprobs"]] == [t["token"] for t in picked]
+    assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([t["logprob"] for t in picked], abs=1e-5)
+    r = post(server, "/v1/completions", {"prompt": "The town", **GREEDY, "logprobs": 1, "logprob_token_ids": ids})
+    assert r.status_code == 200 and all(len(top) >= len(ids) for top in r.json()["choices"][0]["logprobs"][
+        "top_logprobs"])
+    bad = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprob_token_ids": [5]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_token_ids"
+    bad = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 1,
+                                           "logprob_token_ids": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_token_ids"
