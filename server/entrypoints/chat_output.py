@@ -99,10 +99,8 @@ class ChatOutput:
             parsed = ParsedTools("", [ParsedCall(c.function, text)])
         elif c.mode == "required":
             parsed = ParsedTools("", required_calls(text, final))
-        elif c.tools is not None:
+        elif c.tools is not None and c.mode != "none":
             parsed = c.tools.parse(text, final)
-            if c.mode == "none":
-                parsed.calls = []
         else:
             parsed = ParsedTools(text)
         calls = parsed.calls[:1] if c.single_call else parsed.calls
@@ -136,8 +134,17 @@ class ChatOutput:
             delta["tool_calls"] = calls
         return delta
 
+    @property
+    def _plain(self) -> bool:
+        """No parser reads the text: it is all content, passed through as it comes."""
+        c = self.config
+        return c.reasoning is None and c.content_parser is None and c.mode != "named" and c.mode != "required" and (
+            c.tools is None or c.mode == "none") and not c.control_tokens
+
     def delta(self, text: str, final: bool) -> dict:
         """Add an event's text; the message delta to stream (``final``: the choice ended)."""
+        if self._plain:
+            return {"content": text} if text else {}
         self.text += text
         return self._grown(self._parse(final))
 

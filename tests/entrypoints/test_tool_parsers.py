@@ -119,7 +119,8 @@ def test_kimi_keeps_the_models_call_ids():
 def test_tool_choice_none_leaves_calls_as_text_and_finish_reason():
     text = CASES[0][1]
     msg = reader("hermes", mode="none").message(text)
-    assert "tool_calls" not in msg and msg["content"] == CASES[0][2]
+    assert "tool_calls" not in msg and msg["content"] == text
+    assert streamed(lambda: reader("hermes", mode="none"), text, 3)["content"] == text
     assert finish_reason("stop", True) == "tool_calls" and finish_reason("length", True) == "length"
 
 
