@@ -112,7 +112,7 @@ class ChatOutput:
         delta: dict = {}
         sent = self._sent
         if now.reasoning.startswith(sent.reasoning) and len(now.reasoning) > len(sent.reasoning):
-            delta["reasoning_content"] = now.reasoning[len(sent.reasoning):]
+            delta["reasoning_content"] = delta["reasoning"] = now.reasoning[len(sent.reasoning):]
             sent.reasoning = now.reasoning
         if now.content.startswith(sent.content) and len(now.content) > len(sent.content):
             delta["content"] = now.content[len(sent.content):]
@@ -152,14 +152,20 @@ class ChatOutput:
     def has_calls(self) -> bool:
         return bool(self._ids)
 
-    def message(self, text: str) -> dict:
-        """The whole message of a choice whose text is ``text``."""
+    def message(self, text: str, truncated: bool = False) -> dict:
+        """The whole message of a choice whose text is ``text``. ``truncated``: ``max_tokens`` ended it, so a
+        constrained call (``required``, a named function) is incomplete and left out, as vLLM answers. Both
+        ``reasoning_content`` (SGLang, earlier vLLM) and ``reasoning`` (vLLM's newer name) carry the reasoning."""
         self.text = text
         parsed = self._parse(final=True)
+        if truncated and self.config.mode in ("named", "required"):
+            parsed.calls = []
         self._grown(parsed)  # assigns the calls' ids
-        msg: dict = {"role": "assistant", "content": parsed.content if parsed.content or not parsed.calls else None}
+        constrained = self.config.mode in ("named", "required")
+        content = parsed.content if parsed.content or not parsed.calls or constrained else None
+        msg: dict = {"role": "assistant", "content": content}
         if self.config.reasoning is not None and self.config.include_reasoning:
-            msg["reasoning_content"] = parsed.reasoning or None
+            msg["reasoning_content"] = msg["reasoning"] = parsed.reasoning or None
         if parsed.calls:
             msg["tool_calls"] = [
                 {"id": self._ids[i], "type": "function",

@@ -104,6 +104,7 @@ def test_reasoning_content_apart_from_content(server):
     raw = raw_text(server)
     msg = chat(server)["choices"][0]["message"]
     assert msg["reasoning_content"] == raw and msg["content"] == ""  # the prompt opened the reasoning
+    assert msg["reasoning"] == raw  # vLLM's newer name
     off = chat(server, chat_template_kwargs={"enable_thinking": False})["choices"][0]["message"]
     assert off["reasoning_content"] is None and off["content"] == raw_text(
         server, chat_template_kwargs={"enable_thinking": False})
@@ -146,22 +147,23 @@ def test_tools_and_tool_results_reach_the_template(server, tokenizer):
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt
 
 
-def test_named_tool_choice_gives_a_call_whole_and_streamed(server):
+def test_named_tool_choice_streams_the_call(server):
     """Without the grammar (enforced by the engine's structured outputs) a random model's text is not valid
-    JSON, but the shape is the named call's: the answer is its arguments."""
+    JSON, but the stream has the named call's shape: its name first, then the generated text as the arguments. A
+    call that max_tokens cut short is left out of the whole message, with empty content (vLLM's answer)."""
     body = {"messages": USER, **GREEDY, "tools": [WEATHER], "chat_template_kwargs": {"enable_thinking": False},
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
-    r = post(server, "/v1/chat/completions", body).json()
-    msg = r["choices"][0]["message"]
-    [call] = msg["tool_calls"]
-    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
-    assert msg["content"] is None and call["function"]["arguments"] == raw_text(
-        server, tools=[WEATHER], tool_choice="none", chat_template_kwargs={"enable_thinking": False})
+    choice = post(server, "/v1/chat/completions", body).json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert "tool_calls" not in choice["message"] and choice["message"]["content"] == ""
     events = stream(server, "/v1/chat/completions", body)
     calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", [])]
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"] and calls[0]["type"] == "function"
     assert all(tc["index"] == 0 and "name" not in tc["function"] for tc in calls[1:])
-    assert "".join(tc["function"].get("arguments", "") for tc in calls) == call["function"]["arguments"]
+    assert "".join(tc["function"].get("arguments", "") for tc in calls) == raw_text(
+        server, tools=[WEATHER], tool_choice="none", chat_template_kwargs={"enable_thinking": False})
+    assert [e["choices"][0]["finish_reason"] for e in events].count("length") == 1
+    assert all(not e["choices"][0]["delta"].get("content") for e in events)
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -184,10 +186,11 @@ def test_bad_tool_fields_are_400_naming_the_field(server, body, param):
 
 @pytest.mark.skipif(importlib.util.find_spec("server.engine.grammar") is None,
                     reason="the engine does not enforce SamplingParams.structured yet (no server.engine.grammar)")
-def test_required_tool_choice_always_gives_a_valid_call(server):
-    body = {"messages": USER, "temperature": 1.0, "max_tokens": 200, "tools": [WEATHER], "tool_choice": "required",
-            "n": 3, "seed": 7}
-    for r in (post(server, "/v1/chat/completions", body).json(),):
+def test_required_and_named_tool_choice_always_give_valid_calls(server):
+    body = {"messages": USER, "temperature": 1.0, "max_tokens": 200, "tools": [WEATHER], "n": 3, "seed": 7}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for tool_choice in ("required", named):
+        r = post(server, "/v1/chat/completions", {**body, "tool_choice": tool_choice}).json()
         for choice in r["choices"]:
             calls = choice["message"]["tool_calls"]
             assert calls and all(c["function"]["name"] == "get_weather" for c in calls)
@@ -249,16 +252,17 @@ def test_prompt_token_ids_and_prompt_logprobs_where_vllm_puts_them(server):
 
 
 def test_matched_stop(server):
-    text = post(server, "/v1/completions", {"prompt": "The town", **GREEDY}).json()["choices"][0]["text"]
+    longer = {**GREEDY, "max_tokens": 8}
+    text = post(server, "/v1/completions", {"prompt": "The town", **longer}).json()["choices"][0]["text"]
     stop = text[2:5]
-    r = post(server, "/v1/completions", {"prompt": "The town", **GREEDY, "stop": [stop]}).json()["choices"][0]
+    r = post(server, "/v1/completions", {"prompt": "The town", **longer, "stop": [stop]}).json()["choices"][0]
     assert r["finish_reason"] == "stop" and r["matched_stop"] == stop and r["stop_reason"] == stop
-    events = stream(server, "/v1/completions", {"prompt": "The town", **GREEDY, "stop": [stop]})
+    events = stream(server, "/v1/completions", {"prompt": "The town", **longer, "stop": [stop]})
     assert events[-1]["choices"][0]["matched_stop"] == stop
     g = post(server, "/generate", {"text": "The town", "sampling_params": {
         "max_new_tokens": 8, "temperature": 0, "stop": [stop]}}).json()
     assert g["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
-    length = post(server, "/v1/completions", {"prompt": "The town", **GREEDY}).json()["choices"][0]
+    length = post(server, "/v1/completions", {"prompt": "The town", **longer}).json()["choices"][0]
     assert length["finish_reason"] == "length" and length["matched_stop"] is None
 
 
