@@ -495,15 +495,20 @@ def with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
 
 
 def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, param: str) -> None:
-    """400 ``context_length_exceeded`` unless the prompt and the completion fit the model's context."""
+    """400 ``context_length_exceeded`` unless the prompt and the completion fit the model's context, in vLLM's
+    words (clients parse them): the prompt alone too long, or ``max_tokens`` too large for what the prompt
+    leaves."""
+    if prompt_len >= max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_len} input tokens. Please reduce the length of the input {param}.",
+            param=param, code="context_length_exceeded")
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} in the completion). "
-            "Please reduce the length of the prompt or of the completion.",
-            param=param,
-            code="context_length_exceeded",
-        )
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context "
+            f"length is {max_model_len} tokens and your request has {prompt_len} input tokens ({max_tokens} > "
+            f"{max_model_len} - {prompt_len}).",
+            param=param, code="context_length_exceeded")
 
 
 def choice_count(n: int | None) -> int:

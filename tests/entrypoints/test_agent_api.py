@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import httpx
 import jsonschema
@@ -336,10 +337,16 @@ def test_generate_n_and_batches_answer_lists(server):
 
 
 def test_over_long_prompt_wording(server):
+    """vLLM's two messages, which clients parse to shrink the request."""
     r = post(server, "/v1/completions", {"prompt": DOC * 40, "max_tokens": 4})
-    assert r.status_code == 400
     err = r.json()["error"]
-    assert "maximum context length" in err["message"] and err["code"] == "context_length_exceeded"
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert re.fullmatch(r"This model's maximum context length is 8192 tokens\. However, your request has \d+ input "
+                        r"tokens\. Please reduce the length of the input prompt\.", err["message"]), err
+    r = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 8190})
+    assert re.fullmatch(r"'max_tokens' or 'max_completion_tokens' is too large: 8190\. This model's maximum context "
+                        r"length is 8192 tokens and your request has (\d+) input tokens \(8190 > 8192 - \1\)\.",
+                        r.json()["error"]["message"]), r.text
 
 
 def test_required_schema_accepts_calls_and_rejects_others():
