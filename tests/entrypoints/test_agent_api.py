@@ -122,13 +122,13 @@ def test_reasoning_streamed_apart(server):
 
 
 def test_responses_reasoning_item(server):
-    r = post(server, "/v1/responses", {"input": "Weather in Paris?", "max_output_tokens": 8, "temperature": 0})
+    body = {"input": "Weather in Paris?", "max_output_tokens": GREEDY["max_tokens"], "temperature": 0}
+    r = post(server, "/v1/responses", body)
     assert r.status_code == 200, r.text
     out = r.json()["output"]
     assert [o["type"] for o in out] == ["reasoning", "message"]
     assert out[0]["content"][0]["type"] == "reasoning_text" and out[0]["content"][0]["text"] == raw_text(server)
-    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=120, json={
-            "input": "Weather in Paris?", "max_output_tokens": 8, "temperature": 0, "stream": True}) as s:
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=120, json={**body, "stream": True}) as s:
         events = [json.loads(line[6:]) for line in s.read().decode().splitlines() if line.startswith("data: ")]
     deltas = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
     assert deltas == out[0]["content"][0]["text"]
