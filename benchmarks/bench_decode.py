@@ -77,7 +77,7 @@ def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False
 
 def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    vocab = engine.model_cfg["vocab_size"]
+    vocab = engine.model_cfg.vocab_size
     # Requests that finish their prompt first decode while the others prefill: no limit inside the measurement.
     params = SamplingParams(temperature=0, max_tokens=steps + 4096, ignore_eos=True)
     rids = [f"c{context}-b{batch}-{i}-{seed}" for i in range(batch)]
@@ -98,14 +98,13 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
     times = []
     graphs = engine.runner.graphs
     split_before = graphs.split_steps if graphs else 0
-    if PROFILE:
-        PROFILE.reset()
+    PROFILE.reset()
     for _ in range(steps):
         t0 = time.perf_counter()
         outs = engine.step()
         times.append((time.perf_counter() - t0) * 1e3)
         assert sum(len(o.new_token_ids) for o in outs) == batch, "every request decodes one token per step"
-    if PROFILE:
+    if PROFILE.enabled:
         print(f"rank 0 step profile, context {context} batch {batch}: {PROFILE.table()}", flush=True)
     for rid in rids:
         engine.abort_request(rid)

@@ -31,9 +31,10 @@ def run_turn(cm: CacheManager, prompt: list[int], name: str, sp: int, output_len
     t0 = time.perf_counter()
     hit = cm.lookup(seq)
     t1 = time.perf_counter()
-    if not cm.can_admit(seq, hit):
+    seq.max_new_tokens = output_len
+    if not cm.can_admit(seq, hit, None):
         raise RuntimeError("the cache is too small for this run: raise --pages")
-    cm.admit(seq, hit)
+    cm.admit(seq, hit, None, 0)
     t2 = time.perf_counter()
     # the prompt's new tokens, split evenly over the ranks in position order; a chunk ends where the prompt leaves
     # a longer cached prefix than the hit's snapshot covers, and the state is snapshotted there

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
+
+class CommMode(str, enum.Enum):
+    """How a split chunk's layers see the other SP ranks: ``ring`` passes KV (softmax) or states (LASP / GDN) from
+    rank to rank; ``allgather`` gathers every rank's KV (softmax) or chunk messages (LASP-2 / GDN) at once."""
+
+    RING = "ring"
+    ALLGATHER = "allgather"
+
+
+class CudaGraphMode(str, enum.Enum):
+    """``auto``: capture decode graphs on CUDA; ``off``; ``eager``: pad decode steps into the graphs' static
+    buffers but run them eagerly (any device: how the CPU tests cover the graph path)."""
+
+    AUTO = "auto"
+    OFF = "off"
+    EAGER = "eager"
+
+
+class UlyssesLayers(str, enum.Enum):
+    """Which layers of a split chunk run on the Ulysses mesh: ``all``, or ``linear`` (lightning, GDN; softmax layers
+    then run the plain ring over the whole SP group)."""
+
+    ALL = "all"
+    LINEAR = "linear"
+
+
 ATTENTION_BACKENDS = ("auto", "flashinfer", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-CUDA_GRAPH_MODES = ("auto", "off", "eager")
-ULYSSES_LAYERS = ("all", "linear")
+CUDA_GRAPH_MODES = tuple(m.value for m in CudaGraphMode)
+ULYSSES_LAYERS = tuple(m.value for m in UlyssesLayers)
+# fields given as strings (flags, keyword arguments) and held as these enums
+_ENUM_FIELDS = {"ring_mode": CommMode, "lasp_mode": CommMode, "cuda_graph": CudaGraphMode,
+                "ulysses_layers": UlyssesLayers}
 
 
 @dataclass(frozen=True)
@@ -62,6 +92,12 @@ class EngineConfig:
     dist_init_addr: str | None = None  # tcp://host:port for the workers' rendezvous; a free local port if None
     nnodes: int = 1
     node_rank: int = 0
+
+    def __post_init__(self) -> None:
+        for name, kind in _ENUM_FIELDS.items():  # an unknown value stays as given: validate() names the flag
+            value = getattr(self, name)
+            if value in {m.value for m in kind}:
+                object.__setattr__(self, name, kind(value))
 
     @property
     def world_size(self) -> int:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.config import CommMode
 from server.forward.context import AttentionStepMeta, LocalEntry, RingEntry
 from server.kernels import ops
 from server.kernels.ops import Run
@@ -180,8 +181,9 @@ def sort_into_batches(entries: list[LocalEntry], page_size: int, device: torch.d
 
 
 class AttentionBackend:
-    """A backend: how batches and ring pieces are computed. Subclasses implement :meth:`run_batch` and
-    :meth:`attention_runs`, and may plan kernels in :meth:`plan_batches` (called once per step)."""
+    """A backend: how batches and ring pieces are computed. Subclasses implement :meth:`run_batch`,
+    :meth:`attention_runs` and :meth:`graph_decode` (the CUDA-graph form: capture and replay go through its
+    backends), and may plan kernels in :meth:`plan_batches` (called once per step)."""
 
     name = "base"
 
@@ -208,6 +210,11 @@ class AttentionBackend:
     def attention_runs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_runs: list[Run],
                        k_runs: list[Run], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Position-run attention (:func:`server.kernels.ops.attention_runs` semantics) for the ring's blocks."""
+        raise NotImplementedError
+
+    def graph_decode(self, buckets: list[int], max_pages: int) -> dict[int, AttentionBackend]:
+        """Backends for CUDA-graph decode steps, one per batch-size bucket, each reading fixed index buffers that its
+        :meth:`plan_batches` refills before a replay (``max_pages``: the longest page table of a request)."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -273,7 +280,7 @@ class StepAttention:
 
     @property
     def _ring_fn(self):
-        return ring_attention if self.meta.ring_mode == "ring" else allgather_kv_attention
+        return ring_attention if self.meta.ring_mode == CommMode.RING else allgather_kv_attention
 
     def _ulysses_split(self, e: RingEntry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache,
                        scale: float) -> torch.Tensor:

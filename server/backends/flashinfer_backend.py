@@ -37,6 +37,8 @@ def flashinfer_takes(geometry: AttentionGeometry, dtype: torch.dtype) -> str | N
 
 
 class FlashInferAttentionBackend(AttentionBackend):
+    """Attention on flashinfer's batch prefill / decode kernels (CUDA, fp16/bf16, head dim 64/128/256)."""
+
     name = "flashinfer"
 
     def __init__(self, pstate, page_size: int, geometry: AttentionGeometry, dtype: torch.dtype):

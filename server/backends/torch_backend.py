@@ -52,6 +52,8 @@ def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor 
 
 
 class TorchAttentionBackend(AttentionBackend):
+    """Attention on the plain-torch references (any device, any dtype): CPU runs and tests."""
+
     name = "torch"
 
     def run_batch(self, batch, q, k, v, cache, scale):

@@ -31,6 +31,8 @@ SCRATCH_PAGE = 0
 
 
 class CacheManager:
+    """Rank 0's bookkeeping of KV pages per SP rank, state slots and snapshots, reservations and the prefix cache."""
+
     def __init__(self, num_pages: int, page_size: int, sp_size: int, num_slots: int, split_threshold: int,
                  split_budget: int, prefix_cache: PrefixCache | None = None, snapshot_slots: int = 0):
         self.num_pages = num_pages  # per rank, the scratch page included
@@ -63,28 +65,28 @@ class CacheManager:
     def capacity_tokens(self) -> int:
         return self.capacity_per_rank * self.sp_size
 
-    def is_short(self, seq: Sequence) -> bool:
-        """Short prompts are prefilled whole on one SP rank (their home)."""
-        return self.sp_size > 1 and len(seq.prompt_ids) < self.split_threshold
-
-    def reservation(self, seq: Sequence, rank: int, cached: int = 0, homed: bool | None = None) -> list[int]:
-        """New tokens to reserve per SP rank if ``seq`` (its first ``cached`` tokens from the prefix cache) is homed
-        on ``rank`` (``homed``; default: when it is short) or is an SP request."""
-        n, m, page = len(seq.prompt_ids) - cached, seq.params.max_tokens, self.page_size
+    def reservation(self, seq: Sequence, home: int | None, cached: int = 0) -> list[int]:
+        """New tokens to reserve per SP rank for ``seq`` (its first ``cached`` tokens from the prefix cache) homed on
+        ``home``, or, with ``home`` None, spread as an SP request."""
+        n, m, page = len(seq.prompt_ids) - cached, seq.max_new_tokens, self.page_size
         res = [0] * self.sp_size
-        if self.sp_size == 1 or (self.is_short(seq) if homed is None else homed):
-            res[rank] = n + m + page
+        if self.sp_size == 1 or home is not None:
+            res[home or 0] = n + m + page
             return res
         chunks = -(-n // self.split_budget)
         # split chunks, zigzag rounding, the tail chunk on one rank, decode rotating page by page
         share = -(-(n + m) // self.sp_size) + 2 * chunks + self.split_threshold + 2 * page
         return [share] * self.sp_size
 
-    def can_ever_fit(self, seq: Sequence) -> bool:
-        return max(self.reservation(seq, 0)) <= self.capacity_per_rank
+    def can_ever_fit(self, seq: Sequence, home: int | None) -> bool:
+        return max(self.reservation(seq, home)) <= self.capacity_per_rank
 
     def least_reserved_rank(self) -> int:
         return min(range(self.sp_size), key=lambda r: self.reserved[r])
+
+    def prefix_ranks(self, hit: PrefixHit) -> list[int]:
+        """SP ranks that hold rows of ``hit``'s cached prefix."""
+        return [r for r in range(self.sp_size) if rows_before(hit.entry.runs[r], hit.tokens)]
 
     def _shared_tokens(self, rank: int) -> int:
         """Tokens of cache entries that running requests share on ``rank`` (they cannot be evicted)."""
@@ -104,35 +106,24 @@ class CacheManager:
             seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
         return hit
 
-    def _placement(self, seq: Sequence, hit: PrefixHit | None) -> tuple[int, int | None]:
-        """(rank for the reservation, home rank or None) for ``seq``: a short request is homed on the least
-        reserved rank, or on the rank that holds its cached prefix; a prefix spread over ranks makes it an SP
-        request (its new tokens are then computed on every rank, like a tail chunk)."""
-        rank = self.least_reserved_rank()
-        if not self.is_short(seq):
-            return rank, None
-        if hit is None:
-            return rank, rank
-        holders = [r for r in range(self.sp_size) if rows_before(hit.entry.runs[r], hit.tokens)]
-        return (holders[0], holders[0]) if len(holders) == 1 else (rank, None)
-
-    def can_admit(self, seq: Sequence, hit: PrefixHit | None) -> bool:
+    def can_admit(self, seq: Sequence, hit: PrefixHit | None, home: int | None) -> bool:
+        """A slot is free and ``seq``'s reservation (homed on ``home`` or spread) fits beside the others'."""
         if not self.free_slots:
             return False
-        rank, home = self._placement(seq, hit)
-        res = self.reservation(seq, rank, hit.tokens if hit else 0, home is not None)
+        res = self.reservation(seq, home, hit.tokens if hit else 0)
         pinned = hit.entry if hit and not hit.entry.users else None
         return all(
             a + b + self._shared_tokens(r) + (len(pinned.pages[r]) * self.page_size if pinned else 0)
             <= self.capacity_per_rank
             for r, (a, b) in enumerate(zip(self.reserved, res)))
 
-    def admit(self, seq: Sequence, hit: PrefixHit | None) -> None:
-        rank, home = self._placement(seq, hit)
+    def admit(self, seq: Sequence, hit: PrefixHit | None, home: int | None, kv_rank: int) -> None:
+        """Take a slot and the reservation for ``seq`` as the scheduler placed it (``home``; ``kv_rank``: where its
+        first unsplit tokens go), and the cached prefix of ``hit``."""
         seq.slot = self.free_slots.pop()
         seq.home = home
-        seq.decode_rank = rank
-        seq.reserved_tokens = self.reservation(seq, rank, hit.tokens if hit else 0, home is not None)
+        seq.kv_rank = kv_rank
+        seq.reserved_tokens = self.reservation(seq, home, hit.tokens if hit else 0)
         self.reserved = [a + b for a, b in zip(self.reserved, seq.reserved_tokens)]
         if hit is not None:
             self._take_prefix(seq, hit)
@@ -240,14 +231,6 @@ class CacheManager:
         for entry in unused:
             self.drop(entry)
         return len(unused)
-
-    def replicated_owner(self, seq: Sequence) -> int:
-        """SP rank that stores ``seq``'s next replicated tokens: the current one while its last page has room,
-        then the rank with the smallest shard, so that every rank holds about 1/P of the request."""
-        if seq.shard_len(seq.decode_rank) % self.page_size:
-            return seq.decode_rank
-        seq.decode_rank = min(range(self.sp_size), key=lambda r: (seq.shard_len(r), r != seq.decode_rank))
-        return seq.decode_rank
 
     def pages_needed(self, seq: Sequence, sp_rank: int, new_tokens: int) -> int:
         total = seq.shard_len(sp_rank) + new_tokens

@@ -16,18 +16,29 @@ on CPU this way); ``off`` runs every step eagerly.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from server.backends.attention import StepAttention, decode_batch
-from server.engine.step_builder import INPUT_ROWS, PaddedDecode, build_padded_decode, rank_row_count
+from server.backends.attention import AttentionBackend, StepAttention, decode_batch
+from server.config import CudaGraphMode, EngineConfig
+from server.engine.request_table import RequestTable
+from server.engine.step_builder import (
+    INPUT_ROWS,
+    PaddedDecode,
+    build_padded_decode,
+    rank_row_count,
+    take_prev_tokens,
+)
 from server.engine.step_profile import PROFILE
 from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
 from server.forward.plan import Placement, StepPlan
+from server.sp.groups import ParallelState
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +52,52 @@ def bucket_sizes(max_bs: int) -> list[int]:
     return sizes + [max_bs]
 
 
-def graph_mode(config, device: torch.device, backend) -> str:
-    """``capture``, ``eager`` or ``off`` for this rank (see the module docstring)."""
-    if config.cuda_graph == "off" or config.cuda_graph_max_bs <= 0:
-        return "off"
-    if config.cuda_graph == "eager":
-        return "eager"
-    if device.type == "cuda" and hasattr(backend, "graph_decode"):
-        return "capture"
-    return "off"
+class GraphRun(enum.Enum):
+    """How this rank runs decode steps: replayed from captured graphs, on the graphs' static buffers but eagerly, or
+    as any other step."""
+
+    CAPTURE = "capture"
+    EAGER = "eager"
+    OFF = "off"
+
+
+def graph_run(config: EngineConfig, device: torch.device) -> GraphRun:
+    """This rank's :class:`GraphRun` (see the module docstring)."""
+    if config.cuda_graph == CudaGraphMode.OFF or config.cuda_graph_max_bs <= 0:
+        return GraphRun.OFF
+    if config.cuda_graph == CudaGraphMode.EAGER:
+        return GraphRun.EAGER
+    return GraphRun.CAPTURE if device.type == "cuda" else GraphRun.OFF
 
 
 class DecodeGraphs:
-    def __init__(self, runner, capture: bool):
-        self.runner = runner
-        self.capture = capture
-        dev = runner.device
-        self.buckets = bucket_sizes(min(runner.config.cuda_graph_max_bs, runner.num_slots))
+    """Decode steps of up to ``cuda_graph_max_bs`` requests, padded to a batch-size bucket and replayed from the
+    bucket's CUDA graph (``capture``) or run eagerly on the same static buffers.
+
+    It holds what it reads, passed in: the model, the rank's groups, the request table (page tables), the
+    attention backend (which gives one graph-form backend per bucket) and ``on_inputs_copied``, called once a
+    step's inputs are on the device (the caller then knows when the host buffers may be rewritten)."""
+
+    def __init__(self, model: torch.nn.Module, pstate: ParallelState, config: EngineConfig, backend: AttentionBackend,
+                 table: RequestTable, scratch_slot: int, num_slots: int, has_kv: bool, capture: bool,
+                 on_inputs_copied: Callable[[], None]):
+        self.model, self.pstate, self.config, self.table = model, pstate, config, table
+        self.has_kv, self.capture, self.on_inputs_copied = has_kv, capture, on_inputs_copied
+        self.device = dev = pstate.device
+        self.buckets = bucket_sizes(min(config.cuda_graph_max_bs, num_slots))
         top = self.buckets[-1]
+        self.scratch_slot = scratch_slot
         # One static block of per-row inputs (token ids, positions, KV write slots, state slots, merge flags), filled
         # by one host-to-device copy per step from a pinned staging block.
         self.inputs = torch.zeros(INPUT_ROWS, top, dtype=torch.long, device=dev)
-        self.inputs[3] = runner.scratch_slot
+        self.inputs[3] = scratch_slot
         self.staging = torch.zeros(INPUT_ROWS, top, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.rows = torch.arange(top, device=dev)
         self.cu = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self.backends = runner.backend.graph_decode(self.buckets, runner.table.page_table.shape[1])
+        self.backends = backend.graph_decode(self.buckets, table.page_table.shape[1])
         # sp > 1: a second graph per bucket for steps whose rows are all replicated, with the dense MLPs split
         # over the SP ranks (ForwardContext.split_mlp)
-        self.variants = [False] + [True] * bool(runner.config.sp_split_mlp and runner.model.sp_split_mlp_ok())
+        self.variants = [False] + [True] * bool(config.sp_split_mlp and model.sp_split_mlp_ok())
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.steps = 0  # decode steps run in the graph form
@@ -80,96 +108,90 @@ class DecodeGraphs:
     def release(self) -> None:
         """Destroy the captured graphs now (not whenever the garbage collector gets to them). A graph that captured
         collectives holds their communicators: they cannot be released while it lives."""
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
         self.outputs.clear()
 
     def bucket_for(self, plan: StepPlan) -> int | None:
-        ps = self.runner.pstate
+        ps = self.pstate
         n = max(rank_row_count(plan, ps.sp_size, r) for r in range(ps.sp_size))
         return next((b for b in self.buckets if b >= n), None)
 
     def _context(self, bs: int, batches, split: bool) -> ForwardContext:
-        r = self.runner
         meta = AttentionStepMeta(write_rows=slice(0, bs), write_slots=self.inputs[2, :bs],
-                                 merge_mask=self.inputs[4, :bs] if r.pstate.sp_size > 1 else None)
-        attention = StepAttention(self.backends[bs], meta, batches) if r.attn_layers else None
+                                 merge_mask=self.inputs[4, :bs] if self.pstate.sp_size > 1 else None)
+        attention = StepAttention(self.backends[bs], meta, batches) if self.has_kv else None
         linear = LinearStepMeta(zero_slots=None, split=[], local_rows=self.rows[:bs], local_slots=self.inputs[3, :bs],
-                                local_cu=self.cu[: bs + 1], all_decode=True, mode=r.config.lasp_mode)
-        return ForwardContext(r.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear,
+                                local_cu=self.cu[: bs + 1], all_decode=True, mode=self.config.lasp_mode)
+        return ForwardContext(self.pstate, self.inputs[0, :bs], self.inputs[1, :bs], bs, False, attention, linear,
                               split_mlp=split)
 
-    def _load(self, step: PaddedDecode, bs: int, prev_tokens: bool) -> list:
+    def _load(self, step: PaddedDecode, bs: int, last_tokens: torch.Tensor | None) -> list:
         """Copy a padded step into the static buffers and plan its attention; the step's batches."""
         self.staging[:, :bs].numpy()[:] = step.inputs
         self.inputs[:, :bs].copy_(self.staging[:, :bs], non_blocking=True)
-        if prev_tokens:
-            self.runner.take_prev_tokens(self.inputs[0, :bs])
+        if last_tokens is not None:
+            take_prev_tokens(self.inputs[0, :bs], last_tokens)
         batches = []
-        if self.runner.attn_layers:
-            batches = [decode_batch(self.runner.config.page_size, step.kv_indptr, step.kv_indices,
+        if self.has_kv:
+            batches = [decode_batch(self.config.page_size, step.kv_indptr, step.kv_indices,
                                     step.last_page_len, step.kv_lens)]
             self.backends[bs].plan_batches(batches)
-        self.runner.inputs_copied()
+        self.on_inputs_copied()
         return batches
 
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, PaddedDecode] | None:
+    def run(self, plan: StepPlan, last_tokens: torch.Tensor | None) -> tuple[torch.Tensor, PaddedDecode] | None:
         """The step's hidden states ``[bucket, hidden]`` (real rows first) and its padded form; None when the step
-        does not fit a bucket, or a row has no KV on this rank (it runs eagerly then)."""
-        r = self.runner
+        does not fit a bucket, or a row has no KV on this rank (it runs eagerly then). ``last_tokens``: the previous
+        step's sampled tokens on the device, when the plan's decode rows read them (``plan.prev_tokens``)."""
         bs = self.bucket_for(plan)
         if bs is None:
             return None
-        step = build_padded_decode(plan, r.table, r.pstate, bs, r.scratch_slot)
+        step = build_padded_decode(plan, self.table, self.pstate, bs, self.scratch_slot)
         if step is None:
             return None
-        if PROFILE:
-            PROFILE.mark("build")
-        batches = self._load(step, bs, plan.prev_tokens)
-        if PROFILE:
-            PROFILE.mark("load")
+        PROFILE.mark("build")
+        batches = self._load(step, bs, last_tokens)
+        PROFILE.mark("load")
         # every SP rank computes every row (the same rows in the same order): the MLPs may split over SP
         split = self.variants[-1] and all(c.placement == Placement.REPLICATED for c in plan.chunks)
         self.steps += 1
         self.split_steps += split
         if self.capture:
             self.graphs[bs, split].replay()
-            if PROFILE:
-                PROFILE.mark("replay")
+            PROFILE.mark("replay")
             return self.outputs[bs, split], step
-        hidden = r.model(self._context(bs, batches, split))
-        if PROFILE:
-            PROFILE.mark("forward")
+        hidden = self.model(self._context(bs, batches, split))
+        PROFILE.mark("forward")
         return hidden, step
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        r = self.runner
         start = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
-        page = r.config.page_size
+        page, dev = self.config.page_size, self.device
         for bs, split in itertools.product(reversed(self.buckets), self.variants):  # the largest first: the
             batches = []  # smaller ones reuse its memory
-            if r.attn_layers:  # every row on the scratch page
+            if self.has_kv:  # every row on the scratch page
                 ones = np.ones(bs, dtype=np.int64)
                 batches = [decode_batch(page, np.arange(bs + 1, dtype=np.int32), np.zeros(bs, dtype=np.int32),
                                         ones.astype(np.int32), ones)]
                 self.backends[bs].plan_batches(batches)
             ctx = self._context(bs, batches, split)
-            stream = torch.cuda.Stream(r.device)
-            stream.wait_stream(torch.cuda.current_stream(r.device))
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: lazy initialisation and autotuning stay out of the graph
-                    r.model(ctx)
-            torch.cuda.current_stream(r.device).wait_stream(stream)
+                    self.model(ctx)
+            torch.cuda.current_stream(dev).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs, split] = r.model(ctx)
+                self.outputs[bs, split] = self.model(ctx)
             self.graphs[bs, split] = graph
-        torch.cuda.synchronize(r.device)
-        log.info("rank %d: captured %d decode CUDA graphs (batch sizes %s%s) in %.1f s", r.pstate.rank,
+        torch.cuda.synchronize(dev)
+        log.info("rank %d: captured %d decode CUDA graphs (batch sizes %s%s) in %.1f s", self.pstate.rank,
                  len(self.graphs), ",".join(map(str, self.buckets)),
                  "; each also with the MLPs split over SP" if len(self.variants) > 1 else "", time.monotonic() - start)

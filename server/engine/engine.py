@@ -46,7 +46,8 @@ from server.engine.worker import (
 from server.forward.plan import MemoryStatsRequest, Placement, ProfileRequest, Shutdown
 from server.layers.sampler import SampledBatch, SampleRequest, sample, sample_async
 from server.models.builtin import builtin_model_path
-from server.models.loader import check_model_parallelism, read_model_config
+from server.models.config import ModelConfig
+from server.models.loader import check_model_parallelism, context_length, read_model_config
 from server.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ MAIN_GUARD_HINT = (
     "engine under `if __name__ == \"__main__\":` in a script, or the workers start it again")
 
 
-def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
+def model_eos_ids(tokenizer_path: str, cfg: ModelConfig) -> list[int]:
     ids: list[int] = []
     try:
         from server.tokenizer import Tokenizer
@@ -64,9 +65,7 @@ def model_eos_ids(tokenizer_path: str, cfg: dict) -> list[int]:
         ids = list(Tokenizer.from_pretrained(tokenizer_path).eos_token_ids)
     except (ValueError, OSError):
         pass  # a model without tokenizer files (dummy benchmarks) still has config.json's EOS
-    eos = cfg.get("eos_token_id")
-    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    return list(dict.fromkeys(ids))
+    return list(dict.fromkeys(ids + list(cfg.eos_token_ids)))
 
 
 @dataclass
@@ -98,10 +97,7 @@ class Engine:
         check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format,
                                 config.ulysses_degree, config.ulysses_layers)
         self.tokenizer_path = config.tokenizer_path or self.model_path
-        limit = self.model_cfg.get("max_position_embeddings", 4096)
-        if self.model_cfg.get("sliding_window") and self.model_cfg.get("use_sliding_window", True):
-            limit = min(limit, self.model_cfg["sliding_window"])  # no sliding-window attention: cap the context
-        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.max_model_len = context_length(config, self.model_cfg)
         self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)
         init_method = config.dist_init_addr or f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
@@ -125,7 +121,7 @@ class Engine:
         if self.overlap is None:
             self.overlap = self.device.type == "cuda" or config.world_size == 1
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
-                                   bool(self.runner.lightning_layers or self.runner.gdn_layers),
+                                   self.runner.has_state,
                                    self.runner.snapshot_slots)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
@@ -153,12 +149,12 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, req: GenerateRequest) -> None:
         try:
-            req.sampling_params.check_vocab(self.model_cfg["vocab_size"])
+            req.sampling_params.check_vocab(self.model_cfg.vocab_size)
         except ValueError as e:
             raise RequestRejected(str(e), "invalid_token_id") from None
-        bad = [t for t in req.prompt_token_ids if not (0 <= t < self.model_cfg["vocab_size"])]
+        bad = [t for t in req.prompt_token_ids if not (0 <= t < self.model_cfg.vocab_size)]
         if bad:
-            raise RequestRejected(f"token id {bad[0]} is out of range [0, {self.model_cfg['vocab_size']})",
+            raise RequestRejected(f"token id {bad[0]} is out of range [0, {self.model_cfg.vocab_size})",
                                   "invalid_token_id")
         scored = req.sampling_params.prompt_logprobs is not None
         seq = Sequence(req.rid, list(req.prompt_token_ids), req.sampling_params, self.config.sp_size,
@@ -192,17 +188,17 @@ class Engine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
-        if PROFILE:
-            PROFILE.start()
+        PROFILE.start()
         outputs, self.pending = self.pending, []
         plan, seqs = self.scheduler.schedule()
         if not plan.chunks:
             return outputs + self._resolve()
-        if PROFILE:
-            PROFILE.mark("schedule") if plan.is_decode else PROFILE.cancel()
+        if plan.is_decode:
+            PROFILE.mark("schedule")
+        else:
+            PROFILE.cancel()
         send_message(self.pstate, plan)
-        if PROFILE:
-            PROFILE.mark("send")
+        PROFILE.mark("send")
         self.num_steps += 1
         self.num_prev_token_steps += plan.prev_tokens
         self.last_step = StepCounts(
@@ -222,13 +218,11 @@ class Engine:
         rows, live = zip(*sampled)
         logits = out.logits if len(rows) == out.logits.shape[0] else out.logits[list(rows)]
         outputs += self._sample(logits, list(live))
-        if PROFILE:
-            PROFILE.mark("sample")
+        PROFILE.mark("sample")
         if not self.overlap:
             outputs += self._resolve()
-        if PROFILE:
-            PROFILE.mark("finish")
-            PROFILE.end()
+        PROFILE.mark("finish")
+        PROFILE.end()
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -251,8 +245,7 @@ class Engine:
             return []
         flight, self.inflight = self.inflight, None
         tokens, logprobs = flight.batch.result()
-        if PROFILE:
-            PROFILE.mark("wait")
+        PROFILE.mark("wait")
         outputs = []
         now = time.monotonic()
         for seq, tok, lp in zip(flight.seqs, tokens, logprobs):
@@ -355,7 +348,7 @@ class Engine:
         if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
                 and len(seq.output_ids) >= p.min_tokens:
             reason, matched = "stop", tok
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_ids) >= seq.max_new_tokens:
             reason = "length"
         if reason:
             self.scheduler.finish(seq)
@@ -369,7 +362,7 @@ class Engine:
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         prefix = self.cache.prefix
-        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.attn_layers else 0  # no KV layers
+        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

@@ -13,6 +13,8 @@ STAGES = ("sample", "stop_check", "detokenize")
 
 
 class InjectedFault(RuntimeError):
+    """An error raised on purpose by a test's fault hook (never in normal runs)."""
+
     pass
 
 

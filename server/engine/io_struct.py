@@ -22,6 +22,8 @@ class GenerateRequest:
 
 @dataclass
 class AbortRequest:
+    """A client asks to stop a request (the HTTP process to the engine process)."""
+
     rid: str
 
 
@@ -32,6 +34,8 @@ class FlushCache:
 
 @dataclass
 class CacheFlushed:
+    """The engine's answer to a flush: how many prefix-cache entries were dropped."""
+
     entries: int
 
 

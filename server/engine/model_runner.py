@@ -20,15 +20,13 @@ from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
 from server.engine.request_table import RequestTable
-from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows
+from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
 from server.engine.step_profile import PROFILE
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, StepPlan
 from server.kernels import ops
-from server.layers.attention import Attention, PagedKVCache
-from server.layers.gdn import GDNAttention, GDNStatePool
-from server.layers.lightning import LightningAttention, LightningStatePool
-from server.models.loader import build_model, resolve_dtype
+from server.models.config import ModelConfig
+from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
 from server.sp.ulysses import UlyssesMesh, init_ulysses_mesh
 
@@ -77,7 +75,7 @@ class ModelRunner:
     State slots: ``num_slots`` for requests plus one scratch slot (index ``num_slots``) for padded graph rows.
     """
 
-    def __init__(self, config: EngineConfig, model_path: str, model_cfg: dict, pstate: ParallelState,
+    def __init__(self, config: EngineConfig, model_path: str, model_cfg: ModelConfig, pstate: ParallelState,
                  mesh: UlyssesMesh | None = None):
         self.config = config
         self.pstate = pstate
@@ -87,14 +85,12 @@ class ModelRunner:
         ops.set_kernel_backend(config.attention_backend)
         torch.manual_seed(config.seed)
         self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
-        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.lightning_layers = [m for m in self.model.modules() if isinstance(m, LightningAttention)]
-        self.gdn_layers = [m for m in self.model.modules() if isinstance(m, GDNAttention)]
+        # every layer that keeps per-request state, with what it declares (server/layers/cache_spec.py)
+        self.cache_layers = [(layer, layer.cache_spec()) for layer in self.model.cache_layers()]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
-        has_state = bool(self.lightning_layers or self.gdn_layers)
         self.snapshot_slots = 0
-        if config.enable_prefix_cache and has_state:
+        if config.enable_prefix_cache and self.has_state:
             self.snapshot_slots = config.prefix_cache_snapshots
             if self.snapshot_slots is None:
                 self.snapshot_slots = -1  # sized in plan_cache
@@ -107,24 +103,29 @@ class ModelRunner:
         # recorded once a step's inputs are on the device: the next step's host-side buffers (pinned staging,
         # flashinfer's plan buffers) are rewritten only after that
         self._inputs_copied: torch.cuda.Event | None = None
-        self.score_slice_rows = max(1, min(SCORE_MAX_ROWS, SCORE_SLICE_LOGITS // model_cfg["vocab_size"]))
+        self.score_slice_rows = max(1, min(SCORE_MAX_ROWS, SCORE_SLICE_LOGITS // model_cfg.vocab_size))
+
+    @property
+    def has_kv(self) -> bool:
+        """Some layer keeps paged per-token caches (softmax KV): the step needs attention metadata."""
+        return any(spec.paged for _, spec in self.cache_layers)
+
+    @property
+    def has_state(self) -> bool:
+        """Some layer keeps a per-request state slot (linear attention): the prefix cache snapshots it."""
+        return any(not spec.paged for _, spec in self.cache_layers)
 
     def _geometry(self) -> AttentionGeometry | None:
-        shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in self.attn_layers}
+        shapes = {spec.geometry for _, spec in self.cache_layers if spec.paged}
         if len(shapes) != 1:
             return None  # no softmax layers, or layers of different shapes: the reference handles any
         return AttentionGeometry(*shapes.pop())
 
     def cache_bytes_per_page(self) -> int:
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(2 * self.config.page_size * a.num_kv_heads * a.head_dim * itemsize for a in self.attn_layers)
+        return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if s.paged)
 
     def state_bytes_per_slot(self) -> int:
-        gdn = sum(g.state_bytes(self.dtype) for g in self.gdn_layers)
-        return gdn + sum(lt.slopes.numel() * self.head_dim_of(lt) ** 2 * 4 for lt in self.lightning_layers)
-
-    def head_dim_of(self, layer: LightningAttention) -> int:
-        return self.model.cfg.get("head_dim") or self.model.cfg["hidden_size"] // self.model.cfg["num_attention_heads"]
+        return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if not s.paged)
 
     def available_cache_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -160,13 +161,9 @@ class ModelRunner:
         self.num_pages = num_pages
         self.snapshot_slots = snapshot_slots
         slots = self.total_slots
-        for a in self.attn_layers:
-            a.cache = PagedKVCache(num_pages, self.config.page_size, a.num_kv_heads, a.head_dim, self.dtype,
-                                   self.device)
-        for lt in self.lightning_layers:
-            lt.pool = LightningStatePool(slots, lt.slopes.numel(), self.head_dim_of(lt), self.device)
-        for g in self.gdn_layers:
-            g.pool = GDNStatePool(slots, g.hv, g.dk, g.dv, g.conv_channels, g.conv_width, self.dtype, self.device)
+        for layer, spec in self.cache_layers:
+            layer.cache = spec.allocate(num_pages if spec.paged else slots, self.config.page_size, self.dtype,
+                                        self.device)
         max_pages = -(-self.config_max_len() // self.config.page_size) + 2
         self.table = RequestTable(self.pstate.sp_size, self.pstate.sp_rank, slots, max_pages, self.config.page_size,
                                   self.device)
@@ -174,29 +171,27 @@ class ModelRunner:
                  self.config.page_size, self.num_slots, self.backend.name)
 
     def config_max_len(self) -> int:
-        cfg = self.model.cfg
-        return min(self.config.max_model_len or cfg.get("max_position_embeddings", 4096),
-                   cfg.get("max_position_embeddings", 1 << 62))
+        return context_length(self.config, self.model.cfg)
 
     def enable_decode_graphs(self) -> None:
         """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
-        from server.engine.cuda_graphs import DecodeGraphs, graph_mode
+        from server.engine.cuda_graphs import DecodeGraphs, GraphRun, graph_run
 
-        mode = graph_mode(self.config, self.device, self.backend)
-        if mode != "off":
-            self.graphs = DecodeGraphs(self, capture=mode == "capture")
+        mode = graph_run(self.config, self.device)
+        if mode != GraphRun.OFF:
+            self.graphs = DecodeGraphs(self.model, self.pstate, self.config, self.backend, self.table,
+                                       self.scratch_slot, self.num_slots, self.has_kv, mode == GraphRun.CAPTURE,
+                                       self.inputs_copied)
 
     def release(self) -> None:
         """Drop the model and caches so the device memory returns to the allocator's free pool."""
-        for a in self.attn_layers:
-            a.cache = None
-        for lt in self.lightning_layers + self.gdn_layers:
-            lt.pool = None
+        for layer, _ in self.cache_layers:
+            layer.cache = None
         self.model = None
         if self.graphs is not None:
             self.graphs.release()
         self.graphs = None
-        self.attn_layers, self.lightning_layers, self.gdn_layers = [], [], []
+        self.cache_layers = []
         self.backend.release()
         # The modules hold reference cycles (a parameter's weight_loader is a bound method of its module), so the
         # weights outlive the last reference until the cyclic collector runs: collect now, or the next engine in
@@ -215,33 +210,26 @@ class ModelRunner:
         self._copy(plan)
         if plan.prev_tokens and self.pstate.world_size > 1:
             dist.broadcast(self.last_tokens, src=0)
-        if PROFILE:
-            PROFILE.mark("apply")
+        PROFILE.mark("apply")
         if self.graphs is not None and plan.is_decode:
-            out = self.graphs.run(plan)
+            out = self.graphs.run(plan, self.last_tokens if plan.prev_tokens else None)
             if out is not None:
                 hidden, step = out
                 result = self._outputs(hidden, plan, step.chunks)
-                if PROFILE:
-                    PROFILE.mark("logits")
+                PROFILE.mark("logits")
                 return result
         rows = build_step_rows(plan, self.table, self.pstate, self.config.ring_mode, self.config.lasp_mode,
                                self.mesh.ulysses_degree, self.config.ulysses_layers)
         if plan.prev_tokens:
-            self.take_prev_tokens(rows.input_ids)
+            take_prev_tokens(rows.input_ids, self.last_tokens)
         ctx = self.context(rows)
         self.inputs_copied()
         hidden = self.model(ctx)
-        if PROFILE:
-            PROFILE.mark("forward")
+        PROFILE.mark("forward")
         if plan.all_logits:
             every = self._rows_on_driver(hidden, plan, lambda c: c.num_new)
             return None if every is None else StepOutput(self.model.compute_logits(every))
         return self._outputs(hidden, plan, rows.chunks)
-
-    def take_prev_tokens(self, ids: torch.Tensor) -> None:
-        """Replace, in place, the token ids -(i + 1) of ``ids`` by the previous step's sampled token i."""
-        ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
 
     def inputs_copied(self) -> None:
         """Mark the step's inputs as copied to the device (see ``_inputs_copied``)."""
@@ -259,21 +247,20 @@ class ModelRunner:
         """The plan's copies, before the forward: cached-prefix pages copied on write (every softmax layer), then
         state snapshots saved and restored (every linear-attention layer)."""
         pages = plan.page_copies[self.pstate.sp_rank] if plan.page_copies else []
-        if pages and self.attn_layers:
+        if pages and self.has_kv:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*pages))
-            for a in self.attn_layers:
-                a.cache.k[dst] = a.cache.k[src]
-                a.cache.v[dst] = a.cache.v[src]
+            for layer, spec in self.cache_layers:
+                if spec.paged:
+                    spec.copy(layer.cache, src, dst)
         for src, dst in plan.state_copies:  # in order: a snapshot may be saved and restored in one step
-            for lt in self.lightning_layers:
-                lt.pool.states[dst] = lt.pool.states[src]
-            for g in self.gdn_layers:
-                g.pool.states[dst] = g.pool.states[src]
-                g.pool.conv[dst] = g.pool.conv[src]
+            s, d = torch.tensor([src], device=self.device), torch.tensor([dst], device=self.device)
+            for layer, spec in self.cache_layers:
+                if not spec.paged:
+                    spec.copy(layer.cache, s, d)
 
     def context(self, rows: StepRows, backend=None) -> ForwardContext:
         """The forward context of a step's rows, its attention prepared by ``backend`` (default: the rank's)."""
-        attention = (backend or self.backend).prepare(rows.attention, self.mesh) if self.attn_layers else None
+        attention = (backend or self.backend).prepare(rows.attention, self.mesh) if self.has_kv else None
         return ForwardContext(self.pstate, rows.input_ids, rows.positions, rows.num_rows, rows.seq_sharded,
                               attention, rows.linear, self.mesh)
 
@@ -284,8 +271,8 @@ class ModelRunner:
         sampled = sorted((lc for lc in chunks if lc.chunk.sample), key=lambda lc: lc.index)
         if not sampled:
             return None
-        counts = [sum(1 for lc in sampled if lc.chunk.holder == r) for r in range(ps.sp_size)]
-        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.holder == ps.sp_rank]
+        counts = [sum(1 for lc in sampled if lc.chunk.sample_rank == r) for r in range(ps.sp_size)]
+        mine = [lc.row_start + lc.num_rows - 1 for lc in sampled if lc.chunk.sample_rank == ps.sp_rank]
         if mine == list(range(len(mine))):  # decode: the first rows, in order
             rows = hidden[: len(mine)]
         else:
@@ -297,7 +284,7 @@ class ModelRunner:
             taken = [0] * ps.sp_size
             ordered = []
             for lc in sampled:
-                r = lc.chunk.holder
+                r = lc.chunk.sample_rank
                 ordered.append(parts[r][taken[r]])
                 taken[r] += 1
             rows = torch.stack(ordered)

@@ -73,6 +73,8 @@ def truncate_runs(runs: list[Run], m: int) -> list[Run]:
 
 @dataclass
 class CacheEntry:
+    """A cached prefix: its tokens' chain hashes, every SP rank's pages and runs, its state snapshots, users."""
+
     id: int
     tokens: list[int]  # positions 0..len-1 have KV on the ranks below
     runs: list[list[Run]]  # per SP rank
@@ -85,6 +87,8 @@ class CacheEntry:
 
 @dataclass
 class PrefixHit:
+    """The usable part of a cache entry for a new prompt: the entry, the tokens it serves, the snapshot to restore."""
+
     entry: CacheEntry
     tokens: int  # matched prompt tokens (their KV, and the state after them, come from the entry)
     snapshot: int | None  # the state slot to restore (linear-attention models)

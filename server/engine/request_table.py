@@ -27,14 +27,14 @@ def computed_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[
     not split); empty pieces dropped."""
     if chunk.placement == Placement.SPLIT and sp_size > 1:
         return [(chunk.start + a, b - a, c) for a, b, c in rank_chunks(chunk.num_new, sp_size, sp_rank) if b > a]
-    if chunk.placement == Placement.HOMED and chunk.owner != sp_rank:
+    if chunk.placement == Placement.HOMED and chunk.kv_rank != sp_rank:
         return []
     return [(chunk.start, chunk.num_new, -1)]
 
 
 def stored_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[int, int]]:
     """``(pos_start, length)`` of the new tokens whose KV SP rank ``sp_rank`` stores."""
-    if chunk.placement == Placement.REPLICATED and chunk.owner != sp_rank:
+    if chunk.placement == Placement.REPLICATED and chunk.kv_rank != sp_rank:
         return []
     return [(p, n) for p, n, _ in computed_pieces(chunk, sp_size, sp_rank)]
 
@@ -50,6 +50,8 @@ def append_run(runs: list[Run], row: int, pos_start: int, length: int) -> None:
 
 @dataclass
 class RequestState:
+    """One running request in a rank's mirror: its slot, every SP rank's KV runs, this rank's page table row."""
+
     slot: int
     runs: list[list[Run]]  # per SP rank: (shard row, length, position) runs of its KV shard
     shard_lens: list[int]  # per SP rank

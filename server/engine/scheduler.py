@@ -25,13 +25,15 @@ from collections import deque
 from server.config import EngineConfig
 from server.engine.cache_manager import CacheManager
 from server.engine.io_struct import RequestRejected
-from server.engine.prefix_cache import PrefixCache
+from server.engine.prefix_cache import PrefixCache, PrefixHit
 from server.engine.request_table import stored_pieces
 from server.engine.sequence import Sequence, Status
 from server.forward.plan import ChunkPlan, Placement, PromptScoring, StartedRequest, StepPlan
 
 
 class Scheduler:
+    """Rank 0's step planner: admission, chunked prefill under a per-rank token budget, SP placement, plans."""
+
     def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int,
                  has_linear_layers: bool = False, snapshot_slots: int | None = None):
         self.config = config
@@ -61,10 +63,10 @@ class Scheduler:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{n} tokens, which leaves no room for a completion. Shorten the prompt.",
                 "context_length_exceeded")
-        seq.params.max_tokens = min(seq.params.max_tokens, self.max_model_len - n)
-        if not self.cache.can_ever_fit(seq):
+        seq.max_new_tokens = min(seq.params.max_tokens, self.max_model_len - n)  # the request's limit, once
+        if not self.cache.can_ever_fit(seq, 0 if self.is_short(seq, None) else None):
             raise RequestRejected(
-                f"the request needs KV cache for {n} prompt + {seq.params.max_tokens} completion tokens, more than "
+                f"the request needs KV cache for {n} prompt + {seq.max_new_tokens} completion tokens, more than "
                 f"the {self.cache.capacity_tokens} tokens the cache holds; lower max_tokens, shorten the prompt, "
                 "or start the server with more cache memory (--mem-fraction-static, --cpu-cache-gb, --sp-size)",
                 "cache_full")
@@ -91,6 +93,31 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
+    # ---- placement: every decision about a request's SP ranks is made here and carried in the plan -------------
+    def is_short(self, seq: Sequence, hit: PrefixHit | None) -> bool:
+        """A request whose prompt tokens still to compute (after its cached prefix) are fewer than the split
+        threshold is prefilled whole on one SP rank, its home."""
+        return self.sp > 1 and len(seq.prompt_ids) - (hit.tokens if hit else 0) < self.split_threshold
+
+    def home_rank(self, seq: Sequence, hit: PrefixHit | None) -> int | None:
+        """The home of a short request: the least reserved SP rank, or the one rank that holds its cached prefix;
+        None for an SP request, or when its prefix is spread over several ranks (its new tokens are then computed
+        on every rank, like a tail chunk)."""
+        if not self.is_short(seq, hit):
+            return None
+        if hit is None:
+            return self.cache.least_reserved_rank()
+        ranks = self.cache.prefix_ranks(hit)
+        return ranks[0] if len(ranks) == 1 else None
+
+    def replicated_kv_rank(self, seq: Sequence) -> int:
+        """SP rank that stores ``seq``'s next replicated tokens: the current one while its last page there has
+        room, then the rank with the smallest shard, so that every rank holds about 1/P of the request."""
+        if seq.shard_len(seq.kv_rank) % self.config.page_size:
+            return seq.kv_rank
+        seq.kv_rank = min(range(self.sp), key=lambda r: (seq.shard_len(r), r != seq.kv_rank))
+        return seq.kv_rank
+
     def _place(self, seq: Sequence, n: int, room: list[int]) -> ChunkPlan | None:
         """Decide where ``n`` new tokens of ``seq`` go (at most what ``room`` leaves on each SP rank), record them
         in the cache bookkeeping and take their cost from ``room``; None if they cannot run now."""
@@ -99,10 +126,10 @@ class Scheduler:
         # a chunk ends where the prompt leaves a cached prefix, for a state snapshot there (see prefix_cache.py)
         cut = seq.snapshot_at - start if seq.snapshot_at is not None and seq.snapshot_at > start else None
         if seq.home is not None:
-            placement, owner = Placement.HOMED, seq.home
-            n = min(n, room[owner], cut or n)
+            placement, kv_rank = Placement.HOMED, seq.home
+            n = min(n, room[kv_rank], cut or n)
         elif self.sp > 1 and remaining_prompt >= self.split_threshold:
-            placement, owner = Placement.SPLIT, 0
+            placement, kv_rank = Placement.SPLIT, 0
             n = min(n, self.sp * min(room))
             if cut is not None and 2 * self.sp <= cut < n:
                 n = cut  # a split chunk that ends at the cut, shorter than the threshold if it must be
@@ -111,10 +138,10 @@ class Scheduler:
         else:
             placement = Placement.REPLICATED if self.sp > 1 else Placement.HOMED
             n = min(n, min(room), cut or n)
-            owner = self.cache.replicated_owner(seq) if self.sp > 1 else 0
+            kv_rank = self.replicated_kv_rank(seq) if self.sp > 1 else 0
         if n <= 0:
             return None
-        chunk = ChunkPlan(seq.req, start, n, placement, owner, start + n >= len(seq.prompt_ids))
+        chunk = ChunkPlan(seq.req, start, n, placement, kv_rank, start + n >= len(seq.prompt_ids))
         pieces = [stored_pieces(chunk, self.sp, r) for r in range(self.sp)]
         if not self.cache.fits(seq, [sum(length for _, length in p) for p in pieces]):
             return None
@@ -123,9 +150,9 @@ class Scheduler:
         for r in range(self.sp):  # what each rank computes
             if placement == Placement.SPLIT:
                 room[r] -= -(-n // self.sp)
-            elif placement == Placement.REPLICATED or r == owner:
+            elif placement == Placement.REPLICATED or r == kv_rank:
                 room[r] -= n
-        return ChunkPlan(seq.req, start, n, placement, owner, chunk.sample, new_pages, self._scoring(seq, start + n))
+        return ChunkPlan(seq.req, start, n, placement, kv_rank, chunk.sample, new_pages, self._scoring(seq, start + n))
 
     @staticmethod
     def _scoring(seq: Sequence, end: int) -> PromptScoring | None:
@@ -149,7 +176,7 @@ class Scheduler:
             return chunk is not None
 
         # a request whose last token is still on the device and is its last one (max_tokens) waits for it
-        for seq in [s for s in self.running if not s.prefilling and len(s.output_ids) < s.params.max_tokens]:
+        for seq in [s for s in self.running if not s.prefilling and len(s.output_ids) < s.max_new_tokens]:
             if max(room) <= 0:
                 break
             add(seq, 1)
@@ -160,14 +187,16 @@ class Scheduler:
         while self.waiting and max(room) > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
             hit = self.cache.lookup(seq)
-            if not self.cache.can_admit(seq, hit):
+            home = self.home_rank(seq, hit)
+            if not self.cache.can_admit(seq, hit, home):
                 # a hit pins its whole entry: if the two do not fit together but the request does alone (the
                 # entry can then be evicted), compute the prompt instead of waiting for room that never comes
-                if hit is None or not self.cache.can_admit(seq, None):
+                home = self.home_rank(seq, None)
+                if hit is None or not self.cache.can_admit(seq, None, home):
                     break
                 hit = None
             self.waiting.popleft()
-            self.cache.admit(seq, hit)
+            self.cache.admit(seq, hit, home, home if home is not None else self.cache.least_reserved_rank())
             seq.status = Status.RUNNING
             self.running.append(seq)
             self._started.append(StartedRequest(

@@ -12,6 +12,8 @@ from server.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
+    """Where a request is in its life: waiting for admission, running, finished."""
+
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
@@ -19,6 +21,8 @@ class Status(enum.Enum):
 
 @dataclass
 class Sequence:
+    """One request as rank 0's scheduler tracks it: tokens, placement, pages and runs per SP rank, slot, limits."""
+
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -29,7 +33,10 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV/state is in the caches
     slot: int = -1  # state slot (linear-attention layers; also the row of the page tables)
     home: int | None = None  # SP rank that computes and stores the whole request (short prompts)
-    decode_rank: int = 0  # SP rank that stores this request's replicated tokens now (rotates as pages fill)
+    # SP rank that stores the KV of this request's next unsplit tokens: its home when homed, else the rank chosen
+    # for its replicated tokens (rotates as pages fill, see Scheduler.replicated_kv_rank)
+    kv_rank: int = 0
+    max_new_tokens: int = 0  # output tokens allowed: max_tokens within the context (Scheduler.add)
     reserved_tokens: list[int] = field(default_factory=list)  # KV tokens reserved per SP rank at admission
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

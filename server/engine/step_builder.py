@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.config import CommMode, UlyssesLayers
 from server.engine.request_table import RequestState, RequestTable, computed_pieces, stored_pieces
 from server.forward.context import (
     AttentionStepMeta,
@@ -93,8 +94,9 @@ def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=dtype).to(device, non_blocking=True)
 
 
-def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, ring_mode: str = "ring",
-                    lasp_mode: str = "ring", ulysses_degree: int = 1, ulysses_layers: str = "all") -> StepRows:
+def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState,
+                    ring_mode: CommMode = CommMode.RING, lasp_mode: CommMode = CommMode.RING, ulysses_degree: int = 1,
+                    ulysses_layers: UlyssesLayers = UlyssesLayers.ALL) -> StepRows:
     """The rank's rows and metadata of ``plan``; ``table`` must already have applied it. With ``ulysses_degree``
     > 1 split requests are marked to be computed on the U x R mesh (:class:`UlyssesRuns` for softmax layers unless
     ``ulysses_layers`` is ``linear``, ``SplitLinearEntry.ulysses``)."""
@@ -123,7 +125,8 @@ def build_step_rows(plan: StepPlan, table: RequestTable, pstate: ParallelState, 
         input_ids=_tensor(ids, torch.long, dev),
         positions=_tensor(pos, torch.long, dev),
         num_rows=num_rows,
-        attention=_attention_meta(local, table, pstate, ring_mode, ulysses_degree > 1 and ulysses_layers == "all"),
+        attention=_attention_meta(local, table, pstate, ring_mode,
+                                  ulysses_degree > 1 and ulysses_layers == UlyssesLayers.ALL),
         linear=_linear_meta(plan, local, table, pstate, lasp_mode, ulysses_degree > 1),
         seq_sharded=plan.seq_sharded,
     )
@@ -279,3 +282,9 @@ def build_padded_decode(plan: StepPlan, table: RequestTable, pstate: ParallelSta
         last_page_len=(kv_lens - (n_pages - 1) * page).astype(np.int32),
         kv_lens=kv_lens,
     )
+
+
+def take_prev_tokens(ids: torch.Tensor, last_tokens: torch.Tensor) -> None:
+    """Replace, in place, the token ids -(i + 1) of ``ids`` by ``last_tokens[i]``, the previous step's sampled
+    token i (on the device: see docs/architecture.md, "Overlapped steps")."""
+    ids.copy_(torch.where(ids < 0, last_tokens[(-ids - 1).clamp(min=0)], ids))

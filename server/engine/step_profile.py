@@ -3,8 +3,8 @@
 Only decode steps are profiled (a step that turns out not to be one is cancelled). A stage's time is the wall
 time from the previous mark of the same step to its own mark, so the stages of a step add up to the step; a stage
 that ends in a device sync (reading sampled tokens) includes the wait for the device. Off by default: then every
-mark is one test of a module global. ``bench_decode.py`` prints rank 0's table per cell, and each worker logs its
-own at shutdown.
+mark is a call of an empty method (:class:`NoStepProfile`). ``bench_decode.py`` prints rank 0's table per cell, and
+each worker logs its own at shutdown.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from collections import defaultdict
 
 
 class StepProfile:
+    """Sums of host time per named stage over the profiled steps (see the module docstring)."""
+
+    enabled = True
+
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.pending: dict[str, float] = {}
@@ -56,4 +60,24 @@ class StepProfile:
         return "  ".join(f"{k} {v / n * 1e3:.3f}" for k, v in self.totals.items()) + f"  (ms/step over {n} steps)"
 
 
-PROFILE: StepProfile | None = StepProfile() if os.environ.get("SERVER_STEP_PROFILE") == "1" else None
+class NoStepProfile:
+    """The profile when it is off: every call does nothing, so the call sites need no test."""
+
+    enabled = False
+
+    def start(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def mark(self, stage: str) -> None: ...
+
+    def end(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def table(self) -> str:
+        return "step profile off (set SERVER_STEP_PROFILE=1)"
+
+
+PROFILE: StepProfile | NoStepProfile = StepProfile() if os.environ.get("SERVER_STEP_PROFILE") == "1" \
+    else NoStepProfile()

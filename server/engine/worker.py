@@ -195,22 +195,19 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
         pstate, runner = setup_rank(config, rank, model_path, init_method)
         profiler = RankProfiler(rank, pstate.device)
         while True:
-            if PROFILE:
-                PROFILE.start()
+            PROFILE.start()
             message = receive_message(pstate)
             if isinstance(message, StepPlan):
-                if PROFILE:
-                    PROFILE.mark("receive") if message.is_decode else PROFILE.cancel()
+                PROFILE.mark("receive") if message.is_decode else PROFILE.cancel()
                 runner.run(message)
-                if PROFILE:
-                    PROFILE.mark("rest")
-                    PROFILE.end()
+                PROFILE.mark("rest")
+                PROFILE.end()
             elif isinstance(message, MemoryStatsRequest):
                 gather_memory_stats(pstate, message.reset)
             elif isinstance(message, ProfileRequest):
                 profile_rank(profiler, pstate, message)
             elif isinstance(message, Shutdown):
-                if PROFILE:
+                if PROFILE.enabled:
                     log.warning("rank %d step profile: %s", rank, PROFILE.table())
                 break
             else:

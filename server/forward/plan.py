@@ -19,10 +19,10 @@ class Placement(enum.IntEnum):
 
     - ``SPLIT``: zigzag over the SP group (:func:`server.sp.partition.rank_chunks`); every rank computes and stores
       its two chunks. Softmax layers run the ring, linear layers LASP / GDN state passing.
-    - ``HOMED``: a short request lives on SP rank ``owner``, which computes and stores all of it; the other SP
-      ranks have no rows for it.
+    - ``HOMED``: a short request lives on its home SP rank (``kv_rank``), which computes and stores all of it; the
+      other SP ranks have no rows for it.
     - ``REPLICATED``: the tail chunk and the decode tokens of an SP request: every SP rank computes all rows (its KV
-      shard is needed), only ``owner`` stores their KV; softmax layers merge every rank's partial result by LSE.
+      shard is needed), only ``kv_rank`` stores their KV; softmax layers merge every rank's partial result by LSE.
     """
 
     SPLIT = 0
@@ -48,7 +48,7 @@ class ChunkPlan:
     start: int  # tokens already in the caches = global position of the first new token
     num_new: int
     placement: Placement
-    owner: int  # SP rank that stores the new KV (HOMED, REPLICATED); 0 for SPLIT
+    kv_rank: int  # SP rank that stores the new KV (HOMED: the home; REPLICATED); 0 for SPLIT
     sample: bool  # the last new token is sampled
     new_pages: tuple[tuple[int, ...], ...] = ()  # per SP rank: pages appended to its table this step
     scoring: PromptScoring | None = None  # prompt logprobs wanted from this chunk's rows
@@ -61,9 +61,9 @@ class ChunkPlan:
         return self.num_new - (self.scoring.next_token is None)
 
     @property
-    def holder(self) -> int:
+    def sample_rank(self) -> int:
         """SP rank that holds the hidden state of the last new token (split: chunk 2P-1 belongs to rank 0)."""
-        return self.owner if self.placement == Placement.HOMED else 0
+        return self.kv_rank if self.placement == Placement.HOMED else 0
 
 
 @dataclass(frozen=True, slots=True)

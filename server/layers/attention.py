@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from server.forward.context import ForwardContext
+from server.layers.cache_spec import CacheLayer, PagedKVSpec
 
 
 class PagedKVCache:
@@ -30,9 +31,10 @@ class PagedKVCache:
         return self.k[page_table].view(shape)[:length], self.v[page_table].view(shape)[:length]
 
 
-class Attention(nn.Module):
+class Attention(CacheLayer, nn.Module):
     """Core attention of one layer (after q/k/v projection and RoPE). q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` on
-    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding)."""
+    this rank's local rows (the first ``ctx.num_rows`` rows are real; the rest is padding). Its cache: K/V pages
+    (:class:`server.layers.cache_spec.PagedKVSpec`) in the model dtype."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
@@ -41,6 +43,9 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.cache: PagedKVCache | None = None
+
+    def cache_spec(self) -> PagedKVSpec:
+        return PagedKVSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return ctx.attention.forward(q, k, v, self.cache, self.scale)

@@ -14,30 +14,32 @@ its k heads, then its v heads (the checkpoint's order restricted to this rank's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from server.forward.context import ForwardContext
 from server.kernels import ops
+from server.layers.cache_spec import CacheLayer, StateSpec
 from server.layers.linear import as_tensor, copy_into
 from server.sp.gdn_sp import conv_halo_exchange, gdn_sp_prefill
 from server.sp.groups import ParallelState
 from server.sp.ulysses_gdn import ulysses_gdn_prefill
 
 
+@dataclass
 class GDNStatePool:
     """One layer's per-request states on this rank, one slot per request: the recurrent states
     ``[num_slots, Hv_local, Dk, Dv]`` fp32 and the conv states ``[num_slots, C_local, K-1]`` (the last K-1 conv
     inputs, oldest first) in the model dtype."""
 
-    def __init__(self, num_slots: int, value_heads: int, key_dim: int, value_dim: int, conv_channels: int,
-                 conv_width: int, dtype: torch.dtype, device: torch.device):
-        self.states = torch.zeros(num_slots, value_heads, key_dim, value_dim, dtype=torch.float32, device=device)
-        self.conv = torch.zeros(num_slots, conv_channels, conv_width, dtype=dtype, device=device)
+    states: torch.Tensor
+    conv: torch.Tensor
 
 
-class GDNAttention(nn.Module):
+class GDNAttention(CacheLayer, nn.Module):
     """Conv inputs ``[T, C_local]`` (q, k, v projections of this rank's heads), decays g ``[T, Hv_local]`` fp32 and
     beta ``[T, Hv_local]`` -> o ``[T, Hv_local, Dv]`` in the inputs' dtype. Holds the depthwise conv weight
     ``conv_weight [C_local, K]`` (no bias in these models); SiLU follows the conv."""
@@ -51,11 +53,12 @@ class GDNAttention(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(self.conv_channels, conv_kernel, dtype=dtype), requires_grad=False)
         self.conv_weight.weight_loader = self.conv_weight_loader
         self.conv_width = conv_kernel - 1
-        self.pool: GDNStatePool | None = None
+        self.cache: GDNStatePool | None = None
 
-    def state_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of one request's slot in this layer's pool (fp32 recurrent state, conv state in ``dtype``)."""
-        return self.hv * self.dk * self.dv * 4 + self.conv_channels * self.conv_width * dtype.itemsize
+    def cache_spec(self) -> StateSpec:
+        """fp32 recurrent states and conv states in the model dtype, one slot per request."""
+        return StateSpec(GDNStatePool, {"states": ((self.hv, self.dk, self.dv), torch.float32),
+                                        "conv": ((self.conv_channels, self.conv_width), None)})
 
     def conv_weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         """Checkpoint ``[C, 1, K]`` over all heads -> this rank's q, k and v channel rows."""
@@ -78,7 +81,7 @@ class GDNAttention(nn.Module):
                 x[:, 2 * qk :].reshape(-1, self.hv, self.dv))
 
     def forward(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        meta, pool, w, ps = ctx.linear, self.pool, self.conv_weight, ctx.pstate
+        meta, pool, w, ps = ctx.linear, self.cache, self.conv_weight, ctx.pstate
         if meta.zero_slots is not None:
             pool.states[meta.zero_slots] = 0
             pool.conv[meta.zero_slots] = 0

@@ -11,11 +11,14 @@ States are fp32 ``[H_local, D, D]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from server.forward.context import ForwardContext
 from server.kernels import ops
+from server.layers.cache_spec import CacheLayer, StateSpec
 from server.sp.lasp import lasp_prefill
 from server.sp.ulysses import gather_heads
 from server.sp.ulysses_lightning import ulysses_lightning_prefill
@@ -30,23 +33,29 @@ def minimax_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Ten
     return (rate * factor).float()
 
 
+@dataclass
 class LightningStatePool:
     """One layer's fp32 recurrent states on this rank: ``[num_slots, heads, d, d]``, one slot per request."""
 
-    def __init__(self, num_slots: int, heads: int, head_dim: int, device: torch.device):
-        self.states = torch.zeros(num_slots, heads, head_dim, head_dim, dtype=torch.float32, device=device)
+    states: torch.Tensor
 
 
-class LightningAttention(nn.Module):
-    """q/k/v ``[T, H_local, D]`` -> o ``[T, H_local, D]``; ``slopes`` are this rank's heads' decay rates."""
+class LightningAttention(CacheLayer, nn.Module):
+    """q/k/v ``[T, H_local, D]`` -> o ``[T, H_local, D]``; ``slopes`` are this rank's heads' decay rates. Its cache:
+    one fp32 ``[H_local, D, D]`` state per request slot."""
 
-    def __init__(self, slopes: torch.Tensor):
+    def __init__(self, slopes: torch.Tensor, head_dim: int):
         super().__init__()
         self.register_buffer("slopes", slopes, persistent=False)
-        self.pool: LightningStatePool | None = None
+        self.head_dim = head_dim
+        self.cache: LightningStatePool | None = None
+
+    def cache_spec(self) -> StateSpec:
+        d = self.head_dim
+        return StateSpec(LightningStatePool, {"states": ((self.slopes.numel(), d, d), torch.float32)})
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        meta, states = ctx.linear, self.pool.states
+        meta, states = ctx.linear, self.cache.states
         if meta.zero_slots is not None:
             states[meta.zero_slots] = 0
         out = torch.zeros_like(q)

@@ -11,6 +11,8 @@ from server.sp.groups import ParallelState
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, ``x * rsqrt(mean(x^2) + eps) * weight`` (computed in fp32)."""
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None):
         super().__init__()
         self.eps = eps

@@ -68,19 +68,6 @@ def rope_inv_freq(head_dim: int, params: dict, max_position: int) -> tuple[torch
     raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)")
 
 
-def rope_params_from_config(cfg: dict) -> dict:
-    """Read RoPE settings from either the transformers>=5 ``rope_parameters`` or the older
-    ``rope_theta`` + ``rope_scaling`` keys."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    for key, value in scaling.items():
-        params.setdefault(key, value)
-    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    if "partial_rotary_factor" in cfg:
-        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
-    return params
-
-
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to q ``[T, Hq, D]`` and k ``[T, Hk, D]`` at integer ``positions [T]`` (rotate-half layout)."""
 

@@ -27,6 +27,8 @@ class TokenLogprob:
 
 @dataclass
 class SampleRequest:
+    """One row's sampling settings and history for a step's sampler call."""
+
     params: SamplingParams
     generator: torch.Generator | None  # per-request RNG: a seeded request samples the same whatever its batch
     banned: list[int]  # token ids masked out (EOS/stop ids while below min_tokens)

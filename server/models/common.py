@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from server.kernels import ops
+from server.layers.cache_spec import CacheLayer
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from server.layers.linear import MergedColumnSeqParallelLinear, RowSeqParallelLinear, default_weight_loader
 from server.layers.norm import RMSNorm
+from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
 
 # q/k/v checkpoint tensors load into one fused QKV parameter
@@ -21,8 +23,6 @@ QKV_RULES = [
 ]
 
 
-def head_dim_of(cfg: dict) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
 class GatedMLP(nn.Module):
@@ -102,14 +102,16 @@ class CausalLM(nn.Module):
     """Embedding -> decoder layers -> final norm -> LM head, shared by the model files; subclasses build
     ``self.layers`` (each ``layer(x, ctx) -> x``)."""
 
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    config_class: type[ModelConfig] = ModelConfig
+
+    def __init__(self, cfg: ModelConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
         self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
-        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        self.tie = cfg.get("tie_word_embeddings", False)
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"], pstate, dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, pstate, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.tie = cfg.tie_word_embeddings
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, pstate, dtype)
 
     def forward(self, ctx) -> torch.Tensor:
         """Final hidden states of this rank's local rows ``[T, hidden]`` (all rows, also when seq-sharded)."""
@@ -119,6 +121,10 @@ class CausalLM(nn.Module):
             x = layer(x, ctx)
         x = self.norm(x)
         return self.pstate.tp_all_gather(x, dim=0) if ctx.seq_sharded else x
+
+    def cache_layers(self) -> list[CacheLayer]:
+        """Every layer that keeps per-request state, in model order (the engine allocates their caches)."""
+        return [m for m in self.modules() if isinstance(m, CacheLayer)]
 
     def sp_split_mlp_ok(self) -> bool:
         """Every layer's MLP is dense and splits evenly over the SP ranks (:meth:`GatedMLP.forward_sp_split`)."""

@@ -7,6 +7,8 @@ this TP rank's 1/tp of the rows (long SP prefills) or all of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -14,24 +16,43 @@ from server.forward.context import ForwardContext
 from server.layers.attention import Attention
 from server.layers.linear import QKVSeqParallelLinear, RowSeqParallelLinear
 from server.layers.norm import RMSNorm
-from server.layers.rotary import RotaryEmbedding, rope_params_from_config
-from server.models.common import QKV_RULES, CausalLM, GatedMLP, head_dim_of
+from server.layers.rotary import RotaryEmbedding
+from server.models.common import QKV_RULES, CausalLM, GatedMLP
+from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+    """Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm). A Mistral-style ``sliding_window`` caps the
+    context: these layers attend to the whole context, which equals the window up to that length."""
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def family_fields(cls, raw) -> dict:
+        arch = (raw.get("architectures") or ["LlamaForCausalLM"])[0]
+        own = dict(qkv_bias=bool(raw.get("attention_bias", False)) or arch == "Qwen2ForCausalLM",
+                   qk_norm=arch == "Qwen3ForCausalLM")
+        window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
+        if window:
+            own["context_limit"] = min(raw.get("max_position_embeddings") or window, window)
+        return own
 
 
 class LlamaAttentionBlock(nn.Module):
     """Softmax attention block: fused QKV (optional bias), optional q/k RMSNorm, RoPE, attention, output
     projection. Also MiniMax's softmax layers."""
 
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg: ModelConfig, pstate: ParallelState, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        hidden, d = cfg["hidden_size"], head_dim_of(cfg)
-        self.qkv_proj = QKVSeqParallelLinear(hidden, d, cfg["num_attention_heads"], cfg["num_key_value_heads"],
-                                             pstate, qkv_bias, dtype)
-        self.o_proj = RowSeqParallelLinear(cfg["num_attention_heads"] * d, hidden, pstate, False, dtype)
-        self.q_norm = RMSNorm(d, cfg["rms_norm_eps"], dtype) if qk_norm else None
-        self.k_norm = RMSNorm(d, cfg["rms_norm_eps"], dtype) if qk_norm else None
-        self.rotary = RotaryEmbedding(d, rope_params_from_config(cfg), cfg.get("max_position_embeddings", 4096))
+        hidden, d = cfg.hidden_size, cfg.head_dim
+        self.qkv_proj = QKVSeqParallelLinear(hidden, d, cfg.num_heads, cfg.num_kv_heads, pstate, qkv_bias, dtype)
+        self.o_proj = RowSeqParallelLinear(cfg.num_heads * d, hidden, pstate, False, dtype)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if qk_norm else None
+        self.rotary = RotaryEmbedding(d, dict(cfg.rope), cfg.max_position_embeddings)
         self.nh, self.nkv, self.d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
         self.attn = Attention(self.nh, self.nkv, d, d**-0.5)
 
@@ -47,12 +68,14 @@ class LlamaAttentionBlock(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool):
+    """One Llama-family layer: pre-norm attention and SwiGLU MLP with residuals."""
+
+    def __init__(self, cfg: LlamaConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
-        self.self_attn = LlamaAttentionBlock(cfg, pstate, dtype, qkv_bias, qk_norm)
-        self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], pstate, dtype, cfg.get("mlp_bias", False))
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.self_attn = LlamaAttentionBlock(cfg, pstate, dtype, cfg.qkv_bias, cfg.qk_norm)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, pstate, dtype, cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -62,14 +85,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Also serves Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm) checkpoints."""
 
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    config_class = LlamaConfig
+
+    def __init__(self, cfg: LlamaConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__(cfg, pstate, dtype)
-        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
-        qkv_bias = cfg.get("attention_bias", False) or arch == "Qwen2ForCausalLM"
-        qk_norm = arch == "Qwen3ForCausalLM"
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, pstate, dtype, qkv_bias, qk_norm) for _ in range(cfg["num_hidden_layers"])
-        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, pstate, dtype) for _ in range(cfg.num_layers))
 
     def load_weights(self, weights) -> None:
         rules = QKV_RULES + [(".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import time
@@ -13,9 +12,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
+from server.models.config import ModelConfig, read_config_json
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -39,39 +40,30 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def read_model_config(model_path: str) -> dict:
-    path = os.path.join(model_path, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{model_path!r} is not a model directory: it has no config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    arch = (cfg.get("architectures") or [None])[0]
+def read_model_config(model_path: str) -> ModelConfig:
+    """config.json of ``model_path`` parsed by its family's config class: the one place that reads its keys."""
+    raw = read_config_json(model_path)
+    arch = (raw.get("architectures") or [None])[0]
     if arch not in MODEL_CLASSES:
         raise ValueError(f"architecture {arch!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
-    if "text_config" in cfg:  # vision-language checkpoint: we serve its language model, whose config is nested
-        cfg = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **cfg["text_config"],
-               "architectures": [arch]}
-    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    cfg.setdefault("rms_norm_eps", 1e-6)
-    return cfg
+    try:
+        return MODEL_CLASSES[arch].config_class.from_hf(raw)
+    except KeyError as e:
+        raise ValueError(f"{os.path.join(model_path, 'config.json')} has no {e} entry, which {arch} needs") from None
 
 
-def check_model_parallelism(model_path: str, cfg: dict, tp_size: int, load_format: str,
+def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, load_format: str,
                             ulysses_degree: int = 1, ulysses_layers: str = "all") -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
     own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
     rank's heads over ``ulysses_degree``; softmax heads only when ``ulysses_layers`` is ``all``), or a config that
     lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the weights
     exist unless they are random (``dummy``)."""
-    arch = cfg["architectures"][0]
+    with torch.device("meta"):
+        model = MODEL_CLASSES[cfg.architecture](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
+                                                torch.float32)
     try:
-        with torch.device("meta"):
-            model = MODEL_CLASSES[arch](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
-                                        torch.float32)
-    except KeyError as e:
-        raise ValueError(f"{os.path.join(model_path, 'config.json')} has no {e} entry, which {arch} needs") from None
-    try:
-        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == "all")
+        check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == UlyssesLayers.ALL)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
@@ -94,12 +86,17 @@ def check_ulysses_heads(model: nn.Module, ulysses_degree: int, softmax: bool = T
                                                                  "Gated DeltaNet key heads"))
 
 
-def checkpoint_dtype(cfg: dict) -> torch.dtype:
-    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+def context_length(config: EngineConfig, cfg: ModelConfig) -> int:
+    """The longest context served: ``--max-model-len`` if given, never above the model's own limit."""
+    return min(config.max_model_len or cfg.context_limit, cfg.context_limit)
 
 
-def resolve_dtype(dtype: str, cfg: dict, device: torch.device) -> torch.dtype:
+def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}.get(cfg.checkpoint_dtype, torch.float32)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """``auto``: fp32 on CPU; on CUDA the checkpoint's half dtype (bf16 if the checkpoint is fp32)."""
     if dtype != "auto":
         return getattr(torch, dtype)
@@ -135,9 +132,9 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         p.data.normal_(0.0, 0.02, generator=gen)
 
 
-def build_model(model_path: str, cfg: dict, pstate: ParallelState, dtype: torch.dtype, load_format: str,
+def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype: torch.dtype, load_format: str,
                 seed: int = 0) -> nn.Module:
-    cls = MODEL_CLASSES[cfg["architectures"][0]]
+    cls = MODEL_CLASSES[cfg.architecture]
     with torch.device(pstate.device):
         model = cls(cfg, pstate, dtype)
     if load_format == "dummy":

@@ -9,6 +9,8 @@ RMSNorm over all heads (sum of squares reduced over TP), a sigmoid output gate, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,23 +23,52 @@ from server.layers.linear import (
 )
 from server.layers.moe import FusedMoE
 from server.layers.norm import RMSNorm, TPRMSNorm
-from server.models.common import QKV_RULES, CausalLM, head_dim_of
+from server.models.common import QKV_RULES, CausalLM
+from server.models.config import ModelConfig, MoEConfig
 from server.models.llama import LlamaAttentionBlock
 from server.sp.groups import ParallelState
 
 
-def minimax_layer_types(cfg: dict) -> list[str]:
-    if cfg.get("layer_types"):
-        return list(cfg["layer_types"])
-    if cfg.get("attn_type_list"):  # original MiniMax-Text-01 configs: 0 = lightning, 1 = softmax
-        return ["full_attention" if t else "linear_attention" for t in cfg["attn_type_list"]]
-    return ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(cfg["num_hidden_layers"])]
+@dataclass(frozen=True, kw_only=True)
+class MiniMaxConfig(ModelConfig):
+    """MiniMax-Text-01: lightning / softmax layer kinds, MoE on every layer, the post-norm residual factors."""
+
+    linear_attn_alpha: float = 1.0
+    linear_attn_beta: float = 1.0
+    full_attn_alpha: float = 1.0
+    full_attn_beta: float = 1.0
+    mlp_alpha: float = 1.0
+    mlp_beta: float = 1.0
+
+    required_keys = ModelConfig.required_keys + ("num_local_experts", "num_experts_per_tok", "intermediate_size")
+
+    @classmethod
+    def family_fields(cls, raw) -> dict:
+        if raw.get("layer_types"):
+            kinds = list(raw["layer_types"])
+        elif raw.get("attn_type_list"):  # original MiniMax-Text-01 configs: 0 = lightning, 1 = softmax
+            kinds = ["full_attention" if t else "linear_attention" for t in raw["attn_type_list"]]
+        else:
+            kinds = ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(raw["num_hidden_layers"])]
+        return dict(
+            layer_types=tuple(kinds),
+            moe=MoEConfig(num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"],
+                          intermediate_size=raw["intermediate_size"]),
+            linear_attn_alpha=raw.get("linear_attn_alpha_factor", 1),
+            linear_attn_beta=raw.get("linear_attn_beta_factor", 1),
+            full_attn_alpha=raw.get("full_attn_alpha_factor", 1),
+            full_attn_beta=raw.get("full_attn_beta_factor", 1),
+            mlp_alpha=raw.get("mlp_alpha_factor", 1),
+            mlp_beta=raw.get("mlp_beta_factor", 1),
+        )
 
 
 class LightningBlock(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
+    """MiniMax's lightning-attention token mixer: projections, lightning attention (LASP under SP), norm, gate."""
+
+    def __init__(self, cfg: MiniMaxConfig, layer_idx: int, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
-        hidden, d, heads = cfg["hidden_size"], head_dim_of(cfg), cfg["num_attention_heads"]
+        hidden, d, heads = cfg.hidden_size, cfg.head_dim, cfg.num_heads
         self.pstate = pstate
         self.d = d
         self.h = divide(heads, pstate.tp_size, "the number of lightning attention heads")
@@ -46,8 +77,8 @@ class LightningBlock(nn.Module):
         self.out_proj = RowSeqParallelLinear(heads * d, hidden, pstate, False, dtype)
         # The reference normalizes the lightning output with its default eps, not rms_norm_eps.
         self.norm = TPRMSNorm(heads * d, 1e-6, pstate, dtype)
-        slopes = minimax_slopes(heads, layer_idx, cfg["num_hidden_layers"])
-        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h])
+        slopes = minimax_slopes(heads, layer_idx, cfg.num_layers)
+        self.attn = LightningAttention(slopes[pstate.tp_rank * self.h : (pstate.tp_rank + 1) * self.h], d)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if ctx.seq_sharded:  # gather the tokens once for both column layers
@@ -61,11 +92,13 @@ class LightningBlock(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    """MiniMax's sparse MLP: the experts' partial sums reduced over TP (or reduce-scattered when seq-sharded)."""
+
+    def __init__(self, cfg: MiniMaxConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
-        self.experts = FusedMoE(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"],
-                                cfg["intermediate_size"], pstate, dtype)
+        self.experts = FusedMoE(cfg.moe.num_experts, cfg.moe.top_k, cfg.hidden_size, cfg.moe.intermediate_size,
+                                pstate, dtype)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
         if seq_sharded:
@@ -74,19 +107,22 @@ class MoEBlock(nn.Module):
 
 
 class MiniMaxDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, layer_type: str, pstate: ParallelState, dtype: torch.dtype):
+    """One MiniMax layer: post-norm residuals with the config's alpha/beta factors around mixer and MoE."""
+
+    def __init__(self, cfg: MiniMaxConfig, layer_idx: int, layer_type: str, pstate: ParallelState,
+                 dtype: torch.dtype):
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
             self.self_attn = LightningBlock(cfg, layer_idx, pstate, dtype)
-            self.alpha, self.beta = cfg.get("linear_attn_alpha_factor", 1), cfg.get("linear_attn_beta_factor", 1)
+            self.alpha, self.beta = cfg.linear_attn_alpha, cfg.linear_attn_beta
         else:
             self.self_attn = LlamaAttentionBlock(cfg, pstate, dtype, qkv_bias=False, qk_norm=False)
-            self.alpha, self.beta = cfg.get("full_attn_alpha_factor", 1), cfg.get("full_attn_beta_factor", 1)
-        self.mlp_alpha, self.mlp_beta = cfg.get("mlp_alpha_factor", 1), cfg.get("mlp_beta_factor", 1)
+            self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
+        self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
         self.block_sparse_moe = MoEBlock(cfg, pstate, dtype)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -96,9 +132,13 @@ class MiniMaxDecoderLayer(nn.Module):
 
 
 class MiniMaxForCausalLM(CausalLM):
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    """MiniMax-Text-01: lightning and softmax layers (layer_types), MoE MLPs."""
+
+    config_class = MiniMaxConfig
+
+    def __init__(self, cfg: MiniMaxConfig, pstate: ParallelState, dtype: torch.dtype):
         super().__init__(cfg, pstate, dtype)
-        self.layer_types = minimax_layer_types(cfg)
+        self.layer_types = list(cfg.layer_types)
         self.layers = nn.ModuleList(
             MiniMaxDecoderLayer(cfg, i, t, pstate, dtype) for i, t in enumerate(self.layer_types)
         )

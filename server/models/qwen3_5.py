@@ -16,6 +16,7 @@ norm scaling by ``1 + weight``. Layer i's token mixer is ``layer_types[i]``:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,28 +36,59 @@ from server.layers.linear import (
 )
 from server.layers.moe import SharedExpertMoE
 from server.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
-from server.layers.rotary import RotaryEmbedding, rope_params_from_config
-from server.models.common import QKV_RULES, CausalLM, GatedMLP, head_dim_of
+from server.layers.rotary import RotaryEmbedding
+from server.models.common import QKV_RULES, CausalLM, GatedMLP
+from server.models.config import ModelConfig, MoEConfig
 from server.sp.groups import ParallelState
 
 log = logging.getLogger(__name__)
 
 
-def qwen_layer_types(cfg: dict) -> list[str]:
-    if cfg.get("layer_types"):
-        return list(cfg["layer_types"])
-    every = cfg.get("full_attention_interval", 4)
-    return ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(cfg["num_hidden_layers"])]
+@dataclass(frozen=True, kw_only=True)
+class Qwen3_5Config(ModelConfig):
+    """The GDN layers' heads and conv, the layer kinds (every ``full_attention_interval``-th layer softmax unless
+    ``layer_types`` says), the Qwen3-Next fused projection layout (``grouped``), and which MLPs are sparse."""
+
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int = 4
+    grouped: bool = False  # Qwen3-Next: in_proj_qkvz / in_proj_ba fused per key head
+    sparse_layers: frozenset[int] = frozenset()  # layers whose MLP is the MoE (moe is set)
+
+    required_keys = ModelConfig.required_keys + ("linear_num_key_heads", "linear_num_value_heads",
+                                                 "linear_key_head_dim", "linear_value_head_dim")
+
+    @classmethod
+    def family_fields(cls, raw) -> dict:
+        n = raw["num_hidden_layers"]
+        every = raw.get("full_attention_interval", 4)
+        kinds = raw.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                           for i in range(n)]
+        own = dict(layer_types=tuple(kinds), grouped=(raw.get("architectures") or [""])[0] == "Qwen3NextForCausalLM",
+                   linear_conv_kernel_dim=raw.get("linear_conv_kernel_dim", 4),
+                   **{k: raw[k] for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                          "linear_value_head_dim")})
+        if raw.get("num_experts", 0) > 0:
+            own["moe"] = MoEConfig(num_experts=raw["num_experts"], top_k=raw["num_experts_per_tok"],
+                                   intermediate_size=raw["moe_intermediate_size"],
+                                   shared_intermediate_size=raw["shared_expert_intermediate_size"],
+                                   norm_topk_prob=raw.get("norm_topk_prob", True))
+            dense = set(raw.get("mlp_only_layers") or [])
+            step = raw.get("decoder_sparse_step", 1)
+            own["sparse_layers"] = frozenset(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+        return own
 
 
 class GatedDeltaNetBlock(nn.Module):
     """Projections, gates and output of a GDN layer around :class:`GDNAttention`; this rank's key and value heads."""
 
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype, grouped: bool):
+    def __init__(self, cfg: Qwen3_5Config, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
-        hidden, tp = cfg["hidden_size"], pstate.tp_size
-        hk, hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
-        self.dk, self.dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+        hidden, tp, grouped = cfg.hidden_size, pstate.tp_size, cfg.grouped
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.hk = divide(hk, tp, "the number of GDN key heads")
         self.hv = divide(hv, tp, "the number of GDN value heads")
         self.pstate, self.grouped = pstate, grouped
@@ -74,9 +106,8 @@ class GatedDeltaNetBlock(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.hv, dtype=dtype), requires_grad=False)
         self.A_log = nn.Parameter(torch.empty(self.hv, dtype=dtype), requires_grad=False)
         self.dt_bias.weight_loader = self.A_log.weight_loader = self._value_head_loader
-        self.attn = GDNAttention(self.hk, self.hv, self.dk, self.dv, cfg.get("linear_conv_kernel_dim", 4), pstate,
-                                 dtype)
-        self.norm = GatedRMSNorm(self.dv, cfg["rms_norm_eps"], dtype)
+        self.attn = GDNAttention(self.hk, self.hv, self.dk, self.dv, cfg.linear_conv_kernel_dim, pstate, dtype)
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, dtype)
         self.out_proj = RowSeqParallelLinear(value_dim, hidden, pstate, False, dtype)
 
     def _fused_qkv_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -115,16 +146,16 @@ class GatedAttentionBlock(nn.Module):
     are ``[query | gate]`` per head, so loading it as the q part of a QKV layer with twice the heads keeps every
     head's pair on one TP rank."""
 
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    def __init__(self, cfg: Qwen3_5Config, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
-        hidden, d, heads = cfg["hidden_size"], head_dim_of(cfg), cfg["num_attention_heads"]
+        hidden, d, heads = cfg.hidden_size, cfg.head_dim, cfg.num_heads
         divide(heads, pstate.tp_size, "the number of attention heads")
-        self.qkv_proj = QKVSeqParallelLinear(hidden, d, 2 * heads, cfg["num_key_value_heads"], pstate,
-                                             cfg.get("attention_bias", False), dtype)
-        self.o_proj = RowSeqParallelLinear(heads * d, hidden, pstate, cfg.get("attention_bias", False), dtype)
-        self.q_norm = ZeroCenteredRMSNorm(d, cfg["rms_norm_eps"], dtype)
-        self.k_norm = ZeroCenteredRMSNorm(d, cfg["rms_norm_eps"], dtype)
-        self.rotary = RotaryEmbedding(d, rope_params_from_config(cfg), cfg.get("max_position_embeddings", 4096))
+        self.qkv_proj = QKVSeqParallelLinear(hidden, d, 2 * heads, cfg.num_kv_heads, pstate, cfg.attention_bias,
+                                             dtype)
+        self.o_proj = RowSeqParallelLinear(heads * d, hidden, pstate, cfg.attention_bias, dtype)
+        self.q_norm = ZeroCenteredRMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.k_norm = ZeroCenteredRMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.rotary = RotaryEmbedding(d, dict(cfg.rope), cfg.max_position_embeddings)
         self.nh, self.nkv, self.d = self.qkv_proj.num_heads // 2, self.qkv_proj.num_kv_heads, d
         self.attn = Attention(self.nh, self.nkv, d, d**-0.5)
 
@@ -140,12 +171,14 @@ class GatedAttentionBlock(nn.Module):
 
 
 class SharedExpertMoEBlock(nn.Module):
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    """Qwen3.5 / Qwen3-Next sparse MLP: routed experts plus a sigmoid-gated shared expert, over TP."""
+
+    def __init__(self, cfg: Qwen3_5Config, pstate: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.pstate = pstate
-        self.moe = SharedExpertMoE(cfg["num_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"],
-                                   cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], pstate, dtype,
-                                   cfg.get("norm_topk_prob", True))
+        moe = cfg.moe
+        self.moe = SharedExpertMoE(moe.num_experts, moe.top_k, cfg.hidden_size, moe.intermediate_size,
+                                   moe.shared_intermediate_size, pstate, dtype, moe.norm_topk_prob)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
         if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
@@ -156,20 +189,20 @@ class SharedExpertMoEBlock(nn.Module):
 
 
 class Qwen3_5DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, layer_type: str, pstate: ParallelState, dtype: torch.dtype,
-                 grouped: bool):
+    """One Qwen3.5 layer: a GDN or gated-attention token mixer, then a dense or sparse MLP."""
+
+    def __init__(self, cfg: Qwen3_5Config, layer_idx: int, layer_type: str, pstate: ParallelState,
+                 dtype: torch.dtype):
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
-            self.linear_attn = GatedDeltaNetBlock(cfg, pstate, dtype, grouped)
+            self.linear_attn = GatedDeltaNetBlock(cfg, pstate, dtype)
         else:
             self.self_attn = GatedAttentionBlock(cfg, pstate, dtype)
-        sparse = cfg.get("num_experts", 0) > 0 and layer_idx not in (cfg.get("mlp_only_layers") or []) and \
-            (layer_idx + 1) % cfg.get("decoder_sparse_step", 1) == 0
-        self.mlp = SharedExpertMoEBlock(cfg, pstate, dtype) if sparse else \
-            GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], pstate, dtype)
-        self.input_layernorm = ZeroCenteredRMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
+        self.mlp = SharedExpertMoEBlock(cfg, pstate, dtype) if layer_idx in cfg.sparse_layers else \
+            GatedMLP(cfg.hidden_size, cfg.intermediate_size, pstate, dtype)
+        self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mixer = self.linear_attn if self.is_linear else self.self_attn
@@ -193,13 +226,14 @@ RULES = [
 class Qwen3_5ForCausalLM(CausalLM):
     """Qwen3.5 (dense or MoE) and Qwen3-Next; text only when the checkpoint also holds a vision tower."""
 
-    def __init__(self, cfg: dict, pstate: ParallelState, dtype: torch.dtype):
+    config_class = Qwen3_5Config
+
+    def __init__(self, cfg: Qwen3_5Config, pstate: ParallelState, dtype: torch.dtype):
         super().__init__(cfg, pstate, dtype)
-        self.norm = ZeroCenteredRMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"], dtype)
-        grouped = cfg["architectures"][0] == "Qwen3NextForCausalLM"
-        self.layer_types = qwen_layer_types(cfg)
+        self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layer_types = list(cfg.layer_types)
         self.layers = nn.ModuleList(
-            Qwen3_5DecoderLayer(cfg, i, t, pstate, dtype, grouped) for i, t in enumerate(self.layer_types)
+            Qwen3_5DecoderLayer(cfg, i, t, pstate, dtype) for i, t in enumerate(self.layer_types)
         )
 
     def load_weights(self, weights) -> None:

@@ -27,12 +27,12 @@ def test_short_prompts_are_homed_on_separate_sp_ranks():
     for i in range(4):
         s.add(seq(f"s{i}", 5, 2))
     plan, seqs = s.schedule()
-    homes = [c.owner for c in plan.chunks]
+    homes = [c.kv_rank for c in plan.chunks]
     assert all(c.placement == Placement.HOMED for c in plan.chunks)
     assert sorted(homes) == [0, 0, 1, 1]  # spread over the SP ranks
     for c, q in zip(plan.chunks, seqs):  # all KV of a homed request is on its home rank
-        assert q.shard_len(c.owner) == 5 and len(c.new_pages[c.owner]) == 2  # 5 tokens on pages of 4
-        assert all(not q.kv_runs[r] and not c.new_pages[r] for r in range(2) if r != c.owner)
+        assert q.shard_len(c.kv_rank) == 5 and len(c.new_pages[c.kv_rank]) == 2  # 5 tokens on pages of 4
+        assert all(not q.kv_runs[r] and not c.new_pages[r] for r in range(2) if r != c.kv_rank)
 
 
 def test_long_prompt_is_split_then_decodes_replicated():
@@ -50,7 +50,7 @@ def test_long_prompt_is_split_then_decodes_replicated():
         plan, seqs = s.schedule()
         c = plan.chunks[0]
         assert c.placement == Placement.REPLICATED and c.num_new == 1
-        owners.append(c.owner)
+        owners.append(c.kv_rank)
         s.advance(seqs, plan)
     # 50 + 2 fills rank 0's page; then rank 1 (smaller) fills its page to 52; on a tie it keeps going (a new page
     # of 4 to 56); then rank 0 again
@@ -134,7 +134,7 @@ def test_a_prefix_hit_that_cannot_fit_is_dropped_instead_of_waited_on():
     s.finish(first)
     assert s.cache.prefix.entries  # its 100 tokens are cached
     second = Sequence("second", list(range(8)) + list(range(500, 590)), SamplingParams(max_tokens=8), 1)
-    assert s.cache.lookup(second).tokens == 8 and not s.cache.can_admit(second, s.cache.lookup(second))
+    assert s.cache.lookup(second).tokens == 8 and not s.cache.can_admit(second, s.cache.lookup(second), None)
     s.add(second)
     plan, seqs = s.schedule()
     assert seqs == [second] and plan.chunks[0].num_new == 98 and second.cached_tokens == 0

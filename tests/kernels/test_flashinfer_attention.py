@@ -168,13 +168,21 @@ def test_flashinfer_matches_reference_bf16(name: str) -> None:
 
 @gpu
 @needs_flashinfer
-def test_ops_attention_runs_uses_flashinfer_on_cuda() -> None:
-    """The dispatcher gives flashinfer's answer for bf16 on CUDA (long enough to span several kernel tiles)."""
+def test_auto_backend_attention_runs_is_flashinfer_on_cuda() -> None:
+    """The backend ``auto`` picks for bf16 on CUDA gives flashinfer's answer for the ring's position-run blocks (long
+    enough to span several kernel tiles)."""
+    from server.backends import make_attention_backend
+    from server.backends.attention import AttentionGeometry
+    from server.sp.groups import ParallelState
+
     g = torch.Generator().manual_seed(2)
     n = 1500
     q, k, v = (torch.randn(n, h, 128, generator=g).to(torch.bfloat16).to(DEVICE) for h in (32, 8, 8))
     q_runs, k_runs = [(0, 700, 800), (700, 800, 2200)], [(0, 900, 0), (900, 600, 2300)]
-    o, lse = ops.attention_runs(q, k, v, q_runs, k_runs, 128**-0.5)
+    backend = make_attention_backend("auto", ParallelState(device=torch.device(DEVICE)), 16,
+                                     AttentionGeometry(32, 8, 128, 128**-0.5), torch.bfloat16)
+    assert backend.name == "flashinfer"
+    o, lse = backend.attention_runs(q, k, v, q_runs, k_runs, 128**-0.5)
     fo, flse = attention_runs_flashinfer(q, k, v, q_runs, k_runs, 128**-0.5)
     ro, rlse = reference(q, k, v, q_runs, k_runs, 128**-0.5)
     assert torch.equal(o, fo) and torch.equal(lse, flse)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests one at a time, each under its own time limit, so that one slow or hung test costs only itself:
-#   benchmarks/gpu_tests_each.sh SECONDS TEST_ID [TEST_ID ...]
+#   benchmarks/runbooks/gpu_tests_each.sh SECONDS TEST_ID [TEST_ID ...]
 # Prints one line per test (status, seconds) and keeps each test's log in $WORK/tests/: rank 0's log lines with
 # timestamps (start-up phases, graph capture), and for a test that runs out of time the stacks of every thread
 # 15 s before its limit (pytest's faulthandler), then pytest's own report of where SIGINT stopped it.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench_serving against launch_server.py on dummy weights at a real shape (GPU host), for each given SP size.
-#   benchmarks/serve_bench.sh MODEL_SHAPE TOKENIZER_DIR OUT_DIR SP [SP ...]
+#   benchmarks/runbooks/serve_bench.sh MODEL_SHAPE TOKENIZER_DIR OUT_DIR SP [SP ...]
 # The shape directory gets the tokenizer files (any tokenizer: prompts are token ids within its vocabulary).
 # 64 prompts at concurrency 32 by default; with SERVE_PER_GPU=1, 64 x SP prompts at concurrency 32 x SP (the same
 # load per GPU: at sp > 1 short prompts are homed, each rank serving its own requests).

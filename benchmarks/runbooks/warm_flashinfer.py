@@ -5,7 +5,7 @@ meeting them one after another spends several minutes. This runs one tiny call p
 process (flashinfer's file locks make concurrent builds of one module wait for each other), so that tests and
 benchmarks started afterwards find every module in ~/.cache/flashinfer.
 
-    python benchmarks/warm_flashinfer.py [--dtypes bfloat16 float16] [--head-dims 128]
+    python benchmarks/runbooks/warm_flashinfer.py [--dtypes bfloat16 float16] [--head-dims 128]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 KINDS = ["single", "ragged", "paged_causal", "paged_full", "decode", "merge"]
 

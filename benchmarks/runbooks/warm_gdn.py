@@ -6,7 +6,7 @@ on small random inputs at every benchmarked shape (the chunked prefill, the SP c
 value columns, the decode step), so later processes find the kernels in Triton's cache (with
 ``TRITON_CACHE_AUTOTUNING=1``, the tuning results too).
 
-    TRITON_CACHE_AUTOTUNING=1 python benchmarks/warm_gdn.py [--shapes qwen3.5-27b qwen3-next-like]
+    TRITON_CACHE_AUTOTUNING=1 python benchmarks/runbooks/warm_gdn.py [--shapes qwen3.5-27b qwen3-next-like]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.model_shapes import SHAPES  # noqa: E402
 from server.kernels import ops  # noqa: E402

@@ -2,8 +2,8 @@
 # The GPU checks and benchmarks, step by step, from the repository root on a CUDA host (flashinfer installed).
 # Logs and result files go to $WORK (default /tmp/gpu-suite); with $ARCHIVE set, they end up in that one .tgz.
 #
-#   benchmarks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
-#   benchmarks/gpu_suite.sh prefill prefill-at-limit modes placement
+#   benchmarks/runbooks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
+#   benchmarks/runbooks/gpu_suite.sh prefill prefill-at-limit modes placement
 #       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
 # A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them as prebuilt modules to
 # bring along, and the aot step unpacks them on the next host. Triton's kernels (ours, fla-core's) compile and fla's
@@ -33,12 +33,10 @@ for step in "$@"; do
     echo "== $step $(date -u +%T)"
     case $step in
     warm)
-        python benchmarks/warm_flashinfer.py 2>&1 | tee "$WORK/warm.log"
+        python benchmarks/runbooks/warm_flashinfer.py 2>&1 | tee "$WORK/warm.log"
         ;;
-    tests)  # the engine and SP on the GPU(s), and the flashinfer attention paths
-        timeout 420 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/engine tests/sp \
-            tests/kernels/test_paged_attention.py tests/kernels/test_flashinfer_attention.py 2>&1 |
-            tee "$WORK/gpu_tests.log" | tail -40
+    tests)  # every GPU test that fits this host (benchmarks/runbooks/gpu_tests.sh), summary in $WORK/gpu_tests.md
+        benchmarks/runbooks/gpu_tests.sh "$WORK/gpu_tests.md" 2>&1 | tail -40
         ;;
     kernel-tests)  # Triton lightning and merge_state kernels
         timeout 420 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/kernels 2>&1 |
@@ -91,10 +89,10 @@ for step in "$@"; do
         prefill 100 place_sp1 --model llama3-8b --sp-size 1 --context 1000 --num-prompts 64
         ;;
     warm256)  # flashinfer modules for head dim 256 (the Qwen3.5 / Qwen3-Next shapes), in the background
-        python benchmarks/warm_flashinfer.py --dtypes bfloat16 --head-dims 256 >"$WORK/warm256.log" 2>&1 &
+        python benchmarks/runbooks/warm_flashinfer.py --dtypes bfloat16 --head-dims 256 >"$WORK/warm256.log" 2>&1 &
         ;;
     warm-gdn)  # fla-core's GDN kernels compiled and tuned for the benchmarked shapes, in the background
-        python benchmarks/warm_gdn.py >"$WORK/warm_gdn.log" 2>&1 &
+        python benchmarks/runbooks/warm_gdn.py >"$WORK/warm_gdn.log" 2>&1 &
         ;;
     gpu-tests)  # the engine on CUDA (every architecture, graphs, SP / TP / Ulysses over NCCL), GDN and Ulysses ops
         # GPU_TESTS_K: a pytest -k selection (default: all of them)
@@ -137,7 +135,7 @@ for step in "$@"; do
         ;;
     serve)  # bench_serving through launch_server.py: sp 1, then sp 2 (short prompts homed: two workers)
         mkdir -p "$WORK/serve"
-        timeout 400 benchmarks/serve_bench.sh llama3-8b .tok "$WORK/serve" 1 2
+        timeout 400 benchmarks/runbooks/serve_bench.sh llama3-8b .tok "$WORK/serve" 1 2
         ;;
     chunked)  # 128K through the server's default 8192-token chunks, sp 1 and 2 (parallel efficiency)
         prefill 200 chunked --model llama3-8b --sp-size 1 2 --repeat 1 --context 131072 --chunk 8192

@@ -1,0 +1,99 @@
+"""What a layer keeps per request, declared by the layer: its cache spec.
+
+The engine sizes, allocates, copies and releases every cache by iterating the model's :class:`CacheLayer` s and
+their :class:`CacheSpec` s; it never asks a layer's type. A new layer kind (sliding-window KV, latent KV, another
+recurrent state, FP8 pages with scales) is its layer file plus its spec.
+
+Two storage kinds exist, because the scheduler accounts for them differently:
+- ``paged``: grows with the tokens; lives in the rank's KV pages, whose ids every paged layer shares (the cache
+  manager hands out page ids; a prefix-cache hit shares pages and copies the last one on write);
+- slots: a fixed-size state per request (plus the prefix cache's snapshots of it), indexed by the request's slot.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class CacheSpec(ABC):
+    """One layer's per-request cache on this rank: its size, allocation and copies."""
+
+    paged: bool = False  # True: per token, in pages; False: one fixed-size slot per request
+
+    @abstractmethod
+    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one page of ``page_size`` tokens (paged) or of one request's slot. ``dtype``: the model's,
+        for the tensors whose dtype the spec does not fix itself (here and in :meth:`allocate`)."""
+
+    @abstractmethod
+    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """The cache object for ``units`` pages or slots (unit 0 / the last slot may serve as scratch)."""
+
+    @abstractmethod
+    def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy units ``src`` to ``dst`` (device index tensors of equal length): a cached prefix's last page copied
+        on write, a state snapshot saved or restored."""
+
+
+class CacheLayer:
+    """Mixin of a layer that keeps per-request state: it declares it (:meth:`cache_spec`) and holds the
+    allocated object in ``cache`` (None until the engine allocates it, and after release)."""
+
+    cache: Any = None
+
+    def cache_spec(self) -> CacheSpec:
+        raise NotImplementedError
+
+
+class PagedKVSpec(CacheSpec):
+    """Softmax attention's K and V: ``[pages, page_size, kv_heads, head_dim]`` each, in ``kv_dtype`` (None: the
+    model's). The query heads and scale are the attention geometry the backend plans its kernels for."""
+
+    paged = True
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 kv_dtype: torch.dtype | None = None):
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.kv_dtype = kv_dtype
+
+    @property
+    def geometry(self) -> tuple[int, int, int, float]:
+        """(query heads, KV heads, head dim, scale): layers with equal geometry share the backend's plans."""
+        return self.num_heads, self.num_kv_heads, self.head_dim, self.scale
+
+    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
+        return 2 * page_size * self.num_kv_heads * self.head_dim * (self.kv_dtype or dtype).itemsize
+
+    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> Any:
+        from server.layers.attention import PagedKVCache
+
+        return PagedKVCache(units, page_size, self.num_kv_heads, self.head_dim, self.kv_dtype or dtype, device)
+
+    def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
+        cache.k[dst] = cache.k[src]
+        cache.v[dst] = cache.v[src]
+
+
+class StateSpec(CacheSpec):
+    """Fixed-size per-request tensors, named: ``shapes[name] = (shape of one slot, dtype or None for the model's)``.
+    The cache object, ``factory(**tensors)``, has one ``[slots, *shape]`` tensor per name, zero-initialised (the
+    layer clears a request's slot when the request starts)."""
+
+    def __init__(self, factory: type, shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]]):
+        self.factory, self.shapes = factory, shapes
+
+    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
+        return sum(math.prod(shape) * (own or dtype).itemsize for shape, own in self.shapes.values())
+
+    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> Any:
+        return self.factory(**{name: torch.zeros(units, *shape, dtype=own or dtype, device=device)
+                               for name, (shape, own) in self.shapes.items()})
+
+    def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for name in self.shapes:
+            t = getattr(cache, name)
+            t[dst] = t[src]
