@@ -59,11 +59,13 @@ class ServerArgs:
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"{flag} {path!r} is not a directory (expected a Hugging Face model directory)")
         from server.models.builtin import VOCAB_SIZE, builtin_config
-        from server.models.loader import check_model_parallelism, read_model_config
+        from server.models.loader import MODEL_CLASSES, check_model_parallelism, read_model_config
 
         path = self.engine.model_path
         if path is None:  # the built-in model's shapes, without generating it
-            check_model_parallelism("<built-in model>", builtin_config(VOCAB_SIZE, 0, 1), self.engine.tp_size, "dummy",
+            raw = builtin_config(VOCAB_SIZE, 0, 1)
+            builtin = MODEL_CLASSES[raw["architectures"][0]].config_class.from_hf(raw)
+            check_model_parallelism("<built-in model>", builtin, self.engine.tp_size, "dummy",
                                     self.engine.ulysses_degree, self.engine.ulysses_layers)
         else:
             check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format,
