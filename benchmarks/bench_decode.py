@@ -39,6 +39,7 @@ from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
 from server.engine.step_profile import PROFILE  # noqa: E402
+from server.layers.moe import FusedMoE  # noqa: E402
 from server.models.common import GatedMLP  # noqa: E402
 
 
@@ -63,9 +64,15 @@ def copy_gbps(device: torch.device) -> float | None:
 
 def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False) -> int:
     """Bytes one decode step reads on rank 0: weights, its KV shard of every request, the states (read + write).
-    ``split_mlp``: the step split the dense MLPs over the SP ranks (each reads 1/sp of their weights)."""
+    ``split_mlp``: the step split the dense MLPs over the SP ranks (each reads 1/sp of their weights). Of a MoE
+    layer's experts only those the batch's tokens choose must be read: with top-k of E chosen uniformly, the
+    expected share is ``1 - (1 - k/E)^batch``."""
     r = engine.runner
     weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    for m in r.model.modules():
+        if isinstance(m, FusedMoE):
+            unread = (1 - m.top_k / m.num_experts) ** batch
+            weights -= int(unread * sum(p.numel() * p.element_size() for p in (m.w13, m.w2)))
     if split_mlp:
         mlp = sum(p.numel() * p.element_size() for m in r.model.modules() if isinstance(m, GatedMLP)
                   for p in m.parameters())

@@ -112,6 +112,109 @@ SHAPES = {
         "norm_topk_prob": True,
         "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 4,
     },
+    # Qwen3-30B-A3B (Qwen3-30B-A3B-Instruct-2507's published config.json): 48 layers, 32 q / 4 KV heads x 128 with
+    # q/k norm, 128 experts of 768 (top-8, renormalised) on every layer; 256K native context.
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000000.0,
+        "torch_dtype": "bfloat16",
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    # Qwen3-Coder-480B-A35B-Instruct: 62 layers, 96 q / 8 KV heads x 128, 160 experts of 2560 (top-8).
+    "qwen3-coder-480b-a35b": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": 151936,
+        "hidden_size": 6144,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 62,
+        "num_attention_heads": 96,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000000.0,
+        "torch_dtype": "bfloat16",
+        "num_experts": 160,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 2560,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    # MiniMax-M2: 62 softmax layers, 48 q / 8 KV heads x 128 with q/k norm over all heads and rotary on 64 of 128
+    # features, 256 experts of 1536 (top-8, sigmoid routing with a correction bias).
+    "minimax-m2": {
+        "architectures": ["MiniMaxM2ForCausalLM"],
+        "model_type": "minimax_m2",
+        "vocab_size": 200064,
+        "hidden_size": 3072,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 62,
+        "num_attention_heads": 48,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rotary_dim": 64,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 196608,
+        "tie_word_embeddings": False,
+        "rope_theta": 5000000.0,
+        "torch_dtype": "bfloat16",
+        "num_local_experts": 256,
+        "num_experts_per_tok": 8,
+        "scoring_func": "sigmoid",
+        "use_routing_bias": True,
+        "use_qk_norm": True,
+        "qk_norm_type": "per_layer",
+    },
+    # GLM-4.6: 92 layers (3 dense, then MoE), 96 q / 8 KV heads x 128 with q/k/v bias and q/k norm, rotary on half of
+    # each head, 160 routed experts of 1536 (top-8, sigmoid, x 2.5) and one shared expert; 200K context.
+    "glm-4.6": {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "vocab_size": 151552,
+        "hidden_size": 5120,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 92,
+        "num_attention_heads": 96,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "partial_rotary_factor": 0.5,
+        "attention_bias": True,
+        "use_qk_norm": True,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 202752,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+        "torch_dtype": "bfloat16",
+        "n_routed_experts": 160,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 1536,
+        "first_k_dense_replace": 3,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "eos_token_id": [151329, 151336, 151338],
+    },
 }
 
 
@@ -134,6 +237,17 @@ def _gdn_flops(cfg: dict, n: int) -> float:
     return proj + hv * (2 * n * c * (2 * dk + dv) + 3 * 2 * n * dk * dv)
 
 
+def _mlp_width(cfg: dict, layer: int) -> int:
+    """The intermediate width a token's MLP computes in ``layer``: a dense SwiGLU's, or the chosen experts' plus the
+    shared expert's (MiniMax's experts: ``intermediate_size`` each; the others': ``moe_intermediate_size``)."""
+    if "moe_intermediate_size" not in cfg:
+        return cfg["intermediate_size"] * cfg.get("num_experts_per_tok", 1)
+    if layer < cfg.get("first_k_dense_replace", 0) or layer in (cfg.get("mlp_only_layers") or []):
+        return cfg["intermediate_size"]
+    shared = cfg.get("shared_expert_intermediate_size") or cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 0)
+    return cfg["moe_intermediate_size"] * cfg["num_experts_per_tok"] + shared
+
+
 def prefill_flops(cfg: dict, n: int) -> float:
     """Forward FLOPs of prefilling n tokens (2 per multiply-add), counting work actually needed:
     dense/active-expert matmuls, causal softmax attention (QK^T and PV over the lower triangle), lightning
@@ -143,14 +257,10 @@ def prefill_flops(cfg: dict, n: int) -> float:
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
     gdn = "linear_num_key_heads" in cfg
-    if "moe_intermediate_size" in cfg:  # routed experts plus the shared one
-        inter = cfg["moe_intermediate_size"] * cfg["num_experts_per_tok"] + cfg["shared_expert_intermediate_size"]
-    else:
-        inter = cfg["intermediate_size"] * cfg.get("num_experts_per_tok", 1)
-    mlp = 2 * n * 3 * h * inter
     q_out = 2 if gdn else 1  # the hybrids' q projection also emits the output gate
     total = 2 * n * h * cfg["vocab_size"] / n  # LM head on the last token only
-    for t in types:
+    for i, t in enumerate(types):
+        mlp = 2 * n * 3 * h * _mlp_width(cfg, i)
         if t == "linear_attention" and gdn:
             proj, attn = _gdn_flops(cfg, n), 0.0
         elif t == "linear_attention":

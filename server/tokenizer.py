@@ -94,6 +94,29 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+def _tool_call_arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool-call arguments as objects. OpenAI clients send each call's ``arguments`` as a
+    JSON string; the templates of GLM-4.5, MiniMax-M2 and Qwen3-Coder iterate over them as a mapping (one XML
+    element per argument), and Qwen3's writes a mapping with ``tojson``. A string that is not a JSON object is
+    left as it is."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    parsed = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        args = fn.get("arguments") if isinstance(fn, dict) else None
+        if isinstance(args, str):
+            try:
+                value = json.loads(args)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                call = {**call, "function": {**fn, "arguments": value}}
+        parsed.append(call)
+    return {**message, "tool_calls": parsed}
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -299,7 +322,7 @@ class Tokenizer:
                 "endpoint instead"
             )
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **extra}
-        flat = [_flatten_content(m) for m in messages]
+        flat = [_tool_call_arguments_as_objects(_flatten_content(m)) for m in messages]
         text = template.render(messages=flat, add_generation_prompt=add_generation_prompt, **variables)
         if not continue_final_message:
             return text

@@ -100,7 +100,7 @@ def tiny_config(arch: str, **over):
         cfg = tf.Qwen2Config(**{**COMMON, "num_hidden_layers": 2, **over})
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, **over})
-    elif arch.startswith("minimax"):
+    elif arch.startswith("minimax") and arch != "minimax_m2":
         n = 8 if arch == "minimax_7to1" else 4
         types = {"minimax_7to1": ["linear_attention"] * 7 + ["full_attention"],
                  "minimax_linear": ["linear_attention"] * n}.get(arch,
@@ -110,6 +110,19 @@ def tiny_config(arch: str, **over):
                                   "full_attn_alpha_factor": 1.1, "full_attn_beta_factor": 0.9,
                                   "linear_attn_alpha_factor": 0.8, "linear_attn_beta_factor": 1.2,
                                   "mlp_alpha_factor": 1.05, "mlp_beta_factor": 0.95, **over})
+    elif arch == "qwen3_moe":  # the second layer dense (mlp_only_layers); 6 experts: not a multiple of 4 or 8 ranks
+        cfg = tf.Qwen3MoeConfig(**{**COMMON, "head_dim": 40, "num_hidden_layers": 2, "num_experts": 6,
+                                   "num_experts_per_tok": 2, "moe_intermediate_size": 24, "norm_topk_prob": True,
+                                   "mlp_only_layers": [1], **over})
+    elif arch == "minimax_m2":  # partial rotary (12 of 24), sigmoid routing with a correction bias
+        cfg = tf.MiniMaxM2Config(**{**COMMON, "intermediate_size": 24, "head_dim": 24, "rotary_dim": 12,
+                                    "num_hidden_layers": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
+                                    "bos_token_id": None, "eos_token_id": None, **over})
+    elif arch == "glm4_moe":  # a dense first layer, grouped routing (3 groups of 2, best 2 compete), shared expert
+        cfg = tf.Glm4MoeConfig(**{**COMMON, "head_dim": 24, "num_hidden_layers": 2, "n_routed_experts": 6,
+                                  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_group": 3,
+                                  "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1,
+                                  "use_qk_norm": True, "attention_bias": True, **over})
     elif arch == "qwen3_5_vl":  # a vision-language checkpoint whose language model is qwen3_5
         vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=COMMON["hidden_size"],
                       patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
@@ -144,6 +157,10 @@ def save_tiny_model(arch: str, root: str, seed: int = 0, **over) -> str:
     cfg = tiny_config(arch, **over)
     auto = tf.AutoModelForImageTextToText if arch.endswith("_vl") else tf.AutoModelForCausalLM
     model = auto.from_config(cfg, dtype=torch.float32)
+    for name, buf in model.named_buffers():
+        # initialised to zero; a nonzero bias makes the tests see that it steers the choice of experts
+        if name.endswith("e_score_correction_bias"):
+            buf.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return path
 
@@ -155,6 +172,24 @@ def hf_model(path: str):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` (no EOS stop)."""
+    with torch.no_grad():
+        # an explicit mask: otherwise transformers masks prompt tokens equal to pad_token_id
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def transformers_reference(path: str, long: list[int], batch: list[list[int]], max_new_tokens: int) -> tuple:
+    """(checkpoint, prompt logits of ``long`` and of ``batch[1]``, greedy tokens of each of ``batch``) computed by
+    transformers in fp32: the reference :func:`assert_matches_reference` takes."""
+    model = hf_model(path)
+    with torch.no_grad():
+        logits = [model(torch.tensor([ids])).logits[0] for ids in (long, batch[1])]
+    return (path, *logits, [hf_greedy(model, ids, max_new_tokens) for ids in batch])
 
 
 @contextlib.contextmanager

@@ -326,3 +326,51 @@ def test_held_back_prefix_is_flushed(tok_dir):
     # "square" could still become "squares", so it is held back until the request ends.
     assert released == "the market " and not det.stopped
     assert det.flush() == "square" and det.text == text and det.matched_stop is None
+
+
+# ---------------------------------------------------------------- chat templates of the MoE families
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
+TIDE_TOOL = {"type": "function", "function": {
+    "name": "get_tide", "description": "Tide table for a harbour (café)",
+    "parameters": {"type": "object", "properties": {
+        "harbour": {"type": "string", "description": "its name"},
+        "days": {"type": "integer", "enum": [1, 2, 3]}}, "required": ["harbour"]}}}
+
+
+def agent_conversation(arguments_as_text: bool) -> list[dict]:
+    """A tool-using turn as an OpenAI client sends it (``arguments`` a JSON string) or as transformers' templates are
+    rendered in its own docs (a mapping): system, user, an assistant turn with reasoning and two calls, their two
+    results, the answer, a follow-up question."""
+    args = [{"harbour": "Kiel", "days": 2}, {"harbour": "Hörnum", "options": {"units": "m"}}]
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": "get_tide", "arguments": json.dumps(a, ensure_ascii=False) if arguments_as_text
+                           else a}} for i, a in enumerate(args)]
+    return [
+        {"role": "system", "content": "You answer sailors."},
+        {"role": "user", "content": "When is high water in Kiel and Hörnum?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Two harbours: two calls.", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_0", "content": "14:02"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "15:40"},
+        {"role": "assistant", "content": "<think>Both known.</think>Kiel 14:02, Hörnum 15:40."},
+        {"role": "user", "content": [{"type": "text", "text": "And tomorrow?"}]},
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_coder", "glm4_moe", "minimax_m2"])
+def test_moe_family_chat_templates_render_as_transformers_does(bytelevel_dir, family):
+    """Representative templates of Qwen3(-MoE), Qwen3-Coder, GLM-4.5 and MiniMax-M2, written from their published
+    formats (tests/data/chat_templates), render as transformers renders them: tools, reasoning, tool calls whose
+    arguments arrive as JSON text (the OpenAI form: the templates iterate over them as a mapping), tool results,
+    content parts, and ``enable_thinking``."""
+    with open(os.path.join(TEMPLATES, f"{family}.jinja"), encoding="utf-8") as f:
+        template = f.read()
+    ours, ref = Tokenizer.from_pretrained(bytelevel_dir), AutoTokenizer.from_pretrained(bytelevel_dir)
+    ref_messages = agent_conversation(arguments_as_text=False)
+    ref_messages[-1] = {"role": "user", "content": "And tomorrow?"}  # transformers passes content parts as they are
+    for extra in ({"tools": [TIDE_TOOL]}, {"tools": [TIDE_TOOL], "enable_thinking": False}, {}):
+        expected = ref.apply_chat_template(ref_messages, chat_template=template, tokenize=False,
+                                           add_generation_prompt=True, **extra)
+        got = ours.apply_chat_template(agent_conversation(arguments_as_text=True), chat_template=template, **extra)
+        assert got == expected
+    assert "Kiel" in got and '\\"harbour' not in got  # the arguments rendered as values, not as escaped JSON text

@@ -186,6 +186,18 @@ for step in "$@"; do
             --follow-ups 0 --cache on --warmup-len 16384 --sp-size 1 2 --profile --out "$WORK/prefix_profile.json" \
             2>&1 | grep -E "^\||Error" | tee "$WORK/prefix_profile.log"
         ;;
+    moe)  # Qwen3-30B-A3B shape (128 experts, top-8; 61 GB of bf16 weights, so 128K of KV beside them needs an H200):
+        # prefill TTFT at 32K and 128K (sp 1, and sp 2 on two GPUs), decode ITL beside the floor at batch 1 (32K,
+        # 128K of context) and batch 32 (2K, 8K: 32 x 32K of KV does not fit one GPU)
+        prefill 300 moe_sp1 --model qwen3-30b-a3b --sp-size 1 --repeat 2 --context 32768 131072
+        prefill 300 moe_sp2 --model qwen3-30b-a3b --sp-size 2 --repeat 2 --context 32768 131072
+        timeout 420 python benchmarks/bench_decode.py --model qwen3-30b-a3b --context 32768 131072 --batch 1 \
+            --sp-size 1 --graphs on off --decode-steps 32 --out "$WORK/decode_moe_b1.json" 2>&1 |
+            grep -E "^\||bandwidth" | tee "$WORK/decode_moe_b1.log"
+        timeout 420 python benchmarks/bench_decode.py --model qwen3-30b-a3b --context 2048 8192 --batch 32 \
+            --sp-size 1 --graphs on off --decode-steps 32 --out "$WORK/decode_moe_b32.json" 2>&1 |
+            grep -E "^\||bandwidth" | tee "$WORK/decode_moe_b32.log"
+        ;;
     modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
         prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
         prefill 100 minimax_lasp2 --model minimax-hybrid --sp-size 2 --context 32768 131072 --lasp-mode allgather

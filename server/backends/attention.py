@@ -36,7 +36,7 @@ import torch
 from server.config import CommMode
 from server.forward.context import AttentionStepMeta, LocalEntry, RingEntry
 from server.kernels import ops
-from server.kernels.ops import Run
+from server.runs import Run
 from server.sp.groups import ParallelState
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, packed_partials, ring_attention
 from server.sp.ulysses import UlyssesMesh

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import time
 
-from server.engine.prefix_cache import PrefixCache, PrefixHit, chain_hashes, rows_before, truncate_runs
-from server.engine.request_table import append_run
+from server.engine.prefix_cache import PrefixCache, PrefixHit, chain_hashes
 from server.engine.sequence import Sequence
+from server.runs import append_run, rows_before, truncate_runs
 
 SCRATCH_PAGE = 0
 

@@ -26,7 +26,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from server.kernels.ops import Run
+from server.runs import Run
 
 
 def chain_hashes(tokens: list[int], block: int, known: list[int] = (), salt: str | None = None) -> list[int]:
@@ -54,21 +54,6 @@ def shared_blocks(a: list[int], b: list[int]) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def rows_before(runs: list[Run], m: int) -> int:
-    """Rows of a shard (runs in position order) whose positions are below ``m``."""
-    return sum(min(max(m - pos, 0), n) for _, n, pos in runs)
-
-
-def truncate_runs(runs: list[Run], m: int) -> list[Run]:
-    """The runs of the rows of positions below ``m``."""
-    out = []
-    for row, n, pos in runs:
-        if pos >= m:
-            break
-        out.append((row, min(n, m - pos), pos))
-    return out
 
 
 @dataclass

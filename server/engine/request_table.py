@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from server.forward.plan import ChunkPlan, Placement, StepPlan
-from server.kernels.ops import Run
+from server.runs import Run, append_run
 from server.sp.partition import rank_chunks
 
 
@@ -37,15 +37,6 @@ def stored_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[in
     if chunk.placement == Placement.REPLICATED and chunk.kv_rank != sp_rank:
         return []
     return [(p, n) for p, n, _ in computed_pieces(chunk, sp_size, sp_rank)]
-
-
-def append_run(runs: list[Run], row: int, pos_start: int, length: int) -> None:
-    """Append positions ``pos_start..+length`` at shard row ``row``, extending the last run when it continues."""
-    if runs and runs[-1][2] + runs[-1][1] == pos_start and runs[-1][0] + runs[-1][1] == row:
-        r0, n0, p0 = runs[-1]
-        runs[-1] = (r0, n0 + length, p0)
-    else:
-        runs.append((row, length, pos_start))
 
 
 @dataclass

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from server.engine.io_struct import PromptTokenLogprob
-from server.kernels.ops import Run
+from server.runs import Run
 from server.sampling_params import SamplingParams
 
 

@@ -24,10 +24,9 @@ from server.forward.context import (
     UlyssesRuns,
 )
 from server.forward.plan import ChunkPlan, Placement, StepPlan
-from server.kernels.ops import Run
+from server.runs import Run, runs_rows
 from server.sp.groups import ParallelState
 from server.sp.partition import rank_chunks, zigzag_chunks
-from server.sp.ulysses import runs_rows
 
 _ROW_ORDER = {Placement.REPLICATED: 0, Placement.SPLIT: 1, Placement.HOMED: 2}
 

@@ -369,8 +369,7 @@ def _is_token_ids(x: Any) -> bool:
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The messages as the chat template expects them: content is a string or a list of text parts (which the
-    tokenizer joins); only assistant turns (and tool-calling turns) may leave it out. A tool call's ``arguments``
-    sent as JSON text become the object (as vLLM passes them: templates iterate them or apply ``tojson``)."""
+    tokenizer joins); only assistant turns (and tool-calling turns) may leave it out."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
@@ -380,15 +379,6 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = ""
         msg = m.model_dump(exclude_none=True)
         msg["content"] = content if isinstance(content, str) else [p.model_dump() for p in content]
-        for call in msg.get("tool_calls") or []:
-            fn = call.get("function")
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                try:
-                    args = json.loads(fn["arguments"])
-                except ValueError:
-                    continue
-                if isinstance(args, dict):
-                    call["function"] = {**fn, "arguments": args}
         out.append(msg)
     return out
 

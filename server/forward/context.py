@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from server.kernels.ops import Run
+from server.runs import Run
 from server.sp.groups import ParallelState
 from server.sp.ulysses import UlyssesMesh
 

@@ -24,6 +24,7 @@ from itertools import pairwise
 import torch
 
 from server.kernels import ops
+from server.runs import coalesce_runs
 
 Run = tuple[int, int, int]
 # (q [Lq, Hq, D], k [Lk, Hk, D], v [Lk, Hk, D], causal, scale) -> (o [Lq, Hq, D], lse [Lq, Hq] fp32 base 2)
@@ -42,19 +43,6 @@ class AttentionPiece:
     k_start: int
     k_len: int
     causal: bool
-
-
-def coalesce_runs(runs: list[Run]) -> list[Run]:
-    """Join neighbouring runs that continue each other in both rows and positions; drop empty runs."""
-    out: list[Run] = []
-    for row, n, pos in runs:
-        if n <= 0:
-            continue
-        if out and out[-1][0] + out[-1][1] == row and out[-1][2] + out[-1][1] == pos:
-            out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
-        else:
-            out.append((row, n, pos))
-    return out
 
 
 def decompose_runs(q_runs: list[Run], k_runs: list[Run]) -> list[AttentionPiece]:

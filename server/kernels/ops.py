@@ -27,6 +27,7 @@ from server.kernels.lightning_ref import (
 )
 from server.kernels.merge_state_ref import merge_state_ref, merge_states_ref
 from server.kernels.pointwise_ref import rms_norm_ref, rope_ref, silu_and_mul_ref
+from server.runs import Run, runs_to_positions
 
 LIGHTNING_BLOCK = 64
 
@@ -50,18 +51,6 @@ def set_kernel_backend(name: str) -> None:
 
 def _fast(x: torch.Tensor) -> bool:
     return x.is_cuda and _backend != "torch"
-
-# A run is ``(row_start, length, pos_start)``: rows row_start..row_start+length-1 hold the consecutive global
-# positions pos_start..pos_start+length-1. Queries and keys of one attention call are described as runs, so
-# a backend can classify every (query run, key run) pair as full, causal or skipped without a device sync.
-Run = tuple[int, int, int]
-
-
-def runs_to_positions(runs: list[Run], device: torch.device) -> torch.Tensor:
-    """Global position of every row described by ``runs`` (rows must be covered in order)."""
-    if not runs:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(p, p + n, device=device) for _, n, p in runs])
 
 
 def attention_runs(

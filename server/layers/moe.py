@@ -1,5 +1,6 @@
-"""Sparse mixture of experts (top-k softmax routing, renormalized; as MiniMax/Mixtral) with TP-sharded experts,
-optionally beside a sigmoid-gated shared expert (Qwen3-Next, Qwen3.5-MoE).
+"""Sparse mixture of experts with TP-sharded experts, routed by a router of :mod:`server.layers.moe_routing`
+(top-k softmax renormalized, as MiniMax/Mixtral, unless given), optionally beside a shared expert, sigmoid-gated
+(Qwen3-Next, Qwen3.5-MoE) or plain (GLM-4.5).
 
 Every TP rank holds each expert's slice of the intermediate dimension (gate/up column-split, down row-split),
 so a token's expert output is a partial sum that the caller's row reduction completes.
@@ -13,6 +14,7 @@ from torch import nn
 
 from server.kernels import ops
 from server.layers.linear import as_tensor, copy_into, divide
+from server.layers.moe_routing import Router, make_router
 from server.sp.groups import ParallelState
 
 # On CUDA a step of at most this many tokens runs the sync-free forms even outside a CUDA graph. The dense form
@@ -28,16 +30,19 @@ class FusedMoE(nn.Module):
     """x ``[T, hidden]`` -> partial ``[T, hidden]`` (sum over TP = the MoE output).
 
     Weights: ``w13 [E, 2*I/tp, hidden]`` (gate rows then up rows), ``w2 [E, hidden, I/tp]``; router ``[E, hidden]``
-    replicated.
+    replicated; with ``correction_bias``, the router's ``e_score_correction_bias [E]`` (fp32, replicated).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, pstate: ParallelState,
-                 dtype: torch.dtype | None = None, renormalize: bool = True):
+                 dtype: torch.dtype | None = None, router: Router | None = None, correction_bias: bool = False):
         super().__init__()
         self.pstate = pstate
         self.num_experts = num_experts
         self.top_k = top_k
-        self.renormalize = renormalize
+        self.router = router or make_router("softmax", top_k)
+        # fp32 whatever the model dtype: a bias of ~1e-3 steers selection between scores a few 1e-3 apart
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32),
+                                                    requires_grad=False) if correction_bias else None
         self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
@@ -56,9 +61,7 @@ class FusedMoE(nn.Module):
         copy_into(param.data[shard_id], as_tensor(loaded[:, s : s + self.inter]), f"expert {shard_id} down")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        return (weights / weights.sum(-1, keepdim=True) if self.renormalize else weights), experts
+        return self.router(F.linear(x, self.gate).float(), self.e_score_correction_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
@@ -105,18 +108,20 @@ class FusedMoE(nn.Module):
 
 
 class SharedExpertMoE(nn.Module):
-    """Routed experts plus an always-on shared expert scaled by ``sigmoid(x w_gate)``: x ``[T, hidden]`` -> partial
-    ``[T, hidden]`` (sum over TP = the output). The gate is a per-token scalar, replicated, so it can scale each
-    rank's partial shared-expert sum before the one reduction the caller does for both."""
+    """Routed experts plus an always-on shared expert, scaled by ``sigmoid(x w_gate)`` when ``gated``: x
+    ``[T, hidden]`` -> partial ``[T, hidden]`` (sum over TP = the output). The gate is a per-token scalar,
+    replicated, so it can scale each rank's partial shared-expert sum before the one reduction the caller does for
+    both. ``router`` and ``correction_bias`` are :class:`FusedMoE`'s."""
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, shared_intermediate: int,
-                 pstate: ParallelState, dtype: torch.dtype | None = None, renormalize: bool = True):
+                 pstate: ParallelState, dtype: torch.dtype | None = None, router: Router | None = None,
+                 correction_bias: bool = False, gated: bool = True):
         super().__init__()
-        self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, pstate, dtype, renormalize)
+        self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, pstate, dtype, router, correction_bias)
         self.shared_inter = divide(shared_intermediate, pstate.tp_size, "the shared expert intermediate size")
         self.shared_w13 = nn.Parameter(torch.empty(2 * self.shared_inter, hidden, dtype=dtype), requires_grad=False)
         self.shared_w2 = nn.Parameter(torch.empty(hidden, self.shared_inter, dtype=dtype), requires_grad=False)
-        self.shared_gate = nn.Parameter(torch.empty(1, hidden, dtype=dtype), requires_grad=False)
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden, dtype=dtype), requires_grad=False) if gated else None
         self.pstate = pstate
         self.shared_w13.weight_loader = self.shared_w13_loader
         self.shared_w2.weight_loader = self.shared_w2_loader
@@ -133,4 +138,6 @@ class SharedExpertMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.shared_w13)
         shared = F.linear(ops.silu_and_mul(h), self.shared_w2)
-        return self.experts(x) + torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+        return self.experts(x) + shared

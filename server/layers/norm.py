@@ -24,24 +24,32 @@ class RMSNorm(nn.Module):
 
 class TPRMSNorm(nn.Module):
     """RMSNorm over a feature dimension that is split over TP (MiniMax's norm over all heads): the sum of
-    squares is all-reduced over TP so every rank normalizes by the full-width mean."""
+    squares is all-reduced over TP so every rank normalizes by the full-width mean.
 
-    def __init__(self, full_size: int, eps: float, pstate: ParallelState, dtype: torch.dtype | None = None):
+    ``replicas`` > 1: each slice is held by that many adjacent TP ranks (KV heads fewer than TP ranks, see
+    :class:`server.layers.linear.QKVParallelLinear`): rank r holds slice ``r // replicas``, and the all-reduced sum
+    counts every slice ``replicas`` times, so it is divided by that."""
+
+    def __init__(self, full_size: int, eps: float, pstate: ParallelState, dtype: torch.dtype | None = None,
+                 replicas: int = 1):
         super().__init__()
         self.pstate = pstate
         self.eps = eps
         self.full_size = full_size
-        self.per_rank = full_size // pstate.tp_size
+        self.replicas = replicas
+        self.per_rank = full_size * replicas // pstate.tp_size
         self.weight = nn.Parameter(torch.ones(self.per_rank, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        s = self.pstate.tp_rank * self.per_rank
+        s = self.pstate.tp_rank // self.replicas * self.per_rank
         copy_into(param, as_tensor(loaded[s : s + self.per_rank]), "an all-heads RMSNorm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         ss = self.pstate.tp_all_reduce(xf.pow(2).sum(-1, keepdim=True))
+        if self.replicas > 1:
+            ss = ss / self.replicas
         xf = xf * torch.rsqrt(ss / self.full_size + self.eps)
         return self.weight * xf.to(x.dtype)
 

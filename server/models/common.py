@@ -1,8 +1,9 @@
-"""Pieces shared by the model files: config access, the MLP block, and the checkpoint-name dispatcher."""
+"""Pieces shared by the model files: the dense and sparse MLP blocks, the pre-norm decoder layer, and the
+checkpoint-name dispatchers (fused q/k/v, stacked experts)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -10,7 +11,12 @@ from torch import nn
 from server.kernels import ops
 from server.layers.cache_spec import CacheLayer
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from server.layers.linear import MergedColumnSeqParallelLinear, RowSeqParallelLinear, default_weight_loader
+from server.layers.linear import (
+    MergedColumnSeqParallelLinear,
+    RowSeqParallelLinear,
+    as_tensor,
+    default_weight_loader,
+)
 from server.layers.norm import RMSNorm
 from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
@@ -21,8 +27,8 @@ QKV_RULES = [
     (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
     (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
 ]
-
-
+# a dense SwiGLU MLP's gate/up tensors load into the merged gate_up parameter of GatedMLP
+GATED_MLP_RULES = [(".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1)]
 
 
 class GatedMLP(nn.Module):
@@ -66,6 +72,81 @@ class GatedMLP(nn.Module):
         h = torch.nn.functional.linear(ops.silu_and_mul(h), self.down_proj.weight[:, r * part : (r + 1) * part])
         h = self.pstate.sp_all_reduce(self.pstate.tp_all_reduce(h))
         return h if self.down_proj.bias is None else h + self.down_proj.bias
+
+
+class MoEMLP(nn.Module):
+    """A decoder layer's sparse MLP: ``moe`` (:class:`server.layers.moe.FusedMoE` or
+    :class:`server.layers.moe.SharedExpertMoE`) returns each TP rank's partial sum; one TP reduction completes it
+    (a reduce-scatter over tokens when the residual stream is sequence-sharded, after gathering them)."""
+
+    def __init__(self, moe: nn.Module, pstate: ParallelState):
+        super().__init__()
+        self.moe = moe
+        self.pstate = pstate
+
+    def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
+        if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
+            raise ValueError("the SP-split MLP is for dense MLPs")
+        if seq_sharded:
+            return self.pstate.tp_reduce_scatter(self.moe(self.pstate.tp_all_gather(x, dim=0)))
+        return self.pstate.tp_all_reduce(self.moe(x))
+
+
+class PreNormDecoderLayer(nn.Module):
+    """``x + attn(norm(x))``, then ``x + mlp(norm(x))``: the decoder layer of the Llama-shaped families (the MoE
+    ones pass a :class:`MoEMLP` on their sparse layers). ``mlp_name`` is the checkpoint's name for the MLP."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
+                 mlp_name: str = "mlp"):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        mlp = getattr(self, self.mlp_name)
+        return x + mlp(self.post_attention_layernorm(x), ctx.seq_sharded, ctx.split_mlp)
+
+
+def stacked_expert_weights(weights: Iterable[tuple[str, object]], params: dict[str, nn.Parameter], ck_experts: str,
+                           param_moe: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                           num_layers: int | None = None) -> Iterator[tuple[str, object]]:
+    """Expert tensors to the stacked parameters of a :class:`server.layers.moe.FusedMoE`; others pass through.
+
+    Per expert, ``{layer}{ck_experts}{e}.{gate|up|down}.weight`` (``names`` as the checkpoint spells them, e.g.
+    ``w1, w3, w2``), or fused, ``{layer}{ck_experts}gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, load into
+    ``{layer}{param_moe}w13`` / ``w2``. With ``num_layers``, tensors of layers beyond it (multi-token-prediction
+    layers that some checkpoints append, e.g. GLM-4.5's) are skipped: they are not served."""
+    gate, up, down = names
+    for name, t in weights:
+        base = name.removeprefix("model.")
+        if num_layers is not None and base.startswith("layers.") and int(base.split(".")[1]) >= num_layers:
+            continue
+        if ck_experts not in base:
+            yield name, t
+            continue
+        prefix, rest = base.split(ck_experts)
+        w13, w2 = params[prefix + param_moe + "w13"], params[prefix + param_moe + "w2"]
+        if rest in ("gate_up_proj", "down_proj"):
+            full = as_tensor(t)
+            inter = full.shape[-1] if rest == "down_proj" else full.shape[1] // 2
+            for e in range(full.shape[0]):
+                if rest == "down_proj":
+                    w2.weight_loader(w2, full[e], e)
+                else:
+                    w13.weight_loader(w13, full[e, :inter], (e, 0))
+                    w13.weight_loader(w13, full[e, inter:], (e, 1))
+            continue
+        expert, which, _ = rest.split(".")
+        if which == down:
+            w2.weight_loader(w2, t, int(expert))
+        elif which in (gate, up):
+            w13.weight_loader(w13, t, (int(expert), 0 if which == gate else 1))
+        else:
+            raise ValueError(f"checkpoint tensor {name!r}: expected expert weights named {names}")
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]], rules: list[tuple[str, str, object]],

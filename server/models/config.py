@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from server.layers.moe_routing import Router, make_router
+
 DEFAULT_MAX_POSITIONS = 4096  # a config without max_position_embeddings (old checkpoints)
 
 
@@ -25,13 +27,29 @@ def _frozen(d: Mapping | None) -> Mapping:
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """A family's sparse MLPs: ``num_experts`` routed experts of ``intermediate_size``, ``top_k`` per token,
-    optionally a shared expert; which layers are sparse is the family's to say."""
+    optionally a shared expert, and how the router scores and picks experts (:mod:`server.layers.moe_routing`);
+    which layers are sparse is the family's to say."""
 
     num_experts: int
     top_k: int
     intermediate_size: int
     shared_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    scoring: str = "softmax"  # or "sigmoid"
+    n_group: int = 1  # sigmoid routing: experts in n_group groups, only the topk_group best compete
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False  # e_score_correction_bias: added to the scores for choosing experts only
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.top_k} must be between 1 and the {self.num_experts} experts")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"n_group {self.n_group} must divide the number of routed experts {self.num_experts}")
+
+    def router(self) -> Router:
+        return make_router(self.scoring, self.top_k, renormalize=self.norm_topk_prob,
+                           scaling=self.routed_scaling_factor, n_group=self.n_group, topk_group=self.topk_group)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,9 +17,12 @@ from server.layers.attention import Attention
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.models.config import ModelConfig, read_config_json
+from server.models.glm4_moe import Glm4MoeForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
+from server.models.minimax_m2 import MiniMaxM2ForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
+from server.models.qwen3_moe import Qwen3MoeForCausalLM
 from server.sp.groups import ParallelState
 from server.sp.ulysses import ulysses_kv_heads
 
@@ -37,6 +40,9 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
+    "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
 }
 
 

@@ -37,7 +37,7 @@ from server.layers.linear import (
 from server.layers.moe import SharedExpertMoE
 from server.layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from server.layers.rotary import RotaryEmbedding
-from server.models.common import QKV_RULES, CausalLM, GatedMLP
+from server.models.common import QKV_RULES, CausalLM, GatedMLP, MoEMLP, stacked_expert_weights
 from server.models.config import ModelConfig, MoEConfig
 from server.sp.groups import ParallelState
 
@@ -170,24 +170,6 @@ class GatedAttentionBlock(nn.Module):
         return self.o_proj(o.flatten(1) * torch.sigmoid(gate.reshape(n, -1)), ctx.seq_sharded)
 
 
-class SharedExpertMoEBlock(nn.Module):
-    """Qwen3.5 / Qwen3-Next sparse MLP: routed experts plus a sigmoid-gated shared expert, over TP."""
-
-    def __init__(self, cfg: Qwen3_5Config, pstate: ParallelState, dtype: torch.dtype):
-        super().__init__()
-        self.pstate = pstate
-        moe = cfg.moe
-        self.moe = SharedExpertMoE(moe.num_experts, moe.top_k, cfg.hidden_size, moe.intermediate_size,
-                                   moe.shared_intermediate_size, pstate, dtype, moe.norm_topk_prob)
-
-    def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
-        if sp_split:  # CausalLM.sp_split_mlp_ok is False for models with MoE layers
-            raise ValueError("the SP-split MLP is for dense MLPs")
-        if seq_sharded:
-            return self.pstate.tp_reduce_scatter(self.moe(self.pstate.tp_all_gather(x, dim=0)))
-        return self.pstate.tp_all_reduce(self.moe(x))
-
-
 class Qwen3_5DecoderLayer(nn.Module):
     """One Qwen3.5 layer: a GDN or gated-attention token mixer, then a dense or sparse MLP."""
 
@@ -199,8 +181,10 @@ class Qwen3_5DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNetBlock(cfg, pstate, dtype)
         else:
             self.self_attn = GatedAttentionBlock(cfg, pstate, dtype)
-        self.mlp = SharedExpertMoEBlock(cfg, pstate, dtype) if layer_idx in cfg.sparse_layers else \
-            GatedMLP(cfg.hidden_size, cfg.intermediate_size, pstate, dtype)
+        moe = cfg.moe
+        self.mlp = MoEMLP(SharedExpertMoE(moe.num_experts, moe.top_k, cfg.hidden_size, moe.intermediate_size,
+                                          moe.shared_intermediate_size, pstate, dtype, moe.router()), pstate) \
+            if layer_idx in cfg.sparse_layers else GatedMLP(cfg.hidden_size, cfg.intermediate_size, pstate, dtype)
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -249,33 +233,8 @@ class Qwen3_5ForCausalLM(CausalLM):
                 elif not name.startswith("mtp."):
                     yield name.replace("model.language_model.", "model."), t
 
-        def dispatch_experts(weights):
-            """Per-expert ``experts.{e}.{gate,up,down}_proj.weight`` or fused ``experts.gate_up_proj [E, 2I, H]`` /
-            ``experts.down_proj [E, H, I]`` go to the stacked expert parameters."""
-            for name, t in weights:
-                base = name.removeprefix("model.")
-                if ".mlp.experts." not in base:
-                    yield name, t
-                    continue
-                prefix, rest = base.split(".mlp.experts.")
-                w13, w2 = params[prefix + ".mlp.moe.experts.w13"], params[prefix + ".mlp.moe.experts.w2"]
-                if rest in ("gate_up_proj", "down_proj"):
-                    full = as_tensor(t)
-                    inter = full.shape[-1] if rest == "down_proj" else full.shape[1] // 2
-                    for e in range(full.shape[0]):
-                        if rest == "down_proj":
-                            w2.weight_loader(w2, full[e], e)
-                        else:
-                            w13.weight_loader(w13, full[e, :inter], (e, 0))
-                            w13.weight_loader(w13, full[e, inter:], (e, 1))
-                    continue
-                expert, which, _ = rest.split(".")
-                if which == "down_proj":
-                    w2.weight_loader(w2, t, int(expert))
-                else:
-                    w13.weight_loader(w13, t, (int(expert), 0 if which == "gate_proj" else 1))
-
-        self.load_checkpoint(dispatch_experts(language_model_only(weights)), QKV_RULES + RULES,
+        experts = stacked_expert_weights(language_model_only(weights), params, ".mlp.experts.", ".mlp.moe.experts.")
+        self.load_checkpoint(experts, QKV_RULES + RULES,
                              ignore=("rotary_emb.inv_freq",))
         if skipped_vision:
             log.info("serving the language model only: skipped %d vision-tower tensors", len(skipped_vision))

@@ -3,7 +3,7 @@
 Every function here returns the partial-attention pair ``(o, lse)``: ``o [Nq, Hq, Dv]`` in q's dtype and
 ``lse [Nq, Hq]`` fp32 in base 2 (-inf where a query sees no key), exactly what one ``attn_fn`` call over the
 union of all ranks' KV would return. Visibility is by global position (key j is visible to query i iff
-``pos(k_j) <= pos(q_i)``), described by runs ``(row_start, length, pos_start)`` (:data:`server.kernels.ops.Run`).
+``pos(k_j) <= pos(q_i)``), described by runs ``(row_start, length, pos_start)`` (:mod:`server.runs`).
 
 - :func:`ring_attention`: pass-KV ring, the default for SP prefill. Each rank sends on the block it holds while
   it attends to it; partials are merged in fp32 as they arrive.
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from server.kernels import ops
-from server.kernels.ops import Run
+from server.runs import Run, runs_rows
 from server.sp.groups import ParallelState
 
 # attn_fn(q, k, v, q_runs, k_runs, scale) -> (o, lse): the contract of ops.attention_runs.
@@ -34,15 +34,11 @@ AttnFn = Callable[
 ]
 
 
-def _n_rows(runs: list[Run]) -> int:
-    return sum(n for _, n, _ in runs)
-
-
 def _shard_rows(k: torch.Tensor, kv_runs_per_rank: list[list[Run]], pstate: ParallelState) -> list[int]:
     """Rows of every SP rank's KV shard; checks that the local shard matches its runs."""
     if len(kv_runs_per_rank) != pstate.sp_size:
         raise ValueError(f"kv_runs_per_rank has {len(kv_runs_per_rank)} entries, expected sp_size={pstate.sp_size}")
-    rows = [_n_rows(runs) for runs in kv_runs_per_rank]
+    rows = [runs_rows(runs) for runs in kv_runs_per_rank]
     if k.shape[0] != rows[pstate.sp_rank]:
         raise ValueError(f"local KV has {k.shape[0]} rows but kv_runs_per_rank[{pstate.sp_rank}] describes "
                          f"{rows[pstate.sp_rank]}")

@@ -20,7 +20,7 @@ from itertools import accumulate
 import torch
 import torch.distributed as dist
 
-from server.kernels.ops import Run
+from server.runs import Run, position_order, runs_rows, stack_runs
 from server.sp.groups import ParallelState
 
 
@@ -209,46 +209,6 @@ def gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=1)
-
-
-def runs_rows(runs: list[Run]) -> int:
-    """Rows that ``runs`` describe (they lie back to back)."""
-    return sum(n for _, n, _ in runs)
-
-
-def stack_runs(runs_per_rank: list[list[Run]]) -> list[Run]:
-    """Runs of the rows of several ranks laid end to end in rank order (the layout :func:`seq_to_heads` returns)."""
-    out: list[Run] = []
-    offset = 0
-    for runs in runs_per_rank:
-        out.extend((row + offset, n, pos) for row, n, pos in runs)
-        offset += runs_rows(runs)
-    return out
-
-
-def position_order(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """Rows described by ``runs``, sorted by position: the source runs in the order they are taken, and the runs
-    of the sorted rows (back to back from row 0, neighbours coalesced). Positions must not repeat."""
-    taken = sorted((run for run in runs if run[1] > 0), key=lambda run: run[2])
-    sorted_runs: list[Run] = []
-    row = 0
-    for _, n, pos in taken:
-        if sorted_runs and sorted_runs[-1][2] + sorted_runs[-1][1] == pos:
-            sorted_runs[-1] = (sorted_runs[-1][0], sorted_runs[-1][1] + n, sorted_runs[-1][2])
-        else:
-            sorted_runs.append((row, n, pos))
-        row += n
-    return taken, sorted_runs
-
-
-def rows_of(runs: list[Run], device: torch.device) -> torch.Tensor | None:
-    """Row index that lays out the rows of ``runs`` in that order; None if it is the identity (no copy needed)."""
-    next_row = 0
-    for row, n, _ in runs:
-        if row != next_row:
-            return torch.cat([torch.arange(row, row + n, device=device) for row, n, _ in runs])
-        next_row += n
-    return None
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

@@ -22,20 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from server.kernels import ops
-from server.kernels.ops import Run
+from server.runs import Run, position_order, rows_of, runs_rows, stack_runs
 from server.sp.ring_attention import AttnFn, ring_attention
-from server.sp.ulysses import (
-    UlyssesMesh,
-    heads_to_seq,
-    position_order,
-    put_rows,
-    qkv_seq_to_heads,
-    rows_of,
-    runs_rows,
-    stack_runs,
-    take_rows,
-    ulysses_kv_heads,
-)
+from server.sp.ulysses import UlyssesMesh, heads_to_seq, put_rows, qkv_seq_to_heads, take_rows, ulysses_kv_heads
 
 
 @dataclass

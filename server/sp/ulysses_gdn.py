@@ -26,6 +26,7 @@ import functools
 import torch
 
 from server.kernels import ops
+from server.runs import rows_of
 from server.sp.gdn_sp import conv_halo_exchange, gdn_sp_prefill
 from server.sp.ulysses import (
     UlyssesMesh,
@@ -33,7 +34,6 @@ from server.sp.ulysses import (
     heads_to_seq,
     put_rows,
     qkv_seq_to_heads,
-    rows_of,
     seq_to_heads,
     take_rows,
     ulysses_kv_heads,

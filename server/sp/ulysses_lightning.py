@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from server.runs import rows_of
 from server.sp.lasp import lasp_prefill
 from server.sp.ulysses import (
     UlyssesMesh,
     heads_to_seq,
     put_rows,
     qkv_seq_to_heads,
-    rows_of,
     take_rows,
     ulysses_kv_heads,
     zigzag_group_layout,

@@ -26,10 +26,9 @@ from server.engine.sequence import Sequence
 from server.engine.step_builder import build_padded_decode, build_step_rows
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.merge_state_ref import merge_states_ref
-from server.kernels.ops import runs_to_positions
+from server.runs import runs_rows, runs_to_positions
 from server.sampling_params import SamplingParams
 from server.sp.groups import ParallelState
-from server.sp.ulysses import runs_rows
 
 H, D, PAGE, SCALE = 2, 8, 4, 0.3
 

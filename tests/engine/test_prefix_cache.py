@@ -16,7 +16,8 @@ import pytest
 from server import LLM, SamplingParams
 from server.engine.cache_manager import CacheManager
 from server.engine.io_struct import GenerateRequest
-from server.engine.prefix_cache import PrefixCache, chain_hashes, rows_before, shared_blocks, truncate_runs
+from server.engine.prefix_cache import PrefixCache, chain_hashes, shared_blocks
+from server.runs import rows_before, truncate_runs
 from tests.helpers import prompt, save_tiny_model
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 
 from server import LLM, SamplingParams
-from tests.helpers import assert_matches_reference, prompt, single_rank_reference
+from tests.helpers import (
+    assert_matches_reference,
+    prompt,
+    save_tiny_model,
+    single_rank_reference,
+    transformers_reference,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +78,30 @@ def test_decode_without_the_sp_split_mlp_matches(reference):
     graphs = check(reference, "llama", sp_size=2, cuda_graph="eager", cuda_graph_max_bs=4,
                    sp_split_mlp=False)
     assert graphs.steps > 0 and graphs.split_steps == 0
+
+
+# The MoE families against transformers itself, on every rank: chunked prefill split over SP, a prefix-cache hit
+# whose branch point lies inside a cached page and a chunk, decode in the CUDA-graph form (run eagerly) at 4 x 2.
+MOE_FAMILIES = ("qwen3_moe", "minimax_m2", "glm4_moe")
+BRANCH = LONG[:61] + prompt(9, seed=5)
+MOE_GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)  # few tokens: 8 processes on few cores
+
+
+@pytest.fixture(scope="module")
+def moe_references(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("moe"))
+    return {arch: transformers_reference(save_tiny_model(arch, root), LONG, BATCH + [BRANCH], MOE_GREEDY.max_tokens)
+            for arch in MOE_FAMILIES}
+
+
+@pytest.mark.parametrize("arch,sp,tp,graph", [(a, 4, 2, "eager") for a in MOE_FAMILIES] +
+                         [("qwen3_moe", 2, 2, "off"), ("minimax_m2", 4, 1, "off"), ("glm4_moe", 2, 2, "off")])
+def test_moe_families_match_transformers(moe_references, arch, sp, tp, graph):
+    path, logits, short_logits, tokens = moe_references[arch]
+    with LLM(path, **{**ENGINE, "sp_size": sp, "tp_size": tp, "cuda_graph": graph, "cuda_graph_max_bs": 4}) as llm:
+        assert_matches_reference(llm, (path, logits, short_logits, tokens[:-1]), LONG, BATCH, MOE_GREEDY)
+        hits = llm.engine.stats().prefix_cache_hit_tokens
+        assert llm.generate([BRANCH], MOE_GREEDY)[0].token_ids == tokens[-1]
+        assert llm.engine.stats().prefix_cache_hit_tokens > hits  # BRANCH reused LONG's cached pages
+        if graph == "eager":
+            assert llm.engine.runner.graphs.steps > 0

@@ -16,7 +16,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from server.kernels import ops  # noqa: E402
 from server.kernels.attention_ref import attention_with_lse_ref  # noqa: E402
 from server.kernels.flashinfer_attention import (  # noqa: E402
     AttentionPiece,
@@ -24,6 +23,7 @@ from server.kernels.flashinfer_attention import (  # noqa: E402
     attention_runs_flashinfer,
     decompose_runs,
 )
+from server.runs import runs_to_positions
 from tests.helpers import DEVICE, gpu, needs_flashinfer  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def run_layout(name: str, hq: int, hk: int, d: int, dtype, seed: int):
 
 
 def reference(q, k, v, q_runs, k_runs, scale):
-    q_pos = ops.runs_to_positions(q_runs, q.device)
-    k_pos = ops.runs_to_positions(k_runs, q.device)
+    q_pos = runs_to_positions(q_runs, q.device)
+    k_pos = runs_to_positions(k_runs, q.device)
     return attention_with_lse_ref(q, k, v, q_pos, k_pos, scale)
 
 
@@ -122,8 +122,8 @@ def test_decompose_is_an_exact_cover_of_visible_pairs(seed: int) -> None:
             b = int(torch.randint(a + 1, n + 1, (1,), generator=g))
             q_runs.append((row, b - a, pos + a))
             row += b - a
-    q_pos = ops.runs_to_positions(q_runs, torch.device("cpu"))
-    k_pos = ops.runs_to_positions(k_runs, torch.device("cpu"))
+    q_pos = runs_to_positions(q_runs, torch.device("cpu"))
+    k_pos = runs_to_positions(k_runs, torch.device("cpu"))
     visible = (k_pos[None, :] <= q_pos[:, None]).long()
     assert torch.equal(coverage(decompose_runs(q_runs, k_runs), len(q_pos), len(k_pos)), visible)
 
@@ -136,7 +136,7 @@ def test_zigzag_shard_after_many_chunks_is_one_piece_per_query_run() -> None:
         pieces = decompose_runs(q_runs, k_runs)
         assert len(pieces) == 2, (name, pieces)
         nq, nk = sum(n for _, n, _ in q_runs), sum(n for _, n, _ in k_runs)
-        q_pos, k_pos = (ops.runs_to_positions(r, torch.device("cpu")) for r in (q_runs, k_runs))
+        q_pos, k_pos = (runs_to_positions(r, torch.device("cpu")) for r in (q_runs, k_runs))
         assert torch.equal(coverage(pieces, nq, nk), (k_pos[None, :] <= q_pos[:, None]).long())
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.helpers import assert_logits_close, hf_model, prompt, save_tiny_model
+from tests.helpers import assert_logits_close, hf_greedy, hf_model, prompt, save_tiny_model
 
 ARCHS = ["llama", "llama_tied", "llama_yarn", "mistral", "qwen2", "qwen3", "minimax_alt", "minimax_7to1",
-         "minimax_linear"]  # the last: lightning layers only, no KV cache at all
+         "minimax_linear",  # lightning layers only, no KV cache at all
+         "qwen3_moe", "minimax_m2", "glm4_moe"]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,10 @@ def test_prefill_logits_and_greedy_match_transformers(models, arch):
     path = models[arch]
     ref = hf_model(path)
     ids = prompt(77)  # not a multiple of the lightning block (16 in the reference, 64 ours)
+    assert type(ref).__name__ == ref.config.architectures[0]  # the family's own transformers class
     with torch.no_grad():
         ref_logits = ref(torch.tensor([ids])).logits[0]
-        # an explicit mask: otherwise transformers masks prompt tokens equal to pad_token_id
-        ref_gen = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=32, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)[0, len(ids):].tolist()
+    ref_gen = hf_greedy(ref, ids, 32)
     with LLM(path, device="cpu") as llm:
         assert_logits_close(llm.engine.prompt_logits(ids), ref_logits)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3))[0]

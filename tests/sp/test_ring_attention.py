@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from server.kernels.attention_ref import attention_with_lse_ref
-from server.kernels.ops import Run, attention_runs, runs_to_positions
+from server.kernels.ops import attention_runs
+from server.runs import Run, runs_to_positions
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
 from server.sp.ring_attention import allgather_kv_attention, merge_over_sp, ring_attention

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from server.kernels.gdn_ref import GDN_CHUNK, gdn_recurrence_fp64
 from server.kernels.lightning_ref import lightning_recurrence_fp64
-from server.kernels.ops import LIGHTNING_BLOCK, Run, attention_runs, runs_to_positions
+from server.kernels.ops import LIGHTNING_BLOCK, attention_runs
+from server.runs import Run, runs_to_positions, stack_runs
 from server.sp.gdn_sp import GDN_SP_MODES
 from server.sp.groups import ParallelState
 from server.sp.lasp import LASP_MODES
@@ -34,7 +35,6 @@ from server.sp.ulysses import (
     init_ulysses_mesh,
     qkv_seq_to_heads,
     seq_to_heads,
-    stack_runs,
     ulysses_kv_heads,
 )
 from server.sp.ulysses_attention import HeadShardedKV, ulysses_attention
