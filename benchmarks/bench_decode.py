@@ -11,18 +11,33 @@ shard of the batch's KV, its linear-attention states read and written) over the 
         --sp-size 1 2 --graphs on off --overlap on off --out benchmarks/results/decode_h200.json \\
         --plot benchmarks/results/decode.png
 
+``--quantization none fp8`` and ``--kv-cache-dtype auto fp8_e4m3`` run each weight / KV format as its own config
+(FP8 weights: random weights quantized per channel at load); every row records the KV tokens the engine holds.
+
+Structured outputs: ``--structured json`` measures every cell twice in the same engine, unconstrained and with
+every request constrained to a JSON schema (``--json-schema FILE``, default: an unbounded array of records with
+bounded strings, enums, numbers, booleans and a nested object), both sampled at temperature 1 with the same logit
+bias (the tokens holding ``]`` at -100, so the outer array never closes and every request decodes every step), and
+prints the two ITLs and the grammar's cost per step. A model directory without a tokenizer gets a synthetic
+byte-level BPE one of the model's vocabulary size (``benchmarks/synthetic_tokenizer.py``), since the mask's cost
+depends on the vocabulary:
+
+    python benchmarks/bench_decode.py --model llama3-8b --context 2048 --batch 32 --sp-size 1 --graphs on \
+        --structured json
+
 With ``SERVER_STEP_PROFILE=1`` in the environment, rank 0's host time per stage of the timed steps is printed per
-cell, and every worker logs its own at shutdown (:mod:`server.engine.step_profile`).
+cell, and every worker logs its own at shutdown (:mod:`server.execution.step_profile`).
 
 Cells whose KV does not fit (the engine rejects the requests) are recorded as skipped. JSON: ``{"environment",
-"copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, overlap, itl_ms, itl_p50_ms, itl_p99_ms, floor_ms,
-...}]}``.
+"copy_gbps", "rows": [{model, sp, tp, context, batch, graphs, overlap, structured, itl_ms, itl_p50_ms, itl_p99_ms,
+floor_ms, ...}]}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -33,14 +48,29 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_prefill import model_dir, results_log  # noqa: E402
+from benchmarks.bench_prefill import model_config, model_dir, results_log  # noqa: E402
+from benchmarks.synthetic_tokenizer import save_synthetic_tokenizer  # noqa: E402
 from server import SamplingParams  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.io_struct import GenerateRequest, RequestRejected  # noqa: E402
-from server.engine.step_profile import PROFILE  # noqa: E402
+from server.execution.step_profile import PROFILE  # noqa: E402
 from server.layers.moe import FusedMoE  # noqa: E402
+from server.messages import GenerateRequest, RequestRejected  # noqa: E402
 from server.models.common import GatedMLP  # noqa: E402
+from server.sampling_params import StructuredOutput  # noqa: E402
+from server.tokenizer import Tokenizer  # noqa: E402
+
+# Records as an agent's tool might ask for them; unbounded in length, and no inner array: a bounded one would force
+# a "]" token, which may close the outer array too (see the module docstring)
+DEFAULT_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
+    "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+    "name": {"type": "string", "maxLength": 16},
+    "kind": {"enum": ["file", "directory", "link"]},
+    "score": {"type": "number", "minimum": 0, "maximum": 1},
+    "ok": {"type": "boolean"},
+    "meta": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 0, "maximum": 1 << 30},
+                                              "owner": {"type": "string", "maxLength": 12}}}},
+    "required": ["id", "name", "kind", "ok"]}}
 
 
 def copy_gbps(device: torch.device) -> float | None:
@@ -82,12 +112,30 @@ def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False
     return weights + kv + 2 * batch * r.state_bytes_per_slot()
 
 
-def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int) -> dict:
+def structured_setup(args, model: str, vocab_size: int) -> tuple[str | None, dict[int, float]]:
+    """The tokenizer directory for ``--structured`` runs (the model's, or a synthetic one) and the logit bias both
+    runs of a cell share (see the module docstring)."""
+    if args.structured == "none":
+        return None, {}
+    path = model_dir(model)
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        path = save_synthetic_tokenizer(os.path.join(os.path.dirname(path), f"bench-tokenizer-{vocab_size}"),
+                                        vocab_size)
+    tok = Tokenizer.from_pretrained(path)
+    return path, {i: -100.0 for i in range(tok.vocab_size) if b"]" in tok.token_bytes(i)}
+
+
+def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int,
+                 structured: StructuredOutput | None = None, logit_bias: dict[int, float] | None = None) -> dict:
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_cfg.vocab_size
     # Requests that finish their prompt first decode while the others prefill: no limit inside the measurement.
-    params = SamplingParams(temperature=0, max_tokens=steps + 4096, ignore_eos=True)
-    rids = [f"c{context}-b{batch}-{i}-{seed}" for i in range(batch)]
+    if logit_bias:
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=steps + 4096, ignore_eos=True,
+                                logit_bias=logit_bias, structured=structured)
+    else:
+        params = SamplingParams(temperature=0, max_tokens=steps + 4096, ignore_eos=True)
+    rids = [f"c{context}-b{batch}-{i}-{seed}-{structured is not None}" for i in range(batch)]
     try:
         for rid in rids:
             ids = torch.randint(0, vocab, (context,), generator=gen).tolist()
@@ -122,8 +170,12 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
             "itl_p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "prefill_s": prefill_s}
 
 
-def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit) -> None:
-    cfg = EngineConfig(model_path=model_dir(model), load_format="dummy", sp_size=sp, tp_size=args.tp_size,
+def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit,
+               quant: str = "none", kv_dtype: str = "auto") -> None:
+    tokenizer, bias = structured_setup(args, model, model_config(model)["vocab_size"])
+    kinds = {"none": [None], "json": [None, StructuredOutput("json", args.schema_text)]}[args.structured]
+    cfg = EngineConfig(model_path=model_dir(model), tokenizer_path=tokenizer, load_format="dummy", sp_size=sp,
+                       tp_size=args.tp_size, quantization=None if quant == "none" else quant, kv_cache_dtype=kv_dtype,
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
                        sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
@@ -132,14 +184,17 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str,
     started = time.perf_counter()
     engine = Engine(cfg)
     startup_s = time.perf_counter() - started
+    kv_tokens = (engine.runner.num_pages - 1) * cfg.page_size * sp  # every SP rank holds its shard
     try:
-        cells = [(c, b) for c in args.context for b in args.batch]
-        for context, batch in tqdm(cells, desc=f"{model} sp={sp} graphs={graphs} overlap={overlap}", mininterval=5):
+        cells = [(c, b, k) for c in args.context for b in args.batch for k in kinds]
+        desc = f"{model} sp={sp} graphs={graphs} overlap={overlap} weights={quant} kv={kv_dtype}"
+        for context, batch, kind in tqdm(cells, desc=desc, mininterval=5):
             row = {"model": model, "sp": sp, "tp": args.tp_size, "context": context, "batch": batch,
                    "graphs": graphs == "on", "overlap": overlap == "on", "sp_split_mlp": split == "on",
-                   "startup_s": startup_s}
+                   "quantization": quant, "kv_cache_dtype": kv_dtype, "kv_tokens": kv_tokens,
+                   "structured": kind.kind if kind else "none", "startup_s": startup_s}
             try:
-                row.update(measure_cell(engine, context, batch, args.decode_steps, seed=len(args.batch)))
+                row.update(measure_cell(engine, context, batch, args.decode_steps, len(args.batch), kind, bias))
                 split_all = row["split_mlp_steps"] == args.decode_steps
                 row["floor_ms"] = step_bytes(engine, context, batch, split_all) / gbps / 1e6 if gbps else None
             except RequestRejected as e:
@@ -189,31 +244,45 @@ def main() -> None:
     ap.add_argument("--sp-split-mlp", nargs="+", default=["on"], choices=["on", "off"],
                     help="sp > 1: dense MLPs split over the SP ranks in decode steps of replicated requests (the "
                          "engine's default) and / or not")
+    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
+                    help="weights: none (the model dtype) and/or fp8 (per-channel FP8 GEMMs), each a config")
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8_e4m3"],
+                    help="KV pages: auto (the model dtype) and/or fp8_e4m3, each a config")
+    ap.add_argument("--structured", default="none", choices=["none", "json"],
+                    help="json: measure each cell also with every request constrained to a JSON schema")
+    ap.add_argument("--json-schema", default=None, help="the schema for --structured json (a JSON file)")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    args.schema_text = json.dumps(DEFAULT_SCHEMA)
+    if args.json_schema:
+        with open(args.json_schema) as f:
+            args.schema_text = json.dumps(json.load(f))
     gbps = copy_gbps(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rows, emit = results_log(args.out, copy_gbps=gbps)
 
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                for overlap, split in itertools.product(args.overlap, args.sp_split_mlp if sp > 1 else ["on"]):
+                for overlap, split, quant, kv_dtype in itertools.product(
+                        args.overlap, args.sp_split_mlp if sp > 1 else ["on"], args.quantization,
+                        args.kv_cache_dtype):
                     try:
-                        run_config(args, model, sp, graphs, overlap, split, gbps, emit)
+                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, quant, kv_dtype)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
                               "overlap": overlap == "on", "context": None, "batch": None,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
     print(f"copy bandwidth: {gbps and round(gbps)} GB/s")
-    print("| model | sp | tp | context | batch | graphs | overlap | split MLP steps | ITL ms (p50 / p99) | floor ms "
-          "| of floor |")
-    print("|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|")
+    print("| model | weights | KV | KV tokens | sp | tp | context | batch | graphs | overlap | structured "
+          "| split MLP steps | ITL ms (p50 / p99) | floor ms | of floor |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|")
     for r in rows:
-        cell = (f"| {r['model']} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
-                f"{r['overlap']} | {r.get('split_mlp_steps', '')} | ")
+        cell = (f"| {r['model']} | {r.get('quantization', '')} | {r.get('kv_cache_dtype', '')} | "
+                f"{r.get('kv_tokens', '')} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+                f"{r['overlap']} | {r.get('structured', 'none')} | {r.get('split_mlp_steps', '')} | ")
         if "itl_ms" not in r:
             print(cell + "skipped | | |")
             continue
@@ -221,8 +290,26 @@ def main() -> None:
         print(cell +
               f"{r['itl_ms']:.2f} ({r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f}) | "
               f"{floor and round(floor, 2)} | {floor and round(floor / r['itl_ms'], 2)} |")
+    if args.structured != "none":
+        print_structured_cost(rows)
     if args.plot:
         plot(rows, args.plot)
+
+
+def print_structured_cost(rows: list[dict]) -> None:
+    """The grammar's cost per step: each constrained cell's ITL beside the same cell's unconstrained one."""
+    def key(r):
+        return r["model"], r["sp"], r["context"], r["batch"], r["graphs"], r["overlap"], r.get("sp_split_mlp")
+
+    plain = {key(r): r for r in rows if r.get("structured") == "none" and "itl_ms" in r}
+    print("| model | sp | context | batch | graphs | ITL ms unconstrained | ITL ms JSON schema | cost per step |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        base = plain.get(key(r)) if r.get("structured") not in (None, "none") and "itl_ms" in r else None
+        if base:
+            extra = r["itl_ms"] - base["itl_ms"]
+            print(f"| {r['model']} | {r['sp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
+                  f"{base['itl_ms']:.2f} | {r['itl_ms']:.2f} | {extra:+.2f} ms ({extra / base['itl_ms']:+.1%}) |")
 
 
 if __name__ == "__main__":

@@ -343,13 +343,13 @@ def gdn(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
-def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128) -> dict:
+def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128, per_channel: bool = False) -> dict:
     from server.kernels import ops
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     q, k = (torch.randn(t, hk, d, device=dev, dtype=dt) for _ in range(2))
     v = torch.randn(t, hv, d, device=dev, dtype=dt)
-    g = -torch.rand(t, hv, device=dev) * 0.1
+    g = -torch.rand(t, hv, *((d,) if per_channel else ()), device=dev) * 0.1
     beta = torch.rand(t, hv, device=dev)
     cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
     state = torch.randn(1, hv, d, d, device=dev) * 0.01
@@ -359,6 +359,30 @@ def _gdn_case(t: int, hk: int = 16, hv: int = 48, d: int = 128) -> dict:
     correction = bench_ms(partial(ops.gdn_state_correction, o_loc, q_tilde, cu, state))
     return {"tokens": t, "prefill_ms": prefill, "chunk_affine_ms": affine, "correction_ms": correction,
             "prefill_us_per_token": prefill * 1e3 / t, "sp_pass_over_prefill": (affine + correction) / prefill}
+
+
+def kda(rows: list, budget: Budget) -> None:
+    """Kimi Delta Attention at the Kimi-Linear-48B-A3B layer shape (32 heads of 128, per-channel decays, bf16), one
+    sequence of T tokens from a nonzero state: fla-core's ``chunk_kda`` called alone, then our dispatched ops (the
+    same kernel behind the adapter: empty-sequence handling, head repetition, state copies), the SP chunk-affine pass
+    and the correction. ``op_over_fla`` is what the adapter costs; ``sp_pass_over_prefill`` what KDA state passing
+    costs against sp = 1."""
+    from fla.ops.kda import chunk_kda
+
+    for t in tqdm([8192, 32768], desc="kda", mininterval=5):
+        if budget.left() < 0:
+            rows.append({"tokens": t, "skipped": "time budget"})
+            continue
+        row = _gdn_case(t, hk=32, hv=32, per_channel=True)
+        dev, dt, h, d = torch.device("cuda"), torch.bfloat16, 32, 128
+        q, k, v = (torch.randn(1, t, h, d, device=dev, dtype=dt) for _ in range(3))
+        g = -torch.rand(1, t, h, d, device=dev) * 0.1
+        beta = torch.rand(1, t, h, device=dev)
+        state = torch.randn(1, h, d, d, device=dev) * 0.01
+        fla = bench_ms(partial(chunk_kda, q=q, k=k, v=v, g=g, beta=beta, scale=d**-0.5, initial_state=state,
+                               output_final_state=True, use_qk_l2norm_in_kernel=True))
+        rows.append({**row, "fla_chunk_kda_ms": fla, "op_over_fla": row["prefill_ms"] / fla})
+        torch.cuda.empty_cache()
 
 
 def merge_states_transposing(merge: Callable, o: torch.Tensor, lse: torch.Tensor):
@@ -587,6 +611,15 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['tokens']} | {r['prefill_ms']:.2f} | {r['chunk_affine_ms']:.2f} | {r['correction_ms']:.2f} | "
                   f"{r['sp_pass_over_prefill']:.2f} |" for r in gd]
         lines.append("")
+    kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
+    if kd:
+        lines += ["## KDA at the Kimi-Linear-48B-A3B layer shape (bf16, 32 heads of 128, per-channel decays)", "",
+                  "| tokens | fla chunk_kda ms | our op ms | op / fla | SP chunk-affine pass ms | correction ms | "
+                  "(affine + correction) / prefill |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['fla_chunk_kda_ms']:.2f} | {r['prefill_ms']:.2f} | {r['op_over_fla']:.2f} | "
+                  f"{r['chunk_affine_ms']:.2f} | {r['correction_ms']:.2f} | {r['sp_pass_over_prefill']:.2f} |"
+                  for r in kd]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -599,7 +632,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--sections", nargs="+", default=["ceilings", "merge_state", "lightning_decode",
                                                       "lightning_correction", "ring_attention", "paged_attention",
-                                                      "lightning_prefill", "pointwise", "gdn"])
+                                                      "lightning_prefill", "pointwise", "gdn", "kda"])
     p.add_argument("--heads", type=int, nargs="+", default=[64, 32, 16, 8], help="64 / tp for tp = 1, 2, 4, 8")
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
@@ -623,6 +656,7 @@ def main() -> None:
         "paged_attention": lambda r: paged_attention(r, budget),
         "pointwise": lambda r: pointwise(r, budget),
         "gdn": lambda r: gdn(r, budget),
+        "kda": lambda r: kda(r, budget),
     }
     for section in args.sections:
         res[section] = {} if section == "ceilings" else []

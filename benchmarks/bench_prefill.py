@@ -8,6 +8,8 @@ peak above the weights + cache pool). Results: JSON (``--out``), a PNG plot (``-
 
 ``--ulysses-degree 1 2 4`` adds the Ulysses x ring mesh to the grid (every degree that divides the SP size); each
 row records its SP method and the bytes one rank sends per softmax layer for it (``server.sp.comm_volume``).
+``--quantization none fp8`` and ``--kv-cache-dtype auto fp8_e4m3`` add weight / KV formats to the grid (FP8 weights:
+random weights quantized per channel at load); speedups compare rows of the same formats.
 
 Contexts run shortest first; the first failure of a config (out of memory, or no KV capacity) ends that config,
 so a rising list ``--context 98304 114688 131072 ...`` finds the longest prompt that fits. ``--num-prompts N``
@@ -33,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.model_shapes import SHAPES, prefill_flops, shape_dir  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
-from server.sp.comm_volume import ulysses_bytes_per_layer  # noqa: E402
+from server.sp.comm_volume import latent_ring_bytes_per_layer, ulysses_bytes_per_layer  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
@@ -107,18 +109,24 @@ def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, w
     """Bytes one rank sends per softmax layer to prefill a split prompt of n tokens in one step (0 if not split)."""
     if where != "split":
         return 0.0
+    if "kv_lora_rank" in cfg and ulysses == 1:  # MLA: the ring passes latents
+        return latent_ring_bytes_per_layer(n, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], sp, dtype_bytes)
     heads, kv_heads = cfg["num_attention_heads"] // tp, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return ulysses_bytes_per_layer(n, heads, max(kv_heads, 1), head_dim, sp, ulysses, dtype_bytes)
 
 
-def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: list[int], args, emit) -> None:
-    """Run one (model, sp, tp, U) config over ``contexts``; every row goes to ``emit`` as soon as it is measured."""
+def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: list[int], args, emit,
+               quant: str = "none", kv_dtype: str = "auto") -> None:
+    """Run one (model, sp, tp, U, weights, KV) config over ``contexts``; every row goes to ``emit`` as soon as it is
+    measured."""
     cfg = model_config(model)
     softmax_u = ulysses if args.ulysses_layers == "all" else 1  # the softmax layers' mesh (linear: the plain ring)
     kw = dict(
         device=args.device,
         load_format="dummy",
+        quantization=None if quant == "none" else quant,
+        kv_cache_dtype=kv_dtype,
         sp_size=sp,
         tp_size=tp,
         ulysses_degree=ulysses,
@@ -143,6 +151,8 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         llm.generate([list(range(warm))], params)  # JIT compiles, allocator warm-up
         base = {s["rank"]: s["allocated_bytes"] for s in eng.memory_stats(reset=True)}
         dtype_bytes = torch.empty(0, dtype=eng.runner.dtype).element_size()
+        if kv_dtype == "fp8_e4m3" and softmax_u == 1:  # the ring passes the FP8 pages as they are stored
+            dtype_bytes = 1
         for n in contexts:
             where = placement(n, sp, eng.config)
             row = dict(
@@ -161,6 +171,8 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
                 sp_min_tokens=args.sp_min_tokens,
                 placement=where,
                 kv_capacity_tokens=capacity,
+                quantization=quant,
+                kv_cache_dtype=kv_dtype,
             )
             if args.num_prompts * (n + 1 + eng.config.sp_size * eng.config.page_size) > capacity:
                 row["error"] = f"does not fit: KV capacity {capacity} tokens"
@@ -195,7 +207,8 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
 
 def add_speedups(rows: list[dict]) -> None:
     def key(r: dict) -> tuple:
-        return r["model"], r["tp"], r["context"], r.get("num_prompts", 1)
+        return (r["model"], r["tp"], r["context"], r.get("num_prompts", 1), r.get("quantization", "none"),
+                r.get("kv_cache_dtype", "auto"))
 
     ref = {key(r): r["ttft_s"] for r in rows if r["sp"] == 1 and "ttft_s" in r}
     for r in rows:
@@ -205,25 +218,36 @@ def add_speedups(rows: list[dict]) -> None:
             r["efficiency"] = r["speedup"] / r["sp"]
 
 
-def print_table(rows: list[dict]) -> None:
+CPU_WARNING = ("WARNING: --device cpu: these timings are NOT meaningful. The CPU ranks share the machine's cores "
+               "(and gloo is no NVLink), so TTFT, speedup and efficiency here measure contention, not sequence-"
+               "parallel prefill; CPU runs check that every configuration runs. Measure on GPUs (--device cuda).")
+
+
+def print_table(rows: list[dict], cpu: bool = False) -> None:
+    """The rows as a table; on CPU without speedup and efficiency (see ``CPU_WARNING``)."""
     print(
-        f"{'model':16} {'sp':>2} {'tp':>2} {'U':>2} {'context':>8} {'n':>3} {'mode':>10} {'MiB/layer':>9} "
+        f"{'model':16} {'w/kv':>9} {'sp':>2} {'tp':>2} {'U':>2} {'context':>8} {'n':>3} {'mode':>10} {'MiB/layer':>9} "
         f"{'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} {'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
     )
     for r in rows:
         mode = f"{r.get('ring_mode', '-')[:4]}/{r.get('lasp_mode', '-')[:4]}"
         mib = r.get("softmax_bytes_per_layer")
-        head = (f"{r['model']:16} {r['sp']:>2} {r['tp']:>2} {r.get('ulysses_degree', 1):>2} {r['context'] or '-':>8} "
+        fmt = f"{r.get('quantization', 'none')}/{r.get('kv_cache_dtype', 'auto')[:3]}"
+        head = (f"{r['model']:16} {fmt:>9} {r['sp']:>2} {r['tp']:>2} {r.get('ulysses_degree', 1):>2} "
+                f"{r['context'] or '-':>8} "
                 f"{r.get('num_prompts', 1):>3} {mode:>10} {'-' if mib is None else f'{mib / 2**20:.1f}':>9}")
         if "ttft_s" not in r:
             print(f"{head}  {r.get('error')}")
             continue
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
+        speedup = "-" if cpu else f"{r.get('speedup', float('nan')):.2f}"
+        eff = "-" if cpu else f"{r.get('efficiency', float('nan')):.2f}"
         print(
-            f"{head} {r['ttft_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r.get('speedup', float('nan')):>7.2f} "
-            f"{r.get('efficiency', float('nan')):>5.2f} "
+            f"{head} {r['ttft_s']:>8.3f} {r['tokens_per_s']:>9.0f} {speedup:>7} {eff:>5} "
             f"{mfu:>5} {max(r['peak_mem_gib']):>13.1f} {max(r['activation_peak_gib']):>8.1f}"
         )
+    if cpu:
+        print(CPU_WARNING, file=sys.stderr, flush=True)
 
 
 def default_modes(r: dict) -> bool:
@@ -282,6 +306,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--prefix-cache", default="off", choices=["on", "off"],
                     help="the prefix cache (off: repeats prefill again; on: the server's default memory plan)")
+    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
+                    help="weights: none (the model dtype) and/or fp8 (FP8 GEMMs, per-channel scales)")
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8_e4m3"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--plot", default=None, help="PNG plot file")
@@ -309,15 +336,20 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         save()
 
-    grid = [] if args.merge else [(m, sp, tp, u) for m in args.model for tp in args.tp_size for sp in args.sp_size
-                                  for u in args.ulysses_degree if sp % u == 0]
-    for m, sp, tp, u in tqdm(grid, desc="configs"):
+    cpu = args.device == "cpu"
+    if cpu and not args.merge:
+        print(CPU_WARNING, file=sys.stderr, flush=True)
+    grid = [] if args.merge else [(m, sp, tp, u, q, kv) for m in args.model for tp in args.tp_size
+                                  for sp in args.sp_size for u in args.ulysses_degree if sp % u == 0
+                                  for q in args.quantization for kv in args.kv_cache_dtype]
+    for m, sp, tp, u, q, kv in tqdm(grid, desc="configs"):
         try:
-            run_config(m, model_dir(m), sp, tp, u, sorted(args.context), args, emit)
+            run_config(m, model_dir(m), sp, tp, u, sorted(args.context), args, emit, q, kv)
         except Exception as e:  # one failing config (e.g. out of memory while loading) must not lose the others
-            emit(dict(model=m, sp=sp, tp=tp, ulysses_degree=u, context=None, error=f"{type(e).__name__}: {e}"))
+            emit(dict(model=m, sp=sp, tp=tp, ulysses_degree=u, context=None, quantization=q, kv_cache_dtype=kv,
+                      error=f"{type(e).__name__}: {e}"))
     save()
-    print_table(rows)
+    print_table(rows, cpu)
     if args.plot:
         plot(rows, args.plot)
 

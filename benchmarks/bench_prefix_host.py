@@ -20,9 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from server.engine.cache_manager import CacheManager  # noqa: E402
-from server.engine.prefix_cache import PrefixCache  # noqa: E402
-from server.engine.sequence import Sequence  # noqa: E402
+from server.control.cache_manager import CacheManager  # noqa: E402
+from server.control.prefix_cache import PrefixCache  # noqa: E402
+from server.control.sequence import Sequence  # noqa: E402
 from server.sampling_params import SamplingParams  # noqa: E402
 
 

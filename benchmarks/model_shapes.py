@@ -215,6 +215,108 @@ SHAPES = {
         "norm_topk_prob": True,
         "eos_token_id": [151329, 151336, 151338],
     },
+    # Moonlight-16B-A3B (DeepseekV3ForCausalLM): MLA without q LoRA, 16 heads, 64 experts (top-6) + 2 shared
+    "moonlight-16b-a3b": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 163840,
+        "hidden_size": 2048,
+        "intermediate_size": 11264,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.446,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "q_lora_rank": None,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 50000.0,
+        "rms_norm_eps": 1e-5,
+        # 8192 natively; raised so that 32K / 128K prompts run (dummy weights: the cost is the same)
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+    # DeepSeek-V3 (671B): for the planning command and estimates (it does not fit one node in bf16)
+    "deepseek-v3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3,
+        "moe_layer_freq": 1,
+        "n_group": 8,
+        "topk_group": 4,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 163840,
+        "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+    # Kimi-Linear-48B-A3B: 3 KDA layers per MLA layer (MLA without RoPE), KDA 32 heads x 128, 256 experts (top-8)
+    "kimi-linear-48b-a3b": {
+        "architectures": ["KimiLinearForCausalLM"],
+        "model_type": "kimi_linear",
+        "vocab_size": 163840,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "moe_intermediate_size": 1024,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_experts": 256,
+        "num_shared_experts": 1,
+        "num_experts_per_token": 8,
+        "first_k_dense_replace": 1,
+        "num_expert_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.446,
+        "moe_renormalize": True,
+        "q_lora_rank": None,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "model_max_length": 1048576,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "linear_attn_config": {"head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4,
+                               "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
+                               "kda_layers": [i for i in range(1, 28) if i not in (4, 8, 12, 16, 20, 24, 27)]},
+    },
 }
 
 
@@ -237,6 +339,42 @@ def _gdn_flops(cfg: dict, n: int) -> float:
     return proj + hv * (2 * n * c * (2 * dk + dv) + 3 * 2 * n * dk * dv)
 
 
+def _mla_flops(cfg: dict, n: int) -> float:
+    """One MLA layer on n tokens in the absorbed form the engine runs: projections (q, or q LoRA down and up;
+    the latent down projection; the per-head absorption of q_nope into latent space and the up-projection of the
+    latent output; out) and causal attention of every head over ``L + R`` key and ``L`` value features."""
+    h, nh, lat, rope = cfg["hidden_size"], cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, v, ql = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg.get("q_lora_rank")
+    qk = nope + rope
+    q = h * ql + ql * nh * qk if ql else h * nh * qk
+    proj = 2 * n * (q + h * (lat + rope) + nh * nope * lat + nh * lat * v + nh * v * h)
+    return proj + nh * 2 * (2 * lat + rope) * n * n / 2
+
+
+def _kda_flops(cfg: dict, n: int) -> float:
+    """One KDA layer: Gated DeltaNet's cost with one key head per value head, plus the low-rank gate projections."""
+    lin = cfg["linear_attn_config"]
+    gdn = dict(hidden_size=cfg["hidden_size"], linear_num_key_heads=lin["num_heads"],
+               linear_num_value_heads=lin["num_heads"], linear_key_head_dim=lin["head_dim"],
+               linear_value_head_dim=lin["head_dim"])
+    return _gdn_flops(gdn, n) + 2 * n * 2 * (cfg["hidden_size"] + lin["num_heads"] * lin["head_dim"]) * lin["head_dim"]
+
+
+def _latent_model_flops(cfg: dict, n: int) -> float:
+    """DeepSeek-V3 / Kimi-Linear shapes: MLA (or KDA) layers, dense first layers, routed + shared experts."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    top_k = cfg.get("num_experts_per_tok") or cfg["num_experts_per_token"]
+    shared = cfg.get("n_shared_experts") or cfg.get("num_shared_experts") or 0
+    sparse = 2 * n * 3 * h * cfg["moe_intermediate_size"] * (top_k + shared)
+    dense = 2 * n * 3 * h * cfg["intermediate_size"]
+    kda = set(cfg.get("linear_attn_config", {}).get("kda_layers", []))
+    total = 2 * h * cfg["vocab_size"]  # LM head on the last token only
+    for i in range(layers):
+        total += _kda_flops(cfg, n) if i + 1 in kda else _mla_flops(cfg, n)
+        total += dense if i < cfg.get("first_k_dense_replace", 0) else sparse
+    return total
+
+
 def _mlp_width(cfg: dict, layer: int) -> int:
     """The intermediate width a token's MLP computes in ``layer``: a dense SwiGLU's, or the chosen experts' plus the
     shared expert's (MiniMax's experts: ``intermediate_size`` each; the others': ``moe_intermediate_size``)."""
@@ -252,7 +390,9 @@ def prefill_flops(cfg: dict, n: int) -> float:
     """Forward FLOPs of prefilling n tokens (2 per multiply-add), counting work actually needed:
     dense/active-expert matmuls, causal softmax attention (QK^T and PV over the lower triangle), lightning
     attention computed blockwise (intra-block masked products + inter-block state products + state updates) and
-    Gated DeltaNet computed chunkwise."""
+    Gated DeltaNet computed chunkwise; MLA in the absorbed form, KDA as Gated DeltaNet."""
+    if "kv_lora_rank" in cfg:
+        return _latent_model_flops(cfg, n)
     h, d = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]

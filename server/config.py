@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a device is asked for: `launch_server.py --help` stays fast
+    import torch
 
 
 class CommMode(str, enum.Enum):
@@ -38,6 +40,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 CUDA_GRAPH_MODES = tuple(m.value for m in CudaGraphMode)
 ULYSSES_LAYERS = tuple(m.value for m in UlyssesLayers)
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 # fields given as strings (flags, keyword arguments) and held as these enums
 _ENUM_FIELDS = {"ring_mode": CommMode, "lasp_mode": CommMode, "cuda_graph": CudaGraphMode,
                 "ulysses_layers": UlyssesLayers}
@@ -56,6 +60,10 @@ class EngineConfig:
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if fp32), float32 on CPU
     load_format: str = "auto"
+    # None: as the checkpoint is (FP8 checkpoints run FP8); "fp8": also quantize a high-precision checkpoint's linear
+    # weights per channel at load (docs/kernels.md, "FP8 GEMMs")
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8_e4m3: KV pages in FP8 with per-tensor scales
     sp_size: int = 1
     tp_size: int = 1
     ulysses_degree: int = 1  # U: the SP group is a U x (sp / U) mesh for split prefill chunks; 1 = the plain ring
@@ -109,6 +117,8 @@ class EngineConfig:
         return self.world_size // self.nnodes
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -122,6 +132,10 @@ class EngineConfig:
                 self.ulysses_degree >= 1 and self.sp_size % self.ulysses_degree == 0,
                 f"--ulysses-degree must be >= 1 and divide --sp-size {self.sp_size}, got {self.ulysses_degree}",
             ),
+            (self.quantization is None or self.quantization in QUANTIZATIONS,
+             f"--quantization must be one of {QUANTIZATIONS} or left out, got {self.quantization!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"),
             (self.ulysses_layers in ULYSSES_LAYERS,
              f"--ulysses-layers must be one of {ULYSSES_LAYERS}, got {self.ulysses_layers!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}"),
@@ -158,8 +172,6 @@ class EngineConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
         if self.sp_size > 1 and 0 < self.chunked_prefill_size < 2 * self.sp_size:
             raise ValueError(f"--chunked-prefill-size must be at least 2 x --sp-size ({2 * self.sp_size}) so that a "
                              f"prompt chunk can be split over the SP group, got {self.chunked_prefill_size}")
@@ -171,6 +183,10 @@ class EngineConfig:
             raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr tcp://HOST:PORT of node 0, the same on every node")
+        import torch  # last: every check above answers a flag mistake without loading it
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but no CUDA device is visible; use --device cpu")
         if self.torch_device().type == "cuda" and self.local_world_size > torch.cuda.device_count():
             raise ValueError(
                 f"--sp-size {self.sp_size} x --tp-size {self.tp_size} needs {self.local_world_size} GPUs per node, "

@@ -16,6 +16,7 @@ from pydantic.dataclasses import dataclass
 SAMPLING_EPS = 1e-5
 MAX_TEMPERATURE = 100.0  # logits / 100 are within rounding of a uniform distribution for any real model
 MAX_LOGPROBS = 20
+MAX_N = 128  # completions of one prompt in one call
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
 MAX_STOP_TOKEN_IDS = 1024
@@ -91,7 +92,9 @@ class SamplingParams:
     only the chosen token's logprob; None returns none). ``prompt_logprobs`` (vLLM's) = the same for every prompt
     token from the second on: its logprob given the tokens before it, its rank and the top alternatives, of the
     model's own distribution (no logit controls, no temperature); such a request computes its whole prompt (the
-    prefix cache does not serve it). Invalid values raise ``ValueError`` naming the field.
+    prefix cache does not serve it). ``n`` = completions per prompt (vLLM's): the offline API runs them as ``n``
+    requests, completion i seeded ``seed + i`` when ``seed`` is set (the HTTP server does the same with a request's
+    ``n``); the engine serves one completion per request. Invalid values raise ``ValueError`` naming the field.
 
     Logit controls, applied to the model's logits in this order before temperature (so the logprobs returned
     are of the adjusted distribution): ``logit_bias`` (token id -> value added to its logit, OpenAI), EOS / stop
@@ -106,6 +109,7 @@ class SamplingParams:
     top_p: TopP = 1.0
     top_k: TopK = -1
     max_tokens: MaxTokens = 16
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     min_tokens: MinTokens = 0
     seed: Seed | None = None
     stop: StopStrings = Field(default_factory=list)
@@ -145,6 +149,14 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return self
+
+    def completions(self) -> list[SamplingParams]:
+        """The ``n`` one-completion requests this stands for: copies with ``n=1``, completion i seeded ``seed + i``
+        (modulo 2^63) when ``seed`` is set."""
+        return [SamplingParams(**{**vars(self), "n": 1, "stop": list(self.stop),
+                                  "stop_token_ids": list(self.stop_token_ids), "logit_bias": dict(self.logit_bias),
+                                  "seed": None if self.seed is None else (self.seed + i) % SEED_MODULUS})
+                for i in range(self.n)]
 
     @property
     def greedy(self) -> bool:

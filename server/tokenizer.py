@@ -7,6 +7,7 @@ tokens, the chat template and the end-of-sequence ids.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -219,6 +220,17 @@ class Tokenizer:
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """At least the input bytes any one token covers, so that a text of B bytes has at least B / this many
+        tokens: the longest token in its vocabulary spelling or in its bytes, whichever is longer (a Metaspace '▁' is
+        3 bytes standing for 1 input byte, a byte-level character 2 for 1), times 4 when a normalizer may shrink the
+        text before it is split (NFKC makes 1 byte of a 3-byte full-width letter, NFC 3 of 9 bytes of Hangul
+        jamo)."""
+        longest = max((max(len(t.encode()), len(self.token_bytes(i)))
+                       for i in range(self.vocab_size) if (t := self.backend.id_to_token(i)) is not None), default=1)
+        return max(longest, 1) * (4 if self.backend.normalizer is not None else 1)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)

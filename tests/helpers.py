@@ -141,6 +141,31 @@ def tiny_config(arch: str, **over):
             cls = tf.Qwen3_5MoeTextConfig if arch == "qwen3_5_moe" else tf.Qwen3_5TextConfig
             cfg = cls(**{**COMMON, **gdn, **(moe if arch == "qwen3_5_moe" else {}), "num_hidden_layers": 4,
                          "layer_types": types, **over})
+    elif arch.startswith("deepseek_v3"):
+        # odd LoRA ranks, qk head (12 + 8) != v head (10), yarn with mscale_all_dim (scales the softmax), one
+        # dense layer then MoE layers: 8 experts in 4 groups, 2 groups kept, 3 experts per token, a shared expert
+        mla = dict(q_lora_rank=23, kv_lora_rank=19, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                   num_key_value_heads=4,
+                   rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
+        moe = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, moe_intermediate_size=24,
+                   n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
+        if arch == "deepseek_v3_nolora":  # no q LoRA, plain RoPE, no interleave, every layer sparse
+            mla.update(q_lora_rank=None, rope_scaling=None, rope_interleave=False)
+            moe.update(first_k_dense_replace=0)
+        cfg = tf.DeepseekV3Config(**{**COMMON, **mla, **moe, "num_hidden_layers": 3, **over})
+    elif arch == "kimi_linear":
+        # KDA layers around one MLA layer (no q LoRA, no RoPE), odd kv LoRA rank, KDA head dim != MLA head dims,
+        # a dense first MLP then MoE: 8 experts in 2 groups, 1 group kept, 3 experts per token, a shared expert
+        cfg = tf.KimiLinearConfig(**{**COMMON, "num_key_value_heads": 4, "num_hidden_layers": 4, "q_lora_rank": None,
+                                     "kv_lora_rank": 19, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+                                     "v_head_dim": 10, "linear_head_dim": 16, "linear_num_heads": 4,
+                                     "num_local_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3,
+                                     "moe_intermediate_size": 24, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                     "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                                     "linear_attention"],
+                                     "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"], **over})
     else:
         raise ValueError(arch)
     return cfg
@@ -213,3 +238,84 @@ def torch_gdn_reference():
     finally:
         for mod, fn, original in swapped:
             setattr(mod, fn, original)
+
+
+# ---- FP8 checkpoints -------------------------------------------------------------------------------------------
+def fp8_quantize_blocks(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> FP8 ``q`` and fp32 ``scale [ceil(N/bn), ceil(K/bk)]`` (``w ~= q * scale`` blockwise; the
+    last blocks may be short), as block-scaled FP8 checkpoints store them (``weight_scale_inv``)."""
+    n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.nn.functional.pad(w.float(), (0, kb * bk - k, 0, nb * bn - n)).view(nb, bn, kb, bk)
+    scale = padded.abs().amax(dim=(1, 3)) / 448.0
+    q = (padded / scale[:, None, :, None]).view(nb * bn, kb * bk)[:n, :k].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    n, k = q.shape
+    return q.float() * scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+
+
+def is_fp8_linear_weight(name: str) -> bool:
+    """The projection and expert weights FP8 checkpoints quantize (not embeddings, LM head, norms or routers)."""
+    return name.endswith(".weight") and ("_proj." in name or ".experts." in name)
+
+
+def save_fp8_model(arch: str, root: str, scheme: str, block: tuple[int, int] = (32, 16),
+                   keep: tuple[str, ...] = (), **over) -> tuple[str, str]:
+    """An FP8 checkpoint made from the tiny random ``arch`` checkpoint, and its dequantized fp32 twin (what
+    ``transformers`` runs as the reference). ``scheme``: ``block`` (``quant_method: fp8``, ``weight_block_size``
+    ``block``, ``weight_scale_inv``), ``channel`` or ``tensor`` (compressed-tensors, ``weight_scale``, dynamic
+    per-token activations). Weights whose names contain a ``keep`` fragment stay fp32 and are listed in the
+    config's ``modules_to_not_convert`` / ``ignore``."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model(arch, root, **over)
+    tag = f"{arch}_fp8_{scheme}_{block[0]}x{block[1]}" + ("_keep" if keep else "")
+    fp8_dir, ref_dir = os.path.join(root, tag), os.path.join(root, tag + "_dequantized")
+    if os.path.isfile(os.path.join(fp8_dir, "config.json")):
+        return fp8_dir, ref_dir
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out, ref, kept = {}, {}, []
+    for name, w in tensors.items():
+        module = name.removesuffix(".weight")
+        if not is_fp8_linear_weight(name) or w.dim() != 2:
+            out[name] = ref[name] = w
+            continue
+        if any(k in name for k in keep):
+            out[name] = ref[name] = w
+            kept.append(module)
+            continue
+        if scheme == "block":
+            q, scale = fp8_quantize_blocks(w, *block)
+            out[module + ".weight_scale_inv"] = scale
+            ref[name] = fp8_dequantize_blocks(q, scale, *block)
+        else:
+            bn = w.shape[0] if scheme == "tensor" else 1
+            q, scale = fp8_quantize_blocks(w, bn, w.shape[1])
+            out[module + ".weight_scale"] = scale.reshape(-1) if scheme == "tensor" else scale
+            ref[name] = fp8_dequantize_blocks(q, scale, bn, w.shape[1])
+        out[name] = q
+    for d in (fp8_dir, ref_dir):
+        shutil.copytree(src, d)
+    save_file(out, os.path.join(fp8_dir, "model.safetensors"))
+    save_file(ref, os.path.join(ref_dir, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    if scheme == "block":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(block), "modules_to_not_convert": kept}
+    else:
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", *kept],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": scheme, "symmetric": True, "dynamic": False},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+    with open(os.path.join(fp8_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return fp8_dir, ref_dir

@@ -328,6 +328,38 @@ def test_held_back_prefix_is_flushed(tok_dir):
     assert det.flush() == "square" and det.text == text and det.matched_stop is None
 
 
+def _metaspace_nfkc_tokenizer() -> Tokenizer:
+    """A SentencePiece-style BPE (Metaspace '▁' for spaces, byte fallback) behind an NFKC normalizer, which can
+    shrink text (a 3-byte full-width letter becomes 1 byte) before it is split."""
+    from tokenizers import normalizers
+
+    backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"],
+                                  initial_alphabet=[f"<0x{b:02X}>" for b in range(256)])
+    backend.train_from_iterator(training_text(0, 500), trainer)
+    return Tokenizer(backend)
+
+
+@pytest.mark.parametrize("which", ["builtin", "metaspace_nfkc"])
+def test_byte_length_bounds_the_token_count_from_below(which):
+    """``max_token_bytes`` is what the server's refusal of over-long prompts rests on: for every text, its UTF-8
+    length over it never exceeds the token count the tokenizers library gives, on the texts that pack bytes into
+    tokens hardest (runs of the longest token, of spaces, of multi-byte characters)."""
+    tok = Tokenizer.from_pretrained(builtin_model_path()) if which == "builtin" else _metaspace_nfkc_tokenizer()
+    longest = max((tok.decode([i], skip_special_tokens=False) for i in range(tok.vocab_size)), key=len)
+    rng = random.Random(0)
+    prose = " ".join(training_text(1, 500))
+    words = prose.split()
+    texts = [longest * 50, " " * 5000, "\n" * 3000, "0" * 4000, "éèê" * 1000, "日本語の文章" * 500, "🙂" * 800,
+             "ＡＢＣＤ" * 700, "ﬃ" * 900, " ".join(rng.choice(words) for _ in range(3000)), prose[:30000]]
+    for text in texts:
+        n_tokens = len(tok.encode(text, add_special_tokens=False))
+        assert len(text.encode()) / tok.max_token_bytes <= n_tokens, (text[:20], n_tokens, tok.max_token_bytes)
+
+
 # ---------------------------------------------------------------- chat templates of the MoE families
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")

@@ -21,7 +21,7 @@ planned once), which every softmax layer of the step then runs through :meth:`St
 4. replicated rows (the same queries on every SP rank, KV sharded over SP) merge their partial results by base-2
    LSE over the SP group, all requests in one all-gather.
 With sp = 1 only steps 1-2 remain. A CUDA-graph decode step uses the same object over static buffers, with the
-merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.engine.cuda_graphs`).
+merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.execution.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
     scale: float
+    kv_dtype: torch.dtype | None = None  # the KV pages' dtype when it is not the model's (FP8)
 
 
 def local_kind(num_rows: int, kv_len: int, stores: bool) -> str:
@@ -262,9 +263,9 @@ class StepAttention:
             if e.ulysses is not None:
                 out[rows] = self._ulysses_split(e, q[rows], k[rows], v[rows], cache, scale)
                 continue
-            k_shard, v_shard = cache.read(e.page_table, e.shard_len)
+            k_shard, v_shard = cache.read(e.page_table, e.shard_len)  # FP8 pages travel as they are stored
             out[rows], _ = self._ring_fn(q[rows], k_shard, v_shard, e.q_runs, e.kv_runs, scale, ps,
-                                         attn_fn=self.backend.attention_runs)
+                                         attn_fn=self._attn_fn(cache, q.dtype))
         if meta.merge_rows is not None:
             out[meta.merge_rows], _ = merge_over_sp(out[meta.merge_rows], lse[meta.merge_rows], ps)
         elif meta.merge_mask is not None:  # graph steps: merge every row, keep the replicated ones
@@ -277,6 +278,16 @@ class StepAttention:
         ragged = batch.kind == "ragged"
         return self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
                                       batch.take(v) if ragged else None, cache, scale)
+
+    def _attn_fn(self, cache, dtype: torch.dtype):
+        """The backend's position-run attention, reading FP8 K/V blocks (the ring's, as received) dequantized."""
+        if not cache.fp8:
+            return self.backend.attention_runs
+
+        def attend(q, k, v, q_runs, k_runs, scale):
+            return self.backend.attention_runs(q, *cache.dequantize(k, v, dtype), q_runs, k_runs, scale)
+
+        return attend
 
     @property
     def _ring_fn(self):
@@ -293,7 +304,7 @@ class StepAttention:
             return new.o
         k_prefix, v_prefix = cache.read(e.page_table, e.prefix_len)
         o_prefix, lse_prefix = self._ring_fn(q, k_prefix, v_prefix, e.q_runs, e.ulysses.prefix_runs, scale,
-                                             self.backend.pstate, attn_fn=attn_fn)
+                                             self.backend.pstate, attn_fn=self._attn_fn(cache, q.dtype))
         o, lse = new.o.float(), new.lse
         ops.merge_state_into(o, lse, o_prefix, lse_prefix)
         return o.to(q.dtype)

@@ -36,6 +36,11 @@ def flashinfer_takes(geometry: AttentionGeometry, dtype: torch.dtype) -> str | N
     return None
 
 
+def kv_scales(cache) -> dict:
+    """flashinfer's per-tensor K/V scales of FP8 pages (its kernels multiply them in as they load)."""
+    return {"k_scale": cache.k_scale, "v_scale": cache.v_scale} if cache.fp8 else {}
+
+
 class FlashInferAttentionBackend(AttentionBackend):
     """Attention on flashinfer's batch prefill / decode kernels (CUDA, fp16/bf16, head dim 64/128/256)."""
 
@@ -62,7 +67,10 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def _plan(self, w, b: AttentionBatch) -> None:
         g = self.geometry
-        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=g.scale)
+        # paged kinds read FP8 pages in the kernel; ragged and gathered ones get model-dtype K/V
+        paged = b.kind == "decode" or b.kind.startswith("paged_")
+        common = dict(q_data_type=self.dtype, kv_data_type=(g.kv_dtype or self.dtype) if paged else self.dtype,
+                      sm_scale=g.scale)
         if b.kind == "ragged":
             w.plan(b.qo_indptr, b.kv_indptr, g.num_heads, g.num_kv_heads, g.head_dim, causal=True, **common)
         elif b.gathered:
@@ -80,9 +88,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         if batch.kind == "ragged":  # k/v may be strided views of a fused projection
             return w.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse=True)
         if batch.gathered:
-            flat_k, flat_v = cache.k.flatten(0, 1), cache.v.flatten(0, 1)
-            return w.run(q.contiguous(), flat_k[batch.gather_slots], flat_v[batch.gather_slots], return_lse=True)
-        return w.run(q.contiguous(), (cache.k, cache.v), return_lse=True)
+            k, v = cache.dequantize(*cache.rows(batch.gather_slots), q.dtype)
+            return w.run(q.contiguous(), k, v, return_lse=True)
+        return w.run(q.contiguous(), (cache.k, cache.v), return_lse=True, **kv_scales(cache))
 
     def attention_runs(self, q, k, v, q_runs, k_runs, scale):
         return attention_runs_flashinfer(q, k, v, q_runs, k_runs, scale)
@@ -126,4 +134,4 @@ class FlashInferGraphDecode(AttentionBackend):
         self.parent._plan(self.wrapper, batches[0])
 
     def run_batch(self, batch, q, k, v, cache, scale):
-        return self.wrapper.run(q, (cache.k, cache.v), return_lse=True)
+        return self.wrapper.run(q, (cache.k, cache.v), return_lse=True, **kv_scales(cache))

@@ -13,14 +13,15 @@ import torch
 from server.backends.attention import AttentionBackend, AttentionBatch
 from server.kernels import ops
 from server.kernels.attention_ref import attention_with_lse_ref
+from server.kernels.fp8 import take_rows
 
 
 def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                        dequantize=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch on the position-mask reference. q ``[rows, Hq, D]`` (the batch's rows, in order); k/v the
-    batch's rows of the step (read by ``ragged`` only); caches ``[pages, page_size, Hk, D]``. Returns
-    ``(o, lse base 2)``."""
+    batch's rows of the step (read by ``ragged`` only); caches ``[pages, page_size, Hk, D]``, their rows turned into
+    q's dtype by ``dequantize(k, v, dtype)`` where given (FP8 pages). Returns ``(o, lse base 2)``."""
     outs, lses = [], []
     qo, kvp = batch.qo_indptr.tolist(), batch.kv_indptr.tolist()
     last = batch.last_page_len.tolist()
@@ -40,7 +41,9 @@ def batch_attention_ref(batch: AttentionBatch, q: torch.Tensor, k: torch.Tensor 
             else:
                 slots = (pages[:, None] * batch.page_size + torch.arange(batch.page_size, device=pages.device))
                 slots = slots.flatten()[:nk]
-            ks, vs = flat_k[slots], flat_v[slots]
+            ks, vs = take_rows(flat_k, slots), take_rows(flat_v, slots)
+            if dequantize is not None:
+                ks, vs = dequantize(ks, vs, q.dtype)
         nk = ks.shape[0]
         k_pos = torch.arange(nk, device=q.device)
         # Bottom-right causal: query i is at position nk - nq + i; full: every query after every key.
@@ -57,7 +60,7 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def run_batch(self, batch, q, k, v, cache, scale):
-        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale)
+        return batch_attention_ref(batch, q, k, v, cache.k, cache.v, scale, cache.dequantize)
 
     def attention_runs(self, q, k, v, q_runs, k_runs, scale):
         return ops.attention_runs(q, k, v, q_runs, k_runs, scale)
@@ -95,8 +98,8 @@ class TorchGraphDecode(AttentionBackend):
         b, hq, d = q.shape
         hk, page = cache.k.shape[2], self.page_size
         slots = (self.pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
-        ks = cache.k.flatten(0, 1)[slots].float()  # [B, L, Hk, D]
-        vs = cache.v.flatten(0, 1)[slots].float()
+        ks, vs = cache.dequantize(*cache.rows(slots), torch.float32)
+        ks, vs = ks.float(), vs.float()  # [B, L, Hk, D]
         s = torch.einsum("bhrd,blhd->bhrl", q.float().view(b, hk, hq // hk, d), ks) * scale
         visible = torch.arange(slots.shape[1], device=q.device)[None, :] < self.kv_lens[:, None]  # [B, L]
         s = s.masked_fill(~visible[:, None, None, :], float("-inf"))

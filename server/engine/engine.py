@@ -20,22 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from server.config import EngineConfig
+from server.control.scheduler import Scheduler
+from server.control.sequence import Sequence, Status
 from server.engine.faults import inject_fault
-from server.engine.io_struct import (
-    EngineStats,
-    GenerateRequest,
-    PromptTokenLogprob,
-    RequestOutput,
-    RequestRejected,
-    StepCounts,
-)
-from server.engine.model_runner import ScoredRows
-from server.engine.procutil import free_port
-from server.engine.profiler import RankProfiler
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence, Status
-from server.engine.step_profile import PROFILE
-from server.engine.worker import (
+from server.engine.grammar import GrammarMasks
+from server.execution.model_runner import ScoredRows
+from server.execution.procutil import free_port
+from server.execution.profiler import RankProfiler
+from server.execution.step_profile import PROFILE
+from server.execution.worker import (
     gather_memory_stats,
     profile_rank,
     release_rank,
@@ -45,6 +38,14 @@ from server.engine.worker import (
 )
 from server.forward.plan import MemoryStatsRequest, Placement, ProfileRequest, Shutdown
 from server.layers.sampler import SampledBatch, SampleRequest, sample, sample_async
+from server.messages import (
+    EngineStats,
+    GenerateRequest,
+    PromptTokenLogprob,
+    RequestOutput,
+    RequestRejected,
+    StepCounts,
+)
 from server.models.builtin import builtin_model_path
 from server.models.config import ModelConfig
 from server.models.loader import check_model_parallelism, context_length, read_model_config
@@ -95,7 +96,7 @@ class Engine:
         self.model_path = config.model_path or builtin_model_path()
         self.model_cfg = read_model_config(self.model_path)
         check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format,
-                                config.ulysses_degree, config.ulysses_layers)
+                                config.ulysses_degree, config.ulysses_layers, config.quantization)
         self.tokenizer_path = config.tokenizer_path or self.model_path
         self.max_model_len = context_length(config, self.model_cfg)
         self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)
@@ -126,6 +127,8 @@ class Engine:
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
+        self.grammars = GrammarMasks(self.tokenizer_path, self.model_cfg.vocab_size, self.eos_token_ids,
+                                     config.max_running_requests, self.device)
         self.pending: list[RequestOutput] = []
         self.inflight: InFlight | None = None
         self.rng = torch.Generator().manual_seed(config.seed)
@@ -156,6 +159,12 @@ class Engine:
         if bad:
             raise RequestRejected(f"token id {bad[0]} is out of range [0, {self.model_cfg.vocab_size})",
                                   "invalid_token_id")
+        structured = req.sampling_params.structured
+        if structured is not None:
+            try:
+                self.grammars.add(req.rid, structured, req.sampling_params.stop_token_ids)
+            except ValueError as e:
+                raise RequestRejected(f"structured output: {e}", "invalid_structured_output") from None
         scored = req.sampling_params.prompt_logprobs is not None
         seq = Sequence(req.rid, list(req.prompt_token_ids), req.sampling_params, self.config.sp_size,
                        use_prefix_cache=not scored)  # prompt logprobs need every prompt position computed
@@ -172,6 +181,7 @@ class Engine:
             seq.output_ids.pop()
         self.scheduler.finish(seq)
         self.generators.pop(rid, None)
+        self.grammars.drop(rid)
         self.pending.append(RequestOutput(rid, finished=True, finish_reason="abort",
                                           prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)))
 
@@ -230,7 +240,7 @@ class Engine:
         request by request and at once, to find whose data caused it: the others get their token, that one an
         error."""
         try:
-            batch = sample_async(logits, self._sample_requests(seqs))
+            batch = sample_async(logits, self._sample_requests(seqs), self.grammars.token_mask([s.rid for s in seqs]))
         except Exception:
             return self._sample_one_by_one(logits, seqs)
         self.runner.last_tokens[: len(seqs)].copy_(batch.tokens, non_blocking=True)
@@ -273,7 +283,8 @@ class Engine:
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             try:
-                [tok], [lp] = sample(logits[i : i + 1], self._sample_requests([seq]))
+                [tok], [lp] = sample(logits[i : i + 1], self._sample_requests([seq]),
+                                     self.grammars.token_mask([seq.rid]))
             except Exception as e:
                 outputs.append(self._fail_request(seq, "sampling", e))
                 continue
@@ -297,6 +308,7 @@ class Engine:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.rid, None)
         self.generators.pop(seq.rid, None)
+        self.grammars.drop(seq.rid)
         return RequestOutput(seq.rid, finished=True, finish_reason="error",
                              error=f"{stage} failed: {type(error).__name__}: {error}",
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
@@ -332,8 +344,8 @@ class Engine:
         return self.generators[seq.rid]
 
     def _banned(self, seq: Sequence) -> list[int]:
-        if len(seq.output_ids) >= seq.params.min_tokens:
-            return []
+        if len(seq.output_ids) >= seq.params.min_tokens or self.grammars.constrained(seq.rid):
+            return []  # a grammar decides itself when its output may end
         return list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_token_ids)
 
     def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> RequestOutput:
@@ -345,7 +357,9 @@ class Engine:
         seq.output_ids.append(tok)
         p = seq.params
         reason, matched = None, None
-        if (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
+        if self.grammars.accept(seq.rid, tok):  # the grammar ended: its stop token was accepted
+            reason, matched = "stop", tok
+        elif (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)) \
                 and len(seq.output_ids) >= p.min_tokens:
             reason, matched = "stop", tok
         elif len(seq.output_ids) >= seq.max_new_tokens:
@@ -354,6 +368,7 @@ class Engine:
             self.scheduler.finish(seq)
             self.seqs.pop(seq.rid, None)
             self.generators.pop(seq.rid, None)
+            self.grammars.drop(seq.rid)
         prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent once, with the first token
         return RequestOutput(seq.rid, [tok], [lp] if lp is not None else None, reason is not None, reason, matched,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), ttft_s=ttft,
@@ -388,7 +403,7 @@ class Engine:
 
     def start_profile(self, output_dir: str | None = None, record_shapes: bool = False,
                       num_steps: int | None = None) -> str:
-        """Start ``torch.profiler`` on every rank from the next step on (``server/engine/profiler.py``); the
+        """Start ``torch.profiler`` on every rank from the next step on (``server/execution/profiler.py``); the
         directory (``output_dir``, default ``config.profile_dir``) where :meth:`stop_profile` writes the profiles.
         With ``num_steps`` the profile stops by itself after that many steps."""
         out = output_dir or self.config.profile_dir

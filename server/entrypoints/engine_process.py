@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from server.config import EngineConfig
-from server.engine.io_struct import (
+from server.execution.procutil import die_with_parent
+from server.messages import (
     AbortRequest,
     CacheFlushed,
     EngineStats,
@@ -34,7 +35,6 @@ from server.engine.io_struct import (
     ProfileReply,
     RequestOutput,
 )
-from server.engine.procutil import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,13 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
         out.send_pyobj(EngineStartFailed(f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc()))
         out.close(linger=2000)
         sys.exit(1)
+    stopped = False
     try:
         out.send_pyobj(EngineReady(os.getpid(), list(engine.worker_pids()), engine.tokenizer_path,
                                    engine.max_model_len))
         serve_engine(engine, inp, out, StepWatchdog(ctx, outputs_addr, watchdog_timeout_s))
+    except SystemExit:  # SIGTERM: the server is shutting down
+        stopped = True
     except Exception as e:
         logger.exception("engine loop failed")
         out.send_pyobj(EngineCrashed(f"{type(e).__name__}: {e}", traceback.format_exc()))
@@ -140,6 +143,9 @@ def run_engine_process(config: EngineConfig, requests_addr: str, outputs_addr: s
         engine.shutdown()
         out.close(linger=2000)
         inp.close(linger=0)
+    if stopped:  # everything is stopped: skip the interpreter's teardown of torch (about a second), nothing needs it
+        logging.shutdown()
+        os._exit(0)
 
 
 def _start_engine(config: EngineConfig, log_level: str):

@@ -6,8 +6,13 @@ ready, and for good after any of them dies. If the engine cannot start, the serv
 
 Shutdown (SIGTERM/SIGINT): new requests get 503 at once, requests in flight get ``--shutdown-grace-period``
 seconds to finish, then the rest end with an error (a stream gets an error event and ``[DONE]``), the engine and
-its workers stop, and the process exits 0; a second signal skips the grace period. Request bodies larger than
-``--max-request-bytes`` are answered 413 without being read whole.
+its workers stop, and the process exits 0; a second signal skips the grace period (and with nothing in flight
+there is none to wait for). Request bodies larger than ``--max-request-bytes`` are answered 413 without being read
+whole.
+
+``--api-key`` guards every route that touches the model or the engine; ``/health`` and ``/metrics`` (probes and
+scrapers) and the API's own description (``/docs``, ``/redoc``, ``/openapi.json``) stay open. With
+``--allowed-origins``, starlette's CORS middleware answers browsers' preflights (``OPTIONS``, never behind the key).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -123,6 +129,10 @@ def build_app(args: ServerArgs) -> FastAPI:
 
     app = FastAPI(title="LLM server (OpenAI-compatible)", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, limit=args.max_request_bytes)
+    if args.allowed_origins:  # added last, so outermost: a preflight is answered before any other check
+        app.add_middleware(CORSMiddleware, allow_origins=list(args.allowed_origins),
+                           allow_methods=list(args.allowed_methods), allow_headers=list(args.allowed_headers),
+                           allow_credentials=args.allow_credentials)
     app.state.exit_code = 0
     app.state.uvicorn_server = None
     app.state.tokenizer_manager = tm
@@ -287,8 +297,9 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.grace_s
         while tm.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        tm.fail_in_flight(SHUTTING_DOWN)
-        await asyncio.sleep(0.2)  # let the streams write their error event and [DONE]
+        if tm.num_in_flight:
+            tm.fail_in_flight(SHUTTING_DOWN)
+            await asyncio.sleep(0.2)  # let the streams write their error event and [DONE]
         self.should_exit = True
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.engine.io_struct import EngineStats
+from server.messages import EngineStats
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
 PREFIX = "server_"

@@ -28,7 +28,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import (
     MAX_N,
     RequestBody,
@@ -40,12 +39,15 @@ from server.entrypoints.protocol import (
     check_token_ids,
     make_sampling_params,
     normalize_prompt,
-    parse_body,
+    parse_body_off_loop,
     stop_list,
+    structured_output,
     with_seed,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, clamp_logprob, collect, stream
+from server.entrypoints.structured import sglang_structured_output
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
+from server.messages import PromptTokenLogprob, TokenLogprob
 from server.sampling_params import (
     SEED_MODULUS,
     LogitBias,
@@ -64,17 +66,18 @@ from server.sampling_params import (
     TopP,
 )
 
-DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default, unless --default-max-tokens says otherwise
 
 
 class NativeSamplingParams(RequestBody):
-    """``sampling_params`` of ``/generate`` in SGLang's names (``n`` > 1: the answer is a list, prompt after
-    prompt, each prompt's samples together); structured output and custom logit processors are not supported
-    (refused unless neutral)."""
+    """``sampling_params`` of ``/generate`` in SGLang's names; ``json_schema`` (JSON text), ``regex`` and ``ebnf``
+    constrain the output (server/entrypoints/structured.py); ``n`` > 1 answers a list, prompt after prompt, each
+    prompt's samples together; structural tags and custom logit processors are not supported (refused unless
+    neutral)."""
 
     ignored_fields: ClassVar[frozenset[str]] = frozenset()
     neutral_only_fields: ClassVar[dict[str, Any]] = {
-        "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None, "stop_regex": None,
+        "structural_tag": None, "stop_regex": None,
         "custom_params": None, "no_stop_trim": False, "spaces_between_special_tokens": True,
     }
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # samples per prompt: the answer is a list
@@ -93,6 +96,9 @@ class NativeSamplingParams(RequestBody):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     sampling_seed: Seed | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class GenerateRequest(RequestBody):
@@ -144,22 +150,23 @@ def _logprob_start(req: GenerateRequest) -> int | None:
     return None if req.logprob_start_len in (None, -1) else req.logprob_start_len
 
 
-def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, vocab_size: int) -> SamplingParams:
+def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, vocab_size: int,
+                     default_max_tokens: int) -> SamplingParams:
     f = req.sampling_params or NativeSamplingParams()
     check_extra_fields(f, "sampling_params.")
     check_token_ids(f.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
     check_token_ids(f.logit_bias or {}, vocab_size, "sampling_params.logit_bias")
-    max_tokens = f.max_new_tokens
-    if max_tokens is None:
-        max_tokens = max(min(DEFAULT_MAX_NEW_TOKENS, max_model_len - prompt_len), 1)
+    max_tokens = f.max_new_tokens if f.max_new_tokens is not None else default_max_tokens
     check_context_length(prompt_len, max_tokens, max_model_len, "text" if req.text is not None else "input_ids")
-    fields = f.model_dump(exclude={"n", "max_new_tokens", "min_new_tokens", "sampling_seed", "stop"})
+    fields = f.model_dump(exclude={"n", "max_new_tokens", "min_new_tokens", "sampling_seed", "stop", "json_schema",
+                                   "regex", "ebnf"})
     names = {k: f"sampling_params.{k}" for k in fields} | {"max_tokens": "sampling_params.max_new_tokens",
                                                          "min_tokens": "sampling_params.min_new_tokens"}
     top = (req.top_logprobs_num or 0) if req.return_logprob else None
     return make_sampling_params(names, **fields, max_tokens=max_tokens, min_tokens=f.min_new_tokens,
                                 seed=f.sampling_seed, stop=stop_list(f.stop), logprobs=top,
-                                prompt_logprobs=top if _logprob_start(req) is not None else None)
+                                prompt_logprobs=top if _logprob_start(req) is not None else None,
+                                structured=structured_output(sglang_structured_output, f.json_schema, f.regex, f.ebnf))
 
 
 class NativeServing:
@@ -171,7 +178,7 @@ class NativeServing:
 
     async def generate(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), GenerateRequest)
+        req = await parse_body_off_loop(await request.body(), GenerateRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check(req.top_logprobs_num is None or req.return_logprob, "top_logprobs_num",
@@ -189,12 +196,13 @@ class NativeServing:
               f"({len(prompts)}).")
         if rids is not None and n > 1:
             rids = [f"{rid}-{i}" for rid in rids for i in range(n)]
-        prompt_ids = [ids for p in prompts for ids in [await self.tm.encode(p)] * n]  # prompt k's samples: k*n..
+        prompt_ids = [ids for p in prompts for ids in [await self.tm.encode(p, param="text")] * n]  # prompt k: k*n..
         shortest = min(len(ids) for ids in prompt_ids)
         check(start is None or start < shortest, "logprob_start_len",
               f"'logprob_start_len' ({start}) must be below the prompt's length ({shortest} tokens): it is the first "
               "prompt position whose logprob is returned.")
-        params = [_sampling_params(req, len(ids), self.tm.max_model_len, self.tm.vocab_size) for ids in prompt_ids]
+        params = [_sampling_params(req, len(ids), self.tm.max_model_len, self.tm.vocab_size,
+                                   self.tm.default_max_tokens(len(ids), DEFAULT_MAX_NEW_TOKENS)) for ids in prompt_ids]
         params = [p if p.seed is None else with_seed(p, (p.seed + i % n) % SEED_MODULUS)
                   for i, p in enumerate(params)]
         gen = self.tm.submit(prompt_ids, params, arrival)

@@ -14,12 +14,19 @@ Every rejection is an ``APIError``, which the HTTP layer answers with
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from server.entrypoints.structured import (
+    ResponseFormat,
+    StructuredOutputError,
+    StructuredOutputsParams,
+    openai_structured_output,
+)
 from server.sampling_params import (
     SEED_MODULUS,
     LogitBias,
@@ -33,6 +40,7 @@ from server.sampling_params import (
     Seed,
     StopStrings,
     StopTokenIds,
+    StructuredOutput,
     Temperature,
     TopK,
     TopP,
@@ -49,7 +57,7 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt
 # OpenAI / vLLM parameters that would change the output and are not implemented: accepted only at their neutral
 # value.
 NEUTRAL_ONLY_FIELDS: dict[str, Any] = {
-    "best_of": 1, "suffix": "", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+    "best_of": 1, "suffix": "", "tools": [], "tool_choice": "none",
 }
 
 
@@ -186,6 +194,13 @@ class _SamplingBody(RequestBody):
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:{id}"
     logprob_token_ids: StopTokenIds | None = None  # vLLM's: the logprobs of these ids instead of the top ones
     cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None  # vLLM's prefix-cache isolation
+    # structured outputs (server/entrypoints/structured.py): OpenAI's, vLLM's and vLLM's older names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingBody):
@@ -322,6 +337,18 @@ def parse_body(raw: bytes, model: type[RequestBody]) -> Any:
     return validate_body(parse_json_object(raw), model)
 
 
+LARGE_BODY_BYTES = 1 << 20
+
+
+async def parse_body_off_loop(raw: bytes, model: type[RequestBody]) -> Any:
+    """:func:`parse_body`, on a worker thread for a body of ``LARGE_BODY_BYTES`` or more: decoding and validating
+    megabytes takes tens of milliseconds of CPU, during which the event loop would answer nothing (``/health``); a
+    worker thread hands the GIL back every few milliseconds."""
+    if len(raw) < LARGE_BODY_BYTES:
+        return parse_body(raw, model)
+    return await asyncio.to_thread(parse_body, raw, model)
+
+
 def validate_body(obj: dict, model: type[RequestBody]) -> Any:
     """Validate a decoded JSON object as ``model``, extra fields included; every failure is a 400."""
     try:
@@ -427,6 +454,14 @@ def make_sampling_params(param_names: dict[str, str] | None = None, **fields: An
                           param=param) from None
 
 
+def structured_output(resolve: Callable[..., StructuredOutput | None], *args: Any) -> StructuredOutput | None:
+    """``resolve(*args)`` (a resolver of :mod:`server.entrypoints.structured`), its refusal as a 400."""
+    try:
+        return resolve(*args)
+    except StructuredOutputError as e:
+        raise bad_request(str(e), param=e.param, code="invalid_value") from None
+
+
 def sampling_params_for(
     req: _SamplingBody,
     *,
@@ -460,6 +495,8 @@ def sampling_params_for(
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, cache_salt=req.cache_salt,
         logprob_token_ids=req.logprob_token_ids,
+        structured=structured_output(openai_structured_output, req.response_format, req.structured_outputs, {
+            name: getattr(req, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}),
     )
     return [
         with_seed(base, None if req.seed is None else (req.seed + i) % SEED_MODULUS) for i in range(n)

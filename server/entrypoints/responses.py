@@ -8,11 +8,11 @@ before the new input. :class:`ResponseStore` keeps the last ``MAX_STORED_RESPONS
 dropped first); an unknown or dropped id is a 404. ``GET /v1/responses/{id}`` returns a stored response.
 
 With ``--reasoning-parser`` the output starts with a ``reasoning`` item (its text in ``content`` as
-``reasoning_text``) before the message. Tools, structured text formats and the other output-changing fields are
-refused unless neutral. A stream sends OpenAI's typed events (``event: response.created`` ...
-``response.reasoning_text.delta`` ... ``response.output_text.delta`` ... ``response.completed``, or
-``response.incomplete`` when ``max_output_tokens`` ended it), each with its ``sequence_number``; there is no
-``[DONE]``.
+``reasoning_text``) before the message. ``text.format`` (``json_schema``, ``json_object``) constrains the output
+(server/entrypoints/structured.py). Tools and the other output-changing fields are refused unless neutral. A stream
+sends OpenAI's typed events (``event: response.created`` ... ``response.reasoning_text.delta`` ...
+``response.output_text.delta`` ... ``response.completed``, or ``response.incomplete`` when ``max_output_tokens``
+ended it), each with its ``sequence_number``; there is no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ from server.entrypoints.protocol import (
     check_context_length,
     check_model,
     make_sampling_params,
-    parse_body,
+    parse_body_off_loop,
+    structured_output,
 )
 from server.entrypoints.reasoning_parsers import ReasoningParser
 from server.entrypoints.serving import PROMPT_TAIL_TOKENS
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, collect, sse, stream
+from server.entrypoints.structured import TextOptions, text_format_structured_output
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
 from server.entrypoints.tool_parsers import tool_parser_class
 from server.sampling_params import MaxTokens, Temperature, TopP
@@ -71,7 +73,7 @@ class ResponsesRequest(RequestBody):
     neutral_only_fields: ClassVar[dict[str, Any]] = {
         "conversation": None, "background": False, "tools": [],
         "tool_choice": "auto", "parallel_tool_calls": True, "max_tool_calls": None, "reasoning": None,
-        "text": {"format": {"type": "text"}}, "truncation": "disabled", "include": [], "top_logprobs": None,
+        "truncation": "disabled", "include": [], "top_logprobs": None,
         "prompt": None, "stream_options": None,
     }
     model: str | None = None
@@ -83,6 +85,7 @@ class ResponsesRequest(RequestBody):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
+    text: TextOptions | None = None
 
 
 MAX_STORED_RESPONSES = 1024
@@ -134,18 +137,21 @@ class ResponsesServing:
 
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ResponsesRequest)
+        req = await parse_body_off_loop(await request.body(), ResponsesRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         history = [] if req.previous_response_id is None else self.store.get(req.previous_response_id,
                                                                             "previous_response_id")[1]
         conversation = [*history, *_input_messages(req)]
         system = [] if req.instructions is None else [{"role": "system", "content": req.instructions}]
-        prompt_ids = await self.tm.encode_chat(system + conversation)
-        max_tokens = req.max_output_tokens or max(self.tm.max_model_len - len(prompt_ids), 1)
+        prompt_ids = await self.tm.encode_chat(system + conversation, param="input")
+        max_tokens = req.max_output_tokens
+        if max_tokens is None:
+            max_tokens = self.tm.default_max_tokens(len(prompt_ids)) or max(self.tm.max_model_len - len(prompt_ids), 1)
         check_context_length(len(prompt_ids), max_tokens, self.tm.max_model_len, "input")
         params = make_sampling_params({"max_tokens": "max_output_tokens"}, max_tokens=max_tokens,
-                                      temperature=req.temperature, top_p=req.top_p)
+                                      temperature=req.temperature, top_p=req.top_p,
+                                      structured=structured_output(text_format_structured_output, req.text))
         reasoning = None
         if self.reasoning is not None:
             reasoning = self.reasoning()
@@ -185,6 +191,11 @@ class _Shape:
         self.seq = 0
         self.answer = ""  # the message's text, once finished (what a continuation sends back)
 
+    def text(self) -> dict:
+        """The response's ``text`` options: the request's format (``text`` when none was given)."""
+        fmt = self.req.text.format if self.req.text is not None else None
+        return {"format": {"type": "text"} if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True)}
+
     def _part(self, text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -214,7 +225,7 @@ class _Shape:
             "output": output, "parallel_tool_calls": True,
             "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": req.store,
-            "temperature": 1.0 if req.temperature is None else req.temperature, "text": {"format": {"type": "text"}},
+            "temperature": 1.0 if req.temperature is None else req.temperature, "text": self.text(),
             "tool_choice": "auto", "tools": [], "top_p": 1.0 if req.top_p is None else req.top_p,
             "truncation": "disabled", "usage": None, "user": None, "metadata": {},
         }

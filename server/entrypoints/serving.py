@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.chat_output import ChatOutput, ChatOutputConfig, finish_reason
 from server.entrypoints.protocol import (
     ChatCompletionRequest,
@@ -34,7 +33,7 @@ from server.entrypoints.protocol import (
     choice_count,
     completion_prompt_logprobs,
     normalize_prompt,
-    parse_body,
+    parse_body_off_loop,
     sampling_params_for,
     truncate_prompt,
 )
@@ -43,6 +42,7 @@ from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, clamp_logprob, c
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
 from server.entrypoints.tool_choice import output_config, structured_for_tools, template_variables
 from server.entrypoints.tool_parsers import ToolParser, tool_parser_class
+from server.messages import PromptTokenLogprob, TokenLogprob
 
 PROMPT_TAIL_TOKENS = 16  # enough of the rendered prompt to see whether it opens or closes the reasoning
 
@@ -93,7 +93,7 @@ class OpenAIServing:
     # ---- /v1/completions -------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), CompletionRequest)
+        req = await parse_body_off_loop(await request.body(), CompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
@@ -104,7 +104,8 @@ class OpenAIServing:
                       for p in prompts]
         ids, params, echo = [], [], []
         for p, p_ids in zip(prompts, prompt_ids, strict=True):
-            params += sampling_params_for(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+            max_tokens = req.max_tokens if req.max_tokens is not None else self.tm.default_max_tokens(len(p_ids))
+            params += sampling_params_for(req, max_tokens=max_tokens, logprobs=req.logprobs,
                                           prompt_logprobs=completion_prompt_logprobs(req), prompt_len=len(p_ids),
                                           max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
             ids += [p_ids] * n
@@ -240,7 +241,7 @@ class OpenAIServing:
     # ---- /v1/chat/completions --------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = parse_body(await request.body(), ChatCompletionRequest)
+        req = await parse_body_off_loop(await request.body(), ChatCompletionRequest)
         self.tm.check_available()
         check_model(req.model, self.model)
         check_stream_options(req)
@@ -258,6 +259,8 @@ class OpenAIServing:
                                await self.tm.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False),
                                tuple(self.tm.tokenizer.control_tokens))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = self.tm.default_max_tokens(len(prompt_ids))
         params = sampling_params_for(req, max_tokens=max_tokens, logprobs=logprobs,
                                      prompt_logprobs=req.prompt_logprobs, prompt_len=len(prompt_ids),
                                      max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.engine.io_struct import PromptTokenLogprob, TokenLogprob
 from server.entrypoints.protocol import APIError
 from server.entrypoints.tokenizer_manager import ChoiceEvent, Generation
+from server.messages import PromptTokenLogprob, TokenLogprob
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports impossible tokens this way
 CLIENT_CLOSED_REQUEST = 499

@@ -7,8 +7,11 @@ its choices. It also watches the engine process and every worker: a death, or a 
 watchdog timeout, fails every in-flight request at once and keeps ``healthy`` false for good.
 
 Tokenization and chat-template rendering run on a small thread pool (``tokenizers`` releases the GIL), so a huge
-prompt never stalls the event loop. A fault while handling one request's output (detokenization, a stop-string
-check) ends that request with an error; the other requests and the server go on.
+prompt never stalls the event loop; and a text too long for the context whatever it tokenizes to is refused before
+it is tokenized: no token covers more than ``Tokenizer.max_token_bytes`` bytes, so a text of B bytes has at least
+B / max_token_bytes tokens (a 20 MB prompt to an 8K-token model gets its 400 in milliseconds). A fault while
+handling one request's output (detokenization, a stop-string check) ends that request with an error; the other
+requests and the server go on.
 """
 
 from __future__ import annotations
@@ -32,17 +35,6 @@ import zmq
 import zmq.asyncio
 
 from server.engine.faults import inject_fault
-from server.engine.io_struct import (
-    AbortRequest,
-    CacheFlushed,
-    FlushCache,
-    GenerateRequest,
-    ProfileControl,
-    ProfileReply,
-    PromptTokenLogprob,
-    RequestOutput,
-    TokenLogprob,
-)
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.engine_process import (
     EngineCrashed,
@@ -55,6 +47,17 @@ from server.entrypoints.engine_process import (
 )
 from server.entrypoints.metrics import ServerMetrics
 from server.entrypoints.protocol import APIError
+from server.messages import (
+    AbortRequest,
+    CacheFlushed,
+    FlushCache,
+    GenerateRequest,
+    ProfileControl,
+    ProfileReply,
+    PromptTokenLogprob,
+    RequestOutput,
+    TokenLogprob,
+)
 from server.sampling_params import SamplingParams
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -242,23 +245,42 @@ class TokenizerManager:
     async def _in_pool(self, fn: Callable, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
-    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+    def check_text_fits(self, text: str, param: str) -> None:
+        """400 ``context_length_exceeded`` for a text that cannot leave room for one completion token in the
+        context, whatever it tokenizes to (see the module docstring); cheap, so it runs before tokenizing."""
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        at_least = -(-n_bytes // self.tokenizer.max_token_bytes)
+        if at_least >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, the "
+                           f"{param} has {n_bytes} bytes, which are at least {at_least} tokens (no token of this "
+                           f"model covers more than {self.tokenizer.max_token_bytes} bytes). Please reduce the length "
+                           f"of the {param}.", param=param, code="context_length_exceeded")
+
+    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt"
+                     ) -> list[int]:
         if isinstance(prompt, list):
             return list(prompt)
+        self.check_text_fits(prompt, param)
         return await self._in_pool(self.tokenizer.encode, prompt, add_special_tokens)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return await self._in_pool(self.tokenizer.decode, ids, skip_special_tokens)
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False, **variables) -> list[int]:
+                          continue_final_message: bool = False, param: str = "messages", **variables) -> list[int]:
         """The rendered chat template's ids; ``variables`` reach the template (``tools``, ``enable_thinking``)."""
         try:
+            # rendered first (a string join, fast) so that an over-long conversation is refused before tokenizing
+            text = await self._in_pool(self.tokenizer.apply_chat_template, messages, add_generation_prompt,
+                                       continue_final_message=continue_final_message)
+            self.check_text_fits(text, param)
             return await self._in_pool(self.tokenizer.encode_chat, messages, add_generation_prompt,
                                        continue_final_message=continue_final_message,
                                        control_tokens_in_content=self.args.allow_control_tokens_in_chat, **variables)
+        except APIError:
+            raise
         except Exception as e:  # a template's raise_exception, a missing template, a forged control token
-            raise APIError(400, f"The chat template could not format the messages: {e}", param="messages") from None
+            raise APIError(400, f"The chat template could not format the messages: {e}", param=param) from None
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 -- one manager per process, lives as long as it
     def token_text(self, token_id: int) -> str:
@@ -267,6 +289,12 @@ class TokenizerManager:
     @functools.lru_cache(maxsize=65536)  # noqa: B019 -- as above
     def token_bytes(self, token_id: int) -> bytes:
         return self.tokenizer.token_bytes(token_id)
+
+    def default_max_tokens(self, prompt_len: int, fallback: int | None = None) -> int | None:
+        """The completion length of a request that leaves it out (or null): ``--default-max-tokens``, else
+        ``fallback``, at most what the context leaves after ``prompt_len`` tokens; None: the rest of the context."""
+        n = self.args.default_max_tokens or fallback
+        return None if n is None else max(min(n, self.max_model_len - prompt_len), 1)
 
     def check_available(self) -> None:
         """503 while the engine is loading, after it died, and while the server shuts down."""
@@ -319,7 +347,7 @@ class TokenizerManager:
 
     async def control_profile(self, start: bool, record_shapes: bool = False,
                               num_steps: int | None = None) -> ProfileReply:
-        """Start or stop the profiler on every rank (see ``server/engine/profiler.py``); the engine's reply."""
+        """Start or stop the profiler on every rank (see ``server/execution/profiler.py``); the engine's reply."""
         self.check_available()
         future = asyncio.get_running_loop().create_future()
         self._profiles.append(future)
@@ -381,6 +409,7 @@ class TokenizerManager:
         path = self.args.engine.tokenizer_path or msg.tokenizer_path
         try:
             self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path, self.args.chat_template)
+            await asyncio.to_thread(lambda: self.tokenizer.max_token_bytes)  # one pass over the vocabulary, now
         except Exception as e:
             self._on_death(f"could not load the tokenizer from {path!r}: {e}")
             return

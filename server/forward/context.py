@@ -1,7 +1,7 @@
 """What every layer of one forward pass reads: the rank's rows of the step and the step's metadata, prepared once.
 
 The model runner builds a :class:`ForwardContext` per step from the plan and its request mirror
-(:mod:`server.engine.step_builder`): the local rows (token ids, global positions), the softmax-attention work
+(:mod:`server.execution.step_builder`): the local rows (token ids, global positions), the softmax-attention work
 (:class:`AttentionStepMeta`, which the attention backend prepares once: plans, index tensors) and the
 linear-attention work (:class:`LinearStepMeta`). Layers only read it; nothing in a layer builds metadata or plans
 kernels. A decode step run by a CUDA graph uses the same types over static buffers.

@@ -1,6 +1,6 @@
 """The step plan: what rank 0's scheduler decides for one step, sent to every rank.
 
-Plans are incremental. Every rank keeps a mirror of the running requests (:class:`server.engine.request_table.
+Plans are incremental. Every rank keeps a mirror of the running requests (:class:`server.execution.request_table.
 RequestTable`: state slot, KV runs per SP rank, its own page table); a plan names requests that start
 (with their state slot), requests that ended, and for each request in the step only what changes: how many new
 tokens, where they go (:class:`Placement`), the pages appended on each SP rank and, for a request that asked for
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from server.sp.partition import rank_chunks
 
 
 class Placement(enum.IntEnum):
@@ -116,7 +118,7 @@ class MemoryStatsRequest:
 @dataclass(frozen=True)
 class ProfileRequest:
     """Control message: every rank starts ``torch.profiler`` (``start``), or stops it and writes its trace and op
-    table into ``output_dir`` under the names ``tag`` gives (see :mod:`server.engine.profiler`)."""
+    table into ``output_dir`` under the names ``tag`` gives (see :mod:`server.execution.profiler`)."""
 
     start: bool
     output_dir: str = ""
@@ -127,3 +129,20 @@ class ProfileRequest:
 @dataclass(frozen=True)
 class Shutdown:
     """Control message: the workers leave their loop and exit."""
+
+
+def computed_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[int, int, int]]:
+    """``(pos_start, length, chunk_index)`` of the new tokens SP rank ``sp_rank`` computes (chunk index -1 when
+    not split); empty pieces dropped."""
+    if chunk.placement == Placement.SPLIT and sp_size > 1:
+        return [(chunk.start + a, b - a, c) for a, b, c in rank_chunks(chunk.num_new, sp_size, sp_rank) if b > a]
+    if chunk.placement == Placement.HOMED and chunk.kv_rank != sp_rank:
+        return []
+    return [(chunk.start, chunk.num_new, -1)]
+
+
+def stored_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[int, int]]:
+    """``(pos_start, length)`` of the new tokens whose KV SP rank ``sp_rank`` stores."""
+    if chunk.placement == Placement.REPLICATED and chunk.kv_rank != sp_rank:
+        return []
+    return [(p, n) for p, n, _ in computed_pieces(chunk, sp_size, sp_rank)]

@@ -1,8 +1,11 @@
-"""Plain-torch Gated DeltaNet (Qwen3.5 / Qwen3-Next linear attention) and its causal depthwise conv1d.
+"""Plain-torch gated delta rule (Qwen3.5 / Qwen3-Next Gated DeltaNet, Kimi Delta Attention) and its causal
+depthwise conv1d.
 
-Per value head h (docs/sp.md: Gated DeltaNet), with ``alpha_t = exp(g_t)`` (``g_t <= 0``) and a state ``S`` of
-``[Dk, Dv]``:
-``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``,  ``o_t = S_t^T q_t``.
+Per value head h (docs/sp.md: Gated DeltaNet, Kimi Delta Attention), with ``alpha_t = exp(g_t)`` (``g_t <= 0``)
+and a state ``S`` of ``[Dk, Dv]``:
+``S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T``,  ``o_t = S_t^T q_t``.
+The gate is one scalar per head and token (Gated DeltaNet: g ``[T, Hv]``, where the decay commutes with the
+Householder factor) or one value per key channel (KDA: g ``[T, Hv, Dk]``); every function here takes either.
 
 Conventions shared by every function here and by the fast kernels behind :mod:`server.kernels.ops`:
 - q/k arrive raw (as projected and convolved) with ``Hk`` heads and are L2-normalised over ``Dk`` in fp32
@@ -13,7 +16,7 @@ Conventions shared by every function here and by the fast kernels behind :mod:`s
 - States are ``[Hv, Dk, Dv]`` and always fp32 (fp64 in the test recurrence).
 
 A piece of a sequence is an affine map of its incoming state: ``S_out = T S_in + M`` with ``T = A_n ... A_1``
-(``A_t = alpha_t (I - beta_t k_t k_t^T)``) and ``M`` the final state from zero. Every column of ``S`` evolves on
+(``A_t = (I - beta_t k_t k_t^T) Diag(alpha_t)``) and ``M`` the final state from zero. Every column of ``S`` evolves on
 its own, so running the recurrence once with value columns ``[v | 0]`` from the state ``[0 | I]`` yields in one
 pass ``O_loc`` and ``M`` (the first ``Dv`` columns) and ``Q~_t = T_t^T q_t`` and ``T`` (the last ``Dk``), where
 ``T_t`` is the map up to token t. The output for any incoming state is then ``O = O_loc + Q~ S_in``: one small
@@ -48,12 +51,19 @@ def _per_value_head(x: torch.Tensor, hv: int) -> torch.Tensor:
     return x.repeat_interleave(hv // hk, dim=-2)
 
 
+def gate_channels(g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The gate as ``[..., Hv, G]``: G = 1 for one decay per head (g shaped like beta ``[..., Hv]``), G = Dk for
+    KDA's per-channel decays (g ``[..., Hv, Dk]``)."""
+    return g.unsqueeze(-1) if g.dim() == beta.dim() else g
+
+
 def gdn_recurrence_fp64(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token recurrence in fp64: the ground truth for tests. One sequence: q/k ``[N, Hk, Dk]``,
-    v ``[N, Hv, Dv]``, g/beta ``[N, Hv]`` (any dtype), initial_state ``[Hv, Dk, Dv]`` or None (zeros).
+    v ``[N, Hv, Dv]``, g ``[N, Hv]`` or ``[N, Hv, Dk]``, beta ``[N, Hv]`` (any dtype), initial_state
+    ``[Hv, Dk, Dv]`` or None (zeros).
 
     Returns ``o [N, Hv, Dv]`` and the final state ``[Hv, Dk, Dv]``, both fp64.
     """
@@ -65,11 +75,25 @@ def gdn_recurrence_fp64(
     out = torch.empty(n, hv, dv, dtype=torch.float64)
     for t in range(n):
         kt, bt = kn[t], beta[t].double().view(hv, 1, 1)
-        a_state = torch.exp(g[t].double()).view(hv, 1, 1) * state  # alpha_t S_{t-1}
+        a_state = torch.exp(gate_channels(g[t], beta[t]).double()).unsqueeze(-1) * state  # Diag(alpha_t) S_{t-1}
         state = a_state - bt * kt.unsqueeze(-1) * (kt.unsqueeze(-2) @ a_state) + bt * kt.unsqueeze(-1) * \
             v[t].double().unsqueeze(-2)
         out[t] = (qn[t].unsqueeze(-2) @ state).squeeze(-2)
     return out, state
+
+
+def _decayed_products(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``P_ij = sum_d a_id b_jd e^(c_id - c_jd)`` for ``j <= i``, else 0: a/b ``[Hv, n, Dk]``, c ``[Hv, n, G]``
+    cumulative log decays with ``G = 1`` (one per head: the decay factors out of the dot product) or ``G = Dk``
+    (per channel: it does not, so the pairs are formed channel by channel). Every exponent kept is <= 0."""
+    n = a.shape[1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
+    if c.shape[-1] == 1:
+        diff = c[..., 0].unsqueeze(-1) - c[..., 0].unsqueeze(-2)
+        return (a @ b.transpose(1, 2)) * torch.where(lower, diff, -torch.inf).exp()
+    diff = c.unsqueeze(2) - c.unsqueeze(1)  # [Hv, n, n, Dk]: c_id - c_jd
+    decay = torch.where(lower.unsqueeze(-1), diff, -torch.inf).exp()
+    return torch.einsum("hid,hjd,hijd->hij", a, b, decay)
 
 
 def _gdn_one_sequence(
@@ -77,30 +101,28 @@ def _gdn_one_sequence(
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked (WY / UT-transform) form of one sequence in fp32. q/k ``[Hv, N, Dk]`` normalised and per value
-    head, v ``[Hv, N, Dv]``, g/beta ``[Hv, N]``, state ``[Hv, Dk, Dv]``. Returns ``o [Hv, N, Dv]`` and the state.
+    head, v ``[Hv, N, Dv]``, g ``[Hv, N, G]`` (G = 1 or Dk), beta ``[Hv, N]``, state ``[Hv, Dk, Dv]``. Returns
+    ``o [Hv, N, Dv]`` and the state.
 
-    In a chunk with cumulative log decay ``c_i = g_0 + ... + g_i`` and incoming state ``S``, the writes
-    ``u_j = beta_j (v_j - (alpha_j S_{j-1})^T k_j)`` solve the unit lower-triangular system
-    ``(I + L) U = diag(beta) V - diag(beta e^c) K S`` with ``L_jl = beta_j e^(c_j - c_l) k_j.k_l`` (l < j); then
-    ``O = diag(e^c) Q S + P U`` with ``P_ij = e^(c_i - c_j) q_i.k_j`` (j <= i), and
-    ``S_out = e^(c_last) S + (K * e^(c_last - c))^T U``. Every exponent is <= 0.
+    In a chunk with cumulative log decays ``c_i = g_0 + ... + g_i`` (per channel), ``Γ_i = Diag(e^c_i)`` and
+    incoming state ``S``, the writes ``u_j = beta_j (v_j - (Diag(alpha_j) S_{j-1})^T k_j)`` solve the unit
+    lower-triangular system ``(I + L) U = diag(beta) V - diag(beta) (K Γ) S`` with
+    ``L_jl = beta_j k_j^T Γ_j Γ_l^-1 k_l`` (l < j); then ``O = (Q Γ) S + P U`` with ``P_il = q_i^T Γ_i Γ_l^-1 k_l``
+    (l <= i), and ``S_out = Γ_last S + (K Γ_last Γ^-1)^T U``.
     """
     hv, n, _ = q.shape
     out = torch.empty(hv, n, v.shape[-1], dtype=torch.float32, device=q.device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         qc, kc, vc, bc = q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e].unsqueeze(-1)
-        c = g[:, s:e].cumsum(-1)  # [Hv, n]
-        diff = c.unsqueeze(-1) - c.unsqueeze(-2)  # c_i - c_j
-        lower = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
-        decay = torch.where(lower, diff, -torch.inf).exp()  # e^(c_i - c_j) for j <= i, else 0
+        c = g[:, s:e].cumsum(1)  # [Hv, n, G]
         eye = torch.eye(e - s, device=q.device)
-        system = eye + (bc * (kc @ kc.transpose(1, 2))) * decay * (1 - eye)
-        rhs = bc * vc - (bc * c.exp().unsqueeze(-1) * kc) @ state
+        system = eye + bc * _decayed_products(kc, kc, c) * (1 - eye)
+        rhs = bc * vc - (bc * c.exp() * kc) @ state
         u = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-        out[:, s:e] = (c.exp().unsqueeze(-1) * qc) @ state + ((qc @ kc.transpose(1, 2)) * decay) @ u
-        last = c[:, -1:]
-        state = last.exp().unsqueeze(-1) * state + (kc * (last - c).exp().unsqueeze(-1)).transpose(1, 2) @ u
+        out[:, s:e] = (c.exp() * qc) @ state + _decayed_products(qc, kc, c) @ u
+        last = c[:, -1:]  # [Hv, 1, G]
+        state = last.exp().transpose(1, 2) * state + (kc * (last - c).exp()).transpose(1, 2) @ u
     return out, state
 
 
@@ -108,7 +130,8 @@ def gdn_prefill_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     cu_seqlens: torch.Tensor, initial_states: torch.Tensor | None = None, chunk: int = GDN_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Varlen batch, chunked: q/k ``[T, Hk, Dk]``, v ``[T, Hv, Dv]``, g/beta ``[T, Hv]`` packed by
+    """Varlen batch, chunked: q/k ``[T, Hk, Dk]``, v ``[T, Hv, Dv]``, g ``[T, Hv]`` or ``[T, Hv, Dk]``, beta
+    ``[T, Hv]``, packed by
     ``cu_seqlens [B+1]``; initial_states ``[B, Hv, Dk, Dv]`` fp32 or None (zeros); sequences may be empty.
 
     Returns ``o [T, Hv, Dv]`` in v's dtype and final states ``[B, Hv, Dk, Dv]`` fp32. Computed in fp32.
@@ -116,7 +139,8 @@ def gdn_prefill_ref(
     hv, dk, dv = v.shape[1], q.shape[-1], v.shape[-1]
     qn, kn = gdn_normalize_qk(q.float(), k.float())
     qh, kh = (_per_value_head(x, hv).transpose(0, 1) for x in (qn, kn))  # [Hv, T, Dk]
-    vh, gh, bh = v.float().transpose(0, 1), g.float().t(), beta.float().t()
+    gh = gate_channels(g.float(), beta).transpose(0, 1)  # [Hv, T, G]
+    vh, bh = v.float().transpose(0, 1), beta.float().t()
     cu = cu_seqlens.tolist()
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     finals = torch.zeros(len(cu) - 1, hv, dk, dv, dtype=torch.float32, device=v.device)
@@ -172,12 +196,13 @@ def gdn_decode_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state_pool: torch.Tensor, slots: torch.Tensor,
 ) -> torch.Tensor:
-    """One token per request: q/k ``[B, Hk, Dk]``, v ``[B, Hv, Dv]``, g/beta ``[B, Hv]``; updates
+    """One token per request: q/k ``[B, Hk, Dk]``, v ``[B, Hv, Dv]``, g ``[B, Hv]`` or ``[B, Hv, Dk]``, beta
+    ``[B, Hv]``; updates
     ``state_pool[slots]`` (fp32 ``[S, Hv, Dk, Dv]``) in place and returns ``o [B, Hv, Dv]`` in v's dtype."""
     hv = v.shape[1]
     qn, kn = gdn_normalize_qk(q.float(), k.float())
     qn, kn = _per_value_head(qn, hv).unsqueeze(-1), _per_value_head(kn, hv).unsqueeze(-1)  # [B, Hv, Dk, 1]
-    st = state_pool[slots] * torch.exp(g.float()).view(-1, hv, 1, 1)
+    st = state_pool[slots] * torch.exp(gate_channels(g.float(), beta)).unsqueeze(-1)
     write = beta.float().view(-1, hv, 1) * (v.float() - (kn.transpose(-1, -2) @ st).squeeze(-2))  # [B, Hv, Dv]
     st = st + kn * write.unsqueeze(-2)
     state_pool[slots] = st

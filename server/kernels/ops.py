@@ -2,9 +2,9 @@
 
 Every op here has the signature and semantics of its ``*_ref`` twin; callers never pick a backend.
 On CUDA: RMSNorm, SiLU-and-multiply, RoPE, lightning attention and merges run the Triton kernels (merge_state on
-flashinfer where installed), attention_runs runs flashinfer for fp16/bf16 where installed, Gated DeltaNet runs
-fla-core's kernels for fp16/bf16 where installed. The fast modules are imported on first CUDA use, so CPU
-processes never build Triton kernels.
+flashinfer where installed), attention_runs runs flashinfer for fp16/bf16 where installed, the gated delta rule
+runs fla-core's kernels for fp16/bf16 where installed (Gated DeltaNet's for a per-head gate, KDA's for a
+per-channel one). The fast modules are imported on first CUDA use, so CPU processes never build Triton kernels.
 """
 
 from __future__ import annotations
@@ -123,21 +123,27 @@ def lightning_decode(q, k, v, slopes, state_pool, slots):
     return lightning_decode_ref(q, k, v, slopes, state_pool, slots)
 
 
-def _fla_gdn(q: torch.Tensor, v: torch.Tensor):
-    """fla-core's gated delta rule module when it can serve ``q``/``v`` (CUDA, fp16/bf16: fla has no fp32 path)."""
+def _fla_delta_rule(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, recurrent: bool):
+    """fla-core's kernel for this gated delta rule when it can serve ``q``/``v`` (CUDA, fp16/bf16: fla has no fp32
+    path): the Gated DeltaNet kernels for one decay per head (g ``[..., Hv]``), the KDA kernels for one per key
+    channel (g ``[..., Hv, Dk]``); chunked for prefill, fused recurrent for decode. None where it cannot."""
     if not _fast(v) or v.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] % 16 or q.shape[-1] % 16:
         return None  # fla's tiles need head dims that are multiples of 16
     try:
-        from fla.ops import gated_delta_rule
+        if g.dim() > beta.dim():
+            from fla.ops.kda import chunk_kda, fused_recurrent_kda
+
+            return fused_recurrent_kda if recurrent else chunk_kda
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     except ImportError:
         return None
-    return gated_delta_rule
+    return fused_recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
 
 
 def gdn_prefill(q, k, v, g, beta, cu_seqlens, initial_states=None):
     """See :func:`server.kernels.gdn_ref.gdn_prefill_ref`; on CUDA fla's chunked kernel where installed."""
-    fla = _fla_gdn(q, v)
-    if fla is None:
+    kernel = _fla_delta_rule(q, v, g, beta, recurrent=False)
+    if kernel is None:
         return gdn_prefill_ref(q, k, v, g, beta, cu_seqlens, initial_states)
     rep = v.shape[1] // q.shape[1]  # fla's chunked kernel wants one q/k head per value head
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -149,7 +155,7 @@ def gdn_prefill(q, k, v, g, beta, cu_seqlens, initial_states=None):
     if keep.numel() == 0:
         return torch.empty_like(v), finals
     cu = torch.cat([lens.new_zeros(1), lens[keep].cumsum(0)]).long()
-    o, out_states = fla.chunk_gated_delta_rule(  # every argument by name: fla's positional order differs by function
+    o, out_states = kernel(  # every argument by name: fla's positional order differs by function
         q=q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0), k=k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(0),
         v=v.unsqueeze(0), g=g.float().unsqueeze(0), beta=beta.float().unsqueeze(0), scale=dk**-0.5,
         initial_state=finals[keep].contiguous(), output_final_state=True, use_qk_l2norm_in_kernel=True,
@@ -170,12 +176,12 @@ def gdn_state_correction(o_loc, q_tilde, cu_seqlens, states):
 
 def gdn_decode(q, k, v, g, beta, state_pool, slots):
     """See :func:`server.kernels.gdn_ref.gdn_decode_ref`; on CUDA fla's fused recurrent kernel where installed."""
-    fla = _fla_gdn(q, v)
-    if fla is None:
+    kernel = _fla_delta_rule(q, v, g, beta, recurrent=True)
+    if kernel is None:
         return gdn_decode_ref(q, k, v, g, beta, state_pool, slots)
     rep = v.shape[1] // q.shape[1]
-    # by name: the fifth positional parameter of fla's fused recurrent kernel is ``gk`` (per-key decays), not beta
-    o, st = fla.fused_recurrent_gated_delta_rule(
+    # by name: the fifth positional parameter of fla's fused recurrent GDN kernel is ``gk`` (per-key decays)
+    o, st = kernel(
         q=q.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1), k=k.repeat_interleave(rep, 1).to(v.dtype).unsqueeze(1),
         v=v.unsqueeze(1), g=g.float().unsqueeze(1), beta=beta.float().unsqueeze(1), scale=q.shape[-1] ** -0.5,
         initial_state=state_pool[slots], output_final_state=True, use_qk_l2norm_in_kernel=True)

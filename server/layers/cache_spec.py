@@ -38,6 +38,11 @@ class CacheSpec(ABC):
         """Copy units ``src`` to ``dst`` (device index tensors of equal length): a cached prefix's last page copied
         on write, a state snapshot saved or restored."""
 
+    def with_kv_dtype(self, kv_dtype: torch.dtype | None) -> CacheSpec:
+        """This spec with its K/V pages stored in ``kv_dtype`` (``--kv-cache-dtype``; None: the model's). Only
+        softmax KV changes; states keep their own dtypes (linear-attention states stay fp32)."""
+        return self
+
 
 class CacheLayer:
     """Mixin of a layer that keeps per-request state: it declares it (:meth:`cache_spec`) and holds the
@@ -51,19 +56,25 @@ class CacheLayer:
 
 class PagedKVSpec(CacheSpec):
     """Softmax attention's K and V: ``[pages, page_size, kv_heads, head_dim]`` each, in ``kv_dtype`` (None: the
-    model's). The query heads and scale are the attention geometry the backend plans its kernels for."""
+    model's). The query heads and scale are the attention geometry the backend plans its kernels for. FP8 pages
+    (``float8_e4m3fn``) hold ``k / k_scale`` and ``v / v_scale`` (per-tensor scales of the layer)."""
 
     paged = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.k_scale, self.v_scale = kv_dtype, k_scale, v_scale
+
+    def with_kv_dtype(self, kv_dtype: torch.dtype | None) -> PagedKVSpec:
+        return PagedKVSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_dtype, self.k_scale,
+                           self.v_scale)
 
     @property
-    def geometry(self) -> tuple[int, int, int, float]:
-        """(query heads, KV heads, head dim, scale): layers with equal geometry share the backend's plans."""
-        return self.num_heads, self.num_kv_heads, self.head_dim, self.scale
+    def geometry(self) -> tuple[int, int, int, float, torch.dtype | None]:
+        """(query heads, KV heads, head dim, scale, KV dtype or None for the model's): layers with equal geometry
+        share the backend's plans."""
+        return self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.kv_dtype
 
     def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
         return 2 * page_size * self.num_kv_heads * self.head_dim * (self.kv_dtype or dtype).itemsize
@@ -71,11 +82,14 @@ class PagedKVSpec(CacheSpec):
     def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> Any:
         from server.layers.attention import PagedKVCache
 
-        return PagedKVCache(units, page_size, self.num_kv_heads, self.head_dim, self.kv_dtype or dtype, device)
+        return PagedKVCache(units, page_size, self.num_kv_heads, self.head_dim, self.kv_dtype or dtype, device,
+                            self.k_scale, self.v_scale)
 
     def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
-        cache.k[dst] = cache.k[src]
-        cache.v[dst] = cache.v[src]
+        from server.kernels.fp8 import raw_bytes
+
+        for t in (raw_bytes(cache.k), raw_bytes(cache.v)):
+            t[dst] = t[src]
 
 
 class StateSpec(CacheSpec):

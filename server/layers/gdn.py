@@ -1,5 +1,5 @@
-"""Gated DeltaNet core (Qwen3.5 / Qwen3-Next linear attention): causal conv1d with state, then the gated delta
-rule with state, local or sequence-parallel.
+"""Gated DeltaNet core (Qwen3.5 / Qwen3-Next linear attention; also Kimi Delta Attention, whose gate is per key
+channel): causal conv1d with state, then the gated delta rule with state, local or sequence-parallel.
 
 Per request, like :mod:`server.layers.lightning`: split requests (sp > 1) exchange the conv halo and run the GDN
 SP prefill over the SP group (docs/sp.md: Gated DeltaNet), or with ``--ulysses-degree`` > 1 the same on the
@@ -40,7 +40,8 @@ class GDNStatePool:
 
 
 class GDNAttention(CacheLayer, nn.Module):
-    """Conv inputs ``[T, C_local]`` (q, k, v projections of this rank's heads), decays g ``[T, Hv_local]`` fp32 and
+    """Conv inputs ``[T, C_local]`` (q, k, v projections of this rank's heads), decays g ``[T, Hv_local]`` (or
+    ``[T, Hv_local, Dk]`` for KDA) fp32 and
     beta ``[T, Hv_local]`` -> o ``[T, Hv_local, Dv]`` in the inputs' dtype. Holds the depthwise conv weight
     ``conv_weight [C_local, K]`` (no bias in these models); SiLU follows the conv."""
 
@@ -60,10 +61,19 @@ class GDNAttention(CacheLayer, nn.Module):
         return StateSpec(GDNStatePool, {"states": ((self.hv, self.dk, self.dv), torch.float32),
                                         "conv": ((self.conv_channels, self.conv_width), None)})
 
-    def conv_weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        """Checkpoint ``[C, 1, K]`` over all heads -> this rank's q, k and v channel rows."""
+    def conv_weight_loader(self, param: nn.Parameter, loaded, shard_id: int | None = None) -> None:
+        """Checkpoint ``[C, 1, K]`` over all heads -> this rank's q, k and v channel rows; or, with ``shard_id``
+        0, 1 or 2, one of separate q, k, v convs (KDA's ``q_conv1d`` ...) ``[H x D, 1, K]`` -> this rank's rows of
+        that part."""
         full = as_tensor(loaded)
-        copy_into(param, full[self.local_channels(full.shape[0])].squeeze(1), "the GDN conv1d")
+        if shard_id is None:
+            copy_into(param, full[self.local_channels(full.shape[0])].squeeze(1), "the GDN conv1d")
+            return
+        qk, vd = self.hk * self.dk, self.hv * self.dv
+        start, size = ((0, qk), (qk, qk), (2 * qk, vd))[shard_id]
+        r = self.pstate.tp_rank
+        copy_into(param.data[start : start + size], full[r * size : (r + 1) * size].squeeze(1),
+                  f"the {'qkv'[shard_id]} conv1d")
 
     def local_channels(self, total: int) -> torch.Tensor:
         """Indices of this rank's conv channels among the ``total`` ones ``[q | k | v]`` of all heads."""

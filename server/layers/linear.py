@@ -8,6 +8,10 @@ rows/columns, so a rank never materializes the full checkpoint tensor.
 loaders with the plain forms. When the step's forward context says the residual stream is sequence-sharded over TP
 (``ctx.seq_sharded``), the column layer all-gathers tokens over TP before its matmul and the row layer
 reduce-scatters over tokens after it; otherwise they behave exactly like the plain layers.
+
+FP8: a layer whose loader receives an :class:`server.layers.fp8.Fp8Weight` (a checkpoint's FP8 weight with its
+scales) stores FP8 and its per-row scales from then on, and its matmul is :func:`server.kernels.fp8_gemm.fp8_linear`;
+:func:`quantize_linear_layers` turns the layers of a high-precision model to FP8 (``--quantization fp8``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.kernels.fp8 import FP8, quantize_per_row
+from server.kernels.fp8_gemm import fp8_linear
+from server.layers.fp8 import Fp8Weight
 from server.sp.groups import ParallelState
 
 
@@ -33,13 +40,82 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     copy_into(param, as_tensor(loaded), "a replicated parameter")
 
 
+# (dim, destination start, checkpoint start, length): one contiguous piece of a weight loaded into a parameter,
+# along its output rows (dim 0) or input columns (dim 1)
+Piece = tuple[int, int, int, int]
+
+
+class QuantizableLinear(nn.Module):
+    """What the TP linears share: loading pieces of a checkpoint tensor (high precision, or FP8 with its scales)
+    and the matmul that fits how the weight is stored. ``weight_scale [out, kb]`` and ``input_scale`` (a static
+    activation scale, or None for per-token scales) exist once the weight is FP8."""
+
+    weight: nn.Parameter
+    weight_scale: nn.Parameter  # registered by store_fp8
+    block_k: int = 0  # input columns per scale
+    input_scale: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight.dtype == FP8
+
+    def store_fp8(self, block_k: int) -> None:
+        """From now on keep the weight in FP8 with a scale per row and block of ``block_k`` input columns; frees the
+        high-precision storage."""
+        block_k = min(block_k, self.weight.shape[1])
+        if self.quantized:
+            if self.block_k != block_k:
+                raise ValueError(f"FP8 weight parts with different scale blocks in one layer ({block_k} vs "
+                                 f"{self.block_k} columns)")
+            return
+        self.block_k = block_k
+        kb = -(-self.weight.shape[1] // block_k)
+        old = self.weight
+        self.weight = nn.Parameter(torch.empty(old.shape, dtype=FP8, device=old.device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(old.shape[0], kb, device=old.device), requires_grad=False)
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+
+    def load_pieces(self, param: nn.Parameter, loaded, pieces: list[Piece], what: str) -> None:
+        for dim, dst, src, n in pieces:
+            key = (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
+            if not isinstance(loaded, Fp8Weight):
+                copy_into(param.data.narrow(dim, dst, n), as_tensor(loaded[key]), what)
+                continue
+            q, scale = loaded.raw(key)
+            self.store_fp8(loaded.block_k if loaded.scale.shape[-1] > 1 else self.weight.shape[1])
+            copy_into(self.weight.data.narrow(dim, dst, n), q, what)
+            copy_into(self.weight_scale.data.narrow(0, dst, n) if dim == 0 else self.weight_scale.data, scale,
+                      f"the FP8 scales of {what}")
+            if loaded.input_scale is not None:
+                self.input_scale = max(self.input_scale or 0.0, loaded.input_scale)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quantized:
+            return fp8_linear(x, self.weight, self.weight_scale, self.block_k, bias, self.input_scale)
+        return F.linear(x, self.weight, bias)
+
+
+def quantize_linear_layers(model: nn.Module) -> int:
+    """``--quantization fp8`` on a high-precision model: every TP linear that is not FP8 yet stores its weight in FP8
+    with one scale per output row (of this rank's columns); returns how many layers were quantized."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantizableLinear) and not m.quantized:
+            q, scale = quantize_per_row(m.weight.data)
+            m.store_fp8(m.weight.shape[1])
+            m.weight.data.copy_(q)
+            m.weight_scale.data.copy_(scale)
+            n += 1
+    return n
+
+
 def divide(a: int, b: int, what: str) -> int:
     if a % b:
         raise ValueError(f"{what} ({a}) must be divisible by the tensor-parallel size (--tp-size {b})")
     return a // b
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(QuantizableLinear):
     """``y = x W^T (+ b)`` with W's output rows split over TP; the output stays sharded (no communication)."""
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = False,
@@ -56,12 +132,11 @@ class ColumnParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        n = param.shape[0]
-        start = self.pstate.tp_rank * n
-        copy_into(param, as_tensor(loaded[start : start + n]), "a column-parallel layer")
+        n = self.out_per_rank
+        self.load_pieces(param, loaded, [(0, 0, self.pstate.tp_rank * n, n)], "a column-parallel layer")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -83,15 +158,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         size = self.out_sizes[shard_id]
         start = self.pstate.tp_rank * size
-        rows = as_tensor(loaded[start : start + size])
         if self.groups == 1:
-            offset = sum(self.out_sizes[:shard_id])
-            copy_into(param.data[offset : offset + size], rows, "a merged layer part")
-            return
-        g, parts = size // self.groups, len(self.out_sizes)
-        for i in range(self.groups):
-            at = (i * parts + shard_id) * g
-            copy_into(param.data[at : at + g], rows[i * g : (i + 1) * g], "a merged layer part")
+            pieces = [(0, sum(self.out_sizes[:shard_id]), start, size)]
+        else:
+            g, parts = size // self.groups, len(self.out_sizes)
+            pieces = [(0, (i * parts + shard_id) * g, start + i * g, g) for i in range(self.groups)]
+        self.load_pieces(param, loaded, pieces, "a merged layer part")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -132,10 +204,10 @@ class QKVParallelLinear(ColumnParallelLinear):
             dst, start, n = self.q_size + self.kv_size, self.kv_head_start * d, self.kv_size
         else:
             raise ValueError(f"QKV shard id must be q, k or v, got {shard_id!r}")
-        copy_into(param.data[dst : dst + n], as_tensor(loaded[start : start + n]), f"the {shard_id} projection")
+        self.load_pieces(param, loaded, [(0, dst, start, n)], f"the {shard_id} projection")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """``y = x W^T (+ b)`` with W's input columns split over TP; partial sums are all-reduced over TP."""
 
     def __init__(self, in_features: int, out_features: int, pstate: ParallelState, bias: bool = False,
@@ -151,15 +223,14 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = default_weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        n = param.shape[1]
-        start = self.pstate.tp_rank * n
-        copy_into(param, as_tensor(loaded[:, start : start + n]), "a row-parallel layer")
+        n = self.in_per_rank
+        self.load_pieces(param, loaded, [(1, 0, self.pstate.tp_rank * n, n)], "a row-parallel layer")
 
     def reduce(self, y: torch.Tensor, seq_sharded: bool) -> torch.Tensor:
         return self.pstate.tp_all_reduce(y)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool = False) -> torch.Tensor:
-        y = self.reduce(F.linear(x, self.weight), seq_sharded)
+        y = self.reduce(self.matmul(x, None), seq_sharded)
         return y if self.bias is None else y + self.bias
 
 
@@ -169,7 +240,7 @@ class ColumnSeqParallelMixin:
     def forward(self, x: torch.Tensor, seq_sharded: bool = False) -> torch.Tensor:
         if seq_sharded:
             x = self.pstate.tp_all_gather(x, dim=0)
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnSeqParallelLinear(ColumnSeqParallelMixin, ColumnParallelLinear):

@@ -67,8 +67,15 @@ class ZeroCenteredRMSNorm(RMSNorm):
 
 
 class GatedRMSNorm(RMSNorm):
-    """Per-head RMSNorm of the Gated DeltaNet output, then the gate: ``norm(x) * weight * silu(z)``.
-    x/z ``[..., D]`` (D = the value head dim, so no TP reduction is needed); the gate is applied in fp32."""
+    """Per-head RMSNorm of a gated delta rule's output, then the gate: ``norm(x) * weight * act(z)`` with act SiLU
+    (Gated DeltaNet) or sigmoid (KDA). x/z ``[..., D]`` (D = the value head dim, so no TP reduction is needed); the
+    gate is applied in fp32."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None, gate: str = "silu"):
+        super().__init__(size, eps, dtype)
+        if gate not in ("silu", "sigmoid"):
+            raise ValueError(f"gate activation must be silu or sigmoid, got {gate!r}")
+        self.act = torch.nn.functional.silu if gate == "silu" else torch.sigmoid
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return (super().forward(x) * torch.nn.functional.silu(z.float())).to(x.dtype)
+        return (super().forward(x) * self.act(z.float())).to(x.dtype)

@@ -1,5 +1,6 @@
 """Token sampling on the device, batched: logit bias, min_tokens masks, repetition / frequency / presence
-penalties, greedy, temperature, top-k, top-p, min-p, per-request seeds and logprobs.
+penalties, structured-output grammar masks, greedy, temperature, top-k, top-p, min-p, per-request seeds and
+logprobs.
 
 Each control costs only when a request of the batch uses it: the batch is split once into the rows that use
 it, and a step whose requests use none runs the same few kernels as plain greedy / temperature sampling.
@@ -34,6 +35,28 @@ class SampleRequest:
     banned: list[int]  # token ids masked out (EOS/stop ids while below min_tokens)
     prompt_ids: Sequence[int] = field(default_factory=list)  # read only when repetition_penalty != 1
     output_ids: Sequence[int] = field(default_factory=list)  # read only when a penalty is set
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place on ``logits [B, V]`` (fp32): in row ``rows[j]`` set -inf every token whose bit is 0 in
+    ``bitmask[j]`` (int32 ``[len(rows), ceil(V / 32)]``, xgrammar's layout: token t is bit t % 32 of word t // 32);
+    the other rows are untouched. Plain torch: a few elementwise kernels on the device."""
+    n, vocab = len(rows), logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().view(n, -1)[:, :vocab]
+    if n == logits.shape[0] and rows == list(range(n)):
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        index = torch.tensor(rows).to(logits.device, non_blocking=True)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+@dataclass
+class TokenMask:
+    """The grammar bitmask of a step's constrained rows: ``bitmask[j]`` (on the device) is row ``rows[j]``'s."""
+
+    rows: list[int]
+    bitmask: torch.Tensor
 
 
 def _rows(reqs: list[SampleRequest], used) -> list[int]:
@@ -188,10 +211,12 @@ class SampledBatch:
         return token_list, logprobs
 
 
-def sample_async(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampledBatch:
+def sample_async(logits: torch.Tensor, reqs: list[SampleRequest], mask: TokenMask | None = None) -> SampledBatch:
     """:func:`sample` without waiting for the device: the host copies of its results are under way."""
     logits = logits.to(torch.float32, copy=True)  # changed in place below; the caller's tensor stays intact
     apply_logit_controls(logits, reqs)
+    if mask is not None:
+        apply_token_bitmask(logits, mask.bitmask, mask.rows)
     tokens = torch.argmax(logits, dim=-1)
     rows = _rows(reqs, lambda r: not r.params.greedy)
     if rows:
@@ -212,7 +237,9 @@ def sample_async(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampledBatc
     return SampledBatch(tokens, want, reqs, (chosen, values, indices))
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(logits: torch.Tensor, reqs: list[SampleRequest], mask: TokenMask | None = None
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits ``[B, V]`` (one row per request) -> chosen token ids and, where asked, their logprobs (of the
-    distribution after the logit controls, before temperature and the top-k / top-p / min-p filters)."""
-    return sample_async(logits, reqs).result()
+    distribution after the logit controls and the grammar ``mask`` of the constrained rows, before temperature
+    and the top-k / top-p / min-p filters)."""
+    return sample_async(logits, reqs, mask).result()

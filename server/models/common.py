@@ -57,7 +57,8 @@ class GatedMLP(nn.Module):
         return self.down_proj(h, seq_sharded)
 
     def sp_splittable(self) -> bool:
-        return self.pstate.sp_size > 1 and self.groups == self.pstate.sp_size
+        quantized = self.gate_up_proj.quantized or self.down_proj.quantized  # the split reads the weights directly
+        return self.pstate.sp_size > 1 and self.groups == self.pstate.sp_size and not quantized
 
     def forward_sp_split(self, x: torch.Tensor) -> torch.Tensor:
         """The same result when ``x`` is identical on every SP rank: SP rank r computes its group of the

@@ -14,10 +14,15 @@ from torch import nn
 
 from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
+from server.layers.fp8 import parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
+from server.layers.linear import RowParallelLinear, quantize_linear_layers
 from server.models.config import ModelConfig, read_config_json
+from server.models.deepseek_v3 import DeepseekV3ForCausalLM
+from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
 from server.models.glm4_moe import Glm4MoeForCausalLM
+from server.models.kimi_linear import KimiLinearForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.minimax import MiniMaxForCausalLM
 from server.models.minimax_m2 import MiniMaxM2ForCausalLM
@@ -40,6 +45,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5ForCausalLM,
     "Qwen3NextForCausalLM": Qwen3_5ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "KimiLinearForCausalLM": KimiLinearForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
@@ -59,21 +66,39 @@ def read_model_config(model_path: str) -> ModelConfig:
 
 
 def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, load_format: str,
-                            ulysses_degree: int = 1, ulysses_layers: str = "all") -> None:
+                            ulysses_degree: int = 1, ulysses_layers: str = "all",
+                            quantization: str | None = None) -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
     own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
     rank's heads over ``ulysses_degree``; softmax heads only when ``ulysses_layers`` is ``all``), or a config that
     lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the weights
-    exist unless they are random (``dummy``)."""
+    exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads."""
+    try:
+        scheme = parse_fp8_scheme(cfg.quantization, quantization)
+    except ValueError as e:
+        raise ValueError(f"{model_path}: {e}") from None
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.architecture](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
                                                 torch.float32)
+    if scheme is not None and scheme.block is not None:
+        check_fp8_block_shards(model, scheme.block[1], tp_size)
     try:
         check_ulysses_heads(model, ulysses_degree, softmax=ulysses_layers == UlyssesLayers.ALL)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
     if load_format != "dummy" and not glob.glob(os.path.join(model_path, "*.safetensors")):
         raise ValueError(f"{model_path!r} has no *.safetensors files (use --load-format dummy for random weights)")
+
+
+def check_fp8_block_shards(model: nn.Module, block_k: int, tp_size: int) -> None:
+    """Raise ``ValueError`` naming ``--tp-size`` when a row-parallel layer's TP shard of input columns would cut the
+    checkpoint's FP8 scale blocks of ``block_k`` columns (row cuts are exact: scales are kept per row)."""
+    for name, m in model.named_modules():
+        if isinstance(m, RowParallelLinear) and tp_size > 1 and m.in_per_rank % block_k:
+            raise ValueError(
+                f"--tp-size {tp_size} gives {name} {m.in_per_rank} input columns per rank, which cuts the checkpoint's "
+                f"FP8 scale blocks of {block_k} columns; choose a --tp-size for which "
+                f"{m.in_per_rank * tp_size} / tp is a multiple of {block_k}")
 
 
 def check_ulysses_heads(model: nn.Module, ulysses_degree: int, softmax: bool = True) -> None:
@@ -139,12 +164,33 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype: torch.dtype, load_format: str,
-                seed: int = 0) -> nn.Module:
+                seed: int = 0, quantization: str | None = None) -> nn.Module:
+    """The model of this rank with its weights. FP8 checkpoints keep their FP8 linear weights (with their scales);
+    ``quantization="fp8"`` (or random weights of an FP8 config) quantizes the remaining linear weights per channel."""
     cls = MODEL_CLASSES[cfg.architecture]
+    scheme = parse_fp8_scheme(cfg.quantization, quantization)
     with torch.device(pstate.device):
         model = cls(cfg, pstate, dtype)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
-    else:
+    elif scheme is None or scheme.online:
         model.load_weights(iterate_safetensors(model_path))
+    else:
+        model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
+    if scheme is not None and (scheme.online or load_format == "dummy"):
+        log.info("quantized %d linear layers to FP8 (per-channel scales)", quantize_linear_layers(model))
+    if scheme is not None and pstate.device.type == "cuda":
+        torch.cuda.empty_cache()  # the high-precision storage FP8 layers replaced: free memory is sized from here
+    if load_format != "dummy":
+        set_kv_scales(model, read_kv_scales(model_path))
     return model.eval()
+
+
+def set_kv_scales(model: nn.Module, scales: dict[str, float]) -> None:
+    """Give each softmax layer the checkpoint's per-tensor K/V cache scales (an FP8 KV cache stores ``k / k_scale``);
+    layers without them keep 1.0."""
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            block = name.rsplit(".", 1)[0]
+            m.k_scale = kv_scale_of(scales, block, "k") or 1.0
+            m.v_scale = kv_scale_of(scales, block, "v") or 1.0

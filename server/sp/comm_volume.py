@@ -17,6 +17,12 @@ def ring_bytes_per_layer(n_tokens: int, kv_heads: int, head_dim: int, sp_size: i
     return (sp_size - 1) / sp_size * n_tokens * 2 * kv_heads * head_dim * dtype_bytes
 
 
+def latent_ring_bytes_per_layer(n_tokens: int, latent_width: int, sp_size: int, dtype_bytes: int = 2) -> float:
+    """Pass-KV ring of an MLA layer: blocks of latents (``kv_lora_rank + qk_rope_head_dim`` per token, one message:
+    key and value are the latent), the same on every TP rank, ``(P - 1) / P * N * W * b``."""
+    return (sp_size - 1) / sp_size * n_tokens * latent_width * dtype_bytes
+
+
 def ulysses_bytes_per_layer(
     n_tokens: int, q_heads: int, kv_heads: int, head_dim: int, sp_size: int, ulysses_degree: int,
     dtype_bytes: int = 2,

@@ -1,5 +1,5 @@
-"""Gated DeltaNet prefill of one request split zigzag over the SP group, and its conv1d halo (docs/sp.md: Gated
-DeltaNet).
+"""Gated delta rule prefill (Gated DeltaNet, and KDA with its per-channel gate) of one request split zigzag over
+the SP group, and its conv1d halo (docs/sp.md: Gated DeltaNet, Kimi Delta Attention).
 
 Each chunk c is an affine map of its incoming state: ``S_{c+1} = T_c S_c + M_c``, and its outputs are
 ``O_c = O_loc_c + Q~_c S_c`` (:mod:`server.kernels.gdn_ref`). ``O_loc``, ``Q~``, ``M`` and ``T`` need no other
@@ -69,7 +69,8 @@ def gdn_sp_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated DeltaNet of one request whose tokens are split zigzag over the SP group.
 
-    q/k ``[N_local, Hk, Dk]`` (raw: normalised inside), v ``[N_local, Hv, Dv]``, g/beta ``[N_local, Hv]``: this
+    q/k ``[N_local, Hk, Dk]`` (raw: normalised inside), v ``[N_local, Hv, Dv]``, g ``[N_local, Hv]`` (or
+    ``[N_local, Hv, Dk]``: KDA's per-channel gate), beta ``[N_local, Hv]``: this
     rank's rows, its chunks back to back, listed in ``local_chunks`` as ``(row_start, length, chunk_index)``;
     ``chunk_lens`` the lengths of all 2P chunks (zeros allowed); ``initial_state [Hv, Dk, Dv]`` fp32 the state
     before chunk 0, the same on every SP rank. Returns ``o [N_local, Hv, Dv]`` in v's dtype and the prompt's

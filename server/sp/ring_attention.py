@@ -13,7 +13,10 @@ union of all ranks' KV would return. Visibility is by global position (key j is 
   attended to its local shard; one all-gather of ``(o, lse)`` and a merge.
 
 Each TP rank holds its own KV heads, so all traffic stays inside the SP group (peers with the same tp_rank).
-K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received.
+K and V travel as two messages of one batch, so every block reaches ``attn_fn`` contiguous, as received; when the
+value is the key tensor itself (MLA's latent, :mod:`server.layers.mla`) a block is one message. FP8 K/V (an FP8 KV
+cache) travel as they are stored, half the bytes of bf16, as raw bytes (no collective backend needs to know the
+dtype); ``attn_fn`` dequantizes them with the layer's per-tensor scales, which every rank holds.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from server.kernels import ops
+from server.kernels.fp8 import raw_bytes
 from server.runs import Run, runs_rows
 from server.sp.groups import ParallelState
 
@@ -76,15 +80,16 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _post_ring_transfer(
-    kv: tuple[torch.Tensor, torch.Tensor], incoming: tuple[torch.Tensor, torch.Tensor], pstate: ParallelState
+    kv: tuple[torch.Tensor, ...], incoming: tuple[torch.Tensor, ...], pstate: ParallelState
 ) -> list[dist.Work]:
-    """Send the block ``kv`` to the next SP rank and receive the previous rank's block into ``incoming``.
+    """Send the block ``kv`` (K and V, or one latent) to the next SP rank and receive the previous rank's block
+    into ``incoming``.
 
-    Every rank posts all four ops every step, empty blocks included, so the ring stays in lock-step.
+    Every rank posts all its ops every step, empty blocks included, so the ring stays in lock-step.
     """
     nxt, prev = pstate.sp_peer(pstate.sp_rank + 1), pstate.sp_peer(pstate.sp_rank - 1)
-    ops_ = [dist.P2POp(dist.isend, t, nxt, pstate.sp_group) for t in kv]
-    ops_ += [dist.P2POp(dist.irecv, t, prev, pstate.sp_group) for t in incoming]
+    ops_ = [dist.P2POp(dist.isend, raw_bytes(t), nxt, pstate.sp_group) for t in kv]
+    ops_ += [dist.P2POp(dist.irecv, raw_bytes(t), prev, pstate.sp_group) for t in incoming]
     return dist.batch_isend_irecv(ops_)
 
 
@@ -110,7 +115,8 @@ def ring_attention(
     p, r = pstate.sp_size, pstate.sp_rank
     if p == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    kv = (k.contiguous(), v.contiguous())
+    # one message when the value is the key (MLA's latent): a block carries it once
+    kv = (k.contiguous(),) if v is k else (k.contiguous(), v.contiguous())
     acc = None
     for step in range(p):
         src = (r - step) % p
@@ -118,10 +124,10 @@ def ring_attention(
         incoming = kv
         if step < p - 1:
             n_in = rows[(src - 1) % p]
-            incoming = (k.new_empty(n_in, *k.shape[1:]), v.new_empty(n_in, *v.shape[1:]))
+            incoming = tuple(t.new_empty(n_in, *t.shape[1:]) for t in kv)
             transfer = _post_ring_transfer(kv, incoming, pstate)
         if _any_visible(q_runs, kv_runs_per_rank[src]):
-            acc = _merge_fp32(acc, attn_fn(q, kv[0], kv[1], q_runs, kv_runs_per_rank[src], scale))
+            acc = _merge_fp32(acc, attn_fn(q, kv[0], kv[-1], q_runs, kv_runs_per_rank[src], scale))
         for work in transfer:
             work.wait()
         kv = incoming
@@ -148,7 +154,8 @@ def allgather_kv_attention(
     rows = _shard_rows(k, kv_runs_per_rank, pstate)
     if pstate.sp_size == 1:
         return attn_fn(q, k, v, q_runs, kv_runs_per_rank[0], scale)
-    k_shards, v_shards = (pstate.sp_all_gather(_pad_rows(t, max(rows))) for t in (k, v))
+    k_shards = pstate.sp_all_gather(_pad_rows(raw_bytes(k), max(rows)))
+    v_shards = k_shards if v is k else pstate.sp_all_gather(_pad_rows(raw_bytes(v), max(rows)))
     visible = [i for i, shard_runs in enumerate(kv_runs_per_rank) if _any_visible(q_runs, shard_runs)]
     if not visible:
         return _no_keys(q, v.shape[2])
@@ -156,8 +163,8 @@ def allgather_kv_attention(
     for i in visible:
         runs.extend((row + offset, length, pos) for row, length, pos in kv_runs_per_rank[i])
         offset += rows[i]
-    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible])
-    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible])
+    k_all = torch.cat([k_shards[i][: rows[i]] for i in visible]).view(k.dtype)
+    v_all = torch.cat([v_shards[i][: rows[i]] for i in visible]).view(v.dtype)
     return attn_fn(q, k_all, v_all, q_runs, runs, scale)
 
 

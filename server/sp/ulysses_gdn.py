@@ -26,6 +26,7 @@ import functools
 import torch
 
 from server.kernels import ops
+from server.kernels.gdn_ref import gate_channels
 from server.runs import rows_of
 from server.sp.gdn_sp import conv_halo_exchange, gdn_sp_prefill
 from server.sp.ulysses import (
@@ -80,8 +81,9 @@ def ulysses_gdn_prefill(
     """Conv1d + SiLU + Gated DeltaNet of one request whose tokens are split zigzag over the SP group of a U x R mesh.
 
     mixed ``[T, C]``: this SP rank's conv inputs (its zigzag chunks ``r`` and ``2P-1-r`` back to back) of the TP
-    rank's channels ``[q (Hk x Dk) | k (Hk x Dk) | v (Hv x Dv)]``; ``conv_weight [C, K]``; g ``[T, Hv]`` fp32 and
-    beta ``[T, Hv]``; ``chunk_lens`` the lengths of all 2P chunks in sequence order (zeros allowed);
+    rank's channels ``[q (Hk x Dk) | k (Hk x Dk) | v (Hv x Dv)]``; ``conv_weight [C, K]``; g ``[T, Hv]`` (or
+    ``[T, Hv, Dk]`` for KDA) fp32 and beta ``[T, Hv]``; ``chunk_lens`` the lengths of all 2P chunks in sequence
+    order (zeros allowed);
     ``initial_state [Hv, Dk, Dv]`` fp32 and ``conv_state [C, K-1]`` the request's states before chunk 0. ``mode``:
     GDN state passing across ring groups, ``"allgather"`` or ``"ring"``. Returns ``o [T, Hv, Dv]`` in mixed's dtype,
     the final state ``[Hv, Dk, Dv]`` fp32 and the final conv state ``[C, K-1]``, the same on every SP rank.
@@ -102,7 +104,9 @@ def ulysses_gdn_prefill(
     # v's heads split like query heads, q's and k's like KV heads: one all-to-all for all three
     v_h, q_h, k_h = qkv_seq_to_heads(v.reshape(t, hv, dv), q.reshape(t, hk, dk), k.reshape(t, hk, dk), kv_heads,
                                      layout.counts, mesh.ulysses_group)
-    gb_h = seq_to_heads(torch.stack([g.float(), beta.float()], dim=-1), layout.counts, mesh.ulysses_group)
+    # the gate (one per head, or one per key channel for KDA) and beta travel together: one all-to-all
+    gb_h = seq_to_heads(torch.cat([gate_channels(g.float(), beta), beta.float().unsqueeze(-1)], dim=-1),
+                        layout.counts, mesh.ulysses_group)
     index = rows_of(layout.order, mixed.device)
     x = take_rows(torch.cat([q_h.flatten(1), k_h.flatten(1), v_h.flatten(1)], dim=1), index)
     gb_h = take_rows(gb_h, index)
@@ -114,7 +118,8 @@ def ulysses_gdn_prefill(
     n_k, hv_u = q_h.shape[1], hv // u
     q_c, k_c, v_c = conv_out.split([n_k * dk, n_k * dk, hv_u * dv], dim=1)
     o_h, final = gdn_sp_prefill(q_c.reshape(-1, n_k, dk), k_c.reshape(-1, n_k, dk), v_c.reshape(-1, hv_u, dv),
-                                gb_h[..., 0], gb_h[..., 1].to(beta.dtype), layout.local_chunks, layout.ring_lens,
+                                gb_h[..., :-1] if g.dim() > beta.dim() else gb_h[..., 0], gb_h[..., -1].to(beta.dtype),
+                                layout.local_chunks, layout.ring_lens,
                                 initial_state[rank * hv_u : (rank + 1) * hv_u], mesh.ring, mode)
     o = heads_to_seq(put_rows(o_h, index), layout.counts, mesh.ulysses_group)
     final = gather_heads(final[None], mesh.ulysses_group)[0]  # heads are dim 0 of a state

@@ -24,9 +24,14 @@ def tiny_model(tmp_path: Path, shape: str, **over) -> Path:
     return model
 
 
-def run_bench(script: str, *args, out: Path, timeout: int = 300, cpu_only: bool = False) -> list[dict]:
-    """Run ``benchmarks/<script>`` with ``args`` and ``--out out``; the rows it wrote."""
+def run_bench(script: str, *args, out: Path, timeout: int = 300, cpu_only: bool = False,
+              output: list[str] | None = None) -> list[dict]:
+    """Run ``benchmarks/<script>`` with ``args`` and ``--out out``; the rows it wrote (its stdout and stderr are
+    appended to ``output`` if given)."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args), "--out", str(out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu_only else None
-    subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT, env=env)
+    r = subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT, env=env, capture_output=output is not None,
+                       text=True)
+    if output is not None:
+        output += [r.stdout, r.stderr]
     return json.loads(out.read_text())["rows"]

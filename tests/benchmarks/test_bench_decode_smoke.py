@@ -18,3 +18,14 @@ def test_bench_decode_runs_on_cpu(tmp_path):
     assert all(r["itl_ms"] > 0 and r["itl_p50_ms"] <= r["itl_p99_ms"] for r in rows)
     assert {"model", "sp", "tp", "context", "batch", "itl_ms", "floor_ms"} <= set(rows[0])
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_decode_structured_runs_on_cpu(tmp_path):
+    """--structured json: each cell unconstrained and JSON-constrained (a synthetic tokenizer: the shape has none)."""
+    model = tiny_model(tmp_path, "llama3-8b", intermediate_size=96, vocab_size=1024)
+    rows = run_bench("bench_decode.py", "--model", model, "--context", 40, "--batch", 3, "--sp-size", 1,
+                     "--graphs", "off", "--decode-steps", 4, "--structured", "json", out=tmp_path / "d.json",
+                     cpu_only=True)
+    assert [r["structured"] for r in rows] == ["none", "json"]
+    assert all(r["itl_ms"] > 0 for r in rows)

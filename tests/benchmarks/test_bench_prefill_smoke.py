@@ -18,9 +18,15 @@ from tests.benchmarks.bench_testing import ROOT, run_bench, tiny_model
 def test_bench_prefill_runs_on_cpu(tmp_path):
     model = tiny_model(tmp_path, "minimax-hybrid", layer_types=["linear_attention", "full_attention"])
     out, png = tmp_path / "r.json", tmp_path / "r.png"
+    output: list[str] = []
     rows = run_bench("bench_prefill.py", "--model", model, "--context", 200, 500, "--sp-size", 1, 2, "--device",
-                     "cpu", "--sp-min-tokens", 64, "--repeat", 1, "--plot", png, out=out)
+                     "cpu", "--sp-min-tokens", 64, "--repeat", 1, "--plot", png, out=out, output=output)
     assert {(r["sp"], r["context"]) for r in rows} == {(1, 200), (1, 500), (2, 200), (2, 500)}
+    # CPU timings are not meaningful: said before and after the table, which shows no speedup or efficiency
+    stdout, stderr = output
+    assert stderr.count("WARNING: --device cpu: these timings are NOT meaningful") == 2
+    table = stdout[stdout.index("TTFT s"):].splitlines()[1:]
+    assert len(table) == 4 and all(line.split()[-5:-3] == ["-", "-"] for line in table), table
     assert all(r["ttft_s"] > 0 and r["speedup"] > 0 for r in rows)
     assert png.stat().st_size > 0
     # --merge combines result files without running anything

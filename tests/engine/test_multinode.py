@@ -12,7 +12,7 @@ import pytest
 
 from server import LLM, SamplingParams
 from server.config import EngineConfig
-from server.engine.procutil import free_port
+from server.execution.procutil import free_port
 from tests.helpers import prompt, save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

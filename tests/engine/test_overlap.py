@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from server import LLM, SamplingParams
-from server.engine.io_struct import GenerateRequest
+from server.messages import GenerateRequest
 from tests.helpers import prompt, save_tiny_model
 
 ENGINE = dict(device="cpu", sp_min_tokens=8, chunked_prefill_size=50, page_size=8)

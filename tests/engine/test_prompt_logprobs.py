@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from server.engine.io_struct import GenerateRequest, PromptTokenLogprob, RequestOutput
+from server.messages import GenerateRequest, PromptTokenLogprob, RequestOutput
 from tests.helpers import hf_model, prompt, save_tiny_model
 
 LONG = prompt(70)  # sp=2: split chunks of 32 and 32, then a replicated tail of 6 (< sp_min_tokens)

@@ -50,12 +50,13 @@ def alive(pid: int) -> bool:
 class ServerProcess:
     """``python launch_server.py ARGS --port 0``; the port is read from the server's log."""
 
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "launch_server.py", "--port", "0", *args],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.url = ""
 
@@ -94,8 +95,9 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(args: list[str], log_path: Path) -> ServerProcess:
-    return ServerProcess(args, log_path).wait_ready()
+def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    """``launch_server.py ARGS``, healthy; ``env`` is added to this process's environment."""
+    return ServerProcess(args, log_path, env).wait_ready()
 
 
 def openai_client(srv: ServerProcess):

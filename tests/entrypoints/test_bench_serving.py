@@ -1,8 +1,12 @@
-"""Smoke run of ``benchmarks/bench_serving.py`` against a real CPU server (no timing assertions)."""
+"""Smoke run of ``benchmarks/bench_serving.py`` against a real CPU server (no timing assertions), and its
+dependencies in a plain install."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 
@@ -44,3 +48,27 @@ def test_bench_serving_smoke(server, tmp_path, mode):
         assert result["itl_samples"] == 6 * (5 - 1)
     else:  # chunks with text only (the detokenizer may hold a token's text back)
         assert 0 < result["itl_samples"] <= 6 * (5 - 1)
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_plain_install_brings_what_bench_serving_imports():
+    """docs/server.md recommends bench_serving.py after `pip install -e .`: every third-party module it imports
+    must come from a package in pyproject's dependencies (as importlib.metadata maps modules to packages)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = _requirement_names(project["dependencies"])
+    tree = ast.parse((REPO / "benchmarks" / "bench_serving.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    third_party = modules - set(sys.stdlib_module_names) - {"server", "benchmarks"}
+    assert "httpx" in third_party
+    providers = importlib.metadata.packages_distributions()
+    for module in third_party:
+        assert {p.lower().replace("_", "-") for p in providers[module]} & deps, f"{module} is not a dependency"
+    # docs/kernels.md runs tests with -n, which pytest-xdist provides
+    assert "pytest-xdist" in _requirement_names(project["optional-dependencies"]["dev"])

@@ -6,8 +6,8 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine.io_struct import EngineStats, StepCounts
 from server.entrypoints.metrics import ServerMetrics
+from server.messages import EngineStats, StepCounts
 
 
 def test_server_metrics_render_and_parse():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
+from tests.entrypoints.server_testing import REPO, openai_client, prometheus_value, sse_events, start_server
 
 PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
 CACHE_GB = "0.25"
@@ -193,6 +194,52 @@ def test_n_choices_and_seeds(client):
             if ch.finish_reason:
                 finished[ch.index] = ch.finish_reason
     assert finished == {0: "length", 1: "length"}
+
+
+def test_readme_first_curl_works_against_the_builtin_model(server):
+    """The README's first screen: the built-in model's nature, its name, and a curl for it that works."""
+    readme = (REPO / "README.md").read_text()
+    first_screen = readme[:readme.index("## What is in it")]
+    assert "random weights" in first_screen and "`builtin`" in first_screen
+    m = re.search(r"curl localhost:30000(/v1/\S+) .*?-d '(\{.*?\})'", first_screen, re.S)
+    path, body = m.group(1), json.loads(m.group(2))
+    assert body["model"] == "builtin"
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+
+def test_offline_n_matches_the_servers_choices(client, offline):
+    """SamplingParams.n: one CompletionOutput per prompt, its ``outputs`` the n completions, seeded seed + i as the
+    server seeds a request's choices."""
+    outs = offline.generate([PROMPTS[1], PROMPTS[2]], [SamplingParams(n=2, seed=77, max_tokens=4, ignore_eos=True),
+                                                       greedy(2)], use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [2, 1] and all(o.outputs[0] is o for o in outs)
+    served = client.completions.create(model="builtin", prompt=PROMPTS[1], n=2, seed=77, max_tokens=4,
+                                       temperature=1.0, extra_body={"ignore_eos": True})
+    assert [o.text for o in outs[0].outputs] == [c.text for c in served.choices]
+    assert outs[0].outputs[0].text != outs[0].outputs[1].text
+    with pytest.raises(ValueError, match="n"):
+        SamplingParams(n=0)
+
+
+def test_offline_chat_matches_the_servers_chat(client, offline, tokenizer):
+    """LLM.chat renders with the model's chat template as /v1/chat/completions does: the same greedy reply; one
+    conversation or a list of them; chat_template and chat_template_kwargs reach the template."""
+    conversations = [[{"role": "user", "content": "Where is the ferry?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bread?"}]]
+    outs = offline.chat(conversations, greedy(4), use_tqdm=False)
+    for conversation, out in zip(conversations, outs, strict=True):
+        served = client.chat.completions.create(model="builtin", messages=conversation, max_tokens=4, temperature=0,
+                                                extra_body={"ignore_eos": True})
+        assert out.text == served.choices[0].message.content
+        assert out.prompt_token_ids == tokenizer.encode_chat(conversation)
+    [one] = offline.chat(conversations[0], greedy(1), use_tqdm=False)
+    assert one.token_ids == outs[0].token_ids[:1]
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix }}"
+    [custom] = offline.chat(conversations[0], greedy(1), use_tqdm=False, chat_template=template,
+                            chat_template_kwargs={"suffix": " Answer:"})
+    assert custom.prompt == "Where is the ferry? Answer:"
+    assert custom.prompt_token_ids == tokenizer.encode("Where is the ferry? Answer:", add_special_tokens=False)
 
 
 def test_stop_strings(server, client, offline):
@@ -588,8 +635,8 @@ BAD_INPUTS = {
                                                "logprob_start_len", "invalid_value"),
     "generate-image": ("POST", "/generate", {"text": "a", "image_data": "x.png"}, 400, "image_data",
                        "unsupported_parameter"),
-    "generate-json-schema": ("POST", "/generate", {"text": "a", "sampling_params": {"json_schema": "{}"}}, 400,
-                             "sampling_params.json_schema", "unsupported_parameter"),
+    "generate-json-schema": ("POST", "/generate", {"text": "a", "sampling_params": {"json_schema": '{"type": 1}'}},
+                             400, "sampling_params.json_schema", "invalid_value"),
     "generate-batch-stream": ("POST", "/generate", {"text": ["a", "b"], "stream": True}, 400, "stream", None),
     "generate-unknown-model": ("POST", "/generate", {"text": "a", "model": "x"}, 404, "model", "model_not_found"),
     "generate-stop-token-ids-int": ("POST", "/generate", {"text": "a", "sampling_params": {"stop_token_ids": 5}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,12 +48,16 @@ def test_engine_process_death_fails_requests_and_health(tmp_path):
         srv.stop()
 
 
-def test_sigint_stops_everything(tmp_path):
-    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1"], tmp_path / "log")
+def test_sigint_stops_everything_at_once_when_idle(tmp_path):
+    """Nothing in flight: no grace period to wait (60 s here), the engine and the server exit in seconds."""
+    srv = start_server(["--device", "cpu", "--cpu-cache-gb", "0.1", "--shutdown-grace-period", "60"], tmp_path / "log")
     tree = descendants(srv.proc.pid)
     assert tree
+    start = time.monotonic()
     assert srv.stop(signal.SIGINT) == 0, srv.log()
+    elapsed = time.monotonic() - start
     assert wait_gone(tree) == []
+    assert elapsed < 10, f"an idle shutdown took {elapsed:.1f} s"
 
 
 def test_killed_server_takes_engine_and_ranks_along(tmp_path):

@@ -1,5 +1,5 @@
 """The merged column layer's row groups and the MLP's SP split, on one process (no collectives: sp_size 1 groups
-are checked through their layout; the SP split itself runs over real ranks in tests/engine/test_sp_tp.py)."""
+are checked through their layout; the SP split itself runs over real ranks in tests/parity/test_sp_tp.py)."""
 
 from __future__ import annotations
 

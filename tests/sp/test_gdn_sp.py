@@ -1,10 +1,12 @@
-"""Gated DeltaNet SP prefill (all-gather and ring) and the conv1d halo on real gloo groups vs whole-sequence truths.
+"""Gated DeltaNet and KDA SP prefill (all-gather and ring) and the conv1d halo on real gloo groups vs whole-sequence
+truths.
 
 Every rank builds the same full sequence from a seed, keeps its TP slice of heads (key heads and the value
 heads they serve) and conv channels and its zigzag chunks, and checks its own output rows and the final state
 against ``gdn_recurrence_fp64`` over the whole sequence, and its conv outputs and final conv state against
 torch's conv1d over ``[conv state | whole sequence]``. Cases: nonzero initial states, lengths that are not
-multiples of the 64-token GDN chunk, prompts shorter than 2P (empty chunks) and chunks shorter than K-1.
+multiples of the 64-token GDN chunk, prompts shorter than 2P (empty chunks) and chunks shorter than K-1, and KDA's
+per-channel gate (the same ``(T, M)`` combine, with a decay per key channel).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Case:
     n: int
     cached_prefix: bool  # nonzero recurrent and conv states (continuing after a cached prefix)
     seed: int
+    per_channel: bool = False  # KDA: one decay per key channel
 
 
 CASES = [
@@ -37,6 +40,8 @@ CASES = [
     Case(n=3, cached_prefix=True, seed=1),  # fewer tokens than 2P: empty chunks, halo reaches into the state
     Case(n=13, cached_prefix=True, seed=2),  # chunks of 1-2 tokens at sp=4: shorter than K-1
     Case(n=4 * (GDN_CHUNK + 3) + 1, cached_prefix=True, seed=3),  # chunks cross 64-token GDN chunks
+    Case(n=13, cached_prefix=True, seed=4, per_channel=True),
+    Case(n=2 * (GDN_CHUNK + 5) + 3, cached_prefix=True, seed=5, per_channel=True),
 ]
 
 
@@ -44,7 +49,8 @@ def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(case.seed)
     q, k = torch.randn(case.n, HK, DK, generator=g), torch.randn(case.n, HK, DK, generator=g)
     v = torch.randn(case.n, HV, DV, generator=g)
-    decay, beta = -2 * torch.rand(case.n, HV, generator=g) ** 2, torch.rand(case.n, HV, generator=g)
+    gate_shape = (case.n, HV, DK) if case.per_channel else (case.n, HV)
+    decay, beta = -2 * torch.rand(*gate_shape, generator=g) ** 2, torch.rand(case.n, HV, generator=g)
     scale = 0.5 if case.cached_prefix else 0.0
     s0 = torch.randn(HV, DK, DV, generator=g) * scale
     x = torch.randn(case.n, 2 * DK, generator=g)  # conv inputs, 2 x DK channels split over TP

@@ -95,12 +95,14 @@ class GDNCase:
     n: int
     cached_prefix: bool  # start from nonzero recurrent and conv states
     seed: int
+    per_channel: bool = False  # KDA: one decay per key channel
 
 
 GDN_CASES = [
     GDNCase(n=37, cached_prefix=False, seed=0),
     GDNCase(n=5, cached_prefix=True, seed=1),  # fewer tokens than 2P, chunks shorter than K-1
     GDNCase(n=2 * (GDN_CHUNK + 3) + 5, cached_prefix=True, seed=2),  # crosses 64-token GDN chunks
+    GDNCase(n=23, cached_prefix=True, seed=3, per_channel=True),
 ]
 
 
@@ -278,7 +280,8 @@ def _check_gdn(pstate: ParallelState, mesh: UlyssesMesh, case: GDNCase) -> None:
     c = x.shape[1]
     w = torch.randn(c, GDN_KERNEL, generator=g)
     conv0 = torch.randn(c, GDN_KERNEL - 1, generator=g) * scale
-    decay, beta = -2 * torch.rand(n, GDN_HV, generator=g)[:, hv] ** 2, torch.rand(n, GDN_HV, generator=g)[:, hv]
+    gate_shape = (n, GDN_HV, GDN_DK) if case.per_channel else (n, GDN_HV)
+    decay, beta = -2 * torch.rand(*gate_shape, generator=g)[:, hv] ** 2, torch.rand(n, GDN_HV, generator=g)[:, hv]
     s0 = torch.randn(GDN_HV, GDN_DK, GDN_DV, generator=g)[hv] * scale
     full = torch.cat([conv0, x.t()], dim=1)
     y = F.silu(F.conv1d(full[None], w[:, None], groups=c)[0].t())

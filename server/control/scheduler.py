@@ -23,12 +23,11 @@ from __future__ import annotations
 from collections import deque
 
 from server.config import EngineConfig
-from server.engine.cache_manager import CacheManager
-from server.engine.io_struct import RequestRejected
-from server.engine.prefix_cache import PrefixCache, PrefixHit
-from server.engine.request_table import stored_pieces
-from server.engine.sequence import Sequence, Status
-from server.forward.plan import ChunkPlan, Placement, PromptScoring, StartedRequest, StepPlan
+from server.control.cache_manager import CacheManager
+from server.control.prefix_cache import PrefixCache, PrefixHit
+from server.control.sequence import Sequence, Status
+from server.forward.plan import ChunkPlan, Placement, PromptScoring, StartedRequest, StepPlan, stored_pieces
+from server.messages import RequestRejected
 
 
 class Scheduler:

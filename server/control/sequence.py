@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from server.engine.io_struct import PromptTokenLogprob
+from server.messages import PromptTokenLogprob
 from server.runs import Run
 from server.sampling_params import SamplingParams
 

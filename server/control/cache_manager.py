@@ -1,13 +1,13 @@
 """Bookkeeping of KV pages (per SP rank), state slots and the prefix cache, kept by the scheduler on rank 0.
 
-Workers hold the tensors and a mirror of each request's pages (:mod:`server.engine.request_table`); the
+Workers hold the tensors and a mirror of each request's pages (:mod:`server.execution.request_table`); the
 scheduler decides which pages and slots each request uses and sends only the pages it appends. TP ranks of one
 SP rank share its page numbering (each stores its own KV heads). Page 0 of every rank and the state slot
 ``num_slots`` are scratch space that padded rows of a CUDA-graph step write to; they are never handed out. State
 slots above it hold the prefix cache's snapshots.
 
 Pages carry reference counts: the request that wrote a page, later requests that share it as a cached prefix,
-and the prefix cache's entries (:mod:`server.engine.prefix_cache`). A request that ends leaves its pages to the
+and the prefix cache's entries (:mod:`server.control.prefix_cache`). A request that ends leaves its pages to the
 cache, which frees them when it evicts the entry; a page is free when nothing holds it.
 
 Admission reserves a request's worst case of new pages on every SP rank it will use, so a running request never
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import time
 
-from server.engine.prefix_cache import PrefixCache, PrefixHit, chain_hashes
-from server.engine.sequence import Sequence
+from server.control.prefix_cache import PrefixCache, PrefixHit, chain_hashes
+from server.control.sequence import Sequence
 from server.runs import append_run, rows_before, truncate_runs
 
 SCRATCH_PAGE = 0

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from server.config import EngineConfig
-from server.engine.model_runner import ModelRunner
-from server.engine.procutil import die_with_parent
-from server.engine.profiler import RankProfiler
-from server.engine.step_profile import PROFILE
+from server.execution.model_runner import ModelRunner
+from server.execution.procutil import die_with_parent
+from server.execution.profiler import RankProfiler
+from server.execution.step_profile import PROFILE
 from server.forward.plan import MemoryStatsRequest, ProfileRequest, Shutdown, StepPlan
 from server.models.loader import read_model_config
 from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine.request_table import RequestTable
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.control.scheduler import Scheduler
+from server.control.sequence import Sequence
+from server.execution.request_table import RequestTable
 from server.forward.plan import Placement
 from server.sampling_params import SamplingParams
 

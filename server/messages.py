@@ -1,6 +1,6 @@
 """Messages between the HTTP process and the engine (rank 0), and the engine's per-step outputs.
 
-Small typed dataclasses, pickled over zmq; ``tests/engine/test_io_struct.py`` round-trips them.
+Small typed dataclasses, pickled over zmq; ``tests/test_messages.py`` round-trips them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ProfileControl:
 @dataclass
 class ProfileReply:
     """``error``: why the engine refused (None: done); ``output_dir`` of a start; ``ranks``: each rank's summary
-    of a stop (``server/engine/profiler.py``)."""
+    of a stop (``server/execution/profiler.py``)."""
 
     error: str | None = None
     output_dir: str | None = None

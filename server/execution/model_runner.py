@@ -1,8 +1,8 @@
 """One rank's model, caches, request mirror and forward step.
 
 A step: the plan updates the rank's request mirror (:class:`RequestTable`), the step's rows and metadata are
-built once (:mod:`server.engine.step_builder`), the attention backend prepares them once (plans, index tensors),
-and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`server.engine.cuda_graphs`).
+built once (:mod:`server.execution.step_builder`), the attention backend prepares them once (plans, index tensors),
+and the model runs, eagerly or, for decode steps, as a CUDA graph replay (:mod:`server.execution.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch.distributed as dist
 from server.backends import make_attention_backend
 from server.backends.attention import AttentionGeometry
 from server.config import EngineConfig
-from server.engine.request_table import RequestTable
-from server.engine.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
-from server.engine.step_profile import PROFILE
+from server.execution.request_table import RequestTable
+from server.execution.step_builder import LocalChunk, StepRows, build_step_rows, driver_rows, take_prev_tokens
+from server.execution.step_profile import PROFILE
 from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, StepPlan
 from server.kernels import ops
+from server.kernels.fp8 import FP8
 from server.models.config import ModelConfig
 from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
@@ -84,9 +85,11 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
         ops.set_kernel_backend(config.attention_backend)
         torch.manual_seed(config.seed)
-        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed)
+        self.model = build_model(model_path, model_cfg, pstate, self.dtype, config.load_format, config.seed,
+                                 config.quantization)
         # every layer that keeps per-request state, with what it declares (server/layers/cache_spec.py)
-        self.cache_layers = [(layer, layer.cache_spec()) for layer in self.model.cache_layers()]
+        kv_dtype = FP8 if config.kv_cache_dtype == "fp8_e4m3" else None
+        self.cache_layers = [(layer, layer.cache_spec().with_kv_dtype(kv_dtype)) for layer in self.model.cache_layers()]
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         self.snapshot_slots = 0
@@ -167,15 +170,19 @@ class ModelRunner:
         max_pages = -(-self.config_max_len() // self.config.page_size) + 2
         self.table = RequestTable(self.pstate.sp_size, self.pstate.sp_rank, slots, max_pages, self.config.page_size,
                                   self.device)
-        log.info("rank %d: %d KV pages of %d tokens, %d state slots, %s attention", self.pstate.rank, num_pages,
-                 self.config.page_size, self.num_slots, self.backend.name)
+        kv_dtypes = sorted({str(s.kv_dtype or self.dtype).removeprefix("torch.") for _, s in self.cache_layers
+                            if s.paged}) or ["none"]
+        log.info("rank %d: %d KV pages of %d tokens (%d tokens of KV in %s, %.2f GiB), %d state slots, %s attention",
+                 self.pstate.rank, num_pages, self.config.page_size, (num_pages - 1) * self.config.page_size,
+                 "/".join(kv_dtypes), num_pages * self.cache_bytes_per_page() / (1 << 30), self.num_slots,
+                 self.backend.name)
 
     def config_max_len(self) -> int:
         return context_length(self.config, self.model.cfg)
 
     def enable_decode_graphs(self) -> None:
         """Capture (or, in ``eager`` mode, only pad) decode steps per batch-size bucket; see cuda_graphs.py."""
-        from server.engine.cuda_graphs import DecodeGraphs, GraphRun, graph_run
+        from server.execution.cuda_graphs import DecodeGraphs, GraphRun, graph_run
 
         mode = graph_run(self.config, self.device)
         if mode != GraphRun.OFF:

@@ -14,9 +14,9 @@ import random
 import pytest
 
 from server import LLM, SamplingParams
-from server.engine.cache_manager import CacheManager
-from server.engine.io_struct import GenerateRequest
-from server.engine.prefix_cache import PrefixCache, chain_hashes, shared_blocks
+from server.control.cache_manager import CacheManager
+from server.control.prefix_cache import PrefixCache, chain_hashes, shared_blocks
+from server.messages import GenerateRequest
 from server.runs import rows_before, truncate_runs
 from tests.helpers import prompt, save_tiny_model
 

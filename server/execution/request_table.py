@@ -2,9 +2,9 @@
 
 A plan (:mod:`server.forward.plan`) carries only what changed; the mirror turns it back into the full picture the
 step needs: per request its state slot, the runs of every SP rank's KV shard (the ring needs all of them) and
-this rank's page table. The same per-placement rule (:func:`stored_pieces`) drives the scheduler's bookkeeping,
-so rank 0's scheduler and every mirror agree by construction; ``tests/engine/test_request_table.py`` checks them
-against a full rebuild.
+this rank's page table. The same per-placement rule (:func:`server.forward.plan.stored_pieces`) drives the
+scheduler's bookkeeping, so rank 0's scheduler and every mirror agree by construction;
+``tests/execution/test_request_table.py`` checks them against a full rebuild.
 
 The page tables live in one host array (rows = state slots) with a device copy; plans append pages, and only
 the appended entries travel to the device.
@@ -17,26 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.forward.plan import ChunkPlan, Placement, StepPlan
+from server.forward.plan import StepPlan, stored_pieces
 from server.runs import Run, append_run
-from server.sp.partition import rank_chunks
-
-
-def computed_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[int, int, int]]:
-    """``(pos_start, length, chunk_index)`` of the new tokens SP rank ``sp_rank`` computes (chunk index -1 when
-    not split); empty pieces dropped."""
-    if chunk.placement == Placement.SPLIT and sp_size > 1:
-        return [(chunk.start + a, b - a, c) for a, b, c in rank_chunks(chunk.num_new, sp_size, sp_rank) if b > a]
-    if chunk.placement == Placement.HOMED and chunk.kv_rank != sp_rank:
-        return []
-    return [(chunk.start, chunk.num_new, -1)]
-
-
-def stored_pieces(chunk: ChunkPlan, sp_size: int, sp_rank: int) -> list[tuple[int, int]]:
-    """``(pos_start, length)`` of the new tokens whose KV SP rank ``sp_rank`` stores."""
-    if chunk.placement == Placement.REPLICATED and chunk.kv_rank != sp_rank:
-        return []
-    return [(p, n) for p, n, _ in computed_pieces(chunk, sp_size, sp_rank)]
 
 
 @dataclass

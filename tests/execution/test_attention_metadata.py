@@ -20,10 +20,10 @@ import torch
 from server.backends.attention import GATHER_MIN_ROWS, decode_batch, sort_into_batches
 from server.backends.torch_backend import batch_attention_ref
 from server.config import EngineConfig
-from server.engine.request_table import RequestTable
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
-from server.engine.step_builder import build_padded_decode, build_step_rows
+from server.control.scheduler import Scheduler
+from server.control.sequence import Sequence
+from server.execution.request_table import RequestTable
+from server.execution.step_builder import build_padded_decode, build_step_rows
 from server.kernels.attention_ref import attention_with_lse_ref
 from server.kernels.merge_state_ref import merge_states_ref
 from server.runs import runs_rows, runs_to_positions

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from server.config import EngineConfig
-from server.engine.io_struct import RequestRejected
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.control.scheduler import Scheduler
+from server.control.sequence import Sequence
 from server.forward.plan import Placement
+from server.messages import RequestRejected
 from server.sampling_params import SamplingParams
 
 

@@ -27,15 +27,15 @@ import torch
 
 from server.backends.attention import AttentionBackend, StepAttention, decode_batch
 from server.config import CudaGraphMode, EngineConfig
-from server.engine.request_table import RequestTable
-from server.engine.step_builder import (
+from server.execution.request_table import RequestTable
+from server.execution.step_builder import (
     INPUT_ROWS,
     PaddedDecode,
     build_padded_decode,
     rank_row_count,
     take_prev_tokens,
 )
-from server.engine.step_profile import PROFILE
+from server.execution.step_profile import PROFILE
 from server.forward.context import AttentionStepMeta, ForwardContext, LinearStepMeta
 from server.forward.plan import Placement, StepPlan
 from server.sp.groups import ParallelState

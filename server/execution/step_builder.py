@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from server.config import CommMode, UlyssesLayers
-from server.engine.request_table import RequestState, RequestTable, computed_pieces, stored_pieces
+from server.execution.request_table import RequestState, RequestTable
 from server.forward.context import (
     AttentionStepMeta,
     LinearStepMeta,
@@ -23,7 +23,7 @@ from server.forward.context import (
     SplitLinearEntry,
     UlyssesRuns,
 )
-from server.forward.plan import ChunkPlan, Placement, StepPlan
+from server.forward.plan import ChunkPlan, Placement, StepPlan, computed_pieces, stored_pieces
 from server.runs import Run, runs_rows
 from server.sp.groups import ParallelState
 from server.sp.partition import rank_chunks, zigzag_chunks

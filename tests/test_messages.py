@@ -4,16 +4,6 @@ from __future__ import annotations
 
 import pickle
 
-from server.engine.io_struct import (
-    AbortRequest,
-    EngineStats,
-    GenerateRequest,
-    ProfileControl,
-    ProfileReply,
-    PromptTokenLogprob,
-    RequestOutput,
-    TokenLogprob,
-)
 from server.forward.plan import (
     ChunkPlan,
     MemoryStatsRequest,
@@ -22,6 +12,16 @@ from server.forward.plan import (
     PromptScoring,
     Shutdown,
     StepPlan,
+)
+from server.messages import (
+    AbortRequest,
+    EngineStats,
+    GenerateRequest,
+    ProfileControl,
+    ProfileReply,
+    PromptTokenLogprob,
+    RequestOutput,
+    TokenLogprob,
 )
 from server.sampling_params import SamplingParams
 

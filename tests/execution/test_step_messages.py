@@ -11,7 +11,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from server.engine.worker import MESSAGE_BUFFER_BYTES, receive_message, send_message
+from server.execution.worker import MESSAGE_BUFFER_BYTES, receive_message, send_message
 from server.forward.plan import ChunkPlan, MemoryStatsRequest, Placement, Shutdown, StepPlan
 from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
 from tests.sp.sp_testing import free_port, run_on_group
@@ -78,7 +78,7 @@ class _Releasable:
 def test_release_rank_is_bounded(caplog):
     """Shutdown frees a rank's graphs and groups within a time bound: a release that blocks is left behind with an
     error in the log instead of hanging the shutdown; one that finishes reports so."""
-    from server.engine.worker import release_rank
+    from server.execution.worker import release_rank
 
     pstate = ParallelState()  # one rank: no groups to release
     quick = _Releasable(0.0)
