@@ -52,6 +52,10 @@ Call a tool as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}
+# bounded values, so that a random model's constrained call ends within a few tokens
+PICK = {"type": "function", "function": {"name": "pick_city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "metric": {"type": "boolean"}},
+    "required": ["city", "metric"], "additionalProperties": False}}}
 DOC = "The town sits where two rivers meet and most of its streets run downhill toward the water. " * 12
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 GREEDY = {"temperature": 0, "max_tokens": 4, "ignore_eos": True}
@@ -148,23 +152,38 @@ def test_tools_and_tool_results_reach_the_template(server, tokenizer):
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt
 
 
-def test_named_tool_choice_streams_the_call(server):
-    """Without the grammar (enforced by the engine's structured outputs) a random model's text is not valid
-    JSON, but the stream has the named call's shape: its name first, then the generated text as the arguments. A
-    call that max_tokens cut short is left out of the whole message, with empty content (vLLM's answer)."""
-    body = {"messages": USER, **GREEDY, "tools": [WEATHER], "chat_template_kwargs": {"enable_thinking": False},
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+def test_named_tool_choice_whole_streamed_and_cut_short(server):
+    """The grammar makes the answer the named function's arguments. A call that ended by itself validates; one that
+    max_tokens cut short is left out, with empty content (vLLM's answer). Streamed: the call's name first, then
+    argument fragments adding up to the constrained text (a JSON object's start)."""
+    named = {"type": "function", "function": {"name": "pick_city"}}
+    body = {"messages": USER, "temperature": 0, "max_tokens": 100, "tools": [PICK], "tool_choice": named,
+            "chat_template_kwargs": {"enable_thinking": False}}
     choice = post(server, "/v1/chat/completions", body).json()["choices"][0]
-    assert choice["finish_reason"] == "length"
-    assert "tool_calls" not in choice["message"] and choice["message"]["content"] == ""
+    check_constrained_choice(choice)
     events = stream(server, "/v1/chat/completions", body)
     calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", [])]
-    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"] and calls[0]["type"] == "function"
+    assert calls[0]["function"]["name"] == "pick_city" and calls[0]["id"] and calls[0]["type"] == "function"
     assert all(tc["index"] == 0 and "name" not in tc["function"] for tc in calls[1:])
-    assert "".join(tc["function"].get("arguments", "") for tc in calls) == raw_text(
-        server, tools=[WEATHER], tool_choice="none", chat_template_kwargs={"enable_thinking": False})
-    assert [e["choices"][0]["finish_reason"] for e in events].count("length") == 1
+    assert "".join(tc["function"].get("arguments", "") for tc in calls).lstrip().startswith("{")
+    assert sum(e["choices"][0]["finish_reason"] is not None for e in events) == 1
     assert all(not e["choices"][0]["delta"].get("content") for e in events)
+    short = post(server, "/v1/chat/completions", {**body, "max_tokens": 2}).json()["choices"][0]
+    assert short["finish_reason"] == "length"
+    assert "tool_calls" not in short["message"] and short["message"]["content"] == ""
+
+
+def check_constrained_choice(choice: dict) -> None:
+    """A ``required`` / named choice: calls of PICK that validate when it ended by itself, none when cut short."""
+    msg = choice["message"]
+    assert msg["content"] == ""
+    if choice["finish_reason"] == "length":
+        assert "tool_calls" not in msg
+        return
+    assert choice["finish_reason"] == "tool_calls" and msg["tool_calls"]
+    for c in msg["tool_calls"]:
+        assert c["function"]["name"] == "pick_city"
+        jsonschema.validate(json.loads(c["function"]["arguments"]), PICK["function"]["parameters"])
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -187,17 +206,14 @@ def test_bad_tool_fields_are_400_naming_the_field(server, body, param):
 
 @pytest.mark.skipif(importlib.util.find_spec("server.engine.grammar") is None,
                     reason="the engine does not enforce SamplingParams.structured yet (no server.engine.grammar)")
-def test_required_and_named_tool_choice_always_give_valid_calls(server):
-    body = {"messages": USER, "temperature": 1.0, "max_tokens": 200, "tools": [WEATHER], "n": 3, "seed": 7,
+def test_required_and_named_tool_choice_give_valid_calls(server):
+    body = {"messages": USER, "temperature": 1.0, "max_tokens": 60, "tools": [PICK], "n": 3, "seed": 7,
             "chat_template_kwargs": {"enable_thinking": False}}  # a random model would never end its reasoning
-    named = {"type": "function", "function": {"name": "get_weather"}}
+    named = {"type": "function", "function": {"name": "pick_city"}}
     for tool_choice in ("required", named):
         r = post(server, "/v1/chat/completions", {**body, "tool_choice": tool_choice}).json()
         for choice in r["choices"]:
-            calls = choice["message"]["tool_calls"]
-            assert calls and all(c["function"]["name"] == "get_weather" for c in calls)
-            for c in calls:
-                jsonschema.validate(json.loads(c["function"]["arguments"]), WEATHER["function"]["parameters"])
+            check_constrained_choice(choice)
 
 
 # ---- vLLM / SGLang extensions ----------------------------------------------------------------------------------
