@@ -126,6 +126,10 @@ class SamplingParams:
         default_factory=dict)
     # the output must match this (server.engine grammar masks); None: unconstrained
     structured: StructuredOutput | None = None
+    # vLLM's: the logprobs of these token ids (in this order) instead of the top ``logprobs`` alternatives
+    logprob_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] = Field(default_factory=list)
+    # vLLM's per-tenant prefix-cache isolation: requests share cached pages only with requests of the same salt
+    cache_salt: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -168,7 +172,8 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ``ValueError`` unless every stop token id and logit_bias key is a token of the model."""
-        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias),
+                          ("logprob_token_ids", self.logprob_token_ids)):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise ValueError(f"{name}: token id {bad[0]} is out of range [0, {vocab_size})")

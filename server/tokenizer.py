@@ -85,6 +85,17 @@ def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": "\n".join(texts)}
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON-like value (keys included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def _tool_call_arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
     """An assistant message's tool-call arguments as objects. OpenAI clients send each call's ``arguments`` as a
     JSON string; the templates of GLM-4.5, MiniMax-M2 and Qwen3-Coder iterate over them as a mapping (one XML
@@ -250,7 +261,15 @@ class Tokenizer:
         """Render `messages` with the chat template and encode them, so that message content cannot become
         control tokens: the template's own special tokens are the only ones (unless
         `control_tokens_in_content`, for trusted clients). Content holding a control-token string is encoded as
-        plain text where the template placed it verbatim; if the template changed such content, ValueError."""
+        plain text where the template placed it verbatim; if the template changed such content, ValueError. Other fields
+        of the messages and the template variables (``tools``) cannot hold control tokens (ValueError)."""
+        if not control_tokens_in_content:
+            fields = [v for message in messages for k, v in message.items() if k != "content"]
+            strings = _strings(fields) + _strings(extra)
+            forged = next((t for text in strings for t in self.control_tokens if t in text), None)
+            if forged is not None:
+                raise ValueError(f"a message field other than content, or a tool definition, contains the control "
+                                 f"token {forged!r}; remove it")
         text = self.apply_chat_template(messages, add_generation_prompt,
                                         continue_final_message=continue_final_message, **extra)
         contents = [_flatten_content(m).get("content") or "" for m in messages]

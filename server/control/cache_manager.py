@@ -100,7 +100,7 @@ class CacheManager:
         if self.prefix is None or not seq.use_prefix_cache:
             return None
         if seq.prompt_hashes is None:
-            seq.prompt_hashes = chain_hashes(seq.prompt_ids, self.prefix.block)
+            seq.prompt_hashes = chain_hashes(seq.prompt_ids, self.prefix.block, salt=seq.params.cache_salt)
         hit, shared = self.prefix.search(seq.prompt_ids, seq.prompt_hashes)
         if self.prefix.needs_state and self.snapshot_slots:
             seq.snapshot_at = shared if shared > (hit.tokens if hit else 0) else None
@@ -180,7 +180,7 @@ class CacheManager:
         if self.prefix.needs_state:  # the state after the last computed token (saved before the slot is reused)
             self.snapshot(seq)
         # once for both uses, from the prompt's (hashing 128K tokens takes about 2 ms)
-        hashes = chain_hashes(tokens, self.prefix.block, seq.prompt_hashes or ())
+        hashes = chain_hashes(tokens, self.prefix.block, seq.prompt_hashes or (), seq.params.cache_salt)
         same = self.prefix.duplicate_of(tokens, hashes)
         if same is not None:  # the same tokens ended before: keep the older entry, free this copy
             for r in range(self.sp_size):

@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from server.runs import Run
 
 
-def chain_hashes(tokens: list[int], block: int, known: list[int] = ()) -> list[int]:
+def chain_hashes(tokens: list[int], block: int, known: list[int] = (), salt: str | None = None) -> list[int]:
     """The chain hash of every full ``block`` of ``tokens``: block k's hash covers tokens ``[0, (k+1)*block)``.
     ``known``: the hashes of the first blocks of ``tokens`` already computed (a prompt's, for the prompt and its
-    output); only the blocks after them are hashed."""
+    output); only the blocks after them are hashed. ``salt`` (a request's ``cache_salt``) starts the chain, so
+    requests of different salts never share a block hash, hence never a cached page."""
     out = list(known[: len(tokens) // block])
-    h = out[-1] if out else 0
+    h = out[-1] if out else (0 if salt is None else hash(("cache_salt", salt)))
     for k in range(len(out), len(tokens) // block):
         h = hash((h, tuple(tokens[k * block : (k + 1) * block])))
         out.append(h)

@@ -21,6 +21,8 @@ from server.config import (
     ULYSSES_LAYERS,
     EngineConfig,
 )
+from server.entrypoints.reasoning_parsers import REASONING_PARSER_NAMES
+from server.entrypoints.tool_parsers import TOOL_PARSER_NAMES
 
 BUILTIN_MODEL_NAME = "builtin"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -41,6 +43,8 @@ class ServerArgs:
     shutdown_grace_period: float = 5.0
     watchdog_timeout: float = 300.0
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # a name of server.entrypoints.tool_parsers, or auto
+    reasoning_parser: str | None = None  # a name of server.entrypoints.reasoning_parsers
     default_max_tokens: int | None = None  # None: the rest of the context (OpenAI routes), 128 for /generate
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers, preflights are 405
     allowed_methods: tuple[str, ...] = ("*",)
@@ -198,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the chat template for /v1/chat/completions, /v1/responses and /tokenize: a jinja template "
                           "string or the path of a file holding one; default: the model's (tokenizer_config.json "
                           "or chat_template.jinja)")
+    srv.add_argument("--tool-call-parser", default=None, choices=TOOL_PARSER_NAMES, metavar="NAME",
+                     help="read tool calls from chat output in this format (hermes, qwen3_coder, llama3_json, glm45, "
+                          "minimax_m2, deepseek_v3, deepseek_v31, kimi_k2, gpt-oss; auto: by the chat template); "
+                          "needed for tool_choice auto")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="accepted for vLLM command lines; tool_choice auto is on whenever --tool-call-parser is set")
+    srv.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSER_NAMES, metavar="NAME",
+                     help="return chat reasoning apart from the answer, in reasoning_content (qwen3, deepseek-r1, "
+                          "deepseek-v3, glm45, minimax-m2, kimi, kimi_k2, gpt-oss)")
     srv.add_argument("--shutdown-grace-period", type=float, default=5.0,
                      help="seconds that requests in flight get to finish after SIGTERM/SIGINT before they are ended "
                           "with an error")
@@ -321,6 +334,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerArgs:
         shutdown_grace_period=ns["shutdown_grace_period"],
         watchdog_timeout=ns["watchdog_timeout"],
         chat_template=ns["chat_template"],
+        tool_call_parser=ns["tool_call_parser"],
+        reasoning_parser=ns["reasoning_parser"],
         default_max_tokens=ns["default_max_tokens"],
         allowed_origins=tuple(ns["allowed_origins"]),
         allowed_methods=tuple(ns["allowed_methods"]),

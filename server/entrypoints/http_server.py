@@ -35,7 +35,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from server.entrypoints.native import NativeServing
-from server.entrypoints.protocol import APIError, StartProfileRequest, bad_request, model_not_found, parse_body
+from server.entrypoints.protocol import (
+    APIError,
+    StartProfileRequest,
+    bad_request,
+    model_not_found,
+    parse_body,
+    parse_json_object,
+)
+from server.entrypoints.reasoning_parsers import reasoning_parser_class
 from server.entrypoints.responses import ResponsesServing
 from server.entrypoints.serving import OpenAIServing
 from server.entrypoints.tokenize import TokenizeServing
@@ -84,13 +92,26 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+def invocation_kind(body: dict) -> str:
+    """Which endpoint a ``/invocations`` body is for: ``messages`` is chat, ``prompt`` completions, ``input``
+    responses, ``text`` or ``input_ids`` SGLang's ``/generate``; anything else is a 400."""
+    for field, kind in (("messages", "chat"), ("prompt", "completions"), ("input", "responses"),
+                        ("text", "generate"), ("input_ids", "generate")):
+        if field in body:
+            return kind
+    raise bad_request("The /invocations body matches no endpoint: send 'messages' (chat completions), 'prompt' "
+                      "(completions), 'input' (responses), or 'text' / 'input_ids' (/generate).", code="invalid_body")
+
+
 def build_app(args: ServerArgs) -> FastAPI:
     """The app; its lifespan starts and stops the engine. ``app.state.exit_code`` is 1 if the engine failed."""
     metrics = ServerMetrics()
     tm = TokenizerManager(args, metrics)
     name = args.served_model_name
     serving = OpenAIServing(tm, name)
-    native, responses, tokenize = NativeServing(tm, name), ResponsesServing(tm, name), TokenizeServing(tm, name)
+    reasoning = reasoning_parser_class(args.reasoning_parser) if args.reasoning_parser else None
+    native, responses, tokenize = (NativeServing(tm, name), ResponsesServing(tm, name, reasoning),
+                                   TokenizeServing(tm, name))
 
     def on_fatal(message: str) -> None:
         print(f"launch_server.py: error: {message}", file=sys.stderr, flush=True)
@@ -153,9 +174,21 @@ def build_app(args: ServerArgs) -> FastAPI:
     async def create_response(request: Request) -> Response:
         return await responses.create(request)
 
+    @app.get("/v1/responses/{response_id}", dependencies=auth)
+    async def retrieve_response(response_id: str) -> dict:
+        return responses.retrieve(response_id)
+
     @app.post("/generate", dependencies=auth)
     async def generate(request: Request) -> Response:
         return await native.generate(request)
+
+    @app.post("/invocations", dependencies=auth)
+    async def invocations(request: Request) -> Response:
+        """SageMaker's route: the body's shape picks the endpoint, as vLLM and SGLang dispatch it."""
+        kind = invocation_kind(parse_json_object(await request.body()))
+        handler = {"chat": serving.chat, "completions": serving.completions, "generate": native.generate,
+                   "responses": responses.create}[kind]
+        return await handler(request)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize_prompt(request: Request) -> dict:
@@ -166,7 +199,9 @@ def build_app(args: ServerArgs) -> FastAPI:
         return await tokenize.detokenize(request)
 
     def model_card() -> dict:
+        # root: the checkpoint the served name stands for, parent: the base model of an adapter (vLLM's fields)
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "server",
+                "root": args.engine.model_path or name, "parent": None,
                 "max_model_len": tm.max_model_len or None, "vocab_size": tm.vocab_size or None}
 
     @app.get("/v1/models", dependencies=auth)

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from server.entrypoints.protocol import (
+    MAX_N,
     RequestBody,
     bad_request,
     check,
@@ -41,12 +42,14 @@ from server.entrypoints.protocol import (
     parse_body_off_loop,
     stop_list,
     structured_output,
+    with_seed,
 )
 from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST, ChoiceResult, clamp_logprob, collect, stream
 from server.entrypoints.structured import sglang_structured_output
 from server.entrypoints.tokenizer_manager import ChoiceEvent, TokenizerManager
 from server.messages import PromptTokenLogprob, TokenLogprob
 from server.sampling_params import (
+    SEED_MODULUS,
     LogitBias,
     Logprobs,
     MaxTokens,
@@ -68,14 +71,16 @@ DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default, unless --default-max-tokens sa
 
 class NativeSamplingParams(RequestBody):
     """``sampling_params`` of ``/generate`` in SGLang's names; ``json_schema`` (JSON text), ``regex`` and ``ebnf``
-    constrain the output (server/entrypoints/structured.py); structural tags, custom logit processors and n > 1 are
-    not supported (refused unless neutral)."""
+    constrain the output (server/entrypoints/structured.py); ``n`` > 1 answers a list, prompt after prompt, each
+    prompt's samples together; structural tags and custom logit processors are not supported (refused unless
+    neutral)."""
 
     ignored_fields: ClassVar[frozenset[str]] = frozenset()
     neutral_only_fields: ClassVar[dict[str, Any]] = {
-        "n": 1, "structural_tag": None, "stop_regex": None,
+        "structural_tag": None, "stop_regex": None,
         "custom_params": None, "no_stop_trim": False, "spaces_between_special_tokens": True,
     }
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # samples per prompt: the answer is a list
     max_new_tokens: MaxTokens | None = None
     min_new_tokens: MinTokens | None = None
     temperature: Temperature | None = None
@@ -153,8 +158,8 @@ def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, 
     check_token_ids(f.logit_bias or {}, vocab_size, "sampling_params.logit_bias")
     max_tokens = f.max_new_tokens if f.max_new_tokens is not None else default_max_tokens
     check_context_length(prompt_len, max_tokens, max_model_len, "text" if req.text is not None else "input_ids")
-    fields = f.model_dump(exclude={"max_new_tokens", "min_new_tokens", "sampling_seed", "stop", "json_schema", "regex",
-                                   "ebnf"})
+    fields = f.model_dump(exclude={"n", "max_new_tokens", "min_new_tokens", "sampling_seed", "stop", "json_schema",
+                                   "regex", "ebnf"})
     names = {k: f"sampling_params.{k}" for k in fields} | {"max_tokens": "sampling_params.max_new_tokens",
                                                          "min_tokens": "sampling_params.min_new_tokens"}
     top = (req.top_logprobs_num or 0) if req.return_logprob else None
@@ -182,17 +187,24 @@ class NativeServing:
         check(start is None or req.return_logprob, "logprob_start_len",
               "'logprob_start_len' requires 'return_logprob': true.")
         prompts, batch = _prompts(req, self.tm.vocab_size)
-        check(not (batch and req.stream), "stream", "Streaming is supported for one prompt at a time.")
+        n = (req.sampling_params.n if req.sampling_params else None) or 1
+        batch = batch or n > 1  # SGLang answers a list for a batch and for n > 1
+        check(not (batch and req.stream), "stream", "Streaming is supported for one prompt and one sample at a "
+              "time ('n' 1).")
         rids = [req.rid] if isinstance(req.rid, str) else req.rid
         check(rids is None or len(rids) == len(prompts), "rid", f"'rid' must hold one id per prompt "
               f"({len(prompts)}).")
-        prompt_ids = [await self.tm.encode(p, param="text") for p in prompts]
+        if rids is not None and n > 1:
+            rids = [f"{rid}-{i}" for rid in rids for i in range(n)]
+        prompt_ids = [ids for p in prompts for ids in [await self.tm.encode(p, param="text")] * n]  # prompt k: k*n..
         shortest = min(len(ids) for ids in prompt_ids)
         check(start is None or start < shortest, "logprob_start_len",
               f"'logprob_start_len' ({start}) must be below the prompt's length ({shortest} tokens): it is the first "
               "prompt position whose logprob is returned.")
         params = [_sampling_params(req, len(ids), self.tm.max_model_len, self.tm.vocab_size,
                                    self.tm.default_max_tokens(len(ids), DEFAULT_MAX_NEW_TOKENS)) for ids in prompt_ids]
+        params = [p if p.seed is None else with_seed(p, (p.seed + i % n) % SEED_MODULUS)
+                  for i, p in enumerate(params)]
         gen = self.tm.submit(prompt_ids, params, arrival)
         out = _Output(self.tm, rids or gen.rids, prompt_ids, req, arrival)
         if req.stream:

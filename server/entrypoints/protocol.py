@@ -164,6 +164,7 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class _SamplingBody(RequestBody):
@@ -190,6 +191,11 @@ class _SamplingBody(RequestBody):
     logit_bias: LogitBias | None = None
     prompt_logprobs: Logprobs | None = None  # vLLM's
     return_token_ids: bool | None = None  # vLLM's: the prompt's and the completion's token ids in the response
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:{id}"
+    logprob_token_ids: StopTokenIds | None = None  # vLLM's: the logprobs of these ids instead of the top ones
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None  # vLLM's prefix-cache isolation
     # structured outputs (server/entrypoints/structured.py): OpenAI's, vLLM's and vLLM's older names
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -202,6 +208,7 @@ class _SamplingBody(RequestBody):
 class CompletionRequest(_SamplingBody):
     """The body of ``POST /v1/completions``."""
 
+    neutral_only_fields: ClassVar[dict[str, Any]] = NEUTRAL_ONLY_FIELDS | {"use_beam_search": False}
     prompt: Any  # str | list[str] | list[int] | list[list[int]]; checked by normalize_prompt
     logprobs: Logprobs | None = None
     echo: bool | None = None
@@ -216,11 +223,12 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message of a chat request (role, content, and the tool-call fields of the roles that have them)."""
+    """A message. As vLLM accepts them: any role the chat template knows (custom roles included; the template
+    refuses those it does not), and fields beyond OpenAI's, which reach the template as sent (as do ``name``,
+    ``tool_calls``, ``tool_call_id`` and ``reasoning_content``)."""
 
-    # name / tool_calls / tool_call_id / reasoning_content reach the chat template as the client sent them.
-    model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Annotated[str, Field(min_length=1, max_length=64)]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -228,15 +236,55 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A tool the model may call (OpenAI's function tool)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the function to call."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_SamplingBody):
     """The body of ``POST /v1/chat/completions``."""
 
+    neutral_only_fields: ClassVar[dict[str, Any]] = {
+        k: v for k, v in NEUTRAL_ONLY_FIELDS.items() if k not in ("tools", "tool_choice")
+    } | {"use_beam_search": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Logprobs | None = None
     add_generation_prompt: bool | None = None  # vLLM: default true
     continue_final_message: bool | None = None  # vLLM: continue the last message (a prefilled answer)
+    tools: Annotated[list[Tool], Field(max_length=1024)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM / SGLang: more variables for the chat template
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None  # reaches the template
+    separate_reasoning: bool | None = None  # SGLang's: false leaves the reasoning in the content
+    include_reasoning: bool | None = None  # vLLM's: false drops the reasoning
+    echo: bool | None = None  # vLLM's: the last message's content first, when it is the assistant's
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
@@ -437,6 +485,9 @@ def sampling_params_for(
     context. Raises 400 ``context_length_exceeded`` when prompt + max_tokens does not fit ``max_model_len``."""
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
     check_token_ids(req.logit_bias or {}, vocab_size, "logit_bias")
+    check_token_ids(req.logprob_token_ids or [], vocab_size, "logprob_token_ids")
+    check(not req.logprob_token_ids or logprobs is not None, "logprob_token_ids",
+          "'logprob_token_ids' needs logprobs: send 'logprobs' (chat: 'logprobs': true).")
     is_chat = isinstance(req, ChatCompletionRequest)
     if max_tokens is None:
         max_tokens = max(max_model_len - prompt_len, 1)
@@ -450,7 +501,8 @@ def sampling_params_for(
         ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         min_p=req.min_p, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias,
+        repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias, cache_salt=req.cache_salt,
+        logprob_token_ids=req.logprob_token_ids,
         structured=structured_output(openai_structured_output, req.response_format, req.structured_outputs, {
             name: getattr(req, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}),
     )
@@ -459,22 +511,39 @@ def sampling_params_for(
     ]
 
 
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: the last ``max_model_len - 1``,
+    leaving room for one generated token); None or a longer ``keep`` leaves the prompt whole."""
+    if keep is None:
+        return ids
+    check(keep != 0, "truncate_prompt_tokens",
+          "'truncate_prompt_tokens' must be -1 (keep what the context holds) or a number of tokens >= 1.")
+    keep = max_model_len - 1 if keep == -1 else keep
+    return ids[-keep:] if 0 < keep < len(ids) else ids
+
+
 def with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     """A copy of ``params`` (lists and dicts copied too) with another seed."""
     return SamplingParams(**{**vars(params), "seed": seed, "stop": list(params.stop),
-                             "stop_token_ids": list(params.stop_token_ids), "logit_bias": dict(params.logit_bias)})
+                             "stop_token_ids": list(params.stop_token_ids), "logit_bias": dict(params.logit_bias),
+                             "logprob_token_ids": list(params.logprob_token_ids)})
 
 
 def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, param: str) -> None:
-    """400 ``context_length_exceeded`` unless the prompt and the completion fit the model's context."""
+    """400 ``context_length_exceeded`` unless the prompt and the completion fit the model's context, in vLLM's
+    words (clients parse them): the prompt alone too long, or ``max_tokens`` too large for what the prompt
+    leaves."""
+    if prompt_len >= max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_len} input tokens. Please reduce the length of the input {param}.",
+            param=param, code="context_length_exceeded")
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} in the completion). "
-            "Please reduce the length of the prompt or of the completion.",
-            param=param,
-            code="context_length_exceeded",
-        )
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context "
+            f"length is {max_model_len} tokens and your request has {prompt_len} input tokens ({max_tokens} > "
+            f"{max_model_len} - {prompt_len}).",
+            param=param, code="context_length_exceeded")
 
 
 def choice_count(n: int | None) -> int:

@@ -199,7 +199,8 @@ class TokenizerManager:
         return await self._in_pool(self.tokenizer.decode, ids, skip_special_tokens)
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False, param: str = "messages") -> list[int]:
+                          continue_final_message: bool = False, param: str = "messages", **variables) -> list[int]:
+        """The rendered chat template's ids; ``variables`` reach the template (``tools``, ``enable_thinking``)."""
         try:
             # rendered first (a string join, fast) so that an over-long conversation is refused before tokenizing
             text = await self._in_pool(self.tokenizer.apply_chat_template, messages, add_generation_prompt,
@@ -207,7 +208,7 @@ class TokenizerManager:
             self.check_text_fits(text, param)
             return await self._in_pool(self.tokenizer.encode_chat, messages, add_generation_prompt,
                                        continue_final_message=continue_final_message,
-                                       control_tokens_in_content=self.args.allow_control_tokens_in_chat)
+                                       control_tokens_in_content=self.args.allow_control_tokens_in_chat, **variables)
         except APIError:
             raise
         except Exception as e:  # a template's raise_exception, a missing template, a forged control token

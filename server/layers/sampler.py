@@ -205,7 +205,8 @@ class SampledBatch:
         if self.logprob_rows:
             chosen, top_vals, top_idx = (x.tolist() for x in self._host[1:])
             for j, i in enumerate(self.logprob_rows):
-                n = self.reqs[i].params.logprobs
+                params = self.reqs[i].params
+                n = len(params.logprob_token_ids) if params.logprob_token_ids else params.logprobs
                 logprobs[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_idx[j][:n], top_vals[j][:n])))
         return token_list, logprobs
 
@@ -225,9 +226,15 @@ def sample_async(logits: torch.Tensor, reqs: list[SampleRequest], mask: TokenMas
         return SampledBatch(tokens, [], reqs)
     lp = torch.log_softmax(_take(logits, want), dim=-1)
     chosen = lp.gather(1, tokens[want][:, None])[:, 0]
-    k = max(reqs[i].params.logprobs for i in want)
-    top = torch.topk(lp, k)
-    return SampledBatch(tokens, want, reqs, (chosen, top.values, top.indices))
+    k = max(max(reqs[i].params.logprobs, len(reqs[i].params.logprob_token_ids)) for i in want)
+    values, indices = torch.topk(lp, k)
+    for j, i in enumerate(want):  # vLLM's logprob_token_ids: these ids' logprobs instead of the top k
+        pinned = reqs[i].params.logprob_token_ids
+        if pinned:
+            ids = torch.tensor(pinned, device=lp.device)
+            indices[j, : len(pinned)] = ids
+            values[j, : len(pinned)] = lp[j, ids]
+    return SampledBatch(tokens, want, reqs, (chosen, values, indices))
 
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest], mask: TokenMask | None = None

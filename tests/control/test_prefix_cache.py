@@ -84,6 +84,20 @@ def test_chain_hashes_continue_from_known_ones_and_shared_blocks_bisects():
     assert shared_blocks(whole, []) == 0 and shared_blocks(whole, chain_hashes([5] + tokens[1:], 16)) == 0
 
 
+def test_cache_salts_separate_the_hash_chains():
+    """vLLM's cache_salt: an entry added under one salt is found only by prompts hashed with the same salt."""
+    cache = PrefixCache(page_size=4, needs_state=False)
+    tokens = list(range(10))
+    salted = chain_hashes(tokens, 4, salt="a")
+    assert salted != chain_hashes(tokens, 4) and salted != chain_hashes(tokens, 4, salt="b")
+    assert chain_hashes(tokens, 4, chain_hashes(tokens[:5], 4, salt="a"), salt="a") == salted
+    cache.add(tokens, [[(0, 10, 0)]], [[1, 2, 3]], {}, hashes=salted)
+    query = tokens + [99]
+    assert cache.search(query, chain_hashes(query, 4))[0] is None
+    assert cache.search(query, chain_hashes(query, 4, salt="b"))[0] is None
+    assert cache.search(query, chain_hashes(query, 4, salt="a"))[0].tokens == 10
+
+
 def test_bulk_page_holds_count_as_one_reference_each():
     """The written-out loops for a cached prefix's pages (a request takes them; an ended request's pages pass to
     its entry) leave the reference counts and the cached-only count as page-by-page updates do."""

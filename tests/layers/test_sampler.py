@@ -118,3 +118,19 @@ def test_sampled_tokens_stay_inside_the_filters_and_seeds_repeat():
 def test_out_of_range_controls_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_logprob_token_ids_give_those_tokens_logprobs():
+    """vLLM's logprob_token_ids: a row's alternatives are the given ids, in order, with their log-softmax values (fp64
+    reference); other rows in the batch keep their top-k alternatives."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, V, generator=gen)
+    pinned = SamplingParams(temperature=0, logprobs=1, logprob_token_ids=[7, 0, V - 1])
+    plain = SamplingParams(temperature=0, logprobs=2)
+    tokens, lps = sample(logits.clone(), [SampleRequest(pinned, None, [], [], []), SampleRequest(plain, None, [], [],
+                                                                                                  [])])
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert [t for t, _ in lps[0].top] == [7, 0, V - 1]
+    assert [v for _, v in lps[0].top] == pytest.approx([ref[0, t].item() for t in (7, 0, V - 1)], abs=1e-5)
+    assert lps[0].logprob == pytest.approx(ref[0, tokens[0]].item(), abs=1e-5)
+    assert [t for t, _ in lps[1].top] == ref[1].topk(2).indices.tolist()

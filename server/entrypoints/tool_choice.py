@@ -1,0 +1,115 @@
+"""A chat request's tools and reasoning settings, resolved once per request: the variables the chat template
+gets, the JSON schema that ``tool_choice: "required"`` or a named function constrains the output to, and how the
+choices' text is read back (:class:`server.entrypoints.chat_output.ChatOutputConfig`).
+
+``required``: the output is a JSON array of at least one call (one with ``parallel_tool_calls: false``), each
+``{"name": <a tool's name>, "parameters": <that tool's parameters>}`` (the form vLLM and SGLang constrain to);
+a named function: the output is that function's arguments object. Either starts after the reasoning when a
+reasoning parser is on and the output starts in the reasoning (``StructuredOutput.after``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from server.entrypoints.chat_output import ChatOutputConfig
+from server.entrypoints.protocol import ChatCompletionRequest, NamedToolChoice, Tool, bad_request, check
+from server.entrypoints.reasoning_parsers import ReasoningParser
+from server.entrypoints.tool_parsers import ToolParser, tool_parser_class
+from server.sampling_params import StructuredOutput
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def tool_parameters(tool: Tool) -> dict[str, Any]:
+    """A tool's parameters schema (any object when it declares none)."""
+    return tool.function.parameters or ANY_OBJECT
+
+
+def required_schema(tools: list[Tool], single: bool) -> dict[str, Any]:
+    """The schema of ``tool_choice: "required"``'s output: an array of calls of the given tools."""
+    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                                                "parameters": tool_parameters(t)},
+              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if single:
+        schema["maxItems"] = 1
+    return schema
+
+
+def tool_choice_mode(req: ChatCompletionRequest) -> tuple[str, str | None]:
+    """``(mode, function name)`` of the request's ``tool_choice``: ``none`` without tools, OpenAI's default
+    ``auto`` with them; a named function or ``required`` needs ``tools`` holding it (400 otherwise)."""
+    choice, tools = req.tool_choice, req.tools or []
+    if isinstance(choice, NamedToolChoice):
+        names = [t.function.name for t in tools]
+        check(choice.function.name in names, "tool_choice",
+              f"'tool_choice' names the function {choice.function.name!r}, which is not in 'tools' "
+              f"({', '.join(names) or 'none given'}).")
+        return "named", choice.function.name
+    if choice == "required":
+        check(bool(tools), "tool_choice", "'tool_choice': 'required' needs at least one tool in 'tools'.")
+    if choice is None:
+        return ("auto" if tools else "none"), None
+    return choice, None
+
+
+def template_variables(req: ChatCompletionRequest) -> dict[str, Any]:
+    """What the chat template gets besides the messages: ``tools`` (as Hugging Face passes them), the request's
+    ``chat_template_kwargs`` (e.g. ``enable_thinking``) and ``reasoning_effort``."""
+    extra: dict[str, Any] = dict(req.chat_template_kwargs or {})
+    reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(extra)
+    if reserved:
+        raise bad_request(f"'chat_template_kwargs' may not set {sorted(reserved)[0]!r}: the server sets it.",
+                          param="chat_template_kwargs")
+    if req.tools:
+        extra["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+    if req.reasoning_effort is not None:
+        extra.setdefault("reasoning_effort", req.reasoning_effort)
+    return extra
+
+
+def enable_thinking(req: ChatCompletionRequest) -> bool | None:
+    """The request's ``enable_thinking`` (or DeepSeek's ``thinking``) template switch, if it sets one."""
+    kwargs = req.chat_template_kwargs or {}
+    value = kwargs.get("enable_thinking", kwargs.get("thinking"))
+    return value if isinstance(value, bool) else None
+
+
+def output_config(req: ChatCompletionRequest, reasoning: ReasoningParser | None, tools: ToolParser | None,
+                  prompt_tail: str, control_tokens: tuple[str, ...]) -> ChatOutputConfig:
+    """How the request's choices are read. A tool choice of ``auto`` needs a tool-call parser (400 otherwise, as
+    vLLM answers: the server has no way to find the calls)."""
+    mode, function = tool_choice_mode(req)
+    check(mode != "auto" or tools is not None or not req.tools, "tool_choice",
+          "'tool_choice': 'auto' (the default when 'tools' are given) needs a tool-call parser: start the server "
+          "with --tool-call-parser (e.g. hermes, or auto to pick by the chat template), or send 'tool_choice': "
+          "'required', a named function, or 'none'.")
+    if req.separate_reasoning is False:
+        reasoning = None
+    special = any(p is not None and p.special_tokens for p in (reasoning, tools))
+    content_parser = None
+    if reasoning is not None and reasoning.content_tool_parser is not None:
+        content_parser = tool_parser_class(reasoning.content_tool_parser, None)(None)
+    thinking = enable_thinking(req)
+    return ChatOutputConfig(
+        reasoning=reasoning,
+        in_reasoning=reasoning is not None and reasoning.starts_in_reasoning(prompt_tail, thinking),
+        may_reason=reasoning is not None and reasoning.may_reason(prompt_tail, thinking),
+        tools=tools, content_parser=content_parser, mode=mode, function=function,
+        include_reasoning=req.include_reasoning is not False,
+        single_call=req.parallel_tool_calls is False, control_tokens=control_tokens if special else ())
+
+
+def structured_for_tools(req: ChatCompletionRequest, config: ChatOutputConfig) -> StructuredOutput | None:
+    """The constraint of ``tool_choice: "required"`` or a named function (None for ``auto`` and ``none``)."""
+    if config.mode not in ("required", "named"):
+        return None
+    tools = req.tools or []
+    if config.mode == "named":
+        schema = tool_parameters(next(t for t in tools if t.function.name == config.function))
+    else:
+        schema = required_schema(tools, config.single_call)
+    after = config.reasoning.end_marker if config.reasoning is not None and config.may_reason else None
+    return StructuredOutput("json", json.dumps(schema), after=after)
