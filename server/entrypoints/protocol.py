@@ -237,6 +237,8 @@ class ChatMessage(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
+    """A function tool: its name, description and JSON-schema parameters."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
     description: str | None = None
@@ -253,6 +255,8 @@ class Tool(BaseModel):
 
 
 class FunctionName(BaseModel):
+    """The function a named ``tool_choice`` calls."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
 
