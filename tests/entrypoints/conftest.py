@@ -3,7 +3,7 @@ that needs no flags of its own (modules that test flags start their own server).
 
 import pytest
 
-from tests.entrypoints.server_testing import start_server
+from tests.helpers import start_server
 
 BUILTIN_SERVER_ARGS = ["--device", "cpu", "--cpu-cache-gb", "0.25"]
 

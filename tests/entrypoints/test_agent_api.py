@@ -18,7 +18,7 @@ import pytest
 
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import openai_client, sse_events, start_server
+from tests.helpers import openai_client, sse_events, start_server
 
 TEMPLATE = r"""
 {%- if tools %}<|im_start|>system

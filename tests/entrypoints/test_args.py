@@ -10,7 +10,7 @@ import pytest
 
 from server.config import EngineConfig
 from server.entrypoints.args import ServerArgs, parse_server_args
-from tests.entrypoints.server_testing import REPO
+from tests.helpers import REPO
 
 
 def test_every_flag_reaches_its_field(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from server.models.builtin import builtin_model_path
-from tests.entrypoints.server_testing import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

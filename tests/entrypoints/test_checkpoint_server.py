@@ -22,8 +22,7 @@ import torch
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import prometheus_value, start_server
-from tests.helpers import hf_model, save_tiny_model
+from tests.helpers import hf_model, prometheus_value, save_tiny_model, start_server
 
 KEY = "sekret-key"
 NAME = "tiny-llama"

@@ -15,7 +15,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import REPO, openai_client, prometheus_value, sse_events
+from tests.helpers import REPO, openai_client, prometheus_value, sse_events
 
 PROMPTS = ["The town sits where", "Questions about the ferry", "Bread is baked", "A good soup needs onions"]
 CACHE_GB = "0.25"  # the shared server's (tests/entrypoints/conftest.py): the offline engine matches it

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from server import LLM, SamplingParams
-from tests.entrypoints.server_testing import (
+from tests.helpers import (
     descendants,
     engine_pid,
     kill_and_check_in_flight_requests_fail,

@@ -14,7 +14,7 @@ import pytest
 
 from server.models.builtin import CHAT_TEMPLATE, builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
+from tests.helpers import openai_client, prometheus_value, sse_events, start_server
 
 CUSTOM = "[custom]"
 MESSAGES = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Where is the ferry?"},

@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.entrypoints.server_testing import openai_client, prometheus_value, sse_events, start_server
+from tests.helpers import openai_client, prometheus_value, sse_events, start_server
 
 # 96-token prefill chunks: the built-in model is a hybrid (lightning + softmax), whose matches stop at the state
 # snapshots taken at chunk ends.

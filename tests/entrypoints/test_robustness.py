@@ -19,7 +19,7 @@ import pytest
 
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import (
+from tests.helpers import (
     REPO,
     ServerProcess,
     descendants,

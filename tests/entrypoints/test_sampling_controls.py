@@ -12,7 +12,7 @@ import torch
 from server import LLM
 from server.models.builtin import builtin_model_path
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import openai_client
+from tests.helpers import openai_client
 
 PROMPT = "The town sits where two rivers meet, and the town"
 STEPS = 8

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.entrypoints.server_testing import (
+from tests.helpers import (
     REPO,
     descendants,
     engine_pid,

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from server.tokenizer import Tokenizer
-from tests.entrypoints.server_testing import start_server
+from tests.helpers import start_server
 from tests.structured_cases import SCHEMAS, closing_bias, structured_checkpoint
 
 MAX_TOKENS = 300

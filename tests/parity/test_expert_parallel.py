@@ -20,8 +20,7 @@ import torch
 
 from server import LLM, SamplingParams
 from server.models.builtin import builtin_model_path
-from tests.entrypoints.server_testing import start_server
-from tests.helpers import hf_model, prompt, save_tiny_model, torch_gdn_reference
+from tests.helpers import hf_model, prompt, save_tiny_model, start_server, torch_gdn_reference
 
 pytestmark = pytest.mark.slow
 
