@@ -65,7 +65,7 @@ def test_absorbed_equals_expanded_on_one_rank() -> None:
 def test_latent_pages_round_trip_and_ring_bytes() -> None:
     spec = LatentKVSpec(num_heads=H, width=L + R, scale=SCALE)
     cache = spec.allocate(5, 4, torch.float32, torch.device("cpu"))
-    assert spec.unit_bytes(4, torch.float32) == 4 * (L + R) * 4 and spec.geometry == (H, 1, L + R, SCALE)
+    assert spec.unit_bytes(4, torch.float32) == 4 * (L + R) * 4 and spec.geometry == (H, 1, L + R, SCALE, None)
     _, _, c_kv, k_pe, _ = _inputs(9, 1)
     latent = torch.cat([c_kv, k_pe], -1).unsqueeze(1)
     pages = torch.tensor([3, 0, 4])
