@@ -576,3 +576,13 @@ def kill_and_check_in_flight_requests_fail(srv: ServerProcess, victim: int) -> N
         time.sleep(0.5)
     assert srv.stop(signal.SIGTERM) == 0
     assert wait_gone(tree) == []
+
+
+# ---- gated delta rules (GDN, KDA): the fp64 token loop per packed sequence --------------------------------------
+def delta_rule_truth(q, k, v, g, beta, cu, s0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence of the packed inputs (``cu``: offsets), the fp64 recurrence's output and final state."""
+    from server.kernels.gdn_ref import gdn_recurrence_fp64
+
+    b = cu.tolist()
+    return [gdn_recurrence_fp64(q[s:e], k[s:e], v[s:e], g[s:e], beta[s:e], s0[i])
+            for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]

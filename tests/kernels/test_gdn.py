@@ -26,7 +26,7 @@ from server.kernels.gdn_ref import (
     gdn_recurrence_fp64,
     gdn_state_correction_ref,
 )
-from tests.helpers import DEVICE, needs_cuda
+from tests.helpers import DEVICE, delta_rule_truth, needs_cuda
 
 LENS = [1, GDN_CHUNK - 1, GDN_CHUNK, GDN_CHUNK + 1, 2 * GDN_CHUNK + 2]
 HK, HV, DK, DV = 2, 6, 16, 12
@@ -52,12 +52,6 @@ def gdn_inputs(lens: list[int], seed: int = 0, hk: int = HK, hv: int = HV, dk: i
     return q, k, v, decay, beta, cu, s0
 
 
-def truth(q, k, v, g, beta, cu, s0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    b = cu.tolist()
-    return [gdn_recurrence_fp64(q[s:e], k[s:e], v[s:e], g[s:e], beta[s:e], s0[i])
-            for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]
-
-
 def test_fp64_recurrence_matches_transformers() -> None:
     """Our ground truth vs transformers' token-by-token fallback (it computes in fp32: fp32 tolerance)."""
     import inspect
@@ -77,7 +71,7 @@ def test_chunked_prefill_matches_recurrence_packed() -> None:
     o, finals = gdn_prefill_ref(q, k, v, g, beta, cu, s0)
     assert o.dtype == torch.float32 and finals.dtype == torch.float32
     b = cu.tolist()
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, s0)):
         assert rel_err(o[b[i] : b[i + 1]], ro) < TOL, f"output of sequence {i} (len {LENS[i]})"
         assert rel_err(finals[i], rs) < TOL, f"final state of sequence {i} (len {LENS[i]})"
 
@@ -88,7 +82,7 @@ def test_zero_initial_state_and_empty_sequence() -> None:
     o, finals = gdn_prefill_ref(q, k, v, g, beta, cu, None)
     zeros = torch.zeros(len(lens), HV, DK, DV)
     b = cu.tolist()
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, zeros)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, zeros)):
         if lens[i]:
             assert rel_err(o[b[i] : b[i + 1]], ro) < TOL
         torch.testing.assert_close(finals[i], rs.float(), rtol=TOL, atol=1e-6)
@@ -102,7 +96,7 @@ def test_affine_map_reproduces_outputs_and_state_from_any_incoming_state() -> No
     assert t.shape == (len(LENS), HV, DK, DK) and q_tilde.shape == (q.shape[0], HV, DK)
     o = gdn_state_correction_ref(o_loc, q_tilde, cu, s0)
     b = cu.tolist()
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, s0)):
         assert rel_err(o[b[i] : b[i + 1]], ro) < TOL, f"corrected output of sequence {i}"
         assert rel_err(t[i] @ s0[i] + m[i], rs) < TOL, f"T S_in + M of sequence {i}"
 
@@ -121,7 +115,7 @@ def test_decode_steps_continue_the_recurrence() -> None:
     for j in range(steps):
         rows = torch.tensor([b[i] + n + j for i, n in enumerate(lens)])
         outs.append(gdn_decode_ref(q[rows], k[rows], v[rows], g[rows], beta[rows], pool, slots))
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, s0)):
         assert rel_err(torch.stack([o[i] for o in outs]), ro[-steps:]) < TOL
         assert rel_err(pool[slots[i]], rs) < TOL
 
@@ -169,7 +163,7 @@ def test_ops_on_cuda_match_recurrence(dtype: torch.dtype) -> None:
     o_loc, q_tilde, m, t = ops.gdn_chunk_affine(*dev[:6])
     o_aff = ops.gdn_state_correction(o_loc, q_tilde, dev[5], dev[6])
     b = cu.tolist()
-    for i, (ro, rs) in enumerate(truth(*(x.to(dtype).float() if x.is_floating_point() else x
+    for i, (ro, rs) in enumerate(delta_rule_truth(*(x.to(dtype).float() if x.is_floating_point() else x
                                           for x in (q, k, v)), g, beta, cu, s0)):
         if lens[i]:
             assert rel_err(o[b[i] : b[i + 1]], ro) < tol and rel_err(o_aff[b[i] : b[i + 1]], ro) < tol

@@ -21,7 +21,7 @@ from server.kernels.gdn_ref import (
     gdn_recurrence_fp64,
     gdn_state_correction_ref,
 )
-from tests.helpers import DEVICE, needs_cuda
+from tests.helpers import DEVICE, delta_rule_truth, needs_cuda
 
 CHUNK = 16
 LENS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5, 0]
@@ -45,12 +45,6 @@ def kda_inputs(lens: list[int], seed: int = 0, h: int = H, dk: int = DK, dv: int
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     s0 = torch.randn(len(lens), h, dk, dv, generator=g) * 0.5
     return q, k, v, decay, beta, cu, s0
-
-
-def truth(q, k, v, g, beta, cu, s0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    b = cu.tolist()
-    return [gdn_recurrence_fp64(q[s:e], k[s:e], v[s:e], g[s:e], beta[s:e], s0[i])
-            for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]
 
 
 def test_fp64_recurrence_matches_transformers_kda_loop() -> None:
@@ -81,7 +75,7 @@ def test_chunked_prefill_matches_recurrence_packed() -> None:
     q, k, v, g, beta, cu, s0 = kda_inputs(LENS)
     o, finals = gdn_prefill_ref(q, k, v, g, beta, cu, s0, chunk=CHUNK)
     b = cu.tolist()
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, s0)):
         if LENS[i]:
             assert rel_err(o[b[i] : b[i + 1]], ro) < TOL, f"output of sequence {i} (len {LENS[i]})"
         assert rel_err(finals[i], rs) < TOL, f"final state of sequence {i} (len {LENS[i]})"
@@ -96,7 +90,7 @@ def test_chunk_maps_reproduce_outputs_and_state_from_any_incoming_state() -> Non
     o = gdn_state_correction_ref(o_loc, q_tilde, cu, s0)
     b = cu.tolist()
     eye = torch.eye(DK, dtype=torch.float64).expand(H, DK, DK)
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, s0)):
         s, e = b[i], b[i + 1]
         t_want = gdn_recurrence_fp64(q[s:e], k[s:e], torch.zeros(e - s, H, DK), g[s:e], beta[s:e], eye)[1]
         assert rel_err(t[i], t_want) < TOL, f"T of sequence {i}"
@@ -118,7 +112,7 @@ def test_decode_steps_continue_the_recurrence() -> None:
     for j in range(steps):
         rows = torch.tensor([b[i] + n + j for i, n in enumerate(lens)])
         outs.append(gdn_decode_ref(q[rows], k[rows], v[rows], g[rows], beta[rows], pool, slots))
-    for i, (ro, rs) in enumerate(truth(q, k, v, g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q, k, v, g, beta, cu, s0)):
         assert rel_err(torch.stack([o[i] for o in outs]), ro[-steps:]) < TOL
         assert rel_err(pool[slots[i]], rs) < TOL
 
@@ -135,7 +129,7 @@ def test_ops_on_cuda_match_recurrence_bf16() -> None:
     o_loc, q_tilde, m, t = ops.gdn_chunk_affine(*dev[:6])
     o_aff = ops.gdn_state_correction(o_loc, q_tilde, dev[5], dev[6])
     b = cu.tolist()
-    for i, (ro, rs) in enumerate(truth(q.float(), k.float(), v.float(), g, beta, cu, s0)):
+    for i, (ro, rs) in enumerate(delta_rule_truth(q.float(), k.float(), v.float(), g, beta, cu, s0)):
         if lens[i]:
             assert rel_err(o[b[i] : b[i + 1]], ro) < 2e-2 and rel_err(o_aff[b[i] : b[i + 1]], ro) < 2e-2
         assert rel_err(finals[i], rs) < 2e-2 and rel_err(t[i] @ dev[6][i] + m[i], rs) < 2e-2
