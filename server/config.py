@@ -78,6 +78,9 @@ class EngineConfig:
     page_size: int = 16
     mem_fraction_static: float = 0.85
     cpu_cache_gb: float = 1.0
+    # at most this many KV tokens per rank (SGLang's --max-total-tokens): caps the budget above, e.g. to share one
+    # GPU between engines; None: no cap
+    max_total_tokens: int | None = None
     attention_backend: str = "auto"
     ring_mode: str = "ring"  # ring | allgather: how softmax layers see other SP ranks' KV during SP prefill
     lasp_mode: str = "ring"  # ring | allgather (LASP-2): how lightning layers get their incoming state
@@ -167,6 +170,8 @@ class EngineConfig:
             (self.ring_mode in ("ring", "allgather"), f"--ring-mode must be ring or allgather, got {self.ring_mode!r}"),
             (self.lasp_mode in ("ring", "allgather"), f"--lasp-mode must be ring or allgather, got {self.lasp_mode!r}"),
             (self.max_model_len is None or self.max_model_len >= 1, "--max-model-len must be >= 1"),
+            (self.max_total_tokens is None or self.max_total_tokens >= self.page_size,
+             f"--max-total-tokens must be at least one page ({self.page_size} tokens), got {self.max_total_tokens}"),
             (self.cuda_graph in CUDA_GRAPH_MODES,
              f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}"),
             (self.cuda_graph_max_bs >= 0, f"--cuda-graph-max-bs must be >= 0, got {self.cuda_graph_max_bs}"),

@@ -36,6 +36,8 @@ from server.sp.groups import ParallelState, destroy_parallel_state, init_paralle
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# A test's engine on the GPU: a small KV pool (--max-total-tokens), so several test processes (pytest -n) share one GPU
+ON_GPU = dict(device="cuda", max_total_tokens=1 << 16)
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 

@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "64, within a quarter of the cache budget")
     run.add_argument("--mem-fraction-static", "--gpu-memory-utilization", type=float, default=d.mem_fraction_static,
                      help="fraction of GPU memory for weights and caches")
+    run.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+                     help="at most this many KV-cache tokens per rank (default: as many as the memory budget holds)")
     run.add_argument("--cpu-cache-gb", type=float, default=d.cpu_cache_gb, help="cache budget on CPU, in GiB")
     run.add_argument("--profile-dir", default=d.profile_dir,
                      help="enable POST /start_profile and /stop_profile: every rank's torch.profiler trace and op "

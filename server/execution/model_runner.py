@@ -157,7 +157,12 @@ class ModelRunner:
             raise RuntimeError(
                 f"no memory left for caches on {self.device} after the weights and {self.num_slots} state slots; "
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
-        return (max(2, budget // per_page) if per_page else NO_KV_PAGES), self.snapshot_slots
+        if not per_page:
+            return NO_KV_PAGES, self.snapshot_slots
+        pages = max(2, budget // per_page)
+        if self.config.max_total_tokens is not None:  # the cap counts usable pages; page 0 is the scratch page
+            pages = min(pages, 1 + self.config.max_total_tokens // self.config.page_size)
+        return pages, self.snapshot_slots
 
     @property
     def total_slots(self) -> int:

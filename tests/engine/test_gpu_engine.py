@@ -16,6 +16,7 @@ import torch
 
 from server import LLM, SamplingParams
 from tests.helpers import (
+    ON_GPU,
     assert_logits_close,
     hf_model,
     needs_2_gpus,
@@ -71,7 +72,7 @@ def check_tokens(tokens: list[int], fp32: torch.Tensor, hf_err: torch.Tensor) ->
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_cuda_matches_transformers(models, arch):
     ids = prompt(300)  # several lightning blocks plus a remainder
-    with LLM(models[arch], device="cuda", dtype="float32", chunked_prefill_size=128, **FEW_GRAPHS) as llm:
+    with LLM(models[arch], **ON_GPU, dtype="float32", chunked_prefill_size=128, **FEW_GRAPHS) as llm:
         ours = llm.engine.prompt_logits(ids)
     fp32, _ = references(models[arch], ids)
     assert_logits_close(ours.cpu(), fp32.cpu())
@@ -81,7 +82,7 @@ def test_fp32_cuda_matches_transformers(models, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_cuda_within_transformers_bf16_error(models, arch):
     ids = prompt(300)
-    with LLM(models[arch], device="cuda", dtype="bfloat16", chunked_prefill_size=128, **FEW_GRAPHS) as llm:
+    with LLM(models[arch], **ON_GPU, dtype="bfloat16", chunked_prefill_size=128, **FEW_GRAPHS) as llm:
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
     fp32, hf_err = references(models[arch], ids + out)
@@ -97,7 +98,7 @@ def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode, ulysses):
     """bf16 over NCCL within transformers' bf16 error: ring / all-gather KV (LASP ring / LASP-2, GDN state ring /
     all-gather), TP, and Ulysses (U = 2: heads over the two GPUs)."""
     ids = prompt(1000)
-    kw = dict(device="cuda", dtype="bfloat16", sp_min_tokens=256, chunked_prefill_size=600, ring_mode=mode,
+    kw = dict(**ON_GPU, dtype="bfloat16", sp_min_tokens=256, chunked_prefill_size=600, ring_mode=mode,
               lasp_mode=mode, ulysses_degree=ulysses, **FEW_GRAPHS)
     with LLM(models[arch], sp_size=sp, tp_size=tp, **kw) as llm:
         ours = llm.engine.prompt_logits(ids)
@@ -112,7 +113,7 @@ def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode, ulysses):
 @pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("minimax_7to1", 2, 1), ("minimax_7to1", 1, 2)])
 def test_nccl_sp_tp_fp32_identical_to_single_gpu(models, arch, sp, tp):
     ids = prompt(1000)
-    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600, **FEW_GRAPHS)
+    kw = dict(**ON_GPU, dtype="float32", sp_min_tokens=256, chunked_prefill_size=600, **FEW_GRAPHS)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with LLM(models[arch], **kw) as llm:
         ref_logits = llm.engine.prompt_logits(ids)
@@ -129,7 +130,7 @@ def test_cuda_graphs_give_the_eager_tokens_fp32(models, arch):
     eager tokens exactly in fp32, for a batch that mixes lengths and one request alone."""
     prompts = [prompt(300), prompt(7), prompt(40, seed=1)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    kw = dict(device="cuda", dtype="float32", chunked_prefill_size=128)
+    kw = dict(**ON_GPU, dtype="float32", chunked_prefill_size=128)
     with LLM(models[arch], cuda_graph="off", **kw) as llm:
         want = [o.token_ids for o in llm.generate(prompts, params)]
     with LLM(models[arch], cuda_graph_max_bs=4, **kw) as llm:
@@ -146,7 +147,7 @@ def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
     doc = prompt(700)
     turns = [doc + prompt(n, seed=n) for n in (7, 40, 130)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", cuda_graph_max_bs=4,
+    kw = dict(**ON_GPU, dtype="bfloat16", attention_backend="flashinfer", cuda_graph_max_bs=4,
               cuda_graph_max_extend_tokens=256)
     runs = {}
     for mode in ("eager", "auto"):
@@ -167,7 +168,7 @@ def test_cuda_graphs_over_nccl_fp32(models, arch, sp, tp):
     """The SP merge (one all-gather per layer) and the TP all-reduces inside the captured graphs."""
     prompts = [prompt(1000), prompt(7)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
+    kw = dict(**ON_GPU, dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
     with LLM(models[arch], cuda_graph="off", **kw) as llm:
         want = [o.token_ids for o in llm.generate(prompts, params)]
     with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, **kw) as llm:
@@ -185,7 +186,7 @@ def test_expert_parallel_with_cuda_graphs_fp32(models, arch, sp, tp):
         pytest.skip(f"needs {sp * tp} CUDA GPUs")
     prompts = [prompt(1000), prompt(7)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    kw = dict(device="cuda", dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
+    kw = dict(**ON_GPU, dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
     with LLM(models[arch], cuda_graph="off", **kw) as llm:
         want = [o.token_ids for o in llm.generate(prompts, params)]
     with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, enable_expert_parallel=True, **kw) as llm:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from server import LLM, SamplingParams
-from tests.helpers import gpu, hf_model, needs_cuda, needs_flashinfer, prompt, save_fp8_model
+from tests.helpers import ON_GPU, gpu, hf_model, needs_cuda, needs_flashinfer, prompt, save_fp8_model
 
 pytestmark = [gpu, needs_cuda]
 
@@ -39,7 +39,7 @@ def transformers_continuations(path: str) -> tuple[list[list[int]], torch.Tensor
 def test_fp8_checkpoint_on_gpu_matches_dequantized_fp32_reference(tmp_path, scheme, block):
     fp8, dequantized = save_fp8_model("llama", str(tmp_path), scheme, block, **SHAPE)
     ref_tokens, ref_logits = transformers_continuations(dequantized)
-    with LLM(fp8, device="cuda", dtype="bfloat16") as llm:
+    with LLM(fp8, **ON_GPU, dtype="bfloat16") as llm:
         logits = llm.engine.prompt_logits(PROMPTS[-1]).float().cpu()
         ours = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     same = sum(a == b for a, b in zip(ours, ref_tokens)) / len(PROMPTS)
@@ -55,7 +55,7 @@ def test_fp8_kv_cache_on_flashinfer_matches_torch_reference(tmp_path):
     fp8, _ = save_fp8_model("llama", str(tmp_path), "channel", **SHAPE)
     runs = {}
     for backend in ("flashinfer", "torch"):
-        with LLM(fp8, device="cuda", dtype="bfloat16", kv_cache_dtype="fp8_e4m3", attention_backend=backend,
+        with LLM(fp8, **ON_GPU, dtype="bfloat16", kv_cache_dtype="fp8_e4m3", attention_backend=backend,
                  page_size=16) as llm:
             runs[backend] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     same = sum(a == b for a, b in zip(runs["flashinfer"], runs["torch"])) / len(PROMPTS)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from server import LLM, SamplingParams
 from server.models.kimi_linear import KimiLinearConfig
 from tests.engine.test_gpu_engine import check_bf16, check_tokens
-from tests.helpers import assert_logits_close, hf_model, needs_cuda, prompt, save_tiny_model
+from tests.helpers import ON_GPU, assert_logits_close, hf_model, needs_cuda, prompt, save_tiny_model
 
 ARCHS = ["deepseek_v3", "deepseek_v3_nolora", "kimi_linear"]
 
@@ -106,7 +106,7 @@ def test_bf16_cuda_within_transformers_bf16_error(models, arch):
     """bf16 on CUDA (fla-core's KDA kernels for the KDA layers): our logits no further from transformers' fp32 than
     transformers' own bf16 (the bound of tests/engine/test_gpu_engine.py); greedy tokens near-argmaxes."""
     ids = prompt(300)
-    with LLM(models[arch], device="cuda", dtype="bfloat16", chunked_prefill_size=128, cuda_graph_max_bs=4) as llm:
+    with LLM(models[arch], **ON_GPU, dtype="bfloat16", chunked_prefill_size=128, cuda_graph_max_bs=4) as llm:
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
     ref = hf_model(models[arch]).cuda()
