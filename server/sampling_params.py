@@ -59,11 +59,14 @@ class StructuredOutput:
     ``regex`` (``spec`` is a regular expression), ``choice`` (``spec`` is a JSON list of strings: the output is one
     of them), ``grammar`` (``spec`` is an EBNF grammar in xgrammar's GBNF dialect). ``after``: when set, the output is
     free until this text has been generated (a reasoning model's end-of-thinking marker) and constrained from then on.
+    ``any_whitespace`` (``json`` and ``json_object``): whitespace between JSON tokens is free (up to a bound per run);
+    False writes JSON on one line with ``", "`` and ``": "`` separators, as ``json.dumps`` does (forced tool calls).
     """
 
     kind: str
     spec: str = ""
     after: str | None = None
+    any_whitespace: bool = True
 
     @field_validator("kind")
     @classmethod

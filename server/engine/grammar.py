@@ -64,12 +64,11 @@ def structured_grammar(so: StructuredOutput) -> xgr.Grammar:
     """The grammar of ``so``; ``ValueError`` saying what is wrong with an invalid schema, regex or grammar."""
     require_xgrammar()
     try:
-        if so.kind == "json":
-            return xgr.Grammar.from_json_schema(so.spec, max_whitespace_cnt=MAX_JSON_WHITESPACE)
-        if so.kind == "json_object":
-            # strict_mode off: any properties (strict mode would allow only those the schema declares: none)
-            return xgr.Grammar.from_json_schema('{"type": "object"}', strict_mode=False,
-                                                max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if so.kind in ("json", "json_object"):
+            # json_object: strict_mode off, so any properties (strict mode would allow only those the schema
+            # declares: none)
+            schema, strict = (so.spec, True) if so.kind == "json" else ('{"type": "object"}', False)
+            return xgr.Grammar.from_json_schema(schema, strict_mode=strict, **json_whitespace(so.any_whitespace))
         if so.kind == "regex":
             return xgr.Grammar.from_regex(so.spec)
         if so.kind == "choice":
@@ -81,6 +80,15 @@ def structured_grammar(so: StructuredOutput) -> xgr.Grammar:
         raise
     except Exception as e:  # xgrammar raises RuntimeError from its parsers
         raise ValueError(_xgrammar_message(e)) from None
+
+
+def json_whitespace(any_whitespace: bool) -> dict:
+    """xgrammar's whitespace options: free runs of at most ``MAX_JSON_WHITESPACE`` characters, or none at all
+    (one line, ``json.dumps``'s separators ``", "`` and ``": "``). Without free whitespace a weak or random model
+    cannot spend its tokens between JSON tokens: every token it samples moves the value forward."""
+    if any_whitespace:
+        return {"max_whitespace_cnt": MAX_JSON_WHITESPACE}
+    return {"any_whitespace": False, "separators": (", ", ": ")}
 
 
 @lru_cache(maxsize=512)
@@ -139,7 +147,8 @@ class GrammarMasks:
         self.constraints: dict[str, _Constraint] = {}
         self._tokenizer = None
         self._compiler: xgr.GrammarCompiler | None = None
-        self._compiled: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()  # (kind, spec)
+        # by (kind, spec, any_whitespace)
+        self._compiled: OrderedDict[tuple[str, str, bool], Future[xgr.CompiledGrammar]] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._filler: xgr.BatchGrammarMatcher | None = None
         self._host: torch.Tensor | None = None  # bitmask staging rows (pinned on CUDA), one per running request
@@ -175,7 +184,7 @@ class GrammarMasks:
         """``so``'s grammar compiled against the vocabulary (a future), cached by its text."""
         if self._compiler is None:
             self._start()
-        key = (so.kind, so.spec)
+        key = (so.kind, so.spec, so.any_whitespace)
         grammar = self._compiled.get(key)
         if grammar is None:
             parsed = structured_grammar(so)  # parsed here: an invalid spec is refused at admission

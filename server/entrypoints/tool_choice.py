@@ -112,4 +112,5 @@ def structured_for_tools(req: ChatCompletionRequest, config: ChatOutputConfig) -
     else:
         schema = required_schema(tools, config.single_call)
     after = config.reasoning.end_marker if config.reasoning is not None and config.may_reason else None
-    return StructuredOutput("json", json.dumps(schema), after=after)
+    # no free whitespace: every sampled token moves the call forward, so a weak model cannot loop between tokens
+    return StructuredOutput("json", json.dumps(schema), after=after, any_whitespace=False)
