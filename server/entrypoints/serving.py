@@ -285,7 +285,7 @@ class OpenAIServing:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = []
         for i, r in enumerate(results):
-            message = ChatOutput(config).message(r.text, truncated=r.finish_reason == "length")
+            message = ChatOutput(config).message(r.text)
             if echo:
                 message["content"] = echo + (message["content"] or "")
             choices.append({

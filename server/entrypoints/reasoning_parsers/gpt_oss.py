@@ -5,7 +5,7 @@ harmony parser that always reads gpt-oss answers (it drops the framing and finds
 from __future__ import annotations
 
 from server.entrypoints.reasoning_parsers.base import ParsedReasoning, ReasoningParser
-from server.entrypoints.tool_parsers.harmony import harmony_messages
+from server.entrypoints.tool_parsers.harmony import HarmonyToolParser
 
 
 class GptOssReasoningParser(ReasoningParser):
@@ -21,10 +21,21 @@ class GptOssReasoningParser(ReasoningParser):
     def may_reason(self, prompt_tail: str, enable_thinking: bool | None) -> bool:
         return True
 
-    def parse(self, text: str, final: bool, in_reasoning: bool) -> ParsedReasoning:
-        reasoning = "".join(m.body for m in harmony_messages(text, final) if m.channel == "analysis")
-        return ParsedReasoning(reasoning, text)
+    def reader(self, in_reasoning: bool) -> HarmonyReasoningReader:
+        return HarmonyReasoningReader()
 
     @property
     def end_marker(self) -> str:
         return "<|channel|>final<|message|>"
+
+
+class HarmonyReasoningReader:
+    """The analysis messages of one choice as reasoning; the text passes on whole as content."""
+
+    def __init__(self) -> None:
+        self.harmony = HarmonyToolParser()
+
+    def read(self, text: str, final: bool) -> ParsedReasoning:
+        self.harmony.feed(text, final)
+        reasoning, self.harmony.reasoning = self.harmony.reasoning, ""
+        return ParsedReasoning(reasoning, text)

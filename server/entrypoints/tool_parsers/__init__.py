@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from server.entrypoints.tool_parsers.base import ParsedCall, ParsedTools, ToolParser
+from server.entrypoints.tool_parsers.base import CallDelta, ToolParser, ToolsDelta
 from server.entrypoints.tool_parsers.deepseek import DeepSeekV3ToolParser, DeepSeekV31ToolParser
 from server.entrypoints.tool_parsers.glm45 import Glm45ToolParser
 from server.entrypoints.tool_parsers.harmony import HarmonyToolParser
@@ -39,4 +39,4 @@ def tool_parser_class(name: str, chat_template: str | None) -> type[ToolParser] 
     return TOOL_PARSERS[ALIASES.get(name, name)]
 
 
-__all__ = ["TOOL_PARSERS", "TOOL_PARSER_NAMES", "ParsedCall", "ParsedTools", "ToolParser", "tool_parser_class"]
+__all__ = ["TOOL_PARSERS", "TOOL_PARSER_NAMES", "CallDelta", "ToolParser", "ToolsDelta", "tool_parser_class"]

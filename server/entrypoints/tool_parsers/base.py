@@ -1,12 +1,12 @@
-"""What every tool-call parser shares: the parsed shape of a model's text, and the rule that makes streaming work.
+"""What every tool-call parser shares: incremental reading of a model's text, and the deltas it yields.
 
-A parser reads the whole text generated so far and returns its ``content`` (the text outside tool calls) and its
-``calls``. It is called on every prefix of the output while streaming (``final=False``) and once on the whole
-output (``final=True``); the streaming layer (:mod:`server.entrypoints.chat_output`) sends the difference between
-consecutive answers. So a parser must be *monotone*: on a longer prefix, the content extends the previous content,
-the calls extend the previous calls, and a call's name, once given, stays. A call's ``arguments`` is ``None`` until
-the call is complete (its arguments are then sent in one piece); a parser holds back text at the end of a prefix
-that may still turn into a tool-call marker (:func:`held_back`).
+A parser reads one choice's text as it arrives (:meth:`StreamReader.feed`, once per event, ``final`` on the
+last) and yields what the new text adds: ``content`` (the text outside tool calls) and, per call, a first delta
+with its name (and the model's id for formats that name their calls) and then fragments of its arguments' JSON
+text. Each piece of text is read once: the reader keeps its state and the unread end of the text (``buf``), which
+holds only what may still turn into a marker (:func:`held_back`) or a value that is read whole (a name). So a
+stream costs time linear in its length, and the deltas of any split of a text add up to what the whole text gives
+in one piece (the non-streamed answer is the same reader fed once).
 """
 
 from __future__ import annotations
@@ -18,20 +18,22 @@ from typing import Any
 
 
 @dataclass
-class ParsedCall:
-    """One tool call: the function's name and its arguments as JSON text (None while still being generated)."""
+class CallDelta:
+    """What a piece of text adds to call ``index``: its ``name`` (and ``id``) on its first delta, then
+    ``arguments`` text to append."""
 
-    name: str
-    arguments: str | None = None
+    index: int
+    name: str | None = None
     id: str | None = None  # a format that names its calls (Kimi-K2: ``functions.get_weather:0``)
+    arguments: str = ""
 
 
 @dataclass
-class ParsedTools:
-    """A text split into content and tool calls."""
+class ToolsDelta:
+    """What a piece of text adds: content, and call deltas in order."""
 
-    content: str
-    calls: list[ParsedCall] = field(default_factory=list)
+    content: str = ""
+    calls: list[CallDelta] = field(default_factory=list)
 
 
 def held_back(text: str, markers: tuple[str, ...]) -> int:
@@ -46,13 +48,8 @@ def held_back(text: str, markers: tuple[str, ...]) -> int:
     return longest
 
 
-def content_before(text: str, markers: tuple[str, ...], final: bool) -> str:
-    """``text`` as content: all of it when final, else without the end that may become a marker."""
-    return text if final else text[: len(text) - held_back(text, markers)]
-
-
 def json_arguments(value: Any) -> str:
-    """Arguments as OpenAI sends them: a JSON object's text."""
+    """A value as argument JSON text, as OpenAI sends it (``json.dumps``'s separators, non-ASCII kept)."""
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -71,67 +68,81 @@ def param_types(tools: list[dict] | None, name: str) -> dict[str, Any]:
     return {}
 
 
-def typed_value(text: str, kind: Any) -> Any:
-    """A parameter written as bare text, as the type its schema gives: strings stay text; other types (or an
-    unknown type) are read as JSON when they parse, else kept as text."""
-    if kind == "string" or (isinstance(kind, list) and "string" in kind and len(kind) == 1):
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+class StreamReader:
+    """Text read once, as it arrives: ``feed`` appends to ``buf`` (the unread text) and runs :meth:`step` until
+    it makes no more progress; on the last piece (``final``) nothing is held back and :meth:`finish` closes what the
+    text left open. ``state`` names where the reader is; steps write content and calls with :meth:`content`,
+    :meth:`start_call` and :meth:`arguments`."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.final = False
+        self.state = "text"
+        self.calls = 0  # calls started so far
+        self._out = ToolsDelta()
+
+    def feed(self, text: str, final: bool) -> ToolsDelta:
+        self.buf += text
+        self.final = final
+        while self.step():
+            pass
+        if final:
+            self.finish()
+        out, self._out = self._out, ToolsDelta()
+        return out
+
+    def step(self) -> bool:
+        """Read from ``buf`` in the current state; True when the state changed and reading may go on."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """The text ended: close an open call (its arguments as far as they were written)."""
+
+    def until(self, markers: tuple[str, ...]) -> tuple[str, str | None]:
+        """Read up to the first of ``markers``: ``(text before it, the marker)``, both consumed; without one, the
+        text that cannot be the start of a marker and None (all of it when final)."""
+        hits = [(i, -len(m), m) for m in markers if (i := self.buf.find(m)) >= 0]
+        if hits:
+            at, _, found = min(hits)  # the first; of two at one place, the longer
+            text, self.buf = self.buf[:at], self.buf[at + len(found):]
+            return text, found
+        keep = 0 if self.final else held_back(self.buf, markers)
+        text, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return text, None
+
+    def content(self, text: str) -> None:
+        self._out.content += text
+
+    def start_call(self, name: str, call_id: str | None = None) -> None:
+        self._out.calls.append(CallDelta(self.calls, name=name, id=call_id))
+        self.calls += 1
+
+    def arguments(self, text: str) -> None:
+        """Append ``text`` to the arguments of the call started last."""
+        if not text:
+            return
+        last = self._out.calls[-1] if self._out.calls else None
+        if last is not None and last.index == self.calls - 1:
+            last.arguments += text
+        else:
+            self._out.calls.append(CallDelta(self.calls - 1, arguments=text))
 
 
-class ToolParser:
-    """Turns a model's text into content and OpenAI tool calls. Subclasses set ``name``, ``markers`` (the texts
-    that start a tool-call region, held back while partial) and implement :meth:`parse`. ``detect``: texts the
-    family's chat template all hold (``--tool-call-parser auto`` tries the parsers in registry order).
-    ``special_tokens``: the format's markers are special tokens, so the output is detokenized with them kept."""
+class ToolParser(StreamReader):
+    """Reads one choice's text into content and OpenAI tool calls. Subclasses set ``name`` and implement
+    :meth:`step`. ``detect``: texts the family's chat template all hold (``--tool-call-parser auto`` tries the
+    parsers in registry order). ``special_tokens``: the format's markers are special tokens, so the output is
+    detokenized with them kept. ``tools``: the request's tools (formats that write values as bare text read them
+    by their parameters' types)."""
 
     name: str = ""
-    markers: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
     special_tokens: bool = False
 
     def __init__(self, tools: list[dict] | None = None):
+        super().__init__()
         self.tools = tools
 
-    def parse(self, text: str, final: bool) -> ParsedTools:
-        raise NotImplementedError
-
-
-def split_regions(text: str, begin: str, end: str, final: bool) -> tuple[str, list[tuple[str, bool]]]:
-    """Split ``text`` at ``begin`` ... ``end`` regions: the text outside them (content; while not ``final``, without
-    an end that may become ``begin``) and each region's body with whether its ``end`` was seen."""
-    content, regions, pos = [], [], 0
-    while True:
-        start = text.find(begin, pos)
-        if start < 0:
-            content.append(content_before(text[pos:], (begin,), final))
-            break
-        content.append(text[pos:start])
-        stop = text.find(end, start + len(begin))
-        if stop < 0:
-            regions.append((text[start + len(begin):], False))
-            break
-        regions.append((text[start + len(begin):stop], True))
-        pos = stop + len(end)
-    return "".join(content), regions
-
-
-class RegionToolParser(ToolParser):
-    """A format whose calls sit in ``begin`` ... ``end`` regions of the text; :meth:`calls_in` reads one region."""
-
-    begin: str = ""
-    end: str = ""
-
-    def parse(self, text: str, final: bool) -> ParsedTools:
-        content, regions = split_regions(text, self.begin, self.end, final)
-        calls = [c for body, closed in regions for c in self.calls_in(body, closed or final)]
-        return ParsedTools(content, calls)
-
-    def calls_in(self, body: str, closed: bool) -> list[ParsedCall]:
-        """The calls of one region's body: complete ones with arguments, a call still being written with its name
-        once the name is whole (and arguments None). ``closed``: the body is whole (its end marker was seen, or the
-        output ended)."""
-        raise NotImplementedError
+    def reader(self) -> ToolParser:
+        """A fresh parser of the same tools, for one choice."""
+        return type(self)(self.tools)

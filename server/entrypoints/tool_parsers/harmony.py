@@ -4,16 +4,16 @@
 
 Channels: ``analysis`` is the reasoning, ``final`` the answer, ``commentary`` addressed ``to=functions.NAME`` a tool
 call whose body is the JSON arguments. The ``gpt-oss`` reasoning parser takes the analysis messages; this tool
-parser takes the calls, and the bodies of the other messages are the content.
+parser takes the calls, and the bodies of the other messages are the content. Text outside any message (a model
+that forgot the framing) is content too.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-from server.entrypoints.tool_parsers.base import ParsedCall, ParsedTools, ToolParser, held_back
-from server.entrypoints.tool_parsers.deepseek import normalized
+from server.entrypoints.tool_parsers.base import ToolParser
+from server.entrypoints.tool_parsers.values import RawArguments
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>")
@@ -21,67 +21,65 @@ TOKENS = (START, CHANNEL, MESSAGE, CONSTRAIN, *ENDS)
 RECIPIENT = re.compile(r"to=(\S+?)(?=\s|<\||$)")
 
 
-@dataclass
-class HarmonyMessage:
-    """One message of the answer: its channel, recipient (``functions.NAME`` for a tool call), body, and whether
-    its end token was seen."""
-
-    channel: str
-    recipient: str | None
-    body: str
-    closed: bool
-
-
-def harmony_messages(text: str, final: bool) -> list[HarmonyMessage]:
-    """The messages of ``text``; a message whose header is not whole yet is left out, and the end of an open body
-    that may become an end token is held back (unless ``final``). Text without any harmony token is one message
-    of no channel."""
-    if not any(t in text for t in TOKENS) and not held_back(text, TOKENS):
-        return [HarmonyMessage("", None, text, final)]
-    out, pos = [], 0
-    while pos < len(text):
-        m = text.find(MESSAGE, pos)
-        if m < 0:
-            break
-        header = text[pos:m]
-        channel = header.split(CHANNEL, 1)[1] if CHANNEL in header else ""
-        recipient = RECIPIENT.search(header)
-        channel = re.split(r"\s|<\|", channel.strip(), maxsplit=1)[0]
-        start = m + len(MESSAGE)
-        ends = [(text.find(e, start), e) for e in ENDS]
-        ends = [(i, e) for i, e in ends if i >= 0]
-        if ends:
-            stop, token = min(ends)
-            out.append(HarmonyMessage(channel, recipient.group(1) if recipient else None, text[start:stop], True))
-            pos = stop + len(token)
-        else:
-            body = text[start:]
-            if not final:
-                body = body[: len(body) - held_back(body, TOKENS)]
-            out.append(HarmonyMessage(channel, recipient.group(1) if recipient else None, body, final))
-            break
-    return out
-
-
-def harmony_content(messages: list[HarmonyMessage]) -> str:
-    """The answer's text: bodies of messages that are neither reasoning nor tool calls."""
-    return "".join(m.body for m in messages if m.channel != "analysis" and not _is_call(m))
-
-
-def _is_call(m: HarmonyMessage) -> bool:
-    return m.recipient is not None and m.recipient.startswith("functions.")
+def header_fields(header: str) -> tuple[str, str | None]:
+    """A message header's channel and recipient."""
+    channel = header.split(CHANNEL, 1)[1] if CHANNEL in header else ""
+    channel = re.split(r"\s|<\|", channel.strip(), maxsplit=1)[0]
+    recipient = RECIPIENT.search(header)
+    return channel, recipient.group(1) if recipient else None
 
 
 class HarmonyToolParser(ToolParser):
-    """Tool calls of gpt-oss (commentary messages to ``functions.NAME``)."""
+    """Tool calls of gpt-oss (commentary messages to ``functions.NAME``); the analysis messages' bodies are
+    collected in ``reasoning`` (what the ``gpt-oss`` reasoning parser returns)."""
 
     name = "gpt-oss"
-    markers = TOKENS
     detect = ("<|channel|>",)
     special_tokens = True
 
-    def parse(self, text: str, final: bool) -> ParsedTools:
-        messages = harmony_messages(text, final)
-        calls = [ParsedCall(m.recipient.removeprefix("functions."), normalized(m.body) if m.closed else None)
-                 for m in messages if _is_call(m)]
-        return ParsedTools(harmony_content(messages), calls)
+    def __init__(self, tools: list[dict] | None = None):
+        super().__init__(tools)
+        self.header = ""  # the current message's header, from its first token
+        self.channel = ""
+        self.args: RawArguments | None = None
+        self.reasoning = ""
+
+    def step(self) -> bool:
+        if self.state == "text":  # between messages: a header
+            text, mark = self.until(TOKENS)
+            if not self.header:
+                self.content(text)  # outside any message
+            else:
+                self.header += text
+            if mark == MESSAGE:
+                self._open(self.header)
+            elif mark:
+                self.header += mark
+        else:
+            text, mark = self.until(ENDS)
+            if self.args is not None:
+                self.args.add(text)
+            elif self.channel == "analysis":
+                self.reasoning += text
+            else:
+                self.content(text)
+            if mark:
+                self._close()
+        return mark is not None  # after a token, more text may be read
+
+    def _open(self, header: str) -> None:
+        self.channel, recipient = header_fields(header)
+        self.header, self.state = "", "body"
+        if recipient is not None and recipient.startswith("functions."):
+            self.start_call(recipient.removeprefix("functions."))
+            self.args = RawArguments(self)
+
+    def _close(self) -> None:
+        if self.args is not None:
+            self.args.end()
+            self.args = None
+        self.state = "text"
+
+    def finish(self) -> None:
+        if self.state == "body":
+            self._close()

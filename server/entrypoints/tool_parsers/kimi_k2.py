@@ -4,31 +4,19 @@
 
 from __future__ import annotations
 
-from server.entrypoints.tool_parsers.base import ParsedCall, RegionToolParser, split_regions
-from server.entrypoints.tool_parsers.deepseek import normalized
+from server.entrypoints.tool_parsers.sections import SectionToolParser
 
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, CALL_END, ARGS = "<|tool_call_begin|>", "<|tool_call_end|>", "<|tool_call_argument_begin|>"
 
 
-class KimiK2ToolParser(RegionToolParser):
+class KimiK2ToolParser(SectionToolParser):
     """Kimi-K2's tool-call section."""
 
     name = "kimi_k2"
-    begin, end = SECTION_BEGIN, SECTION_END
-    markers = (SECTION_BEGIN,)
     detect = ("<|tool_calls_section_begin|>",)
-    special_tokens = True
+    section_begin, section_end, call_begin, call_end, head_end = SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_END, ARGS
 
-    def calls_in(self, body: str, closed: bool) -> list[ParsedCall]:
-        _, calls = split_regions(body, CALL_BEGIN, CALL_END, final=True)
-        out = []
-        for call, call_closed in calls:
-            call_id, sep, args = call.partition(ARGS)
-            if not sep:
-                continue
-            call_id = call_id.strip()
-            name = call_id.removeprefix("functions.").rsplit(":", 1)[0]
-            done = call_closed or closed
-            out.append(ParsedCall(name, normalized(args) if done else None, id=call_id))
-        return out
+    def call_head(self, head: str) -> tuple[str, str | None] | None:
+        call_id = head.strip()
+        return (call_id.removeprefix("functions.").rsplit(":", 1)[0], call_id) if call_id else None
