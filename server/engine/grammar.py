@@ -19,6 +19,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ def structured_grammar(so: StructuredOutput) -> xgr.Grammar:
         if so.kind in ("json", "json_object"):
             # json_object: strict_mode off, so any properties (strict mode would allow only those the schema
             # declares: none)
-            schema, strict = (so.spec, True) if so.kind == "json" else ('{"type": "object"}', False)
+            schema, strict = (valid_json_strings(so.spec), True) if so.kind == "json" else ('{"type": "object"}', False)
             return xgr.Grammar.from_json_schema(schema, strict_mode=strict, **json_whitespace(so.any_whitespace))
         if so.kind == "regex":
             return xgr.Grammar.from_regex(so.spec)
@@ -80,6 +81,36 @@ def structured_grammar(so: StructuredOutput) -> xgr.Grammar:
         raise
     except Exception as e:  # xgrammar raises RuntimeError from its parsers
         raise ValueError(_xgrammar_message(e)) from None
+
+
+def _bounded_strings_as_patterns(node: Any) -> Any:
+    """``node`` (a schema, or any part of one) with each ``{"type": "string"}`` bounded by ``minLength`` /
+    ``maxLength`` alone written as the pattern ``^.{min,max}$`` instead."""
+    if isinstance(node, list):
+        return [_bounded_strings_as_patterns(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_strings_as_patterns(v) for k, v in node.items()}
+    bounds = [out.get("minLength"), out.get("maxLength")]
+    if (out.get("type") == "string" and any(isinstance(b, int) for b in bounds)
+            and not {"pattern", "format", "enum", "const"} & set(out)):
+        low, high = (b if isinstance(b, int) and not isinstance(b, bool) else None for b in bounds)
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f"^.{{{low or 0},{'' if high is None else high}}}$"
+    return out
+
+
+def valid_json_strings(spec: str) -> str:
+    """A JSON schema's text for xgrammar, such that every string it allows is valid JSON: xgrammar (0.2.x) writes a
+    string bounded by ``minLength`` / ``maxLength`` as characters of ``[^"\\\r\n]``, which lets raw control
+    characters (``\x06``, a tab) through, and no JSON parser reads those; the same bounds as a pattern (the
+    characters counted as the string's, escapes not allowed, as in xgrammar's own form) exclude them."""
+    try:
+        schema = json.loads(spec)
+    except ValueError:
+        return spec  # xgrammar says what is wrong with it
+    return json.dumps(_bounded_strings_as_patterns(schema))
 
 
 def json_whitespace(any_whitespace: bool) -> dict:

@@ -8,7 +8,6 @@ parsers do with real model texts is tested in ``test_tool_parsers.py``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -204,16 +203,76 @@ def test_bad_tool_fields_are_400_naming_the_field(server, body, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("server.engine.grammar") is None,
-                    reason="the engine does not enforce SamplingParams.structured yet (no server.engine.grammar)")
-def test_required_and_named_tool_choice_give_valid_calls(server):
-    body = {"messages": USER, "temperature": 1.0, "max_tokens": 60, "tools": [PICK], "n": 3, "seed": 7,
-            "chat_template_kwargs": {"enable_thinking": False}}  # a random model would never end its reasoning
-    named = {"type": "function", "function": {"name": "pick_city"}}
-    for tool_choice in ("required", named):
-        r = post(server, "/v1/chat/completions", {**body, "tool_choice": tool_choice}).json()
-        for choice in r["choices"]:
-            check_constrained_choice(choice)
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                                     "hourly": {"type": "boolean"}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def streamed_message(events: list[dict], n: int) -> list[tuple[dict, str]]:
+    """Each choice's message as its stream's deltas add it up, and its finish reason."""
+    out = [({"content": "", "tool_calls": []}, "") for _ in range(n)]
+    for e in events:
+        for ch in e["choices"]:
+            msg, _ = out[ch["index"]]
+            msg["content"] += ch["delta"].get("content") or ""
+            for tc in ch["delta"].get("tool_calls", []):
+                if tc["index"] == len(msg["tool_calls"]):
+                    assert tc["id"] and tc["type"] == "function" and tc["function"]["name"]
+                    msg["tool_calls"].append({"name": tc["function"]["name"], "arguments": ""})
+                else:
+                    assert "name" not in tc["function"]
+                msg["tool_calls"][tc["index"]]["arguments"] += tc["function"]["arguments"]
+            if ch["finish_reason"] is not None:
+                out[ch["index"]] = (msg, ch["finish_reason"])
+    return out
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "forecast"}}],
+                         ids=["required", "named"])
+def test_forced_calls_end_by_themselves_over_many_seeds(server, tool_choice):
+    """A random model forced to call a tool whose values are bounded (enum, integer range, boolean) ends its call
+    by itself for every seed, well within max_tokens (the grammar has no free whitespace to loop in), and every call
+    validates against the tool's parameters; streamed, the same seeds give the same calls, its first delta carrying
+    id and name and its arguments following in fragments. With parallel calls allowed, a choice that max_tokens
+    cuts short has no call and says "length"."""
+    body = {"messages": USER, "temperature": 1.0, "max_tokens": 64, "tools": [PICK, FORECAST], "n": 16, "seed": 11,
+            "tool_choice": tool_choice, "parallel_tool_calls": False,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    choices = post(server, "/v1/chat/completions", body).json()["choices"]
+    for choice in choices:
+        assert choice["finish_reason"] == "tool_calls", choice
+        [call] = choice["message"]["tool_calls"]
+        assert choice["message"]["content"] == ""
+        assert call["function"]["name"] == "forecast" or tool_choice == "required"
+        tool = {"pick_city": PICK, "forecast": FORECAST}[call["function"]["name"]]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+    events = stream(server, "/v1/chat/completions", {**body, "n": 4})
+    for (msg, reason), whole in zip(streamed_message(events, 4), choices[:4], strict=True):
+        assert reason == "tool_calls" and msg["content"] == ""
+        assert msg["tool_calls"] == [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                                     for c in whole["message"]["tool_calls"]]
+    fragments = [tc for e in events if e["choices"][0]["index"] == 0 for tc in e["choices"][0]["delta"].get(
+        "tool_calls", [])]
+    assert len(fragments) > 2  # the arguments came as they were generated, not in one piece
+    several = post(server, "/v1/chat/completions", {**body, "parallel_tool_calls": True, "max_tokens": 40}).json()
+    for choice in several["choices"]:
+        if choice["finish_reason"] == "length":
+            assert "tool_calls" not in choice["message"] and choice["message"]["content"] == ""
+        else:
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["tool_calls"]
+
+
+def test_forced_call_cut_short_streamed_says_length(server):
+    """max_tokens ends a forced call mid-way: the stream's last chunk says "length" (never "tool_calls"), and the
+    whole response has no call."""
+    body = {"messages": USER, "temperature": 0, "max_tokens": 3, "tools": [FORECAST], "tool_choice": "required",
+            "chat_template_kwargs": {"enable_thinking": False}}
+    [(msg, reason)] = streamed_message(stream(server, "/v1/chat/completions", body), 1)
+    assert reason == "length" and msg["content"] == ""
+    whole = post(server, "/v1/chat/completions", body).json()["choices"][0]
+    assert whole["finish_reason"] == "length" and "tool_calls" not in whole["message"]
 
 
 # ---- vLLM / SGLang extensions ----------------------------------------------------------------------------------
