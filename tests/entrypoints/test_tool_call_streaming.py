@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -289,3 +290,36 @@ def test_any_text_streams_to_its_whole_message(parser, mode):
                 assert without_ids(streamed)["tool_calls"] == without_ids(whole)["tool_calls"], text
             continue
         assert without_ids(streamed) == without_ids(whole), text
+
+
+# the families' chat templates (tests/data/chat_templates) render an assistant turn as the model is trained to write
+# it; read back, it must give the calls it was rendered from: (template, tool parser, reasoning parser, starts in it)
+TEMPLATES = [("qwen3", "hermes", "qwen3", False), ("qwen3_coder", "qwen3_coder", None, False),
+             ("glm4_moe", "glm45", "glm45", False), ("minimax_m2", "minimax_m2", "minimax-m2", True)]
+
+
+@pytest.mark.parametrize(("family", "parser", "reasoning", "in_reasoning"), TEMPLATES, ids=[t[0] for t in TEMPLATES])
+def test_turns_rendered_by_the_chat_templates_read_back(family, parser, reasoning, in_reasoning):
+    from server.models.builtin import builtin_model_path
+    from server.tokenizer import Tokenizer
+
+    template = (Path(__file__).parent.parent / "data" / "chat_templates" / f"{family}.jinja").read_text()
+    tok = Tokenizer.from_pretrained(builtin_model_path())
+    calls = [("write_note", NOTE_ARGS), ("get_weather", SAO)]
+    turn = {"role": "assistant", "content": "Sure.", "reasoning_content": "Think first.", "tool_calls": [
+        {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+        for i, (n, a) in enumerate(calls)]}
+    user = [{"role": "user", "content": "Save a note and check the weather."}]
+    prompt = tok.apply_chat_template(user, chat_template=template, tools=TOOLS)
+    full = tok.apply_chat_template([*user, turn], chat_template=template, add_generation_prompt=False, tools=TOOLS)
+    assert full.startswith(prompt)
+    text = full[len(prompt):].split("<|im_end|>")[0].split("[e~[")[0]  # the turn, without its end token
+    cfg = config(parser, reasoning, in_reasoning)
+    whole = ChatOutput(cfg).message(text)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["tool_calls"]] == calls
+    assert whole["content"].strip() == "Sure."
+    if reasoning:
+        assert whole["reasoning_content"].strip() == "Think first."
+    for seed in range(20):
+        streamed, _ = stream_message(cfg, token_pieces(text, random.Random(seed)))
+        assert without_ids(streamed) == without_ids(whole), seed

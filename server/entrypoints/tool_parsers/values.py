@@ -59,12 +59,15 @@ def is_string(kind: Any) -> bool:
 
 def typed_value(text: str, kind: Any) -> Any:
     """A parameter written as bare text, as the type its schema gives: strings stay text; other types (or an
-    unknown type) are read as JSON when they parse, else kept as text."""
+    unknown type) are read as JSON when they parse, else kept as text. A boolean may be written as Python writes it
+    (``True``: Qwen3-Coder's template renders values with jinja's ``string`` filter)."""
     if is_string(kind):
         return text
     try:
         return json.loads(text)
     except ValueError:
+        if kind == "boolean" and text.strip() in ("True", "False"):
+            return text.strip() == "True"
         return text
 
 
