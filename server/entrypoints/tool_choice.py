@@ -5,7 +5,8 @@ choices' text is read back (:class:`server.entrypoints.chat_output.ChatOutputCon
 ``required``: the output is a JSON array of at least one call (one with ``parallel_tool_calls: false``), each
 ``{"name": <a tool's name>, "parameters": <that tool's parameters>}`` (the form vLLM and SGLang constrain to);
 a named function: the output is that function's arguments object. Either starts after the reasoning when a
-reasoning parser is on and the output starts in the reasoning (``StructuredOutput.after``).
+reasoning parser is on and the output starts in the reasoning (``StructuredOutput.after``), and is written on one
+line without free whitespace (``StructuredOutput.any_whitespace``), so that every sampled token moves the call on.
 """
 
 from __future__ import annotations
@@ -112,5 +113,4 @@ def structured_for_tools(req: ChatCompletionRequest, config: ChatOutputConfig) -
     else:
         schema = required_schema(tools, config.single_call)
     after = config.reasoning.end_marker if config.reasoning is not None and config.may_reason else None
-    # no free whitespace: every sampled token moves the call forward, so a weak model cannot loop between tokens
     return StructuredOutput("json", json.dumps(schema), after=after, any_whitespace=False)
