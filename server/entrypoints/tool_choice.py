@@ -6,7 +6,8 @@ choices' text is read back (:class:`server.entrypoints.chat_output.ChatOutputCon
 ``{"name": <a tool's name>, "parameters": <that tool's parameters>}`` (the form vLLM and SGLang constrain to);
 a named function: the output is that function's arguments object. Either starts after the reasoning when a
 reasoning parser is on and the output starts in the reasoning (``StructuredOutput.after``), and is written on one
-line without free whitespace (``StructuredOutput.any_whitespace``), so that every sampled token moves the call on.
+line without free whitespace (``StructuredOutput.any_whitespace``) and with integers of at most 18 digits, so that
+every sampled token moves the call on and a number ends.
 """
 
 from __future__ import annotations
@@ -21,6 +22,25 @@ from server.entrypoints.tool_parsers import ToolParser, tool_parser_class
 from server.sampling_params import StructuredOutput
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# Integers of a forced call are written with at most 18 digits (what a 64-bit integer holds whatever the digits):
+# without a bound a weak model can write digits without end, as nothing but "," or "}" ends a number.
+MAX_CALL_INTEGER = 10**18 - 1
+
+
+def bounded_integers(node: Any) -> Any:
+    """A schema (or any part of one) with every ``{"type": "integer"}`` given the bounds it lacks,
+    ``-MAX_CALL_INTEGER`` and ``MAX_CALL_INTEGER``."""
+    if isinstance(node, list):
+        return [bounded_integers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: bounded_integers(v) for k, v in node.items()}
+    if out.get("type") == "integer" and not {"enum", "const"} & set(out):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -MAX_CALL_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = MAX_CALL_INTEGER
+    return out
 
 
 def tool_parameters(tool: Tool) -> dict[str, Any]:
@@ -113,4 +133,4 @@ def structured_for_tools(req: ChatCompletionRequest, config: ChatOutputConfig) -
     else:
         schema = required_schema(tools, config.single_call)
     after = config.reasoning.end_marker if config.reasoning is not None and config.may_reason else None
-    return StructuredOutput("json", json.dumps(schema), after=after, any_whitespace=False)
+    return StructuredOutput("json", json.dumps(bounded_integers(schema)), after=after, any_whitespace=False)
