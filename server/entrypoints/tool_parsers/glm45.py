@@ -49,14 +49,17 @@ class Glm45ToolParser(ToolParser):
             if mark:
                 self._after_params(mark)
         elif state == "key":
-            text, mark = self.until((KEY_END,))
+            text, mark = self.until((KEY_END, END))
             self.word += text
-            if mark:
+            if mark == KEY_END:
                 self.state = "before_value"
+            elif mark:
+                self.word = ""
+                self._after_params(mark)
         elif state == "before_value":
             _, mark = self.until((VALUE, END))
+            key, self.word = self.word.strip(), ("" if mark else self.word)
             if mark == VALUE:
-                key, self.word = self.word.strip(), ""
                 self.args.begin(key)
                 self.state = "value"
             elif mark:
