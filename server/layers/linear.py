@@ -1,6 +1,7 @@
 """Tensor-parallel linear layers with per-parameter weight loaders.
 
-Weights are sharded over the TP group and replicated over SP. Each parameter carries ``weight_loader(param,
+Weights are sharded over the TP group and replicated over SP, or with ``--shard-dense-weights`` stored 1/sp per
+rank and gathered per layer before use (:mod:`server.layers.row_shard`, :mod:`server.sp.dense_weights`). Each parameter carries ``weight_loader(param,
 loaded, shard_id=None)`` where ``loaded`` is a tensor or a lazy safetensors slice: loaders index only this rank's
 rows/columns, so a rank never materializes the full checkpoint tensor.
 
@@ -23,6 +24,7 @@ from torch import nn
 from server.kernels.fp8 import FP8, quantize_per_row
 from server.kernels.fp8_gemm import fp8_linear
 from server.layers.fp8 import Fp8Weight
+from server.layers.row_shard import dense_parameter, is_row_sharded, row_window
 from server.sp.groups import ParallelState
 
 
@@ -62,6 +64,9 @@ class QuantizableLinear(nn.Module):
     def store_fp8(self, block_k: int) -> None:
         """From now on keep the weight in FP8 with a scale per row and block of ``block_k`` input columns; frees the
         high-precision storage."""
+        if is_row_sharded(self.weight):
+            raise ValueError("--shard-dense-weights does not shard FP8 weights (--quantization fp8 or an FP8 "
+                             "checkpoint); drop one of the two")
         block_k = min(block_k, self.weight.shape[1])
         if self.quantized:
             if self.block_k != block_k:
@@ -76,10 +81,14 @@ class QuantizableLinear(nn.Module):
         old.data = torch.empty(0, dtype=old.dtype, device=old.device)
 
     def load_pieces(self, param: nn.Parameter, loaded, pieces: list[Piece], what: str) -> None:
+        """Copy each piece's checkpoint rows/columns into ``param``; a row-sharded weight
+        (:mod:`server.layers.row_shard`) keeps only the part of each piece inside its stored rows."""
         for dim, dst, src, n in pieces:
-            key = (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
+            key, target = self.piece_target(param, dim, dst, src, n)
+            if key is None:
+                continue
             if not isinstance(loaded, Fp8Weight):
-                copy_into(param.data.narrow(dim, dst, n), as_tensor(loaded[key]), what)
+                copy_into(target, as_tensor(loaded[key]), what)
                 continue
             q, scale = loaded.raw(key)
             self.store_fp8(loaded.block_k if loaded.scale.shape[-1] > 1 else self.weight.shape[1])
@@ -88,6 +97,22 @@ class QuantizableLinear(nn.Module):
                       f"the FP8 scales of {what}")
             if loaded.input_scale is not None:
                 self.input_scale = max(self.input_scale or 0.0, loaded.input_scale)
+
+    @staticmethod
+    def piece_target(param: nn.Parameter, dim: int, dst: int, src: int, n: int) -> tuple[tuple | None, torch.Tensor]:
+        """The checkpoint index and the part of ``param`` that a piece fills: for a row-sharded weight only the rows
+        it stores (a row piece is clipped to them; a column piece covers them); ``(None, _)`` when none are."""
+        if not is_row_sharded(param):
+            key = (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
+            return key, param.data.narrow(dim, dst, n)
+        lo, hi = row_window(param)
+        if dim == 1:
+            return ((slice(lo, hi), slice(src, src + n)), param.data[: hi - lo].narrow(1, dst, n)) if hi > lo \
+                else (None, param.data)
+        a, b = max(dst, lo), min(dst + n, hi)
+        if a >= b:
+            return None, param.data
+        return (slice(src + a - dst, src + b - dst),), param.data.narrow(0, a - lo, b - a)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantized:
@@ -124,7 +149,7 @@ class ColumnParallelLinear(QuantizableLinear):
         self.pstate = pstate
         self.in_features = in_features
         self.out_per_rank = divide(out_features, pstate.tp_size, "output features of a column-parallel layer")
-        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype), requires_grad=False)
+        self.weight = dense_parameter(self.out_per_rank, in_features, pstate, dtype)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:
@@ -215,7 +240,7 @@ class RowParallelLinear(QuantizableLinear):
         super().__init__()
         self.pstate = pstate
         self.in_per_rank = divide(in_features, pstate.tp_size, "input features of a row-parallel layer")
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype), requires_grad=False)
+        self.weight = dense_parameter(out_features, self.in_per_rank, pstate, dtype)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:  # added once, after the reduction
