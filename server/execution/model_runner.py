@@ -214,7 +214,8 @@ class ModelRunner:
         f = self.footprint()
         experts = "" if f["experts"] is None else f", experts [{f['experts'][0]}, {f['experts'][1]})"
         gathered = f"gather buffers {f['gather_buffer_bytes'] / 2**30:.3f} GiB, " if f["gather_buffer_bytes"] else ""
-        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, {gathered}KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
+        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, {gathered}"
+                f"KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
                 f"states {f['state_bytes'] / 2**30:.3f} GiB{experts}")
 
     def config_max_len(self) -> int:

@@ -8,10 +8,10 @@ after; the next unit's gather is started before this one computes (an async coll
 so it runs beside the layer's compute and its SP ring). The LM head is gathered at the end of every forward (every
 SP rank runs it; only SP rank 0 computes logits) and stays gathered until the next forward starts.
 
-Buffers are allocated once: two sets for the decoder layers (layer i uses set i mod 2, so layer i + 1's gather
-never writes what layer i reads) and one for the embedding and LM head, which share it (they are never in use
-together). A CUDA graph captures the gathers with the layers (its buffers are these static ones); inside a
-capture the gathers are issued in order, without the async prefetch.
+Buffers are allocated once: two for the decoder layers (layer i uses buffer i mod 2, so layer i + 1's gather
+never writes what layer i reads), each the size of the largest layer's whole TP slices, and one for the embedding
+and LM head, which share it (they are never in use together). A CUDA graph captures the gathers with the layers
+(into these same static buffers); inside a capture the gathers are issued in order, without the async prefetch.
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from server.layers.row_shard import RowShard, is_row_sharded
+from server.layers.row_shard import is_row_sharded
 from server.sp.groups import ParallelState
 
 VOCAB = "vocab"  # the buffer set of the embedding and the LM head
+ALIGN = 64  # elements: each gathered weight starts 128-byte aligned in its buffer (bf16), as GEMM kernels prefer
+
+
+def gathered_numel(param: nn.Parameter, sp_size: int) -> int:
+    """Elements a sharded parameter takes in a gather buffer: every SP rank's rows, padding included, aligned."""
+    return -(-sp_size * param.numel() // ALIGN) * ALIGN
 
 
 class DenseWeightGather:
@@ -39,22 +45,30 @@ class DenseWeightGather:
         if stray:
             raise ValueError(f"--shard-dense-weights: sharded weights outside the embedding, the decoder layers and "
                              f"the LM head cannot be gathered: {stray}")
-        self.buffers: dict[tuple, torch.Tensor] = {}
-        # per unit, per parameter: the gather buffer and its rows that are the whole weight (made here, outside
-        # inference mode, so that parameters may point at them)
-        self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         last = len(units) - 1
+        kinds = [VOCAB if k in (0, last) else (k - 1) % 2 for k in range(len(units))]
+        dtypes = {p.dtype for ps in self.units for p in ps}
+        if len(dtypes) > 1:
+            raise ValueError(f"--shard-dense-weights gathers weights of one dtype, found {sorted(map(str, dtypes))}")
+        # one flat buffer per set, as large as its largest unit; a unit's gathered weights are views of it, made
+        # here, outside inference mode, so that parameters may point at them
+        sizes: dict[object, int] = {}
         for k, params in enumerate(self.units):
-            kind = VOCAB if k in (0, last) else (k - 1) % 2
-            views = []
-            for j, p in enumerate(params):
-                shard: RowShard = p.row_shard
-                shard.stored = p.data
-                key = (kind, j, tuple(p.shape), p.dtype)
-                if key not in self.buffers:
-                    self.buffers[key] = torch.empty((pstate.sp_size * shard.per_rank, *p.shape[1:]), dtype=p.dtype,
-                                                    device=p.device)
-                views.append((self.buffers[key], self.buffers[key][: shard.rows]))
+            sizes[kinds[k]] = max(sizes.get(kinds[k], 0), sum(gathered_numel(p, pstate.sp_size) for p in params))
+        dtype = dtypes.pop() if dtypes else torch.float32
+        device = next(model.parameters()).device
+        self.buffers = {kind: torch.empty(n, dtype=dtype, device=device) for kind, n in sizes.items()}
+        # per unit, per parameter: (the buffer its gather fills, the rows of it that are the whole weight)
+        self.views: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for k, params in enumerate(self.units):
+            views, offset = [], 0
+            for p in params:
+                p.row_shard.stored = p.data
+                n = gathered_numel(p, pstate.sp_size)
+                whole = pstate.sp_size * p.numel()
+                buf = self.buffers[kinds[k]][offset : offset + whole].view(pstate.sp_size * p.shape[0], *p.shape[1:])
+                views.append((buf, buf[: p.row_shard.rows]))
+                offset += n
             self.views.append(views)
         self.pending: dict[int, list] = {}  # unit -> its in-flight async gathers
         self.gathered: set[int] = set()
