@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.layers.linear import as_tensor, copy_into
-from server.layers.row_shard import dense_parameter, row_window
+from server.layers.row_shard import dense_parameter, row_window, runs_on_slice
 from server.sp.groups import ParallelState
 
 
@@ -35,11 +35,16 @@ class VocabParallelEmbedding(nn.Module):
         copy_into(param.data[:n], as_tensor(loaded[self.start + lo : self.start + lo + n]), "the vocabulary embedding")
 
     def forward(self, ids: torch.Tensor, seq_sharded: bool = False) -> torch.Tensor:
-        if self.pstate.tp_size == 1:
+        sliced = runs_on_slice(self.weight)  # ids the same on every SP rank: each embeds its stored rows, summed
+        if self.pstate.tp_size == 1 and not sliced:
             return F.embedding(ids, self.weight)
-        local = ids - self.start
-        valid = (local >= 0) & (local < self.per_rank)
-        x = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * valid.unsqueeze(-1).to(self.weight.dtype)
+        lo, hi = row_window(self.weight) if sliced else (0, self.per_rank)
+        local = ids - self.start - lo
+        valid = (local >= 0) & (local < hi - lo)
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        x = x * valid.unsqueeze(-1).to(self.weight.dtype)
+        if sliced:
+            x = self.pstate.sp_all_reduce(x)
         return self.pstate.tp_reduce_scatter(x) if seq_sharded else self.pstate.tp_all_reduce(x)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from server.kernels.fp8 import FP8, quantize_per_row
 from server.kernels.fp8_gemm import fp8_linear
 from server.layers.fp8 import Fp8Weight
-from server.layers.row_shard import dense_parameter, is_row_sharded, row_window
+from server.layers.row_shard import dense_parameter, is_row_sharded, row_window, runs_on_slice
 from server.sp.groups import ParallelState
 
 
@@ -117,7 +117,21 @@ class QuantizableLinear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantized:
             return fp8_linear(x, self.weight, self.weight_scale, self.block_k, bias, self.input_scale)
+        if runs_on_slice(self.weight):
+            return sliced_linear(x, self.weight, bias, self.pstate)
         return F.linear(x, self.weight, bias)
+
+
+def sliced_linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
+                  pstate: ParallelState) -> torch.Tensor:
+    """``x W^T (+ b)`` from the rows of W this SP rank stores (:mod:`server.layers.row_shard`), for an ``x`` that is
+    the same on every SP rank: each rank computes its rows' outputs ``[T, R]`` and one SP all-gather assembles the
+    ``[T, rows]`` result (activations instead of weights: a decode step's few rows are far fewer bytes)."""
+    rows = weight.row_shard.rows
+    parts = pstate.sp_all_gather_tensor(F.linear(x, weight))  # [P, T, R]
+    y = parts.permute(1, 0, 2).reshape(x.shape[0], -1)
+    y = y if y.shape[1] == rows else y[:, :rows].contiguous()
+    return y if bias is None else y + bias
 
 
 def quantize_linear_layers(model: nn.Module) -> int:

@@ -4,6 +4,11 @@ A dense layer's weight on TP rank t is ``[rows, cols]`` (its TP slice). With ``P
 SP rank s stores only rows ``[s * R, (s + 1) * R)`` of it, ``R = ceil(rows / P)`` (the last ranks' tails are
 padding), so one all-gather over the SP group (:mod:`server.sp.dense_weights`) rebuilds the whole slice in row
 order. Weight loaders ask :func:`row_window` which rows of the slice a parameter holds and load only those.
+
+Between its uses, and during decode steps whose rows every SP rank holds alike, a parameter points at its stored
+rows: a layer then runs on its slice (:func:`runs_on_slice`; the outputs of the stored rows are all-gathered over SP
+instead of the weights). A layer that reads a weight itself, not through its linear, marks it
+(:func:`mark_read_whole`): a model with such weights always gathers them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ class RowShard:
     rows: int  # rows of the whole weight
     per_rank: int  # rows each SP rank stores (the last ranks pad)
     start: int  # the first stored row
-    stored: torch.Tensor | None = None
+    stored: torch.Tensor | None = None  # set once the weights are loaded and the gathers installed
+    gathered: bool = False  # the parameter points at the gathered whole weight
 
     @property
     def end(self) -> int:
@@ -52,3 +58,14 @@ def row_window(param: nn.Parameter) -> tuple[int, int]:
 
 def is_row_sharded(param: nn.Parameter) -> bool:
     return getattr(param, "row_shard", None) is not None
+
+
+def runs_on_slice(param: nn.Parameter) -> bool:
+    """The parameter is sharded and points at its stored rows: its layer computes those rows' outputs only."""
+    shard = getattr(param, "row_shard", None)
+    return shard is not None and shard.stored is not None and not shard.gathered
+
+
+def mark_read_whole(param: nn.Parameter) -> None:
+    """The owning layer reads this weight itself (not through its linear's matmul): it must be gathered to run."""
+    param.read_whole = True

@@ -8,6 +8,10 @@ after; the next unit's gather is started before this one computes (an async coll
 so it runs beside the layer's compute and its SP ring). The LM head is gathered at the end of every forward (every
 SP rank runs it; only SP rank 0 computes logits) and stays gathered until the next forward starts.
 
+Decode steps whose rows are the same on every SP rank (``ForwardContext.split_mlp``: the graph-form steps of
+replicated requests) gather only the LM head: every other unit runs on its stored rows, the linears all-gathering
+their outputs over SP (:func:`server.layers.linear.sliced_linear`) and the embedding summing its rows' lookups.
+
 Buffers are allocated once: two for the decoder layers (layer i uses buffer i mod 2, so layer i + 1's gather
 never writes what layer i reads), each the size of the largest layer's whole TP slices, and one for the embedding
 and LM head, which share it (they are never in use together). A CUDA graph captures the gathers with the layers
@@ -72,6 +76,10 @@ class DenseWeightGather:
             self.views.append(views)
         self.pending: dict[int, list] = {}  # unit -> its in-flight async gathers
         self.gathered: set[int] = set()
+        # decode steps whose rows every SP rank holds alike run the layers on their stored rows (no weight gathers),
+        # unless some layer reads a weight itself
+        self.sliceable = not any(getattr(p, "read_whole", False) for ps in self.units for p in ps)
+        self.sliced = False  # this forward runs on the stored rows
 
     @property
     def buffer_bytes(self) -> int:
@@ -80,6 +88,7 @@ class DenseWeightGather:
 
     def attach(self, model: nn.Module) -> None:
         last = len(self.units) - 1
+        model.register_forward_pre_hook(lambda m, args: self.begin(args[0]))
         model.embed_tokens.register_forward_pre_hook(lambda m, args: self.before(0))
         model.embed_tokens.register_forward_hook(lambda m, args, out: self.after(0))
         for i, layer in enumerate(model.layers):
@@ -87,6 +96,11 @@ class DenseWeightGather:
             layer.register_forward_hook(lambda m, args, out, k=i + 1: self.after(k))
         model.register_forward_hook(lambda m, args, out: self.before(last))  # logits after the forward
         model.dense_weight_gather = self
+
+    def begin(self, ctx) -> None:
+        """A forward starts: it runs on the stored rows when every row is the same on every SP rank (the decode
+        steps that split dense MLPs over SP, ``ForwardContext.split_mlp``)."""
+        self.sliced = self.sliceable and ctx.split_mlp
 
     def start(self, k: int) -> None:
         """Issue unit ``k``'s gathers (async unless a CUDA graph is being captured)."""
@@ -99,14 +113,21 @@ class DenseWeightGather:
         self.pending[k] = [w for w in works if w is not None]
 
     def before(self, k: int) -> None:
-        """Unit ``k`` is about to run: its weights gathered and in place, the next unit's gather started."""
+        """Unit ``k`` is about to run: its weights gathered and in place, the next unit's gather started. A sliced
+        forward gathers only the LM head (only SP rank 0 computes logits, from the whole head)."""
+        last = len(self.units) - 1
         if k == 0:
-            self.after(len(self.units) - 1)  # the LM head's rows give the shared buffer back to the embedding
+            self.after(last)  # the LM head's rows give the shared buffer back to the embedding
+        if self.sliced and k < last:
+            if k + 1 == last:
+                self.start(last)
+            return
         self.start(k)
         for w in self.pending.pop(k, []):
             w.wait()
         for p, (_, whole) in zip(self.units[k], self.views[k]):
             p.data = whole
+            p.row_shard.gathered = True
         self.gathered.add(k)
         if k + 1 < len(self.units):
             self.start(k + 1)
@@ -117,6 +138,7 @@ class DenseWeightGather:
             return
         for p in self.units[k]:
             p.data = p.row_shard.stored
+            p.row_shard.gathered = False
         self.gathered.discard(k)
 
 

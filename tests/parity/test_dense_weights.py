@@ -4,8 +4,9 @@ transformers.
 A dense Llama and a Qwen3-MoE (one dense layer, 6 experts, with expert parallelism) at sp x tp 2 x 1 and 2 x 2 must
 give transformers' fp32 greedy tokens for a prompt split over SP (chunked prefill at 50: its 4-token tail chunk is
 replicated on every SP rank), two short prompts homed on one SP rank each, and decode steps in the CUDA-graph form
-(run eagerly) and, with three requests over the largest graph batch, in the eager form. Every rank stores its 1/sp
-of the dense weights: at 2 x 2 its weight bytes are at most 1.15 x a quarter of the checkpoint's.
+(run eagerly; the dense model's steps of the split prompt alone on the stored rows, without gathering the layers)
+and, with three requests over the largest graph batch, in the eager form. Every rank stores its 1/sp of the dense
+weights: at 2 x 2 its weight bytes are at most 1.15 x a quarter of the checkpoint's.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def test_sharded_dense_weights_match_transformers(references, arch, sp, tp):
         assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)] == tokens[:2]
         assert llm.engine.runner.graphs.steps > 0
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == tokens
+        # the split prompt alone: its decode rows are on every SP rank, so a dense model decodes on the stored rows
+        assert llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].token_ids == tokens[0]
+        assert (llm.engine.runner.graphs.split_steps > 0) == (arch == "llama")
         ranks = llm.engine.memory_stats(reset=False)
     assert len(ranks) == sp * tp and all(m["gather_buffer_bytes"] > 0 for m in ranks)
     weights = [m["weight_bytes"] for m in ranks]
