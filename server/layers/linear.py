@@ -47,6 +47,11 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 Piece = tuple[int, int, int, int]
 
 
+def piece_key(dim: int, src: int, n: int) -> tuple[slice, ...]:
+    """The checkpoint index of a whole piece."""
+    return (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
+
+
 class QuantizableLinear(nn.Module):
     """What the TP linears share: loading pieces of a checkpoint tensor (high precision, or FP8 with its scales)
     and the matmul that fits how the weight is stored. ``weight_scale [out, kb]`` and ``input_scale`` (a static
@@ -84,13 +89,13 @@ class QuantizableLinear(nn.Module):
         """Copy each piece's checkpoint rows/columns into ``param``; a row-sharded weight
         (:mod:`server.layers.row_shard`) keeps only the part of each piece inside its stored rows."""
         for dim, dst, src, n in pieces:
-            key, target = self.piece_target(param, dim, dst, src, n)
-            if key is None:
-                continue
             if not isinstance(loaded, Fp8Weight):
-                copy_into(target, as_tensor(loaded[key]), what)
+                key, target = self.piece_target(param, dim, dst, src, n)
+                if key is not None:
+                    copy_into(target, as_tensor(loaded[key]), what)
                 continue
-            q, scale = loaded.raw(key)
+            # FP8 weights are never row-sharded (store_fp8 refuses), and the first piece replaces the parameter
+            q, scale = loaded.raw(piece_key(dim, src, n))
             self.store_fp8(loaded.block_k if loaded.scale.shape[-1] > 1 else self.weight.shape[1])
             copy_into(self.weight.data.narrow(dim, dst, n), q, what)
             copy_into(self.weight_scale.data.narrow(0, dst, n) if dim == 0 else self.weight_scale.data, scale,
@@ -103,8 +108,7 @@ class QuantizableLinear(nn.Module):
         """The checkpoint index and the part of ``param`` that a piece fills: for a row-sharded weight only the rows
         it stores (a row piece is clipped to them; a column piece covers them); ``(None, _)`` when none are."""
         if not is_row_sharded(param):
-            key = (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
-            return key, param.data.narrow(dim, dst, n)
+            return piece_key(dim, src, n), param.data.narrow(dim, dst, n)
         lo, hi = row_window(param)
         if dim == 1:
             return ((slice(lo, hi), slice(src, src + n)), param.data[: hi - lo].narrow(1, dst, n)) if hi > lo \
