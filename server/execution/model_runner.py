@@ -128,8 +128,39 @@ class ModelRunner:
             return None  # no softmax layers, or layers of different shapes: the reference handles any
         return AttentionGeometry(*shapes.pop(), window=windows.pop() if windows else None)
 
+    @property
+    def kv_window(self) -> int | None:
+        """The window the window group's pages are given back by: the largest sliding window of the model's window
+        layers, when it also has full softmax layers (else None: one page group, every page kept)."""
+        paged = [s for _, s in self.cache_layers if s.paged]
+        windows = [s.window for s in paged if s.window_group]
+        return max(windows) if windows and len(windows) < len(paged) else None
+
+    def _kv_shares(self) -> dict[int, int]:
+        """Window layer -> full layer whose K/V tensors it uses (indices into ``cache_layers``): page ids come from
+        one pool for both groups and never serve both at once, so one tensor pair serves a layer of each group."""
+        if self.kv_window is None:
+            return {}
+        full = [i for i, (_, s) in enumerate(self.cache_layers) if s.paged and not s.window_group]
+        shares = {}
+        for i, (_, s) in enumerate(self.cache_layers):
+            if s.paged and s.window_group:
+                j = next((j for j in full if s.can_share(self.cache_layers[j][1])), None)
+                if j is not None:
+                    full.remove(j)
+                    shares[i] = j
+        return shares
+
     def cache_bytes_per_page(self) -> int:
-        return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if s.paged)
+        page, shares = self.config.page_size, self._kv_shares()
+        return sum(s.unit_bytes(page, self.dtype) - (s.kv_bytes(page, self.dtype) if i in shares else 0)
+                   for i, (_, s) in enumerate(self.cache_layers) if s.paged)
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages never handed out: the scratch page, and the window table's null page (models with a window
+        group)."""
+        return 1 + (self.kv_window is not None)
 
     def state_bytes_per_slot(self) -> int:
         return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if not s.paged)
@@ -159,9 +190,9 @@ class ModelRunner:
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
         if not per_page:
             return NO_KV_PAGES, self.snapshot_slots
-        pages = max(2, budget // per_page)
-        if self.config.max_total_tokens is not None:  # the cap counts usable pages; page 0 is the scratch page
-            pages = min(pages, 1 + self.config.max_total_tokens // self.config.page_size)
+        pages = max(1 + self.reserved_pages, budget // per_page)
+        if self.config.max_total_tokens is not None:  # the cap counts usable pages (not the scratch / null page)
+            pages = min(pages, self.reserved_pages + self.config.max_total_tokens // self.config.page_size)
         return pages, self.snapshot_slots
 
     @property
@@ -173,16 +204,20 @@ class ModelRunner:
         self.num_pages = num_pages
         self.snapshot_slots = snapshot_slots
         slots = self.total_slots
-        for layer, spec in self.cache_layers:
+        shares = self._kv_shares()
+        for i in sorted(range(len(self.cache_layers)), key=lambda i: i in shares):  # shared tensors first
+            layer, spec = self.cache_layers[i]
+            extra = {"share": self.cache_layers[shares[i]][0].cache} if i in shares else {}
             layer.cache = spec.allocate(num_pages if spec.paged else slots, self.config.page_size, self.dtype,
-                                        self.device)
+                                        self.device, **extra)
         max_pages = -(-self.config_max_len() // self.config.page_size) + 2
         self.table = RequestTable(self.pstate.sp_size, self.pstate.sp_rank, slots, max_pages, self.config.page_size,
-                                  self.device)
+                                  self.device, windowed=self.kv_window is not None)
         kv_dtypes = sorted({str(s.kv_dtype or self.dtype).removeprefix("torch.") for _, s in self.cache_layers
                             if s.paged}) or ["none"]
         log.info("rank %d: %d KV pages of %d tokens (%d tokens of KV in %s, %.2f GiB), %d state slots, %s attention",
-                 self.pstate.rank, num_pages, self.config.page_size, (num_pages - 1) * self.config.page_size,
+                 self.pstate.rank, num_pages, self.config.page_size,
+                 (num_pages - self.reserved_pages) * self.config.page_size,
                  "/".join(kv_dtypes), num_pages * self.cache_bytes_per_page() / (1 << 30), self.num_slots,
                  self.backend.name)
 

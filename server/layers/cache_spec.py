@@ -8,6 +8,10 @@ Two storage kinds exist, because the scheduler accounts for them differently:
 - ``paged``: grows with the tokens; lives in the rank's KV pages, whose ids every paged layer shares (the cache
   manager hands out page ids; a prefix-cache hit shares pages and copies the last one on write);
 - slots: a fixed-size state per request (plus the prefix cache's snapshots of it), indexed by the request's slot.
+
+Paged specs of sliding-window layers (``window_group``) form a second page group when the model also has full
+layers: every request has a second page table for them, with the same rows, whose pages older than the window are
+given back to the one pool of page ids both groups draw from (docs/sp.md, "Sliding-window layers: memory").
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class CacheSpec(ABC):
     """One layer's per-request cache on this rank: its size, allocation and copies."""
 
     paged: bool = False  # True: per token, in pages; False: one fixed-size slot per request
+    window_group: bool = False  # paged pages of a sliding-window layer: the window group's page table
 
     @abstractmethod
     def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
