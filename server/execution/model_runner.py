@@ -28,6 +28,7 @@ from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, Placement, StepPlan
 from server.kernels import ops
 from server.kernels.fp8 import FP8
+from server.layers.cache_spec import page_bytes, shared_kv, window_group_window
 from server.models.config import ModelConfig
 from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
@@ -130,31 +131,11 @@ class ModelRunner:
 
     @property
     def kv_window(self) -> int | None:
-        """The window the window group's pages are given back by: the largest sliding window of the model's window
-        layers, when it also has full softmax layers (else None: one page group, every page kept)."""
-        paged = [s for _, s in self.cache_layers if s.paged]
-        windows = [s.window for s in paged if s.window_group]
-        return max(windows) if windows and len(windows) < len(paged) else None
-
-    def _kv_shares(self) -> dict[int, int]:
-        """Window layer -> full layer whose K/V tensors it uses (indices into ``cache_layers``): page ids come from
-        one pool for both groups and never serve both at once, so one tensor pair serves a layer of each group."""
-        if self.kv_window is None:
-            return {}
-        full = [i for i, (_, s) in enumerate(self.cache_layers) if s.paged and not s.window_group]
-        shares = {}
-        for i, (_, s) in enumerate(self.cache_layers):
-            if s.paged and s.window_group:
-                j = next((j for j in full if s.can_share(self.cache_layers[j][1])), None)
-                if j is not None:
-                    full.remove(j)
-                    shares[i] = j
-        return shares
+        """The window group's window (:func:`server.layers.cache_spec.window_group_window`; None: no window group)."""
+        return window_group_window([s for _, s in self.cache_layers])
 
     def cache_bytes_per_page(self) -> int:
-        page, shares = self.config.page_size, self._kv_shares()
-        return sum(s.unit_bytes(page, self.dtype) - (s.kv_bytes(page, self.dtype) if i in shares else 0)
-                   for i, (_, s) in enumerate(self.cache_layers) if s.paged)
+        return page_bytes([s for _, s in self.cache_layers], self.config.page_size, self.dtype)
 
     @property
     def reserved_pages(self) -> int:
@@ -204,7 +185,7 @@ class ModelRunner:
         self.num_pages = num_pages
         self.snapshot_slots = snapshot_slots
         slots = self.total_slots
-        shares = self._kv_shares()
+        shares = shared_kv([s for _, s in self.cache_layers])
         for i in sorted(range(len(self.cache_layers)), key=lambda i: i in shares):  # shared tensors first
             layer, spec = self.cache_layers[i]
             extra = {"share": self.cache_layers[shares[i]][0].cache} if i in shares else {}

@@ -43,6 +43,10 @@ class CacheSpec(ABC):
         """Copy units ``src`` to ``dst`` (device index tensors of equal length): a cached prefix's last page copied
         on write, a state snapshot saved or restored."""
 
+    def can_share(self, other: CacheSpec) -> bool:
+        """Its pages can use ``other``'s tensors (a window layer's K/V pages and a full layer's of one shape)."""
+        return False
+
     def with_kv_dtype(self, kv_dtype: torch.dtype | None) -> CacheSpec:
         """This spec with its K/V pages stored in ``kv_dtype`` (``--kv-cache-dtype``; None: the model's). Only
         softmax KV changes; states keep their own dtypes (linear-attention states stay fp32)."""
@@ -78,3 +82,35 @@ class StateSpec(CacheSpec):
         for name in self.shapes:
             t = getattr(cache, name)
             t[dst] = t[src]
+
+
+def window_group_window(specs: list[CacheSpec]) -> int | None:
+    """The window by which the window group's pages are given back: the largest sliding window of the window layers,
+    when full paged layers sit beside them (else None: one page group, every page kept)."""
+    paged = [s for s in specs if s.paged]
+    windows = [s.window for s in paged if s.window_group]
+    return max(windows) if windows and len(windows) < len(paged) else None
+
+
+def shared_kv(specs: list[CacheSpec]) -> dict[int, int]:
+    """Window layer -> full layer whose K/V tensors it uses (indices into ``specs``): both groups draw page ids from
+    one pool and a page id never serves both at once, so one tensor pair serves a layer of each group."""
+    if window_group_window(specs) is None:
+        return {}
+    full = [i for i, s in enumerate(specs) if s.paged and not s.window_group]
+    shares = {}
+    for i, s in enumerate(specs):
+        if s.paged and s.window_group:
+            j = next((j for j in full if s.can_share(specs[j])), None)
+            if j is not None:
+                full.remove(j)
+                shares[i] = j
+    return shares
+
+
+def page_bytes(specs: list[CacheSpec], page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page id takes in every paged cache (a window layer that shares a full layer's K/V adds only its
+    token positions)."""
+    shares = shared_kv(specs)
+    return sum(s.unit_bytes(page_size, dtype) - (s.kv_bytes(page_size, dtype) if i in shares else 0)
+               for i, s in enumerate(specs) if s.paged)
