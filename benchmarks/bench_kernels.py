@@ -456,26 +456,41 @@ def _gathered_decode_loop(q, k_cache, v_cache, tables, kv_len: int, scale: float
         _gathered_attention(q[i : i + 1], k_cache, v_cache, pages, kv_len, [(0, 1, kv_len)], scale)
 
 
-def paged_attention(rows: list, budget: Budget) -> None:
-    """The engine's batched local attention (server/backends/flashinfer_backend.py) against the per-request path
-    it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
-    import types
+LLAMA_ATTENTION = (32, 8, HEAD_DIM, 16)  # query heads, KV heads, head dim, page size (Llama-3-8B, one GPU)
 
-    from server.backends.attention import AttentionGeometry, make_batch
+
+def llama_backend(rows: list):
+    """flashinfer and the engine's flashinfer backend at the Llama-3-8B attention shape, or None (a skip row)."""
+    from server.backends.attention import AttentionGeometry
     from server.backends.flashinfer_backend import FlashInferAttentionBackend
-    from server.forward.context import LocalEntry
     from server.kernels.flashinfer_attention import flashinfer_module
     from server.sp.groups import ParallelState
 
     fi = flashinfer_module()
     if fi is None:
         rows.append({"skipped": "flashinfer not importable"})
+        return None
+    hq, hk, d, page = LLAMA_ATTENTION
+    dev = torch.device("cuda")
+    return fi, FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, d**-0.5),
+                                          torch.bfloat16)
+
+
+def paged_attention(rows: list, budget: Budget) -> None:
+    """The engine's batched local attention (server/backends/flashinfer_backend.py) against the per-request path
+    it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
+    import types
+
+    from server.backends.attention import make_batch
+    from server.forward.context import LocalEntry
+
+    made = llama_backend(rows)
+    if made is None:
         return
-    hq, hk, d, page = 32, 8, HEAD_DIM, 16
+    fi, backend = made
+    hq, hk, d, page = LLAMA_ATTENTION
     scale = d**-0.5
     dev = torch.device("cuda")
-    backend = FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, scale),
-                                         torch.bfloat16)
 
     def run(batch, q, k, v, kc, vc):
         return backend.run_batch(batch, q, k, v, types.SimpleNamespace(k=kc, v=vc), scale)
@@ -583,21 +598,17 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
     import inspect
     import types
 
-    from server.backends.attention import AttentionGeometry, make_batch
-    from server.backends.flashinfer_backend import WORKSPACE_BYTES, FlashInferAttentionBackend
+    from server.backends.attention import make_batch
+    from server.backends.flashinfer_backend import WORKSPACE_BYTES
     from server.forward.context import LocalEntry
-    from server.kernels.flashinfer_attention import flashinfer_module
-    from server.sp.groups import ParallelState
 
-    fi = flashinfer_module()
-    if fi is None:
-        rows.append({"skipped": "flashinfer not importable"})
+    made = llama_backend(rows)
+    if made is None:
         return
-    hq, hk, d, page = 32, 8, HEAD_DIM, 16
+    fi, backend = made
+    hq, hk, d, page = LLAMA_ATTENTION
     scale = d**-0.5
     dev = torch.device("cuda")
-    backend = FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, scale),
-                                         torch.bfloat16)
     workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
     has_fixed = "fixed_split_size" in inspect.signature(fi.BatchPrefillWithPagedKVCacheWrapper.plan).parameters
     copy_gbps, tflops_peak = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
