@@ -127,8 +127,7 @@ class CacheManager:
     @staticmethod
     def entry_pages(entry: CacheEntry, rank: int) -> int:
         """Pages ``entry`` holds on ``rank``, of both groups."""
-        return len(entry.pages[rank]) + sum(p != NULL_PAGE for p in entry.window_pages[rank]) \
-            if entry.window_pages else len(entry.pages[rank])
+        return len(entry.pages[rank]) + (entry.window_held[rank] if entry.window_pages else 0)
 
     def _shared_tokens(self, rank: int) -> int:
         """Tokens of cache entries that running requests share on ``rank`` (they cannot be evicted)."""
@@ -252,6 +251,7 @@ class CacheManager:
         if self.window is not None:
             entry.window_pages = [list(p) for p in seq.window_pages]
             entry.window_cover = self._window_cover(entry.runs, entry.window_pages)
+            entry.window_held = [sum(p != NULL_PAGE for p in w) for w in entry.window_pages]
             for r in range(self.sp_size):
                 self._pass_to_entry(r, [p for p in entry.window_pages[r] if p != NULL_PAGE])
 
@@ -285,8 +285,8 @@ class CacheManager:
         keep = [(t - self.window, t) for t in seq.window_points if t <= seq.num_computed]
         for r in range(self.sp_size):
             pages, runs = seq.window_pages[r], seq.kv_runs[r]
-            k = seq.window_scan[r]
-            while (k + 1) * page <= seq.shard_len(r):  # full pages only: the last one still takes rows
+            k, rows = seq.window_scan[r], seq.shard_len(r)
+            while (k + 1) * page <= rows:  # full pages only: the last one still takes rows
                 spans = row_positions(runs, k * page, (k + 1) * page)
                 if spans[-1][1] - 1 > edge:
                     break

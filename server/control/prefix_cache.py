@@ -96,10 +96,11 @@ class CacheEntry:
     users: int = 0  # running requests that share its pages
     last_used: float = field(default_factory=time.monotonic)
     hashes: list[int] = field(default_factory=list)
-    # a model with a window page group: per SP rank the window layers' pages (NULL_PAGE: given back), and the
+    # a model with a window page group: per SP rank the window layers' pages (NULL_PAGE: given back), the
     # positions whose window-layer KV they hold
     window_pages: list[list[int]] = field(default_factory=list)
     window_cover: list[tuple[int, int]] = field(default_factory=list)
+    window_held: list[int] = field(default_factory=list)  # per SP rank: its window pages not given back
 
 
 @dataclass
