@@ -19,8 +19,9 @@ WINDOW, PAGE, CHUNK = 16, 8, 12  # the tiny gpt-oss's window; chunks of 12 token
 DOC = prompt(300, seed=7)
 SIBLINGS = [DOC[:251] + prompt(29, seed=8), DOC[:251] + prompt(23, seed=11)]  # branch at 251: mid-window, mid-page
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+# decode and short extend steps (sp = 1: every prefill chunk) in the CUDA-graph form, run eagerly
 ENGINE = dict(device="cpu", sp_min_tokens=8, chunked_prefill_size=CHUNK, page_size=PAGE, cuda_graph="eager",
-              cuda_graph_max_bs=4)
+              cuda_graph_max_bs=4, cuda_graph_max_extend_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,8 @@ def test_window_pages_are_bounded_and_returned(reference, sp):
         assert second.token_ids == want[2]
         assert second.cached_tokens == 251
 
+        graphs = llm.engine.runner.graphs
+        assert graphs.steps > 0 and (graphs.extend_steps > 0) == (sp == 1)
         assert llm.engine.stats().kv_pages_used == 0
         assert llm.engine.stats().kv_pages_cached > 0
         llm.engine.flush_prefix_cache()
