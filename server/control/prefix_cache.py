@@ -62,6 +62,8 @@ def union_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def window_served(cover: list[tuple[int, int]], window: int, m: int) -> int:
     """The most tokens ``m' <= m`` of a prefix whose window, positions ``[m' - window + 1, m')``, lies in ``cover``
     (sorted, disjoint intervals); 0 if none."""
+    if window <= 1:  # a query sees only itself: no earlier position is needed
+        return m
     best = 0
     for lo, hi in cover:
         t = min(m, hi)
