@@ -33,6 +33,7 @@ memory").
 
 from __future__ import annotations
 
+import bisect
 import time
 
 from server.control.prefix_cache import CacheEntry, PrefixCache, PrefixHit, chain_hashes, union_intervals
@@ -285,16 +286,19 @@ class CacheManager:
         keep = [(t - self.window, t) for t in seq.window_points if t <= seq.num_computed]
         for r in range(self.sp_size):
             pages, runs = seq.window_pages[r], seq.kv_runs[r]
+            starts = [row for row, _, _ in runs]
             k, rows = seq.window_scan[r], seq.shard_len(r)
             while (k + 1) * page <= rows:  # full pages only: the last one still takes rows
-                spans = row_positions(runs, k * page, (k + 1) * page)
-                if spans[-1][1] - 1 > edge:
-                    break
-                if pages[k] != NULL_PAGE and not any(lo < hi_k and lo_k < hi for lo, hi in keep
-                                                     for lo_k, hi_k in spans):
-                    self._ref(r, pages[k], -1, 0)
-                    pages[k] = NULL_PAGE
-                    seq.window_freed[r].append(k)
+                if pages[k] != NULL_PAGE:  # (a cached prefix's given-back pages come as NULL_PAGE)
+                    last = (k + 1) * page - 1  # the page's last row holds its latest position
+                    row, _, pos = runs[bisect.bisect_right(starts, last) - 1]
+                    if pos + last - row > edge:
+                        break
+                    spans = row_positions(runs, k * page, last + 1) if keep else []
+                    if not any(lo < hi_k and lo_k < hi for lo, hi in keep for lo_k, hi_k in spans):
+                        self._ref(r, pages[k], -1, 0)
+                        pages[k] = NULL_PAGE
+                        seq.window_freed[r].append(k)
                 k += 1
             seq.window_scan[r] = k
 
