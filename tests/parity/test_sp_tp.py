@@ -44,6 +44,9 @@ def check(reference, arch: str, **kw):
         # a short request alone: homed on one SP rank while the others run steps with no rows at all
         assert llm.generate([BATCH[1]], GREEDY)[0].token_ids == tokens[1]
         assert llm.engine.stats().kv_pages_used == 0
+        if ep:
+            held = sorted(e for m in llm.engine.memory_stats(reset=False) for e in range(*m["experts"]))
+            assert held == list(range(llm.engine.model_cfg.moe.num_experts))  # each expert on one rank
         return llm.engine.runner.graphs
 
 
@@ -103,14 +106,16 @@ def gpt_oss_reference(tmp_path_factory):
     return path, [hf_greedy(ref, ids, OSS_GREEDY.max_tokens) for ids in [*OSS_BATCH, OSS_BRANCH, OSS_BRANCH2]]
 
 
-@pytest.mark.parametrize("sp,tp,graph", [(1, 1, "off"), (1, 1, "eager"), (2, 2, "eager"), (4, 1, "off"),
-                                         (4, 2, "eager")])
-def test_gpt_oss_matches_transformers(gpt_oss_reference, sp, tp, graph):
+# 2 x 2: experts spread over the four ranks (5 experts: one rank holds two), graph-form decode exchanges
+@pytest.mark.parametrize("sp,tp,graph,ep", [(1, 1, "off", False), (1, 1, "eager", False), (2, 2, "eager", True),
+                                            (4, 1, "off", False), (4, 2, "eager", False)])
+def test_gpt_oss_matches_transformers(gpt_oss_reference, sp, tp, graph, ep):
     """Greedy tokens of transformers (fp32) for a 300-token prompt split over SP in chunked-prefill steps shorter
     than the window, a mixed batch, and prompts whose prefix-cache hit ends inside a window; decode eager or in
     the CUDA-graph form (padded buckets, sinks after the SP merge)."""
     path, want = gpt_oss_reference
-    with LLM(path, sp_size=sp, tp_size=tp, cuda_graph=graph, cuda_graph_max_bs=4, **OSS_ENGINE) as llm:
+    with LLM(path, sp_size=sp, tp_size=tp, cuda_graph=graph, cuda_graph_max_bs=4, enable_expert_parallel=ep,
+             **OSS_ENGINE) as llm:
         assert [o.token_ids for o in llm.generate(OSS_BATCH, OSS_GREEDY, use_tqdm=False)] == want[:3]
         assert llm.generate([OSS_BRANCH], OSS_GREEDY)[0].token_ids == want[3]
         branch = llm.generate([OSS_BRANCH2], OSS_GREEDY)[0]
