@@ -110,3 +110,13 @@ def back_to_back(runs: list[Run]) -> list[Run]:
         out.append((row, n, pos))
         row += n
     return out
+
+
+def row_positions(runs: list[Run], start: int, end: int) -> list[tuple[int, int]]:
+    """The positions ``[lo, hi)`` of rows ``start..end-1`` of ``runs`` (runs in row order), one interval per run."""
+    out = []
+    for row, n, pos in runs:
+        a, b = max(start, row), min(end, row + n)
+        if a < b:
+            out.append((pos + a - row, pos + b - row))
+    return out

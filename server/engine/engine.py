@@ -124,7 +124,7 @@ class Engine:
             self.overlap = self.device.type == "cuda" or config.world_size == 1
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
                                    self.runner.has_state,
-                                   self.runner.snapshot_slots)
+                                   self.runner.snapshot_slots, self.runner.kv_window)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -380,7 +380,7 @@ class Engine:
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         prefix = self.cache.prefix
-        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
+        kv_total = self.cache.usable_pages * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

@@ -120,6 +120,21 @@ class FusedMoE(nn.Module):
         weights, experts = self.route(x)
         return self.compute(x, weights, experts)
 
+    def activate(self, h: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
+        """``[..., 2 I]`` gate/up projections -> ``[..., I]`` activations (SwiGLU). ``experts``: the local expert of
+        each row of ``h`` (an index or an index tensor), or None when ``h`` is ``[T, E_local, 2 I]`` (every
+        expert); a layer with gate/up biases adds them here."""
+        return ops.silu_and_mul(h)
+
+    def down_bias(self) -> torch.Tensor | None:
+        """``[E_local, hidden]`` down-projection biases this rank adds (None: the experts have none)."""
+        return None
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Local expert ``e`` on rows ``x``, unweighted."""
+        bias = self.down_bias()
+        return F.linear(self.activate(F.linear(x, self.w13[e]), e), self.w2[e], None if bias is None else bias[e])
+
     def compute(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[:, j] * expert_{experts[:, j]}(x)`` over this rank's experts (local indices)."""
         # a CUDA graph (no host sync, static shapes), or few tokens (see SYNC_FREE_MAX_TOKENS)
@@ -137,8 +152,7 @@ class FusedMoE(nn.Module):
             if c == 0:
                 continue
             idx = token_of[start : start + c]
-            h = ops.silu_and_mul(F.linear(x[idx], self.w13[e]))
-            y = F.linear(h, self.w2[e]) * w_of[start : start + c].unsqueeze(-1).to(x.dtype)
+            y = self.expert(x[idx], e) * w_of[start : start + c].unsqueeze(-1).to(x.dtype)
             out.index_add_(0, idx, y)
             start += c
         return out
@@ -149,19 +163,24 @@ class FusedMoE(nn.Module):
         every token, weighted by the routing (zero for the experts a token does not use): decode reads every
         expert's weights once either way."""
         t, k, e = x.shape[0], experts.shape[1], self.num_local_experts
+        bias = self.down_bias()
         if t * k < e:
-            h = torch.bmm(self.w13[experts.flatten()], x.repeat_interleave(k, 0).unsqueeze(-1))
-            h = ops.silu_and_mul(h.squeeze(-1)).unsqueeze(-1)
-            y = torch.bmm(self.w2[experts.flatten()], h).view(t, k, -1)
-            return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+            flat = experts.flatten()
+            h = torch.bmm(self.w13[flat], x.repeat_interleave(k, 0).unsqueeze(-1))
+            h = self.activate(h.squeeze(-1), flat).unsqueeze(-1)
+            y = torch.bmm(self.w2[flat], h).squeeze(-1)
+            if bias is not None:
+                y = y + bias[flat]
+            return (y.view(t, k, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
         gate = torch.zeros(t, e, dtype=x.dtype, device=x.device)
         gate.scatter_add_(1, experts, weights.to(x.dtype))
         hidden = x.shape[1]
         # every expert on every token as plain matmuls over views of the weights: an einsum over (e, i) would
         # permute w2 to [hidden, E * I] first, a copy of every expert's down weights per layer per step
-        h = ops.silu_and_mul(F.linear(x, self.w13.view(-1, hidden)).view(t, e, -1))  # [T, E, I]
+        h = self.activate(F.linear(x, self.w13.view(-1, hidden)).view(t, e, -1), None)  # [T, E, I]
         h = (h * gate.unsqueeze(-1)).transpose(0, 1)  # [E, T, I], the routing weight (0 if unused) applied
-        return torch.bmm(h, self.w2.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
+        y = torch.bmm(h, self.w2.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
+        return y if bias is None else y + gate @ bias
 
     # ---- expert parallel -------------------------------------------------------------------------------------
     def _received(self, x: torch.Tensor, ids: torch.Tensor, static: bool) -> torch.Tensor:

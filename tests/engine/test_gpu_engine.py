@@ -162,6 +162,27 @@ def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
     assert runs["auto"] == runs["eager"]
 
 
+@needs_cuda
+def test_window_pages_given_back_on_flashinfer_bf16(models):
+    """gpt-oss (window 16) on flashinfer's windowed kernels, decode replayed from CUDA graphs, while its window
+    layers' pages older than the window go back to the pool (null entries in the window page table): tokens within
+    transformers' bf16 error for a document and for a sibling served from the prefix cache up to a branch point
+    inside a window; every page back in the pool at the end."""
+    doc = prompt(600)
+    prompts = [doc, doc[:411] + prompt(29, seed=8), doc[:411] + prompt(23, seed=11)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = dict(**ON_GPU, dtype="bfloat16", attention_backend="flashinfer", chunked_prefill_size=128, **FEW_GRAPHS)
+    with LLM(models["gpt_oss"], **kw) as llm:
+        outs = [llm.generate([ids], params)[0] for ids in prompts]
+        assert outs[2].cached_tokens == 411
+        assert llm.engine.runner.graphs.capture and llm.engine.runner.graphs.steps >= 60
+        llm.engine.flush_prefix_cache()
+        assert llm.engine.cache.free_count(0) == llm.engine.cache.usable_pages
+    for ids, out in zip(prompts, outs, strict=True):
+        fp32, hf_err = references(models["gpt_oss"], ids + out.token_ids)
+        check_tokens(out.token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
+
+
 @needs_2_gpus
 @pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("minimax_7to1", 2, 1), ("llama", 1, 2), ("qwen3_5", 2, 1)])
 def test_cuda_graphs_over_nccl_fp32(models, arch, sp, tp):
