@@ -57,6 +57,7 @@ def row_window(param: nn.Parameter) -> tuple[int, int]:
 
 
 def is_row_sharded(param: nn.Parameter) -> bool:
+    """The parameter stores only this SP rank's rows of its weight."""
     return getattr(param, "row_shard", None) is not None
 
 
