@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.models.loader import MODEL_CLASSES, iterate_safetensors, read_model_config
+from server.models.loader import MODEL_CLASSES, check_model_parallelism, iterate_safetensors, read_model_config
 from server.sp.groups import ParallelState
-from tests.helpers import save_tiny_model
+from tests.helpers import save_fp8_model, save_tiny_model
 
 
 def load(path: str, **layout) -> dict[str, torch.nn.Parameter]:
@@ -39,3 +39,11 @@ def test_sp_ranks_rows_make_the_tp_slice(tmp_path, arch, sp, tp):
             assert all(p.shape[0] == -(-ref.shape[0] // sp) for p in parts), name
             assert torch.equal(torch.cat(parts)[: ref.shape[0]], ref), name
             assert not torch.cat(parts)[ref.shape[0]:].any(), name  # padding rows stay zero
+
+
+def test_fp8_weights_are_not_sharded(tmp_path):
+    """An FP8 checkpoint with the option is one error naming the flag before any process starts."""
+    fp8, _ = save_fp8_model("llama", str(tmp_path), "channel")
+    with pytest.raises(ValueError, match="--shard-dense-weights"):
+        check_model_parallelism(fp8, read_model_config(fp8), 1, "auto", shard_dense_weights=True)
+    check_model_parallelism(fp8, read_model_config(fp8), 1, "auto")
