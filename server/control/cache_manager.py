@@ -36,10 +36,10 @@ from __future__ import annotations
 import bisect
 import time
 
-from server.control.prefix_cache import CacheEntry, PrefixCache, PrefixHit, chain_hashes, union_intervals
+from server.control.prefix_cache import CacheEntry, PrefixCache, PrefixHit, chain_hashes
 from server.control.sequence import Sequence
 from server.forward.plan import NULL_PAGE
-from server.runs import Run, append_run, row_positions, rows_before, truncate_runs
+from server.runs import Run, append_run, row_positions, rows_before, truncate_runs, union_intervals
 
 SCRATCH_PAGE = 0
 # windows a running request's window pages cover at most: its current one, its prompt's end, one branch point

@@ -48,17 +48,6 @@ def chain_hashes(tokens: list[int], block: int, known: list[int] = (), salt: str
     return out
 
 
-def union_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, disjoint ``[lo, hi)`` intervals covering the same positions (empty ones dropped)."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
-
-
 def window_served(cover: list[tuple[int, int]], window: int, m: int) -> int:
     """The most tokens ``m' <= m`` of a prefix whose window, positions ``[m' - window + 1, m')``, lies in ``cover``
     (sorted, disjoint intervals); 0 if none."""

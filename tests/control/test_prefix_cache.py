@@ -15,9 +15,9 @@ import pytest
 
 from server import LLM, SamplingParams
 from server.control.cache_manager import CacheManager
-from server.control.prefix_cache import PrefixCache, chain_hashes, shared_blocks, union_intervals, window_served
+from server.control.prefix_cache import PrefixCache, chain_hashes, shared_blocks, window_served
 from server.messages import GenerateRequest
-from server.runs import rows_before, truncate_runs
+from server.runs import rows_before, truncate_runs, union_intervals
 from tests.helpers import prompt, save_tiny_model
 
 pytestmark = pytest.mark.slow
