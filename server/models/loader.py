@@ -18,6 +18,7 @@ from server.layers.fp8 import parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.layers.linear import RowParallelLinear, quantize_linear_layers
+from server.layers.moe import FusedMoE
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
 from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
@@ -167,8 +168,9 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype: torch.dtype, load_format: str,
                 seed: int = 0, quantization: str | None = None) -> nn.Module:
-    """The model of this rank with its weights. FP8 checkpoints keep their FP8 linear weights (with their scales);
-    ``quantization="fp8"`` (or random weights of an FP8 config) quantizes the remaining linear weights per channel."""
+    """The model of this rank with its weights. FP8 checkpoints keep their FP8 linear and expert weights (with their
+    scales); ``quantization="fp8"`` (or random weights of an FP8 config) quantizes the remaining linear weights and
+    MoE experts per channel."""
     cls = MODEL_CLASSES[cfg.architecture]
     scheme = parse_fp8_scheme(cfg.quantization, quantization)
     with torch.device(pstate.device):
@@ -180,7 +182,9 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
     else:
         model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
     if scheme is not None and (scheme.online or load_format == "dummy"):
-        log.info("quantized %d linear layers to FP8 (per-channel scales)", quantize_linear_layers(model))
+        log.info("quantized %d linear layers and %d MoE layers' experts to FP8 (per-channel scales)",
+                 quantize_linear_layers(model), sum(m.quantize_experts() for m in model.modules()
+                                                    if isinstance(m, FusedMoE)))
     if scheme is not None and pstate.device.type == "cuda":
         torch.cuda.empty_cache()  # the high-precision storage FP8 layers replaced: free memory is sized from here
     if load_format != "dummy":

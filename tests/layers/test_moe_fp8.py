@@ -1,0 +1,107 @@
+"""FP8 MoE experts: a checkpoint's FP8 expert tensors load as FP8 with their scales (TP slices that cut a scale block
+included, and whole experts under expert parallelism), and every compute form (the per-expert loop, the gathered and
+dense sync-free forms, the expert-parallel exchange at one rank) equals the same MoE on the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.kernels.fp8 import FP8, dequantize
+from server.layers.fp8 import Fp8Weight, checkpoint_scale
+from server.layers.moe import FusedMoE
+from server.sp.groups import ParallelState
+from tests.helpers import fp8_dequantize_blocks, fp8_quantize_blocks
+
+E, TOP_K, HIDDEN, INTER = 6, 2, 48, 24
+
+
+def checkpoint_experts(block: tuple[int, int]) -> tuple[dict, dict]:
+    """Per expert gate / up ``[I, H]`` and down ``[H, I]`` as block-scaled FP8 checkpoint tensors (Fp8Weight, read as
+    the loader reads them) and their dequantized fp32 weights."""
+    g = torch.Generator().manual_seed(0)
+    fp8, full = {}, {}
+    for e in range(E):
+        for which, shape in (("gate", (INTER, HIDDEN)), ("up", (INTER, HIDDEN)), ("down", (HIDDEN, INTER))):
+            q, grid = fp8_quantize_blocks(torch.randn(*shape, generator=g) * 0.3, *block)
+            fp8[e, which] = Fp8Weight(q, checkpoint_scale(q.shape, grid, block, which), q.shape, block[1], which)
+            full[e, which] = fp8_dequantize_blocks(q, grid, *block)
+    return fp8, full
+
+
+def load(moe: FusedMoE, tensors: dict) -> None:
+    for (e, which), t in tensors.items():
+        if which == "down":
+            moe.w2.weight_loader(moe.w2, t, e)
+        else:
+            moe.w13.weight_loader(moe.w13, t, (e, 0 if which == "gate" else 1))
+
+
+def dequantized(moe: FusedMoE, name: str) -> torch.Tensor:
+    return dequantize(getattr(moe, name), getattr(moe, name + "_scale"), moe.block_k[name])
+
+
+def per_token_reference(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE on its experts' dequantized fp32 weights, one token and expert at a time."""
+    w13, w2 = dequantized(moe, "w13"), dequantized(moe, "w2")
+    weights, experts = moe.route(x)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True):
+            h = F.linear(x[t], w13[e])
+            out[t] += w * F.linear(F.silu(h[: moe.inter]) * h[moe.inter :], w2[e])
+    return out
+
+
+@pytest.mark.parametrize("tp,ep", [(1, False), (2, False), (2, True)])
+def test_fp8_experts_load_with_their_scales(tp: int, ep: bool) -> None:
+    """Blocks of 16 columns: at tp = 2 each rank's 12 down-projection columns cut a block ([0, 12) and [12, 24)),
+    stored in blocks of gcd(16, 12) = 4 with their checkpoint block's scale; dequantized, every rank's slice (or its
+    whole experts) equals the checkpoint's dequantized weights exactly."""
+    fp8, full = checkpoint_experts((32, 16))
+    for rank in range(tp):
+        ps = ParallelState(tp_size=tp, tp_rank=rank, expert_parallel=ep)
+        moe = FusedMoE(E, TOP_K, HIDDEN, INTER, ps)
+        load(moe, fp8)
+        assert moe.w13.dtype == moe.w2.dtype == FP8
+        sliced = tp > 1 and not ep
+        kb2 = 3 if sliced else 2  # w2: 24 columns in blocks of 16 (the last short), or 12 in blocks of 4
+        assert moe.w13_scale.shape == (moe.num_local_experts, 2 * moe.inter, HIDDEN // 16)
+        assert moe.w2_scale.shape == (moe.num_local_experts, HIDDEN, kb2)
+        assert moe.block_k == {"w13": 16, "w2": 4 if sliced else 16}
+        cols = slice(rank * INTER // tp, (rank + 1) * INTER // tp) if sliced else slice(0, INTER)
+        for i, e in enumerate(range(moe.first, moe.end)):
+            want13 = torch.cat([full[e, "gate"][cols], full[e, "up"][cols]])
+            assert torch.equal(dequantized(moe, "w13")[i], want13)
+            assert torch.equal(dequantized(moe, "w2")[i], full[e, "down"][:, cols])
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # pairs < experts: gathered; 40 x 2: dense
+def test_fp8_expert_compute_forms_match_the_dequantized_reference(tokens: int) -> None:
+    torch.manual_seed(tokens)
+    moe = FusedMoE(E, TOP_K, HIDDEN, INTER, ParallelState())
+    load(moe, checkpoint_experts((32, 16))[0])
+    moe.gate.data.normal_(0, 0.3)
+    x = torch.randn(tokens, HIDDEN)
+    want = per_token_reference(moe, x)
+    torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.forward_sync_free(x, *moe.route(x)), want, atol=1e-5, rtol=1e-5)
+
+
+def test_online_fp8_experts_quantize_each_row_and_run_every_form() -> None:
+    """``--quantization fp8``: high-precision experts become FP8 with one scale per row (each row's largest magnitude
+    maps to 448), then compute as checkpoint FP8 experts do, the expert-parallel exchange at one rank included."""
+    torch.manual_seed(0)
+    moe = FusedMoE(E, 3, HIDDEN, INTER, ParallelState(expert_parallel=True))
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    w13 = moe.w13.data.clone()
+    assert moe.quantize_experts() and not moe.quantize_experts()  # the second call finds nothing left to quantize
+    assert moe.w13.dtype == FP8 and moe.w13_scale.shape == (E, 2 * INTER, 1)
+    torch.testing.assert_close(moe.w13_scale.squeeze(-1), w13.abs().amax(-1) / 448)
+    x = torch.randn(5, HIDDEN)
+    want = per_token_reference(moe, x)
+    torch.testing.assert_close(moe.expert_parallel_rows(x), want, atol=1e-5, rtol=1e-5)
+    mask = torch.tensor([True, False, True, True, False])
+    torch.testing.assert_close(moe.expert_parallel_rows(x, mask)[mask], want[mask], atol=1e-5, rtol=1e-5)
