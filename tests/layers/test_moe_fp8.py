@@ -12,18 +12,19 @@ from server.kernels.fp8 import FP8, dequantize
 from server.layers.fp8 import Fp8Weight, checkpoint_scale
 from server.layers.moe import FusedMoE
 from server.sp.groups import ParallelState
-from tests.helpers import fp8_dequantize_blocks, fp8_quantize_blocks
+from tests.helpers import fp8_dequantize_blocks, fp8_quantize_blocks, gpu, needs_cuda
 
 E, TOP_K, HIDDEN, INTER = 6, 2, 48, 24
 
 
-def checkpoint_experts(block: tuple[int, int]) -> tuple[dict, dict]:
+def checkpoint_experts(block: tuple[int, int], experts: int = E, hidden: int = HIDDEN, inter: int = INTER
+                       ) -> tuple[dict, dict]:
     """Per expert gate / up ``[I, H]`` and down ``[H, I]`` as block-scaled FP8 checkpoint tensors (Fp8Weight, read as
     the loader reads them) and their dequantized fp32 weights."""
     g = torch.Generator().manual_seed(0)
     fp8, full = {}, {}
-    for e in range(E):
-        for which, shape in (("gate", (INTER, HIDDEN)), ("up", (INTER, HIDDEN)), ("down", (HIDDEN, INTER))):
+    for e in range(experts):
+        for which, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
             q, grid = fp8_quantize_blocks(torch.randn(*shape, generator=g) * 0.3, *block)
             fp8[e, which] = Fp8Weight(q, checkpoint_scale(q.shape, grid, block, which), q.shape, block[1], which)
             full[e, which] = fp8_dequantize_blocks(q, grid, *block)
@@ -43,9 +44,10 @@ def dequantized(moe: FusedMoE, name: str) -> torch.Tensor:
 
 
 def per_token_reference(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
-    """The MoE on its experts' dequantized fp32 weights, one token and expert at a time."""
+    """The MoE on its experts' dequantized fp32 weights, one token and expert at a time (routed as the layer routes
+    ``x`` in its dtype)."""
     w13, w2 = dequantized(moe, "w13"), dequantized(moe, "w2")
-    weights, experts = moe.route(x)
+    weights, experts = moe.route(x.to(moe.gate.dtype))
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True):
@@ -105,3 +107,23 @@ def test_online_fp8_experts_quantize_each_row_and_run_every_form() -> None:
     torch.testing.assert_close(moe.expert_parallel_rows(x), want, atol=1e-5, rtol=1e-5)
     mask = torch.tensor([True, False, True, True, False])
     torch.testing.assert_close(moe.expert_parallel_rows(x, mask)[mask], want[mask], atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+@gpu
+@pytest.mark.parametrize("tokens", [2, 4, 64, 300])  # gathered (4 pairs < 8 experts); dense; dense; the FP8 GEMM loop
+def test_fp8_experts_on_gpu_match_the_dequantized_fp32_reference(tokens: int) -> None:
+    """bf16 activations on CUDA (FP8 GEMMs with per-token activation scales in the loop form, bf16 matmuls on the
+    dequantized experts in the sync-free forms) against fp32 on the dequantized weights: max error relative to the
+    largest output printed and bounded."""
+    torch.manual_seed(tokens)
+    cuda = torch.device("cuda")
+    moe = FusedMoE(8, 2, 256, 256, ParallelState(device=cuda), dtype=torch.bfloat16).to(cuda)
+    load(moe, checkpoint_experts((128, 128), 8, 256, 256)[0])
+    moe.gate.data.normal_(0, 0.1)
+    x = torch.randn(tokens, 256, device=cuda)
+    want = per_token_reference(moe, x)  # fp32: x, and the dequantized experts
+    got = moe(x.bfloat16()).float()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"FP8 experts on CUDA, {tokens} tokens: max error relative to the largest output {err:.4f}")
+    assert err < 0.05
