@@ -18,8 +18,8 @@ tensor (:class:`server.layers.fp8.Fp8Weight`), ``w13`` / ``w2`` switch to ``floa
 ``w13_scale [E_local, 2 I_local, kb]`` / ``w2_scale [E_local, hidden, kb']``, one per row and block of input columns
 as the dense FP8 layers keep them. A TP slice of the down projection's columns that cuts the checkpoint's blocks
 stores finer blocks (the gcd of the block and the slice width), each with its checkpoint block's scale: exact.
-The per-expert loop multiplies with :func:`server.kernels.fp8_gemm.fp8_linear`; the sync-free forms dequantize
-the experts they read (:func:`server.kernels.fp8.dequantize_experts`).
+The per-expert loop multiplies with :func:`server.kernels.fp8_gemm.fp8_linear`; the sync-free forms with the grouped
+matmuls of :mod:`server.kernels.fp8_moe`, which dequantize weight tiles in registers.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from torch import nn
 
 from server.forward.context import ForwardContext
 from server.kernels import ops
-from server.kernels.fp8 import FP8, dequantize_experts, quantize_per_row
+from server.kernels.fp8 import FP8, quantize_per_row
 from server.kernels.fp8_gemm import fp8_linear
+from server.kernels.fp8_moe import experts_fp8_matmul, gathered_fp8_matmul
 from server.layers.expert_parallel import (
     expert_owners,
     expert_parallel_forward,
@@ -190,14 +191,6 @@ class FusedMoE(nn.Module):
             return fp8_linear(x, w[e], getattr(self, name + "_scale")[e], self.block_k[name], bias)
         return F.linear(x, w[e], bias)
 
-    def expert_weights(self, name: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
-        """``w13`` or ``w2`` of the local experts ``index`` (every one if None) for a matmul in ``dtype``: FP8
-        experts dequantized (a copy), high-precision ones as stored (a view without ``index``)."""
-        w = getattr(self, name)
-        if w.dtype == FP8:
-            return dequantize_experts(w, getattr(self, name + "_scale"), self.block_k[name], dtype, index)
-        return w if index is None else w[index]
-
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.router(F.linear(x, self.gate).float(), self.e_score_correction_bias)
 
@@ -252,24 +245,40 @@ class FusedMoE(nn.Module):
         bias = self.down_bias()
         if t * k < e:
             flat = experts.flatten()
-            h = torch.bmm(self.expert_weights("w13", x.dtype, flat), x.repeat_interleave(k, 0).unsqueeze(-1))
-            h = self.activate(h.squeeze(-1), flat).unsqueeze(-1)
-            y = torch.bmm(self.expert_weights("w2", x.dtype, flat), h).squeeze(-1)
+            h = self.activate(self.pairs_matmul("w13", x.repeat_interleave(k, 0), flat), flat)
+            y = self.pairs_matmul("w2", h, flat)
             if bias is not None:
                 y = y + bias[flat]
             return (y.view(t, k, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
         gate = torch.zeros(t, e, dtype=x.dtype, device=x.device)
         gate.scatter_add_(1, experts, weights.to(x.dtype))
-        hidden = x.shape[1]
-        # every expert on every token as plain matmuls over views of the weights: an einsum over (e, i) would
-        # permute w2 to [hidden, E * I] first, a copy of every expert's down weights per layer per step
-        # (FP8 experts: every expert dequantized per call, docs/kernels.md "FP8 GEMMs: MoE experts")
-        w13 = self.expert_weights("w13", x.dtype)
-        h = self.activate(F.linear(x, w13.view(-1, hidden)).view(t, e, -1), None)  # [T, E, I]
-        del w13
-        h = (h * gate.unsqueeze(-1)).transpose(0, 1)  # [E, T, I], the routing weight (0 if unused) applied
-        y = torch.bmm(h, self.expert_weights("w2", x.dtype).transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
+        h = self.activate(self.all_experts_matmul("w13", x).view(t, e, -1), None)  # [T, E, I]
+        y = self.all_experts_matmul("w2", h * gate.unsqueeze(-1))  # the routing weight (0 if unused) applied
         return y if bias is None else y + gate @ bias
+
+    def pairs_matmul(self, name: str, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Row ``p`` of ``x`` times local expert ``index[p]``'s ``w13`` or ``w2`` (the gathered form): FP8 experts
+        through :func:`gathered_fp8_matmul`, which reads each pair's FP8 weights once."""
+        w = getattr(self, name)
+        if w.dtype == FP8:
+            return gathered_fp8_matmul(x, w, getattr(self, name + "_scale"), self.block_k[name], index)
+        return torch.bmm(w[index], x.unsqueeze(-1)).squeeze(-1)
+
+    def all_experts_matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Every local expert on every row (the dense form): ``w13``, ``x [T, hidden] -> [T, E * 2I]``; ``w2``,
+        ``x [T, E, I]`` (each expert's activations) ``-> [T, hidden]``, summed over the experts. FP8 experts through
+        :func:`experts_fp8_matmul`, which reads each FP8 weight once."""
+        w, t = getattr(self, name), x.shape[0]
+        if w.dtype == FP8:
+            scale = getattr(self, name + "_scale")
+            if name == "w13":  # one group: the experts' rows stacked
+                w, scale = w.view(1, -1, w.shape[-1]), scale.view(1, -1, scale.shape[-1])
+            return experts_fp8_matmul(x.reshape(t, -1), w, scale, self.block_k[name])
+        if name == "w13":
+            return F.linear(x, w.view(-1, w.shape[-1]))
+        # plain matmuls over views of the weights: an einsum over (e, i) would permute w2 to [hidden, E * I] first,
+        # a copy of every expert's down weights per layer per step
+        return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
 
     # ---- expert parallel -------------------------------------------------------------------------------------
     def _received(self, x: torch.Tensor, ids: torch.Tensor, static: bool) -> torch.Tensor:
