@@ -50,11 +50,12 @@ def _use_kernel(x: torch.Tensor, tile: int | None) -> bool:
 @triton.jit
 def _experts_matmul_kernel(X, W, S, OUT, M, N, K, G, G_PER, BK_SCALE, s_xm, s_wg, s_wn, s_sg, s_sn, s_op, s_om,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``OUT[split, m, n] = sum_{g in split's experts} sum_k X[m, g*K + k] * W[g, n, k] * S[g, n, k // BK_SCALE]``.
     X ``[M, G*K]`` (contiguous columns), W ``[G, N, K]`` FP8 as uint8 (contiguous K), S ``[G, N, kb]`` fp32, OUT
     ``[splits, M, N]`` fp32. One program per (M tile, N tile, split of ``G_PER`` experts); a K tile lies inside one
-    scale block (``BLOCK_K`` divides ``BK_SCALE``, or one block spans every column)."""
+    scale block (``BLOCK_K`` divides ``BK_SCALE``, or one block spans every column). ``UPCAST``: multiply in fp32
+    (the interpreter's half-precision dot is wrong; the tile is rounded to x's dtype first either way)."""
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,7 +72,10 @@ def _experts_matmul_kernel(X, W, S, OUT, M, N, K, G, G_PER, BK_SCALE, s_xm, s_wg
                         mask=mask_n[None, :] & (k[:, None] < K), other=0).to(tl.float8e4nv, bitcast=True)
             s = tl.load(S + g64 * s_sg + offs_n.to(tl.int64) * s_sn + k0 // BK_SCALE, mask=mask_n, other=0.0)
             w = (q.to(tl.float32) * s[None, :]).to(x.dtype)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            if UPCAST:
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc, input_precision=PRECISION)
     tl.store(OUT + pid_s.to(tl.int64) * s_op + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :], acc,
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -127,7 +131,8 @@ def experts_fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bl
     _experts_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N), splits)](
         x, w.view(torch.uint8), scale, out, m, n, k, g, per, block_k if scale.shape[-1] > 1 else k,
         x.stride(0), w.stride(0), w.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=tile, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=tile, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=_interpreted())
     return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
 
 
