@@ -24,7 +24,10 @@ matmuls of :mod:`server.kernels.fp8_moe`, which dequantize weight tiles in regis
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,21 @@ from server.sp.groups import ParallelState
 # launches about six kernels per expert that has tokens and waits for the device once per layer: with 64 or 512
 # experts that is thousands of launches for a short prompt or a question over a cached prefix.
 SYNC_FREE_MAX_TOKENS = 128
+
+_DEFERRED_STORAGE = contextvars.ContextVar("deferred_expert_storage", default=False)
+
+
+@contextlib.contextmanager
+def deferred_expert_storage() -> Iterator[None]:
+    """Inside, a :class:`FusedMoE` built keeps its experts on the meta device until the first checkpoint tensor its
+    loaders receive, then allocates them FP8 or in the model dtype, as that tensor is: an FP8 checkpoint's experts
+    never exist in the model dtype, so loading one does not peak at twice its bytes (``build_model`` builds FP8
+    checkpoints' models in it; experts it never loads are an error there, :meth:`FusedMoE.check_loaded`)."""
+    token = _DEFERRED_STORAGE.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_STORAGE.reset(token)
 
 
 class FusedMoE(nn.Module):
@@ -92,8 +110,10 @@ class FusedMoE(nn.Module):
             self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
         local = self.end - self.first
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(local, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(local, hidden, self.inter, dtype=dtype), requires_grad=False)
+        where = "meta" if _DEFERRED_STORAGE.get() and local else None  # None: the ambient device
+        self.w13 = nn.Parameter(torch.empty(local, 2 * self.inter, hidden, dtype=dtype, device=where),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, hidden, self.inter, dtype=dtype, device=where), requires_grad=False)
         self.w13.weight_loader = self.w13_loader
         self.w2.weight_loader = self.w2_loader
         # FP8 experts: set by store_fp8 (None while the experts are high precision)
@@ -134,11 +154,17 @@ class FusedMoE(nn.Module):
 
     def _load(self, name: str, dst: tuple, loaded, key: tuple, what: str) -> None:
         """Checkpoint slice ``loaded[key]`` into ``name[dst]``: FP8 with its scales if the checkpoint's is FP8 (the
-        parameter is read from the module: the first FP8 tensor replaces it)."""
+        parameter is read from the module: the first FP8 tensor, or deferred storage, replaces it)."""
+        w = getattr(self, name)
         if not isinstance(loaded, Fp8Weight):
+            if w.dtype == FP8:
+                raise ValueError(f"{what} is stored in high precision, but other experts of its layer are FP8: "
+                                 "a layer whose experts mix FP8 and high precision is not supported")
+            if w.is_meta and self.pstate.device.type != "meta":  # deferred storage: the model dtype after all
+                self._replace(name, w.dtype)
             copy_into(getattr(self, name).data[dst], as_tensor(loaded[key]), what)
             return
-        k = getattr(self, name).shape[-1]
+        k = w.shape[-1]
         if loaded.scale.shape[-1] == 1:  # per channel / per tensor: one block of every column
             block_k = k
         else:  # columns [s, s + k) of the checkpoint's: blocks that divide its blocks and the slice's first column
@@ -147,6 +173,16 @@ class FusedMoE(nn.Module):
         self.store_fp8(name, block_k)
         copy_into(getattr(self, name).data[dst], q, what)
         copy_into(getattr(self, name + "_scale").data[dst], scale, f"the FP8 scales of {what}")
+
+    def _replace(self, name: str, dtype: torch.dtype) -> None:
+        """A new (uninitialized) ``name`` parameter in ``dtype`` on the layer's device, with the same loader; frees
+        the old storage."""
+        old = getattr(self, name)
+        device = self.pstate.device if old.is_meta else old.device
+        new = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device), requires_grad=False)
+        new.weight_loader = old.weight_loader
+        setattr(self, name, new)
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
 
     def store_fp8(self, name: str, block_k: int) -> None:
         """From now on keep ``name`` (``w13`` or ``w2``) in FP8 with a scale per row and block of ``block_k`` input
@@ -159,13 +195,18 @@ class FusedMoE(nn.Module):
                 raise ValueError(f"FP8 experts with different scale blocks in one layer ({block_k} vs "
                                  f"{self.block_k[name]} columns of {name})")
             return
-        new = nn.Parameter(torch.empty(old.shape, dtype=FP8, device=old.device), requires_grad=False)
-        new.weight_loader = old.weight_loader
-        setattr(self, name, new)
-        setattr(self, name + "_scale", nn.Parameter(torch.ones(*old.shape[:-1], -(-k // block_k),
-                                                               device=old.device), requires_grad=False))
+        rows = old.shape[:-1]
+        self._replace(name, FP8)
+        scale = torch.ones(*rows, -(-k // block_k), device=getattr(self, name).device)
+        setattr(self, name + "_scale", nn.Parameter(scale, requires_grad=False))
         self.block_k[name] = block_k
-        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+
+    def check_loaded(self, where: str) -> None:
+        """Raise ``ValueError`` if deferred expert storage never received its checkpoint tensors."""
+        missing = [n for n in ("w13", "w2") if getattr(self, n).is_meta and self.pstate.device.type != "meta"]
+        if missing:
+            raise ValueError(f"{where}: the checkpoint has no expert weights for {' and '.join(missing)} of this "
+                             "MoE layer")
 
     def quantize_experts(self) -> bool:
         """``--quantization fp8``: store the experts that are not FP8 yet in FP8 with one scale per row (of this

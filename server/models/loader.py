@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -18,7 +19,7 @@ from server.layers.fp8 import parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
 from server.layers.linear import RowParallelLinear, quantize_linear_layers
-from server.layers.moe import FusedMoE
+from server.layers.moe import FusedMoE, deferred_expert_storage
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
 from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
@@ -173,7 +174,9 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
     MoE experts per channel."""
     cls = MODEL_CLASSES[cfg.architecture]
     scheme = parse_fp8_scheme(cfg.quantization, quantization)
-    with torch.device(pstate.device):
+    # an FP8 checkpoint's experts are allocated as its tensors arrive, FP8: never the model dtype's twice the bytes
+    fp8_checkpoint = scheme is not None and not scheme.online and load_format != "dummy"
+    with torch.device(pstate.device), deferred_expert_storage() if fp8_checkpoint else contextlib.nullcontext():
         model = cls(cfg, pstate, dtype)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
@@ -181,6 +184,9 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
         model.load_weights(iterate_safetensors(model_path))
     else:
         model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
+        for name, m in model.named_modules():
+            if isinstance(m, FusedMoE):
+                m.check_loaded(f"{model_path}: {name}")
     if scheme is not None and (scheme.online or load_format == "dummy"):
         log.info("quantized %d linear layers and %d MoE layers' experts to FP8 (per-channel scales)",
                  quantize_linear_layers(model), sum(m.quantize_experts() for m in model.modules()

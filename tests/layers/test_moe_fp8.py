@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from server.kernels.fp8 import FP8, dequantize
 from server.layers.fp8 import Fp8Weight, checkpoint_scale
-from server.layers.moe import FusedMoE
+from server.layers.moe import FusedMoE, deferred_expert_storage
 from server.sp.groups import ParallelState
 from tests.helpers import fp8_dequantize_blocks, fp8_quantize_blocks, gpu, needs_cuda
 
@@ -77,6 +77,24 @@ def test_fp8_experts_load_with_their_scales(tp: int, ep: bool) -> None:
             want13 = torch.cat([full[e, "gate"][cols], full[e, "up"][cols]])
             assert torch.equal(dequantized(moe, "w13")[i], want13)
             assert torch.equal(dequantized(moe, "w2")[i], full[e, "down"][:, cols])
+
+
+def test_deferred_expert_storage_allocates_as_the_checkpoint_stores():
+    """Built for an FP8 checkpoint (build_model), the experts hold no memory until their first tensor arrives, then
+    exist in FP8 only; high-precision tensors give the model dtype; experts never loaded, or a layer mixing FP8 and
+    high-precision experts, are errors that say so."""
+    fp8, full = checkpoint_experts((32, 16))
+    with deferred_expert_storage():
+        moes = [FusedMoE(E, TOP_K, HIDDEN, INTER, ParallelState()) for _ in range(3)]
+    assert all(m.w13.is_meta and m.w2.is_meta for m in moes)
+    load(moes[0], fp8)
+    assert moes[0].w13.dtype == FP8 and moes[0].w13.device.type == "cpu" and moes[0].w2_scale.device.type == "cpu"
+    load(moes[1], full)
+    assert moes[1].w2.dtype == torch.float32 and torch.equal(moes[1].w2[2], full[2, "down"])
+    with pytest.raises(ValueError, match="the checkpoint has no expert weights for w13 and w2"):
+        moes[2].check_loaded("layers.2.mlp")
+    with pytest.raises(ValueError, match="stored in high precision, but other experts of its layer are FP8"):
+        moes[0].w2.weight_loader(moes[0].w2, full[0, "down"], 0)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # pairs < experts: gathered; 40 x 2: dense
