@@ -79,6 +79,32 @@ def test_fp8_experts_load_with_their_scales(tp: int, ep: bool) -> None:
             assert torch.equal(dequantized(moe, "w2")[i], full[e, "down"][:, cols])
 
 
+def test_fused_fp8_expert_tensors_load_expert_by_expert():
+    """Fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` FP8 tensors (scales ``[E, ...]``) reach the
+    experts as FP8 slices of each expert (Fp8Weight.rows), at tp = 2 too."""
+    from server.models.common import stacked_expert_weights
+
+    _, full = checkpoint_experts((32, 16))
+    fused = {"gate_up_proj": torch.stack([torch.cat([full[e, "gate"], full[e, "up"]]) for e in range(E)]),
+             "down_proj": torch.stack([full[e, "down"] for e in range(E)])}
+    tensors, want = {}, {}
+    for name, w in fused.items():
+        q, grid = zip(*(fp8_quantize_blocks(w[e], 32, 16) for e in range(E)), strict=True)
+        q, grid = torch.stack(q), torch.stack(grid)
+        tensors[f"layers.0.mlp.experts.{name}"] = Fp8Weight(q, checkpoint_scale(q.shape, grid, (32, 16), name),
+                                                            q.shape, 16, name)
+        want[name] = torch.stack([fp8_dequantize_blocks(q[e], grid[e], 32, 16) for e in range(E)])
+    for rank in range(2):
+        moe = FusedMoE(E, TOP_K, HIDDEN, INTER, ParallelState(tp_size=2, tp_rank=rank))
+        params = {f"layers.0.mlp.{n}": p for n, p in moe.named_parameters()}
+        assert list(stacked_expert_weights(tensors.items(), params, ".mlp.experts.", ".mlp.")) == []
+        assert moe.w13.dtype == moe.w2.dtype == FP8
+        rows = torch.arange(INTER // 2) + rank * INTER // 2
+        gate_up = want["gate_up_proj"][:, torch.cat([rows, rows + INTER])]
+        assert torch.equal(dequantized(moe, "w13"), gate_up)
+        assert torch.equal(dequantized(moe, "w2"), want["down_proj"][:, :, rows])
+
+
 def test_deferred_expert_storage_allocates_as_the_checkpoint_stores():
     """Built for an FP8 checkpoint (build_model), the experts hold no memory until their first tensor arrives, then
     exist in FP8 only; high-precision tensors give the model dtype; experts never loaded, or a layer mixing FP8 and
