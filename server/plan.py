@@ -25,7 +25,8 @@ import torch
 from server.config import EngineConfig
 from server.execution.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
 from server.layers.expert_parallel import expert_range
-from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype
+from server.layers.fp8 import parse_fp8_scheme
+from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype, store_fp8_layout
 from server.sp.groups import ParallelState
 
 GPUS = {"80 GB": 80e9, "141 GB": 141e9}
@@ -53,8 +54,10 @@ def load_config(model_path: str | None, shape: str | None) -> dict:
     return dict(SHAPES[shape])
 
 
-def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None) -> RankPlan:
-    """Rank 0's plan (the most experts of any rank)."""
+def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None,
+              quantization: str | None = None) -> RankPlan:
+    """Rank 0's plan (the most experts of any rank). FP8 checkpoints (or ``quantization="fp8"``) count their linear
+    and expert weights at one byte plus their scales (:func:`server.models.loader.store_fp8_layout`)."""
     arch = raw["architectures"][0]
     if arch not in MODEL_CLASSES:
         return plan_from_arithmetic(raw, sp, tp, expert_parallel, kv_dtype)
@@ -64,6 +67,9 @@ def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torc
     pstate = ParallelState(sp_size=sp, tp_size=tp, device=torch.device("meta"), expert_parallel=expert_parallel)
     with torch.device("meta"):
         model = cls(cfg, pstate, dtype)
+    scheme = parse_fp8_scheme(cfg.quantization, quantization)
+    if scheme is not None:
+        store_fp8_layout(model, scheme)
     return RankPlan(weight_bytes(model), kv_bytes_per_token(model, kv_dtype or dtype),
                     state_bytes_per_request(model, dtype), "model")
 
@@ -142,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--kv-cache-dtype", choices=tuple(KV_DTYPES), default="auto",
                    help="auto: the model's dtype; fp8_e4m3: one byte per value")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: a high-precision checkpoint's linear and expert weights at one byte (FP8 checkpoints "
+                        "count so without it)")
     p.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
                    help="requests whose linear-attention states are reserved")
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in names:
         cfg = load_config(None if a.shape else name, name if a.shape else None)
-        plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype])
+        plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype],
+                         a.quantization)
         rows.append(describe(name, plan, a.sp_size, a.mem_fraction_static, a.max_running_requests))
     if a.json:
         for row in rows:

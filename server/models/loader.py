@@ -15,10 +15,10 @@ from torch import nn
 
 from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
-from server.layers.fp8 import parse_fp8_scheme
+from server.layers.fp8 import Fp8Scheme, parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
-from server.layers.linear import RowParallelLinear, quantize_linear_layers
+from server.layers.linear import QuantizableLinear, RowParallelLinear, quantize_linear_layers
 from server.layers.moe import FusedMoE, deferred_expert_storage
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
@@ -196,6 +196,19 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
     if load_format != "dummy":
         set_kv_scales(model, read_kv_scales(model_path))
     return model.eval()
+
+
+def store_fp8_layout(model: nn.Module, scheme: Fp8Scheme) -> None:
+    """Give a model built without weights (the planner's, on the meta device) the storage an FP8 load ends with: every
+    TP linear and MoE expert FP8 with its scales in blocks of the scheme's columns (one per row when it has none). A
+    checkpoint's layers left in high precision (its ``ignore`` list) are counted FP8 too."""
+    bk = scheme.block[1] if scheme.block else None
+    for m in model.modules():
+        if isinstance(m, QuantizableLinear):
+            m.store_fp8(bk or m.weight.shape[1])
+        elif isinstance(m, FusedMoE):
+            for name in ("w13", "w2"):
+                m.store_fp8(name, bk or getattr(m, name).shape[-1])
 
 
 def set_kv_scales(model: nn.Module, scales: dict[str, float]) -> None:
