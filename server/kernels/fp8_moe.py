@@ -34,7 +34,7 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tile_k(k: int, kb: int, block_k: int) -> int | None:
+def _tile_k(kb: int, block_k: int) -> int | None:
     """Columns per K tile so that a tile lies inside one scale block (None: no such tile for the kernels)."""
     if kb == 1:
         return 64
@@ -115,7 +115,7 @@ def experts_fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bl
     """``x [M, G*K]`` times FP8 ``w [G, N, K]`` (scales ``[G, N, kb]``, blocks of ``block_k`` columns), summed over
     the G experts -> ``[M, N]`` in x's dtype."""
     g, n, k = w.shape
-    tile = _tile_k(k, scale.shape[-1], block_k)
+    tile = _tile_k(scale.shape[-1], block_k)
     if not _use_kernel(x, tile):
         return experts_fp8_matmul_ref(x, w, scale, block_k)
     m = x.shape[0]
@@ -149,7 +149,7 @@ def gathered_fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b
     """Row ``p`` of ``x [P, K]`` times FP8 expert ``w[index[p]]`` (``w [E, N, K]``, scales ``[E, N, kb]``) ->
     ``[P, N]`` in x's dtype."""
     _, n, k = w.shape
-    tile = _tile_k(k, scale.shape[-1], block_k)
+    tile = _tile_k(scale.shape[-1], block_k)
     if not _use_kernel(x, tile):
         return gathered_fp8_matmul_ref(x, w, scale, block_k, index)
     p = x.shape[0]
