@@ -96,7 +96,8 @@ class Engine:
         self.model_path = config.model_path or builtin_model_path()
         self.model_cfg = read_model_config(self.model_path)
         check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format,
-                                config.ulysses_degree, config.ulysses_layers, config.quantization)
+                                config.ulysses_degree, config.ulysses_layers, config.quantization,
+                                config.shard_dense_weights)
         self.tokenizer_path = config.tokenizer_path or self.model_path
         self.max_model_len = context_length(config, self.model_cfg)
         self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)

@@ -14,8 +14,14 @@ from server.layers.cache_spec import page_bytes
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter of this rank's model (its shard)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of every parameter of this rank's model (its shard; of a dense weight sharded over SP, the rows it
+    stores, also while the parameter points at its gathered whole)."""
+    total = 0
+    for p in model.parameters():
+        shard = getattr(p, "row_shard", None)
+        stored = p if shard is None or shard.stored is None else shard.stored
+        total += stored.numel() * stored.element_size()
+    return total
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:

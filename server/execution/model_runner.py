@@ -212,12 +212,16 @@ class ModelRunner:
         return tuple(total)
 
     def footprint(self) -> dict:
-        """What this rank stores, in bytes: its weights (its TP shard, and its experts only with expert parallelism),
-        its KV cache pages and its state slots (zero before the caches are allocated); ``experts``: the ``[first,
-        end)`` experts of every MoE layer here (None without MoE layers)."""
+        """What this rank stores, in bytes: its weights (its TP shard, its experts only with expert parallelism, its
+        1/sp of every dense weight with ``--shard-dense-weights``), the buffers its sharded dense weights are gathered
+        into (``gather_buffer_bytes``: two decoder layers' and the vocabulary's TP slices; 0 without sharding), its
+        KV cache pages and its state slots (zero before the caches are allocated); ``experts``: the ``[first, end)``
+        experts of every MoE layer here (None without MoE layers)."""
         allocated = self.table is not None
         moe = next(iter(self.model.moe_layers()), None)
+        gather = getattr(self.model, "dense_weight_gather", None)
         return {"weight_bytes": weight_bytes(self.model),
+                "gather_buffer_bytes": 0 if gather is None else gather.buffer_bytes,
                 "kv_cache_bytes": self.cache_bytes_per_page() * self.num_pages if allocated and self.has_kv else 0,
                 "state_bytes": self.state_bytes_per_slot() * self.total_slots if allocated else 0,
                 "experts": None if moe is None else (moe.first, moe.end)}
@@ -225,7 +229,9 @@ class ModelRunner:
     def footprint_line(self) -> str:
         f = self.footprint()
         experts = "" if f["experts"] is None else f", experts [{f['experts'][0]}, {f['experts'][1]})"
-        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
+        gathered = f"gather buffers {f['gather_buffer_bytes'] / 2**30:.3f} GiB, " if f["gather_buffer_bytes"] else ""
+        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, {gathered}"
+                f"KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
                 f"states {f['state_bytes'] / 2**30:.3f} GiB{experts}")
 
     def config_max_len(self) -> int:

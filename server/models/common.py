@@ -21,6 +21,7 @@ from server.layers.linear import (
 )
 from server.layers.moe import FusedMoE, moe_block_forward
 from server.layers.norm import RMSNorm
+from server.layers.row_shard import runs_on_slice
 from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
 
@@ -52,7 +53,8 @@ class GatedMLP(nn.Module):
         self.down_proj = RowSeqParallelLinear(intermediate, hidden, pstate, bias, dtype)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
-        if sp_split:
+        # weights sharded over SP and not gathered: the linears run on their stored rows (already 1/P of the reads)
+        if sp_split and not runs_on_slice(self.gate_up_proj.weight):
             return self.forward_sp_split(x)
         h = self.gate_up_proj(x, seq_sharded)  # [T, 2I]: groups of [gate_g | up_g]
         t = h.shape[0]

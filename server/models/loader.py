@@ -31,6 +31,7 @@ from server.models.minimax import MiniMaxForCausalLM
 from server.models.minimax_m2 import MiniMaxM2ForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
 from server.models.qwen3_moe import Qwen3MoeForCausalLM
+from server.sp.dense_weights import attach_dense_weight_gather
 from server.sp.groups import ParallelState
 from server.sp.ulysses import ulysses_kv_heads
 
@@ -71,16 +72,19 @@ def read_model_config(model_path: str) -> ModelConfig:
 
 def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, load_format: str,
                             ulysses_degree: int = 1, ulysses_layers: str = "all",
-                            quantization: str | None = None) -> None:
+                            quantization: str | None = None, shard_dense_weights: bool = False) -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
     own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
     rank's heads over ``ulysses_degree``; softmax heads only when ``ulysses_layers`` is ``all``), or a config that
     lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the weights
-    exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads."""
+    exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads (and is not
+    to be sharded by ``--shard-dense-weights``, which keeps high-precision weights only)."""
     try:
         scheme = parse_fp8_scheme(cfg.quantization, quantization)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
+    if scheme is not None and shard_dense_weights:
+        raise ValueError(f"{model_path}: --shard-dense-weights does not shard FP8 weights; serve this model without it")
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.architecture](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
                                                 torch.float32)
@@ -195,6 +199,7 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
         torch.cuda.empty_cache()  # the high-precision storage FP8 layers replaced: free memory is sized from here
     if load_format != "dummy":
         set_kv_scales(model, read_kv_scales(model_path))
+    attach_dense_weight_gather(model, pstate)  # after loading: the stored rows are final
     return model.eval()
 
 
