@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in names:
         cfg = load_config(None if a.shape else name, name if a.shape else None)
-        plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype],
-                         a.shard_dense_weights, a.quantization)
+        try:
+            plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype],
+                             a.shard_dense_weights, a.quantization)
+        except ValueError as e:  # a layout the engine refuses for this model
+            p.error(f"{name}: {e}")
         rows.append(describe(name, plan, a.sp_size, a.mem_fraction_static, a.max_running_requests))
     if a.json:
         for row in rows:
