@@ -171,3 +171,28 @@ def test_fp8_experts_on_gpu_match_the_dequantized_fp32_reference(tokens: int) ->
     err = ((got - want).abs().max() / want.abs().max()).item()
     print(f"FP8 experts on CUDA, {tokens} tokens: max error relative to the largest output {err:.4f}")
     assert err < 0.05
+
+
+@needs_cuda
+@gpu
+@pytest.mark.parametrize("tokens", [2, 16])  # the gathered and the dense form
+def test_fp8_sync_free_forms_capture_in_a_cuda_graph(tokens: int) -> None:
+    """The FP8 experts' sync-free forms captured in a CUDA graph (decode steps) and replayed on new inputs equal the
+    same forms run eagerly (bf16): no host sync in the grouped kernels' wrappers."""
+    torch.manual_seed(tokens)
+    cuda = torch.device("cuda")
+    moe = FusedMoE(8, 2, 256, 256, ParallelState(device=cuda), dtype=torch.bfloat16).to(cuda)
+    load(moe, checkpoint_experts((128, 128), 8, 256, 256)[0])
+    moe.gate.data.normal_(0, 0.1)
+    x = torch.randn(tokens, 256, device=cuda, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe(x)  # warm-up (and the kernels' compilation) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe(x)
+    x.copy_(torch.randn(tokens, 256, device=cuda, dtype=torch.bfloat16))
+    graph.replay()
+    torch.testing.assert_close(out, moe.forward_sync_free(x, *moe.route(x)), atol=0, rtol=0)
