@@ -259,7 +259,8 @@ def main() -> None:
                     help="sp > 1: dense MLPs split over the SP ranks in decode steps of replicated requests (the "
                          "engine's default) and / or not")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
-                    help="weights: none (the model dtype) and/or fp8 (per-channel FP8 GEMMs), each a config")
+                    help="weights: none (the model dtype) and/or fp8 (per-channel FP8 linears and MoE experts), each a "
+                         "config")
     ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8_e4m3"],
                     help="KV pages: auto (the model dtype) and/or fp8_e4m3, each a config")
     ap.add_argument("--structured", default="none", choices=["none", "json"],

@@ -1,7 +1,8 @@
 """Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention,
 the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs),
 one MoE layer through the expert-parallel dispatch / combine path at EP size 1 against the TP-sliced MoE
-(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes), and a turn's short query over a long cached prefix
+(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes), the same layer with FP8 experts against bf16 ones
+(``--sections moe_fp8``), and a turn's short query over a long cached prefix
 (``short_turn_attention``: the attention kinds and KV splits beside the floor; run it after ``ceilings``).
 
     python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
@@ -699,6 +700,45 @@ def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
         print(json.dumps(row), flush=True)
 
 
+def moe_fp8(rows: list, budget: Budget, tokens: list[int]) -> None:
+    """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8) with bf16 experts and with the
+    same experts in FP8 (blocks of 128 x 128, as the published FP8 checkpoint): eager ms per call and, up to 128
+    tokens, us per call replayed from a CUDA graph. Up to 15 tokens the sync-free gathered form runs, 16 to 128 the
+    dense form (grouped FP8 kernels of server/kernels/fp8_moe.py against bf16 matmuls), above 128 the per-expert loop
+    (FP8 GEMMs against bf16 GEMMs). ``err``: the FP8 layer's max error relative to the bf16 layer's largest output."""
+    from server.kernels.fp8 import dequantize, quantize_per_row
+    from server.layers.moe import FusedMoE
+    from server.sp.groups import ParallelState
+
+    hidden, experts, top_k, inter = 2048, 128, 8, 768
+    dev = torch.device("cuda")
+    with torch.device(dev):
+        bf16, fp8 = (FusedMoE(experts, top_k, hidden, inter, ParallelState(device=dev), torch.bfloat16)
+                     for _ in range(2))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for p in bf16.parameters():
+        p.data.normal_(0.0, 0.02, generator=gen)
+    fp8.gate.data.copy_(bf16.gate.data)
+    for name in ("w13", "w2"):
+        q, scale = quantize_per_row(getattr(bf16, name).data, 128)
+        fp8.store_fp8(name, 128)
+        getattr(fp8, name).data.copy_(q)
+        getattr(fp8, name + "_scale").data.copy_(scale)
+        getattr(bf16, name).data.copy_(dequantize(q, scale, 128))  # both layers compute the same weights
+    for t in tokens:
+        if budget.left() <= 0:
+            break
+        x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        ref = bf16(x)
+        row = {"tokens": t, "bf16_ms": bench_ms(partial(bf16, x)), "fp8_ms": bench_ms(partial(fp8, x)),
+               "err": ((fp8(x) - ref).abs().max() / ref.abs().max()).item()}
+        if t <= 128:
+            row["bf16_graph_us"] = graph_us(partial(bf16, x), calls=20)
+            row["fp8_graph_us"] = graph_us(partial(fp8, x), calls=20)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def _bandwidth_table(rows: list[dict], copy: float | None, title: str, keys: tuple[str, str]) -> list[str]:
     """A GB/s table (with the fraction of the copy bandwidth) of the measured rows, keyed by two columns."""
     rows = [r for r in rows if "gbps" in r]
@@ -815,6 +855,17 @@ def render_markdown(res: dict) -> str:
                   f"{fmt(r.get('tp_sliced_graph_us'), 1)} | {fmt(r.get('ep_static_graph_us'), 1)} | "
                   f"{max(r['ep_exact_err'], r.get('ep_static_err', 0.0)):.1e} |" for r in moe]
         lines.append("")
+    mf = [r for r in res.get("moe_fp8", []) if "fp8_ms" in r]
+    if mf:
+        lines += ["## One MoE layer: FP8 experts (blocks of 128) vs bf16 experts", "",
+                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8), bf16 activations; up to 15 tokens the "
+                  "gathered form, 16-128 the dense form, above the per-expert loop; graph columns are us per call.",
+                  "", "| tokens | bf16 ms | FP8 ms | FP8 / bf16 | bf16 graph us | FP8 graph us | max rel. err |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['fp8_ms'] / r['bf16_ms']:.2f} | "
+                  f"{fmt(r.get('bf16_graph_us'), 1)} | {fmt(r.get('fp8_graph_us'), 1)} | {r['err']:.1e} |"
+                  for r in mf]
+        lines.append("")
     kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
     if kd:
         lines += ["## KDA at the Kimi-Linear-48B-A3B layer shape (bf16, 32 heads of 128, per-channel decays)", "",
@@ -843,7 +894,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
     p.add_argument("--ring-tokens", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 256, 4096, 32768],
-                   help="tokens of the moe_ep section")
+                   help="tokens of the moe_ep and moe_fp8 sections")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later cases are skipped once spent")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -864,6 +915,7 @@ def main() -> None:
         "pointwise": lambda r: pointwise(r, budget),
         "gdn": lambda r: gdn(r, budget),
         "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens),
+        "moe_fp8": lambda r: moe_fp8(r, budget, args.moe_tokens),
         "kda": lambda r: kda(r, budget),
         "short_turn_attention": lambda r: short_turn_attention(r, budget, res.get("ceilings", {})),
     }

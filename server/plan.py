@@ -28,7 +28,8 @@ import torch
 from server.config import EngineConfig
 from server.execution.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
 from server.layers.expert_parallel import expert_range
-from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype
+from server.layers.fp8 import parse_fp8_scheme
+from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype, store_fp8_layout
 from server.sp.dense_weights import DenseWeightGather
 from server.sp.groups import ParallelState
 
@@ -58,8 +59,10 @@ def load_config(model_path: str | None, shape: str | None) -> dict:
 
 
 def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None,
-              shard_dense_weights: bool = False) -> RankPlan:
-    """Rank 0's plan (the most experts of any rank)."""
+              shard_dense_weights: bool = False, quantization: str | None = None) -> RankPlan:
+    """Rank 0's plan (the most experts of any rank). FP8 checkpoints (or ``quantization="fp8"``) count their linear
+    and expert weights at one byte plus their scales (:func:`server.models.loader.store_fp8_layout`); the engine
+    does not shard FP8 dense weights over SP, so that pair is a ``ValueError`` here too."""
     arch = raw["architectures"][0]
     if arch not in MODEL_CLASSES:
         return plan_from_arithmetic(raw, sp, tp, expert_parallel, kv_dtype, shard_dense_weights)
@@ -70,6 +73,12 @@ def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torc
                            shard_dense_weights=shard_dense_weights)
     with torch.device("meta"):
         model = cls(cfg, pstate, dtype)
+    scheme = parse_fp8_scheme(cfg.quantization, quantization)
+    if scheme is not None:
+        if shard_dense_weights:
+            raise ValueError("--shard-dense-weights does not shard FP8 weights; drop it or --quantization (or plan "
+                             "a high-precision checkpoint)")
+        store_fp8_layout(model, scheme)
     gathered = DenseWeightGather(model, pstate).buffer_bytes if pstate.dense_shards > 1 else 0
     return RankPlan(weight_bytes(model) + gathered, kv_bytes_per_token(model, kv_dtype or dtype),
                     state_bytes_per_request(model, dtype), "model")
@@ -159,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="dense weights 1/sp per GPU, plus the buffers they are gathered into")
     p.add_argument("--kv-cache-dtype", choices=tuple(KV_DTYPES), default="auto",
                    help="auto: the model's dtype; fp8_e4m3: one byte per value")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: a high-precision checkpoint's linear and expert weights at one byte (FP8 checkpoints "
+                        "count so without it)")
     p.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
                    help="requests whose linear-attention states are reserved")
@@ -168,12 +180,17 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--sp-size and --tp-size must be >= 1")
     if not 0 < a.mem_fraction_static < 1:
         p.error(f"--mem-fraction-static must be in (0, 1), got {a.mem_fraction_static}")
+    if a.quantization and a.shard_dense_weights:
+        p.error("--shard-dense-weights does not shard FP8 weights; drop it or --quantization")
     names = a.shape or [a.model_path]
     rows = []
     for name in names:
         cfg = load_config(None if a.shape else name, name if a.shape else None)
-        plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype],
-                         a.shard_dense_weights)
+        try:
+            plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype],
+                             a.shard_dense_weights, a.quantization)
+        except ValueError as e:  # a layout the engine refuses for this model
+            p.error(f"{name}: {e}")
         rows.append(describe(name, plan, a.sp_size, a.mem_fraction_static, a.max_running_requests))
     if a.json:
         for row in rows:

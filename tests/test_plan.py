@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from server.plan import load_config, main, plan_from_arithmetic, plan_rank
-from tests.helpers import save_tiny_model
+from tests.helpers import save_fp8_model, save_tiny_model
 
 # Parameter counts the model cards publish (language model only).
 PUBLISHED = {"llama3.1-70b": 70_553_706_496, "qwen3-30b-a3b": 30_532_122_624, "qwen3-235b-a22b": 235_093_634_560}
@@ -58,6 +58,22 @@ def test_checkpoint_directory_and_expert_parallel_share(tmp_path):
     shared = sum(t.nbytes for k, t in tensors.items() if ".mlp.shared_expert." in k) // 2
     tp_sliced = plan_rank(cfg, 2, 2, False, None).weights
     assert plan_rank(cfg, 2, 2, True, None).weights == tp_sliced - experts // 2 + 2 * experts // 5 + shared // 2
+
+
+def test_fp8_checkpoint_plans_the_bytes_the_engine_loads(tmp_path):
+    """An FP8 MoE checkpoint (blocks of 32 x 16): the planned weights are what the loaded engine reports (its linear
+    layers and experts FP8 with their scales, the rest bf16), about half the bf16 plan; ``--quantization fp8`` plans
+    a high-precision checkpoint the same way, with one scale per row."""
+    from server import LLM
+
+    fp8, _ = save_fp8_model("qwen3_moe", str(tmp_path), "block", (32, 16))
+    planned = plan_rank(load_config(fp8, None), 1, 1, False, None).weights
+    with LLM(fp8, device="cpu", dtype="bfloat16") as llm:
+        assert planned == llm.engine.runner.footprint()["weight_bytes"]
+    bf16 = load_config(save_tiny_model("qwen3_moe", str(tmp_path)), None)
+    assert planned < 0.75 * plan_rank(bf16, 1, 1, False, None).weights
+    # one scale per row, not per 16 columns
+    assert plan_rank(bf16, 1, 1, False, None, quantization="fp8").weights < planned
 
 
 def test_cli_table_for_the_large_models(capsys):

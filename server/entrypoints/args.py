@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
                      help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     mdl.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                     help="fp8: quantize a high-precision checkpoint's linear weights per channel at load; FP8 "
-                          "checkpoints run in FP8 without it")
+                     help="fp8: quantize a high-precision checkpoint's linear and MoE expert weights per channel at "
+                          "load; FP8 checkpoints run in FP8 without it")
     mdl.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                      help="auto: the model's dtype; fp8_e4m3: KV pages in FP8 (half the bytes, twice the tokens)")
     mdl.add_argument("--max-model-len", "--context-length", type=int, default=None,
