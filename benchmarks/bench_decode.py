@@ -13,6 +13,9 @@ shard of the batch's KV, its linear-attention states read and written) over the 
 
 ``--quantization none fp8`` and ``--kv-cache-dtype auto fp8_e4m3`` run each weight / KV format as its own config
 (FP8 weights: random weights quantized per channel at load); every row records the KV tokens the engine holds.
+``--shard-dense-weights off on`` (at sp > 1) runs the dense weights stored 1/sp per GPU as its own config: its
+decode steps gather each layer, or run on the stored rows when every row is replicated (docs/sp.md, "Dense weights
+over SP").
 
 Structured outputs: ``--structured json`` measures every cell twice in the same engine, unconstrained and with
 every request constrained to a JSON schema (``--json-schema FILE``, default: an unbounded array of records with
@@ -92,13 +95,22 @@ def copy_gbps(device: torch.device) -> float | None:
     return 2 * (1 << 31) / secs / 1e9
 
 
+def whole_bytes(p: torch.nn.Parameter) -> int:
+    """Bytes of a parameter, whole also when it is a dense weight stored 1/sp per rank."""
+    shard = getattr(p, "row_shard", None)
+    if shard is None:
+        return p.numel() * p.element_size()
+    return p.numel() // p.shape[0] * shard.rows * p.element_size()
+
+
 def step_bytes(engine: Engine, context: int, batch: int, split_mlp: bool = False) -> int:
     """Bytes one decode step reads on rank 0: weights, its KV shard of every request, the states (read + write).
     ``split_mlp``: the step split the dense MLPs over the SP ranks (each reads 1/sp of their weights). Of a MoE
     layer's experts only those the batch's tokens choose must be read: with top-k of E chosen uniformly, the
-    expected share is ``1 - (1 - k/E)^batch``."""
+    expected share is ``1 - (1 - k/E)^batch``. Dense weights sharded over SP (``--shard-dense-weights``) count whole:
+    a gathered step reads them whole from its buffers (the gathers themselves are not in the floor)."""
     r = engine.runner
-    weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    weights = sum(whole_bytes(p) for p in r.model.parameters())
     for m in r.model.modules():
         if isinstance(m, FusedMoE):
             unread = (1 - m.top_k / m.num_experts) ** batch
@@ -171,12 +183,12 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
 
 
 def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str, gbps: float | None, emit,
-               quant: str = "none", kv_dtype: str = "auto", ep: str = "off") -> None:
+               quant: str = "none", kv_dtype: str = "auto", ep: str = "off", shard: str = "off") -> None:
     tokenizer, bias = structured_setup(args, model, model_config(model)["vocab_size"])
     kinds = {"none": [None], "json": [None, StructuredOutput("json", args.schema_text)]}[args.structured]
     cfg = EngineConfig(model_path=model_dir(model), tokenizer_path=tokenizer, load_format="dummy", sp_size=sp,
                        tp_size=args.tp_size, quantization=None if quant == "none" else quant, kv_cache_dtype=kv_dtype,
-                       enable_expert_parallel=ep == "on",
+                       enable_expert_parallel=ep == "on", shard_dense_weights=shard == "on",
                        cuda_graph="auto" if graphs == "on" else "off", cuda_graph_max_bs=max(args.batch),
                        sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
@@ -194,7 +206,7 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str,
                    "graphs": graphs == "on", "overlap": overlap == "on", "sp_split_mlp": split == "on",
                    "quantization": quant, "kv_cache_dtype": kv_dtype, "kv_tokens": kv_tokens,
                    "structured": kind.kind if kind else "none", "expert_parallel": ep == "on",
-                   "startup_s": startup_s}
+                   "shard_dense_weights": shard == "on", "startup_s": startup_s}
             try:
                 row.update(measure_cell(engine, context, batch, args.decode_steps, len(args.batch), kind, bias))
                 split_all = row["split_mlp_steps"] == args.decode_steps
@@ -247,7 +259,8 @@ def main() -> None:
                     help="sp > 1: dense MLPs split over the SP ranks in decode steps of replicated requests (the "
                          "engine's default) and / or not")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
-                    help="weights: none (the model dtype) and/or fp8 (per-channel FP8 GEMMs), each a config")
+                    help="weights: none (the model dtype) and/or fp8 (per-channel FP8 linears and MoE experts), each a "
+                         "config")
     ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8_e4m3"],
                     help="KV pages: auto (the model dtype) and/or fp8_e4m3, each a config")
     ap.add_argument("--structured", default="none", choices=["none", "json"],
@@ -256,6 +269,8 @@ def main() -> None:
     ap.add_argument("--enable-expert-parallel", nargs="+", default=["off"], choices=["on", "off"],
                     help="MoE models: experts spread over every rank (at one GPU: the dispatch / combine path with "
                          "identity exchanges) and / or TP-sliced")
+    ap.add_argument("--shard-dense-weights", nargs="+", default=["off"], choices=["on", "off"],
+                    help="dense weights stored 1/sp per GPU and gathered per layer (or decoded on the stored rows)")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -271,11 +286,12 @@ def main() -> None:
     for model in args.model:
         for sp in args.sp_size:
             for graphs in args.graphs:
-                for overlap, split, quant, kv_dtype, ep in itertools.product(
+                for overlap, split, quant, kv_dtype, ep, shard in itertools.product(
                         args.overlap, args.sp_split_mlp if sp > 1 else ["on"], args.quantization,
-                        args.kv_cache_dtype, args.enable_expert_parallel):
+                        args.kv_cache_dtype, args.enable_expert_parallel,
+                        args.shard_dense_weights if sp > 1 else args.shard_dense_weights[:1]):
                     try:
-                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, quant, kv_dtype, ep)
+                        run_config(args, model, sp, graphs, overlap, split, gbps, emit, quant, kv_dtype, ep, shard)
                     except Exception as e:  # recorded; the other configs still run
                         emit({"model": model, "sp": sp, "tp": args.tp_size, "graphs": graphs == "on",
                               "expert_parallel": ep == "on",
@@ -287,6 +303,7 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|")
     for r in rows:
         ep = " (EP)" if r.get("expert_parallel") else ""
+        ep += " (sharded)" if r.get("shard_dense_weights") else ""
         cell = (f"| {r['model']}{ep} | {r.get('quantization', '')} | {r.get('kv_cache_dtype', '')} | "
                 f"{r.get('kv_tokens', '')} | {r['sp']} | {r['tp']} | {r['context']} | {r['batch']} | {r['graphs']} | "
                 f"{r['overlap']} | {r.get('structured', 'none')} | {r.get('split_mlp_steps', '')} | ")

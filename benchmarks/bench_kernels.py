@@ -1,7 +1,8 @@
 """Kernel benchmarks: lightning prefill (ours vs fla), lightning decode, merge_state, flashinfer ring-step attention,
 the decoder layers' pointwise ops (RMSNorm, SiLU-and-multiply, RoPE: Triton vs torch, timed inside CUDA graphs),
 one MoE layer through the expert-parallel dispatch / combine path at EP size 1 against the TP-sliced MoE
-(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes), and a turn's short query over a long cached prefix
+(``--sections moe_ep``, Qwen3-30B-A3B's expert shapes), the same layer with FP8 experts against bf16 ones
+(``--sections moe_fp8``), and a turn's short query over a long cached prefix
 (``short_turn_attention``: the attention kinds and KV splits beside the floor; run it after ``ceilings``).
 
     python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--sections ...] [--time-budget SECONDS]
@@ -456,26 +457,41 @@ def _gathered_decode_loop(q, k_cache, v_cache, tables, kv_len: int, scale: float
         _gathered_attention(q[i : i + 1], k_cache, v_cache, pages, kv_len, [(0, 1, kv_len)], scale)
 
 
-def paged_attention(rows: list, budget: Budget) -> None:
-    """The engine's batched local attention (server/backends/flashinfer_backend.py) against the per-request path
-    it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
-    import types
+LLAMA_ATTENTION = (32, 8, HEAD_DIM, 16)  # query heads, KV heads, head dim, page size (Llama-3-8B, one GPU)
 
-    from server.backends.attention import AttentionGeometry, make_batch
+
+def llama_backend(rows: list):
+    """flashinfer and the engine's flashinfer backend at the Llama-3-8B attention shape, or None (a skip row)."""
+    from server.backends.attention import AttentionGeometry
     from server.backends.flashinfer_backend import FlashInferAttentionBackend
-    from server.forward.context import LocalEntry
     from server.kernels.flashinfer_attention import flashinfer_module
     from server.sp.groups import ParallelState
 
     fi = flashinfer_module()
     if fi is None:
         rows.append({"skipped": "flashinfer not importable"})
+        return None
+    hq, hk, d, page = LLAMA_ATTENTION
+    dev = torch.device("cuda")
+    return fi, FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, d**-0.5),
+                                          torch.bfloat16)
+
+
+def paged_attention(rows: list, budget: Budget) -> None:
+    """The engine's batched local attention (server/backends/flashinfer_backend.py) against the per-request path
+    it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
+    import types
+
+    from server.backends.attention import make_batch
+    from server.forward.context import LocalEntry
+
+    made = llama_backend(rows)
+    if made is None:
         return
-    hq, hk, d, page = 32, 8, HEAD_DIM, 16
+    fi, backend = made
+    hq, hk, d, page = LLAMA_ATTENTION
     scale = d**-0.5
     dev = torch.device("cuda")
-    backend = FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, scale),
-                                         torch.bfloat16)
 
     def run(batch, q, k, v, kc, vc):
         return backend.run_batch(batch, q, k, v, types.SimpleNamespace(k=kc, v=vc), scale)
@@ -583,21 +599,17 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
     import inspect
     import types
 
-    from server.backends.attention import AttentionGeometry, make_batch
-    from server.backends.flashinfer_backend import WORKSPACE_BYTES, FlashInferAttentionBackend
+    from server.backends.attention import make_batch
+    from server.backends.flashinfer_backend import WORKSPACE_BYTES
     from server.forward.context import LocalEntry
-    from server.kernels.flashinfer_attention import flashinfer_module
-    from server.sp.groups import ParallelState
 
-    fi = flashinfer_module()
-    if fi is None:
-        rows.append({"skipped": "flashinfer not importable"})
+    made = llama_backend(rows)
+    if made is None:
         return
-    hq, hk, d, page = 32, 8, HEAD_DIM, 16
+    fi, backend = made
+    hq, hk, d, page = LLAMA_ATTENTION
     scale = d**-0.5
     dev = torch.device("cuda")
-    backend = FlashInferAttentionBackend(ParallelState(device=dev), page, AttentionGeometry(hq, hk, d, scale),
-                                         torch.bfloat16)
     workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
     has_fixed = "fixed_split_size" in inspect.signature(fi.BatchPrefillWithPagedKVCacheWrapper.plan).parameters
     copy_gbps, tflops_peak = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
@@ -684,6 +696,45 @@ def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
             row["ep_static_err"] = rel_err(layers[True].expert_parallel_rows(x, mask), ref)
             row["tp_sliced_graph_us"] = graph_us(partial(layers[False], x), calls=20)
             row["ep_static_graph_us"] = graph_us(partial(layers[True].expert_parallel_rows, x, mask), calls=20)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def moe_fp8(rows: list, budget: Budget, tokens: list[int]) -> None:
+    """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8) with bf16 experts and with the
+    same experts in FP8 (blocks of 128 x 128, as the published FP8 checkpoint): eager ms per call and, up to 128
+    tokens, us per call replayed from a CUDA graph. Up to 15 tokens the sync-free gathered form runs, 16 to 128 the
+    dense form (grouped FP8 kernels of server/kernels/fp8_moe.py against bf16 matmuls), above 128 the per-expert loop
+    (FP8 GEMMs against bf16 GEMMs). ``err``: the FP8 layer's max error relative to the bf16 layer's largest output."""
+    from server.kernels.fp8 import dequantize, quantize_per_row
+    from server.layers.moe import FusedMoE
+    from server.sp.groups import ParallelState
+
+    hidden, experts, top_k, inter = 2048, 128, 8, 768
+    dev = torch.device("cuda")
+    with torch.device(dev):
+        bf16, fp8 = (FusedMoE(experts, top_k, hidden, inter, ParallelState(device=dev), torch.bfloat16)
+                     for _ in range(2))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for p in bf16.parameters():
+        p.data.normal_(0.0, 0.02, generator=gen)
+    fp8.gate.data.copy_(bf16.gate.data)
+    for name in ("w13", "w2"):
+        q, scale = quantize_per_row(getattr(bf16, name).data, 128)
+        fp8.store_fp8(name, 128)
+        getattr(fp8, name).data.copy_(q)
+        getattr(fp8, name + "_scale").data.copy_(scale)
+        getattr(bf16, name).data.copy_(dequantize(q, scale, 128))  # both layers compute the same weights
+    for t in tokens:
+        if budget.left() <= 0:
+            break
+        x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        ref = bf16(x)
+        row = {"tokens": t, "bf16_ms": bench_ms(partial(bf16, x)), "fp8_ms": bench_ms(partial(fp8, x)),
+               "err": ((fp8(x) - ref).abs().max() / ref.abs().max()).item()}
+        if t <= 128:
+            row["bf16_graph_us"] = graph_us(partial(bf16, x), calls=20)
+            row["fp8_graph_us"] = graph_us(partial(fp8, x), calls=20)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -804,6 +855,17 @@ def render_markdown(res: dict) -> str:
                   f"{fmt(r.get('tp_sliced_graph_us'), 1)} | {fmt(r.get('ep_static_graph_us'), 1)} | "
                   f"{max(r['ep_exact_err'], r.get('ep_static_err', 0.0)):.1e} |" for r in moe]
         lines.append("")
+    mf = [r for r in res.get("moe_fp8", []) if "fp8_ms" in r]
+    if mf:
+        lines += ["## One MoE layer: FP8 experts (blocks of 128) vs bf16 experts", "",
+                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8), bf16 activations; up to 15 tokens the "
+                  "gathered form, 16-128 the dense form, above the per-expert loop; graph columns are us per call.",
+                  "", "| tokens | bf16 ms | FP8 ms | FP8 / bf16 | bf16 graph us | FP8 graph us | max rel. err |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['fp8_ms'] / r['bf16_ms']:.2f} | "
+                  f"{fmt(r.get('bf16_graph_us'), 1)} | {fmt(r.get('fp8_graph_us'), 1)} | {r['err']:.1e} |"
+                  for r in mf]
+        lines.append("")
     kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
     if kd:
         lines += ["## KDA at the Kimi-Linear-48B-A3B layer shape (bf16, 32 heads of 128, per-channel decays)", "",
@@ -832,7 +894,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(PREFILL_CONFIGS), choices=list(PREFILL_CONFIGS))
     p.add_argument("--ring-tokens", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 64, 256, 4096, 32768],
-                   help="tokens of the moe_ep section")
+                   help="tokens of the moe_ep and moe_fp8 sections")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later cases are skipped once spent")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -853,6 +915,7 @@ def main() -> None:
         "pointwise": lambda r: pointwise(r, budget),
         "gdn": lambda r: gdn(r, budget),
         "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens),
+        "moe_fp8": lambda r: moe_fp8(r, budget, args.moe_tokens),
         "kda": lambda r: kda(r, budget),
         "short_turn_attention": lambda r: short_turn_attention(r, budget, res.get("ceilings", {})),
     }

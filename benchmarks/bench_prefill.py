@@ -10,6 +10,9 @@ peak above the weights + cache pool). Results: JSON (``--out``), a PNG plot (``-
 row records its SP method and the bytes one rank sends per softmax layer for it (``server.sp.comm_volume``).
 ``--quantization none fp8`` and ``--kv-cache-dtype auto fp8_e4m3`` add weight / KV formats to the grid (FP8 weights:
 random weights quantized per channel at load); speedups compare rows of the same formats.
+``--shard-dense-weights off on`` adds dense weights stored 1/sp per GPU and gathered per layer (docs/sp.md, "Dense
+weights over SP") to the grid at sp > 1; both compare against the same sp = 1 row, and each row records the
+largest per-GPU weight bytes and gather-buffer bytes.
 
 Contexts run shortest first; the first failure of a config (out of memory, or no KV capacity) ends that config,
 so a rising list ``--context 98304 114688 131072 ...`` finds the longest prompt that fits. ``--num-prompts N``
@@ -117,9 +120,9 @@ def softmax_bytes_per_layer(cfg: dict, n: int, sp: int, tp: int, ulysses: int, w
 
 
 def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: list[int], args, emit,
-               quant: str = "none", kv_dtype: str = "auto") -> None:
-    """Run one (model, sp, tp, U, weights, KV) config over ``contexts``; every row goes to ``emit`` as soon as it is
-    measured."""
+               quant: str = "none", kv_dtype: str = "auto", shard_dense: str = "off") -> None:
+    """Run one (model, sp, tp, U, weights, KV, dense sharding) config over ``contexts``; every row goes to ``emit``
+    as soon as it is measured."""
     cfg = model_config(model)
     softmax_u = ulysses if args.ulysses_layers == "all" else 1  # the softmax layers' mesh (linear: the plain ring)
     kw = dict(
@@ -132,6 +135,7 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         ulysses_degree=ulysses,
         ulysses_layers=args.ulysses_layers,
         enable_expert_parallel=args.enable_expert_parallel,
+        shard_dense_weights=shard_dense == "on",
         max_running_requests=max(2, args.num_prompts),
         chunked_prefill_size=args.chunk or max(contexts) * args.num_prompts,
         sp_min_tokens=args.sp_min_tokens,
@@ -150,7 +154,10 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
         params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         warm = min(4096, min(contexts))
         llm.generate([list(range(warm))], params)  # JIT compiles, allocator warm-up
-        base = {s["rank"]: s["allocated_bytes"] for s in eng.memory_stats(reset=True)}
+        stats = eng.memory_stats(reset=True)
+        base = {s["rank"]: s["allocated_bytes"] for s in stats}
+        weight_bytes = max(s["weight_bytes"] for s in stats)
+        gather_bytes = max(s["gather_buffer_bytes"] for s in stats)
         dtype_bytes = torch.empty(0, dtype=eng.runner.dtype).element_size()
         if kv_dtype == "fp8_e4m3" and softmax_u == 1:  # the ring passes the FP8 pages as they are stored
             dtype_bytes = 1
@@ -175,6 +182,9 @@ def run_config(model: str, path: str, sp: int, tp: int, ulysses: int, contexts: 
                 kv_capacity_tokens=capacity,
                 quantization=quant,
                 kv_cache_dtype=kv_dtype,
+                shard_dense_weights=shard_dense,
+                weight_bytes_per_gpu=weight_bytes,  # the largest rank's stored weights ...
+                gather_buffer_bytes_per_gpu=gather_bytes,  # ... and the buffers its sharded dense weights fill
             )
             if args.num_prompts * (n + 1 + eng.config.sp_size * eng.config.page_size) > capacity:
                 row["error"] = f"does not fit: KV capacity {capacity} tokens"
@@ -228,14 +238,15 @@ CPU_WARNING = ("WARNING: --device cpu: these timings are NOT meaningful. The CPU
 def print_table(rows: list[dict], cpu: bool = False) -> None:
     """The rows as a table; on CPU without speedup and efficiency (see ``CPU_WARNING``)."""
     print(
-        f"{'model':16} {'w/kv':>9} {'sp':>2} {'tp':>2} {'U':>2} {'context':>8} {'n':>3} {'mode':>10} {'MiB/layer':>9} "
+        f"{'model':16} {'w/kv':>15} {'sp':>2} {'tp':>2} {'U':>2} {'context':>8} {'n':>3} {'mode':>10} {'MiB/layer':>9} "
         f"{'TTFT s':>8} {'tok/s':>9} {'speedup':>7} {'eff':>5} {'MFU':>5} {'peak GiB/GPU':>13} {'act GiB':>8}"
     )
     for r in rows:
         mode = f"{r.get('ring_mode', '-')[:4]}/{r.get('lasp_mode', '-')[:4]}"
         mib = r.get("softmax_bytes_per_layer")
         fmt = f"{r.get('quantization', 'none')}/{r.get('kv_cache_dtype', 'auto')[:3]}"
-        head = (f"{r['model']:16} {fmt:>9} {r['sp']:>2} {r['tp']:>2} {r.get('ulysses_degree', 1):>2} "
+        fmt += "/shard" if r.get("shard_dense_weights") == "on" else ""
+        head = (f"{r['model']:16} {fmt:>15} {r['sp']:>2} {r['tp']:>2} {r.get('ulysses_degree', 1):>2} "
                 f"{r['context'] or '-':>8} "
                 f"{r.get('num_prompts', 1):>3} {mode:>10} {'-' if mib is None else f'{mib / 2**20:.1f}':>9}")
         if "ttft_s" not in r:
@@ -313,6 +324,8 @@ def main() -> None:
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
                     help="weights: none (the model dtype) and/or fp8 (FP8 GEMMs, per-channel scales)")
     ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8_e4m3"])
+    ap.add_argument("--shard-dense-weights", nargs="+", default=["off"], choices=["off", "on"],
+                    help="dense weights replicated over SP (off) and/or stored 1/sp per GPU, gathered per layer (on)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--plot", default=None, help="PNG plot file")
@@ -343,15 +356,18 @@ def main() -> None:
     cpu = args.device == "cpu"
     if cpu and not args.merge:
         print(CPU_WARNING, file=sys.stderr, flush=True)
-    grid = [] if args.merge else [(m, sp, tp, u, q, kv) for m in args.model for tp in args.tp_size
+    # sharding has no effect at sp = 1: that row is run once, as the baseline of both
+    shard = args.shard_dense_weights
+    grid = [] if args.merge else [(m, sp, tp, u, q, kv, d) for m in args.model for tp in args.tp_size
                                   for sp in args.sp_size for u in args.ulysses_degree if sp % u == 0
-                                  for q in args.quantization for kv in args.kv_cache_dtype]
-    for m, sp, tp, u, q, kv in tqdm(grid, desc="configs"):
+                                  for q in args.quantization for kv in args.kv_cache_dtype
+                                  for d in (shard if sp > 1 else shard[:1])]
+    for m, sp, tp, u, q, kv, d in tqdm(grid, desc="configs"):
         try:
-            run_config(m, model_dir(m), sp, tp, u, sorted(args.context), args, emit, q, kv)
+            run_config(m, model_dir(m), sp, tp, u, sorted(args.context), args, emit, q, kv, d)
         except Exception as e:  # one failing config (e.g. out of memory while loading) must not lose the others
             emit(dict(model=m, sp=sp, tp=tp, ulysses_degree=u, context=None, quantization=q, kv_cache_dtype=kv,
-                      error=f"{type(e).__name__}: {e}"))
+                      shard_dense_weights=d, error=f"{type(e).__name__}: {e}"))
     save()
     print_table(rows, cpu)
     if args.plot:

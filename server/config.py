@@ -96,6 +96,9 @@ class EngineConfig:
     # MoE experts spread over all sp x tp ranks (E / N each; rows exchanged by all-to-all) instead of every rank
     # holding each expert's 1/tp slice (docs/sp.md, "Expert parallelism")
     enable_expert_parallel: bool = False
+    # dense weights (attention projections, dense MLPs, embeddings, LM head) stored 1/sp per rank and all-gathered
+    # over the SP group one layer at a time, the next layer's gather prefetched (docs/sp.md, "Dense weights over SP")
+    shard_dense_weights: bool = False
     # rank 0 prepares step N+1 while the device runs step N; step N's tokens reach the host one step later
     # (docs/architecture.md, "Overlapped steps"). None: on CUDA, and on CPU with one rank (several CPU ranks share
     # the cores that would overlap, and the token broadcast is a blocking gloo call there)
@@ -181,6 +184,8 @@ class EngineConfig:
              f"overlap_schedule must be True, False or None (auto), got {self.overlap_schedule!r}"),
             (self.prefix_cache_snapshots is None or self.prefix_cache_snapshots >= 0,
              f"--prefix-cache-snapshots must be >= 0, got {self.prefix_cache_snapshots}"),
+            (not (self.shard_dense_weights and self.quantization),
+             "--shard-dense-weights does not shard FP8 weights; drop it or --quantization"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -1,13 +1,16 @@
 """Memory plan of a model at a given sp x tp layout, per GPU, from its config.json alone (no weights, no GPU).
 
     python -m server.plan --model-path DIR --sp-size 4 --tp-size 2 [--enable-expert-parallel]
-    python -m server.plan --shape minimax-text-01 qwen3.5-397b-a17b --sp-size 4 --tp-size 2 --enable-expert-parallel
+    python -m server.plan --shape minimax-text-01 qwen3.5-397b-a17b --sp-size 4 --tp-size 2 --enable-expert-parallel \
+        --shard-dense-weights
 
 The model of the rank that stores the most (rank 0: the first ``E mod N`` ranks hold one expert more) is built on
 the meta device, so every layer shards itself as it would on a GPU; its parameters give the weight bytes, its
 softmax layers the KV bytes per token, its linear-attention layers the state bytes per request
 (:mod:`server.execution.memory`). An architecture without a model class here is computed from its config's numbers
-(a softmax decoder with dense or MoE MLPs) and marked so. Per GPU of 80 and 141 GB: the KV tokens that fit in
+(a softmax decoder with dense or MoE MLPs) and marked so. With ``--shard-dense-weights`` the weights are the
+rank's 1/sp of every dense weight plus the buffers they are gathered into (two decoder layers' and the
+vocabulary's TP slices, :mod:`server.sp.dense_weights`). Per GPU of 80 and 141 GB: the KV tokens that fit in
 ``--mem-fraction-static`` of it after the weights and ``--max-running-requests`` request states (activations and
 CUDA graphs are not counted: keep the fraction below 1 for them), and over the SP group (a long request's KV is
 spread over its SP ranks).
@@ -25,7 +28,9 @@ import torch
 from server.config import EngineConfig
 from server.execution.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
 from server.layers.expert_parallel import expert_range
-from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype
+from server.layers.fp8 import parse_fp8_scheme
+from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype, store_fp8_layout
+from server.sp.dense_weights import DenseWeightGather
 from server.sp.groups import ParallelState
 
 GPUS = {"80 GB": 80e9, "141 GB": 141e9}
@@ -53,32 +58,46 @@ def load_config(model_path: str | None, shape: str | None) -> dict:
     return dict(SHAPES[shape])
 
 
-def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None) -> RankPlan:
-    """Rank 0's plan (the most experts of any rank)."""
+def plan_rank(raw: dict, sp: int, tp: int, expert_parallel: bool, kv_dtype: torch.dtype | None,
+              shard_dense_weights: bool = False, quantization: str | None = None) -> RankPlan:
+    """Rank 0's plan (the most experts of any rank). FP8 checkpoints (or ``quantization="fp8"``) count their linear
+    and expert weights at one byte plus their scales (:func:`server.models.loader.store_fp8_layout`); the engine
+    does not shard FP8 dense weights over SP, so that pair is a ``ValueError`` here too."""
     arch = raw["architectures"][0]
     if arch not in MODEL_CLASSES:
-        return plan_from_arithmetic(raw, sp, tp, expert_parallel, kv_dtype)
+        return plan_from_arithmetic(raw, sp, tp, expert_parallel, kv_dtype, shard_dense_weights)
     cls = MODEL_CLASSES[arch]
     cfg = cls.config_class.from_hf(raw)
     dtype = resolve_dtype("auto", cfg, torch.device("cuda"))  # what a GPU serves: the checkpoint's half dtype
-    pstate = ParallelState(sp_size=sp, tp_size=tp, device=torch.device("meta"), expert_parallel=expert_parallel)
+    pstate = ParallelState(sp_size=sp, tp_size=tp, device=torch.device("meta"), expert_parallel=expert_parallel,
+                           shard_dense_weights=shard_dense_weights)
     with torch.device("meta"):
         model = cls(cfg, pstate, dtype)
-    return RankPlan(weight_bytes(model), kv_bytes_per_token(model, kv_dtype or dtype),
+    scheme = parse_fp8_scheme(cfg.quantization, quantization)
+    if scheme is not None:
+        if shard_dense_weights:
+            raise ValueError("--shard-dense-weights does not shard FP8 weights; drop it or --quantization (or plan "
+                             "a high-precision checkpoint)")
+        store_fp8_layout(model, scheme)
+    gathered = DenseWeightGather(model, pstate).buffer_bytes if pstate.dense_shards > 1 else 0
+    return RankPlan(weight_bytes(model) + gathered, kv_bytes_per_token(model, kv_dtype or dtype),
                     state_bytes_per_request(model, dtype), "model")
 
 
 def plan_from_arithmetic(cfg: dict, sp: int, tp: int, expert_parallel: bool,
-                         kv_dtype: torch.dtype | None = None) -> RankPlan:
+                         kv_dtype: torch.dtype | None = None, shard_dense_weights: bool = False) -> RankPlan:
     """A softmax decoder (embedding, attention with q/k norms, dense or MoE MLPs, LM head) counted from config.json's
-    keys ``cfg``, in bf16."""
+    keys ``cfg``, in bf16. With ``shard_dense_weights`` the attention, dense MLP and vocabulary weights are 1/sp here,
+    plus their gather buffers (two layers' and the vocabulary's TP slices; MoE layers' shared experts and routers are
+    not sharded)."""
     dtype = torch.bfloat16
     kv = kv_dtype or dtype
     h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     heads = cfg["num_attention_heads"] // tp
     kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp)
-    attn = h * (heads + 2 * kv_heads) * hd + heads * hd * h + 2 * hd + 2 * h
+    attn = h * (heads + 2 * kv_heads) * hd + heads * hd * h
+    norms = 2 * hd + 2 * h  # q/k norms and the layer's two norms: never sharded
     experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
     if experts:
         inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
@@ -90,7 +109,12 @@ def plan_from_arithmetic(cfg: dict, sp: int, tp: int, expert_parallel: bool,
         mlp += experts * h + 3 * h * (cfg.get("shared_expert_intermediate_size") or 0) // tp
     else:
         mlp = 3 * h * cfg["intermediate_size"] // tp
-    params = layers * (attn + mlp) + (1 if cfg.get("tie_word_embeddings") else 2) * vocab * h // tp + h
+    dense = mlp if not experts else 0  # per layer, of the TP slice: what --shard-dense-weights shards besides attention
+    tables = (1 if cfg.get("tie_word_embeddings") else 2) * vocab * h // tp
+    params = layers * (attn + norms + mlp) + tables + h
+    if shard_dense_weights and sp > 1:
+        sharded = layers * (attn + dense) + tables
+        params += -sharded + sharded // sp + 2 * (attn + dense) + vocab * h // tp
     return RankPlan(params * dtype.itemsize, layers * 2 * kv_heads * hd * kv.itemsize, 0,
                     f"config arithmetic (no {cfg['architectures'][0]} model class here)")
 
@@ -140,8 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sp-size", type=int, default=1)
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
+    p.add_argument("--shard-dense-weights", action="store_true",
+                   help="dense weights 1/sp per GPU, plus the buffers they are gathered into")
     p.add_argument("--kv-cache-dtype", choices=tuple(KV_DTYPES), default="auto",
                    help="auto: the model's dtype; fp8_e4m3: one byte per value")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: a high-precision checkpoint's linear and expert weights at one byte (FP8 checkpoints "
+                        "count so without it)")
     p.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
                    help="requests whose linear-attention states are reserved")
@@ -151,17 +180,24 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--sp-size and --tp-size must be >= 1")
     if not 0 < a.mem_fraction_static < 1:
         p.error(f"--mem-fraction-static must be in (0, 1), got {a.mem_fraction_static}")
+    if a.quantization and a.shard_dense_weights:
+        p.error("--shard-dense-weights does not shard FP8 weights; drop it or --quantization")
     names = a.shape or [a.model_path]
     rows = []
     for name in names:
         cfg = load_config(None if a.shape else name, name if a.shape else None)
-        plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype])
+        try:
+            plan = plan_rank(cfg, a.sp_size, a.tp_size, a.enable_expert_parallel, KV_DTYPES[a.kv_cache_dtype],
+                             a.shard_dense_weights, a.quantization)
+        except ValueError as e:  # a layout the engine refuses for this model
+            p.error(f"{name}: {e}")
         rows.append(describe(name, plan, a.sp_size, a.mem_fraction_static, a.max_running_requests))
     if a.json:
         for row in rows:
             print(json.dumps(row))
         return
     ep = ", expert parallel" if a.enable_expert_parallel else ""
+    ep += ", dense weights sharded over SP" if a.shard_dense_weights and a.sp_size > 1 else ""
     print(f"sp = {a.sp_size} x tp = {a.tp_size}{ep}; KV cache {a.kv_cache_dtype}; {a.mem_fraction_static:g} of each "
           f"GPU; states for {a.max_running_requests} requests")
     print(table_header())

@@ -110,3 +110,24 @@ def back_to_back(runs: list[Run]) -> list[Run]:
         out.append((row, n, pos))
         row += n
     return out
+
+
+def row_positions(runs: list[Run], start: int, end: int) -> list[tuple[int, int]]:
+    """The positions ``[lo, hi)`` of rows ``start..end-1`` of ``runs`` (runs in row order), one interval per run."""
+    out = []
+    for row, n, pos in runs:
+        a, b = max(start, row), min(end, row + n)
+        if a < b:
+            out.append((pos + a - row, pos + b - row))
+    return out
+
+
+def union_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``[lo, hi)`` intervals covering the same positions (empty ones dropped)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]

@@ -581,6 +581,22 @@ def kill_and_check_in_flight_requests_fail(srv: ServerProcess, victim: int) -> N
 
 
 # ---- gated delta rules (GDN, KDA): the fp64 token loop per packed sequence --------------------------------------
+def delta_rule_inputs(lens: list[int], seed: int, hk: int, hv: int, dk: int, dv: int, per_channel: bool,
+                      decay: float, power: int):
+    """Packed delta-rule inputs ``q, k, v, g, beta, cu_seqlens, s0``: raw q/k (normalised inside the ops), log
+    decays ``g = -decay * U^power`` per head (GDN) or per key channel (KDA: ``[T, H, Dk]``), beta in (0, 1), and
+    nonzero initial states of the magnitude a real prompt leaves."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q, k = torch.randn(t, hk, dk, generator=g), torch.randn(t, hk, dk, generator=g)
+    v = torch.randn(t, hv, dv, generator=g)
+    log_decay = -decay * torch.rand(t, hv, *((dk,) if per_channel else ()), generator=g) ** power
+    beta = torch.rand(t, hv, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    s0 = torch.randn(len(lens), hv, dk, dv, generator=g) * 0.5
+    return q, k, v, log_decay, beta, cu, s0
+
+
 def delta_rule_truth(q, k, v, g, beta, cu, s0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence of the packed inputs (``cu``: offsets), the fp64 recurrence's output and final state."""
     from server.kernels.gdn_ref import gdn_recurrence_fp64

@@ -26,10 +26,11 @@ merge done for all rows and kept where ``merge_mask`` says (see :mod:`server.exe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -106,6 +107,20 @@ class AttentionBatch:
     last_page_len: torch.Tensor  # int32, host
     kv_lens: list[int]
     gather_slots: torch.Tensor | None = None  # gathered kinds: flat cache slots of every entry's KV, in order
+    # a window page group: the same of the window layers' page tables (same rows, other page ids)
+    window_kv_indices: torch.Tensor | None = None
+    window_gather_slots: torch.Tensor | None = None
+    _window: AttentionBatch | None = field(default=None, repr=False, compare=False)
+
+    def for_window(self) -> AttentionBatch:
+        """This batch over the window layers' pages (itself when the model has no window page group)."""
+        if self.window_kv_indices is None:
+            return self
+        if self._window is None:
+            self._window = dataclasses.replace(self, kv_indices=self.window_kv_indices,
+                                               gather_slots=self.window_gather_slots, window_kv_indices=None,
+                                               window_gather_slots=None)
+        return self._window
 
     @property
     def causal(self) -> bool:
@@ -153,7 +168,7 @@ def make_batch(kind: str, page_size: int, entries: list[LocalEntry], device: tor
         raise ValueError("every entry needs at least one query and one key")
     if kind == "decode" and any(n != 1 for n in q_lens):
         raise ValueError("decode entries have one query each")
-    gather_slots = None
+    gather_slots = window_pages = window_gather_slots = None
     if kind == "ragged":
         if q_lens != kv_lens:
             raise ValueError("ragged entries attend to their own rows")
@@ -163,29 +178,38 @@ def make_batch(kind: str, page_size: int, entries: list[LocalEntry], device: tor
         if any(len(e.pages) < n for e, n in zip(entries, n_pages, strict=True)):
             raise ValueError("a page table is shorter than its kv_len")
         pages = _int32(list(itertools.chain.from_iterable(e.pages[:n] for e, n in zip(entries, n_pages, strict=True))))
+        if entries[0].window_pages is not None:
+            window_pages = _int32(list(itertools.chain.from_iterable(
+                e.window_pages[:n] for e, n in zip(entries, n_pages, strict=True))))
         last = [n - (p - 1) * page_size for n, p in zip(kv_lens, n_pages, strict=True)]
         if kind.startswith("gathered_"):  # every page's slots, cut to each entry's kv_len
             gather_slots = _gather_slots(pages, n_pages, kv_lens, page_size, device)
+            if window_pages is not None:
+                window_gather_slots = _gather_slots(window_pages, n_pages, kv_lens, page_size, device)
     contiguous = bool(rows) and rows == list(range(rows[0], rows[0] + len(rows)))
     return AttentionBatch(
         kind=kind, page_size=page_size, q_lens=q_lens,
         rows=torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
         row_range=(rows[0], rows[0] + len(rows)) if contiguous else None,
         qo_indptr=indptr(q_lens), kv_indptr=indptr(n_pages), kv_indices=pages,
-        last_page_len=_int32(last), kv_lens=kv_lens, gather_slots=gather_slots,
+        last_page_len=_int32(last), kv_lens=kv_lens, gather_slots=gather_slots, window_kv_indices=window_pages,
+        window_gather_slots=window_gather_slots,
     )
 
 
 def padded_batch(page_size: int, qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray,
-                 last_page_len: np.ndarray, kv_lens: np.ndarray) -> AttentionBatch:
+                 last_page_len: np.ndarray, kv_lens: np.ndarray,
+                 window_kv_indices: np.ndarray | None = None) -> AttentionBatch:
     """The one batch of a padded (CUDA-graph) step straight from its CSR arrays: every row, entry by entry, causal
-    over each entry's pages; ``decode`` when every entry has one row, else ``paged_causal`` (entries may be empty)."""
+    over each entry's pages; ``decode`` when every entry has one row, else ``paged_causal`` (entries may be empty).
+    ``window_kv_indices``: the window layers' pages of a window page group."""
     q_lens = np.diff(qo_indptr).tolist()
     return AttentionBatch(
         kind="decode" if all(n == 1 for n in q_lens) else "paged_causal", page_size=page_size, q_lens=q_lens,
         rows=None, row_range=(0, int(qo_indptr[-1])), qo_indptr=torch.from_numpy(qo_indptr),
         kv_indptr=torch.from_numpy(kv_indptr), kv_indices=torch.from_numpy(kv_indices),
         last_page_len=torch.from_numpy(last_page_len), kv_lens=kv_lens.tolist(),
+        window_kv_indices=torch.from_numpy(window_kv_indices) if window_kv_indices is not None else None,
     )
 
 
@@ -273,9 +297,12 @@ class StepAttention:
         and computes split requests by a KV halo instead of the ring (:mod:`server.sp.window_attention`);
         ``sinks`` ``[Hq]`` are applied once, to every row's merged result (:mod:`server.kernels.sinks`)."""
         meta, ps = self.meta, self.backend.pstate
+        # a window layer of a model with a window page group reads and writes its own pages (same rows)
+        windowed = window is not None and meta.window_write_slots is not None
         if meta.write_rows is not None:
             pos = positions[meta.write_rows] if window is not None else None  # window caches keep positions
-            cache.write(meta.write_slots, k[meta.write_rows], v[meta.write_rows], pos)
+            slots = meta.window_write_slots if windowed else meta.write_slots
+            cache.write(slots, k[meta.write_rows], v[meta.write_rows], pos)
         merging = meta.merge_rows is not None or meta.merge_mask is not None
         keep_lse = merging or sinks is not None
         # graph steps merge every row: the partial results are written where the SP all-gather reads them
@@ -304,7 +331,8 @@ class StepAttention:
         for e in meta.ring:
             rows = slice(e.row_start, e.row_start + e.num_rows)
             if window is not None:
-                read_rows = functools.partial(_read_shard_rows, cache, e.page_table, q.dtype)
+                table = e.window_page_table if e.window_page_table is not None else e.page_table
+                read_rows = functools.partial(_read_shard_rows, cache, table, q.dtype)
                 o_e, lse_e = window_attention(q[rows], read_rows, e.q_runs_per_rank, e.kv_runs, scale, window, ps,
                                               attn_fn)
             elif e.ulysses is not None:
@@ -331,9 +359,11 @@ class StepAttention:
                    window: int | None = None, positions: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(o, lse)`` of one batch's rows of the step's q (and k/v: ``ragged`` is the only kind that reads them);
-        with a ``window``, the rows' positions too."""
+        with a ``window``, the rows' positions too, and the window layers' pages."""
         ragged = batch.kind == "ragged"
         extra = {} if window is None else {"window": window, "q_pos": batch.take(positions)}
+        if window is not None:
+            batch = batch.for_window()
         return self.backend.run_batch(batch, batch.take(q), batch.take(k) if ragged else None,
                                       batch.take(v) if ragged else None, cache, scale, **extra)
 

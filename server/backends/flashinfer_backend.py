@@ -84,8 +84,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         for b in batches:
             self._plan(self.wrappers[b.kind], b)
-            if self.windowed:
-                self._plan(self.window_wrappers[b.kind], b, self.geometry.window)
+            if self.windowed:  # over the window layers' pages (a window page group)
+                self._plan(self.window_wrappers[b.kind], b.for_window(), self.geometry.window)
 
     def _plan(self, w, b: AttentionBatch, window: int | None = None) -> None:
         g = self.geometry
@@ -131,11 +131,12 @@ class FlashInferAttentionBackend(AttentionBackend):
         indptr_buf = torch.zeros(top + 1, dtype=torch.int32, device=dev)
         last_buf = torch.zeros(top, dtype=torch.int32, device=dev)
         indices_buf = torch.zeros(top * max_pages + pad_pages, dtype=torch.int32, device=dev)
+        window_indices_buf = torch.zeros_like(indices_buf) if self.windowed else None  # the window layers' pages
         out: dict[GraphShape, AttentionBackend] = {}
         for s in shapes:
             indptr, last = indptr_buf[: s.entries + 1], last_buf[: s.entries]
 
-            def wrapper(s=s, indptr=indptr, last=last):
+            def wrapper(s=s, indptr=indptr, last=last, indices_buf=indices_buf):
                 if s.decode:
                     return self.fi.BatchDecodeWithPagedKVCacheWrapper(
                         self.workspace, kv_layout="NHD", use_cuda_graph=True, use_tensor_cores=True, backend="fa2",
@@ -146,8 +147,10 @@ class FlashInferAttentionBackend(AttentionBackend):
                     self.workspace, kv_layout="NHD", use_cuda_graph=True, qo_indptr_buf=qo_buf[: s.entries + 1],
                     paged_kv_indptr_buf=indptr, paged_kv_indices_buf=indices_buf, paged_kv_last_page_len_buf=last)
 
-            # window layers: a second wrapper over the same buffers, planned with window_left
-            out[s] = FlashInferGraphStep(self, wrapper(), wrapper() if self.windowed else None)
+            # window layers: a second wrapper, planned with window_left, over the same buffers but the page ids of
+            # the window layers' pages
+            out[s] = FlashInferGraphStep(self, wrapper(),
+                                         wrapper(indices_buf=window_indices_buf) if self.windowed else None)
         return out
 
     def release(self) -> None:
@@ -173,7 +176,7 @@ class FlashInferGraphStep(AttentionBackend):
             raise ValueError(f"a padded step runs one decode or paged_causal batch, got {[b.kind for b in batches]}")
         self.parent._plan(self.wrapper, batches[0])
         if self.window_wrapper is not None:
-            self.parent._plan(self.window_wrapper, batches[0], self.parent.geometry.window)
+            self.parent._plan(self.window_wrapper, batches[0].for_window(), self.parent.geometry.window)
 
     def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
         w = self.wrapper if window is None else self.window_wrapper

@@ -94,23 +94,30 @@ class TorchGraphDecode(AttentionBackend):
         super().__init__(parent.pstate, parent.page_size)
         dev = parent.pstate.device
         self.pages = torch.zeros(bucket, max_pages, dtype=torch.long, device=dev)
+        self.window_pages = torch.zeros_like(self.pages)  # a window page group: the window layers' pages
+        self.windowed = False
         self.kv_lens = torch.ones(bucket, dtype=torch.long, device=dev)
 
     def plan_batches(self, batches: list[AttentionBatch]) -> None:
         if [b.kind for b in batches] != ["decode"] or len(batches[0].q_lens) != self.pages.shape[0]:
             raise ValueError(f"a CUDA-graph step runs one decode batch of {self.pages.shape[0]} rows")
         b = batches[0]
-        table = torch.zeros(self.pages.shape, dtype=torch.long)
         ptr = b.kv_indptr.tolist()
-        for i in range(len(b.q_lens)):
-            table[i, : ptr[i + 1] - ptr[i]] = b.kv_indices[ptr[i] : ptr[i + 1]]
-        self.pages.copy_(table)
+        self.windowed = b.window_kv_indices is not None
+        for indices, buffer in ((b.kv_indices, self.pages), (b.window_kv_indices, self.window_pages)):
+            if indices is None:
+                continue
+            table = torch.zeros(self.pages.shape, dtype=torch.long)
+            for i in range(len(b.q_lens)):
+                table[i, : ptr[i + 1] - ptr[i]] = indices[ptr[i] : ptr[i + 1]]
+            buffer.copy_(table)
         self.kv_lens.copy_(torch.tensor(b.kv_lens))
 
     def run_batch(self, batch, q, k, v, cache, scale, window=None, q_pos=None):
         b, hq, d = q.shape
         hk, page = cache.k.shape[2], self.page_size
-        slots = (self.pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
+        pages = self.window_pages if window is not None and self.windowed else self.pages
+        slots = (pages[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)  # [B, L]
         ks, vs = cache.dequantize(*cache.rows(slots), torch.float32)
         ks, vs = ks.float(), vs.float()  # [B, L, Hk, D]
         s = torch.einsum("bhrd,blhd->bhrl", q.float().view(b, hk, hq // hk, d), ks) * scale

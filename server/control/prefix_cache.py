@@ -16,6 +16,12 @@ ends and prompt ends, and where a prompt leaves the longest cached prefix it sha
 the scheduler ends a chunk there, so siblings of a document (the same prefix, different questions) find a
 snapshot at the document's end from the second one on, wherever the chunk boundaries fell.
 
+Sliding-window layers (a model with a window page group) keep only some of their pages: an entry has the window
+pages its request still held when it ended (the last window, and the window before each of the request's branch
+points: its prompt's end, and where its prompt left a cached prefix), and a prefix of ``m`` tokens is served only
+when they hold the positions ``[m - window + 1, m)``; a longer match is cut back to the deepest such ``m``, as for
+state snapshots (docs/sp.md, "Sliding-window layers: memory").
+
 Memory: pages carry reference counts (requests and entries). Entries no running request reads are evicted least
 recently used first when a page or a snapshot slot is needed, never those in use.
 """
@@ -40,6 +46,19 @@ def chain_hashes(tokens: list[int], block: int, known: list[int] = (), salt: str
         h = hash((h, tuple(tokens[k * block : (k + 1) * block])))
         out.append(h)
     return out
+
+
+def window_served(cover: list[tuple[int, int]], window: int, m: int) -> int:
+    """The most tokens ``m' <= m`` of a prefix whose window, positions ``[m' - window + 1, m')``, lies in ``cover``
+    (sorted, disjoint intervals); 0 if none."""
+    if window <= 1:  # a query sees only itself: no earlier position is needed
+        return m
+    best = 0
+    for lo, hi in cover:
+        t = min(m, hi)
+        if t > 0 and (lo == 0 or t - window + 1 >= lo):
+            best = max(best, t)
+    return best
 
 
 def shared_blocks(a: list[int], b: list[int]) -> int:
@@ -68,6 +87,11 @@ class CacheEntry:
     users: int = 0  # running requests that share its pages
     last_used: float = field(default_factory=time.monotonic)
     hashes: list[int] = field(default_factory=list)
+    # a model with a window page group: per SP rank the window layers' pages (NULL_PAGE: given back), the
+    # positions whose window-layer KV they hold
+    window_pages: list[list[int]] = field(default_factory=list)
+    window_cover: list[tuple[int, int]] = field(default_factory=list)
+    window_held: list[int] = field(default_factory=list)  # per SP rank: its window pages not given back
 
 
 @dataclass
@@ -82,9 +106,10 @@ class PrefixHit:
 class PrefixCache:
     """The index and the entries. Page reference counts live in the cache manager, which calls back here."""
 
-    def __init__(self, page_size: int, needs_state: bool):
+    def __init__(self, page_size: int, needs_state: bool, window: int | None = None):
         self.block = page_size
         self.needs_state = needs_state
+        self.window = window  # the window group's window (see the module docstring); None: no window group
         self.entries: dict[int, CacheEntry] = {}
         self.index: dict[int, set[int]] = {}  # chain hash -> entries holding that block
         self._ids = itertools.count()
@@ -136,8 +161,11 @@ class PrefixCache:
         hits = []
         for e, d, m in candidates:
             snapshot = None
+            if self.window is not None:
+                m = window_served(e.window_cover, self.window, m)
             if self.needs_state:
-                usable = [t for t in e.snapshots if t <= m]
+                usable = [t for t in e.snapshots if t <= m and (self.window is None
+                                                                or window_served(e.window_cover, self.window, t) == t)]
                 if not usable:
                     continue
                 m = max(usable)

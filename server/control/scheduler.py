@@ -34,7 +34,7 @@ class Scheduler:
     """Rank 0's step planner: admission, chunked prefill under a per-rank token budget, SP placement, plans."""
 
     def __init__(self, config: EngineConfig, num_pages: int, num_slots: int, max_model_len: int,
-                 has_linear_layers: bool = False, snapshot_slots: int | None = None):
+                 has_linear_layers: bool = False, snapshot_slots: int | None = None, window: int | None = None):
         self.config = config
         self.max_model_len = max_model_len
         self.sp = config.sp_size
@@ -43,12 +43,13 @@ class Scheduler:
         self.budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else max_model_len
         # A split chunk must fit one step's budget, or long prompts could never be scheduled.
         self.split_threshold = max(min(config.sp_min_tokens, self.budget), 2 * self.sp)
-        prefix = PrefixCache(config.page_size, has_linear_layers) if config.enable_prefix_cache else None
+        # window: a model with sliding-window layers beside full ones keeps a window page group (cache_manager.py)
+        prefix = PrefixCache(config.page_size, has_linear_layers, window) if config.enable_prefix_cache else None
         snapshots = 0
         if prefix is not None and has_linear_layers:
             snapshots = snapshot_slots if snapshot_slots is not None else (config.prefix_cache_snapshots or 0)
         self.cache = CacheManager(num_pages, config.page_size, self.sp, num_slots, self.split_threshold,
-                                  self.budget * self.sp, prefix, snapshots)
+                                  self.budget * self.sp, prefix, snapshots, window)
         self._finished: list[int] = []  # requests released since the last plan that was sent
         self._started: list[StartedRequest] = []  # requests admitted since then
         self._next_req = 0
@@ -142,16 +143,23 @@ class Scheduler:
             return None
         chunk = ChunkPlan(seq.req, start, n, placement, kv_rank, start + n >= len(seq.prompt_ids))
         pieces = [stored_pieces(chunk, self.sp, r) for r in range(self.sp)]
+        self.cache.slide_window(seq)  # window pages no query from `start` on sees go back to the pool first
         if not self.cache.fits(seq, [sum(length for _, length in p) for p in pieces]):
             return None
-        new_pages = tuple(tuple(page for pos, length in p for page in self.cache.append(seq, r, pos, length))
-                          for r, p in enumerate(pieces))
+        appended = [[self.cache.append(seq, r, pos, length) for pos, length in p] for r, p in enumerate(pieces)]
+        new_pages = tuple(tuple(page for full, _ in a for page in full) for a in appended)
+        window = {}
+        if seq.window_pages:  # the window group's new pages, and its pages given back since the last chunk
+            window = dict(new_window_pages=tuple(tuple(page for _, w in a for page in w) for a in appended),
+                          window_freed=tuple(tuple(f) for f in seq.window_freed))
+            seq.window_freed = [[] for _ in range(self.sp)]
         for r in range(self.sp):  # what each rank computes
             if placement == Placement.SPLIT:
                 room[r] -= -(-n // self.sp)
             elif placement == Placement.REPLICATED or r == kv_rank:
                 room[r] -= n
-        return ChunkPlan(seq.req, start, n, placement, kv_rank, chunk.sample, new_pages, self._scoring(seq, start + n))
+        return ChunkPlan(seq.req, start, n, placement, kv_rank, chunk.sample, new_pages, self._scoring(seq, start + n),
+                         **window)
 
     @staticmethod
     def _scoring(seq: Sequence, end: int) -> PromptScoring | None:
@@ -200,7 +208,8 @@ class Scheduler:
             self.running.append(seq)
             self._started.append(StartedRequest(
                 seq.req, seq.slot, tuple(tuple(p) for p in seq.pages) if hit else (),
-                tuple(tuple(r) for r in seq.kv_runs) if hit else (), seq.restored))
+                tuple(tuple(r) for r in seq.kv_runs) if hit else (), seq.restored,
+                tuple(tuple(p) for p in seq.window_pages) if hit and seq.window_pages else ()))
             if not add(seq, len(seq.prompt_ids) - seq.num_computed):
                 break
         total = sum(c.num_new for c in chunks)

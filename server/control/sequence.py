@@ -53,6 +53,13 @@ class Sequence:
     # the prompt's chain hashes for the prefix cache (computed once: a waiting request is looked up at every step,
     # and its entry, when it ends, starts with the same blocks)
     prompt_hashes: list[int] | None = None
+    # models with a window page group (server/control/cache_manager.py), per SP rank: the window layers' pages
+    # (NULL_PAGE where given back), the entries given back since its last chunk plan, the first page not yet
+    # examined for giving back; and the token counts whose window the request keeps for the prefix cache
+    window_pages: list[list[int]] = field(default_factory=list)
+    window_freed: list[list[int]] = field(default_factory=list)
+    window_scan: list[int] = field(default_factory=list)
+    window_points: set[int] = field(default_factory=set)
     # prompt logprobs computed so far (SamplingParams.prompt_logprobs), None for the first token; handed to the
     # output of the first generated token, then dropped here
     prompt_logprobs: list[PromptTokenLogprob | None] | None = None

@@ -96,7 +96,8 @@ class Engine:
         self.model_path = config.model_path or builtin_model_path()
         self.model_cfg = read_model_config(self.model_path)
         check_model_parallelism(self.model_path, self.model_cfg, config.tp_size, config.load_format,
-                                config.ulysses_degree, config.ulysses_layers, config.quantization)
+                                config.ulysses_degree, config.ulysses_layers, config.quantization,
+                                config.shard_dense_weights)
         self.tokenizer_path = config.tokenizer_path or self.model_path
         self.max_model_len = context_length(config, self.model_cfg)
         self.eos_token_ids = model_eos_ids(self.tokenizer_path, self.model_cfg)
@@ -123,7 +124,7 @@ class Engine:
             self.overlap = self.device.type == "cuda" or config.world_size == 1
         self.scheduler = Scheduler(config, self.runner.num_pages, self.runner.num_slots, self.max_model_len,
                                    self.runner.has_state,
-                                   self.runner.snapshot_slots)
+                                   self.runner.snapshot_slots, self.runner.kv_window)
         self.cache = self.scheduler.cache
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -379,7 +380,7 @@ class Engine:
     # ---- status / lifetime ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         prefix = self.cache.prefix
-        kv_total = (self.cache.num_pages - 1) * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
+        kv_total = self.cache.usable_pages * self.cache.sp_size if self.runner.has_kv else 0  # no KV layers
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

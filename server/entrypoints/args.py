@@ -115,10 +115,12 @@ class ServerArgs:
             raw = builtin_config(VOCAB_SIZE, 0, 1)
             cfg = MODEL_CLASSES[raw["architectures"][0]].config_class.from_hf(raw)
             check_model_parallelism("<built-in model>", cfg, self.engine.tp_size, "dummy",
-                                    self.engine.ulysses_degree, self.engine.ulysses_layers)
+                                    self.engine.ulysses_degree, self.engine.ulysses_layers,
+                                    shard_dense_weights=self.engine.shard_dense_weights)
         else:
             check_model_parallelism(path, read_model_config(path), self.engine.tp_size, self.engine.load_format,
-                                    self.engine.ulysses_degree, self.engine.ulysses_layers)
+                                    self.engine.ulysses_degree, self.engine.ulysses_layers,
+                                    shard_dense_weights=self.engine.shard_dense_weights)
 
 
 def check_model_source(flag: str, path: str) -> None:
@@ -236,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
                      help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     mdl.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                     help="fp8: quantize a high-precision checkpoint's linear weights per channel at load; FP8 "
-                          "checkpoints run in FP8 without it")
+                     help="fp8: quantize a high-precision checkpoint's linear and MoE expert weights per channel at "
+                          "load; FP8 checkpoints run in FP8 without it")
     mdl.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                      help="auto: the model's dtype; fp8_e4m3: KV pages in FP8 (half the bytes, twice the tokens)")
     mdl.add_argument("--max-model-len", "--context-length", type=int, default=None,
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: a free local port")
     par.add_argument("--enable-expert-parallel", action="store_true", default=d.enable_expert_parallel,
                      help="MoE experts spread over all sp x tp ranks (all-to-all), not sliced over TP on each")
+    par.add_argument("--shard-dense-weights", action="store_true", default=d.shard_dense_weights,
+                     help="dense weights stored 1/sp per rank, all-gathered over SP one layer at a time before use "
+                          "(no effect at --sp-size 1)")
     par.add_argument("--nnodes", type=int, default=d.nnodes,
                      help="nodes of one server; each runs sp x tp / nnodes ranks (TP inside a node)")
     par.add_argument("--node-rank", type=int, default=d.node_rank,

@@ -70,6 +70,8 @@ class ServerMetrics:
                                      "over the SP group, or computed on their home SP rank.", ["placement"], **r)
         rank = ["rank", "sp_rank", "tp_rank"]
         self.rank_weights = Gauge(PREFIX + "rank_weight_bytes", "Weight bytes each rank stores.", rank, **r)
+        self.rank_gather = Gauge(PREFIX + "rank_gather_buffer_bytes", "Bytes of the buffers each rank gathers its "
+                                 "SP-sharded dense weights into (--shard-dense-weights).", rank, **r)
         self.rank_kv = Gauge(PREFIX + "rank_kv_cache_bytes", "KV cache bytes each rank allocated.", rank, **r)
         self.rank_state = Gauge(PREFIX + "rank_state_bytes", "Linear-attention state pool bytes each rank allocated.",
                                 rank, **r)
@@ -84,6 +86,7 @@ class ServerMetrics:
         for m in ranks:
             labels = {"rank": str(m["rank"]), "sp_rank": str(m["sp_rank"]), "tp_rank": str(m["tp_rank"])}
             self.rank_weights.labels(**labels).set(m["weight_bytes"])
+            self.rank_gather.labels(**labels).set(m["gather_buffer_bytes"])
             self.rank_kv.labels(**labels).set(m["kv_cache_bytes"])
             self.rank_state.labels(**labels).set(m["state_bytes"])
 

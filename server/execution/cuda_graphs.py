@@ -9,8 +9,9 @@ padded the same way to a token bucket (16, 32, 64, ... up to ``cuda_graph_max_ex
 of attention entries, the padded rows forming padding entries over the scratch page: its attention is one
 ``paged_causal`` batch, its launches one replay instead of a few hundred small kernels. The step's inputs are
 copied into static buffers: token ids, positions, KV write slots (rows this rank does not store write to the
-scratch page), state slots (padded rows and entries use the scratch slot), the SP merge mask, the entries' state
-slots and row offsets, and the attention backend's fixed index buffers, which its plan refills
+scratch page; a model with a window page group has a second row of them, in its window layers' pages), state
+slots (padded rows and entries use the scratch slot), the SP merge mask, the entries' state slots and row offsets,
+and the attention backend's fixed index buffers, which its plan refills
 (:meth:`server.backends.attention.AttentionBackend.graph_backends`). Then the graph replays. At sp > 1 a decode
 bucket has a second graph for steps whose rows are all replicated, in which dense MLPs split over the SP ranks
 (``ForwardContext.split_mlp``; docs/sp.md, "Decode: dense MLPs split over the SP ranks"). State copies of the
@@ -160,7 +161,9 @@ class StepGraphs:
     def _context(self, shape: GraphShape, batches, split: bool, zero_slots: torch.Tensor | None) -> ForwardContext:
         n, e = shape.rows, shape.entries
         meta = AttentionStepMeta(write_rows=slice(0, n), write_slots=self.inputs[2, :n],
-                                 merge_mask=self.inputs[4, :n] if self.pstate.sp_size > 1 else None)
+                                 merge_mask=self.inputs[4, :n] if self.pstate.sp_size > 1 else None,
+                                 window_write_slots=self.inputs[5, :n] if self.table.window_table is not None
+                                 else None)
         attention = StepAttention(self.backends[shape], meta, batches) if self.has_kv else None
         if shape.decode:  # one row per entry: the rows' own state slots and offsets
             slots, cu = self.inputs[3, :n], self.cu[: n + 1]
@@ -187,7 +190,7 @@ class StepGraphs:
         batches = []
         if self.has_kv:
             batches = [padded_batch(self.config.page_size, step.qo_indptr, step.kv_indptr, step.kv_indices,
-                                    step.last_page_len, step.kv_lens)]
+                                    step.last_page_len, step.kv_lens, step.window_kv_indices)]
             self.backends[shape].plan_batches(batches)
         self.on_inputs_copied()
         return batches
@@ -235,7 +238,7 @@ class StepGraphs:
             batches = []
             if self.has_kv:
                 batches = [padded_batch(self.config.page_size, step.qo_indptr, step.kv_indptr, step.kv_indices,
-                                        step.last_page_len, step.kv_lens)]
+                                        step.last_page_len, step.kv_lens, step.window_kv_indices)]
                 self.backends[shape].plan_batches(batches)
             if not shape.decode:  # the padding entries' offsets
                 self.entry_cu[: shape.entries + 1].copy_(torch.from_numpy(step.qo_indptr))

@@ -28,6 +28,7 @@ from server.forward.context import ForwardContext
 from server.forward.plan import ChunkPlan, Placement, StepPlan
 from server.kernels import ops
 from server.kernels.fp8 import FP8
+from server.layers.cache_spec import page_bytes, shared_kv, window_group_window
 from server.models.config import ModelConfig
 from server.models.loader import build_model, context_length, resolve_dtype
 from server.sp.groups import ParallelState
@@ -128,8 +129,19 @@ class ModelRunner:
             return None  # no softmax layers, or layers of different shapes: the reference handles any
         return AttentionGeometry(*shapes.pop(), window=windows.pop() if windows else None)
 
+    @property
+    def kv_window(self) -> int | None:
+        """The window group's window (:func:`server.layers.cache_spec.window_group_window`; None: no window group)."""
+        return window_group_window([s for _, s in self.cache_layers])
+
     def cache_bytes_per_page(self) -> int:
-        return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if s.paged)
+        return page_bytes([s for _, s in self.cache_layers], self.config.page_size, self.dtype)
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages never handed out: the scratch page, and the window table's null page (models with a window
+        group)."""
+        return 1 + (self.kv_window is not None)
 
     def state_bytes_per_slot(self) -> int:
         return sum(s.unit_bytes(self.config.page_size, self.dtype) for _, s in self.cache_layers if not s.paged)
@@ -159,9 +171,9 @@ class ModelRunner:
                 "raise --mem-fraction-static / --cpu-cache-gb or lower --max-running-requests")
         if not per_page:
             return NO_KV_PAGES, self.snapshot_slots
-        pages = max(2, budget // per_page)
-        if self.config.max_total_tokens is not None:  # the cap counts usable pages; page 0 is the scratch page
-            pages = min(pages, 1 + self.config.max_total_tokens // self.config.page_size)
+        pages = max(1 + self.reserved_pages, budget // per_page)
+        if self.config.max_total_tokens is not None:  # the cap counts usable pages (not the scratch / null page)
+            pages = min(pages, self.reserved_pages + self.config.max_total_tokens // self.config.page_size)
         return pages, self.snapshot_slots
 
     @property
@@ -173,16 +185,20 @@ class ModelRunner:
         self.num_pages = num_pages
         self.snapshot_slots = snapshot_slots
         slots = self.total_slots
-        for layer, spec in self.cache_layers:
+        shares = shared_kv([s for _, s in self.cache_layers])
+        for i in sorted(range(len(self.cache_layers)), key=lambda i: i in shares):  # shared tensors first
+            layer, spec = self.cache_layers[i]
+            extra = {"share": self.cache_layers[shares[i]][0].cache} if i in shares else {}
             layer.cache = spec.allocate(num_pages if spec.paged else slots, self.config.page_size, self.dtype,
-                                        self.device)
+                                        self.device, **extra)
         max_pages = -(-self.config_max_len() // self.config.page_size) + 2
         self.table = RequestTable(self.pstate.sp_size, self.pstate.sp_rank, slots, max_pages, self.config.page_size,
-                                  self.device)
+                                  self.device, windowed=self.kv_window is not None)
         kv_dtypes = sorted({str(s.kv_dtype or self.dtype).removeprefix("torch.") for _, s in self.cache_layers
                             if s.paged}) or ["none"]
         log.info("rank %d: %d KV pages of %d tokens (%d tokens of KV in %s, %.2f GiB), %d state slots, %s attention",
-                 self.pstate.rank, num_pages, self.config.page_size, (num_pages - 1) * self.config.page_size,
+                 self.pstate.rank, num_pages, self.config.page_size,
+                 (num_pages - self.reserved_pages) * self.config.page_size,
                  "/".join(kv_dtypes), num_pages * self.cache_bytes_per_page() / (1 << 30), self.num_slots,
                  self.backend.name)
 
@@ -196,12 +212,16 @@ class ModelRunner:
         return tuple(total)
 
     def footprint(self) -> dict:
-        """What this rank stores, in bytes: its weights (its TP shard, and its experts only with expert parallelism),
-        its KV cache pages and its state slots (zero before the caches are allocated); ``experts``: the ``[first,
-        end)`` experts of every MoE layer here (None without MoE layers)."""
+        """What this rank stores, in bytes: its weights (its TP shard, its experts only with expert parallelism, its
+        1/sp of every dense weight with ``--shard-dense-weights``), the buffers its sharded dense weights are gathered
+        into (``gather_buffer_bytes``: two decoder layers' and the vocabulary's TP slices; 0 without sharding), its
+        KV cache pages and its state slots (zero before the caches are allocated); ``experts``: the ``[first, end)``
+        experts of every MoE layer here (None without MoE layers)."""
         allocated = self.table is not None
         moe = next(iter(self.model.moe_layers()), None)
+        gather = getattr(self.model, "dense_weight_gather", None)
         return {"weight_bytes": weight_bytes(self.model),
+                "gather_buffer_bytes": 0 if gather is None else gather.buffer_bytes,
                 "kv_cache_bytes": self.cache_bytes_per_page() * self.num_pages if allocated and self.has_kv else 0,
                 "state_bytes": self.state_bytes_per_slot() * self.total_slots if allocated else 0,
                 "experts": None if moe is None else (moe.first, moe.end)}
@@ -209,7 +229,9 @@ class ModelRunner:
     def footprint_line(self) -> str:
         f = self.footprint()
         experts = "" if f["experts"] is None else f", experts [{f['experts'][0]}, {f['experts'][1]})"
-        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
+        gathered = f"gather buffers {f['gather_buffer_bytes'] / 2**30:.3f} GiB, " if f["gather_buffer_bytes"] else ""
+        return (f"weights {f['weight_bytes'] / 2**30:.3f} GiB, {gathered}"
+                f"KV cache {f['kv_cache_bytes'] / 2**30:.3f} GiB, "
                 f"states {f['state_bytes'] / 2**30:.3f} GiB{experts}")
 
     def config_max_len(self) -> int:

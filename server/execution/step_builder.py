@@ -157,6 +157,8 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
     dev, p, r = pstate.device, pstate.sp_size, pstate.sp_rank
     write_rows: list[np.ndarray] = []
     write_slots: list[np.ndarray] = []
+    window_slots: list[np.ndarray] = []  # a window page group: the same rows in the window layers' pages
+    windowed = table.window_table is not None
     ring: list[RingEntry] = []
     entries: list[LocalEntry] = []
     merge_rows: list[int] = []
@@ -168,18 +170,23 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
         stores = bool(stored_pieces(chunk, p, r))
         if stores:  # the new rows are the last rows of this rank's shard
             write_rows.append(np.arange(lc.row_start, lc.row_start + lc.num_rows))
-            write_slots.append(table.slots_of(chunk.req, np.arange(shard_len - lc.num_rows, shard_len)))
+            new_rows = np.arange(shard_len - lc.num_rows, shard_len)
+            write_slots.append(table.slots_of(chunk.req, new_rows))
+            if windowed:
+                window_slots.append(table.slots_of(chunk.req, new_rows, window=True))
         if chunk.placement == Placement.SPLIT and p > 1:
             ring.append(RingEntry(lc.row_start, lc.num_rows, _piece_runs(lc.pieces), [list(x) for x in st.runs],
                                   table.device_pages(chunk.req).long(), shard_len,
                                   _ulysses_runs(chunk, st, p) if ulysses else None,
-                                  [_piece_runs(computed_pieces(chunk, p, s)) for s in range(p)]))
+                                  [_piece_runs(computed_pieces(chunk, p, s)) for s in range(p)],
+                                  table.device_window_pages(chunk.req).long() if windowed else None))
             continue
         if chunk.placement == Placement.REPLICATED and p > 1:
             merge_rows += range(lc.row_start, lc.row_start + lc.num_rows)
         if shard_len == 0:  # no keys here: (o, lse) = (0, -inf)
             continue
-        entries.append(LocalEntry(lc.row_start, lc.num_rows, table.pages(chunk.req).tolist(), shard_len, stores))
+        entries.append(LocalEntry(lc.row_start, lc.num_rows, table.pages(chunk.req).tolist(), shard_len, stores,
+                                  table.window_pages(chunk.req).tolist() if windowed else None))
     rows = np.concatenate(write_rows) if write_rows else None
     if rows is not None and bool(np.all(np.diff(rows) == 1)):  # one ascending run: a view, not a gather
         rows_arg: torch.Tensor | slice | None = slice(int(rows[0]), int(rows[-1]) + 1)
@@ -188,6 +195,7 @@ def _attention_meta(local: list[LocalChunk], table: RequestTable, pstate: Parall
     return AttentionStepMeta(
         write_rows=rows_arg,
         write_slots=_tensor(np.concatenate(write_slots), torch.long, dev) if write_slots else None,
+        window_write_slots=_tensor(np.concatenate(window_slots), torch.long, dev) if window_slots else None,
         ring=ring, local=entries,
         merge_rows=_tensor(merge_rows, torch.long, dev) if merge_rows else None,
         ring_mode=ring_mode,
@@ -241,9 +249,10 @@ class PaddedStep:
     kv_indices: np.ndarray  # int32
     last_page_len: np.ndarray  # [entries] int32
     kv_lens: np.ndarray  # [entries] int64
+    window_kv_indices: np.ndarray | None = None  # int32: the window layers' pages (a window page group)
 
 
-INPUT_ROWS = 5  # ids, positions, write slots, state slots, merge flags
+INPUT_ROWS = 6  # ids, positions, write slots, state slots, merge flags, window-layer write slots
 
 
 def extend_fits(plan: StepPlan, sp_size: int) -> bool:
@@ -260,7 +269,8 @@ def build_padded_step(plan: StepPlan, table: RequestTable, pstate: ParallelState
     """``plan`` (a decode step, or one :func:`extend_fits` takes) padded to ``rows`` rows and ``entries`` attention
     entries, the shape of a CUDA-graph step. Every row writes its K/V (rows this rank does not store write to slot 0
     of the scratch page 0); the padded rows form padding entries (one row each while there are entries, the rest on
-    the last) that attend causally to the scratch page and use state slot ``scratch_slot``; padding entries without
+    the last) that attend causally to the scratch page and use state slot ``scratch_slot`` (in both page groups of a
+    model with a window group); padding entries without
     rows read one scratch key. The SP merge runs over all rows and is kept where the merge flag is set. None if the
     step does not fit, or an entry has no KV on this rank (the eager path handles that step)."""
     p, r, page = pstate.sp_size, pstate.sp_rank, table.page_size
@@ -270,6 +280,8 @@ def build_padded_step(plan: StepPlan, table: RequestTable, pstate: ParallelState
     kv_lens: list[int] = []
     slots: list[int] = []
     tables: list[np.ndarray] = []
+    window_tables: list[np.ndarray] = []
+    windowed = table.window_table is not None
     local: list[LocalChunk] = []
     offsets = np.cumsum([0] + [c.num_new for c in plan.chunks])
     row = 0
@@ -290,12 +302,16 @@ def build_padded_step(plan: StepPlan, table: RequestTable, pstate: ParallelState
         inputs[1, row:end] = np.arange(c.start, c.start + n)
         if stores:  # the new rows are the last rows of this rank's shard
             inputs[2, row:end] = table.slots_of(c.req, np.arange(kv_len - n, kv_len))
+            if windowed:
+                inputs[5, row:end] = table.slots_of(c.req, np.arange(kv_len - n, kv_len), window=True)
         inputs[3, row:end] = st.slot
         inputs[4, row:end] = c.placement == Placement.REPLICATED and p > 1
         q_lens.append(n)
         kv_lens.append(kv_len)
         slots.append(st.slot)
         tables.append(table.pages(c.req)[: -(-kv_len // page)])
+        if windowed:
+            window_tables.append(table.window_pages(c.req)[: -(-kv_len // page)])
         row = end
     pad_rows, pad_entries = rows - row, entries - len(q_lens)
     if pad_rows and not pad_entries:
@@ -308,6 +324,7 @@ def build_padded_step(plan: StepPlan, table: RequestTable, pstate: ParallelState
         q_lens.append(n)
         kv_lens.append(kv_len)
         tables.append(np.zeros(-(-kv_len // page), dtype=np.int32))
+        window_tables.append(tables[-1])
     slots += [scratch_slot] * pad_entries
     lens = np.array(kv_lens, dtype=np.int64)
     n_pages = np.array([len(t) for t in tables], dtype=np.int64)
@@ -319,6 +336,7 @@ def build_padded_step(plan: StepPlan, table: RequestTable, pstate: ParallelState
         kv_indices=np.concatenate(tables).astype(np.int32),
         last_page_len=(lens - (n_pages - 1) * page).astype(np.int32),
         kv_lens=lens,
+        window_kv_indices=np.concatenate(window_tables).astype(np.int32) if windowed else None,
     )
 
 

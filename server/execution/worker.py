@@ -66,7 +66,8 @@ def setup_rank(config: EngineConfig, rank: int, model_path: str, init_method: st
     if every:  # a stuck or slow rank shows where it is: every thread's stack on stderr, every N seconds
         faulthandler.dump_traceback_later(float(every), repeat=True)
     pstate = init_parallel_state(rank, config.sp_size, config.tp_size, device, init_method,
-                                 check_ranks=check_ranks, expert_parallel=config.enable_expert_parallel)
+                                 check_ranks=check_ranks, expert_parallel=config.enable_expert_parallel,
+                                 shard_dense_weights=config.shard_dense_weights)
     mesh = init_ulysses_mesh(pstate, config.ulysses_degree)  # collective: every rank, right after the groups
     joined = time.monotonic()
     torch.set_num_threads(rank_threads(config))

@@ -47,6 +47,7 @@ class RingEntry:
     ulysses: UlyssesRuns | None = None
     # per SP rank: its new rows of the request (relative to its first new row); the window halo reads them
     q_runs_per_rank: list[list[Run]] = field(default_factory=list)
+    window_page_table: torch.Tensor | None = None  # this rank's window-layer pages (a window page group)
 
     @property
     def prefix_len(self) -> int:
@@ -63,6 +64,7 @@ class LocalEntry:
     pages: list[int]  # this rank's page table of the request
     kv_len: int  # rows of this rank's KV shard, the new rows included when ``stores``
     stores: bool  # this rank stores the new rows' KV (they are the last ``num_rows`` of the shard)
+    window_pages: list[int] | None = None  # the window layers' page table (a window page group; rows as ``pages``)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class AttentionStepMeta:
 
     write_rows: torch.Tensor | slice | None  # local rows whose K/V this rank stores (a slice: one contiguous run) ...
     write_slots: torch.Tensor | None  # ... and their flat cache slots (page * page_size + offset)
+    window_write_slots: torch.Tensor | None = None  # their slots in the window layers' pages (a window page group)
     ring: list[RingEntry] = field(default_factory=list)
     local: list[LocalEntry] = field(default_factory=list)
     # Rows whose partial results are merged over SP by LSE (replicated queries over SP-sharded KV). Eager steps:

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 
 from server.sp.partition import rank_chunks
 
+# Sliding-window layers keep their own page table per request (docs/sp.md, "Sliding-window layers: memory"): a
+# page whose rows all lie before every later query's window is given back, and its entry in the table then names
+# this page, which is never handed out nor written, and whose token positions are none (its keys are never seen).
+NULL_PAGE = 1
+
 
 class Placement(enum.IntEnum):
     """Where a request's new tokens of one step are computed and stored, decided once by the scheduler.
@@ -54,6 +59,10 @@ class ChunkPlan:
     sample: bool  # the last new token is sampled
     new_pages: tuple[tuple[int, ...], ...] = ()  # per SP rank: pages appended to its table this step
     scoring: PromptScoring | None = None  # prompt logprobs wanted from this chunk's rows
+    # models with sliding-window layers, per SP rank: pages appended to the window layers' table (as many as to
+    # new_pages), and the window table's entries given back since the request's last chunk (now NULL_PAGE)
+    new_window_pages: tuple[tuple[int, ...], ...] = ()
+    window_freed: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_scored(self) -> int:
@@ -78,6 +87,7 @@ class StartedRequest:
     pages: tuple[tuple[int, ...], ...] = ()  # per SP rank: the cached prefix's pages (shared, or a copy)
     runs: tuple[tuple[tuple[int, int, int], ...], ...] = ()  # per SP rank: the prefix rows' runs
     restored: bool = False
+    window_pages: tuple[tuple[int, ...], ...] = ()  # per SP rank: the same for the window layers (NULL_PAGE: none)
 
 
 @dataclass

@@ -25,6 +25,26 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tens
     return q.float() * expand_scale(scale.float(), q.shape[-1], block_k)
 
 
+# fp32 bytes one call of dequantize_experts holds at a time: a layer's experts are dequantized a few at a time, so the
+# transient is the output (in the compute dtype) plus this, never a whole layer in fp32
+DEQUANTIZE_CHUNK_BYTES = 256 << 20
+
+
+def dequantize_experts(q: torch.Tensor, scale: torch.Tensor, block_k: int, dtype: torch.dtype,
+                       index: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 expert weights ``q [E, N, K]`` with scales ``[E, N, kb]`` -> ``[P, N, K]`` in ``dtype``: the experts
+    ``index [P]`` names (every expert if None), each value ``q * scale`` in fp32 rounded once to ``dtype``. No host
+    sync (CUDA graphs): the chunks of experts are fixed by the shapes."""
+    n = q.shape[0] if index is None else index.shape[0]
+    out = torch.empty(n, *q.shape[1:], dtype=dtype, device=q.device)
+    per = max(1, DEQUANTIZE_CHUNK_BYTES // max(1, q[0].numel() * 4))
+    for a in range(0, n, per):
+        b = min(n, a + per)
+        rows = slice(a, b) if index is None else index[a:b]
+        out[a:b] = dequantize(take_rows(q, rows), scale[rows], block_k)
+    return out
+
+
 def quantize_per_row(w: torch.Tensor, block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 ``q`` and fp32 ``scale [..., N, kb]`` with ``w ~= q * scale``: the scale of each row (and block of
     ``block_k`` columns; the whole row if None) maps its largest magnitude to the FP8 maximum."""

@@ -5,8 +5,10 @@
 - ``kb > 1`` (block-scaled checkpoints, blocks of ``bk`` input columns): activations quantized per token in groups
   of ``bk`` columns, then :func:`block_fp8_matmul` (Triton): each K block's FP8 product is scaled by the token's
   group scale and the weight row's block scale and accumulated in fp32.
-- CPU (no FP8 GEMM), or shapes ``_scaled_mm`` does not take: the torch reference, the weight dequantized and a
-  plain matmul in the activations' dtype (fp32 on CPU: what ``transformers`` computes on the dequantized weights).
+- CPU (no FP8 GEMM), or shapes ``_scaled_mm`` / the Triton GEMM do not take (blocks that are not a power of two
+  >= 16, e.g. the finer blocks a TP slice of MoE experts stores when it cuts the checkpoint's blocks): the torch
+  reference, the weight dequantized and a plain matmul in the activations' dtype (fp32 on CPU: what
+  ``transformers`` computes on the dequantized weights).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
         q, xs = quantize_activations(x2, None, input_scale)
         y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=torch.bfloat16)
         y = y.to(x.dtype)
-    elif kb > 1 and x2.shape[0] > 0:
+    elif kb > 1 and x2.shape[0] > 0 and block_k >= 16 and not block_k & (block_k - 1):
         q, xs = quantize_activations(x2, block_k, input_scale)
         if input_scale is not None:
             xs = xs.expand(-1, kb)

@@ -16,20 +16,30 @@ from server.forward.context import ForwardContext
 from server.kernels.fp8 import FP8, kv_dequantize, kv_quantize, kv_round, raw_bytes, take_rows
 from server.layers.cache_spec import CacheLayer, CacheSpec
 
+NO_POSITION = -(1 << 30)  # the position of a slot no window layer wrote: outside every window
+
 
 class PagedKVCache:
     """One layer's K and V pages on this rank: ``[num_pages, page_size, kv_heads, head_dim]`` each. FP8 pages
     (``fp8``) store ``k / k_scale``, ``v / v_scale``; :meth:`read` returns the pages as stored (the SP ring passes
     them so, half the bytes) and :meth:`dequantize` turns them into values for a kernel that reads no FP8. With
     ``positions``, also every slot's global token position ``[num_pages, page_size]`` int32 (sliding-window layers:
-    a rank's KV shard holds tokens of scattered positions, and the window is a rule on positions)."""
+    a rank's KV shard holds tokens of scattered positions, and the window is a rule on positions); they start as
+    ``NO_POSITION``, which no window sees, and stay so on pages never written (the window table's null page).
+    ``share``: another layer's cache whose K/V tensors these pages use (a window layer's pages and a full layer's
+    come from one pool of page ids, so one page id's memory serves one layer of each kind)."""
 
     def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0, positions: bool = False):
-        self.k = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+                 device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0, positions: bool = False,
+                 share: PagedKVCache | None = None):
+        if share is not None:
+            self.k, self.v = share.k, share.v
+        else:
+            self.k = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
         self.k_scale, self.v_scale = k_scale, v_scale
-        self.pos = torch.zeros(num_pages, page_size, dtype=torch.int32, device=device) if positions else None
+        self.pos = (torch.full((num_pages, page_size), NO_POSITION, dtype=torch.int32, device=device)
+                    if positions else None)
 
     @property
     def fp8(self) -> bool:
@@ -77,7 +87,8 @@ class PagedKVSpec(CacheSpec):
     model's). The query heads and scale are the attention geometry the backend plans its kernels for. FP8 pages
     (``float8_e4m3fn``) hold ``k / k_scale`` and ``v / v_scale`` (per-tensor scales of the layer). A sliding
     ``window`` layer also keeps every slot's token position (int32; the window is a rule on positions, and a rank's
-    SP shard holds scattered ones)."""
+    SP shard holds scattered ones) and its pages form a group of their own (:attr:`window_group`): the engine gives
+    them their own page table, whose pages older than the window are given back."""
 
     paged = True
 
@@ -98,13 +109,26 @@ class PagedKVSpec(CacheSpec):
         share the backend's plans."""
         return self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.kv_dtype
 
-    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
-        kv = 2 * page_size * self.num_kv_heads * self.head_dim * (self.kv_dtype or dtype).itemsize
-        return kv + (4 * page_size if self.window is not None else 0)
+    @property
+    def window_group(self) -> bool:
+        return self.window is not None
 
-    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device) -> Any:
+    def kv_bytes(self, page_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one page's K and V (what a layer of the other group can share)."""
+        return 2 * page_size * self.num_kv_heads * self.head_dim * (self.kv_dtype or dtype).itemsize
+
+    def unit_bytes(self, page_size: int, dtype: torch.dtype) -> int:
+        return self.kv_bytes(page_size, dtype) + (4 * page_size if self.window is not None else 0)
+
+    def can_share(self, other: CacheSpec) -> bool:
+        """Pages of the same shape and dtype as ``other``'s: one K/V tensor pair can serve both layers."""
+        return isinstance(other, PagedKVSpec) and (self.num_kv_heads, self.head_dim, self.kv_dtype) == (
+            other.num_kv_heads, other.head_dim, other.kv_dtype)
+
+    def allocate(self, units: int, page_size: int, dtype: torch.dtype, device: torch.device,
+                 share: Any = None) -> Any:
         return PagedKVCache(units, page_size, self.num_kv_heads, self.head_dim, self.kv_dtype or dtype, device,
-                            self.k_scale, self.v_scale, positions=self.window is not None)
+                            self.k_scale, self.v_scale, positions=self.window is not None, share=share)
 
     def copy(self, cache: Any, src: torch.Tensor, dst: torch.Tensor) -> None:
         cache.copy_pages(src, dst)

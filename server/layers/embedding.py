@@ -1,4 +1,5 @@
-"""Vocab-parallel embedding and LM head: the vocabulary is split over TP."""
+"""Vocab-parallel embedding and LM head: the vocabulary is split over TP (and each TP slice's rows over SP with
+``--shard-dense-weights``, :mod:`server.layers.row_shard`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.layers.linear import as_tensor, copy_into
+from server.layers.row_shard import dense_parameter, row_window, runs_on_slice
 from server.sp.groups import ParallelState
 
 
@@ -21,20 +23,28 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.per_rank = -(-vocab_size // pstate.tp_size)
         self.start = pstate.tp_rank * self.per_rank
-        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden, dtype=dtype), requires_grad=False)
+        self.weight = dense_parameter(self.per_rank, hidden, pstate, dtype)
+        self.weight.data.zero_()
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        n = max(0, min(self.per_rank, self.vocab_size - self.start))
+        """This TP rank's vocabulary rows (those it stores, when sharded over SP); rows past the vocabulary stay 0."""
+        lo, hi = row_window(param)
+        n = max(0, min(hi, self.vocab_size - self.start) - lo)
         param.data.zero_()
-        copy_into(param.data[:n], as_tensor(loaded[self.start : self.start + n]), "the vocabulary embedding")
+        copy_into(param.data[:n], as_tensor(loaded[self.start + lo : self.start + lo + n]), "the vocabulary embedding")
 
     def forward(self, ids: torch.Tensor, seq_sharded: bool = False) -> torch.Tensor:
-        if self.pstate.tp_size == 1:
+        sliced = runs_on_slice(self.weight)  # ids the same on every SP rank: each embeds its stored rows, summed
+        if self.pstate.tp_size == 1 and not sliced:
             return F.embedding(ids, self.weight)
-        local = ids - self.start
-        valid = (local >= 0) & (local < self.per_rank)
-        x = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * valid.unsqueeze(-1).to(self.weight.dtype)
+        lo, hi = row_window(self.weight) if sliced else (0, self.per_rank)
+        local = ids - self.start - lo
+        valid = (local >= 0) & (local < hi - lo)
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        x = x * valid.unsqueeze(-1).to(self.weight.dtype)
+        if sliced:
+            x = self.pstate.sp_all_reduce(x)
         return self.pstate.tp_reduce_scatter(x) if seq_sharded else self.pstate.tp_all_reduce(x)
 
 

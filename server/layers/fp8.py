@@ -120,13 +120,21 @@ class Fp8Weight:
         q = self.weight[key]
         return q if isinstance(q, torch.Tensor) else torch.as_tensor(q)
 
-    def raw(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw(self, key, block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The FP8 slice ``self[key]`` and its scales ``[..., rows, kb']``. Raises ``ValueError`` when the slice
-        cuts a column block (what to change: ``--tp-size``)."""
+        cuts a column block (what to change: ``--tp-size``). ``block_k``: give the scales in blocks of that many
+        columns instead, a divisor of the checkpoint's blocks and of the slice's first column, so a slice that
+        starts or ends inside a checkpoint block is exact (each finer block repeats its checkpoint block's scale)."""
         key = _normalize_key(key, self.ndim)
         cols = key[-1]
         start, stop, _ = cols.indices(self.shape[-1]) if isinstance(cols, slice) else (cols, cols + 1, 1)
         bk = self.block_k
+        if self.scale.shape[-1] > 1 and block_k is not None and block_k != bk:
+            if bk % block_k or start % block_k:
+                raise ValueError(f"{self.name}: blocks of {block_k} columns do not divide the checkpoint's FP8 scale "
+                                 f"blocks of {bk} columns and the slice's first column {start}")
+            per_column = self.scale[key[:-1]].repeat_interleave(bk, dim=-1)
+            return self._q(key), per_column[..., start:stop:block_k].contiguous()
         if self.scale.shape[-1] > 1 and (start % bk or (stop % bk and stop != self.shape[-1])):
             raise ValueError(
                 f"{self.name}: a tensor-parallel shard takes its input columns [{start}, {stop}) of {self.shape[-1]}, "
@@ -134,6 +142,15 @@ class Fp8Weight:
                 f"{self.shape[-1]} / tp is a multiple of {bk}")
         scale_cols = slice(start // bk, -(-stop // bk)) if self.scale.shape[-1] > 1 else slice(None)
         return self._q(key), self.scale[key[:-1] + (scale_cols,)]
+
+    def rows(self, key) -> Fp8Weight:
+        """The FP8 weight of the leading indices / output rows ``key`` (every input column), still with its scales:
+        one expert ``w[e]`` or the gate or up half of a fused ``[E, 2I, K]`` tensor, read as it is sliced further."""
+        key = _normalize_key(key, self.ndim)
+        if key[-1] != slice(None):
+            raise TypeError("Fp8Weight.rows takes leading indices and rows, not columns")
+        q = self._q(key)
+        return Fp8Weight(q, self.scale[key[:-1]], tuple(q.shape), self.block_k, self.name, self.input_scale)
 
     def __getitem__(self, key) -> torch.Tensor:
         key = _normalize_key(key, self.ndim)

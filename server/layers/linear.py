@@ -1,8 +1,9 @@
 """Tensor-parallel linear layers with per-parameter weight loaders.
 
-Weights are sharded over the TP group and replicated over SP. Each parameter carries ``weight_loader(param,
-loaded, shard_id=None)`` where ``loaded`` is a tensor or a lazy safetensors slice: loaders index only this rank's
-rows/columns, so a rank never materializes the full checkpoint tensor.
+Weights are sharded over the TP group and replicated over SP, or with ``--shard-dense-weights`` stored 1/sp per
+rank and gathered per layer before use (:mod:`server.layers.row_shard`, :mod:`server.sp.dense_weights`). Each
+parameter carries ``weight_loader(param, loaded, shard_id=None)`` where ``loaded`` is a tensor or a lazy safetensors
+slice: loaders index only this rank's rows/columns, so a rank never materializes the full checkpoint tensor.
 
 ``ColumnSeqParallelLinear`` / ``RowSeqParallelLinear`` (docs/sp.md: Sequence-parallel linears) share weights and
 loaders with the plain forms. When the step's forward context says the residual stream is sequence-sharded over TP
@@ -23,6 +24,7 @@ from torch import nn
 from server.kernels.fp8 import FP8, quantize_per_row
 from server.kernels.fp8_gemm import fp8_linear
 from server.layers.fp8 import Fp8Weight
+from server.layers.row_shard import dense_parameter, is_row_sharded, row_window, runs_on_slice
 from server.sp.groups import ParallelState
 
 
@@ -45,6 +47,11 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 Piece = tuple[int, int, int, int]
 
 
+def piece_key(dim: int, src: int, n: int) -> tuple[slice, ...]:
+    """The checkpoint index of a whole piece."""
+    return (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
+
+
 class QuantizableLinear(nn.Module):
     """What the TP linears share: loading pieces of a checkpoint tensor (high precision, or FP8 with its scales)
     and the matmul that fits how the weight is stored. ``weight_scale [out, kb]`` and ``input_scale`` (a static
@@ -62,6 +69,9 @@ class QuantizableLinear(nn.Module):
     def store_fp8(self, block_k: int) -> None:
         """From now on keep the weight in FP8 with a scale per row and block of ``block_k`` input columns; frees the
         high-precision storage."""
+        if is_row_sharded(self.weight):
+            raise ValueError("--shard-dense-weights does not shard FP8 weights (--quantization fp8 or an FP8 "
+                             "checkpoint); drop one of the two")
         block_k = min(block_k, self.weight.shape[1])
         if self.quantized:
             if self.block_k != block_k:
@@ -76,12 +86,16 @@ class QuantizableLinear(nn.Module):
         old.data = torch.empty(0, dtype=old.dtype, device=old.device)
 
     def load_pieces(self, param: nn.Parameter, loaded, pieces: list[Piece], what: str) -> None:
+        """Copy each piece's checkpoint rows/columns into ``param``; a row-sharded weight
+        (:mod:`server.layers.row_shard`) keeps only the part of each piece inside its stored rows."""
         for dim, dst, src, n in pieces:
-            key = (slice(src, src + n),) if dim == 0 else (slice(None), slice(src, src + n))
             if not isinstance(loaded, Fp8Weight):
-                copy_into(param.data.narrow(dim, dst, n), as_tensor(loaded[key]), what)
+                key, target = self.piece_target(param, dim, dst, src, n)
+                if key is not None:
+                    copy_into(target, as_tensor(loaded[key]), what)
                 continue
-            q, scale = loaded.raw(key)
+            # FP8 weights are never row-sharded (store_fp8 refuses), and the first piece replaces the parameter
+            q, scale = loaded.raw(piece_key(dim, src, n))
             self.store_fp8(loaded.block_k if loaded.scale.shape[-1] > 1 else self.weight.shape[1])
             copy_into(self.weight.data.narrow(dim, dst, n), q, what)
             copy_into(self.weight_scale.data.narrow(0, dst, n) if dim == 0 else self.weight_scale.data, scale,
@@ -89,10 +103,39 @@ class QuantizableLinear(nn.Module):
             if loaded.input_scale is not None:
                 self.input_scale = max(self.input_scale or 0.0, loaded.input_scale)
 
+    @staticmethod
+    def piece_target(param: nn.Parameter, dim: int, dst: int, src: int, n: int) -> tuple[tuple | None, torch.Tensor]:
+        """The checkpoint index and the part of ``param`` that a piece fills: for a row-sharded weight only the rows
+        it stores (a row piece is clipped to them; a column piece covers them); ``(None, _)`` when none are."""
+        if not is_row_sharded(param):
+            return piece_key(dim, src, n), param.data.narrow(dim, dst, n)
+        lo, hi = row_window(param)
+        if dim == 1:
+            return ((slice(lo, hi), slice(src, src + n)), param.data[: hi - lo].narrow(1, dst, n)) if hi > lo \
+                else (None, param.data)
+        a, b = max(dst, lo), min(dst + n, hi)
+        if a >= b:
+            return None, param.data
+        return (slice(src + a - dst, src + b - dst),), param.data.narrow(0, a - lo, b - a)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantized:
             return fp8_linear(x, self.weight, self.weight_scale, self.block_k, bias, self.input_scale)
+        if runs_on_slice(self.weight):
+            return sliced_linear(x, self.weight, bias, self.pstate)
         return F.linear(x, self.weight, bias)
+
+
+def sliced_linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
+                  pstate: ParallelState) -> torch.Tensor:
+    """``x W^T (+ b)`` from the rows of W this SP rank stores (:mod:`server.layers.row_shard`), for an ``x`` that is
+    the same on every SP rank: each rank computes its rows' outputs ``[T, R]`` and one SP all-gather assembles the
+    ``[T, rows]`` result (activations instead of weights: a decode step's few rows are far fewer bytes)."""
+    rows = weight.row_shard.rows
+    parts = pstate.sp_all_gather_tensor(F.linear(x, weight))  # [P, T, R]
+    y = parts.permute(1, 0, 2).reshape(x.shape[0], -1)
+    y = y if y.shape[1] == rows else y[:, :rows].contiguous()
+    return y if bias is None else y + bias
 
 
 def quantize_linear_layers(model: nn.Module) -> int:
@@ -124,7 +167,7 @@ class ColumnParallelLinear(QuantizableLinear):
         self.pstate = pstate
         self.in_features = in_features
         self.out_per_rank = divide(out_features, pstate.tp_size, "output features of a column-parallel layer")
-        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype), requires_grad=False)
+        self.weight = dense_parameter(self.out_per_rank, in_features, pstate, dtype)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:
@@ -215,7 +258,7 @@ class RowParallelLinear(QuantizableLinear):
         super().__init__()
         self.pstate = pstate
         self.in_per_rank = divide(in_features, pstate.tp_size, "input features of a row-parallel layer")
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype), requires_grad=False)
+        self.weight = dense_parameter(out_features, self.in_per_rank, pstate, dtype)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:  # added once, after the reduction

@@ -34,6 +34,7 @@ from server.layers.attention import Attention, PagedKVSpec
 from server.layers.linear import ColumnSeqParallelLinear, RowSeqParallelLinear, divide
 from server.layers.norm import RMSNorm
 from server.layers.rotary import RotaryEmbedding
+from server.layers.row_shard import mark_read_whole
 from server.sp.groups import ParallelState
 
 
@@ -128,6 +129,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps, dtype)
         self.kv_b_proj = ColumnSeqParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), pstate,
                                                  False, dtype)
+        mark_read_whole(self.kv_b_proj.weight)  # absorbed into the queries and the output (forward)
         self.o_proj = RowSeqParallelLinear(num_heads * v_head_dim, hidden, pstate, bias, dtype)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope, max_position) if rope is not None else None
         # DeepSeek stores the rotary features as interleaved pairs (x0, x1), (x2, x3), ...; reading them even-first

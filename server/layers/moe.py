@@ -12,9 +12,22 @@ Two layouts of the experts (``ParallelState.expert_parallel``):
   once with no reduction of partial sums.
 
 :func:`moe_block_forward` is what a model's MoE block calls: it picks the layout's collectives.
+
+FP8 experts (docs/kernels.md, "FP8 GEMMs: MoE experts"): when a loader first receives a checkpoint's FP8 expert
+tensor (:class:`server.layers.fp8.Fp8Weight`), ``w13`` / ``w2`` switch to ``float8_e4m3fn`` with fp32 scales
+``w13_scale [E_local, 2 I_local, kb]`` / ``w2_scale [E_local, hidden, kb']``, one per row and block of input columns
+as the dense FP8 layers keep them. A TP slice of the down projection's columns that cuts the checkpoint's blocks
+stores finer blocks (the gcd of the block and the slice width), each with its checkpoint block's scale: exact.
+The per-expert loop multiplies with :func:`server.kernels.fp8_gemm.fp8_linear`; the sync-free forms with the grouped
+matmuls of :mod:`server.kernels.fp8_moe`, which dequantize weight tiles in registers.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +35,16 @@ from torch import nn
 
 from server.forward.context import ForwardContext
 from server.kernels import ops
+from server.kernels.fp8 import FP8, quantize_per_row
+from server.kernels.fp8_gemm import fp8_linear
+from server.kernels.fp8_moe import experts_fp8_matmul, gathered_fp8_matmul
 from server.layers.expert_parallel import (
     expert_owners,
     expert_parallel_forward,
     expert_range,
     static_pair_capacity,
 )
+from server.layers.fp8 import Fp8Weight
 from server.layers.linear import as_tensor, copy_into, divide
 from server.layers.moe_routing import Router, make_router
 from server.sp.groups import ParallelState
@@ -40,6 +57,21 @@ from server.sp.groups import ParallelState
 # experts that is thousands of launches for a short prompt or a question over a cached prefix.
 SYNC_FREE_MAX_TOKENS = 128
 
+_DEFERRED_STORAGE = contextvars.ContextVar("deferred_expert_storage", default=False)
+
+
+@contextlib.contextmanager
+def deferred_expert_storage() -> Iterator[None]:
+    """Inside, a :class:`FusedMoE` built keeps its experts on the meta device until the first checkpoint tensor its
+    loaders receive, then allocates them FP8 or in the model dtype, as that tensor is: an FP8 checkpoint's experts
+    never exist in the model dtype, so loading one does not peak at twice its bytes (``build_model`` builds FP8
+    checkpoints' models in it; experts it never loads are an error there, :meth:`FusedMoE.check_loaded`)."""
+    token = _DEFERRED_STORAGE.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_STORAGE.reset(token)
+
 
 class FusedMoE(nn.Module):
     """x ``[T, hidden]`` -> ``[T, hidden]``: TP-sliced, a partial sum (sum over TP = the MoE output); expert parallel,
@@ -48,7 +80,8 @@ class FusedMoE(nn.Module):
     Weights: ``w13 [E_local, 2*I_local, hidden]`` (gate rows then up rows), ``w2 [E_local, hidden, I_local]``, with
     ``E_local = E, I_local = I / tp`` TP-sliced and ``E_local`` = this rank's experts (:func:`expert_range`),
     ``I_local = I`` expert parallel; router ``[E, hidden]`` replicated; with ``correction_bias``, the router's
-    ``e_score_correction_bias [E]`` (fp32, replicated).
+    ``e_score_correction_bias [E]`` (fp32, replicated). FP8 experts add ``w13_scale`` / ``w2_scale`` (module
+    docstring) and their column blocks ``block_k``.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, pstate: ParallelState,
@@ -77,10 +110,16 @@ class FusedMoE(nn.Module):
             self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
         local = self.end - self.first
         self.gate = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(local, 2 * self.inter, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(local, hidden, self.inter, dtype=dtype), requires_grad=False)
+        where = "meta" if _DEFERRED_STORAGE.get() and local else None  # None: the ambient device
+        self.w13 = nn.Parameter(torch.empty(local, 2 * self.inter, hidden, dtype=dtype, device=where),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, hidden, self.inter, dtype=dtype, device=where), requires_grad=False)
         self.w13.weight_loader = self.w13_loader
         self.w2.weight_loader = self.w2_loader
+        # FP8 experts: set by store_fp8 (None while the experts are high precision)
+        self.register_parameter("w13_scale", None)
+        self.register_parameter("w2_scale", None)
+        self.block_k: dict[str, int] = {}  # input columns per scale, by weight name
         # expert parallel: (token, expert) pairs each rank received in the exact exchanges since the last
         # take_pairs() (the graph form's counts stay on the device and are not counted)
         self.pairs: list[int] = []
@@ -103,15 +142,95 @@ class FusedMoE(nn.Module):
         if not self.first <= expert < self.end:  # stored by another rank
             return
         s = self._slice_start()
-        dst = param.data[expert - self.first, part * self.inter : (part + 1) * self.inter]
-        copy_into(dst, as_tensor(loaded[s : s + self.inter]), f"expert {expert} gate/up")
+        self._load("w13", (expert - self.first, slice(part * self.inter, (part + 1) * self.inter)), loaded,
+                   (slice(s, s + self.inter),), f"expert {expert} gate/up")
 
     def w2_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
         if not self.first <= shard_id < self.end:
             return
         s = self._slice_start()
-        copy_into(param.data[shard_id - self.first], as_tensor(loaded[:, s : s + self.inter]),
-                  f"expert {shard_id} down")
+        self._load("w2", (shard_id - self.first,), loaded, (slice(None), slice(s, s + self.inter)),
+                   f"expert {shard_id} down")
+
+    def _load(self, name: str, dst: tuple, loaded, key: tuple, what: str) -> None:
+        """Checkpoint slice ``loaded[key]`` into ``name[dst]``: FP8 with its scales if the checkpoint's is FP8 (the
+        parameter is read from the module: the first FP8 tensor, or deferred storage, replaces it)."""
+        w = getattr(self, name)
+        if not isinstance(loaded, Fp8Weight):
+            if w.dtype == FP8:
+                raise ValueError(f"{what} is stored in high precision, but other experts of its layer are FP8: "
+                                 "a layer whose experts mix FP8 and high precision is not supported")
+            if w.is_meta and self.pstate.device.type != "meta":  # deferred storage: the model dtype after all
+                self._replace(name, w.dtype)
+            copy_into(getattr(self, name).data[dst], as_tensor(loaded[key]), what)
+            return
+        k = w.shape[-1]
+        if loaded.scale.shape[-1] == 1:  # per channel / per tensor: one block of every column
+            block_k = k
+        else:  # columns [s, s + k) of the checkpoint's: blocks that divide its blocks and the slice's first column
+            block_k = loaded.block_k if k == loaded.shape[-1] else math.gcd(loaded.block_k, k)
+        q, scale = loaded.raw(key, block_k)
+        self.store_fp8(name, block_k)
+        copy_into(getattr(self, name).data[dst], q, what)
+        copy_into(getattr(self, name + "_scale").data[dst], scale, f"the FP8 scales of {what}")
+
+    def _replace(self, name: str, dtype: torch.dtype) -> None:
+        """A new (uninitialized) ``name`` parameter in ``dtype`` on the layer's device, with the same loader; frees
+        the old storage."""
+        old = getattr(self, name)
+        device = self.pstate.device if old.is_meta else old.device
+        new = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device), requires_grad=False)
+        new.weight_loader = old.weight_loader
+        setattr(self, name, new)
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+
+    def store_fp8(self, name: str, block_k: int) -> None:
+        """From now on keep ``name`` (``w13`` or ``w2``) in FP8 with a scale per row and block of ``block_k`` input
+        columns; frees the high-precision storage."""
+        old = getattr(self, name)
+        k = old.shape[-1]
+        block_k = min(block_k, k)
+        if old.dtype == FP8:
+            if self.block_k[name] != block_k:
+                raise ValueError(f"FP8 experts with different scale blocks in one layer ({block_k} vs "
+                                 f"{self.block_k[name]} columns of {name})")
+            return
+        rows = old.shape[:-1]
+        self._replace(name, FP8)
+        scale = torch.ones(*rows, -(-k // block_k), device=getattr(self, name).device)
+        setattr(self, name + "_scale", nn.Parameter(scale, requires_grad=False))
+        self.block_k[name] = block_k
+
+    def check_loaded(self, where: str) -> None:
+        """Raise ``ValueError`` if deferred expert storage never received its checkpoint tensors."""
+        missing = [n for n in ("w13", "w2") if getattr(self, n).is_meta and self.pstate.device.type != "meta"]
+        if missing:
+            raise ValueError(f"{where}: the checkpoint has no expert weights for {' and '.join(missing)} of this "
+                             "MoE layer")
+
+    def quantize_experts(self) -> bool:
+        """``--quantization fp8``: store the experts that are not FP8 yet in FP8 with one scale per row (of this
+        rank's columns), an expert at a time; True if any were."""
+        done = False
+        for name in ("w13", "w2"):
+            w = getattr(self, name)
+            if w.dtype == FP8:
+                continue
+            high = w.data
+            self.store_fp8(name, w.shape[-1])
+            for e in range(high.shape[0]):
+                q, scale = quantize_per_row(high[e])
+                getattr(self, name).data[e].copy_(q)
+                getattr(self, name + "_scale").data[e].copy_(scale)
+            done = True
+        return done
+
+    def expert_linear(self, x: torch.Tensor, name: str, e: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` times local expert ``e``'s ``w13`` or ``w2`` (FP8: :func:`fp8_linear`)."""
+        w = getattr(self, name)
+        if w.dtype == FP8:
+            return fp8_linear(x, w[e], getattr(self, name + "_scale")[e], self.block_k[name], bias)
+        return F.linear(x, w[e], bias)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.router(F.linear(x, self.gate).float(), self.e_score_correction_bias)
@@ -119,6 +238,22 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
         return self.compute(x, weights, experts)
+
+    def activate(self, h: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
+        """``[..., 2 I]`` gate/up projections -> ``[..., I]`` activations (SwiGLU). ``experts``: the local expert of
+        each row of ``h`` (an index or an index tensor), or None when ``h`` is ``[T, E_local, 2 I]`` (every
+        expert); a layer with gate/up biases adds them here."""
+        return ops.silu_and_mul(h)
+
+    def down_bias(self) -> torch.Tensor | None:
+        """``[E_local, hidden]`` down-projection biases this rank adds (None: the experts have none)."""
+        return None
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Local expert ``e`` on rows ``x``, unweighted."""
+        bias = self.down_bias()
+        return self.expert_linear(self.activate(self.expert_linear(x, "w13", e), e), "w2", e,
+                                  None if bias is None else bias[e])
 
     def compute(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[:, j] * expert_{experts[:, j]}(x)`` over this rank's experts (local indices)."""
@@ -137,8 +272,7 @@ class FusedMoE(nn.Module):
             if c == 0:
                 continue
             idx = token_of[start : start + c]
-            h = ops.silu_and_mul(F.linear(x[idx], self.w13[e]))
-            y = F.linear(h, self.w2[e]) * w_of[start : start + c].unsqueeze(-1).to(x.dtype)
+            y = self.expert(x[idx], e) * w_of[start : start + c].unsqueeze(-1).to(x.dtype)
             out.index_add_(0, idx, y)
             start += c
         return out
@@ -149,19 +283,43 @@ class FusedMoE(nn.Module):
         every token, weighted by the routing (zero for the experts a token does not use): decode reads every
         expert's weights once either way."""
         t, k, e = x.shape[0], experts.shape[1], self.num_local_experts
+        bias = self.down_bias()
         if t * k < e:
-            h = torch.bmm(self.w13[experts.flatten()], x.repeat_interleave(k, 0).unsqueeze(-1))
-            h = ops.silu_and_mul(h.squeeze(-1)).unsqueeze(-1)
-            y = torch.bmm(self.w2[experts.flatten()], h).view(t, k, -1)
-            return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+            flat = experts.flatten()
+            h = self.activate(self.pairs_matmul("w13", x.repeat_interleave(k, 0), flat), flat)
+            y = self.pairs_matmul("w2", h, flat)
+            if bias is not None:
+                y = y + bias[flat]
+            return (y.view(t, k, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
         gate = torch.zeros(t, e, dtype=x.dtype, device=x.device)
         gate.scatter_add_(1, experts, weights.to(x.dtype))
-        hidden = x.shape[1]
-        # every expert on every token as plain matmuls over views of the weights: an einsum over (e, i) would
-        # permute w2 to [hidden, E * I] first, a copy of every expert's down weights per layer per step
-        h = ops.silu_and_mul(F.linear(x, self.w13.view(-1, hidden)).view(t, e, -1))  # [T, E, I]
-        h = (h * gate.unsqueeze(-1)).transpose(0, 1)  # [E, T, I], the routing weight (0 if unused) applied
-        return torch.bmm(h, self.w2.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
+        h = self.activate(self.all_experts_matmul("w13", x).view(t, e, -1), None)  # [T, E, I]
+        y = self.all_experts_matmul("w2", h * gate.unsqueeze(-1))  # the routing weight (0 if unused) applied
+        return y if bias is None else y + gate @ bias
+
+    def pairs_matmul(self, name: str, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Row ``p`` of ``x`` times local expert ``index[p]``'s ``w13`` or ``w2`` (the gathered form): FP8 experts
+        through :func:`gathered_fp8_matmul`, which reads each pair's FP8 weights once."""
+        w = getattr(self, name)
+        if w.dtype == FP8:
+            return gathered_fp8_matmul(x, w, getattr(self, name + "_scale"), self.block_k[name], index)
+        return torch.bmm(w[index], x.unsqueeze(-1)).squeeze(-1)
+
+    def all_experts_matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Every local expert on every row (the dense form): ``w13``, ``x [T, hidden] -> [T, E * 2I]``; ``w2``,
+        ``x [T, E, I]`` (each expert's activations) ``-> [T, hidden]``, summed over the experts. FP8 experts through
+        :func:`experts_fp8_matmul`, which reads each FP8 weight once."""
+        w, t = getattr(self, name), x.shape[0]
+        if w.dtype == FP8:
+            scale = getattr(self, name + "_scale")
+            if name == "w13":  # one group: the experts' rows stacked
+                w, scale = w.view(1, -1, w.shape[-1]), scale.view(1, -1, scale.shape[-1])
+            return experts_fp8_matmul(x.reshape(t, -1), w, scale, self.block_k[name])
+        if name == "w13":
+            return F.linear(x, w.view(-1, w.shape[-1]))
+        # plain matmuls over views of the weights: an einsum over (e, i) would permute w2 to [hidden, E * I] first,
+        # a copy of every expert's down weights per layer per step
+        return torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).sum(0)  # [E, T, hidden] -> [T, hidden]
 
     # ---- expert parallel -------------------------------------------------------------------------------------
     def _received(self, x: torch.Tensor, ids: torch.Tensor, static: bool) -> torch.Tensor:

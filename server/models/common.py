@@ -12,6 +12,7 @@ from server.forward.context import ForwardContext
 from server.kernels import ops
 from server.layers.cache_spec import CacheLayer
 from server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from server.layers.fp8 import Fp8Weight
 from server.layers.linear import (
     MergedColumnSeqParallelLinear,
     RowSeqParallelLinear,
@@ -20,6 +21,7 @@ from server.layers.linear import (
 )
 from server.layers.moe import FusedMoE, moe_block_forward
 from server.layers.norm import RMSNorm
+from server.layers.row_shard import runs_on_slice
 from server.models.config import ModelConfig
 from server.sp.groups import ParallelState
 
@@ -51,7 +53,8 @@ class GatedMLP(nn.Module):
         self.down_proj = RowSeqParallelLinear(intermediate, hidden, pstate, bias, dtype)
 
     def forward(self, x: torch.Tensor, seq_sharded: bool, sp_split: bool = False) -> torch.Tensor:
-        if sp_split:
+        # weights sharded over SP and not gathered: the linears run on their stored rows (already 1/P of the reads)
+        if sp_split and not runs_on_slice(self.gate_up_proj.weight):
             return self.forward_sp_split(x)
         h = self.gate_up_proj(x, seq_sharded)  # [T, 2I]: groups of [gate_g | up_g]
         t = h.shape[0]
@@ -140,14 +143,16 @@ def stacked_expert_weights(weights: Iterable[tuple[str, object]], params: dict[s
         prefix, rest = base.split(ck_experts)
         w13, w2 = params[prefix + param_moe + "w13"], params[prefix + param_moe + "w2"]
         if rest in ("gate_up_proj", "down_proj"):
-            full = as_tensor(t)
+            # FP8: each expert's rows stay FP8 with their scales (Fp8Weight.rows); otherwise one read of the tensor
+            full = t if isinstance(t, Fp8Weight) else as_tensor(t)
+            rows = full.rows if isinstance(full, Fp8Weight) else full.__getitem__
             inter = full.shape[-1] if rest == "down_proj" else full.shape[1] // 2
             for e in range(full.shape[0]):
                 if rest == "down_proj":
-                    w2.weight_loader(w2, full[e], e)
+                    w2.weight_loader(w2, rows(e), e)
                 else:
-                    w13.weight_loader(w13, full[e, :inter], (e, 0))
-                    w13.weight_loader(w13, full[e, inter:], (e, 1))
+                    w13.weight_loader(w13, rows((e, slice(None, inter))), (e, 0))
+                    w13.weight_loader(w13, rows((e, slice(inter, None))), (e, 1))
             continue
         expert, which, _ = rest.split(".")
         if which == down:

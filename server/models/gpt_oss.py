@@ -21,6 +21,7 @@ from server.forward.context import ForwardContext
 from server.layers.attention import Attention
 from server.layers.gpt_oss_moe import GptOssMoE
 from server.layers.linear import RowSeqParallelLinear, as_tensor, copy_into
+from server.layers.moe import moe_block_forward
 from server.layers.norm import RMSNorm
 from server.models.common import QKV_RULES, CausalLM
 from server.models.config import ModelConfig, MoEConfig
@@ -85,16 +86,13 @@ class GptOssDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        h = self.post_attention_layernorm(x)
-        if ctx.seq_sharded:  # the experts see every token of the TP group, then each rank keeps its rows
-            return x + self.pstate.tp_reduce_scatter(self.mlp(self.pstate.tp_all_gather(h, dim=0)))
-        return x + self.pstate.tp_all_reduce(self.mlp(h))
+        return x + moe_block_forward(self.mlp, self.post_attention_layernorm(x), ctx)
 
 
 # checkpoint name fragments -> parameters (biases before the weights whose names they extend)
 GPT_OSS_RULES = QKV_RULES + [
     (".self_attn.sinks", ".self_attn.attn.sinks", None),
-    (".mlp.router.weight", ".mlp.router_weight", None),
+    (".mlp.router.weight", ".mlp.gate", None),
     (".mlp.router.bias", ".mlp.router_bias", None),
     (".mlp.experts.gate_up_proj_bias", ".mlp.b13", None),
     (".mlp.experts.down_proj_bias", ".mlp.b2", None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -14,10 +15,11 @@ from torch import nn
 
 from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
-from server.layers.fp8 import parse_fp8_scheme
+from server.layers.fp8 import Fp8Scheme, parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
-from server.layers.linear import RowParallelLinear, quantize_linear_layers
+from server.layers.linear import QuantizableLinear, RowParallelLinear, quantize_linear_layers
+from server.layers.moe import FusedMoE, deferred_expert_storage
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
 from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
@@ -29,6 +31,7 @@ from server.models.minimax import MiniMaxForCausalLM
 from server.models.minimax_m2 import MiniMaxM2ForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
 from server.models.qwen3_moe import Qwen3MoeForCausalLM
+from server.sp.dense_weights import attach_dense_weight_gather
 from server.sp.groups import ParallelState
 from server.sp.ulysses import ulysses_kv_heads
 
@@ -69,16 +72,19 @@ def read_model_config(model_path: str) -> ModelConfig:
 
 def check_model_parallelism(model_path: str, cfg: ModelConfig, tp_size: int, load_format: str,
                             ulysses_degree: int = 1, ulysses_layers: str = "all",
-                            quantization: str | None = None) -> None:
+                            quantization: str | None = None, shard_dense_weights: bool = False) -> None:
     """Build the model of TP rank 0 of ``tp_size`` on the meta device (no memory, no weights), so every layer's
     own shape check runs before any process starts: a model that cannot be split this way (over TP, and each TP
     rank's heads over ``ulysses_degree``; softmax heads only when ``ulysses_layers`` is ``all``), or a config that
     lacks an entry, is one ``ValueError`` here rather than a failure on every rank. Also checks that the weights
-    exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads."""
+    exist unless they are random (``dummy``), and that a quantized checkpoint is a kind this server loads (and is not
+    to be sharded by ``--shard-dense-weights``, which keeps high-precision weights only)."""
     try:
         scheme = parse_fp8_scheme(cfg.quantization, quantization)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
+    if scheme is not None and shard_dense_weights:
+        raise ValueError(f"{model_path}: --shard-dense-weights does not shard FP8 weights; serve this model without it")
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.architecture](cfg, ParallelState(tp_size=tp_size, device=torch.device("meta")),
                                                 torch.float32)
@@ -167,11 +173,14 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype: torch.dtype, load_format: str,
                 seed: int = 0, quantization: str | None = None) -> nn.Module:
-    """The model of this rank with its weights. FP8 checkpoints keep their FP8 linear weights (with their scales);
-    ``quantization="fp8"`` (or random weights of an FP8 config) quantizes the remaining linear weights per channel."""
+    """The model of this rank with its weights. FP8 checkpoints keep their FP8 linear and expert weights (with their
+    scales); ``quantization="fp8"`` (or random weights of an FP8 config) quantizes the remaining linear weights and
+    MoE experts per channel."""
     cls = MODEL_CLASSES[cfg.architecture]
     scheme = parse_fp8_scheme(cfg.quantization, quantization)
-    with torch.device(pstate.device):
+    # an FP8 checkpoint's experts are allocated as its tensors arrive, FP8: never the model dtype's twice the bytes
+    fp8_checkpoint = scheme is not None and not scheme.online and load_format != "dummy"
+    with torch.device(pstate.device), deferred_expert_storage() if fp8_checkpoint else contextlib.nullcontext():
         model = cls(cfg, pstate, dtype)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
@@ -179,13 +188,32 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
         model.load_weights(iterate_safetensors(model_path))
     else:
         model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
+        for name, m in model.named_modules():
+            if isinstance(m, FusedMoE):
+                m.check_loaded(f"{model_path}: {name}")
     if scheme is not None and (scheme.online or load_format == "dummy"):
-        log.info("quantized %d linear layers to FP8 (per-channel scales)", quantize_linear_layers(model))
+        log.info("quantized %d linear layers and %d MoE layers' experts to FP8 (per-channel scales)",
+                 quantize_linear_layers(model), sum(m.quantize_experts() for m in model.modules()
+                                                    if isinstance(m, FusedMoE)))
     if scheme is not None and pstate.device.type == "cuda":
         torch.cuda.empty_cache()  # the high-precision storage FP8 layers replaced: free memory is sized from here
     if load_format != "dummy":
         set_kv_scales(model, read_kv_scales(model_path))
+    attach_dense_weight_gather(model, pstate)  # after loading: the stored rows are final
     return model.eval()
+
+
+def store_fp8_layout(model: nn.Module, scheme: Fp8Scheme) -> None:
+    """Give a model built without weights (the planner's, on the meta device) the storage an FP8 load ends with: every
+    TP linear and MoE expert FP8 with its scales in blocks of the scheme's columns (one per row when it has none). A
+    checkpoint's layers left in high precision (its ``ignore`` list) are counted FP8 too."""
+    bk = scheme.block[1] if scheme.block else None
+    for m in model.modules():
+        if isinstance(m, QuantizableLinear):
+            m.store_fp8(bk or m.weight.shape[1])
+        elif isinstance(m, FusedMoE):
+            for name in ("w13", "w2"):
+                m.store_fp8(name, bk or getattr(m, name).shape[-1])
 
 
 def set_kv_scales(model: nn.Module, scales: dict[str, float]) -> None:

@@ -48,6 +48,11 @@ class ParallelState:
     # rows over ``world_group`` (the device backend, every rank in global-rank order)
     expert_parallel: bool = False
     world_group: dist.ProcessGroup | None = None
+    # dense weights (attention projections, dense MLPs, embeddings, LM head) stored 1/sp per rank over the SP group
+    # and all-gathered per layer before use over ``weight_group`` (this rank's SP column on the device backend, its
+    # own communicator so a prefetch runs beside the layer's SP collectives) (server.sp.dense_weights)
+    shard_dense_weights: bool = False
+    weight_group: dist.ProcessGroup | None = None
 
     @property
     def world_size(self) -> int:
@@ -66,6 +71,11 @@ class ParallelState:
     def ep_size(self) -> int:
         """Ranks the MoE experts are spread over: every rank with expert parallelism, else 1 (TP-sliced experts)."""
         return self.world_size if self.expert_parallel else 1
+
+    @property
+    def dense_shards(self) -> int:
+        """Pieces each TP slice of a dense weight is stored in: sp with ``shard_dense_weights``, else 1."""
+        return self.sp_size if self.shard_dense_weights else 1
 
     # ---- world collectives (expert parallelism) --------------------------------------------------
     def world_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,16 +211,18 @@ def init_parallel_state(
     timeout_s: float = 600.0,
     check_ranks: Callable[[], None] | None = None,
     expert_parallel: bool = False,
+    shard_dense_weights: bool = False,
 ) -> ParallelState:
     """Join the world and build the SP/TP groups (device backend + gloo twins).
 
     Every rank must call this with the same sizes: ``new_group`` is collective over the world. Rank 0 may pass
     ``check_ranks`` (see :func:`wait_for_ranks`). ``expert_parallel``: MoE experts spread over every rank.
+    ``shard_dense_weights``: dense weights stored 1/sp per rank (a second device group per SP column gathers them).
     """
     world = sp_size * tp_size
     state = ParallelState(
         sp_size=sp_size, tp_size=tp_size, sp_rank=rank // tp_size, tp_rank=rank % tp_size, device=device,
-        expert_parallel=expert_parallel,
+        expert_parallel=expert_parallel, shard_dense_weights=shard_dense_weights,
     )
     if world == 1:
         return state
@@ -246,8 +258,10 @@ def init_parallel_state(
     for col in grid.t().tolist():  # SP groups
         dev_g = dist.new_group(col, backend=backend, timeout=timeout)
         cpu_g = dist.new_group(col, backend="gloo", timeout=timeout)
+        weight_g = dist.new_group(col, backend=backend, timeout=timeout) if shard_dense_weights else None
         if rank in col:
             state.sp_group, state.sp_cpu_group, state.sp_ranks = dev_g, cpu_g, tuple(col)
+            state.weight_group = weight_g
     return state
 
 

@@ -22,26 +22,15 @@ from collections.abc import Callable
 import torch
 
 from server.kernels import ops
-from server.runs import Run, back_to_back, position_order, rows_of, runs_in_positions, runs_rows
+from server.runs import Run, back_to_back, position_order, rows_of, runs_in_positions, runs_rows, union_intervals
 from server.sp.groups import ParallelState
 
 Interval = tuple[int, int]  # [lo, hi) of positions
 
 
-def _union(intervals: list[Interval]) -> list[Interval]:
-    """Sorted, disjoint intervals covering the same positions (empty ones dropped)."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
-
-
 def halo_intervals(q_runs: list[Run], window: int) -> list[Interval]:
     """The positions before each query run that its window reaches: ``[a - w + 1, a)`` per run starting at a."""
-    return _union([(max(0, p - window + 1), p) for _, n, p in q_runs if n > 0])
+    return union_intervals([(max(0, p - window + 1), p) for _, n, p in q_runs if n > 0])
 
 
 def _rows(runs: list[Run], device: torch.device) -> torch.Tensor:
@@ -70,11 +59,11 @@ def window_attention(
     if len(q_runs_per_rank) != p or len(kv_runs_per_rank) != p:
         raise ValueError(f"window_attention needs the runs of all {p} SP ranks")
     halos = [halo_intervals(runs, window) for runs in q_runs_per_rank]
-    wanted = _union([iv for h in halos for iv in h])  # positions some rank's halo needs
+    wanted = union_intervals([iv for h in halos for iv in h])  # positions some rank's halo needs
     sends = [runs_in_positions(kv_runs_per_rank[s], wanted) for s in range(p)]
     longest = max(runs_rows(runs) for runs in sends)
     # own keys: every row of this shard within some local query's window
-    own_runs = runs_in_positions(kv_runs_per_rank[r], _union([(max(0, a - window + 1), a + n)
+    own_runs = runs_in_positions(kv_runs_per_rank[r], union_intervals([(max(0, a - window + 1), a + n)
                                                          for _, n, a in q_runs_per_rank[r] if n > 0]))
     parts_k, parts_v, k_runs = [], [], []
     if own_runs:

@@ -40,3 +40,15 @@ def test_bench_decode_expert_parallel_flag_on_cpu(tmp_path):
                      out=tmp_path / "d.json", cpu_only=True)
     assert sorted(r["expert_parallel"] for r in rows) == [False, True]
     assert all(r["itl_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_decode_sharded_dense_weights_on_cpu(tmp_path):
+    """--shard-dense-weights on off at sp = 2: both configs decode, and the memory floor counts the weights whole
+    (a gathered step reads them whole)."""
+    model = tiny_model(tmp_path, "llama3-8b", intermediate_size=96)
+    rows = run_bench("bench_decode.py", "--model", model, "--context", 40, "--batch", 1, "--sp-size", 2,
+                     "--graphs", "off", "--decode-steps", 4, "--shard-dense-weights", "off", "on",
+                     out=tmp_path / "d.json", cpu_only=True)
+    assert sorted(r["shard_dense_weights"] for r in rows) == [False, True]
+    assert all(r["itl_ms"] > 0 for r in rows) and rows[0]["floor_ms"] == rows[1]["floor_ms"]

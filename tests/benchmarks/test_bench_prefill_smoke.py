@@ -20,13 +20,20 @@ def test_bench_prefill_runs_on_cpu(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     output: list[str] = []
     rows = run_bench("bench_prefill.py", "--model", model, "--context", 200, 500, "--sp-size", 1, 2, "--device",
-                     "cpu", "--sp-min-tokens", 64, "--repeat", 1, "--plot", png, out=out, output=output)
-    assert {(r["sp"], r["context"]) for r in rows} == {(1, 200), (1, 500), (2, 200), (2, 500)}
+                     "cpu", "--sp-min-tokens", 64, "--repeat", 1, "--shard-dense-weights", "off", "on", "--plot", png,
+                     out=out, output=output)
+    assert sorted((r["sp"], r["context"], r["shard_dense_weights"]) for r in rows) == [
+        (1, 200, "off"), (1, 500, "off"), (2, 200, "off"), (2, 200, "on"), (2, 500, "off"), (2, 500, "on")]
+    # dense weights sharded over sp = 2 (the experts are not): each rank stores less, and gathers into buffers
+    weights = {(r["sp"], r["shard_dense_weights"]): r["weight_bytes_per_gpu"] for r in rows}
+    gathered = {(r["sp"], r["shard_dense_weights"]): r["gather_buffer_bytes_per_gpu"] for r in rows}
+    assert weights[2, "on"] < weights[2, "off"] and weights[2, "off"] == weights[1, "off"]
+    assert gathered[2, "on"] > 0 and gathered[2, "off"] == gathered[1, "off"] == 0
     # CPU timings are not meaningful: said before and after the table, which shows no speedup or efficiency
     stdout, stderr = output
     assert stderr.count("WARNING: --device cpu: these timings are NOT meaningful") == 2
     table = stdout[stdout.index("TTFT s"):].splitlines()[1:]
-    assert len(table) == 4 and all(line.split()[-5:-3] == ["-", "-"] for line in table), table
+    assert len(table) == 6 and all(line.split()[-5:-3] == ["-", "-"] for line in table), table
     assert all(r["ttft_s"] > 0 and r["speedup"] > 0 for r in rows)
     assert png.stat().st_size > 0
     # --merge combines result files without running anything

@@ -15,9 +15,9 @@ import pytest
 
 from server import LLM, SamplingParams
 from server.control.cache_manager import CacheManager
-from server.control.prefix_cache import PrefixCache, chain_hashes, shared_blocks
+from server.control.prefix_cache import PrefixCache, chain_hashes, shared_blocks, window_served
 from server.messages import GenerateRequest
-from server.runs import rows_before, truncate_runs
+from server.runs import rows_before, truncate_runs, union_intervals
 from tests.helpers import prompt, save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -262,3 +262,16 @@ def test_short_turns_in_padded_extend_form_match(tiny_models, arch, sp):
             [g and (g[0], g[2], [t for t, _ in g[3]]) for g in got]
         flat = [[lp for w in rows if w for lp in (w[1], *(x for _, x in w[3]))] for rows in (got, want)]
         assert flat[0] == pytest.approx(flat[1], abs=1e-5)
+
+
+def test_window_served_is_the_deepest_prefix_whose_window_is_held():
+    """``window_served`` against a walk over every position: the deepest m' <= m whose window, positions
+    ``[m' - w + 1, m')``, lies in the positions an entry's window pages hold."""
+    rng = random.Random(0)
+    for _ in range(300):
+        w = rng.randint(1, 12)
+        held = sorted(rng.sample(range(60), rng.randint(0, 40)))
+        cover = union_intervals([(p, p + 1) for p in held])
+        m = rng.randint(1, 61)
+        want = max((t for t in range(1, m + 1) if all(p in held for p in range(max(0, t - w + 1), t))), default=0)
+        assert window_served(cover, w, m) == want, (cover, w, m)

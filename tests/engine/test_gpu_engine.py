@@ -162,6 +162,27 @@ def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
     assert runs["auto"] == runs["eager"]
 
 
+@needs_cuda
+def test_window_pages_given_back_on_flashinfer_bf16(models):
+    """gpt-oss (window 16) on flashinfer's windowed kernels, decode replayed from CUDA graphs, while its window
+    layers' pages older than the window go back to the pool (null entries in the window page table): tokens within
+    transformers' bf16 error for a document and for a sibling served from the prefix cache up to a branch point
+    inside a window; every page back in the pool at the end."""
+    doc = prompt(600)
+    prompts = [doc, doc[:411] + prompt(29, seed=8), doc[:411] + prompt(23, seed=11)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = dict(**ON_GPU, dtype="bfloat16", attention_backend="flashinfer", chunked_prefill_size=128, **FEW_GRAPHS)
+    with LLM(models["gpt_oss"], **kw) as llm:
+        outs = [llm.generate([ids], params)[0] for ids in prompts]
+        assert outs[2].cached_tokens == 411
+        assert llm.engine.runner.graphs.capture and llm.engine.runner.graphs.steps >= 60
+        llm.engine.flush_prefix_cache()
+        assert llm.engine.cache.free_count(0) == llm.engine.cache.usable_pages
+    for ids, out in zip(prompts, outs, strict=True):
+        fp32, hf_err = references(models["gpt_oss"], ids + out.token_ids)
+        check_tokens(out.token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
+
+
 @needs_2_gpus
 @pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("minimax_7to1", 2, 1), ("llama", 1, 2), ("qwen3_5", 2, 1)])
 def test_cuda_graphs_over_nccl_fp32(models, arch, sp, tp):
@@ -192,3 +213,26 @@ def test_expert_parallel_with_cuda_graphs_fp32(models, arch, sp, tp):
     with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, enable_expert_parallel=True, **kw) as llm:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
         assert llm.engine.runner.graphs.capture and llm.engine.runner.graphs.steps >= 15
+
+
+@needs_2_gpus
+@pytest.mark.parametrize("arch,sp,tp", [("llama", 2, 1), ("qwen3_moe", 2, 1), ("minimax_7to1", 2, 1)])
+def test_sharded_dense_weights_with_cuda_graphs_fp32(models, arch, sp, tp):
+    """Dense weights stored 1/sp per GPU (--shard-dense-weights): the async prefetched NCCL gathers of eager steps,
+    the in-order gathers inside the captured decode graphs and (Llama, the long prompt alone) the captured decode on
+    the stored rows give the single-GPU tokens in fp32, and each GPU stores less."""
+    prompts = [prompt(1000), prompt(7)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(**ON_GPU, dtype="float32", sp_min_tokens=256, chunked_prefill_size=600)
+    with LLM(models[arch], cuda_graph="off", **kw) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+        whole = llm.engine.memory_stats(reset=False)[0]["weight_bytes"]
+    with LLM(models[arch], sp_size=sp, tp_size=tp, cuda_graph_max_bs=4, shard_dense_weights=True,
+             enable_expert_parallel=arch != "llama", **kw) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        # the long prompt alone: replicated decode rows, so the dense model decodes on the stored rows
+        assert llm.generate(prompts[:1], params)[0].token_ids == want[0]
+        graphs = llm.engine.runner.graphs
+        assert graphs.capture and graphs.steps >= 30 and (graphs.split_steps > 0) == (arch == "llama")
+        ranks = llm.engine.memory_stats(reset=False)
+    assert all(m["weight_bytes"] < 0.6 * whole and m["gather_buffer_bytes"] > 0 for m in ranks)

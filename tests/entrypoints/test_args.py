@@ -18,7 +18,7 @@ def test_every_flag_reaches_its_field(tmp_path):
             "debug", "--model-path", str(tmp_path), "--tokenizer-path", str(tmp_path), "--dtype", "bfloat16",
             "--load-format", "dummy", "--max-model-len", "4096", "--seed", "3", "--sp-size", "4", "--tp-size", "2",
             "--ulysses-degree", "2", "--ulysses-layers", "linear", "--sp-min-tokens", "512", "--ring-mode", "allgather",
-            "--lasp-mode", "allgather",
+            "--lasp-mode", "allgather", "--shard-dense-weights",
             "--disable-seq-parallel-tp", "--dist-init-addr", "tcp://10.0.0.1:5000", "--device", "cpu",
             "--attention-backend", "torch", "--max-running-requests", "8", "--max-waiting-requests", "16",
             "--chunked-prefill-size", "2048", "--page-size", "32", "--mem-fraction-static", "0.5",
@@ -29,7 +29,8 @@ def test_every_flag_reaches_its_field(tmp_path):
                           max_model_len=4096, max_running_requests=8, max_waiting_requests=16,
                           chunked_prefill_size=2048, page_size=32, mem_fraction_static=0.5, cpu_cache_gb=2.5,
                           attention_backend="torch", ring_mode="allgather", lasp_mode="allgather",
-                          seq_parallel_tp=False, seed=3, dist_init_addr="tcp://10.0.0.1:5000")
+                          seq_parallel_tp=False, shard_dense_weights=True, seed=3,
+                          dist_init_addr="tcp://10.0.0.1:5000")
     assert parse_server_args(argv) == ServerArgs(engine, "0.0.0.0", 8001, "m", "k", "debug")
 
 
@@ -46,6 +47,7 @@ def test_defaults():
     (["--cpu-cache-gb", "0"], "--cpu-cache-gb"),
     (["--tp-size", "0"], "--tp-size"),
     (["--sp-size", "2", "--ulysses-degree", "4"], "--ulysses-degree"),
+    (["--sp-size", "2", "--shard-dense-weights", "--quantization", "fp8"], "--shard-dense-weights"),
     (["--tokenizer-path", "/no/such/dir"], "--tokenizer-path"),
     (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
     (["--chat-template", "{% for m in messages %}{{ m.content }}"], "--chat-template"),  # unclosed block

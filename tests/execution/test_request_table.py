@@ -33,16 +33,22 @@ def check_mirrors(tables: list[RequestTable], sched: Scheduler, known: set[int])
             assert st.shard_lens == [seq.shard_len(r) for r in range(t.sp_size)]
             assert t.pages(req).tolist() == seq.pages[t.sp_rank]
             assert t.device_pages(req).tolist() == seq.pages[t.sp_rank]
+            if t.window_table is not None:  # the window layers' pages, given-back ones as NULL_PAGE
+                assert t.window_pages(req).tolist() == seq.window_pages[t.sp_rank]
+                assert t.device_window_pages(req).tolist() == seq.window_pages[t.sp_rank]
 
 
 @pytest.mark.parametrize("sp", [1, 2, 4])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_mirrors_equal_a_full_rebuild(sp: int, seed: int) -> None:
+@pytest.mark.parametrize("seed,window", [(0, None), (1, None), (0, 10), (1, 5)])
+def test_mirrors_equal_a_full_rebuild(sp: int, seed: int, window: int | None) -> None:
+    """``window``: a model with a window page group (its pages given back as requests pass them)."""
     rng = random.Random(seed)
     cfg = EngineConfig(sp_size=sp, page_size=PAGE, chunked_prefill_size=24, sp_min_tokens=16,
                        max_running_requests=SLOTS)
-    sched = Scheduler(cfg, 512, SLOTS, max_model_len=1024)
-    tables = [RequestTable(sp, r, SLOTS + 1, 1024 // PAGE + 2, PAGE, torch.device("cpu")) for r in range(sp)]
+    sched = Scheduler(cfg, 512, SLOTS, max_model_len=1024, window=window)
+    tables = [RequestTable(sp, r, SLOTS + 1, 1024 // PAGE + 2, PAGE, torch.device("cpu"), windowed=bool(window))
+              for r in range(sp)]
+    freed = 0
     known: set[int] = set()  # requests some plan has named: the workers know them
     placements: set[Placement] = set()
     for step in range(120):
@@ -59,6 +65,7 @@ def test_mirrors_equal_a_full_rebuild(sp: int, seed: int) -> None:
             t.apply(plan)
         known |= {s.req for s in plan.started}
         placements |= {c.placement for c in plan.chunks}
+        freed += sum(len(f) for c in plan.chunks for f in c.window_freed)
         sched.advance(seqs, plan)
         check_mirrors(tables, sched, known)
         for q, c in zip(seqs, plan.chunks):
@@ -72,3 +79,9 @@ def test_mirrors_equal_a_full_rebuild(sp: int, seed: int) -> None:
     for t in tables:  # nothing else lingers in the table rows of live requests
         for st in t.requests.values():
             assert np.all(t.device_table[st.slot, : st.num_pages].numpy() == t.page_table[st.slot, : st.num_pages])
+    assert (freed > 0) == bool(window)
+    # every reference taken is given back: with the requests ended and the cache flushed, every page is free
+    for seq in list(sched.running) + list(sched.waiting):
+        sched.finish(seq)
+    sched.cache.flush()
+    assert [sched.cache.free_count(r) for r in range(sp)] == [sched.cache.usable_pages] * sp

@@ -26,7 +26,7 @@ from server.kernels.gdn_ref import (
     gdn_recurrence_fp64,
     gdn_state_correction_ref,
 )
-from tests.helpers import DEVICE, delta_rule_truth, needs_cuda
+from tests.helpers import DEVICE, delta_rule_inputs, delta_rule_truth, needs_cuda
 
 LENS = [1, GDN_CHUNK - 1, GDN_CHUNK, GDN_CHUNK + 1, 2 * GDN_CHUNK + 2]
 HK, HV, DK, DV = 2, 6, 16, 12
@@ -39,17 +39,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def gdn_inputs(lens: list[int], seed: int = 0, hk: int = HK, hv: int = HV, dk: int = DK, dv: int = DV):
-    """Raw q/k (normalised inside the ops), decays g in [-2, 0) like softplus-gated ones, beta in (0, 1), and
-    nonzero fp32 initial states of the magnitude a real prompt leaves."""
-    g = torch.Generator().manual_seed(seed)
-    t = sum(lens)
-    q, k = torch.randn(t, hk, dk, generator=g), torch.randn(t, hk, dk, generator=g)
-    v = torch.randn(t, hv, dv, generator=g)
-    decay = -2 * torch.rand(t, hv, generator=g) ** 2
-    beta = torch.rand(t, hv, generator=g)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    s0 = torch.randn(len(lens), hv, dk, dv, generator=g) * 0.5
-    return q, k, v, decay, beta, cu, s0
+    """Per-head log decays in [-2, 0), like softplus-gated ones."""
+    return delta_rule_inputs(lens, seed, hk, hv, dk, dv, per_channel=False, decay=2, power=2)
 
 
 def test_fp64_recurrence_matches_transformers() -> None:

@@ -21,7 +21,7 @@ from server.kernels.gdn_ref import (
     gdn_recurrence_fp64,
     gdn_state_correction_ref,
 )
-from tests.helpers import DEVICE, delta_rule_truth, needs_cuda
+from tests.helpers import DEVICE, delta_rule_inputs, delta_rule_truth, needs_cuda
 
 CHUNK = 16
 LENS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5, 0]
@@ -35,16 +35,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kda_inputs(lens: list[int], seed: int = 0, h: int = H, dk: int = DK, dv: int = DV):
-    """Raw q/k, per-channel log decays g ``[T, H, Dk]`` in (-3, 0] (some channels nearly keep their state, some
-    nearly forget it), beta in (0, 1), nonzero initial states."""
-    g = torch.Generator().manual_seed(seed)
-    t = sum(lens)
-    q, k, v = torch.randn(t, h, dk, generator=g), torch.randn(t, h, dk, generator=g), torch.randn(t, h, dv, generator=g)
-    decay = -3 * torch.rand(t, h, dk, generator=g) ** 3
-    beta = torch.rand(t, h, generator=g)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    s0 = torch.randn(len(lens), h, dk, dv, generator=g) * 0.5
-    return q, k, v, decay, beta, cu, s0
+    """Per-channel log decays in (-3, 0]: some channels nearly keep their state, some nearly forget it."""
+    return delta_rule_inputs(lens, seed, h, h, dk, dv, per_channel=True, decay=3, power=3)
 
 
 def test_fp64_recurrence_matches_transformers_kda_loop() -> None:

@@ -29,15 +29,15 @@ def test_moe_matches_transformers(tokens):
     for tp_rank in range(2):
         moe = GptOssMoE(cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size,
                         ParallelState(tp_size=2, tp_rank=tp_rank), torch.float32, cfg.swiglu_alpha, cfg.swiglu_limit)
-        moe.router_weight.data.copy_(state["router.weight"])
+        moe.gate.data.copy_(state["router.weight"])
         moe.router_bias.data.copy_(state["router.bias"])
         moe.w13.weight_loader(moe.w13, state["experts.gate_up_proj"].transpose(1, 2))
         moe.b13.weight_loader(moe.b13, state["experts.gate_up_proj_bias"])
         moe.w2.weight_loader(moe.w2, state["experts.down_proj"].transpose(1, 2))
-        moe.b2.data.copy_(state["experts.down_proj_bias"])
+        moe.b2.weight_loader(moe.b2, state["experts.down_proj_bias"])
         with torch.no_grad():
             loop = moe(x)
             weights, experts = moe.route(x)
-            torch.testing.assert_close(moe.forward_dense(x, weights, experts), loop, **FP32_TOL)
+            torch.testing.assert_close(moe.forward_sync_free(x, weights, experts), loop, **FP32_TOL)
         total += loop
     torch.testing.assert_close(total, want[0], **FP32_TOL)

@@ -58,7 +58,7 @@ def check(llm: LLM, ref: tuple[torch.Tensor, list[int]], ids: list[int]) -> None
     assert llm.generate([ids], GREEDY)[0].token_ids == ref[1]
 
 
-# Qwen3.5-MoE: FP8 experts and Gated DeltaNet projections through their own loaders (dequantized at load)
+# Qwen3.5-MoE: FP8 experts (kept FP8, with a shared expert) and Gated DeltaNet projections (dequantized at load)
 CASES = [("llama", "block", (32, 16)), ("llama", "block", (24, 40)), ("llama", "channel", (1, 1)),
          ("llama", "tensor", (1, 1)), ("qwen3_5_moe", "block", (32, 16))]
 CASES += [(a, "block", (32, 16)) for a in moe_archs()]

@@ -84,7 +84,10 @@ def test_decode_without_the_sp_split_mlp_matches(reference):
 
 # ---- gpt-oss: sliding-window layers (window 16) and attention sinks, against transformers ------------------------
 DOC = prompt(300, seed=7)
-OSS_BRANCH = DOC[:251] + prompt(29, seed=8)  # shares 251 tokens with DOC: the cached prefix ends inside a window
+# siblings of DOC, sharing 251 tokens with it: the first one computes its prompt (DOC's entry holds no window-layer
+# pages around 251) and keeps the window before 251; the second one's cached prefix ends there, inside a window
+OSS_BRANCH = DOC[:251] + prompt(29, seed=8)
+OSS_BRANCH2 = DOC[:251] + prompt(23, seed=11)
 OSS_BATCH = [DOC, prompt(5, seed=9), prompt(40, seed=10)]
 OSS_GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 # chunks of 12 tokens per SP rank: every zigzag piece of a split chunk is shorter than the window, so halos reach
@@ -97,24 +100,30 @@ def gpt_oss_reference(tmp_path_factory):
     """The tiny gpt-oss checkpoint and transformers' greedy tokens for the batch and the branch prompt."""
     path = save_tiny_model("gpt_oss", str(tmp_path_factory.mktemp("ckpt")))
     ref = hf_model(path)
-    return path, [hf_greedy(ref, ids, OSS_GREEDY.max_tokens) for ids in [*OSS_BATCH, OSS_BRANCH]]
+    return path, [hf_greedy(ref, ids, OSS_GREEDY.max_tokens) for ids in [*OSS_BATCH, OSS_BRANCH, OSS_BRANCH2]]
 
 
-@pytest.mark.parametrize("sp,tp,graph", [(1, 1, "off"), (1, 1, "eager"), (2, 2, "eager"), (4, 1, "off"),
-                                         (4, 2, "eager")])
-def test_gpt_oss_matches_transformers(gpt_oss_reference, sp, tp, graph):
+# 2 x 2: experts spread over the four ranks (5 experts: one rank holds two), graph-form decode exchanges
+@pytest.mark.parametrize("sp,tp,graph,ep", [(1, 1, "off", False), (1, 1, "eager", False), (2, 2, "eager", True),
+                                            (4, 1, "off", False), (4, 2, "eager", False)])
+def test_gpt_oss_matches_transformers(gpt_oss_reference, sp, tp, graph, ep):
     """Greedy tokens of transformers (fp32) for a 300-token prompt split over SP in chunked-prefill steps shorter
-    than the window, a mixed batch, and a prompt whose prefix-cache hit ends inside a window; decode eager or in
+    than the window, a mixed batch, and prompts whose prefix-cache hit ends inside a window; decode eager or in
     the CUDA-graph form (padded buckets, sinks after the SP merge)."""
     path, want = gpt_oss_reference
-    with LLM(path, sp_size=sp, tp_size=tp, cuda_graph=graph, cuda_graph_max_bs=4, **OSS_ENGINE) as llm:
+    with LLM(path, sp_size=sp, tp_size=tp, cuda_graph=graph, cuda_graph_max_bs=4, enable_expert_parallel=ep,
+             **OSS_ENGINE) as llm:
         assert [o.token_ids for o in llm.generate(OSS_BATCH, OSS_GREEDY, use_tqdm=False)] == want[:3]
-        branch = llm.generate([OSS_BRANCH], OSS_GREEDY)[0]
-        assert branch.token_ids == want[3]
-        assert 0 < branch.cached_tokens <= 251  # a hit that ends inside a window (mid-page: copied on write)
+        assert llm.generate([OSS_BRANCH], OSS_GREEDY)[0].token_ids == want[3]
+        branch = llm.generate([OSS_BRANCH2], OSS_GREEDY)[0]
+        assert branch.token_ids == want[4]
+        assert branch.cached_tokens == 251  # a hit that ends inside a window (mid-page: copied on write)
         if graph == "eager":
             assert llm.engine.runner.graphs.steps > 0
         assert llm.engine.stats().kv_pages_used == 0
+        if ep:
+            held = sorted(e for m in llm.engine.memory_stats(reset=False) for e in range(*m["experts"]))
+            assert held == list(range(llm.engine.model_cfg.moe.num_experts))  # each expert on one rank
 
 
 # The MoE families against transformers itself, on every rank: chunked prefill split over SP, a prefix-cache hit
