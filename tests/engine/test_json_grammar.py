@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
+import torch
 import xgrammar as xgr
 
 from server.engine.grammar import structured_grammar, tokenizer_info
@@ -52,3 +54,48 @@ def test_compact_json_has_no_whitespace_between_tokens(vocab):
     assert not [t for t in compact if t[:1].isspace()]
     free = allowed_after(vocab, StructuredOutput("json", schema), '{"a": 1')
     assert [t for t in free if t[:1].isspace()]
+
+
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                                     "station": {"type": "integer"}, "hourly": {"type": "boolean"}},
+    "required": ["city", "days", "station"], "additionalProperties": False}}}
+PICK = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"metric": {"type": "boolean"}}, "required": ["metric"]}}}
+
+
+def random_walk(vocab, so: StructuredOutput, seed: int, max_tokens: int) -> tuple[str | None, int]:
+    """An output under the grammar with each token drawn uniformly from those the mask allows: the text and the
+    tokens it took if the grammar ended within ``max_tokens``, else None."""
+    tok, compiler = vocab
+    matcher = xgr.GrammarMatcher(compiler.compile_grammar(structured_grammar(so)))
+    mask = xgr.allocate_token_bitmask(1, tok.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    ids = []
+    for _ in range(max_tokens):
+        matcher.fill_next_token_bitmask(mask)
+        bits = (mask[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1  # word i, bit j: token 32 i + j
+        allowed = torch.nonzero(bits.flatten()[: tok.vocab_size]).flatten()
+        token = int(allowed[torch.randint(len(allowed), (1,), generator=gen)])
+        assert matcher.accept_token(token)
+        if matcher.is_terminated():
+            return b"".join(tok.token_bytes(t) for t in ids).decode(), len(ids)
+        ids.append(token)
+    return None, max_tokens
+
+
+def test_forced_call_grammars_end_under_random_sampling(vocab):
+    """The grammars of ``tool_choice`` (required with one call, and a named function; an enum, integers with and
+    without bounds, a boolean) with tokens drawn uniformly from the mask, 100 seeds each: every
+    walk ends within 160 tokens and its JSON validates against the tools' parameters."""
+    from server.entrypoints.protocol import Tool
+    from server.entrypoints.tool_choice import bounded_integers, required_schema
+
+    tools = [Tool.model_validate(t) for t in (FORECAST, PICK)]
+    for schema in (required_schema(tools, single=True), FORECAST["function"]["parameters"]):
+        so = StructuredOutput("json", json.dumps(bounded_integers(schema)), any_whitespace=False)
+        for seed in range(100):
+            text, _ = random_walk(vocab, so, seed, 160)
+            assert text is not None, seed
+            jsonschema.validate(json.loads(text), schema)
