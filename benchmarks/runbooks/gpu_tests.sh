@@ -11,9 +11,13 @@ out=${1:-/tmp/gpu_tests.md}
 shift || true
 log=$(mktemp)
 start=$(date -u +%s)
-timeout "${GPU_TESTS_TIMEOUT:-900}" python -m pytest -q -m gpu -p no:cacheprovider -rfEs "$@" tests >"$log" 2>&1
+# -v: one line per test as it ends, so a run cut short by the timeout still names what passed and failed
+timeout "${GPU_TESTS_TIMEOUT:-900}" python -m pytest -v -m gpu -p no:cacheprovider -rfEs "$@" tests >"$log" 2>&1
 rc=$?
-summary=$(grep -E "passed|failed|error" "$log" | tail -1)
+summary=$(grep -E "^=+ .*(passed|failed|error)" "$log" | tail -1)
+if [ -z "$summary" ]; then  # cut short: count the per-test lines
+    summary="cut short after ${GPU_TESTS_TIMEOUT:-900} s: $(grep -c " PASSED" "$log") passed, $(grep -c " FAILED" "$log") failed, $(grep -c " ERROR" "$log") errors, $(grep -c " SKIPPED" "$log") skipped so far"
+fi
 device=$(python -c "import torch; n = torch.cuda.device_count(); print(f'{n}x {torch.cuda.get_device_name(0)}')" 2>/dev/null)
 versions=$(python -c "import torch, triton; import importlib.metadata as m; print(f'torch {torch.__version__}, triton {triton.__version__}, flashinfer {m.version(\"flashinfer-python\")}')" 2>/dev/null)
 {
@@ -25,7 +29,7 @@ versions=$(python -c "import torch, triton; import importlib.metadata as m; prin
     echo "- commit: ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}; date: $(date -u +%F)"
     echo
     echo '```'
-    grep -E "^(FAILED|ERROR|SKIPPED)" "$log" | cut -c1-200
+    grep -E "^(FAILED|ERROR)|(FAILED|ERROR) " "$log" | cut -c1-200 | sort -u
     echo '```'
 } >"$out"
 cat "$out"
