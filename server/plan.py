@@ -10,7 +10,7 @@ softmax layers the KV bytes per token, its linear-attention layers the state byt
 (:mod:`server.execution.memory`). An architecture without a model class here is computed from its config's numbers
 (a softmax decoder with dense or MoE MLPs) and marked so. With ``--shard-dense-weights`` the weights are the
 rank's 1/sp of every dense weight plus the buffers they are gathered into (two decoder layers' and the
-vocabulary's TP slices, :mod:`server.sp.dense_weights`). Per GPU of 80 and 141 GB: the KV tokens that fit in
+vocabulary's TP slices, :mod:`server.layers.dense_weights`). Per GPU of 80 and 141 GB: the KV tokens that fit in
 ``--mem-fraction-static`` of it after the weights and ``--max-running-requests`` request states (activations and
 CUDA graphs are not counted: keep the fraction below 1 for them), and over the SP group (a long request's KV is
 spread over its SP ranks).
@@ -27,10 +27,10 @@ import torch
 
 from server.config import EngineConfig
 from server.execution.memory import kv_bytes_per_token, state_bytes_per_request, weight_bytes
+from server.layers.dense_weights import DenseWeightGather
 from server.layers.expert_parallel import expert_range
 from server.layers.fp8 import parse_fp8_scheme
 from server.models.loader import MODEL_CLASSES, read_config_json, resolve_dtype, store_fp8_layout
-from server.sp.dense_weights import DenseWeightGather
 from server.sp.groups import ParallelState
 
 GPUS = {"80 GB": 80e9, "141 GB": 141e9}

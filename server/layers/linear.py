@@ -1,7 +1,7 @@
 """Tensor-parallel linear layers with per-parameter weight loaders.
 
 Weights are sharded over the TP group and replicated over SP, or with ``--shard-dense-weights`` stored 1/sp per
-rank and gathered per layer before use (:mod:`server.layers.row_shard`, :mod:`server.sp.dense_weights`). Each
+rank and gathered per layer before use (:mod:`server.layers.row_shard`, :mod:`server.layers.dense_weights`). Each
 parameter carries ``weight_loader(param, loaded, shard_id=None)`` where ``loaded`` is a tensor or a lazy safetensors
 slice: loaders index only this rank's rows/columns, so a rank never materializes the full checkpoint tensor.
 

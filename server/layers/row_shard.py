@@ -2,7 +2,7 @@
 
 A dense layer's weight on TP rank t is ``[rows, cols]`` (its TP slice). With ``ParallelState.dense_shards`` = P > 1
 SP rank s stores only rows ``[s * R, (s + 1) * R)`` of it, ``R = ceil(rows / P)`` (the last ranks' tails are
-padding), so one all-gather over the SP group (:mod:`server.sp.dense_weights`) rebuilds the whole slice in row
+padding), so one all-gather over the SP group (:mod:`server.layers.dense_weights`) rebuilds the whole slice in row
 order. Weight loaders ask :func:`row_window` which rows of the slice a parameter holds and load only those.
 
 Between its uses, and during decode steps whose rows every SP rank holds alike, a parameter points at its stored

@@ -15,6 +15,7 @@ from torch import nn
 
 from server.config import EngineConfig, UlyssesLayers
 from server.layers.attention import Attention
+from server.layers.dense_weights import attach_dense_weight_gather
 from server.layers.fp8 import Fp8Scheme, parse_fp8_scheme
 from server.layers.gdn import GDNAttention
 from server.layers.lightning import LightningAttention
@@ -31,7 +32,6 @@ from server.models.minimax import MiniMaxForCausalLM
 from server.models.minimax_m2 import MiniMaxM2ForCausalLM
 from server.models.qwen3_5 import Qwen3_5ForCausalLM
 from server.models.qwen3_moe import Qwen3MoeForCausalLM
-from server.sp.dense_weights import attach_dense_weight_gather
 from server.sp.groups import ParallelState
 from server.sp.ulysses import ulysses_kv_heads
 

@@ -50,7 +50,7 @@ class ParallelState:
     world_group: dist.ProcessGroup | None = None
     # dense weights (attention projections, dense MLPs, embeddings, LM head) stored 1/sp per rank over the SP group
     # and all-gathered per layer before use over ``weight_group`` (this rank's SP column on the device backend, its
-    # own communicator so a prefetch runs beside the layer's SP collectives) (server.sp.dense_weights)
+    # own communicator so a prefetch runs beside the layer's SP collectives) (server.layers.dense_weights)
     shard_dense_weights: bool = False
     weight_group: dist.ProcessGroup | None = None
 
