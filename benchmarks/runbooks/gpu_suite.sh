@@ -5,6 +5,8 @@
 #   benchmarks/runbooks/gpu_suite.sh warm tests kernels      # JIT builds in parallel, every GPU test, kernel benchmarks
 #   benchmarks/runbooks/gpu_suite.sh prefill prefill-at-limit modes placement
 #       # bench_prefill (2 GPUs): contexts up to the memory limit, comm modes, many short prompts
+#   benchmarks/runbooks/gpu_suite.sh fp8 moe-ep families agents mla-kda decode-regression
+#       # one GPU: the runs behind the FP8, expert-parallel, model-family, agent and MLA / KDA results
 # A fresh host rebuilds flashinfer's modules (warm, ~100 s); the jit-cache step packs them as prebuilt modules to
 # bring along, and the aot step unpacks them on the next host. Triton's kernels (ours, fla-core's) compile and fla's
 # autotune on first use too (over 2 minutes for the GDN shapes): with TRITON_CACHE_AUTOTUNING=1 (set below) the
@@ -197,6 +199,60 @@ for step in "$@"; do
         timeout 420 python benchmarks/bench_decode.py --model qwen3-30b-a3b --context 2048 8192 --batch 32 \
             --sp-size 1 --graphs on off --decode-steps 32 --out "$WORK/decode_moe_b32.json" 2>&1 |
             grep -E "^\||bandwidth" | tee "$WORK/decode_moe_b32.log"
+        ;;
+    decode-regression)  # the decode rows of this tree and of an older one ($BASE: a `git archive REV server
+        # benchmarks` unpacked there) back to back on this machine, 256 timed steps per cell
+        for tree in . ${BASE:-}; do
+            (cd "$tree" && timeout 300 python benchmarks/bench_decode.py --model llama3-8b --context 2048 --batch 1 32 \
+                --sp-size 1 --graphs on --decode-steps 256 --out "$WORK/decode_regression_$(basename "$(realpath "$tree")").json" \
+                2>&1 | grep -E "^\|" | tee -a "$WORK/decode_regression.log")
+        done
+        ;;
+    fp8)  # FP8 weights and FP8 KV against bf16 in one call (Llama-3-8B shape): decode at 2K (batch 1, 32) and 128K
+        # (batch 1), prefill at 32K, and the FP8 GEMM / FP8 checkpoint GPU tests
+        timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 --batch 1 32 --sp-size 1 \
+            --graphs on --decode-steps 64 --quantization none fp8 --out "$WORK/decode_fp8_2k.json" 2>&1 | grep -E "^\|"
+        timeout 300 python benchmarks/bench_decode.py --model llama3-8b --context 131072 --batch 1 --sp-size 1 \
+            --graphs on --decode-steps 64 --quantization none fp8 --kv-cache-dtype auto fp8_e4m3 \
+            --out "$WORK/decode_fp8_128k.json" 2>&1 | grep -E "^\|"
+        prefill 200 fp8_32k --model llama3-8b --sp-size 1 --repeat 2 --context 32768 --quantization none fp8
+        timeout 300 python -m pytest -q -s tests/kernels/test_fp8_gemm.py tests/models/test_fp8_gpu.py \
+            tests/kernels/test_fp8_moe_kernels.py tests/layers/test_moe_fp8.py 2>&1 | tail -15
+        ;;
+    moe-ep)  # one MoE layer's expert-parallel dispatch / combine at EP size 1 vs the TP-sliced MoE, FP8 experts vs
+        # bf16, then Qwen3-30B-A3B prefill at 32K and decode at 32K with expert parallelism off and on
+        timeout 200 python benchmarks/bench_kernels.py --sections ceilings moe_ep moe_fp8 --out-dir "$WORK/kernels_moe"
+        prefill 150 moe_ep_off --model qwen3-30b-a3b --sp-size 1 --repeat 2 --context 32768
+        prefill 150 moe_ep_on --model qwen3-30b-a3b --sp-size 1 --repeat 2 --context 32768 --enable-expert-parallel
+        timeout 300 python benchmarks/bench_decode.py --model qwen3-30b-a3b --context 32768 --batch 1 16 \
+            --sp-size 1 --graphs on --decode-steps 32 --enable-expert-parallel off on \
+            --out "$WORK/decode_moe_ep.json" 2>&1 | grep -E "^\|"
+        ;;
+    families)  # the 2026 families on one GPU: their GPU tests, gpt-oss-20b prefill / decode and its window share
+        timeout 400 python -m pytest -q -m gpu tests/engine/test_gpu_engine.py \
+            -k "qwen3_moe or minimax_m2 or glm4_moe or gpt_oss or window_pages" 2>&1 | tail -15
+        prefill 200 gptoss --model gpt-oss-20b --sp-size 1 --repeat 2 --context 32768 131000
+        timeout 300 python benchmarks/bench_decode.py --model gpt-oss-20b --context 32768 131000 --batch 1 \
+            --sp-size 1 --graphs on --decode-steps 32 --out "$WORK/decode_gptoss.json" 2>&1 | grep -E "^\|"
+        timeout 200 python benchmarks/bench_window_share.py --model gpt-oss-20b --context 131000 2>&1 | tail -12
+        ;;
+    mla-kda)  # DeepSeek-V3 / Kimi-Linear on one GPU: their GPU tests, KDA against fla's kernel, Moonlight prefill
+        timeout 300 python -m pytest -q -m gpu tests/kernels/test_kda.py tests/models/test_mla_models.py 2>&1 | tail -8
+        timeout 200 python benchmarks/bench_kernels.py --sections kda --out-dir "$WORK/kernels_kda"
+        prefill 300 moonlight --model moonlight-16b-a3b --sp-size 1 --repeat 1 --context 32768
+        ;;
+    agents)  # JSON-schema decoding at batch 32 vs unconstrained, a short turn over a 128K cached prefix (attention
+        # kinds and KV splits, then through the engine with and without extend graphs), the agent trace
+        timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 --batch 32 --sp-size 1 \
+            --graphs on --decode-steps 64 --structured json --out "$WORK/decode_json.json" 2>&1 | grep -E "^\|"
+        timeout 200 python benchmarks/bench_kernels.py --sections ceilings short_turn_attention \
+            --out-dir "$WORK/kernels_turns"
+        for q in 64 1024 4096; do
+            timeout 300 python benchmarks/bench_prefix.py --model llama3-8b --doc-len 131072 --question-len $q \
+                --cuda-graph-max-extend-tokens 0 256 --out "$WORK/prefix_q$q.json" 2>&1 | grep -E "^\|"
+        done
+        timeout 600 python benchmarks/bench_agent.py --model llama3-8b --sessions 2 --max-context 131072 \
+            --out "$WORK/agent.json" 2>&1 | grep -E "^\|"
         ;;
     modes)  # all-gather KV vs the ring (Llama), LASP-2 (all-gather of M) vs the LASP ring (MiniMax), at sp = 2
         prefill 120 llama_allgather --model llama3-8b --sp-size 2 --context 32768 131072 --ring-mode allgather
