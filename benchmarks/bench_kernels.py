@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 from tqdm import tqdm
 
@@ -267,6 +268,16 @@ def merge_state(rows: list, budget: Budget) -> None:
         torch.cuda.empty_cache()
 
 
+def pages_of(k: torch.Tensor, v: torch.Tensor):
+    """A layer's :class:`server.layers.attention.PagedKVCache` over existing K / V page tensors (what a backend's
+    ``run_batch`` reads)."""
+    from server.layers.attention import PagedKVCache
+
+    cache = PagedKVCache(0, k.shape[1], k.shape[2], k.shape[3], k.dtype, k.device)
+    cache.k, cache.v = k, v
+    return cache
+
+
 def graph_us(fn: Callable[[], object], calls: int = 200, reps: int = 5) -> float:
     """Microseconds per call of ``fn`` replayed from one CUDA graph holding ``calls`` calls (median of reps)."""
     stream = torch.cuda.Stream()
@@ -480,7 +491,6 @@ def llama_backend(rows: list):
 def paged_attention(rows: list, budget: Budget) -> None:
     """The engine's batched local attention (server/backends/flashinfer_backend.py) against the per-request path
     it replaced (gather the request's pages into contiguous K/V, then attention_runs) and the bare kernel."""
-    import types
 
     from server.backends.attention import make_batch
     from server.forward.context import LocalEntry
@@ -494,7 +504,7 @@ def paged_attention(rows: list, budget: Budget) -> None:
     dev = torch.device("cuda")
 
     def run(batch, q, k, v, kc, vc):
-        return backend.run_batch(batch, q, k, v, types.SimpleNamespace(k=kc, v=vc), scale)
+        return backend.run_batch(batch, q, k, v, pages_of(kc, vc), scale)
 
     per_pair = 4 * hq * d
     prefill_cases = [(8192, 0), (32768, 0), (64, 32768), (256, 32768), (1024, 32768), (8192, 24576),
@@ -597,7 +607,6 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
     (K/V read once) and time over the floor, max(bytes / copy rate, FLOPs / matmul rate) of the measured ceilings,
     and each variant's largest difference from ``paged_causal``."""
     import inspect
-    import types
 
     from server.backends.attention import make_batch
     from server.backends.flashinfer_backend import WORKSPACE_BYTES
@@ -629,7 +638,7 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
             for kind in ("paged_causal", "gathered_causal"):
                 batch = make_batch(kind, page, [LocalEntry(0, n, table, total, True)], dev)
                 backend.plan_batches([batch])
-                variants[kind] = partial(backend.run_batch, batch, q, None, None, types.SimpleNamespace(k=kc, v=vc),
+                variants[kind] = partial(backend.run_batch, batch, q, None, None, pages_of(kc, vc),
                                          scale)
             if has_fixed:
                 for split in (64, 256, 1024):  # pages of KV per chunk
@@ -659,14 +668,17 @@ def short_turn_attention(rows: list, budget: Budget, ceil: dict) -> None:
             torch.cuda.empty_cache()
 
 
-def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
+def moe_ep(rows: list, budget: Budget, tokens: list[int], ceil: dict) -> None:
     """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8, bf16) on T tokens, with the
-    same weights: the TP-sliced forward (tp = 1, what a model without ``--enable-expert-parallel`` runs), the expert-
-    parallel exact path at EP size 1 (routing, pair counts, sort by owner, the identity exchanges, the experts, the
-    combine at the source), and at decode sizes the static form of graph steps (fixed pair slots), both forms also
-    inside CUDA graphs where they capture. The difference is the dispatch / combine path's cost without any
-    communication; the all-to-all over N ranks adds ``2 * T * top_k * hidden * 2`` bytes per layer on the wire."""
-    from server.layers.moe import FusedMoE
+    same weights: the TP-sliced forward (tp = 1, what a model without ``--enable-expert-parallel`` runs) as the
+    server runs it (grouped GEMMs where the device takes them) and with the forms they replace (the per-expert loop
+    above 128 tokens, the sync-free gathered / dense forms up to 128 and in graphs), beside the floor (the used
+    experts' weights read once, or the routed FLOPs at the measured matmul rate); the expert-parallel exact path at
+    EP size 1 (routing, pair counts, sort by owner, the identity exchanges, the experts, the combine at the source),
+    and at decode sizes the static form of graph steps (fixed pair slots), also inside CUDA graphs where they
+    capture. The EP / TP difference is the dispatch / combine path's cost without any communication; the all-to-all
+    over N ranks adds ``2 * T * top_k * hidden * 2`` bytes per layer on the wire."""
+    from server.layers.moe import FusedMoE, grouped_gemms
     from server.sp.groups import ParallelState
 
     hidden, experts, top_k, inter = 2048, 128, 8, 768
@@ -682,22 +694,70 @@ def moe_ep(rows: list, budget: Budget, tokens: list[int]) -> None:
         p.data.normal_(0.0, 0.02, generator=gen)
     for name in ("gate", "w13", "w2"):
         getattr(layers[True], name).data.copy_(getattr(layers[False], name).data)
+    copy_gbps, tflops = ceil.get("copy_gbps"), ceil.get("matmul_bf16_tflops")
     for t in tokens:
         if budget.left() <= 0:
             break
         x = torch.randn(t, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
         mask = torch.ones(t, dtype=torch.bool, device=dev)
-        ref = layers[False](x)
-        row = {"tokens": t, "tp_sliced_ms": bench_ms(partial(layers[False], x)),
+        tp = layers[False]
+        ref = tp(x)
+        used = tp.route(x)[1].unique().numel()
+        nbytes = used * 3 * hidden * inter * 2 + 2 * t * hidden * 2
+        flops = 2 * t * top_k * 3 * hidden * inter
+        floor_ms = max(nbytes / copy_gbps / 1e6 if copy_gbps else 0, flops / tflops / 1e9 if tflops else 0) or None
+        row = {"tokens": t, "experts_used": used, "floor_ms": floor_ms, "grouped": tp.grouped_ok(x),
+               "tp_sliced_ms": bench_ms(partial(tp, x)),
                "ep_exact_ms": bench_ms(partial(layers[True].expert_parallel_rows, x)),
                "ep_exact_err": rel_err(layers[True].expert_parallel_rows(x), ref)}
+        with grouped_gemms(False):
+            row["tp_replaced_ms"] = bench_ms(partial(tp, x))
+            row["replaced_err"] = rel_err(tp(x), ref)
+            if t <= 256:
+                row["tp_replaced_graph_us"] = graph_us(partial(tp, x), calls=20)
         if t <= 256:
             row["ep_static_ms"] = bench_ms(partial(layers[True].expert_parallel_rows, x, mask))
             row["ep_static_err"] = rel_err(layers[True].expert_parallel_rows(x, mask), ref)
-            row["tp_sliced_graph_us"] = graph_us(partial(layers[False], x), calls=20)
+            row["tp_sliced_graph_us"] = graph_us(partial(tp, x), calls=20)
             row["ep_static_graph_us"] = graph_us(partial(layers[True].expert_parallel_rows, x, mask), calls=20)
         rows.append(row)
         print(json.dumps(row), flush=True)
+
+
+def fp8_linear(rows: list, budget: Budget, ceil: dict) -> None:
+    """Llama-3-8B's linear layers (qkv, o, gate/up, down) at decode row counts and one prefill chunk: bf16
+    ``F.linear`` against FP8 weights (per-row scales as ``--quantization fp8`` stores them, and 128-column blocks as
+    the published block-scaled checkpoints) through :func:`server.kernels.fp8_gemm.fp8_linear` as the server runs it
+    (weight-only up to ``WEIGHT_ONLY_MAX_ROWS`` rows) and with the weight-only path off (activations quantized, FP8
+    tensor-core GEMMs), each beside the weight-read floor (weight bytes over the measured copy bandwidth)."""
+    from server.kernels import fp8_gemm
+    from server.kernels.fp8 import quantize_per_row
+
+    copy_gbps = ceil.get("copy_gbps")
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device="cuda", generator=gen).mul_(0.02).to(torch.bfloat16)
+        quant = {"row": quantize_per_row(w.float(), None), "block128": quantize_per_row(w.float(), 128)}
+        for m in (1, 8, 32, 8192):
+            if budget.left() <= 0:
+                return
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            ref = F.linear(x, w)
+            row = {"layer": name, "n": n, "k": k, "rows": m, "bf16_ms": bench_ms(partial(F.linear, x, w)),
+                   "bf16_floor_ms": n * k * 2 / copy_gbps / 1e6 if copy_gbps else None,
+                   "fp8_floor_ms": n * k / copy_gbps / 1e6 if copy_gbps else None}
+            for kind, (q, scale) in quant.items():
+                bk = 128 if kind == "block128" else k
+                row[f"{kind}_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
+                row[f"{kind}_err"] = rel_err(fp8_gemm.fp8_linear(x, q, scale, bk), ref)
+                saved, fp8_gemm.WEIGHT_ONLY_MAX_ROWS = fp8_gemm.WEIGHT_ONLY_MAX_ROWS, 0
+                try:
+                    row[f"{kind}_w8a8_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
+                finally:
+                    fp8_gemm.WEIGHT_ONLY_MAX_ROWS = saved
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
 
 def moe_fp8(rows: list, budget: Budget, tokens: list[int]) -> None:
@@ -845,15 +905,25 @@ def render_markdown(res: dict) -> str:
         lines.append("")
     moe = [r for r in res.get("moe_ep", []) if "tp_sliced_ms" in r]
     if moe:
-        lines += ["## One MoE layer: expert-parallel dispatch / combine at EP size 1 vs the TP-sliced MoE", "",
-                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8, bf16), the same weights; graph columns are "
-                  "us per call replayed from a CUDA graph.", "",
-                  "| tokens | TP-sliced ms | EP exact ms | EP / TP | EP static ms | TP-sliced graph us "
-                  "| EP static graph us | max rel. err |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['tokens']} | {r['tp_sliced_ms']:.3f} | {r['ep_exact_ms']:.3f} | "
+        lines += ["## One MoE layer: grouped GEMMs vs the forms they replace; expert-parallel dispatch / combine at "
+                  "EP size 1", "",
+                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8, bf16), the same weights. TP-sliced: what the "
+                  "server runs (grouped GEMMs where `grouped`), and the per-expert loop (above 128 tokens) or the "
+                  "sync-free forms (up to 128) they replace; floor: the used experts' weights read once or the routed "
+                  "FLOPs at the measured matmul rate; graph columns are us per call replayed from a CUDA graph.", "",
+                  "| tokens | experts used | floor ms | grouped | TP-sliced ms | of floor | replaced form ms | "
+                  "TP-sliced graph us | replaced graph us | EP exact ms | EP / TP | EP static ms | EP static graph us "
+                  "| max rel. err |", "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+                  "---: | ---: | ---: |"]
+        lines += [f"| {r['tokens']} | {r.get('experts_used', '-')} | {fmt(r.get('floor_ms'), 3)} | "
+                  f"{r.get('grouped', '-')} | {r['tp_sliced_ms']:.3f} | "
+                  f"{fmt(r['floor_ms'] / r['tp_sliced_ms'] if r.get('floor_ms') else None, 2)} | "
+                  f"{fmt(r.get('tp_replaced_ms'), 3)} | {fmt(r.get('tp_sliced_graph_us'), 1)} | "
+                  f"{fmt(r.get('tp_replaced_graph_us'), 1)} | {r['ep_exact_ms']:.3f} | "
                   f"{r['ep_exact_ms'] / r['tp_sliced_ms']:.2f} | {fmt(r.get('ep_static_ms'), 3)} | "
-                  f"{fmt(r.get('tp_sliced_graph_us'), 1)} | {fmt(r.get('ep_static_graph_us'), 1)} | "
-                  f"{max(r['ep_exact_err'], r.get('ep_static_err', 0.0)):.1e} |" for r in moe]
+                  f"{fmt(r.get('ep_static_graph_us'), 1)} | "
+                  f"{max(r['ep_exact_err'], r.get('ep_static_err', 0.0), r.get('replaced_err', 0.0)):.1e} |"
+                  for r in moe]
         lines.append("")
     mf = [r for r in res.get("moe_fp8", []) if "fp8_ms" in r]
     if mf:
@@ -865,6 +935,21 @@ def render_markdown(res: dict) -> str:
         lines += [f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['fp8_ms'] / r['bf16_ms']:.2f} | "
                   f"{fmt(r.get('bf16_graph_us'), 1)} | {fmt(r.get('fp8_graph_us'), 1)} | {r['err']:.1e} |"
                   for r in mf]
+        lines.append("")
+    fl = [r for r in res.get("fp8_linear", []) if "bf16_ms" in r]
+    if fl:
+        lines += ["## FP8 linear layers vs bf16 (Llama-3-8B shapes)", "",
+                  "ms per call; `row` = per-row scales, `block128` = 128-column blocks; the server's path (weight-only "
+                  "up to `WEIGHT_ONLY_MAX_ROWS` rows) and the FP8 tensor-core GEMM with quantized activations (W8A8); "
+                  "floors: the weight bytes over the copy bandwidth.", "",
+                  "| layer | rows | bf16 ms | bf16 floor | row ms | row W8A8 ms | block128 ms | block128 W8A8 ms | "
+                  "FP8 floor | best FP8 / bf16 | rel. err |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['layer']} | {r['rows']} | {r['bf16_ms']:.4f} | {fmt(r.get('bf16_floor_ms'), 4)} | "
+                  f"{r['row_ms']:.4f} | {r['row_w8a8_ms']:.4f} | {r['block128_ms']:.4f} | "
+                  f"{r['block128_w8a8_ms']:.4f} | "
+                  f"{fmt(r.get('fp8_floor_ms'), 4)} | {min(r['row_ms'], r['block128_ms']) / r['bf16_ms']:.2f} | "
+                  f"{max(r['row_err'], r['block128_err']):.1e} |" for r in fl]
         lines.append("")
     kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
     if kd:
@@ -914,8 +999,9 @@ def main() -> None:
         "paged_attention": lambda r: paged_attention(r, budget),
         "pointwise": lambda r: pointwise(r, budget),
         "gdn": lambda r: gdn(r, budget),
-        "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens),
+        "moe_ep": lambda r: moe_ep(r, budget, args.moe_tokens, res.get("ceilings", {})),
         "moe_fp8": lambda r: moe_fp8(r, budget, args.moe_tokens),
+        "fp8_linear": lambda r: fp8_linear(r, budget, res.get("ceilings", {})),
         "kda": lambda r: kda(r, budget),
         "short_turn_attention": lambda r: short_turn_attention(r, budget, res.get("ceilings", {})),
     }

@@ -134,9 +134,14 @@ def tiny_config(arch: str, **over):
                                    "num_experts_per_tok": 2, "moe_intermediate_size": 24, "norm_topk_prob": True,
                                    "mlp_only_layers": [1], **over})
     elif arch == "minimax_m2":  # partial rotary (12 of 24), sigmoid routing with a correction bias
-        cfg = tf.MiniMaxM2Config(**{**COMMON, "intermediate_size": 24, "head_dim": 24, "rotary_dim": 12,
-                                    "num_hidden_layers": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
-                                    "bos_token_id": None, "eos_token_id": None, **over})
+        kw = {**COMMON, "intermediate_size": 24, "head_dim": 24, "rotary_dim": 12, "num_hidden_layers": 2,
+              "num_local_experts": 6, "num_experts_per_tok": 2, "bos_token_id": None, "eos_token_id": None, **over}
+        # the released checkpoints carry only the legacy rotary_dim (what the server reads); transformers before
+        # 5.18 ignores it and rotates the whole head (huggingface/transformers#48241), so the reference also gets
+        # the same partial rotation as partial_rotary_factor
+        kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 5e6,
+                                          "partial_rotary_factor": kw["rotary_dim"] / kw["head_dim"]})
+        cfg = tf.MiniMaxM2Config(**kw)
     elif arch == "glm4_moe":  # a dense first layer, grouped routing (3 groups of 2, best 2 compete), shared expert
         cfg = tf.Glm4MoeConfig(**{**COMMON, "head_dim": 24, "num_hidden_layers": 2, "n_routed_experts": 6,
                                   "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_group": 3,

@@ -22,7 +22,6 @@ KINDS = ["single", "ragged", "paged_causal", "paged_full", "decode", "merge"]
 
 
 def warm(kind: str, dtype_name: str, head_dim: int) -> tuple[str, float, str]:
-    import types
 
     import torch
 
@@ -31,6 +30,7 @@ def warm(kind: str, dtype_name: str, head_dim: int) -> tuple[str, float, str]:
     from server.forward.context import LocalEntry
     from server.kernels import ops
     from server.kernels.flashinfer_attention import attention_runs_flashinfer
+    from server.layers.attention import PagedKVCache
     from server.sp.groups import ParallelState
 
     t0 = time.perf_counter()
@@ -53,7 +53,9 @@ def warm(kind: str, dtype_name: str, head_dim: int) -> tuple[str, float, str]:
                                                  AttentionGeometry(hq, hk, head_dim, 0.1), dtype)
             batch = make_batch(kind, page, [LocalEntry(0, n, [2, 0, 3], kv_len, kind != "paged_full")], dev)
             backend.plan_batches([batch])
-            backend.run_batch(batch, q[:n], k[:n], k[:n], types.SimpleNamespace(k=cache, v=cache), 0.1)
+            pages = PagedKVCache(0, cache.shape[1], cache.shape[2], cache.shape[3], cache.dtype, cache.device)
+            pages.k = pages.v = cache
+            backend.run_batch(batch, q[:n], k[:n], k[:n], pages, 0.1)
         torch.cuda.synchronize()
         status = "ok"
     except Exception as e:  # reported, the others go on

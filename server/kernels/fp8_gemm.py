@@ -1,5 +1,7 @@
 """FP8 GEMMs ``y = x W^T`` for weights stored as FP8 with per-row scales ``[N, kb]`` (:mod:`server.layers.fp8`).
 
+- Up to ``WEIGHT_ONLY_MAX_ROWS`` rows (decode): weight-only, the FP8 tiles dequantized in registers and multiplied
+  with x unquantized (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`), whatever the scales' blocks.
 - ``kb == 1`` (per-channel / per-tensor checkpoints, ``--quantization fp8``): activations quantized per token
   (or with the checkpoint's static scale), one ``torch._scaled_mm`` with row-wise scales (Hopper FP8 tensor cores).
 - ``kb > 1`` (block-scaled checkpoints, blocks of ``bk`` input columns): activations quantized per token in groups
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,12 @@ import triton
 import triton.language as tl
 
 from server.kernels.fp8 import FP8, FP8_MAX, dequantize
+from server.kernels.fp8_moe import weight_only_fp8_matmul
+
+# Up to this many rows (decode steps' batches) a CUDA FP8 linear reads its weights with the weight-only kernel
+# (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`): no activation quantization, K split over programs so a
+# matrix-vector product still reads at memory speed; above it, the FP8 tensor-core GEMMs. 0 turns it off.
+WEIGHT_ONLY_MAX_ROWS = int(os.environ.get("SERVER_FP8_WEIGHT_ONLY_MAX_ROWS", "32"))
 
 
 def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int,
@@ -37,8 +46,10 @@ def _quantize_groups_kernel(X, Q, S, K, G, KB, s_xm, s_qm, BLOCK: tl.constexpr):
     cols = grp * G + tl.arange(0, BLOCK)
     mask = (tl.arange(0, BLOCK) < G) & (cols < K)
     x = tl.load(X + row.to(tl.int64) * s_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
-    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    # IEEE-rounded divisions (div_rn): a plain ``/`` compiles to the GPU's approximate division, whose last-bit
+    # differences change the scales and flip FP8 roundings against the torch reference
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
     tl.store(Q + row.to(tl.int64) * s_qm + cols, q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
     tl.store(S + row * KB + grp, scale)
 
@@ -85,6 +96,11 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n, kb = w.shape[0], scale.shape[1]
+    # few rows (decode): the weights dequantized in registers, x as it is
+    y = weight_only_fp8_matmul(x2, w, scale, block_k) if 0 < x2.shape[0] <= WEIGHT_ONLY_MAX_ROWS else None
+    if y is not None:
+        y = y if bias is None else y + bias
+        return y.view(*lead, n)
     if kb == 1 and k % 16 == 0 and n % 16 == 0 and x2.shape[0] > 0:
         q, xs = quantize_activations(x2, None, input_scale)
         y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=torch.bfloat16)
@@ -108,7 +124,7 @@ def _block_fp8_matmul_kernel(A, A_SCALE, B, B_SCALE, C, M, N, K, KB,
                              UPCAST: tl.constexpr):
     """``C [M, N] = sum_j (A_j B_j^T) * a_scale[:, j] b_scale[:, j]`` over K blocks j of ``BLOCK_K`` columns.
     A ``[M, K]`` and B ``[N, K]`` FP8 (as uint8, bitcast here) with contiguous K; scales ``[M, KB]`` and ``[N, KB]``
-    fp32. ``UPCAST``: multiply in fp32 (the interpreter has no FP8 dot)."""
+    fp32. ``UPCAST``: multiply in fp32 (the interpreter has no FP8 dot); blocks of 16 columns multiply in bf16."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,6 +141,8 @@ def _block_fp8_matmul_kernel(A, A_SCALE, B, B_SCALE, C, M, N, K, KB,
         sb = tl.load(B_SCALE + offs_n * KB + j, mask=mask_n, other=0.0)
         if UPCAST:
             part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        elif BLOCK_K < 32:  # an FP8 dot needs K tiles >= 32; e4m3 values are exact in bf16
+            part = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
         else:
             part = tl.dot(a, b)
         acc += part * sa[:, None] * sb[None, :]

@@ -57,6 +57,23 @@ from server.sp.groups import ParallelState
 # experts that is thousands of launches for a short prompt or a question over a cached prefix.
 SYNC_FREE_MAX_TOKENS = 128
 
+# High-precision experts run as two grouped GEMMs (``torch._grouped_mm``: the pairs sorted by expert, one kernel
+# per projection over every expert's rows, offsets on the device) wherever the device takes them: no host sync, so
+# also inside CUDA graphs, and each used expert's weights read once in place. That replaces the per-expert loop and
+# both sync-free forms (see :meth:`FusedMoE.grouped_ok`); benchmarks turn it off to time the forms it replaces.
+GROUPED_MM = True
+
+
+@contextlib.contextmanager
+def grouped_gemms(enabled: bool) -> Iterator[None]:
+    """Inside, :data:`GROUPED_MM` is ``enabled`` (benchmarks and tests time or check the forms it replaces)."""
+    global GROUPED_MM
+    saved, GROUPED_MM = GROUPED_MM, enabled
+    try:
+        yield
+    finally:
+        GROUPED_MM = saved
+
 _DEFERRED_STORAGE = contextvars.ContextVar("deferred_expert_storage", default=False)
 
 
@@ -239,6 +256,38 @@ class FusedMoE(nn.Module):
         weights, experts = self.route(x)
         return self.compute(x, weights, experts)
 
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_grouped` runs here: high-precision experts in x's dtype; on CUDA bf16 on Hopper or
+        newer with every row 16-byte aligned (what ``torch._grouped_mm`` takes there), on CPU fp32."""
+        if not GROUPED_MM or not hasattr(torch, "_grouped_mm") or self.w13.dtype != x.dtype or self.w13.is_meta:
+            return False
+        if x.is_cuda:
+            widths = (self.w13.shape[-1], self.w13.shape[1], self.w2.shape[-1])
+            return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+                    and all(w * x.element_size() % 16 == 0 for w in widths))
+        return x.device.type == "cpu" and x.dtype == torch.float32
+
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """:meth:`compute` as two grouped GEMMs over the (token, expert) pairs sorted by expert, no host sync."""
+        t, k = experts.shape
+        if t == 0 or self.num_local_experts == 0:
+            return torch.zeros_like(x)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        ids = flat[order]
+        # each expert's end among the sorted pairs (searchsorted, not bincount: CUDA's bincount syncs for its size)
+        ends = torch.searchsorted(ids, torch.arange(self.num_local_experts, device=x.device), right=True)
+        ends = ends.to(torch.int32)
+        h = torch._grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=ends)
+        y = torch._grouped_mm(self.activate(h, ids), self.w2.transpose(1, 2), offs=ends)
+        bias = self.down_bias()
+        if bias is not None:
+            y = y + bias[ids]
+        pairs = torch.empty_like(y)
+        pairs[order] = y
+        # the k weighted outputs of a token summed in one fp32-accumulated product
+        return torch.bmm(weights.unsqueeze(1).to(x.dtype), pairs.view(t, k, -1)).squeeze(1)
+
     def activate(self, h: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
         """``[..., 2 I]`` gate/up projections -> ``[..., I]`` activations (SwiGLU). ``experts``: the local expert of
         each row of ``h`` (an index or an index tensor), or None when ``h`` is ``[T, E_local, 2 I]`` (every
@@ -257,6 +306,8 @@ class FusedMoE(nn.Module):
 
     def compute(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[:, j] * expert_{experts[:, j]}(x)`` over this rank's experts (local indices)."""
+        if self.grouped_ok(x):
+            return self.forward_grouped(x, weights, experts)
         # a CUDA graph (no host sync, static shapes), or few tokens (see SYNC_FREE_MAX_TOKENS)
         if x.is_cuda and (torch.cuda.is_current_stream_capturing() or x.shape[0] <= SYNC_FREE_MAX_TOKENS):
             return self.forward_sync_free(x, weights, experts)
@@ -282,7 +333,11 @@ class FusedMoE(nn.Module):
         (token, expert) pairs than experts) run their experts' weights gathered per pair; more run every expert on
         every token, weighted by the routing (zero for the experts a token does not use): decode reads every
         expert's weights once either way."""
+        if self.grouped_ok(x):
+            return self.forward_grouped(x, weights, experts)
         t, k, e = x.shape[0], experts.shape[1], self.num_local_experts
+        if t == 0:
+            return torch.zeros_like(x)
         bias = self.down_bias()
         if t * k < e:
             flat = experts.flatten()

@@ -55,17 +55,27 @@ def references(path: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return fp32, (bf16 - fp32).abs()
 
 
-def check_bf16(ours: torch.Tensor, fp32: torch.Tensor, hf_err: torch.Tensor) -> None:
+# Sparse-MoE families: a router near-tie that bf16 decides the other way in one row sends that row to another
+# expert, which moves its logits by far more than rounding (transformers' bf16 run flips in other rows, or none).
+# Their bf16 checks let 1% of the prompt's rows (at least one) exceed the max bound and one generated token miss
+# the near-argmax bound; the mean bound, which a wrong layer breaks, still holds for every family.
+MOE_ARCHS = {"minimax_alt", "minimax_7to1", "qwen3_next", "qwen3_moe", "minimax_m2", "glm4_moe", "gpt_oss",
+             "deepseek_v3", "deepseek_v3_nolora", "kimi_linear"}
+
+
+def check_bf16(ours: torch.Tensor, fp32: torch.Tensor, hf_err: torch.Tensor, moe: bool = False) -> None:
     err = (ours.float() - fp32).abs()
     ulps = 4 * 2**-8 * fp32.abs().max().item()
     assert err.mean() <= 1.5 * hf_err.mean() + ulps / 16, (err.mean().item(), hf_err.mean().item())
-    assert err.max() <= 2 * hf_err.max() + ulps, (err.max().item(), hf_err.max().item())
+    over = err.amax(-1) > 2 * hf_err.max() + ulps
+    allowed = max(1, len(err) // 100) if moe else 0
+    assert int(over.sum()) <= allowed, (err.max().item(), hf_err.max().item(), over.nonzero().flatten().tolist())
 
 
-def check_tokens(tokens: list[int], fp32: torch.Tensor, hf_err: torch.Tensor) -> None:
-    """fp32[i] / hf_err[i] predict tokens[i]."""
-    for i, t in enumerate(tokens):
-        assert fp32[i, t] >= fp32[i].max() - 2 * hf_err[i].max() - 1e-3, f"token {i}: {t} is not a near-argmax"
+def check_tokens(tokens: list[int], fp32: torch.Tensor, hf_err: torch.Tensor, moe: bool = False) -> None:
+    """fp32[i] / hf_err[i] predict tokens[i] (MoE: all but one)."""
+    missed = [i for i, t in enumerate(tokens) if fp32[i, t] < fp32[i].max() - 2 * hf_err[i].max() - 1e-3]
+    assert len(missed) <= int(moe), f"tokens {missed} of {tokens} are not near-argmaxes"
 
 
 @needs_cuda
@@ -86,8 +96,8 @@ def test_bf16_cuda_within_transformers_bf16_error(models, arch):
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
     fp32, hf_err = references(models[arch], ids + out)
-    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)])
-    check_tokens(out, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
+    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)], moe=arch in MOE_ARCHS)
+    check_tokens(out, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1], moe=arch in MOE_ARCHS)
 
 
 @needs_2_gpus
@@ -104,9 +114,9 @@ def test_nccl_sp_tp_bf16(models, arch, sp, tp, mode, ulysses):
         ours = llm.engine.prompt_logits(ids)
         out = llm.generate([ids, prompt(7)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     fp32, hf_err = references(models[arch], ids + out[0].token_ids)
-    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)])
-    if arch != "minimax_7to1":  # MoE routing of the tiny random model flips on near-ties in bf16
-        check_tokens(out[0].token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
+    check_bf16(ours, fp32[: len(ids)], hf_err[: len(ids)], moe=arch in MOE_ARCHS)
+    if arch != "minimax_7to1":  # 16 tokens after 1000 on the ring: its routing flips more than once
+        check_tokens(out[0].token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1], moe=arch in MOE_ARCHS)
 
 
 @needs_2_gpus
@@ -146,6 +156,7 @@ def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
     prefill over fixed buffers) give the tokens of the same padded steps run eagerly (the same kernels, bf16)."""
     doc = prompt(700)
     turns = [doc + prompt(n, seed=n) for n in (7, 40, 130)]
+    siblings = [doc + prompt(n, seed=n + 100) for n in (7, 40, 130)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     kw = dict(**ON_GPU, dtype="bfloat16", attention_backend="flashinfer", cuda_graph_max_bs=4,
               cuda_graph_max_extend_tokens=256)
@@ -154,7 +165,8 @@ def test_extend_graphs_give_the_eager_padded_tokens_bf16(models, arch):
         with LLM(models[arch], cuda_graph=mode, **kw) as llm:
             llm.generate([doc], params)
             outs = [llm.generate([t], params)[0] for t in turns]  # one turn at a time, each over the cached doc
-            outs += llm.generate(turns, params)  # siblings together: one extend step of three chunks
+            # siblings together, new ones (the turns above are cached whole by now): one extend step of three chunks
+            outs += llm.generate(siblings, params)
             assert all(o.cached_tokens >= 688 for o in outs)
             runs[mode] = [o.token_ids for o in outs]
             graphs = llm.engine.runner.graphs
@@ -180,7 +192,7 @@ def test_window_pages_given_back_on_flashinfer_bf16(models):
         assert llm.engine.cache.free_count(0) == llm.engine.cache.usable_pages
     for ids, out in zip(prompts, outs, strict=True):
         fp32, hf_err = references(models["gpt_oss"], ids + out.token_ids)
-        check_tokens(out.token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1])
+        check_tokens(out.token_ids, fp32[len(ids) - 1 : -1], hf_err[len(ids) - 1 : -1], moe=True)
 
 
 @needs_2_gpus

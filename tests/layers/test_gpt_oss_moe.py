@@ -1,6 +1,6 @@
 """gpt-oss's MoE layer against transformers' GptOssMLP (fp32, random weights incl. biases, activations large enough
-to reach the SwiGLU clamp): the host-synced expert loop and both sync-free forms (per-pair gathered experts for few
-tokens, every expert for more), and the TP split (two ranks' partial sums)."""
+to reach the SwiGLU clamp): the grouped GEMMs, the host-synced expert loop and both sync-free forms (per-pair gathered
+experts for few tokens, every expert for more), and the TP split (two ranks' partial sums)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.layers.gpt_oss_moe import GptOssMoE
+from server.layers.moe import grouped_gemms
 from server.sp.groups import ParallelState
 from tests.helpers import FP32_TOL, tiny_config
 
@@ -36,8 +37,11 @@ def test_moe_matches_transformers(tokens):
         moe.w2.weight_loader(moe.w2, state["experts.down_proj"].transpose(1, 2))
         moe.b2.weight_loader(moe.b2, state["experts.down_proj_bias"])
         with torch.no_grad():
-            loop = moe(x)
             weights, experts = moe.route(x)
-            torch.testing.assert_close(moe.forward_sync_free(x, weights, experts), loop, **FP32_TOL)
+            loop = moe.forward_grouped(x, weights, experts)
+            torch.testing.assert_close(moe(x), loop, **FP32_TOL)
+            with grouped_gemms(False):
+                torch.testing.assert_close(moe(x), loop, **FP32_TOL)  # the per-expert loop
+                torch.testing.assert_close(moe.forward_sync_free(x, weights, experts), loop, **FP32_TOL)
         total += loop
     torch.testing.assert_close(total, want[0], **FP32_TOL)
