@@ -170,7 +170,9 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
         t0 = time.perf_counter()
         outs = engine.step()
         times.append((time.perf_counter() - t0) * 1e3)
-        assert sum(len(o.new_token_ids) for o in outs) == batch, "every request decodes one token per step"
+        got = sum(len(o.new_token_ids) for o in outs)
+        errors = sorted({o.error for o in outs if getattr(o, "error", None)})
+        assert got == batch, f"every request decodes one token per step (got {got} of {batch}; errors: {errors})"
     if PROFILE.enabled:
         print(f"rank 0 step profile, context {context} batch {batch}: {PROFILE.table()}", flush=True)
     for rid in rids:

@@ -244,7 +244,9 @@ class Engine:
         error."""
         try:
             batch = sample_async(logits, self._sample_requests(seqs), self.grammars.token_mask([s.rid for s in seqs]))
-        except Exception:
+        except Exception as e:
+            log.warning("batched sampling of %d requests failed (%s: %s); sampling them one by one", len(seqs),
+                        type(e).__name__, e)
             return self._sample_one_by_one(logits, seqs)
         self.runner.last_tokens[: len(seqs)].copy_(batch.tokens, non_blocking=True)
         for i, seq in enumerate(seqs):
