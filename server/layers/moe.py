@@ -35,7 +35,7 @@ from torch import nn
 
 from server.forward.context import ForwardContext
 from server.kernels import ops
-from server.kernels.fp8 import FP8, quantize_per_row
+from server.kernels.fp8 import FP8, dequantize_experts, quantize_per_row
 from server.kernels.fp8_gemm import fp8_linear
 from server.kernels.fp8_moe import experts_fp8_matmul, gathered_fp8_matmul
 from server.layers.expert_parallel import (
@@ -62,6 +62,9 @@ SYNC_FREE_MAX_TOKENS = 128
 # also inside CUDA graphs, and each used expert's weights read once in place. That replaces the per-expert loop and
 # both sync-free forms (see :meth:`FusedMoE.grouped_ok`); benchmarks turn it off to time the forms it replaces.
 GROUPED_MM = True
+# FP8 experts in prefill chunks: the grouped GEMMs run on experts dequantized to the activations' dtype, at most
+# this many bytes of them at a time (all of a layer's local experts at once below it: no host sync)
+GROUPED_DEQUANT_BYTES = 1 << 30
 
 
 @contextlib.contextmanager
@@ -257,9 +260,20 @@ class FusedMoE(nn.Module):
         return self.compute(x, weights, experts)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward_grouped` runs here: high-precision experts in x's dtype; on CUDA bf16 on Hopper or
-        newer with every row 16-byte aligned (what ``torch._grouped_mm`` takes there), on CPU fp32."""
-        if not GROUPED_MM or not hasattr(torch, "_grouped_mm") or self.w13.dtype != x.dtype or self.w13.is_meta:
+        """Whether :meth:`forward_grouped` runs here for every step: high-precision experts in x's dtype; on CUDA
+        bf16 on Hopper or newer with every row 16-byte aligned (what ``torch._grouped_mm`` takes there), on CPU
+        fp32."""
+        return self.w13.dtype == x.dtype and self._grouped_device_ok(x)
+
+    def fp8_grouped_ok(self, x: torch.Tensor) -> bool:
+        """FP8 experts in steps of more than ``SYNC_FREE_MAX_TOKENS`` tokens outside CUDA graphs (prefill chunks):
+        :meth:`forward_grouped` on experts dequantized to x's dtype a slice at a time (see
+        ``GROUPED_DEQUANT_BYTES``). Decode steps keep the FP8 kernels, which read each FP8 byte once."""
+        return (self.w13.dtype == FP8 and x.shape[0] > SYNC_FREE_MAX_TOKENS
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and self._grouped_device_ok(x))
+
+    def _grouped_device_ok(self, x: torch.Tensor) -> bool:
+        if not GROUPED_MM or not hasattr(torch, "_grouped_mm") or self.w13.is_meta:
             return False
         if x.is_cuda:
             widths = (self.w13.shape[-1], self.w13.shape[1], self.w2.shape[-1])
@@ -268,7 +282,8 @@ class FusedMoE(nn.Module):
         return x.device.type == "cpu" and x.dtype == torch.float32
 
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """:meth:`compute` as two grouped GEMMs over the (token, expert) pairs sorted by expert, no host sync."""
+        """:meth:`compute` as two grouped GEMMs over the (token, expert) pairs sorted by expert, no host sync (but
+        one for FP8 experts dequantized a slice at a time)."""
         t, k = experts.shape
         if t == 0 or self.num_local_experts == 0:
             return torch.zeros_like(x)
@@ -278,8 +293,11 @@ class FusedMoE(nn.Module):
         # each expert's end among the sorted pairs (searchsorted, not bincount: CUDA's bincount syncs for its size)
         ends = torch.searchsorted(ids, torch.arange(self.num_local_experts, device=x.device), right=True)
         ends = ends.to(torch.int32)
-        h = torch._grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=ends)
-        y = torch._grouped_mm(self.activate(h, ids), self.w2.transpose(1, 2), offs=ends)
+        xs = x[order // k]
+        if self.w13.dtype == FP8:
+            y = self._grouped_fp8(xs, ids, ends)
+        else:
+            y = self._grouped_pass(xs, ids, ends, self.w13, self.w2)
         bias = self.down_bias()
         if bias is not None:
             y = y + bias[ids]
@@ -304,9 +322,39 @@ class FusedMoE(nn.Module):
         return self.expert_linear(self.activate(self.expert_linear(x, "w13", e), e), "w2", e,
                                   None if bias is None else bias[e])
 
+    def _grouped_pass(self, xs: torch.Tensor, ids: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor,
+                      w2: torch.Tensor) -> torch.Tensor:
+        """Rows ``xs`` sorted by expert (``ids``; group ``e`` ends at row ``ends[e]``) through experts ``w13`` /
+        ``w2`` (one per group): gate/up, activation, down, two grouped GEMMs."""
+        h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=ends)
+        return torch._grouped_mm(self.activate(h, ids), w2.transpose(1, 2), offs=ends)
+
+    def _grouped_fp8(self, xs: torch.Tensor, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """:meth:`_grouped_pass` over FP8 experts dequantized to xs's dtype: all at once when they fit
+        ``GROUPED_DEQUANT_BYTES``, else a slice of experts at a time (their rows found with one host sync)."""
+        e, dt = self.num_local_experts, xs.dtype
+
+        def deq(name: str, a: int, b: int) -> torch.Tensor:
+            w = getattr(self, name)
+            return dequantize_experts(w[a:b], getattr(self, name + "_scale")[a:b], self.block_k[name], dt)
+
+        per_expert = (self.w13[0].numel() + self.w2[0].numel()) * xs.element_size()
+        step = max(1, min(e, GROUPED_DEQUANT_BYTES // per_expert))
+        if step >= e:
+            return self._grouped_pass(xs, ids, ends, deq("w13", 0, e), deq("w2", 0, e))
+        out = xs.new_empty(xs.shape[0], self.w2.shape[1])
+        bounds = [0, *ends.tolist()]
+        for a in range(0, e, step):
+            b = min(e, a + step)
+            r0, r1 = bounds[a], bounds[b]
+            if r0 < r1:
+                out[r0:r1] = self._grouped_pass(xs[r0:r1], ids[r0:r1], ends[a:b] - r0, deq("w13", a, b),
+                                                deq("w2", a, b))
+        return out
+
     def compute(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[:, j] * expert_{experts[:, j]}(x)`` over this rank's experts (local indices)."""
-        if self.grouped_ok(x):
+        if self.grouped_ok(x) or self.fp8_grouped_ok(x):
             return self.forward_grouped(x, weights, experts)
         # a CUDA graph (no host sync, static shapes), or few tokens (see SYNC_FREE_MAX_TOKENS)
         if x.is_cuda and (torch.cuda.is_current_stream_capturing() or x.shape[0] <= SYNC_FREE_MAX_TOKENS):

@@ -135,6 +135,25 @@ def test_fp8_expert_compute_forms_match_the_dequantized_reference(tokens: int) -
     torch.testing.assert_close(moe.forward_sync_free(x, *moe.route(x)), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dequant_bytes", [1 << 30, 1])  # every expert at once; one expert at a time
+def test_fp8_experts_in_prefill_chunks_take_the_grouped_gemms(dequant_bytes: int, monkeypatch) -> None:
+    """More than SYNC_FREE_MAX_TOKENS tokens: the experts dequantized (all at once, or a slice at a time with the
+    slices' rows found on the host) and the grouped GEMMs, against the per-token reference; the loop agrees."""
+    from server.layers import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "GROUPED_DEQUANT_BYTES", dequant_bytes)
+    torch.manual_seed(0)
+    moe = FusedMoE(E, TOP_K, HIDDEN, INTER, ParallelState())
+    load(moe, checkpoint_experts((32, 16))[0])
+    moe.gate.data.normal_(0, 0.3)
+    x = torch.randn(moe_module.SYNC_FREE_MAX_TOKENS + 3, HIDDEN)
+    assert moe.fp8_grouped_ok(x) and not moe.fp8_grouped_ok(x[:5])
+    want = per_token_reference(moe, x)
+    torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+    with moe_module.grouped_gemms(False):
+        torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_online_fp8_experts_quantize_each_row_and_run_every_form() -> None:
     """``--quantization fp8``: high-precision experts become FP8 with one scale per row (each row's largest magnitude
     maps to 448), then compute as checkpoint FP8 experts do, the expert-parallel exchange at one rank included."""
