@@ -728,8 +728,8 @@ def fp8_linear(rows: list, budget: Budget, ceil: dict) -> None:
     """Llama-3-8B's linear layers (qkv, o, gate/up, down) at decode row counts and one prefill chunk: bf16
     ``F.linear`` against FP8 weights (per-row scales as ``--quantization fp8`` stores them, and 128-column blocks as
     the published block-scaled checkpoints) through :func:`server.kernels.fp8_gemm.fp8_linear` as the server runs it
-    (weight-only up to ``WEIGHT_ONLY_MAX_ROWS`` rows) and with the weight-only path off (activations quantized, FP8
-    tensor-core GEMMs), each beside the weight-read floor (weight bytes over the measured copy bandwidth)."""
+    and, up to 32 rows, with the weight-only kernel on (``WEIGHT_ONLY_MAX_ROWS``), each beside the weight-read floor
+    (weight bytes over the measured copy bandwidth)."""
     from server.kernels import fp8_gemm
     from server.kernels.fp8 import quantize_per_row
 
@@ -751,11 +751,12 @@ def fp8_linear(rows: list, budget: Budget, ceil: dict) -> None:
                 bk = 128 if kind == "block128" else k
                 row[f"{kind}_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
                 row[f"{kind}_err"] = rel_err(fp8_gemm.fp8_linear(x, q, scale, bk), ref)
-                saved, fp8_gemm.WEIGHT_ONLY_MAX_ROWS = fp8_gemm.WEIGHT_ONLY_MAX_ROWS, 0
-                try:
-                    row[f"{kind}_w8a8_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
-                finally:
-                    fp8_gemm.WEIGHT_ONLY_MAX_ROWS = saved
+                if m <= 32:  # the weight-only kernel, on for this call
+                    saved, fp8_gemm.WEIGHT_ONLY_MAX_ROWS = fp8_gemm.WEIGHT_ONLY_MAX_ROWS, 32
+                    try:
+                        row[f"{kind}_weight_only_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
+                    finally:
+                        fp8_gemm.WEIGHT_ONLY_MAX_ROWS = saved
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -763,9 +764,10 @@ def fp8_linear(rows: list, budget: Budget, ceil: dict) -> None:
 def moe_fp8(rows: list, budget: Budget, tokens: list[int]) -> None:
     """One MoE layer of Qwen3-30B-A3B's shape (hidden 2048, 128 experts of 768, top-8) with bf16 experts and with the
     same experts in FP8 (blocks of 128 x 128, as the published FP8 checkpoint): eager ms per call and, up to 128
-    tokens, us per call replayed from a CUDA graph. Up to 15 tokens the sync-free gathered form runs, 16 to 128 the
-    dense form (grouped FP8 kernels of server/kernels/fp8_moe.py against bf16 matmuls), above 128 the per-expert loop
-    (FP8 GEMMs against bf16 GEMMs). ``err``: the FP8 layer's max error relative to the bf16 layer's largest output."""
+    tokens, us per call replayed from a CUDA graph. FP8: up to 15 tokens the sync-free gathered form, 16 to 128 the
+    dense form (the Triton kernels of server/kernels/fp8_moe.py), above 128 the grouped GEMMs on experts dequantized
+    to bf16; bf16: the grouped GEMMs throughout (where the device takes them). ``err``: the FP8 layer's max error
+    relative to the bf16 layer's largest output."""
     from server.kernels.fp8 import dequantize, quantize_per_row
     from server.layers.moe import FusedMoE
     from server.sp.groups import ParallelState
@@ -928,8 +930,9 @@ def render_markdown(res: dict) -> str:
     mf = [r for r in res.get("moe_fp8", []) if "fp8_ms" in r]
     if mf:
         lines += ["## One MoE layer: FP8 experts (blocks of 128) vs bf16 experts", "",
-                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8), bf16 activations; up to 15 tokens the "
-                  "gathered form, 16-128 the dense form, above the per-expert loop; graph columns are us per call.",
+                  "Qwen3-30B-A3B experts (hidden 2048, 128 x 768, top-8), bf16 activations. FP8: up to 15 tokens the "
+                  "gathered form, 16-128 the dense form, above the grouped GEMMs on dequantized experts; bf16: the "
+                  "grouped GEMMs; graph columns are us per call.",
                   "", "| tokens | bf16 ms | FP8 ms | FP8 / bf16 | bf16 graph us | FP8 graph us | max rel. err |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['fp8_ms'] / r['bf16_ms']:.2f} | "
@@ -939,16 +942,16 @@ def render_markdown(res: dict) -> str:
     fl = [r for r in res.get("fp8_linear", []) if "bf16_ms" in r]
     if fl:
         lines += ["## FP8 linear layers vs bf16 (Llama-3-8B shapes)", "",
-                  "ms per call; `row` = per-row scales, `block128` = 128-column blocks; the server's path (weight-only "
-                  "up to `WEIGHT_ONLY_MAX_ROWS` rows) and the FP8 tensor-core GEMM with quantized activations (W8A8); "
-                  "floors: the weight bytes over the copy bandwidth.", "",
-                  "| layer | rows | bf16 ms | bf16 floor | row ms | row W8A8 ms | block128 ms | block128 W8A8 ms | "
-                  "FP8 floor | best FP8 / bf16 | rel. err |",
+                  "ms per call; `row` = per-row scales, `block128` = 128-column blocks; `fp8_linear` as the server "
+                  "runs it, and with the weight-only kernel on (up to 32 rows); floors: the weight bytes over the "
+                  "copy bandwidth.", "",
+                  "| layer | rows | bf16 ms | bf16 floor | row ms | row weight-only ms | block128 ms | "
+                  "block128 weight-only ms | FP8 floor | best FP8 / bf16 | rel. err |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['layer']} | {r['rows']} | {r['bf16_ms']:.4f} | {fmt(r.get('bf16_floor_ms'), 4)} | "
-                  f"{r['row_ms']:.4f} | {r['row_w8a8_ms']:.4f} | {r['block128_ms']:.4f} | "
-                  f"{r['block128_w8a8_ms']:.4f} | "
-                  f"{fmt(r.get('fp8_floor_ms'), 4)} | {min(r['row_ms'], r['block128_ms']) / r['bf16_ms']:.2f} | "
+                  f"{r['row_ms']:.4f} | {fmt(r.get('row_weight_only_ms'), 4)} | {r['block128_ms']:.4f} | "
+                  f"{fmt(r.get('block128_weight_only_ms'), 4)} | {fmt(r.get('fp8_floor_ms'), 4)} | "
+                  f"{min(r['row_ms'], r['block128_ms']) / r['bf16_ms']:.2f} | "
                   f"{max(r['row_err'], r['block128_err']):.1e} |" for r in fl]
         lines.append("")
     kd = [r for r in res.get("kda", []) if "prefill_ms" in r]

@@ -1,9 +1,11 @@
 """FP8 GEMMs ``y = x W^T`` for weights stored as FP8 with per-row scales ``[N, kb]`` (:mod:`server.layers.fp8`).
 
-- Up to ``WEIGHT_ONLY_MAX_ROWS`` rows (decode): weight-only, the FP8 tiles dequantized in registers and multiplied
-  with x unquantized (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`), whatever the scales' blocks.
+- Up to ``WEIGHT_ONLY_MAX_ROWS`` rows (0 by default: measured slower than the paths below on an H100): weight-only,
+  the FP8 tiles dequantized in registers and multiplied with x unquantized
+  (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`), whatever the scales' blocks.
 - ``kb == 1`` (per-channel / per-tensor checkpoints, ``--quantization fp8``): activations quantized per token
   (or with the checkpoint's static scale), one ``torch._scaled_mm`` with row-wise scales (Hopper FP8 tensor cores).
+- ``kb > 1`` with at least ``BLOCK_DEQUANT_MIN_ROWS`` rows: the weight dequantized to x's dtype, one dense GEMM.
 - ``kb > 1`` (block-scaled checkpoints, blocks of ``bk`` input columns): activations quantized per token in groups
   of ``bk`` columns, then :func:`block_fp8_matmul` (Triton): each K block's FP8 product is scaled by the token's
   group scale and the weight row's block scale and accumulated in fp32.
@@ -23,13 +25,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from server.kernels.fp8 import FP8, FP8_MAX, dequantize
+from server.kernels.fp8 import FP8, FP8_MAX, dequantize, dequantize_experts
 from server.kernels.fp8_moe import weight_only_fp8_matmul
 
-# Up to this many rows (decode steps' batches) a CUDA FP8 linear reads its weights with the weight-only kernel
-# (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`): no activation quantization, K split over programs so a
-# matrix-vector product still reads at memory speed; above it, the FP8 tensor-core GEMMs. 0 turns it off.
-WEIGHT_ONLY_MAX_ROWS = int(os.environ.get("SERVER_FP8_WEIGHT_ONLY_MAX_ROWS", "32"))
+# Up to this many rows a CUDA FP8 linear reads its weights with the weight-only kernel
+# (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`: no activation quantization, K split over programs). Off
+# (0) by default: on an H100 at Llama-3-8B's shapes it beat `_scaled_mm` only for the down projection at 1-8 rows and
+# lost elsewhere (benchmarks/results/fp8_h100.md); `SERVER_FP8_WEIGHT_ONLY_MAX_ROWS` turns it on to measure it.
+WEIGHT_ONLY_MAX_ROWS = int(os.environ.get("SERVER_FP8_WEIGHT_ONLY_MAX_ROWS", "0"))
+# From this many rows (prefill chunks) a block-scaled FP8 linear dequantizes its weight to x's dtype and runs the
+# dense GEMM: on an H100 the Triton block-scaled GEMM took 1.8 to 2.6x bf16's time at 8192 rows (benchmarks/results/
+# fp8_h100.md), while the dequantization is one read of the FP8 weight and one write in bf16.
+BLOCK_DEQUANT_MIN_ROWS = 1024
 
 
 def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int,
@@ -105,6 +112,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
         q, xs = quantize_activations(x2, None, input_scale)
         y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=torch.bfloat16)
         y = y.to(x.dtype)
+    elif kb > 1 and x2.shape[0] >= BLOCK_DEQUANT_MIN_ROWS:
+        y = F.linear(x2, dequantize_experts(w.unsqueeze(0), scale.unsqueeze(0), block_k, x.dtype)[0])
     elif kb > 1 and x2.shape[0] > 0 and block_k >= 16 and not block_k & (block_k - 1):
         q, xs = quantize_activations(x2, block_k, input_scale)
         if input_scale is not None:

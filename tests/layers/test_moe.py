@@ -65,14 +65,19 @@ def test_grouped_form_on_cuda_bf16_eager_and_in_a_cuda_graph(tokens: int) -> Non
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("grouped GEMMs need Hopper or newer")
     torch.manual_seed(tokens)
-    moe = FusedMoE(64, 8, 64, 48, ParallelState(device=torch.device("cuda"))).cuda()
+    moe = FusedMoE(64, 8, 64, 48, ParallelState(device=torch.device("cuda")), torch.bfloat16).cuda()
     for p in moe.parameters():
         p.data.normal_(0, 0.2)
-    want = per_token_reference(moe, x := torch.randn(tokens, 64, device="cuda"))
-    moe = moe.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)
+    xb = torch.randn(tokens, 64, device="cuda").to(torch.bfloat16)
     assert moe.grouped_ok(xb)
     got = moe(xb)
+    # the reference takes the bf16 layer's own routing (a near-tie decided in bf16 is not the kernel's error)
+    weights, experts = moe.route(xb)
+    want = torch.zeros(tokens, 64, device="cuda")
+    for t in range(tokens):
+        for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True):
+            h = F.linear(xb[t].float(), moe.w13[e].float())
+            want[t] += w * F.linear(F.silu(h[: moe.inter]) * h[moe.inter :], moe.w2[e].float())
     torch.testing.assert_close(got.float(), want, atol=0.03 * want.abs().max().item(), rtol=0.02)
     static = xb.clone()
     moe(static)  # warm-up outside the capture
