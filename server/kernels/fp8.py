@@ -22,7 +22,10 @@ def expand_scale(scale: torch.Tensor, k: int, block_k: int) -> torch.Tensor:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
     """fp32 weight ``q * scale`` of an FP8 ``[..., N, K]`` tensor and its ``[..., N, kb]`` scales of blocks of
     ``block_k`` columns."""
-    return q.float() * expand_scale(scale.float(), q.shape[-1], block_k)
+    k, kb = q.shape[-1], scale.shape[-1]
+    if kb > 1 and k == kb * block_k:  # whole blocks: broadcast each block's scale, no [..., N, K] copy of the scales
+        return (q.float().unflatten(-1, (kb, block_k)) * scale.float().unsqueeze(-1)).flatten(-2)
+    return q.float() * expand_scale(scale.float(), k, block_k)
 
 
 # fp32 bytes one call of dequantize_experts holds at a time: a layer's experts are dequantized a few at a time, so the
