@@ -58,9 +58,7 @@ def references(tmp_path_factory):
     return out
 
 
-# 8 processes (4 x 2) take over a minute each on two cores: that layout runs for the model with the most experts
-@pytest.mark.parametrize("arch,sp,tp", [(a, sp, tp) for a in MODELS for sp, tp in ((2, 1), (2, 2))]
-                         + [("qwen3_next", 4, 2)])
+@pytest.mark.parametrize("arch,sp,tp", [(a, sp, tp) for a in MODELS for sp, tp in ((2, 1), (2, 2), (4, 2))])
 def test_expert_parallel_matches_transformers(references, arch, sp, tp):
     path, tokens = references[arch]
     # overlapped steps at tp = 1 (the engine turns them off for several CPU ranks by default)
