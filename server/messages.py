@@ -112,6 +112,9 @@ class StepCounts:
     sp_homed: int = 0
     # expert parallel, eager steps: (token, expert) pairs each rank computed, summed over the MoE layers
     expert_pairs: tuple[int, ...] = ()
+    # expert parallel, graph-form steps: the pairs each rank computed in them since the previous report (collected
+    # every EXPERT_GRAPH_PAIRS_EVERY steps; empty in the other steps)
+    expert_graph_pairs: tuple[int, ...] = ()
 
 
 @dataclass

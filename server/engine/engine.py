@@ -53,6 +53,10 @@ from server.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+# Expert parallel: every this many steps the ranks all-gather the (token, expert) pairs they computed in graph-form
+# steps (counted on the device there) for the load metrics; one small collective and one host sync on rank 0.
+EXPERT_GRAPH_PAIRS_EVERY = 64
+
 MAIN_GUARD_HINT = (
     "the engine's worker processes are spawned, and each one imports the __main__ script: create the LLM / "
     "engine under `if __name__ == \"__main__\":` in a script, or the workers start it again")
@@ -208,6 +212,8 @@ class Engine:
             PROFILE.mark("schedule")
         else:
             PROFILE.cancel()
+        # expert parallel: every EXPERT_GRAPH_PAIRS_EVERY steps the ranks report their graph-form steps' pairs
+        plan.collect_expert_pairs = bool(self.runner.moe_layers) and self.num_steps % EXPERT_GRAPH_PAIRS_EVERY == 0
         send_message(self.pstate, plan)
         PROFILE.mark("send")
         self.num_steps += 1
@@ -219,7 +225,8 @@ class Engine:
             sum(c.placement == Placement.HOMED for c in plan.chunks))
         out = self.runner.run(plan)
         if self.runner.moe_layers:
-            self.last_step = replace(self.last_step, expert_pairs=self.runner.take_expert_pairs())
+            self.last_step = replace(self.last_step, expert_pairs=self.runner.take_expert_pairs(),
+                                     expert_graph_pairs=self.runner.graph_pairs if plan.collect_expert_pairs else ())
         self.scheduler.advance(seqs, plan)
         outputs += self._resolve()  # the previous step's tokens, while the device runs this one
         for i, scored in out.prompt_logprobs.items():

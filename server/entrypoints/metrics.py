@@ -76,9 +76,10 @@ class ServerMetrics:
         self.rank_state = Gauge(PREFIX + "rank_state_bytes", "Linear-attention state pool bytes each rank allocated.",
                                 rank, **r)
         self.expert_pairs = Counter(PREFIX + "expert_rank_pairs", "Expert parallel: (token, expert) pairs each rank "
-                                    "computed, summed over the MoE layers (eager steps).", ["ep_rank"], **r)
+                                    "computed, summed over the MoE layers (eager steps at once; graph-form decode "
+                                    "steps every 64 steps).", ["ep_rank"], **r)
         self.expert_pairs_last = gauge("expert_rank_pairs_last_step", "Expert parallel: (token, expert) pairs each "
-                                       "rank computed in the latest counted step.", ("ep_rank",))
+                                       "rank computed in the latest eager step.", ("ep_rank",))
         self._num_steps = 0
 
     def set_rank_memory(self, ranks: list[dict]) -> None:
@@ -113,6 +114,8 @@ class ServerMetrics:
             for rank, pairs in enumerate(step.expert_pairs):
                 self.expert_pairs.labels(ep_rank=str(rank)).inc(pairs)
                 self.expert_pairs_last.labels(ep_rank=str(rank)).set(pairs)
+            for rank, pairs in enumerate(step.expert_graph_pairs):
+                self.expert_pairs.labels(ep_rank=str(rank)).inc(pairs)
 
     def on_finish(self, finish_reason: str, prompt_tokens: int, e2e_s: float | None, cached_tokens: int = 0) -> None:
         self.requests.labels(finish_reason=finish_reason).inc()

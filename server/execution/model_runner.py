@@ -94,6 +94,7 @@ class ModelRunner:
         kv_dtype = FP8 if config.kv_cache_dtype == "fp8_e4m3" else None
         self.cache_layers = [(layer, layer.cache_spec().with_kv_dtype(kv_dtype)) for layer in self.model.cache_layers()]
         self.moe_layers = [m for m in self.model.moe_layers() if m.expert_parallel]
+        self.graph_pairs: tuple[int, ...] = ()  # the last collect_graph_pairs() result (rank 0)
         self.num_slots = config.max_running_requests
         self.scratch_slot = self.num_slots
         self.snapshot_slots = 0
@@ -211,6 +212,15 @@ class ModelRunner:
             total = [a + b for a, b in zip(total, pairs)] if total else pairs
         return tuple(total)
 
+    def collect_graph_pairs(self) -> tuple[int, ...]:
+        """Expert parallel: the (token, expert) pairs each rank computed in graph-form steps since the last call,
+        summed over the MoE layers. A collective: every rank calls it at the same step (``StepPlan.
+        collect_expert_pairs``); rank 0 reads the result (one host sync), the others only take part."""
+        mine = sum((m.take_graph_pairs() for m in self.moe_layers), torch.zeros((), dtype=torch.long,
+                                                                                   device=self.device))
+        every = self.pstate.world_all_gather(mine.view(1))
+        return tuple(every.view(-1).tolist()) if self.pstate.rank == 0 else ()
+
     def footprint(self) -> dict:
         """What this rank stores, in bytes: its weights (its TP shard, its experts only with expert parallelism, its
         1/sp of every dense weight with ``--shard-dense-weights``), the buffers its sharded dense weights are gathered
@@ -270,7 +280,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput | None:
         """Forward one step; its :class:`StepOutput` on SP rank 0 (and its TP peers), None on the other SP ranks.
-        Nothing here waits for the device: rank 0 may prepare the next step while this one runs."""
+        Nothing here waits for the device: rank 0 may prepare the next step while this one runs (except in a step
+        that collects the graph-form expert pairs, :meth:`collect_graph_pairs`, this step's included)."""
+        out = self._run(plan)
+        if plan.collect_expert_pairs and self.moe_layers:
+            self.graph_pairs = self.collect_graph_pairs()
+        return out
+
+    def _run(self, plan: StepPlan) -> StepOutput | None:
         if self._inputs_copied is not None:
             self._inputs_copied.synchronize()
         self.table.apply(plan)

@@ -125,6 +125,9 @@ class FusedMoE(nn.Module):
             self.register_buffer("owner", torch.tensor(owners, dtype=torch.long), persistent=False)
             self.register_buffer("local_index", torch.arange(num_experts) - torch.tensor(firsts, dtype=torch.long),
                                  persistent=False)
+            # pairs this rank computed in graph-form steps since the last take_graph_pairs() (added on the device,
+            # inside the captured graphs; read every few steps by ModelRunner.collect_graph_pairs)
+            self.register_buffer("graph_pairs", torch.zeros((), dtype=torch.long), persistent=False)
         else:
             self.first, self.end = 0, num_experts
             self.inter = divide(intermediate, pstate.tp_size, "the MoE intermediate size")
@@ -148,6 +151,12 @@ class FusedMoE(nn.Module):
         """Pairs each rank computed since the last call (empty if none were counted)."""
         pairs, self.pairs = self.pairs, []
         return pairs
+
+    def take_graph_pairs(self) -> torch.Tensor:
+        """This rank's pairs of graph-form steps since the last call, a device scalar (no host sync)."""
+        taken = self.graph_pairs.clone()
+        self.graph_pairs.zero_()
+        return taken
 
     @property
     def num_local_experts(self) -> int:
@@ -468,7 +477,9 @@ class FusedMoE(nn.Module):
         send_ids = torch.full((peers * cap + 1,), -1, dtype=torch.long, device=x.device)
         send_ids.index_copy_(0, index, torch.where(valid, ids, -1))
         recv = ps.world_all_to_all(send[:-1])
-        back = ps.world_all_to_all(self._received(recv, ps.world_all_to_all(send_ids[:-1]), True))
+        recv_ids = ps.world_all_to_all(send_ids[:-1])
+        self.graph_pairs += (recv_ids >= 0).sum()
+        back = ps.world_all_to_all(self._received(recv, recv_ids, True))
         pairs = torch.cat([back, back.new_zeros(1, hidden)])[index].view(n, k, hidden)
         w = torch.where(valid.view(n, k), weights, 0.0)
         return (pairs * w.unsqueeze(-1).to(x.dtype)).sum(1)

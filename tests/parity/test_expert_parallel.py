@@ -107,3 +107,32 @@ def test_expert_parallel_weight_bytes_and_load_in_metrics(tmp_path):
     rows = usage["prompt_tokens"] + usage["completion_tokens"] - 1
     assert sum(pairs) == rows * 2 * 4  # top-2, 4 MoE layers
     assert "memory: weights" in srv.log()  # every rank's footprint in the start-up log
+
+
+def test_every_pair_is_counted_in_eager_and_graph_steps(references, monkeypatch):
+    """The load each rank computed, per step: the exact exchange's pair counts (eager steps) and the graph-form
+    steps' device counters (all-gathered when the engine asks, here every step). The prefill step counts each prompt
+    token's top-k pairs per MoE layer once; a graph step counts every row its ranks dispatch, the padded bucket's
+    rows included: at sp = 2 with a bucket of 2 rows holding the split request's replicated row (dispatched by one
+    rank) and the homed request's row (on its SP rank; the other rank's second row is padding), 3 rows."""
+    from server.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "EXPERT_GRAPH_PAIRS_EVERY", 1)
+    path, tokens = references["minimax_alt"]
+    with LLM(path, sp_size=2, tp_size=1, overlap_schedule=False, **ENGINE) as llm:
+        engine = llm.engine
+        eager, graph = [], []
+        step = engine.step
+
+        def counted_step():
+            out = step()
+            eager.append(sum(engine.last_step.expert_pairs))
+            graph.append(sum(engine.last_step.expert_graph_pairs))
+            return out
+
+        engine.step = counted_step
+        assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)] == tokens[:2]
+        per_row = engine.runner.moe_layers[0].top_k * len(engine.runner.moe_layers)
+        graph_steps = engine.runner.graphs.steps
+    assert eager[0] == sum(len(ids) for ids in PROMPTS[:2]) * per_row and sum(eager[1:]) == 0
+    assert graph_steps == TOKENS - 1 and graph == [0] + [3 * per_row] * graph_steps
