@@ -229,6 +229,9 @@ for step in "$@"; do
             --out "$WORK/decode_moe_ep.json" 2>&1 | grep -E "^\|"
         ;;
     families)  # the 2026 families on one GPU: their GPU tests, gpt-oss-20b prefill / decode and its window share
+        # (gpt-oss's head dim is 64: flashinfer builds those modules first, in parallel, or the runs below spend
+        # their limits building them one by one)
+        python benchmarks/runbooks/warm_flashinfer.py --dtypes bfloat16 --head-dims 64 >"$WORK/warm64.log" 2>&1
         timeout 400 python -m pytest -q -m gpu tests/engine/test_gpu_engine.py \
             -k "qwen3_moe or minimax_m2 or glm4_moe or gpt_oss or window_pages" 2>&1 | tail -15
         prefill 200 gptoss --model gpt-oss-20b --sp-size 1 --repeat 2 --context 32768 131000
