@@ -110,8 +110,9 @@ class StepPlan:
     # is -(i + 1), i its row among that step's sampled tokens (``ModelRunner.last_tokens``, which rank 0 broadcasts
     # to every rank first). See docs/architecture.md, "Overlapped steps".
     prev_tokens: bool = False
-    # expert parallel: before this step every rank all-gathers the pairs it computed in graph-form steps since the
-    # last such step (ModelRunner.collect_graph_pairs); the engine asks every EXPERT_GRAPH_PAIRS_EVERY steps
+    # expert parallel: after this step's forward every rank all-gathers the pairs it computed in graph-form steps
+    # since the last such step, this one included (ModelRunner.collect_graph_pairs); the engine asks every
+    # EXPERT_GRAPH_PAIRS_EVERY steps
     collect_expert_pairs: bool = False
 
     @property

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterator
 
@@ -65,6 +66,12 @@ GROUPED_MM = True
 # FP8 experts in prefill chunks: the grouped GEMMs run on experts dequantized to the activations' dtype, at most
 # this many bytes of them at a time (all of a layer's local experts at once below it: no host sync)
 GROUPED_DEQUANT_BYTES = 1 << 30
+
+
+@functools.cache
+def _hopper_or_newer(device_index: int | None) -> bool:
+    """Whether the CUDA device takes bf16 grouped GEMMs (sm_90 on); asked once per device, not per layer and step."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 @contextlib.contextmanager
@@ -286,7 +293,7 @@ class FusedMoE(nn.Module):
             return False
         if x.is_cuda:
             widths = (self.w13.shape[-1], self.w13.shape[1], self.w2.shape[-1])
-            return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+            return (x.dtype == torch.bfloat16 and _hopper_or_newer(x.device.index)
                     and all(w * x.element_size() % 16 == 0 for w in widths))
         return x.device.type == "cpu" and x.dtype == torch.float32
 

@@ -38,10 +38,9 @@ def test_moe_matches_transformers(tokens):
         moe.b2.weight_loader(moe.b2, state["experts.down_proj_bias"])
         with torch.no_grad():
             weights, experts = moe.route(x)
-            loop = moe.forward_grouped(x, weights, experts)
-            torch.testing.assert_close(moe(x), loop, **FP32_TOL)
+            grouped = moe.forward_grouped(x, weights, experts)  # what moe(x) runs on CPU fp32
             with grouped_gemms(False):
-                torch.testing.assert_close(moe(x), loop, **FP32_TOL)  # the per-expert loop
-                torch.testing.assert_close(moe.forward_sync_free(x, weights, experts), loop, **FP32_TOL)
-        total += loop
+                torch.testing.assert_close(moe(x), grouped, **FP32_TOL)  # the per-expert loop
+                torch.testing.assert_close(moe.forward_sync_free(x, weights, experts), grouped, **FP32_TOL)
+        total += grouped
     torch.testing.assert_close(total, want[0], **FP32_TOL)

@@ -42,7 +42,7 @@ def test_forms_match(tokens: int, grouped: bool, monkeypatch) -> None:
 
 
 def test_grouped_form_with_experts_no_token_chose() -> None:
-    """Seven of nine experts get no pair (empty groups between used ones) and a rank with no experts at all."""
+    """Seven of nine experts get no pair: empty groups before, between and after the two used ones."""
     torch.manual_seed(0)
     moe = FusedMoE(9, 2, 16, 24, ParallelState())
     for p in moe.parameters():
