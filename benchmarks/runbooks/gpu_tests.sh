@@ -9,7 +9,7 @@
 set -u
 out=${1:-/tmp/gpu_tests.md}
 shift || true
-log=$(mktemp)
+log=${GPU_TESTS_LOG:-$(mktemp)}  # the whole -v log (GPU_TESTS_LOG keeps it where asked)
 start=$(date -u +%s)
 # -v: one line per test as it ends, so a run cut short by the timeout still names what passed and failed
 timeout "${GPU_TESTS_TIMEOUT:-900}" python -m pytest -v -m gpu -p no:cacheprovider -rfEs "$@" tests >"$log" 2>&1
