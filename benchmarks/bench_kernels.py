@@ -724,39 +724,69 @@ def moe_ep(rows: list, budget: Budget, tokens: list[int], ceil: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
+GEMV_SWEEP = [(bn, bk, split, 4, stages) for bn in (16, 32, 64) for bk in (256, 512) for split in (1, 2, 4)
+              for stages in (4, 6)]
+
+
 def fp8_linear(rows: list, budget: Budget, ceil: dict) -> None:
     """Llama-3-8B's linear layers (qkv, o, gate/up, down) at decode row counts and one prefill chunk: bf16
     ``F.linear`` against FP8 weights (per-row scales as ``--quantization fp8`` stores them, and 128-column blocks as
-    the published block-scaled checkpoints) through :func:`server.kernels.fp8_gemm.fp8_linear` as the server runs it
-    and, up to 32 rows, with the weight-only kernel on (``WEIGHT_ONLY_MAX_ROWS``), each beside the weight-read floor
-    (weight bytes over the measured copy bandwidth)."""
+    the published block-scaled checkpoints). FP8 columns: ``fp8_linear`` as the server runs it (up to
+    ``GEMV_MAX_ROWS`` rows the GEMV of server/kernels/fp8_gemv.py), the W8A8 path the GEMV replaces (activations
+    quantized per token, then ``torch._scaled_mm`` or the Triton block GEMM), the GEMV with Triton's own e4m3
+    conversion instead of the PTX one, and the fastest tile configuration of a sweep (``GEMV_SWEEP``, per-row scales,
+    1 and 32 rows), each beside the weight-read floor (weight bytes over the measured copy bandwidth)."""
+    from dataclasses import replace
+
     from server.kernels import fp8_gemm
     from server.kernels.fp8 import quantize_per_row
+    from server.kernels.fp8_gemv import GemvConfig, default_config, fp8_gemv
 
     copy_gbps = ceil.get("copy_gbps")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda", generator=gen).mul_(0.02).to(torch.bfloat16)
         quant = {"row": quantize_per_row(w.float(), None), "block128": quantize_per_row(w.float(), 128)}
-        for m in (1, 8, 32, 8192):
+        for m in (1, 8, 16, 32, 64, 8192):
             if budget.left() <= 0:
                 return
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             ref = F.linear(x, w)
             row = {"layer": name, "n": n, "k": k, "rows": m, "bf16_ms": bench_ms(partial(F.linear, x, w)),
                    "bf16_floor_ms": n * k * 2 / copy_gbps / 1e6 if copy_gbps else None,
-                   "fp8_floor_ms": n * k / copy_gbps / 1e6 if copy_gbps else None}
+                   "fp8_floor_ms": n * k / copy_gbps / 1e6 if copy_gbps else None,
+                   "gemv_max_rows": fp8_gemm.GEMV_MAX_ROWS}
             for kind, (q, scale) in quant.items():
                 bk = 128 if kind == "block128" else k
                 row[f"{kind}_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
                 row[f"{kind}_err"] = rel_err(fp8_gemm.fp8_linear(x, q, scale, bk), ref)
-                if m <= 32:  # the weight-only kernel, on for this call
-                    saved, fp8_gemm.WEIGHT_ONLY_MAX_ROWS = fp8_gemm.WEIGHT_ONLY_MAX_ROWS, 32
-                    try:
-                        row[f"{kind}_weight_only_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
+                if m <= 64:
+                    saved, fp8_gemm.GEMV_MAX_ROWS = fp8_gemm.GEMV_MAX_ROWS, 0
+                    try:  # the W8A8 path
+                        row[f"{kind}_w8a8_ms"] = bench_ms(partial(fp8_gemm.fp8_linear, x, q, scale, bk))
                     finally:
-                        fp8_gemm.WEIGHT_ONLY_MAX_ROWS = saved
+                        fp8_gemm.GEMV_MAX_ROWS = saved
+                    cfg = default_config(m, n, k, 128 if kind == "block128" else None, sms)
+                    row[f"{kind}_gemv_ms"] = bench_ms(partial(fp8_gemv, x, q, scale, bk, None, cfg))
+                    row[f"{kind}_gemv_err"] = rel_err(fp8_gemv(x, q, scale, bk, None, cfg), ref)
+                    row[f"{kind}_gemv_config"] = list(cfg.__dict__.values())
+                    tri = replace(cfg, convert="triton")
+                    row[f"{kind}_gemv_triton_convert_ms"] = bench_ms(partial(fp8_gemv, x, q, scale, bk, None, tri))
+            if m in (1, 32) and budget.left() > 30:
+                q, scale = quant["row"]
+                best = None
+                for bn, bkk, split, warps, stages in GEMV_SWEEP:
+                    cfg = GemvConfig(bn, bkk, split, warps, stages)
+                    try:
+                        ms = bench_ms(partial(fp8_gemv, x, q, scale, k, None, cfg), rep=20)
+                    except Exception:  # a tile that does not fit (shared memory): skipped
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, [bn, bkk, split, warps, stages])
+                if best:
+                    row["row_gemv_best_ms"], row["row_gemv_best_config"] = best
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -942,17 +972,22 @@ def render_markdown(res: dict) -> str:
     fl = [r for r in res.get("fp8_linear", []) if "bf16_ms" in r]
     if fl:
         lines += ["## FP8 linear layers vs bf16 (Llama-3-8B shapes)", "",
-                  "ms per call; `row` = per-row scales, `block128` = 128-column blocks; `fp8_linear` as the server "
-                  "runs it, and with the weight-only kernel on (up to 32 rows); floors: the weight bytes over the "
-                  "copy bandwidth.", "",
-                  "| layer | rows | bf16 ms | bf16 floor | row ms | row weight-only ms | block128 ms | "
-                  "block128 weight-only ms | FP8 floor | best FP8 / bf16 | rel. err |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "ms per call; `row` = per-row scales, `block128` = 128-column blocks; `server` = `fp8_linear` as the "
+                  "server runs it, `w8a8` = activations quantized + FP8 tensor-core GEMM, `gemv` = the decode GEMV "
+                  "(default tiles; `tri` with Triton's e4m3 conversion; `best` = the sweep's fastest tiles, per-row); "
+                  "floors: the weight bytes over the copy bandwidth.", "",
+                  "| layer | rows | bf16 | bf16 floor | row server | row w8a8 | row gemv | row gemv tri | row best "
+                  "(tiles) | block128 server | block128 w8a8 | block128 gemv | FP8 floor | server / bf16 | "
+                  "gemv rel. err |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | "
+                  "---: |"]
         lines += [f"| {r['layer']} | {r['rows']} | {r['bf16_ms']:.4f} | {fmt(r.get('bf16_floor_ms'), 4)} | "
-                  f"{r['row_ms']:.4f} | {fmt(r.get('row_weight_only_ms'), 4)} | {r['block128_ms']:.4f} | "
-                  f"{fmt(r.get('block128_weight_only_ms'), 4)} | {fmt(r.get('fp8_floor_ms'), 4)} | "
-                  f"{min(r['row_ms'], r['block128_ms']) / r['bf16_ms']:.2f} | "
-                  f"{max(r['row_err'], r['block128_err']):.1e} |" for r in fl]
+                  f"{r['row_ms']:.4f} | {fmt(r.get('row_w8a8_ms'), 4)} | {fmt(r.get('row_gemv_ms'), 4)} | "
+                  f"{fmt(r.get('row_gemv_triton_convert_ms'), 4)} | {fmt(r.get('row_gemv_best_ms'), 4)} "
+                  f"{r.get('row_gemv_best_config', '')} | {r['block128_ms']:.4f} | "
+                  f"{fmt(r.get('block128_w8a8_ms'), 4)} | {fmt(r.get('block128_gemv_ms'), 4)} | "
+                  f"{fmt(r.get('fp8_floor_ms'), 4)} | {min(r['row_ms'], r['block128_ms']) / r['bf16_ms']:.2f} | "
+                  f"{r.get('row_gemv_err', float('nan')):.1e} |" for r in fl]
         lines.append("")
     kd = [r for r in res.get("kda", []) if "prefill_ms" in r]
     if kd:

@@ -1,8 +1,8 @@
 """FP8 GEMMs ``y = x W^T`` for weights stored as FP8 with per-row scales ``[N, kb]`` (:mod:`server.layers.fp8`).
 
-- Up to ``WEIGHT_ONLY_MAX_ROWS`` rows (0 by default: measured slower than the paths below on an H100): weight-only,
-  the FP8 tiles dequantized in registers and multiplied with x unquantized
-  (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`), whatever the scales' blocks.
+- Up to ``GEMV_MAX_ROWS`` rows of bf16 / fp16 activations (decode): :func:`server.kernels.fp8_gemv.fp8_gemv`, one
+  kernel that reads each FP8 weight byte once, converts it in registers and multiplies x as it is (no activation
+  quantization), whatever the scales' blocks.
 - ``kb == 1`` (per-channel / per-tensor checkpoints, ``--quantization fp8``): activations quantized per token
   (or with the checkpoint's static scale), one ``torch._scaled_mm`` with row-wise scales (Hopper FP8 tensor cores).
 - ``kb > 1`` with at least ``BLOCK_DEQUANT_MIN_ROWS`` rows: the weight dequantized to x's dtype, one dense GEMM.
@@ -26,13 +26,8 @@ import triton
 import triton.language as tl
 
 from server.kernels.fp8 import FP8, FP8_MAX, dequantize, dequantize_experts
-from server.kernels.fp8_moe import weight_only_fp8_matmul
+from server.kernels.fp8_gemv import GEMV_MAX_ROWS, fp8_gemv
 
-# Up to this many rows a CUDA FP8 linear reads its weights with the weight-only kernel
-# (:func:`server.kernels.fp8_moe.weight_only_fp8_matmul`: no activation quantization, K split over programs). Off
-# (0) by default: on an H100 at Llama-3-8B's shapes it beat `_scaled_mm` only for the down projection at 1-8 rows and
-# lost elsewhere (benchmarks/results/fp8_h100.md); `SERVER_FP8_WEIGHT_ONLY_MAX_ROWS` turns it on to measure it.
-WEIGHT_ONLY_MAX_ROWS = int(os.environ.get("SERVER_FP8_WEIGHT_ONLY_MAX_ROWS", "0"))
 # From this many rows (prefill chunks) a block-scaled FP8 linear dequantizes its weight to x's dtype and runs the
 # dense GEMM: on an H100 the Triton block-scaled GEMM took 1.8 to 2.6x bf16's time at 8192 rows (benchmarks/results/
 # fp8_h100.md), while the dequantization is one read of the FP8 weight and one write in bf16.
@@ -103,10 +98,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n, kb = w.shape[0], scale.shape[1]
-    # few rows (decode): the weights dequantized in registers, x as it is
-    y = weight_only_fp8_matmul(x2, w, scale, block_k) if 0 < x2.shape[0] <= WEIGHT_ONLY_MAX_ROWS else None
+    # few rows (decode): the weight read once, converted in registers, x as it is
+    y = fp8_gemv(x2, w, scale, block_k, bias) if 0 < x2.shape[0] <= GEMV_MAX_ROWS else None
     if y is not None:
-        y = y if bias is None else y + bias
         return y.view(*lead, n)
     if kb == 1 and k % 16 == 0 and n % 16 == 0 and x2.shape[0] > 0:
         q, xs = quantize_activations(x2, None, input_scale)
@@ -161,8 +155,6 @@ def _block_fp8_matmul_kernel(A, A_SCALE, B, B_SCALE, C, M, N, K, KB,
 
 @functools.cache
 def _interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -136,34 +136,6 @@ def experts_fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bl
     return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
 
 
-def weight_only_fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor | None:
-    """``x [M, K]`` (few rows) times one FP8 ``w [N, K]`` (scales ``[N, kb]``) -> ``[M, N]`` in x's dtype, x not
-    quantized: the weight tiles dequantized in registers (:func:`_experts_matmul_kernel`), K split into S equal
-    parts that run as S "experts" (views of w and its scales, no copy) so that enough programs read the weights,
-    their partial sums added here. None where the kernel does not apply (see :func:`_use_kernel`)."""
-    n, k = w.shape
-    kb = scale.shape[-1]
-    tile = _tile_k(kb, block_k)
-    if not _use_kernel(x, tile) or x.dtype == torch.float32 or k % tile or (kb > 1 and k != kb * block_k):
-        return None
-    m = x.shape[0]
-    x = x.contiguous()
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, BLOCK_N)
-    # S divides K's tiles (and, block-scaled, its blocks): the most up to 256 / tiles, at least one
-    unit = tile if kb == 1 else block_k
-    units = k // unit
-    splits = max(d for d in range(1, min(units, max(1, triton.cdiv(256, tiles))) + 1) if units % d == 0)
-    part = k // splits
-    out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    sg, sn = (0, scale.stride(0)) if kb == 1 else (part // block_k * scale.stride(1), scale.stride(0))
-    _experts_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N), splits)](
-        x, w.view(torch.uint8), scale, out, m, n, part, splits, 1, block_k if kb > 1 else part,
-        x.stride(0), part * w.stride(1), w.stride(0), sg, sn, out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=tile, PRECISION="tf32", UPCAST=_interpreted())
-    return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
-
-
 def gathered_fp8_matmul_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int,
                             index: torch.Tensor) -> torch.Tensor:
     """The reference of :func:`gathered_fp8_matmul`: each row's expert dequantized to x's dtype, a batched

@@ -50,31 +50,3 @@ def test_gathered_fp8_matmul_takes_each_rows_expert(p, e, n, k, block_k, dtype):
     got = gathered_fp8_matmul(x, w, scale, bk, index)
     assert got.dtype == dtype and got.shape == (p, n)
     torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * want.abs().max().item())
-
-
-@pytest.mark.parametrize("m", [1, 5, 20, 33])
-@pytest.mark.parametrize("n,k,block_k", [(70, 256, 32), (48, 192, None), (130, 128, 64), (64, 96, 16)])
-def test_weight_only_matmul_of_one_fp8_weight(m, n, k, block_k):
-    """A dense layer's FP8 weight times few bf16 rows, K split into parts that run as experts (block scales: the
-    parts hold whole blocks; per-row scales), against the fp64 product with the weight dequantized to bf16."""
-    from server.kernels.fp8_moe import weight_only_fp8_matmul
-
-    q, scale, bk = experts(1, n, k, block_k, seed=m + n)
-    q, scale = q[0], scale[0]
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, torch.bfloat16)
-    got = weight_only_fp8_matmul(x, q, scale, bk)
-    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (m, n)
-    want = x.double() @ dequantize(q, scale, bk).to(torch.bfloat16).double().t()
-    torch.testing.assert_close(got.double(), want, atol=TOL[torch.bfloat16] * want.abs().max().item(), rtol=0)
-
-
-def test_weight_only_matmul_declines_what_it_cannot_tile():
-    """fp32 rows, an uneven last scale block and blocks that are not a power of two go to the other paths."""
-    from server.kernels.fp8_moe import weight_only_fp8_matmul
-
-    q, scale, bk = experts(1, 32, 80, 32, seed=0)  # 80 = 32 + 32 + 16: a short last block
-    x = torch.randn(3, 80).to(DEVICE)
-    assert weight_only_fp8_matmul(x, q[0], scale[0], bk) is None
-    assert weight_only_fp8_matmul(x.to(torch.bfloat16), q[0], scale[0], bk) is None
-    q, scale, bk = experts(1, 32, 96, 24, seed=1)
-    assert weight_only_fp8_matmul(x.new_zeros(3, 96, dtype=torch.bfloat16), q[0], scale[0], bk) is None

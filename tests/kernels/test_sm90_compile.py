@@ -31,7 +31,17 @@ _EXPERTS = {"W": "*u8", "S": "*fp32", "OUT": "*fp32",
 _GATHERED = {"X": "*bf16", "W": "*u8", "S": "*fp32", "INDEX": "*i64", "OUT": "*fp32",
              **_ints("N", "K", "BK_SCALE", "s_xm", "s_wg", "s_wn", "s_sg", "s_sn", "s_om")}
 
-# name: (module, kernel, signature, constexprs, compute capability); the tiles are those the wrappers launch
+_GEMV = {"X": "*bf16", "W": "*u8", "S": "*fp32", "BIAS": "*bf16", "Y": "*bf16",
+         **_ints("M", "N", "K", "BK_SCALE", "K_PER_SPLIT", "s_xm", "s_wn", "s_sn", "s_ym")}
+
+
+def _gemv(block_m: int, block_n: int, block_k: int, split: int, per_block: bool, convert: str = "ptx") -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "PER_BLOCK": per_block,
+            "HAS_BIAS": True, "CONVERT": convert}
+
+
+# name: (module, kernel, signature, constexprs, compute capability[, options]); the tiles are those the wrappers
+# launch (fp8_gemv: its default tiles and the ends of the benchmark's sweep)
 CASES = {
     "block_gemm_bk16": ("fp8_gemm", "_block_fp8_matmul_kernel", _BLOCK_GEMM,
                         {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 16, "UPCAST": False}, 90),
@@ -48,6 +58,15 @@ CASES = {
                           {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "PRECISION": "ieee", "UPCAST": False}, 90),
     "gathered_bk16": ("fp8_moe", "_gathered_matmul_kernel", _GATHERED, {"BLOCK_N": 64, "BLOCK_K": 16}, 90),
     "gathered_on_sm80": ("fp8_moe", "_gathered_matmul_kernel", _GATHERED, {"BLOCK_N": 64, "BLOCK_K": 16}, 80),
+    "gemv_m16_row": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 32, 256, 1, False), 90,
+                     {"num_warps": 4, "num_stages": 4}),
+    "gemv_m32_block_split": ("fp8_gemv", "_fp8_gemv_kernel", {**_GEMV, "Y": "*fp32"}, _gemv(32, 64, 128, 4, True),
+                             90, {"num_warps": 4, "num_stages": 4}),
+    "gemv_m64_wide": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(64, 128, 512, 1, False), 90,
+                      {"num_warps": 8, "num_stages": 3}),
+    "gemv_triton_convert": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 16, 512, 1, True, "triton"), 90,
+                            {"num_warps": 4, "num_stages": 6}),
+    "gemv_on_sm80": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 32, 256, 1, False), 80),
 }
 
 
@@ -60,12 +79,12 @@ def compile_cases() -> dict[str, dict]:
     from triton.compiler import ASTSource
 
     results = {}
-    for name, (module, kernel, signature, constexprs, capability) in CASES.items():
+    for name, (module, kernel, signature, constexprs, capability, *options) in CASES.items():
         fn = getattr(importlib.import_module(f"server.kernels.{module}"), kernel)
         sig = {**signature, **{key: "constexpr" for key in constexprs}}
         try:
             compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
-                                      target=GPUTarget("cuda", capability, 32))
+                                      target=GPUTarget("cuda", capability, 32), options=(options or [None])[0])
             results[name] = {"shared": compiled.metadata.shared}
         except Exception as e:  # noqa: BLE001 - the message is the result
             results[name] = {"error": str(e)}
@@ -95,3 +114,9 @@ def test_kernel_compiles_for_hopper(compiled, name):
 def test_fp8_kernels_do_not_compile_before_sm89(compiled):
     """``float8e4nv`` does not exist before sm_89, which is why the wrappers run the torch references there."""
     assert "fp8e4nv" in compiled["gathered_on_sm80"].get("error", "")
+
+
+def test_gemv_ptx_conversion_assembles_for_ampere(compiled):
+    """The GEMV's e4m3 -> bf16 conversion is integer PTX plus ``fma.rn.bf16x2`` (sm_80): ptxas takes it for sm_80
+    too, where Triton's own FP8 type does not exist."""
+    assert "error" not in compiled["gemv_on_sm80"], compiled["gemv_on_sm80"]
