@@ -28,6 +28,11 @@ import triton.language as tl
 from server.kernels.fp8 import FP8, FP8_MAX, dequantize, dequantize_experts
 from server.kernels.fp8_gemv import GEMV_MAX_ROWS, fp8_gemv
 
+# Off CUDA, quantize the activations as the CUDA W8A8 paths do (per token, or per token and group of ``bk`` columns;
+# the checkpoint's static scale where it has one) before the fp32 product: the CPU reference of what a GPU computes
+# for steps of more than ``GEMV_MAX_ROWS`` rows (tests/models/test_fp8_gpu.py). Off by default: the CPU path computes
+# what ``transformers`` computes on the dequantized weights.
+EMULATE_W8A8 = os.environ.get("SERVER_FP8_EMULATE_W8A8") == "1"
 # From this many rows (prefill chunks) a block-scaled FP8 linear dequantizes its weight to x's dtype and runs the
 # dense GEMM: on an H100 the Triton block-scaled GEMM took 1.8 to 2.6x bf16's time at 8192 rows (benchmarks/results/
 # fp8_h100.md), while the dequantization is one read of the FP8 weight and one write in bf16.
@@ -94,6 +99,12 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
     """``x [..., K]`` times FP8 ``w [N, K]`` with ``scale [N, kb]`` (blocks of ``block_k`` columns) -> ``[..., N]``
     in x's dtype (see the module docstring for the path each case takes)."""
     if not x.is_cuda:
+        if EMULATE_W8A8 and x.numel():
+            x2 = x.reshape(-1, x.shape[-1])
+            kb = scale.shape[1]
+            q, xs = quantize_activations(x2, block_k if kb > 1 else None, input_scale)
+            xd = q.float() * xs if xs.shape[1] == 1 else dequantize(q, xs, block_k)
+            return fp8_linear_ref(xd.to(x.dtype).view(x.shape), w, scale, block_k, bias)
         return fp8_linear_ref(x, w, scale, block_k, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
