@@ -137,11 +137,21 @@ def structured_setup(args, model: str, vocab_size: int) -> tuple[str | None, dic
     return path, {i: -100.0 for i in range(tok.vocab_size) if b"]" in tok.token_bytes(i)}
 
 
+def prefill_steps(context: int, batch: int, budget: int = EngineConfig.chunked_prefill_size) -> int:
+    """At most how many steps ``batch`` prompts of ``context`` tokens take to prefill, and to deliver the last first
+    token, under the engine's per-step token ``budget`` (the decode rows of requests whose prompt is done share it).
+    A request whose prompt finished in the first step decodes one token in each of the others, before the timed
+    steps: the context length the benchmark sets must leave room for these tokens besides the timed ones, or that
+    request ends at its length limit within the measurement."""
+    return -(-batch * context // max(1, budget - batch)) + 1
+
+
 def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int,
                  structured: StructuredOutput | None = None, logit_bias: dict[int, float] | None = None) -> dict:
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_cfg.vocab_size
-    # Requests that finish their prompt first decode while the others prefill: no limit inside the measurement.
+    # Requests that finish their prompt first decode while the others prefill: no limit inside the measurement
+    # (the engine's context length leaves room for those tokens too, see prefill_steps).
     if logit_bias:
         params = SamplingParams(temperature=1.0, seed=seed, max_tokens=steps + 4096, ignore_eos=True,
                                 logit_bias=logit_bias, structured=structured)
@@ -171,8 +181,10 @@ def measure_cell(engine: Engine, context: int, batch: int, steps: int, seed: int
         outs = engine.step()
         times.append((time.perf_counter() - t0) * 1e3)
         got = sum(len(o.new_token_ids) for o in outs)
-        errors = sorted({o.error for o in outs if getattr(o, "error", None)})
-        assert got == batch, f"every request decodes one token per step (got {got} of {batch}; errors: {errors})"
+        # a request that ends here (its length limit, its grammar, an error) would be missing from the next step
+        ended = sorted({o.error or o.finish_reason for o in outs if o.finished})
+        assert got == batch and not ended, \
+            f"every request decodes one token per step and goes on (got {got} of {batch}; ended: {ended})"
     if PROFILE.enabled:
         print(f"rank 0 step profile, context {context} batch {batch}: {PROFILE.table()}", flush=True)
     for rid in rids:
@@ -195,7 +207,8 @@ def run_config(args, model: str, sp: int, graphs: str, overlap: str, split: str,
                        sp_split_mlp=split == "on",
                        overlap_schedule=overlap == "on",
                        max_running_requests=max(args.batch), mem_fraction_static=args.mem_fraction_static,
-                       max_model_len=max(args.context) + args.decode_steps + 8)
+                       max_model_len=max(args.context) + prefill_steps(max(args.context), max(args.batch))
+                       + args.decode_steps + 8)
     started = time.perf_counter()
     engine = Engine(cfg)
     startup_s = time.perf_counter() - started

@@ -32,6 +32,18 @@ def test_bench_decode_structured_runs_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_decode_structured_after_a_long_prefill_on_cpu(tmp_path):
+    """32 prompts of 2048 tokens take 9 steps of the 8192-token budget to prefill: the requests whose prompt was
+    done first decode meanwhile, and the context length the benchmark sets leaves them room for every timed step
+    (before, they ended at their length limit and the step after was short of their tokens)."""
+    model = tiny_model(tmp_path, "llama3-8b", intermediate_size=96, vocab_size=1024)
+    rows = run_bench("bench_decode.py", "--model", model, "--context", 2048, "--batch", 32, "--sp-size", 1,
+                     "--graphs", "off", "--decode-steps", 4, "--structured", "json", out=tmp_path / "d.json",
+                     cpu_only=True)
+    assert [r.get("skipped") for r in rows] == [None, None]
+    assert [r["structured"] for r in rows] == ["none", "json"] and all(r["itl_ms"] > 0 for r in rows)
+
+@pytest.mark.slow
 def test_bench_decode_expert_parallel_flag_on_cpu(tmp_path):
     """The Qwen3-30B-A3B shape, shrunk, with and without the expert-parallel path at one rank."""
     model = tiny_model(tmp_path, "qwen3-30b-a3b", num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32)
