@@ -42,7 +42,7 @@ def cpu_w8a8_continuations(path: str) -> tuple[list[list[int]], torch.Tensor]:
         fp8_gemm.EMULATE_W8A8 = saved
 
 
-def agreement(fp8: str, ref: tuple, emulated: tuple, ours: list[list[int]], logits: torch.Tensor, what: str) -> None:
+def agreement(ref: tuple, emulated: tuple, ours: list[list[int]], logits: torch.Tensor, what: str) -> None:
     """Print and check: the GPU's prompt logits within the fp32 W8A8 run's error (against transformers on the
     dequantized weights) plus 0.05 of the largest logit, and its greedy continuations at most 20 points less often
     identical to transformers' than the fp32 W8A8 run's."""
@@ -80,7 +80,7 @@ def test_fp8_checkpoint_on_gpu_matches_dequantized_fp32_reference(tmp_path, sche
     with LLM(fp8, **ON_GPU, dtype="bfloat16") as llm:
         logits = llm.engine.prompt_logits(PROMPTS[-1]).float().cpu()
         ours = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    agreement(fp8, ref, emulated, ours, logits, f"FP8 {scheme}")
+    agreement(ref, emulated, ours, logits, f"FP8 {scheme}")
 
 
 @pytest.mark.parametrize("scheme,block", [("block", (128, 128)), ("channel", (1, 1))])
@@ -95,7 +95,7 @@ def test_fp8_moe_checkpoint_on_gpu_matches_dequantized_fp32_reference(tmp_path, 
         assert experts.w13.dtype == experts.w2.dtype == torch.float8_e4m3fn
         logits = llm.engine.prompt_logits(PROMPTS[-1]).float().cpu()
         ours = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    agreement(fp8, ref, emulated, ours, logits, f"FP8 MoE {scheme}")
+    agreement(ref, emulated, ours, logits, f"FP8 MoE {scheme}")
 
 
 @needs_flashinfer
