@@ -182,6 +182,8 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int
     if kb > 1 and block_k % cfg.block_k:
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     # each split covers whole K tiles (so a tile never straddles two splits, nor, block-scaled, two scale blocks)
     per = -(-k // (cfg.split_k * cfg.block_k)) * cfg.block_k

@@ -85,3 +85,17 @@ def test_default_tiles_cover_the_device():
     assert -(-1024 // small.block_n) * small.split_k >= 132
     assert default_config(1, 4096, 4096, 128).block_k <= 128
     assert default_config(32, 4096, 4096, None).block_n > default_config(1, 4096, 4096, None).block_n
+
+
+def test_strided_rows_and_transposed_storage():
+    """Rows of a wider tensor (row stride > K, as a slice of a fused projection's output) and a weight stored
+    transposed (its K not contiguous) give the same product as contiguous copies."""
+    q, scale, bk = _weight(48, 128, 32, seed=4)
+    wide = torch.randn(6, 200, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    x = wide[:, 40:168]
+    assert x.stride(0) == 200
+    want = fp8_gemv(x.contiguous(), q, scale, bk)
+    torch.testing.assert_close(fp8_gemv(x, q, scale, bk), want, atol=0, rtol=0)
+    q_t = q.t().contiguous().t()
+    assert q_t.stride(-1) != 1
+    torch.testing.assert_close(fp8_gemv(x, q_t, scale, bk), want, atol=0, rtol=0)
