@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 
 from server.kernels.fp8 import FP8, FP8_MAX, dequantize, dequantize_experts
-from server.kernels.fp8_gemv import GEMV_MAX_ROWS, fp8_gemv
+from server.kernels.fp8_gemv import GEMV_MAX_ROWS, fp8_gemv, gemv_applies
 
-# Off CUDA, quantize the activations as the CUDA W8A8 paths do (per token, or per token and group of ``bk`` columns;
-# the checkpoint's static scale where it has one) before the fp32 product: the CPU reference of what a GPU computes
-# for steps of more than ``GEMV_MAX_ROWS`` rows (tests/models/test_fp8_gpu.py). Off by default: the CPU path computes
-# what ``transformers`` computes on the dequantized weights.
+# Off CUDA, quantize the activations where a bf16 CUDA run quantizes them (the "scaled_mm" and "block" paths of
+# :func:`cuda_path`: per token, or per token and group of ``bk`` columns; the checkpoint's static scale where it has
+# one) before the fp32 product: the CPU reference of the GPU's recipe (tests/models/test_fp8_gpu.py). Off by default:
+# the CPU path computes what ``transformers`` computes on the dequantized weights.
 EMULATE_W8A8 = os.environ.get("SERVER_FP8_EMULATE_W8A8") == "1"
 # From this many rows (prefill chunks) a block-scaled FP8 linear dequantizes its weight to x's dtype and runs the
 # dense GEMM: on an H100 the Triton block-scaled GEMM took 1.8 to 2.6x bf16's time at 8192 rows (benchmarks/results/
@@ -94,32 +94,57 @@ def quantize_activations(x: torch.Tensor, group: int | None, static_scale: float
     return q, scale
 
 
+def cuda_path(rows: int, n: int, k: int, kb: int, block_k: int, dtype: torch.dtype) -> str:
+    """The path :func:`fp8_linear` takes on CUDA for ``rows`` of ``dtype`` times ``w [n, k]`` with ``kb`` scale
+    blocks of ``block_k`` columns: "gemv", "scaled_mm", "dequantize", "block" or "reference" (module docstring)."""
+    if 0 < rows <= GEMV_MAX_ROWS and gemv_applies(rows, kb, block_k, dtype):
+        return "gemv"
+    if kb == 1 and k % 16 == 0 and n % 16 == 0 and rows > 0:
+        return "scaled_mm"
+    if kb > 1 and rows >= BLOCK_DEQUANT_MIN_ROWS:
+        return "dequantize"
+    if kb > 1 and rows > 0 and block_k >= 16 and not block_k & (block_k - 1):
+        return "block"
+    return "reference"
+
+
+def _emulated_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int,
+                   bias: torch.Tensor | None, input_scale: float | None) -> torch.Tensor:
+    """The reference with x first quantized and dequantized as the CUDA path a bf16 run takes would (EMULATE_W8A8)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    kb = scale.shape[1]
+    if cuda_path(x2.shape[0], w.shape[0], x2.shape[1], kb, block_k, torch.bfloat16) in ("scaled_mm", "block"):
+        q, xs = quantize_activations(x2, block_k if kb > 1 else None, input_scale)
+        x = (q.float() * xs if xs.shape[1] == 1 else dequantize(q, xs, block_k)).to(x.dtype).view(x.shape)
+    return fp8_linear_ref(x, w, scale, block_k, bias)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int,
-               bias: torch.Tensor | None = None, input_scale: float | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, input_scale: float | None = None,
+               emulate: bool = True) -> torch.Tensor:
     """``x [..., K]`` times FP8 ``w [N, K]`` with ``scale [N, kb]`` (blocks of ``block_k`` columns) -> ``[..., N]``
-    in x's dtype (see the module docstring for the path each case takes)."""
+    in x's dtype (see the module docstring for the path each case takes). ``emulate``: whether EMULATE_W8A8 applies
+    to this call off CUDA (False for MoE experts, whose CUDA forms never quantize activations)."""
     if not x.is_cuda:
-        if EMULATE_W8A8 and x.numel():
-            x2 = x.reshape(-1, x.shape[-1])
-            kb = scale.shape[1]
-            q, xs = quantize_activations(x2, block_k if kb > 1 else None, input_scale)
-            xd = q.float() * xs if xs.shape[1] == 1 else dequantize(q, xs, block_k)
-            return fp8_linear_ref(xd.to(x.dtype).view(x.shape), w, scale, block_k, bias)
+        if EMULATE_W8A8 and emulate and x.numel():
+            return _emulated_w8a8(x, w, scale, block_k, bias, input_scale)
         return fp8_linear_ref(x, w, scale, block_k, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n, kb = w.shape[0], scale.shape[1]
-    # few rows (decode): the weight read once, converted in registers, x as it is
-    y = fp8_gemv(x2, w, scale, block_k, bias) if 0 < x2.shape[0] <= GEMV_MAX_ROWS else None
-    if y is not None:
-        return y.view(*lead, n)
-    if kb == 1 and k % 16 == 0 and n % 16 == 0 and x2.shape[0] > 0:
+    path = cuda_path(x2.shape[0], n, k, kb, block_k, x.dtype)
+    if path == "gemv":  # few rows (decode): the weight read once, converted in registers, x as it is
+        y = fp8_gemv(x2, w, scale, block_k, bias)
+        if y is not None:
+            return y.view(*lead, n)
+        path = "reference"
+    if path == "scaled_mm":
         q, xs = quantize_activations(x2, None, input_scale)
         y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=torch.bfloat16)
         y = y.to(x.dtype)
-    elif kb > 1 and x2.shape[0] >= BLOCK_DEQUANT_MIN_ROWS:
+    elif path == "dequantize":
         y = F.linear(x2, dequantize_experts(w.unsqueeze(0), scale.unsqueeze(0), block_k, x.dtype)[0])
-    elif kb > 1 and x2.shape[0] > 0 and block_k >= 16 and not block_k & (block_k - 1):
+    elif path == "block":
         q, xs = quantize_activations(x2, block_k, input_scale)
         if input_scale is not None:
             xs = xs.expand(-1, kb)

@@ -16,7 +16,8 @@ tests.
 Scales: per output row (``kb == 1``: ``--quantization fp8``, compressed-tensors per-channel or per-tensor) multiply
 the fp32 accumulator once at the end; per row and block of ``block_k`` input columns (block-scaled checkpoints)
 multiply each K tile's partial product, a K tile lying inside one block. ``SPLIT_K`` > 1 splits K over programs
-(few output tiles: small N), their partial sums added with fp32 atomics.
+(few output tiles: small N), each split's fp32 partial sum stored apart and the splits added in a fixed order after
+(deterministic, unlike atomics).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the weight tiles convert through Triton's own FP8 type and multiply in fp32
 (the interpreter runs no inline PTX).
@@ -32,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Up to this many rows a CUDA FP8 linear with bf16 activations runs :func:`fp8_gemv` (see fp8_gemm.fp8_linear).
+# Up to this many rows a CUDA FP8 linear with bf16 / fp16 activations runs :func:`fp8_gemv` (see
+# fp8_gemm.fp8_linear); the kernel takes at most 64.
 GEMV_MAX_ROWS = int(os.environ.get("SERVER_FP8_GEMV_MAX_ROWS", "32"))
 
 # PTX for four e4m3 codes (one 32-bit word, code i in byte i) -> two bf16 pairs (codes 0, 1 in $0; 2, 3 in $1).
@@ -80,13 +82,14 @@ def _e4m3_to_bf16(q):
 
 
 @triton.jit
-def _fp8_gemv_kernel(X, W, S, BIAS, Y, M, N, K, BK_SCALE, K_PER_SPLIT, s_xm, s_wn, s_sn, s_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+def _fp8_gemv_kernel(X, W, S, BIAS, Y, M, N, K, BK_SCALE, K_PER_SPLIT, s_xm, s_wn, s_sn, s_ym, s_ys,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PER_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, CONVERT: tl.constexpr):
     """``Y[m, n] = sum_k X[m, k] * W[n, k] * S[n, k // BK_SCALE] (+ BIAS[n])``. X ``[M, K]`` bf16 (contiguous K),
     W ``[N, K]`` e4m3 codes as uint8 (contiguous K), S fp32 ``[N, kb]`` (``PER_BLOCK``) or ``[N, 1]``. One program
-    per (N tile, K split); rows of X beyond M are masked (no memory traffic). ``SPLIT_K == 1``: Y in X's dtype;
-    else Y fp32, zeroed, summed into with atomics (the bias added by split 0). ``CONVERT``: "ptx" (the integer
+    per (N tile, K split); rows of X beyond M are masked (no memory traffic). One split: Y ``[M, N]`` in X's dtype;
+    S splits: Y ``[S, M, N]`` fp32, one partial sum per split (``s_ys`` apart; the bias added by split 0).
+    ``CONVERT``: "ptx" (the integer
     spreading above), "triton" (Triton's own e4m3 -> bf16 conversion, for comparison) or "fp32" (the interpreter:
     both operands in fp32)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -119,12 +122,8 @@ def _fp8_gemv_kernel(X, W, S, BIAS, Y, M, N, K, BK_SCALE, K_PER_SPLIT, s_xm, s_w
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    y_ptrs = Y + pid_k.to(tl.int64) * s_ys + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @dataclass(frozen=True)
@@ -165,17 +164,24 @@ def default_config(m: int, n: int, k: int, block_k: int | None, sms: int = 132) 
     return GemvConfig(bn, bk, split)
 
 
+def gemv_applies(m: int, kb: int, block_k: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`fp8_gemv` (default tiles) takes ``m`` rows of ``dtype`` against scales of ``kb`` blocks of
+    ``block_k`` columns on a GPU."""
+    return (dtype in (torch.bfloat16, torch.float16) and 0 < m <= 64
+            and (kb == 1 or (block_k >= 16 and not block_k & (block_k - 1))))
+
+
 def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int,
              bias: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor | None:
     """``x [M, K]`` (bf16 or fp16, few rows) times FP8 ``w [N, K]`` with ``scale [N, kb]`` (blocks of ``block_k``
     columns) ``(+ bias)`` -> ``[M, N]`` in x's dtype. None where the kernel does not apply: not CUDA (nor the
     interpreter), fp32 activations, more than 64 rows, scale blocks that are not a power of two >= 16, or a
     ``config`` whose K tiles are wider than the scale blocks."""
-    if not (x.is_cuda or _interpreted()) or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2:
+    if not (x.is_cuda or _interpreted()) or x.dim() != 2:
         return None
     m, k = x.shape
     n, kb = w.shape[0], scale.shape[-1]
-    if not 0 < m <= 64 or (kb > 1 and (block_k < 16 or block_k & (block_k - 1))):
+    if not gemv_applies(m, kb, block_k, x.dtype):
         return None
     sms = _sm_count(x.device.index or 0) if x.is_cuda else 132
     cfg = config or default_config(m, n, k, block_k if kb > 1 else None, sms)
@@ -188,14 +194,15 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int
     # each split covers whole K tiles (so a tile never straddles two splits, nor, block-scaled, two scale blocks)
     per = -(-k // (cfg.split_k * cfg.block_k)) * cfg.block_k
     splits = -(-k // per)
-    if splits == 1:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    # one split: the output in x's dtype; more: fp32 partial sums per split, added in a fixed order below (the
+    # same bits every run, unlike atomics)
+    y = torch.empty((m, n) if splits == 1 else (splits, m, n), dtype=x.dtype if splits == 1 else torch.float32,
+                    device=x.device)
+    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
     _fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, w.view(torch.uint8), scale, bias if bias is not None else scale, y, m, n, k,
-        block_k if kb > 1 else k, per, x.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits, PER_BLOCK=kb > 1,
+        block_k if kb > 1 else k, per, x.stride(0), w.stride(0), scale.stride(0), y.stride(-2), m * n,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PER_BLOCK=kb > 1,
         HAS_BIAS=bias is not None, CONVERT="fp32" if _interpreted() else cfg.convert, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    return y if splits == 1 else y.to(x.dtype)
+    return y if splits == 1 else y.sum(0).to(x.dtype)

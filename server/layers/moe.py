@@ -265,7 +265,8 @@ class FusedMoE(nn.Module):
         """``x`` times local expert ``e``'s ``w13`` or ``w2`` (FP8: :func:`fp8_linear`)."""
         w = getattr(self, name)
         if w.dtype == FP8:
-            return fp8_linear(x, w[e], getattr(self, name + "_scale")[e], self.block_k[name], bias)
+            # emulate=False: the CUDA forms of the experts never quantize activations (fp8_gemm.EMULATE_W8A8)
+            return fp8_linear(x, w[e], getattr(self, name + "_scale")[e], self.block_k[name], bias, emulate=False)
         return F.linear(x, w[e], bias)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

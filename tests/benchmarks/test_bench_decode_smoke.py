@@ -43,6 +43,7 @@ def test_bench_decode_structured_after_a_long_prefill_on_cpu(tmp_path):
     assert [r.get("skipped") for r in rows] == [None, None]
     assert [r["structured"] for r in rows] == ["none", "json"] and all(r["itl_ms"] > 0 for r in rows)
 
+
 @pytest.mark.slow
 def test_bench_decode_expert_parallel_flag_on_cpu(tmp_path):
     """The Qwen3-30B-A3B shape, shrunk, with and without the expert-parallel path at one rank."""

@@ -1,8 +1,9 @@
 """FP8 GEMMs vs an fp32 matmul of the dequantized operands (the torch reference).
 
 Without a GPU the block-scaled Triton GEMM runs under ``TRITON_INTERPRET=1`` (products in fp32, so the result is
-the reference up to summation order); on a GPU it multiplies in FP8 on the tensor cores, and ``fp8_linear``
-(activations quantized per token, or per token and group) is held to the error FP8 activations cost.
+the reference up to summation order); on a GPU it multiplies in FP8 on the tensor cores, and ``fp8_linear`` is
+held to the error of its path: the decode GEMV at few rows (the weight's rounding alone), activations quantized per
+token (or per token and group) above.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def test_quantized_activations_and_weights_round_trip_within_fp8_precision():
 @needs_cuda
 @pytest.mark.parametrize("kind", ["channel", "block"])
 def test_fp8_linear_on_gpu_close_to_fp32_matmul_of_dequantized_weights(kind):
-    """Llama-3-8B's gate/up shape at 7 and 300 tokens: the FP8 GEMM's max relative error vs an fp32 matmul of the
-    dequantized weight and the unquantized activations (what FP8 activations cost), printed for the report."""
+    """Llama-3-8B's gate/up shape at 7 tokens (the decode GEMV) and 300 (activations quantized): the FP8 GEMM's max
+    relative error vs an fp32 matmul of the dequantized weight and the unquantized activations (at 300 tokens, what
+    FP8 activations cost), printed for the report."""
     torch.manual_seed(0)
     n, k = 2 * 14336, 4096
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -87,3 +89,25 @@ def test_activation_quantization_kernel_matches_torch(m, k, group):
     if not torch.cuda.is_available():
         compared = torch.frexp(ref).mantissa.abs() != 0.5
     assert torch.equal(q.cpu().float()[compared], ref[compared])
+
+
+def test_emulated_w8a8_quantizes_where_a_bf16_gpu_run_would(monkeypatch):
+    """fp8_gemm.EMULATE_W8A8 (the CPU reference of the GPU's recipe): rows a bf16 GPU run gives to the decode GEMV
+    and calls that opt out (MoE experts) keep their activations; more rows are quantized per token first."""
+    from server.kernels import fp8_gemm
+    from server.kernels.fp8 import quantize_per_row
+
+    gen = torch.Generator().manual_seed(0)
+    q, scale = quantize_per_row(torch.randn(48, 64, generator=gen), None)
+    monkeypatch.setattr(fp8_gemm, "EMULATE_W8A8", True)
+    few = torch.randn(fp8_gemm.GEMV_MAX_ROWS, 64, generator=gen)
+    torch.testing.assert_close(fp8_gemm.fp8_linear(few, q, scale, 64), fp8_gemm.fp8_linear_ref(few, q, scale, 64),
+                               atol=0, rtol=0)
+    many = torch.randn(fp8_gemm.GEMV_MAX_ROWS + 8, 64, generator=gen)
+    xq, xs = fp8_gemm.quantize_activations(many, None)
+    want = fp8_gemm.fp8_linear_ref(xq.float() * xs, q, scale, 64)
+    got = fp8_gemm.fp8_linear(many, q, scale, 64)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(got, fp8_gemm.fp8_linear_ref(many, q, scale, 64))
+    torch.testing.assert_close(fp8_gemm.fp8_linear(many, q, scale, 64, emulate=False),
+                               fp8_gemm.fp8_linear_ref(many, q, scale, 64), atol=0, rtol=0)

@@ -99,3 +99,25 @@ def test_strided_rows_and_transposed_storage():
     q_t = q.t().contiguous().t()
     assert q_t.stride(-1) != 1
     torch.testing.assert_close(fp8_gemv(x, q_t, scale, bk), want, atol=0, rtol=0)
+
+
+def test_one_hot_rows_give_every_code_exactly():
+    """One-hot rows of x pick single weight columns, so with unit scales the output is each code's value exactly:
+    every finite e4m3 code (subnormals, the largest, both zeros) as the kernel converts it (on a GPU, the PTX)."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F] + [0, 0x80], dtype=torch.uint8)
+    q = codes.view(FP8).view(16, 16).to(DEVICE)  # N = K = 16
+    x = torch.eye(16, dtype=torch.bfloat16, device=DEVICE)
+    got = fp8_gemv(x, q, torch.ones(16, 1, device=DEVICE), 16)
+    want = q.to(torch.bfloat16).t()  # y[i, n] = w[n, i]
+    assert torch.equal(got.float(), want.float())
+    assert (want.float().abs() < 2.0**-6).sum() > 10  # subnormal codes are among them
+
+
+def test_splits_add_in_a_fixed_order():
+    """Four K splits of one row give the same bits on every call (the partial sums are not added by atomics)."""
+    q, scale, bk = _weight(64, 1024, None, seed=6)
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.bfloat16)
+    cfg = GemvConfig(32, 64, 4)
+    first = fp8_gemv(x, q, scale, bk, config=cfg)
+    for _ in range(3):
+        assert torch.equal(fp8_gemv(x, q, scale, bk, config=cfg).view(torch.int16), first.view(torch.int16))

@@ -32,12 +32,12 @@ _GATHERED = {"X": "*bf16", "W": "*u8", "S": "*fp32", "INDEX": "*i64", "OUT": "*f
              **_ints("N", "K", "BK_SCALE", "s_xm", "s_wg", "s_wn", "s_sg", "s_sn", "s_om")}
 
 _GEMV = {"X": "*bf16", "W": "*u8", "S": "*fp32", "BIAS": "*bf16", "Y": "*bf16",
-         **_ints("M", "N", "K", "BK_SCALE", "K_PER_SPLIT", "s_xm", "s_wn", "s_sn", "s_ym")}
+         **_ints("M", "N", "K", "BK_SCALE", "K_PER_SPLIT", "s_xm", "s_wn", "s_sn", "s_ym", "s_ys")}
 
 
-def _gemv(block_m: int, block_n: int, block_k: int, split: int, per_block: bool, convert: str = "ptx") -> dict:
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "PER_BLOCK": per_block,
-            "HAS_BIAS": True, "CONVERT": convert}
+def _gemv(block_m: int, block_n: int, block_k: int, per_block: bool, convert: str = "ptx") -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PER_BLOCK": per_block, "HAS_BIAS": True,
+            "CONVERT": convert}
 
 
 # name: (module, kernel, signature, constexprs, compute capability[, options]); the tiles are those the wrappers
@@ -58,15 +58,15 @@ CASES = {
                           {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "PRECISION": "ieee", "UPCAST": False}, 90),
     "gathered_bk16": ("fp8_moe", "_gathered_matmul_kernel", _GATHERED, {"BLOCK_N": 64, "BLOCK_K": 16}, 90),
     "gathered_on_sm80": ("fp8_moe", "_gathered_matmul_kernel", _GATHERED, {"BLOCK_N": 64, "BLOCK_K": 16}, 80),
-    "gemv_m16_row": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 32, 256, 1, False), 90,
+    "gemv_m16_row": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 32, 256, False), 90,
                      {"num_warps": 4, "num_stages": 4}),
-    "gemv_m32_block_split": ("fp8_gemv", "_fp8_gemv_kernel", {**_GEMV, "Y": "*fp32"}, _gemv(32, 64, 128, 4, True),
+    "gemv_m32_block_split": ("fp8_gemv", "_fp8_gemv_kernel", {**_GEMV, "Y": "*fp32"}, _gemv(32, 64, 128, True),
                              90, {"num_warps": 4, "num_stages": 4}),
-    "gemv_m64_wide": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(64, 128, 512, 1, False), 90,
+    "gemv_m64_wide": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(64, 128, 512, False), 90,
                       {"num_warps": 8, "num_stages": 3}),
-    "gemv_triton_convert": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 16, 512, 1, True, "triton"), 90,
+    "gemv_triton_convert": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 16, 512, True, "triton"), 90,
                             {"num_warps": 4, "num_stages": 6}),
-    "gemv_on_sm80": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 32, 256, 1, False), 80),
+    "gemv_on_sm80": ("fp8_gemv", "_fp8_gemv_kernel", _GEMV, _gemv(16, 32, 256, False), 80),
 }
 
 
