@@ -209,15 +209,19 @@ for step in "$@"; do
         done
         ;;
     fp8)  # FP8 weights and FP8 KV against bf16 in one call (Llama-3-8B shape): decode at 2K (batch 1, 32) and 128K
-        # (batch 1), prefill at 32K, and the FP8 GEMM / FP8 checkpoint GPU tests
+        # (batch 1), prefill at 32K, the FP8 GEMM / FP8 checkpoint GPU tests, the per-layer timings
         timeout 200 python benchmarks/bench_decode.py --model llama3-8b --context 2048 --batch 1 32 --sp-size 1 \
             --graphs on --decode-steps 64 --quantization none fp8 --out "$WORK/decode_fp8_2k.json" 2>&1 | grep -E "^\|"
         timeout 300 python benchmarks/bench_decode.py --model llama3-8b --context 131072 --batch 1 --sp-size 1 \
             --graphs on --decode-steps 64 --quantization none fp8 --kv-cache-dtype auto fp8_e4m3 \
             --out "$WORK/decode_fp8_128k.json" 2>&1 | grep -E "^\|"
         prefill 200 fp8_32k --model llama3-8b --sp-size 1 --repeat 2 --context 32768 --quantization none fp8
-        timeout 300 python -m pytest -q -s tests/kernels/test_fp8_gemm.py tests/models/test_fp8_gpu.py \
-            tests/kernels/test_fp8_moe_kernels.py tests/layers/test_moe_fp8.py 2>&1 | tail -15
+        timeout 300 python -m pytest -q -s tests/kernels/test_fp8_gemv.py tests/kernels/test_fp8_gemm.py \
+            tests/models/test_fp8_gpu.py tests/kernels/test_fp8_moe_kernels.py tests/layers/test_moe_fp8.py 2>&1 |
+            tail -15
+        # per layer: bf16, the W8A8 path, the decode GEMV (default tiles, Triton's conversion, a tile sweep)
+        timeout 300 python benchmarks/bench_kernels.py --sections ceilings fp8_linear --time-budget 280 \
+            --out-dir "$WORK/kernels_fp8"
         ;;
     moe-ep)  # one MoE layer's expert-parallel dispatch / combine at EP size 1 vs the TP-sliced MoE, FP8 experts vs
         # bf16, then Qwen3-30B-A3B prefill at 32K and decode at 32K with expert parallelism off and on
