@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,6 +26,7 @@ import triton.language as tl
 
 from server.kernels.fp8 import FP8, FP8_MAX, dequantize, dequantize_experts
 from server.kernels.fp8_gemv import GEMV_MAX_ROWS, fp8_gemv, gemv_applies
+from server.kernels.triton_env import interpreted
 
 # Off CUDA, quantize the activations where a bf16 CUDA run quantizes them (the "scaled_mm" and "block" paths of
 # :func:`cuda_path`: per token, or per token and group of ``bk`` columns; the checkpoint's static scale where it has
@@ -134,10 +134,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
     n, kb = w.shape[0], scale.shape[1]
     path = cuda_path(x2.shape[0], n, k, kb, block_k, x.dtype)
     if path == "gemv":  # few rows (decode): the weight read once, converted in registers, x as it is
-        y = fp8_gemv(x2, w, scale, block_k, bias)
-        if y is not None:
-            return y.view(*lead, n)
-        path = "reference"
+        return fp8_gemv(x2, w, scale, block_k, bias).view(*lead, n)
     if path == "scaled_mm":
         q, xs = quantize_activations(x2, None, input_scale)
         y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=torch.bfloat16)
@@ -189,11 +186,6 @@ def _block_fp8_matmul_kernel(A, A_SCALE, B, B_SCALE, C, M, N, K, KB,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@functools.cache
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def block_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                      block_k: int, out_dtype: torch.dtype) -> torch.Tensor:
     """FP8 ``a [M, K]`` (scales ``[M, kb]``) times FP8 ``b [N, K]`` (scales ``[N, kb]``)^T -> ``[M, N]``: the
@@ -206,12 +198,12 @@ def block_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     a, b = a.contiguous(), b.contiguous()
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64 if _interpreted() else 128
+    block_n = 64 if interpreted() else 128
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _block_fp8_matmul_kernel[grid](a.view(torch.uint8), a_scale.float().contiguous(), b.view(torch.uint8),
                                    b_scale.float().contiguous(), c, m, n, k, kb, a.stride(0), b.stride(0),
                                    c.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk,
-                                   UPCAST=_interpreted(), num_warps=4, num_stages=3)
+                                   UPCAST=interpreted(), num_warps=4, num_stages=3)
     return c
 
 

@@ -25,13 +25,14 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) the weight tiles convert through Triton
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from server.kernels.triton_env import interpreted, sm_count
 
 # Up to this many rows a CUDA FP8 linear with bf16 / fp16 activations runs :func:`fp8_gemv` (see
 # fp8_gemm.fp8_linear); the kernel takes at most 64.
@@ -138,16 +139,6 @@ class GemvConfig:
     convert: str = "ptx"
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.cache
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def default_config(m: int, n: int, k: int, block_k: int | None, sms: int = 132) -> GemvConfig:
     """The tiles for ``m`` rows of ``[n, k]`` (``block_k``: the scale blocks' columns, None for per-row scales):
     wide output tiles from 17 rows (each program reads its rows of x from L2 once per K tile, so narrow tiles would
@@ -177,13 +168,13 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int
     columns) ``(+ bias)`` -> ``[M, N]`` in x's dtype. None where the kernel does not apply: not CUDA (nor the
     interpreter), fp32 activations, more than 64 rows, scale blocks that are not a power of two >= 16, or a
     ``config`` whose K tiles are wider than the scale blocks."""
-    if not (x.is_cuda or _interpreted()) or x.dim() != 2:
+    if not (x.is_cuda or interpreted()) or x.dim() != 2:
         return None
     m, k = x.shape
     n, kb = w.shape[0], scale.shape[-1]
     if not gemv_applies(m, kb, block_k, x.dtype):
         return None
-    sms = _sm_count(x.device.index or 0) if x.is_cuda else 132
+    sms = sm_count(x.device) if x.is_cuda else 132
     cfg = config or default_config(m, n, k, block_k if kb > 1 else None, sms)
     if kb > 1 and block_k % cfg.block_k:
         return None
@@ -203,6 +194,6 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: int
         x, w.view(torch.uint8), scale, bias if bias is not None else scale, y, m, n, k,
         block_k if kb > 1 else k, per, x.stride(0), w.stride(0), scale.stride(0), y.stride(-2), m * n,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PER_BLOCK=kb > 1,
-        HAS_BIAS=bias is not None, CONVERT="fp32" if _interpreted() else cfg.convert, num_warps=cfg.num_warps,
+        HAS_BIAS=bias is not None, CONVERT="fp32" if interpreted() else cfg.convert, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return y if splits == 1 else y.sum(0).to(x.dtype)

@@ -17,21 +17,14 @@ dequantized (:func:`dequantize_experts`) and torch matmuls in x's dtype.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from server.kernels.fp8 import dequantize_experts
+from server.kernels.triton_env import interpreted
 
 BLOCK_N = 64
-
-
-@functools.cache
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _tile_k(kb: int, block_k: int) -> int | None:
@@ -44,7 +37,7 @@ def _tile_k(kb: int, block_k: int) -> int | None:
 
 
 def _use_kernel(x: torch.Tensor, tile: int | None) -> bool:
-    return tile is not None and (x.is_cuda or _interpreted()) and x.shape[0] > 0
+    return tile is not None and (x.is_cuda or interpreted()) and x.shape[0] > 0
 
 
 @triton.jit
@@ -132,7 +125,7 @@ def experts_fp8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bl
         x, w.view(torch.uint8), scale, out, m, n, k, g, per, block_k if scale.shape[-1] > 1 else k,
         x.stride(0), w.stride(0), w.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=tile, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=_interpreted())
+        UPCAST=interpreted())
     return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
 
 

@@ -13,11 +13,11 @@ starts each segment from ``lambda^(L j) S_0 + sum_{i<j} lambda^(L (j-1-i)) M_i``
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from server.kernels.triton_env import sm_count
 
 DEFAULT_BLOCK = 64
 
@@ -190,11 +190,6 @@ def _lightning_decode_kernel(
     tl.store(OUT + (i_b * H + i_h) * DV + offs_v, o.to(OUT.dtype.element_ty), mask=mask_v)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs are the exactness path (CPU parity, tests); half inputs take the tensor-core path.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -204,13 +199,6 @@ def _check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(t.stride())}")
-
-
-def _sm_count_of(device: torch.device) -> int:
-    """Streaming multiprocessors to fill: the device's on CUDA; 1 elsewhere (the interpreter needs no split)."""
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def lightning_prefill_triton(
@@ -252,7 +240,7 @@ def lightning_prefill_triton(
     if num_segments is None:
         # A program holds a whole SM (3-stage pipelined tiles fill its shared memory), so aim for one wave of
         # one program per SM; cutting costs a first pass that reads k and v of all but the last segment.
-        num_segments = max(1, _sm_count_of(dev) // programs)
+        num_segments = max(1, sm_count(dev) // programs)
     # Every sequence holds at most n_tok tokens, so segments of this length number at most num_segments.
     seg_len = block * max(1, triton.cdiv(triton.cdiv(max(n_tok, 1), num_segments), block))
     # The kernel addresses rows inside a segment with 32-bit offsets: cap the segment so they cannot overflow.
@@ -300,7 +288,7 @@ def lightning_state_correction_triton(
     bv = block_v or min(64, max(16, triton.next_power_of_2(dv)))
     nv = triton.cdiv(dv, bv)
     programs = b * h * nv
-    num_split = max(1, min(triton.cdiv(4 * _sm_count_of(dev), programs), triton.cdiv(n_tok, block)))
+    num_split = max(1, min(triton.cdiv(4 * sm_count(dev), programs), triton.cdiv(n_tok, block)))
     _lightning_correction_kernel[(programs, num_split)](
         q, o, out, slopes.to(device=dev, dtype=torch.float32).contiguous(),
         cu_seqlens.to(device=dev, dtype=torch.int32), states.to(device=dev, dtype=torch.float32).contiguous(),
