@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from server.execution.procutil import free_port  # noqa: E402
 from server.execution.worker import receive_message, send_message  # noqa: E402
 from server.forward.plan import ChunkPlan, Placement, StepPlan  # noqa: E402
 from server.sp.groups import destroy_parallel_state, init_parallel_state  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
 
 
 def decode_plan(batch: int) -> StepPlan:

@@ -224,6 +224,10 @@ def worker_main(rank: int, config: EngineConfig, model_path: str, init_method: s
         log.error("worker rank %d failed: %s: %s", rank, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         log.debug("%s", traceback.format_exc())
         os._exit(1)
+    # Released in order: skip the interpreter's teardown, whose C++ destructors in a process that used gloo
+    # sometimes abort (SIGABRT, "terminate called without an active exception") after a clean shutdown.
+    logging.shutdown()
+    os._exit(0)
 
 
 def node_ranks(config: EngineConfig) -> range:
@@ -244,4 +248,13 @@ def run_worker_node(config: EngineConfig, model_path: str, log_level: str = "WAR
         p.start()
     for p in procs:
         p.join()
-    return max((p.exitcode or 0) for p in procs)
+    return node_exit_code([p.exitcode for p in procs])
+
+
+def node_exit_code(codes: list[int | None]) -> int:
+    """The node's exit status from its ranks' exit codes: 0 if all are 0, else the first failure's, a rank killed by
+    signal N counting as 128 + N as a shell reports it (``Process.exitcode`` is then -N)."""
+    for code in codes:
+        if code:
+            return 128 - code if code < 0 else code
+    return 0

@@ -13,6 +13,7 @@ import pytest
 from server import LLM, SamplingParams
 from server.config import EngineConfig
 from server.execution.procutil import free_port
+from server.execution.worker import node_exit_code
 from tests.helpers import prompt, save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,6 +26,14 @@ def test_node_flags_are_validated():
         EngineConfig(sp_size=3, nnodes=2, dist_init_addr="tcp://127.0.0.1:1").validate()
     with pytest.raises(ValueError, match="fit in one node"):
         EngineConfig(tp_size=2, nnodes=2, dist_init_addr="tcp://127.0.0.1:1").validate()
+
+
+def test_a_rank_that_died_fails_the_node():
+    """``launch_server.py --node-rank k``'s exit status: a rank killed by a signal (exit code -N) is a failure."""
+    assert node_exit_code([0, 0, 0]) == 0
+    assert node_exit_code([0, -6, 0]) == 134  # SIGABRT, as a shell reports it
+    assert node_exit_code([0, 1, -9]) == 1
+    assert node_exit_code([-9, 0]) == 137
 
 
 @pytest.mark.slow

@@ -11,10 +11,11 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from server.execution.procutil import free_port
 from server.execution.worker import MESSAGE_BUFFER_BYTES, receive_message, send_message
 from server.forward.plan import ChunkPlan, MemoryStatsRequest, Placement, Shutdown, StepPlan
 from server.sp.groups import ParallelState, destroy_parallel_state, init_parallel_state
-from tests.helpers import free_port, run_on_group
+from tests.helpers import exit_rank, run_on_group
 
 
 def messages() -> list:
@@ -56,6 +57,7 @@ def _idle(rank: int, port: int) -> None:
             assert isinstance(receive_message(pstate), Shutdown)
     finally:
         destroy_parallel_state(pstate)
+    exit_rank()
 
 
 def test_an_idle_worker_waits_past_the_collective_timeout() -> None:
