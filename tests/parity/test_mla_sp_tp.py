@@ -1,11 +1,12 @@
-"""DeepSeek-V3 (MLA) and Kimi-Linear (KDA + MLA) through the real engine on SP x TP gloo groups against the
-single-rank engine (itself checked against transformers in tests/models/test_mla_models.py).
+"""DeepSeek-V3 (MLA, with and without a q LoRA) and Kimi-Linear (KDA + MLA) through the real engine on SP x TP gloo
+groups against transformers (fp32, CPU).
 
-Every configuration must reproduce the sp=1 x tp=1 prompt logits (fp32 tolerance) and the exact greedy tokens on
+Every configuration must reproduce transformers' prompt logits (fp32 tolerance) and its exact greedy tokens on
 every rank's behalf (rank 0 samples what the group computed). The 301-token prompt is split over SP: MLA layers run
 the ring over the zigzag pieces, KDA layers pass their (T, M) chunk maps and the conv halo; decode continues from
 the sharded KV and the recurrent and conv states every SP rank holds. Also: the CUDA-graph form of decode run
-eagerly, and prefix-cache hits (KV pages for MLA, state snapshots for KDA) giving the cache-off tokens.
+eagerly, the all-gather modes (latent blocks gathered at once, KDA chunk messages gathered: LASP-2), and prefix-cache
+hits (KV pages for MLA, state snapshots for KDA) giving the cache-off tokens.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import pytest
 
 from server import LLM, SamplingParams
-from tests.helpers import assert_matches_reference, prompt, single_rank_reference
+from tests.helpers import assert_matches_reference, prompt, save_tiny_model, transformers_reference
 
 pytestmark = pytest.mark.slow
 
-ARCHS = ("deepseek_v3", "kimi_linear")
+ARCHS = ("deepseek_v3", "kimi_linear")  # deepseek_v3_nolora: one configuration (its q path is q_proj alone)
 LONG = prompt(301)
 # grouped routing picks a whole group by the sum of two scores: a prompt whose tokens leave two groups within ~1e-6
 # of each other may route differently under another summation order, which is no error; these prompts leave
@@ -29,7 +30,9 @@ ENGINE = dict(device="cpu", sp_min_tokens=8, chunked_prefill_size=260, page_size
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return single_rank_reference(str(tmp_path_factory.mktemp("ckpt")), ARCHS, ENGINE, LONG, BATCH, GREEDY)
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    return {arch: transformers_reference(save_tiny_model(arch, root), LONG, BATCH, GREEDY.max_tokens)
+            for arch in (*ARCHS, "deepseek_v3_nolora")}
 
 
 def check(reference, arch: str, **kw) -> None:
@@ -43,9 +46,20 @@ def test_sp_tp_matches_single_rank(reference, arch, sp, tp):
     check(reference, arch, sp_size=sp, tp_size=tp)
 
 
-def test_decode_in_graph_form_matches(reference):
-    """MLA and KDA decode in the CUDA-graph form (static buffers, padded rows), run eagerly, at sp = 2."""
-    check(reference, "kimi_linear", sp_size=2, cuda_graph="eager", cuda_graph_max_bs=2)
+def test_q_without_lora_matches(reference):
+    check(reference, "deepseek_v3_nolora", sp_size=2, tp_size=2)
+
+
+@pytest.mark.parametrize("arch,sp,tp", [("kimi_linear", 2, 1), ("deepseek_v3", 2, 2)])
+def test_decode_in_graph_form_matches(reference, arch, sp, tp):
+    """MLA and KDA decode in the CUDA-graph form (static buffers, padded rows), run eagerly."""
+    check(reference, arch, sp_size=sp, tp_size=tp, cuda_graph="eager", cuda_graph_max_bs=2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_allgather_modes_match(reference, arch):
+    """Latent blocks all-gathered instead of passed round the ring; KDA's chunk messages gathered (LASP-2)."""
+    check(reference, arch, sp_size=4, ring_mode="allgather", lasp_mode="allgather")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
