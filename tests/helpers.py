@@ -218,6 +218,12 @@ def save_tiny_model(arch: str, root: str, seed: int = 0, **over) -> str:
         # initialised to zero; a nonzero bias makes the tests see that it steers the choice of experts
         if name.endswith("e_score_correction_bias"):
             buf.normal_(0.0, 0.1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # linear biases (Qwen2's and GLM's q/k/v, gpt-oss's attention and expert biases) are initialised to
+            # zero: nonzero ones make the tests see how each is sliced over TP and experts
+            if name.endswith("bias") and not param.any():
+                param.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return path
 
