@@ -19,8 +19,9 @@ from server.tokenizer import IncrementalDetokenizer, Tokenizer, text_delta
 
 @dataclass
 class CompletionOutput:
-    """One finished request: generated ``text`` and ``token_ids``, ``finish_reason`` ("stop" or "length"),
-    per-token ``logprobs`` and ``prompt_logprobs`` (None for the first prompt token) when asked.
+    """One finished request: generated ``text`` and ``token_ids``, ``finish_reason`` ("stop" or "length"; "error"
+    with ``error`` saying what ended it), per-token ``logprobs`` and ``prompt_logprobs`` (None for the first prompt
+    token) when asked.
 
     ``outputs``: every completion of the prompt (``SamplingParams.n`` of them, this one first), as vLLM's
     ``RequestOutput.outputs``."""
@@ -34,6 +35,7 @@ class CompletionOutput:
     prompt_logprobs: list[PromptTokenLogprob | None] | None = None
     ttft_s: float | None = None
     cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    error: str | None = None  # why the engine ended this request, when finish_reason is "error"
     outputs: list[CompletionOutput] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
@@ -163,7 +165,7 @@ class LLM:
                 if o.finished:
                     if p.detok is not None:
                         p.out.text = "".join(p.pieces)
-                    p.out.finish_reason = o.finish_reason
+                    p.out.finish_reason, p.out.error = o.finish_reason, o.error
                     remaining.discard(o.rid)
                     bar.update(1)
         bar.close()

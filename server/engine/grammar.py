@@ -83,34 +83,82 @@ def structured_grammar(so: StructuredOutput) -> xgr.Grammar:
         raise ValueError(_xgrammar_message(e)) from None
 
 
-def _bounded_strings_as_patterns(node: Any) -> Any:
-    """``node`` (a schema, or any part of one) with each ``{"type": "string"}`` bounded by ``minLength`` /
-    ``maxLength`` alone written as the pattern ``^.{min,max}$`` instead."""
+# Schema keywords that xgrammar (0.2.x) parses and then does not enforce: a schema using one is refused (400) rather
+# than answered with output that breaks it. ``format`` values it enforces are in XGRAMMAR_FORMATS; ``oneOf`` is
+# enforced as ``anyOf`` (exact when the branches are disjoint, as discriminated unions are).
+UNENFORCED_KEYWORDS = ("allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+                       "uniqueItems", "multipleOf", "minContains", "maxContains", "unevaluatedItems")
+XGRAMMAR_FORMATS = ("email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+                    "uri-reference", "uri-template", "json-pointer", "relative-json-pointer")
+_ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "$comment",
+                "$defs", "definitions", "$schema", "$id"}
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> schema
+_SCHEMA_VALUED = ("items", "prefixItems", "additionalProperties", "propertyNames", "contains", "additionalItems",
+                  "unevaluatedProperties", "anyOf", "oneOf")  # a schema or a list of schemas
+
+
+def _is_string_schema(node: dict) -> bool:
+    t = node.get("type")
+    return t == "string" or (isinstance(t, list) and "string" in t)
+
+
+def _prepare_schema(node: Any, path: str = "") -> Any:
+    """``node`` (a schema, or any part of one) as xgrammar gets it; ``ValueError`` naming the first keyword (and
+    where it is) that xgrammar would not enforce.
+
+    - A one-element ``allOf`` (pydantic's way of giving a ``$ref`` a description) is its element.
+    - A string bounded by ``minLength`` / ``maxLength`` alone becomes the pattern ``^.{min,max}$``: xgrammar writes
+      such a string as characters of ``[^"\\\r\n]``, which lets raw control characters (``\x06``, a tab) through,
+      and no JSON parser reads those; the pattern excludes them (xgrammar issue 800)."""
     if isinstance(node, list):
-        return [_bounded_strings_as_patterns(v) for v in node]
+        return [_prepare_schema(v, f"{path}/{i}") for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
-    out = {k: _bounded_strings_as_patterns(v) for k, v in node.items()}
-    bounds = [out.get("minLength"), out.get("maxLength")]
-    if (out.get("type") == "string" and any(isinstance(b, int) for b in bounds)
-            and not {"pattern", "format", "enum", "const"} & set(out)):
-        low, high = (b if isinstance(b, int) and not isinstance(b, bool) else None for b in bounds)
-        out.pop("minLength", None)
-        out.pop("maxLength", None)
-        out["pattern"] = f"^.{{{low or 0},{'' if high is None else high}}}$"
+    node = dict(node)
+    one = node.get("allOf")
+    if isinstance(one, list) and len(one) == 1 and isinstance(one[0], dict) \
+            and set(node) - {"allOf"} <= _ANNOTATIONS:
+        node = {**{k: v for k, v in node.items() if k != "allOf"}, **one[0]}
+    for key in UNENFORCED_KEYWORDS:
+        value = node.get(key)
+        if key in node and not (key == "uniqueItems" and value is False) \
+                and not (key == "multipleOf" and value == 1 and node.get("type") == "integer"):
+            raise ValueError(f"the JSON schema keyword {key!r} (at {path or '/'}) is not supported: structured outputs "
+                             "would not enforce it")
+    fmt = node.get("format")
+    if fmt is not None and _is_string_schema(node) and fmt not in XGRAMMAR_FORMATS:
+        raise ValueError(f"the string format {fmt!r} (at {path or '/'}) is not supported; supported: "
+                         + ", ".join(XGRAMMAR_FORMATS))
+    bounded = any(isinstance(node.get(k), int) and not isinstance(node.get(k), bool)
+                  for k in ("minLength", "maxLength"))
+    if bounded and _is_string_schema(node) and ({"pattern", "format"} & set(node)):
+        raise ValueError(f"minLength / maxLength together with {'pattern' if 'pattern' in node else 'format'} "
+                         f"(at {path or '/'}) is not supported: structured outputs would enforce only the "
+                         f"{'pattern' if 'pattern' in node else 'format'}; write the length into the pattern")
+    out = {}
+    for k, v in node.items():
+        if k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: _prepare_schema(sub, f"{path}/{k}/{name}") for name, sub in v.items()}
+        elif k in _SCHEMA_VALUED:
+            out[k] = _prepare_schema(v, f"{path}/{k}")
+        else:
+            out[k] = v
+    if bounded and _is_string_schema(out) and not {"enum", "const"} & set(out):
+        low, high = (out.pop(k, None) for k in ("minLength", "maxLength"))
+        low = low if isinstance(low, int) and not isinstance(low, bool) else 0
+        high = high if isinstance(high, int) and not isinstance(high, bool) else ""
+        out["pattern"] = f"^.{{{low},{high}}}$"
     return out
 
 
 def valid_json_strings(spec: str) -> str:
-    """A JSON schema's text for xgrammar, such that every string it allows is valid JSON: xgrammar (0.2.x) writes a
-    string bounded by ``minLength`` / ``maxLength`` as characters of ``[^"\\\r\n]``, which lets raw control
-    characters (``\x06``, a tab) through, and no JSON parser reads those; the same bounds as a pattern (the
-    characters counted as the string's, escapes not allowed, as in xgrammar's own form) exclude them."""
+    """A JSON schema's text as xgrammar gets it (:func:`_prepare_schema`): every string it allows is valid JSON, and
+    a keyword xgrammar would not enforce is a ``ValueError``."""
     try:
         schema = json.loads(spec)
     except ValueError:
         return spec  # xgrammar says what is wrong with it
-    return json.dumps(_bounded_strings_as_patterns(schema))
+    return json.dumps(_prepare_schema(schema))
 
 
 def json_whitespace(any_whitespace: bool) -> dict:
@@ -126,10 +174,30 @@ def json_whitespace(any_whitespace: bool) -> dict:
 def check_structured(so: StructuredOutput) -> str | None:
     """Why ``so`` is invalid, or None; cached, so a client repeating a schema pays for its parse once."""
     try:
-        structured_grammar(so)
+        grammar = structured_grammar(so)
     except ValueError as e:
         return str(e)
+    if not _admits_a_first_byte(grammar):
+        return "the constraint matches no text: no character can start the output"
     return None
+
+
+@lru_cache(maxsize=1)
+def _byte_compiler() -> xgr.GrammarCompiler:
+    """A compiler over a vocabulary of the 256 bytes and a stop token: what a grammar allows first, whatever the
+    model's tokenizer."""
+    vocab = [f"<0x{i:02X}>" for i in range(256)] + ["</s>"]
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_FALLBACK, stop_token_ids=[256])
+    return xgr.GrammarCompiler(info, max_threads=1)
+
+
+def _admits_a_first_byte(grammar: xgr.Grammar) -> bool:
+    """Whether the output can start (or end at once): False for a constraint whose language is empty from the
+    start, such as the regex ``[^\x00-\U0010FFFF]``, which no token could satisfy."""
+    matcher = xgr.GrammarMatcher(_byte_compiler().compile_grammar(grammar))
+    mask = xgr.allocate_token_bitmask(1, 257)
+    matcher.fill_next_token_bitmask(mask)
+    return bool(mask.any())
 
 
 def tokenizer_info(tokenizer, vocab_size: int, stop_ids: list[int]) -> xgr.TokenizerInfo:
@@ -176,6 +244,7 @@ class GrammarMasks:
         self.tokenizer_path, self.vocab_size, self.eos_ids = tokenizer_path, vocab_size, eos_ids
         self.max_rows, self.device = max_rows, device
         self.constraints: dict[str, _Constraint] = {}
+        self._dead: set[str] = set()  # requests whose grammar reached a dead end (see mask)
         self._tokenizer = None
         self._compiler: xgr.GrammarCompiler | None = None
         # by (kind, spec, any_whitespace)
@@ -218,7 +287,10 @@ class GrammarMasks:
         key = (so.kind, so.spec, so.any_whitespace)
         grammar = self._compiled.get(key)
         if grammar is None:
-            parsed = structured_grammar(so)  # parsed here: an invalid spec is refused at admission
+            error = check_structured(so)  # parsed here: an invalid spec is refused at admission
+            if error:
+                raise ValueError(error)
+            parsed = structured_grammar(so)
             grammar = self._compiled[key] = self._pool.submit(self._compiler.compile_grammar, parsed)
             if len(self._compiled) > COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
@@ -233,6 +305,7 @@ class GrammarMasks:
 
     def drop(self, rid: str) -> None:
         self.constraints.pop(rid, None)
+        self._dead.discard(rid)
 
     def constrained(self, rid: str) -> bool:
         """Whether ``rid``'s next token is masked (it has a constraint, and its ``after`` marker, if any, was
@@ -253,6 +326,14 @@ class GrammarMasks:
         matchers = [self._matcher(self.constraints[rids[i]]) for i in rows]
         self._filler.batch_fill_next_token_bitmask(matchers, self._host)
         n = len(rows)
+        for j in (~self._host[:n].any(dim=1)).nonzero().flatten().tolist():
+            # a dead end (a grammar that matches no text past this point): the row may sample only a stop token,
+            # which accept() then refuses, ending the request with an error that says so instead of sampling
+            # from an all -inf row
+            self._dead.add(rids[rows[j]])
+            for t in self.constraints[rids[rows[j]]].stop_ids:
+                word, bit = divmod(t, 32)
+                self._host[j, word] |= (1 << bit) - (1 << 32 if bit == 31 else 0)
         dev = self._device_mask[:n]
         dev.copy_(self._host[:n], non_blocking=True)
         return TokenMask(rows, dev)
@@ -266,6 +347,9 @@ class GrammarMasks:
         if not c.active:
             self._look_for_marker(c, token)
             return False
+        if rid in self._dead:
+            raise ValueError("the structured output's constraint matches no text: no token can continue the output "
+                             "generated so far")
         matcher = self._matcher(c)
         if not matcher.accept_token(token):
             raise ValueError(f"token {token} does not continue the structured output")

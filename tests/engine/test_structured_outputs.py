@@ -90,6 +90,15 @@ def test_constrained_outputs_match_their_constraints(checkpoint, sp):
         again = llm.generate("x", SamplingParams(max_tokens=40, structured=StructuredOutput("regex", "ok|fine")),
                              use_tqdm=False)
         assert again[0].text in ("ok", "fine")
+        with pytest.raises(ValueError, match="matches no text"):  # an empty language: refused before it runs
+            llm.generate("x", SamplingParams(structured=StructuredOutput("regex", "[^\\x00-\\U0010FFFF]")),
+                         use_tqdm=False)
+        # a dead end after some output: that request ends with an error saying so, its batch-mate is unaffected
+        dead, fine = llm.generate(["x", "y"], [
+            SamplingParams(max_tokens=20, structured=StructuredOutput("regex", "ab[^\\x00-\\U0010FFFF]")),
+            SamplingParams(max_tokens=20, structured=StructuredOutput("regex", "ok|fine"))], use_tqdm=False)
+        assert dead.finish_reason == "error" and "matches no text" in dead.error and dead.text == "ab", dead
+        assert fine.text in ("ok", "fine") and fine.finish_reason == "stop"
 
 
 def test_bitmask_matches_xgrammars_own_kernel():

@@ -1,7 +1,8 @@
 """Structured outputs over HTTP, against a real server at sp = 2 (a tiny random Llama with a real tokenizer): every
 way a client asks for one (OpenAI's ``response_format`` and the Responses API's ``text.format``, vLLM's
 ``structured_outputs`` and ``guided_*``, SGLang's ``json_schema`` / ``regex`` / ``ebnf``), streamed and not, with
-``n = 3``; each output is checked with ``jsonschema`` / Python's ``re``. Requests run concurrently, so they share
+``n = 3``; every schema of the battery (tests/structured_cases.py) is asked for as ``response_format`` streamed and
+not; each output is checked with ``jsonschema`` / Python's ``re``. Requests run concurrently, so they share
 engine steps. Invalid schemas, regexes and grammars are a 400 naming the field, and the server stays healthy.
 """
 
@@ -67,17 +68,15 @@ def test_every_request_form_gives_valid_outputs(server, bias):
     chat, completions = f"{server.url}/v1/chat/completions", f"{server.url}/v1/completions"
     common = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "logit_bias": bias, "n": N}
     jobs = []  # (name, how to run it, how to read its texts and finish reasons, check)
-    for i, schema in enumerate(SCHEMAS[:6]):
+    for i, schema in enumerate(SCHEMAS):  # the whole battery, each schema streamed and not
         body = {**common, "messages": MESSAGES, "seed": i, "response_format": {
             "type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}}
         check = lambda t, s=schema: jsonschema.validate(json.loads(t), s) is None  # noqa: E731
-        if i % 2:
-            jobs.append((f"chat-stream-{i}", lambda b=body: _stream(chat, {**b, "stream": True}),
-                         lambda r: _stream_texts(r, lambda ch: ch["delta"].get("content")), check))
-        else:
-            jobs.append((f"chat-{i}", lambda b=body: _post(chat, b).json(),
-                         lambda r: ([c["message"]["content"] for c in r["choices"]],
-                                    [c["finish_reason"] for c in r["choices"]]), check))
+        jobs.append((f"chat-stream-{i}", lambda b=body: _stream(chat, {**b, "stream": True}),
+                     lambda r: _stream_texts(r, lambda ch: ch["delta"].get("content")), check))
+        jobs.append((f"chat-{i}", lambda b=body: _post(chat, {**b, "seed": b["seed"] + 1000}).json(),
+                     lambda r: ([c["message"]["content"] for c in r["choices"]],
+                                [c["finish_reason"] for c in r["choices"]]), check))
     is_object = lambda t: isinstance(json.loads(t), dict)  # noqa: E731
     forms = [
         ({"response_format": {"type": "json_object"}}, is_object),
@@ -152,6 +151,19 @@ BAD = {
                           "sampling_params.ebnf"),
     "generate-bad-schema": ("/generate", {"text": "a", "sampling_params": {"json_schema": "{\"type\": \"frob\"}"}},
                             "sampling_params.json_schema"),
+    # keywords the grammar would not enforce: refused instead of answered with output that breaks them
+    "unenforced-uniqueItems": ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+        "response_format.json_schema.schema"),
+    "unenforced-nested-not": ("/v1/completions", {"prompt": "a", "structured_outputs": {"json": {
+        "type": "object", "properties": {"a": {"not": {"type": "integer"}}}}}}, "structured_outputs.json"),
+    "unknown-format": ("/v1/completions", {"prompt": "a", "guided_json": {"type": "string", "format": "frob"}},
+                       "guided_json"),
+    "pattern-and-length": ("/generate", {"text": "a", "sampling_params": {"json_schema": json.dumps(
+        {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3})}}, "sampling_params.json_schema"),
+    # a language with no text in it: nothing could be sampled
+    "empty-language": ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "[^\\x00-\\U0010FFFF]"}},
+                       "structured_outputs.regex"),
 }
 
 
