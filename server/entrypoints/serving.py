@@ -13,6 +13,7 @@ choice's ``prompt_logprobs``, and for chat the response's (the choices share the
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from server.entrypoints.protocol import (
     chat_generation_prompt,
     chat_logprobs,
     chat_messages,
+    check,
     check_model,
     check_prompt_logprobs,
     check_stream_options,
@@ -265,6 +267,10 @@ class OpenAIServing:
                                      prompt_logprobs=req.prompt_logprobs, prompt_len=len(prompt_ids),
                                      max_model_len=self.tm.max_model_len, n=n, vocab_size=self.tm.vocab_size)
         structured = structured_for_tools(req, config)
+        forced = json.dumps(req.tool_choice) if isinstance(req.tool_choice, str) else "a named function"
+        check(structured is None or all(p.structured is None for p in params), "tool_choice",
+              f"'tool_choice': {forced} constrains the output to a tool call; it cannot be combined with another "
+              "constraint (response_format, structured_outputs or guided_*): one constraint per request.")
         for p in params:
             p.structured = structured or p.structured
             if config.control_tokens:  # the parsers read the format's special tokens

@@ -48,11 +48,26 @@ def tool_parameters(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or ANY_OBJECT
 
 
+def _rebase_refs(node: Any, base: str) -> Any:
+    """``node`` with each local ``$ref`` (``#`` or ``#/...``, relative to the tool's parameters) pointing to the same
+    place under ``base``, the JSON pointer where those parameters now sit: a pydantic schema's ``#/$defs/X``."""
+    if isinstance(node, list):
+        return [_rebase_refs(v, base) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rebase_refs(v, base) for k, v in node.items()}
+    ref = out.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
 def required_schema(tools: list[Tool], single: bool) -> dict[str, Any]:
     """The schema of ``tool_choice: "required"``'s output: an array of calls of the given tools."""
-    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                                "parameters": tool_parameters(t)},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    calls = [{"type": "object", "properties": {
+        "name": {"type": "string", "enum": [t.function.name]},
+        "parameters": _rebase_refs(tool_parameters(t), f"#/items/anyOf/{i}/properties/parameters")},
+              "required": ["name", "parameters"], "additionalProperties": False} for i, t in enumerate(tools)]
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if single:
         schema["maxItems"] = 1

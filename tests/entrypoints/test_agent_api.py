@@ -447,6 +447,18 @@ def test_required_schema_accepts_calls_and_rejects_others():
     single = required_schema([Tool.model_validate(WEATHER)], single=True)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([ok[0], ok[0]], single)
+    # pydantic's parameters: local $refs into their own $defs still resolve once nested in the array of calls
+    point = Tool.model_validate({"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "required": ["to"],
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}}})
+    nested = required_schema([time_tool, point], single=False)
+    jsonschema.validate([{"name": "move", "parameters": {"to": {"x": 1}}}], nested)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "move", "parameters": {"to": {"x": "a"}}}], nested)
+    from server.engine.grammar import check_structured
+    from server.sampling_params import StructuredOutput
+
+    assert check_structured(StructuredOutput("json", json.dumps(nested))) is None
 
 
 def test_logprob_token_ids(server):
@@ -469,3 +481,15 @@ def test_logprob_token_ids(server):
     bad = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 1,
                                            "logprob_token_ids": [10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_token_ids"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+@pytest.mark.parametrize("constraint", [{"response_format": {"type": "json_object"}},
+                                        {"structured_outputs": {"choice": ["zzz"]}}, {"guided_choice": ["zzz"]}])
+def test_a_forced_call_with_another_constraint_is_400(server, choice, constraint):
+    """A forced tool call is a constraint of its own: with a second one the request is refused, not answered with
+    one of the two silently dropped."""
+    r = post(server, "/v1/chat/completions", {"messages": USER, **GREEDY, "tools": [WEATHER], "tool_choice": choice,
+                                              **constraint})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    assert "one constraint per request" in r.json()["error"]["message"]
