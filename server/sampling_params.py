@@ -23,6 +23,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: -100 bans a token, 100 forces it
 MAX_REPETITION_PENALTY = 100.0
+# its reciprocal: a smaller one would divide a logit into fp32 overflow (inf, then NaN probabilities)
+MIN_REPETITION_PENALTY = 1.0 / MAX_REPETITION_PENALTY
 SEED_MODULUS = 2**63  # seeds are taken modulo this (torch generators take 63-bit seeds), so every int64/uint64 works
 
 Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)]
@@ -40,7 +42,8 @@ MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 # OpenAI's penalties: subtracted from the logit, once (presence) or per occurrence (frequency) in the output.
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 # vLLM's / SGLang's / transformers' multiplicative penalty on every token of the prompt and the output.
-RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                           allow_inf_nan=False)]
 LogitBiasValue = Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE, allow_inf_nan=False)]
 # OpenAI's JSON form: token ids as decimal string keys ({"50256": -100}); the offline API may use int keys.
 TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]

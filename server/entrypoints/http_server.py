@@ -31,6 +31,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.entrypoints.args import ServerArgs
 from server.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
@@ -46,6 +47,7 @@ from server.entrypoints.protocol import (
 from server.entrypoints.reasoning_parsers import reasoning_parser_class
 from server.entrypoints.responses import ResponsesServing
 from server.entrypoints.serving import OpenAIServing
+from server.entrypoints.streaming import CLIENT_CLOSED_REQUEST
 from server.entrypoints.tokenize import TokenizeServing
 from server.entrypoints.tokenizer_manager import SHUTTING_DOWN, TokenizerManager
 
@@ -156,6 +158,12 @@ def build_app(args: ServerArgs) -> FastAPI:
         code = HTTP_ERROR_CODES.get(e.status_code)
         return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
                                        code=code, headers=dict(e.headers or {})))
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_disconnect(request: Request, e: ClientDisconnect) -> Response:
+        # the client left while its body was being read: nothing was accepted, no one reads an answer
+        logger.debug("client left during %s %s before its body arrived", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def on_unexpected_error(request: Request, e: Exception) -> JSONResponse:

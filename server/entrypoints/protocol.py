@@ -336,7 +336,8 @@ def check_extra_fields(body: RequestBody, prefix: str = "") -> None:
             continue
         if name in body.neutral_only_fields:
             neutral = body.neutral_only_fields[name]
-            if value is None or value == neutral:
+            # the same JSON value: True == 1 and 1.0 == 1 in Python, but `best_of: true` is no neutral best_of
+            if value is None or (value == neutral and type(value) is type(neutral)):
                 continue
             raise bad_request(f"'{param}' is not supported by this server (only {json.dumps(neutral)} is "
                               "accepted).", param=param, code="unsupported_parameter")

@@ -453,6 +453,21 @@ def test_client_disconnect_frees_the_request(server):
     assert prometheus_value(m, "server_requests_total{finish_reason=\"abort\"}") >= 2
 
 
+def test_a_body_cut_short_is_no_server_error(server):
+    """A client that closes the connection in the middle of its request body: nothing was accepted, the log gets no
+    traceback, the server goes on."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    for _ in range(3):
+        with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"pro")
+    assert httpx.post(f"{server.url}/v1/completions", json=GOOD, timeout=60).status_code == 200
+    assert "ClientDisconnect" not in server.log() and "unexpected error" not in server.log()
+
+
 def test_metrics_exposition(server):
     r = httpx.get(f"{server.url}/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")

@@ -40,7 +40,9 @@ def test_strict_types_and_extra_fields():
             parse({"prompt": "x", field: value})
         assert (e.value.status, e.value.param, e.value.code) == (400, field, "invalid_type"), field
     for field, value, code in [("no_such_field", [1], "unrecognized_parameter"),
-                               ("best_of", 2, "unsupported_parameter")]:
+                               ("best_of", 2, "unsupported_parameter"),
+                               ("best_of", True, "unsupported_parameter"),  # == 1 in Python, not in JSON
+                               ("suffix", 0, "unsupported_parameter")]:
         with pytest.raises(APIError) as e:
             parse({"prompt": "x", field: value})
         assert (e.value.status, e.value.param, e.value.code) == (400, field, code)

@@ -114,7 +114,8 @@ def test_sampled_tokens_stay_inside_the_filters_and_seeds_repeat():
 
 
 @pytest.mark.parametrize("bad", [{"logit_bias": {"x": 1.0}}, {"logit_bias": {5: 101.0}}, {"min_p": 1.5},
-                                 {"presence_penalty": 2.5}, {"repetition_penalty": 0.0}, {"frequency_penalty": -3}])
+                                 {"presence_penalty": 2.5}, {"repetition_penalty": 0.0}, {"repetition_penalty": 1e-300},
+                                 {"frequency_penalty": -3}])
 def test_out_of_range_controls_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
