@@ -247,6 +247,7 @@ def build_app(args: ServerArgs) -> FastAPI:
             raise bad_request(reply.error)
         return {"status": "stopped", "ranks": reply.ranks}
 
+    @app.get("/ping")  # SageMaker's health check, beside /invocations
     @app.get("/health")
     async def health() -> JSONResponse:
         if tm.healthy:

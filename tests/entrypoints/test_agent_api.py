@@ -395,6 +395,8 @@ def test_cache_salt_isolates_prefix_cache(server):
 
 
 def test_invocations_dispatch_by_body(server):
+    ping = httpx.get(f"{server.url}/ping", timeout=30)  # SageMaker's health check
+    assert ping.status_code == 200 and ping.json()["status"] == "ok"
     assert post(server, "/invocations", {"messages": USER, **GREEDY}).json()["object"] == "chat.completion"
     assert post(server, "/invocations", {"prompt": "The town", **GREEDY}).json()["object"] == "text_completion"
     g = post(server, "/invocations", {"text": "The town", "sampling_params": {"max_new_tokens": 2}}).json()
