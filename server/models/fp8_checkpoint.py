@@ -21,6 +21,7 @@ from server.layers.fp8 import Fp8Scheme, Fp8Weight, checkpoint_scale
 log = logging.getLogger(__name__)
 
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "k_scale", "v_scale")
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")  # per-tensor KV-cache scales (read_kv_scales)
 FP8_DTYPES = ("F8_E4M3",)
 
 
@@ -65,7 +66,7 @@ def read_kv_scales(model_path: str) -> dict[str, float]:
     for path in sorted(glob.glob(os.path.join(model_path, "*.safetensors"))):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if name.endswith((".k_scale", ".v_scale")):
+                if name.endswith(KV_SCALE_SUFFIXES):
                     out[name] = float(f.get_tensor(name).float().max())
     return out
 

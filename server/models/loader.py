@@ -23,7 +23,7 @@ from server.layers.linear import QuantizableLinear, RowParallelLinear, quantize_
 from server.layers.moe import FusedMoE, deferred_expert_storage
 from server.models.config import ModelConfig, read_config_json
 from server.models.deepseek_v3 import DeepseekV3ForCausalLM
-from server.models.fp8_checkpoint import iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
+from server.models.fp8_checkpoint import KV_SCALE_SUFFIXES, iterate_fp8_checkpoint, kv_scale_of, read_kv_scales
 from server.models.glm4_moe import Glm4MoeForCausalLM
 from server.models.gpt_oss import GptOssForCausalLM
 from server.models.kimi_linear import KimiLinearForCausalLM
@@ -185,7 +185,9 @@ def build_model(model_path: str, cfg: ModelConfig, pstate: ParallelState, dtype:
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     elif scheme is None or scheme.online:
-        model.load_weights(iterate_safetensors(model_path))
+        # KV-cache scales (a checkpoint whose weights are high precision may carry them) are read apart, below
+        model.load_weights((name, t) for name, t in iterate_safetensors(model_path)
+                           if not name.endswith(KV_SCALE_SUFFIXES))
     else:
         model.load_weights(iterate_fp8_checkpoint(model_path, scheme))
         for name, m in model.named_modules():

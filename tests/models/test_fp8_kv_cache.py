@@ -1,5 +1,6 @@
 """FP8 KV cache (``kv_cache_dtype="fp8_e4m3"``) vs ``transformers`` (fp32) with K and V rounded to e4m3 the same way
-(scale 1.0: the tiny checkpoints give no ``k_scale`` / ``v_scale``), registered as a transformers attention function.
+(scale 1.0: the tiny checkpoints give no ``k_scale`` / ``v_scale``; one test adds per-layer scales to a checkpoint),
+registered as a transformers attention function.
 
 The engine stores FP8 pages and dequantizes where it reads them (local batches, the SP ring's received blocks, the
 all-gather-KV mode); attention to a step's own rows sees the rounded values too, so every read agrees with the
@@ -78,3 +79,47 @@ def test_fp8_kv_cache_at_sp2_matches_reference(references, ring_mode):
     with LLM(path, sp_size=2, ring_mode=ring_mode, **ENGINE) as llm:
         assert_logits_close(llm.engine.prompt_logits(LONG), logits)
         assert llm.generate([LONG], GREEDY)[0].token_ids == tokens
+
+
+# per layer (k_scale, v_scale): small ones move K/V up the e4m3 range (some saturate at 448), large ones down
+SCALES = [(0.02, 0.05), (0.5, 3.0)]
+
+
+def test_checkpoint_kv_scales_are_applied(references, tmp_path):
+    """A checkpoint's ``k_scale`` / ``v_scale`` (as FP8 quantizers write them, one per attention layer): pages hold
+    ``k / k_scale`` rounded to e4m3, reads multiply back; the reference rounds transformers' K/V the same way with
+    each layer's own scales, and differs from the scale-1 reference, so ignoring the scales fails."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_model("llama", str(tmp_path))  # the same weights as the scale-1 reference's llama
+    weights = load_file(f"{path}/model.safetensors")
+    for i, (ks, vs) in enumerate(SCALES):
+        weights[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(ks)
+        weights[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(vs)
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+
+    def scaled_attention(module, query, key, value, attention_mask, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ks, vs = SCALES[module.layer_idx]
+
+        def rounded(x, s):
+            return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype) * s
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, rounded(key, ks), rounded(value, vs), attention_mask,
+                                               **kwargs)
+
+    tf.AttentionInterface.register("fp8_kv_scaled_test", scaled_attention)
+    ref = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                  attn_implementation="fp8_kv_scaled_test").eval()
+    with torch.no_grad():
+        logits = ref(torch.tensor([LONG])).logits[0]
+        tokens = ref.generate(torch.tensor([LONG]), attention_mask=torch.ones(1, len(LONG), dtype=torch.long),
+                              max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(LONG):]
+    assert (logits - references["llama"][1]).abs().max() > 1e-2  # the scales change the rounding
+    with LLM(path, **ENGINE) as llm:
+        layers = [layer for layer, spec in llm.engine.runner.cache_layers if spec.paged]
+        assert [(layer.k_scale, layer.v_scale) for layer in layers] == [pytest.approx(s, rel=1e-6) for s in SCALES]
+        assert_logits_close(llm.engine.prompt_logits(LONG), logits)
+        assert llm.generate([LONG], GREEDY)[0].token_ids == tokens.tolist()
