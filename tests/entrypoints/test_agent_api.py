@@ -347,6 +347,17 @@ def test_matched_stop(server):
     assert g["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     length = post(server, "/v1/completions", {"prompt": "The town", **longer}).json()["choices"][0]
     assert length["finish_reason"] == "length" and length["matched_stop"] is None
+    # a stop token: matched_stop (and vLLM's stop_reason) is its id
+    ids = post(server, "/v1/completions", {"prompt": "The town", **longer, "logprobs": 0,
+                                           "return_tokens_as_token_ids": True}).json()["choices"][0]
+    third = int(ids["logprobs"]["tokens"][2].removeprefix("token_id:"))
+    r = post(server, "/v1/completions", {"prompt": "The town", **longer, "stop_token_ids": [third]}).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["matched_stop"] == third == choice["stop_reason"], choice
+    assert r["usage"]["completion_tokens"] <= 3
+    g = post(server, "/generate", {"text": "The town", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0, "stop_token_ids": [third]}}).json()
+    assert g["meta_info"]["finish_reason"] == {"type": "stop", "matched": third}
 
 
 def test_models_root_and_parent(server):
@@ -392,6 +403,14 @@ def test_cache_salt_isolates_prefix_cache(server):
     assert cached("tenant-a") == 0  # a salted request never hits unsalted pages
     assert cached("tenant-a") > 0  # nor other salts' pages, but its own
     assert cached("tenant-b") == 0
+
+    def chat_cached(salt: str | None) -> int:  # the same on chat completions
+        body = {"messages": [{"role": "user", "content": DOC + "Chat?"}], **GREEDY,
+                **({"cache_salt": salt} if salt else {})}
+        return post(server, "/v1/chat/completions", body).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    chat_cached("tenant-c")
+    assert chat_cached("tenant-c") > 0 and chat_cached("tenant-d") == 0
 
 
 def test_invocations_dispatch_by_body(server):
@@ -495,3 +514,20 @@ def test_a_forced_call_with_another_constraint_is_400(server, choice, constraint
                                               **constraint})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
     assert "one constraint per request" in r.json()["error"]["message"]
+
+
+def test_response_store_keeps_the_most_recently_used():
+    """The bound on stored responses: beyond it the least recently used (stored or read) goes, and reading it then
+    is the 404 a client sees for an unknown previous_response_id."""
+    from server.entrypoints.protocol import APIError
+    from server.entrypoints.responses import ResponseStore
+
+    store = ResponseStore(limit=2)
+    for rid in ("a", "b"):
+        store.put({"id": rid}, [{"role": "user", "content": rid}])
+    assert store.get("a")[1] == [{"role": "user", "content": "a"}]  # read: now the most recent
+    store.put({"id": "c"}, [])
+    assert store.get("a")[0] == {"id": "a"} and store.get("c")[0] == {"id": "c"}
+    with pytest.raises(APIError) as e:
+        store.get("b", param="previous_response_id")
+    assert (e.value.status, e.value.param, e.value.code) == (404, "previous_response_id", "response_not_found")
