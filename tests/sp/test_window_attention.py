@@ -4,8 +4,9 @@ computes it).
 
 Every rank builds the same sequence from a seed; a cached prefix is spread unevenly over the ranks in random
 pieces, the new tokens are split zigzag. Each rank checks its own rows: the prefill by :func:`window_attention`
-then the sink, and decode queries (the same on every rank) attended on each rank's shard, merged over SP, then the
-sink. The partials alone (no sink) must match the reference without a sink, so the sink is counted once.
+then the sink, the same rows by the pass-KV ring (a full-attention layer) then the sink, and decode queries (the
+same on every rank) attended on each rank's shard, merged over SP, then the sink. The partials alone (no sink)
+must match the reference without a sink, so the sink is counted once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from server.kernels.sinks import apply_attention_sinks
 from server.runs import runs_to_positions
 from server.sp.groups import ParallelState
 from server.sp.partition import zigzag_partition
-from server.sp.ring_attention import merge_over_sp
+from server.sp.ring_attention import merge_over_sp, ring_attention
 from server.sp.window_attention import window_attention
 from tests.helpers import FP32_TOL, needs_flashinfer, run_on_group
 from tests.sp.test_ring_attention import _runs, _spread
@@ -85,6 +86,12 @@ def _check(pstate: ParallelState) -> None:
         o_s, _ = apply_attention_sinks(o, lse, sinks)
         want_o, _ = reference_fp64(q[mine], k, v, mine, pos, window, sinks)
         torch.testing.assert_close(o_s.double(), want_o, **FP32_TOL, msg=msg)
+
+        # a full-attention layer of the same model: the ring's merged partials, then the sink once
+        o_r, lse_r = ring_attention(q[mine], k_shard, v_shard, q_runs[r], kv_runs, D**-0.5, pstate)
+        o_r, _ = apply_attention_sinks(o_r, lse_r, sinks)
+        want_o, _ = reference_fp64(q[mine], k, v, mine, pos, total + 1, sinks)  # a window past every key: full
+        torch.testing.assert_close(o_r.double(), want_o, **FP32_TOL, msg=msg + " ring")
 
         # decode: the last 3 positions' queries on every rank, each rank's whole shard, merged over SP, then sinks
         q_dec = pos[total - 3 :]
