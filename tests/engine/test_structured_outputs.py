@@ -67,9 +67,11 @@ def _check_extras(llm: LLM, outs: dict) -> None:
     assert all(x.logprob > -math.inf for x in jl.logprobs)
 
 
-@pytest.mark.parametrize("sp", [1, 2])
-def test_constrained_outputs_match_their_constraints(checkpoint, sp):
-    with LLM(checkpoint, sp_size=sp, **ENGINE) as llm:
+@pytest.mark.parametrize("sp,graph", [(1, "off"), (2, "off"), (1, "eager")])
+def test_constrained_outputs_match_their_constraints(checkpoint, sp, graph):
+    """``graph="eager"``: decode in the CUDA-graph form (static buffers, padded rows; run eagerly on CPU), the
+    bitmask rows beside the graph's."""
+    with LLM(checkpoint, sp_size=sp, cuda_graph=graph, cuda_graph_max_bs=64, **ENGINE) as llm:
         bias = closing_bias(llm.tokenizer)
         battery = cases()
         params = [SamplingParams(temperature=1.0, seed=i, max_tokens=MAX_TOKENS, logit_bias=bias, structured=so)
@@ -85,6 +87,8 @@ def test_constrained_outputs_match_their_constraints(checkpoint, sp):
         _check_extras(llm, {name: o for (name, _), o in zip(extras, outs[len(params):])})
         assert len(outs[-1].token_ids) == 8  # an unconstrained row of the same batch is unaffected
         assert not llm.engine.grammars.constraints  # every finished request dropped its matcher
+        if graph == "eager":
+            assert llm.engine.runner.graphs.steps > 0  # the masked rows were decoded in the graph form
         with pytest.raises(ValueError, match="Unclosed"):
             llm.generate("x", SamplingParams(structured=StructuredOutput("regex", "[a-")), use_tqdm=False)
         again = llm.generate("x", SamplingParams(max_tokens=40, structured=StructuredOutput("regex", "ok|fine")),
