@@ -157,7 +157,8 @@ def _sampling_params(req: GenerateRequest, prompt_len: int, max_model_len: int, 
     check_token_ids(f.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
     check_token_ids(f.logit_bias or {}, vocab_size, "sampling_params.logit_bias")
     max_tokens = f.max_new_tokens if f.max_new_tokens is not None else default_max_tokens
-    check_context_length(prompt_len, max_tokens, max_model_len, "text" if req.text is not None else "input_ids")
+    check_context_length(prompt_len, max_tokens, max_model_len, "text" if req.text is not None else "input_ids",
+                         "'max_new_tokens'")
     fields = f.model_dump(exclude={"n", "max_new_tokens", "min_new_tokens", "sampling_seed", "stop", "json_schema",
                                    "regex", "ebnf"})
     names = {k: f"sampling_params.{k}" for k in fields} | {"max_tokens": "sampling_params.max_new_tokens",

@@ -534,10 +534,11 @@ def with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
                              "logprob_token_ids": list(params.logprob_token_ids)})
 
 
-def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, param: str) -> None:
+def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, param: str,
+                         limit: str = "'max_tokens' or 'max_completion_tokens'") -> None:
     """400 ``context_length_exceeded`` unless the prompt and the completion fit the model's context, in vLLM's
     words (clients parse them): the prompt alone too long, or ``max_tokens`` too large for what the prompt
-    leaves."""
+    leaves; ``limit`` names the request's own length field (``'max_output_tokens'`` in the Responses API)."""
     if prompt_len >= max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -545,7 +546,7 @@ def check_context_length(prompt_len: int, max_tokens: int, max_model_len: int, p
             param=param, code="context_length_exceeded")
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context "
+            f"{limit} is too large: {max_tokens}. This model's maximum context "
             f"length is {max_model_len} tokens and your request has {prompt_len} input tokens ({max_tokens} > "
             f"{max_model_len} - {prompt_len}).",
             param=param, code="context_length_exceeded")

@@ -152,7 +152,7 @@ class ResponsesServing:
         max_tokens = req.max_output_tokens
         if max_tokens is None:
             max_tokens = self.tm.default_max_tokens(len(prompt_ids)) or max(self.tm.max_model_len - len(prompt_ids), 1)
-        check_context_length(len(prompt_ids), max_tokens, self.tm.max_model_len, "input")
+        check_context_length(len(prompt_ids), max_tokens, self.tm.max_model_len, "input", "'max_output_tokens'")
         params = make_sampling_params({"max_tokens": "max_output_tokens"}, max_tokens=max_tokens,
                                       temperature=req.temperature, top_p=req.top_p,
                                       structured=structured_output(text_format_structured_output, req.text))

@@ -184,7 +184,7 @@ class TokenizerManager:
         at_least = -(-n_bytes // self.tokenizer.max_token_bytes)
         if at_least >= self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, the "
-                           f"{param} has {n_bytes} bytes, which are at least {at_least} tokens (no token of this "
+                           f"{param} is {n_bytes} bytes long, which is at least {at_least} tokens (no token of this "
                            f"model covers more than {self.tokenizer.max_token_bytes} bytes). Please reduce the length "
                            f"of the {param}.", param=param, code="context_length_exceeded")
 

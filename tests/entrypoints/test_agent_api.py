@@ -450,6 +450,11 @@ def test_over_long_prompt_wording(server):
     assert re.fullmatch(r"'max_tokens' or 'max_completion_tokens' is too large: 8190\. This model's maximum context "
                         r"length is 8192 tokens and your request has (\d+) input tokens \(8190 > 8192 - \1\)\.",
                         r.json()["error"]["message"]), r.text
+    # the other APIs name their own length field
+    r = post(server, "/v1/responses", {"input": "Hi", "max_output_tokens": 8190})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("'max_output_tokens' is too large: 8190.")
+    r = post(server, "/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 8192}})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("'max_new_tokens' is too large: 8192.")
 
 
 def test_required_schema_accepts_calls_and_rejects_others():
