@@ -379,8 +379,9 @@ def normalize_prompt(prompt: Any, vocab_size: int) -> list[str | list[int]]:
     """The prompts of a completion request: each a non-empty string or a non-empty list of valid token ids."""
     if isinstance(prompt, str) or _is_token_ids(prompt):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
-        prompts = prompt
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                   or all(_is_token_ids(p) for p in prompt)):
+        prompts = prompt  # strings or token-id lists, not a mix (OpenAI's four forms)
     else:
         raise bad_request(
             "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists.",

@@ -104,7 +104,7 @@ def test_prompt_shapes():
     assert normalize_prompt([1, 2], 50) == [[1, 2]]
     assert normalize_prompt([[1], [2, 3]], 50) == [[1], [2, 3]]
     assert normalize_prompt(["a", "b"], 50) == ["a", "b"]
-    for bad in ([True, 2], ["a", 1], [[]], [50], {"a": 1}, None):
+    for bad in ([True, 2], ["a", 1], [[1], "a"], [[]], [50], {"a": 1}, None):
         with pytest.raises(APIError):
             normalize_prompt(bad, 50)
 
