@@ -68,7 +68,8 @@ def _too_large(limit: int) -> APIError:
 
 class BodySizeLimit:
     """ASGI middleware: 413 for a body over ``limit`` bytes, from its Content-Length or, for a chunked body, as
-    soon as the bytes received pass the limit (the handler's read raises an ``APIError``)."""
+    soon as the bytes received pass the limit (the handler's read raises an ``APIError``); 415 for a compressed
+    body (``Content-Encoding`` other than ``identity``)."""
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -77,9 +78,15 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             return await error_response(_too_large(self.limit))(scope, receive, send)
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"", b"identity"):  # a compressed body would be read as JSON text: refuse it
+            return await error_response(APIError(
+                415, f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the body uncompressed.",
+                code="unsupported_content_encoding"))(scope, receive, send)
         received = 0
 
         async def limited_receive():

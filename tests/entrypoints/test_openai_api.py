@@ -453,6 +453,18 @@ def test_client_disconnect_frees_the_request(server):
     assert prometheus_value(m, "server_requests_total{finish_reason=\"abort\"}") >= 2
 
 
+def test_a_compressed_body_is_415(server):
+    import gzip
+
+    body = gzip.compress(json.dumps(GOOD).encode())
+    r = httpx.post(f"{server.url}/v1/completions", content=body, timeout=60,
+                   headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding", r.text
+    r = httpx.post(f"{server.url}/v1/completions", content=json.dumps(GOOD).encode(), timeout=60,
+                   headers={"Content-Type": "application/json", "Content-Encoding": "identity"})
+    assert r.status_code == 200, r.text
+
+
 def test_a_body_cut_short_is_no_server_error(server):
     """A client that closes the connection in the middle of its request body: nothing was accepted, the log gets no
     traceback, the server goes on."""
