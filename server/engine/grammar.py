@@ -97,6 +97,11 @@ _SCHEMA_VALUED = ("items", "prefixItems", "additionalProperties", "propertyNames
                   "unevaluatedProperties", "anyOf", "oneOf")  # a schema or a list of schemas
 
 
+def _length(value: Any) -> int | None:
+    """A ``minLength`` / ``maxLength`` value, or None when it is absent or not an integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _is_string_schema(node: dict) -> bool:
     t = node.get("type")
     return t == "string" or (isinstance(t, list) and "string" in t)
@@ -129,8 +134,7 @@ def _prepare_schema(node: Any, path: str = "") -> Any:
     if fmt is not None and _is_string_schema(node) and fmt not in XGRAMMAR_FORMATS:
         raise ValueError(f"the string format {fmt!r} (at {path or '/'}) is not supported; supported: "
                          + ", ".join(XGRAMMAR_FORMATS))
-    bounded = any(isinstance(node.get(k), int) and not isinstance(node.get(k), bool)
-                  for k in ("minLength", "maxLength"))
+    bounded = any(_length(node.get(k)) is not None for k in ("minLength", "maxLength"))
     if bounded and _is_string_schema(node) and ({"pattern", "format"} & set(node)):
         raise ValueError(f"minLength / maxLength together with {'pattern' if 'pattern' in node else 'format'} "
                          f"(at {path or '/'}) is not supported: structured outputs would enforce only the "
@@ -144,10 +148,8 @@ def _prepare_schema(node: Any, path: str = "") -> Any:
         else:
             out[k] = v
     if bounded and _is_string_schema(out) and not {"enum", "const"} & set(out):
-        low, high = (out.pop(k, None) for k in ("minLength", "maxLength"))
-        low = low if isinstance(low, int) and not isinstance(low, bool) else 0
-        high = high if isinstance(high, int) and not isinstance(high, bool) else ""
-        out["pattern"] = f"^.{{{low},{high}}}$"
+        low, high = (_length(out.pop(k, None)) for k in ("minLength", "maxLength"))
+        out["pattern"] = f"^.{{{low or 0},{'' if high is None else high}}}$"
     return out
 
 
@@ -170,15 +172,21 @@ def json_whitespace(any_whitespace: bool) -> dict:
     return {"any_whitespace": False, "separators": (", ", ": ")}
 
 
+def checked_grammar(so: StructuredOutput) -> xgr.Grammar:
+    """:func:`structured_grammar`, and ``ValueError`` too for a constraint no text can start (an empty language)."""
+    grammar = structured_grammar(so)
+    if not _admits_a_first_byte(grammar):
+        raise ValueError("the constraint matches no text: no character can start the output")
+    return grammar
+
+
 @lru_cache(maxsize=512)
 def check_structured(so: StructuredOutput) -> str | None:
     """Why ``so`` is invalid, or None; cached, so a client repeating a schema pays for its parse once."""
     try:
-        grammar = structured_grammar(so)
+        checked_grammar(so)
     except ValueError as e:
         return str(e)
-    if not _admits_a_first_byte(grammar):
-        return "the constraint matches no text: no character can start the output"
     return None
 
 
@@ -287,10 +295,7 @@ class GrammarMasks:
         key = (so.kind, so.spec, so.any_whitespace)
         grammar = self._compiled.get(key)
         if grammar is None:
-            error = check_structured(so)  # parsed here: an invalid spec is refused at admission
-            if error:
-                raise ValueError(error)
-            parsed = structured_grammar(so)
+            parsed = checked_grammar(so)  # parsed here: an invalid spec is refused at admission
             grammar = self._compiled[key] = self._pool.submit(self._compiler.compile_grammar, parsed)
             if len(self._compiled) > COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
